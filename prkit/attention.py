@@ -1,0 +1,243 @@
+"""Cross-attention capture: the only module that touches diffusers attention internals.
+
+``capture_attention(unet, ...)`` swaps a processor onto every ``attn2`` that computes the
+cross-attention probabilities explicitly (77 keys: cheap) and reduces them at once to per-block
+concept maps and, optionally, small per-token maps for visualisation. ``attn1`` keeps its own
+(fused SDPA) processor. The original processors come back on exit, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionStore:
+    """Per-token cross-attention maps kept for visualisation.
+
+    maps[(block, step)] is a float32 CPU tensor (B_cond, T, h, w), head-averaged, spatially capped
+    at ``max_resolution`` (area-averaged), for the token positions ``tokens`` (None: all).
+    """
+
+    tokens: list[int] | None = None  # token positions to keep (None: every position)
+    max_resolution: int = 16  # maps larger than this are pooled down to it
+    steps: list[int] | None = None  # denoising steps to keep (None: all)
+    maps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def blocks(self) -> list[str]:
+        return sorted({b for b, _ in self.maps}, key=_block_order)
+
+    def num_steps(self) -> int:
+        return 1 + max((s for _, s in self.maps), default=-1)
+
+    def get(self, block: str, step: int | None = None) -> torch.Tensor:
+        """Maps of one block at one step (None: averaged over all kept steps): (B, T, h, w)."""
+        if step is not None:
+            return self.maps[(block, step)]
+        found = [m for (b, _), m in self.maps.items() if b == block]
+        if not found:
+            raise KeyError(f"no maps stored for block {block!r}; stored: {self.blocks()}")
+        return torch.stack(found).mean(0)
+
+    def aggregate(self, size: int | None = None, step: int | None = None) -> torch.Tensor:
+        """DAAM-style aggregate over blocks (and steps): upsampled to ``size`` and averaged -> (B, T, size, size)."""
+        size = size or self.max_resolution
+        maps = [F.interpolate(self.get(b, step), size=(size, size), mode="bilinear", align_corners=False)
+                for b in self.blocks()]
+        return torch.stack(maps).mean(0)
+
+
+def _block_order(block: str) -> tuple[int, int, int]:
+    kind = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(block.split(".")[0], 3)
+    digits = [int(p) for p in block.split(".") if p.isdigit()] + [0, 0]
+    return kind, digits[0], digits[1]
+
+
+class CaptureState:
+    """Shared state between the ``attn2`` processors and whoever reads the maps (LAG, the store).
+
+    concept_weights: (P, T, S) weights over token positions for S concepts of P conditional prompts.
+    cfg: whether the batch is [unconditional; conditional] (a bool or a callable read at run time).
+    """
+
+    def __init__(self, concept_weights: torch.Tensor | None = None, cfg: bool | Callable[[], bool] = False,
+                 store: AttentionStore | None = None):
+        self.concept_weights = concept_weights
+        self.cfg = cfg
+        self.store = store
+        self.step = -1
+        self.latent_hw: tuple[int, int] = (64, 64)
+        self.sums: dict[str, torch.Tensor] = {}  # block -> (B, N, S) summed over the block's layers
+        self.counts: dict[str, int] = {}
+        self.listeners: list[Callable[[], None]] = []  # called at each UNet forward (step start)
+
+    def is_cfg(self) -> bool:
+        return bool(self.cfg()) if callable(self.cfg) else bool(self.cfg)
+
+    def spatial(self, tokens: int) -> tuple[int, int]:
+        """(h, w) of a block whose attention has ``tokens`` query positions, from the latent's shape."""
+        height, width = self.latent_hw
+        factor = (height * width / tokens) ** 0.5
+        h = max(1, int(round(height / factor)))
+        return h, tokens // h
+
+    def begin_step(self, latent_hw: tuple[int, int] | None = None) -> None:
+        if latent_hw is not None:
+            self.latent_hw = latent_hw
+        self.step += 1
+        self.sums.clear()
+        self.counts.clear()
+        for listener in self.listeners:
+            listener()
+
+    def concept_map(self, block: str) -> torch.Tensor | None:
+        """(B, N, S) head- and layer-averaged concept maps of ``block`` in this forward pass."""
+        if block not in self.sums:
+            return None
+        return self.sums[block] / self.counts[block]
+
+    def _rows(self, weights: torch.Tensor, rows: int) -> torch.Tensor:
+        prompts = weights.shape[0]
+        if rows == prompts:
+            return weights
+        if rows % prompts:
+            raise RuntimeError(f"attention batch of {rows} conditional rows does not fit {prompts} prompts")
+        return weights.repeat_interleave(rows // prompts, dim=0)  # diffusers' num_images_per_prompt order
+
+    def record(self, block: str, layer: int, probs: torch.Tensor, spatial: tuple[int, int]) -> None:
+        """Reduce probabilities (B, heads, N, T) of one attn2 call right away."""
+        batch = probs.shape[0]
+        cond = probs[batch // 2:] if self.is_cfg() and batch % 2 == 0 else probs
+        if self.concept_weights is not None:
+            weights = self._rows(self.concept_weights, cond.shape[0]).to(cond.dtype)  # (Bc, T, S)
+            maps = torch.einsum("bhnt,bts->bns", cond, weights) / cond.shape[1]  # (Bc, N, S)
+            if cond.shape[0] != batch:
+                maps = torch.cat([maps, maps])  # the conditional mask serves both CFG halves
+            maps = maps.float()
+            if layer == 0 or block not in self.sums:
+                self.sums[block], self.counts[block] = maps, 1
+            else:
+                self.sums[block] = self.sums[block] + maps
+                self.counts[block] += 1
+        store = self.store
+        if store is not None and (store.steps is None or self.step in store.steps):
+            self._store(block, cond, spatial)
+
+    @torch.no_grad()
+    def _store(self, block: str, cond: torch.Tensor, spatial: tuple[int, int]) -> None:
+        store = self.store
+        maps = cond.mean(1)  # (Bc, N, T)
+        if store.tokens is not None:
+            maps = maps[..., store.tokens]
+        h, w = spatial
+        maps = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w).float()
+        if max(h, w) > store.max_resolution:
+            maps = F.adaptive_avg_pool2d(maps, store.max_resolution)
+        key = (block, self.step)
+        maps = maps.cpu()
+        store.maps[key] = maps if key not in store.maps else (store.maps[key] + maps) / 2
+
+
+class CaptureProcessor:
+    """An ``attn2`` processor computing softmax(QK^T/sqrt(d)) explicitly and handing it to a CaptureState."""
+
+    def __init__(self, state: CaptureState, block: str, layer: int):
+        self.state = state
+        self.block = block
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, tokens_q, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, N, d)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, T, d)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B, h, N, T)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
+        probs = scores.float().softmax(dim=-1).to(value.dtype)
+        side = (height, width) if input_ndim == 4 else self.state.spatial(tokens_q)
+        self.state.record(self.block, self.layer, probs, side)
+
+        hidden_states = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _split_processor_key(key: str) -> tuple[str, int] | None:
+    """'down_blocks.0.attentions.0.transformer_blocks.3.attn2.processor' -> ('down_blocks.0.attentions.0', 3)."""
+    if not key.endswith("attn2.processor") or ".transformer_blocks." not in key:
+        return None
+    block, rest = key.split(".transformer_blocks.", 1)
+    return block, int(rest.split(".", 1)[0])
+
+
+@contextlib.contextmanager
+def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
+                      store: AttentionStore | None = None):
+    """Install capturing processors on every ``attn2`` of ``unet`` for the duration of the block.
+
+    Args:
+        unet: a diffusers UNet2DConditionModel.
+        state: the CaptureState to fill (created when None; ``store`` is attached to it).
+        store: an AttentionStore to fill with per-token maps for visualisation.
+    Yields:
+        the CaptureState (``state.store`` holds the maps afterwards).
+    """
+    if getattr(unet, "_prkit_capture", None) is not None:
+        raise RuntimeError("attention capture is already installed on this UNet; nest nothing, exit the first one")
+    state = state or CaptureState(store=store)
+    if store is not None:
+        state.store = store
+    original = unet.attn_processors
+    processors = {}
+    for key, proc in original.items():
+        split = _split_processor_key(key)
+        processors[key] = CaptureProcessor(state, *split) if split else proc
+    if not any(isinstance(p, CaptureProcessor) for p in processors.values()):
+        raise ValueError("this UNet has no cross-attention (attn2) layers to capture")
+    hook = unet.register_forward_pre_hook(
+        lambda module, args, kwargs: state.begin_step(tuple((args[0] if args else kwargs["sample"]).shape[-2:])),
+        with_kwargs=True)
+    unet.set_attn_processor(processors)
+    unet._prkit_capture = state
+    try:
+        yield state
+    finally:
+        hook.remove()
+        unet.set_attn_processor(original)
+        unet._prkit_capture = None

@@ -1,0 +1,377 @@
+"""Reference images -> square RGB crops and tensors, concept prompts, and dataset layouts.
+
+Owns reading user images robustly (EXIF, odd modes, corrupt files), concept folders
+(`load_concept`, `Concept.save`) and the DreamBooth/DreamBench layout. Does no model work:
+no tokenizer, VAE or UNet is touched here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEFAULT_PROMPT_TEMPLATE = "a photo of a {token} {class_word}"
+LIVE_CLASSES = frozenset({"cat", "dog"})  # DreamBooth's 9 "live subjects" are its cats and dogs
+_IGNORED_NAMES = frozenset({"concept.json", "thumbs.db", "desktop.ini"})
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+@dataclass
+class DataConfig:
+    """Settings for turning a folder of reference images into training crops."""
+
+    resolution: int = 512  # side of the square crops (native resolution: 512 for SD1.x)
+    center_crop: bool = True  # crop the central square; False squashes the whole image
+    skip_bad: bool = False  # skip unreadable files with a warning instead of raising
+    min_images: int = 1  # fewer usable images than this is an error
+    max_side: int = 8192  # larger images are downscaled by an integer factor before cropping
+
+
+class ConceptDataError(ValueError):
+    """A reference image, concept folder, dataset layout or argument is unusable."""
+
+
+class _Unreadable(Exception):
+    """Internal: `path` could not be decoded, for `reason`."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.advice = (f"cannot read image '{path}': {reason}. Remove or replace the file, "
+                       "or pass skip_bad=True to skip it.")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if img.mode in _SIXTEEN_BIT_MODES:  # scale the 16-bit range, do not clip it
+        arr = np.clip(np.asarray(img).astype(np.float64), 0, 65535) * (255.0 / 65535.0)
+        return Image.fromarray(np.rint(arr).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _decode(path: Path) -> Image.Image:
+    """Open, fully decode, EXIF-rotate and convert `path` to RGB; raise `_Unreadable`."""
+    if not path.is_file():
+        raise _Unreadable(path, "no such file")
+    if path.stat().st_size == 0:
+        raise _Unreadable(path, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now, so truncated files fail here and not later
+                return _to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Unreadable(path, f"{e} Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                                "if you trust the file") from e
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
+        raise _Unreadable(path, str(e).rstrip(".") or type(e).__name__) from e
+
+
+def _square(img: Image.Image, path: Path, resolution: int, center_crop: bool,
+            max_side: int) -> Image.Image:
+    """Downscale oversized images, crop the central square (or not) and resize."""
+    if max(img.size) > max_side:
+        img = img.reduce(-(-max(img.size) // max_side))  # ceil division
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if center_crop \
+        else (0, 0, w, h)
+    upscale = s < resolution  # the crop's short side (also without cropping)
+    if upscale:
+        warnings.warn(f"image '{path}' is only {w}x{h}, smaller than resolution {resolution}; "
+                      "upscaling it (expect blur). Use larger originals if you have them.",
+                      stacklevel=3)
+    resample = Image.Resampling.BICUBIC if upscale else Image.Resampling.LANCZOS
+    # crop first: resize(box=...) would let the filter read pixels outside the crop
+    return img.crop(box).resize((resolution, resolution), resample)
+
+
+def load_image(path: str | Path, resolution: int = 512, center_crop: bool = True, *,
+               max_side: int = 8192) -> Image.Image:
+    """Read one reference image as an RGB square of `resolution` pixels.
+
+    Args:
+        path: image file (any format Pillow reads; EXIF orientation is applied).
+        resolution: side of the returned square.
+        center_crop: crop the central square; False resizes the whole image (aspect changes).
+        max_side: images with a larger side are first downscaled by an integer factor.
+    Returns:
+        PIL image, mode RGB, size (resolution, resolution).
+    """
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ConceptDataError(f"resolution must be a positive int, got {resolution!r}.")
+    try:
+        img = _decode(Path(path))
+    except _Unreadable as e:
+        raise ConceptDataError(e.advice) from e
+    return _square(img, Path(path), resolution, center_crop, max_side)
+
+
+@dataclass
+class Concept:
+    """Prepared reference crops of one concept plus its identifier and class word."""
+
+    images: list[Image.Image]
+    token: str
+    class_word: str
+    paths: list[Path]
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+
+    @property
+    def prompt(self) -> str:
+        """The training prompt, e.g. 'a photo of a sks dog'."""
+        return self.prompt_template.format(token=self.token, class_word=self.class_word)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def tensors(self, flip: bool = False) -> torch.Tensor:
+        """Stack the crops as a float32 batch in [-1, 1].
+
+        Args:
+            flip: return the horizontally mirrored images.
+        Returns:
+            Tensor (N, 3, R, R).
+        """
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in self.images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, R, R)
+        return (x.flip(-1) if flip else x).contiguous()
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the crops as 00.png, 01.png, ... plus concept.json; `load_concept` reads it back.
+
+        Args:
+            folder: target folder, created if needed; must not hold other images.
+        Returns:
+            The folder.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        width = max(2, len(str(len(self.images) - 1)))
+        names = [f"{i:0{width}d}.png" for i in range(len(self.images))]
+        stale = sorted(p.name for p in folder.iterdir()
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in names)
+        if stale:
+            raise ConceptDataError(f"cannot save concept to '{folder}': it already holds other "
+                                   f"images ({', '.join(stale[:5])}). Use an empty folder.")
+        for im, name in zip(self.images, names):
+            im.save(folder / name)
+        meta = {"token": self.token, "class_word": self.class_word,
+                "prompt_template": self.prompt_template, "sources": [str(p) for p in self.paths]}
+        (folder / "concept.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return folder
+
+
+def _check_words(token: object, class_word: object, template: str) -> tuple[str, str]:
+    """Validate the identifier, the class word and the prompt template."""
+    for arg, value in (("token", token), ("class_word", class_word)):
+        if value is None:
+            raise ConceptDataError(f"{arg} is required: pass {arg}=... (e.g. token='sks', "
+                                   "class_word='dog'), or load a folder written by Concept.save() "
+                                   "whose concept.json holds it.")
+        if not isinstance(value, str) or not value.strip():
+            raise ConceptDataError(f"{arg} must be a non-empty string, got {value!r}.")
+    assert isinstance(token, str) and isinstance(class_word, str)
+    if re.search(r"\s", token):
+        raise ConceptDataError(f"token {token!r} contains whitespace; the identifier must be one "
+                               "rare word such as 'sks'.")
+    if token.strip().lower() == class_word.strip().lower():
+        raise ConceptDataError(f"token and class_word are both {token!r}; the token must be a "
+                               "rare identifier (e.g. 'sks') distinct from the class word.")
+    try:
+        ok = "{token}" in template and bool(template.format(token=token, class_word=class_word))
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise ConceptDataError(f"prompt_template {template!r} must contain {{token}} and may "
+                               "use only {token} and {class_word}.")
+    return token, class_word.strip()
+
+
+def load_concept(folder: str | Path, token: str | None = None, class_word: str | None = None,
+                 resolution: int = 512, *, config: DataConfig | None = None,
+                 skip_bad: bool = False, prompt_template: str | None = None) -> Concept:
+    """Load a folder of reference images as a `Concept`.
+
+    Args:
+        folder: folder of images; a concept.json in it (from `Concept.save`) supplies
+            token, class_word and prompt_template when those are not given.
+        token: the rare identifier V*, one word (e.g. 'sks').
+        class_word: the class noun (e.g. 'dog'); may be several words.
+        resolution: crop side; ignored in favour of `config` when that is given.
+        config: full settings; conflicts with non-default `resolution`/`skip_bad`.
+        skip_bad: skip unreadable files with a warning instead of raising.
+        prompt_template: format string with {token} and {class_word}.
+    Returns:
+        Concept with images sorted by file name, each (resolution, resolution) RGB.
+    """
+    if config is None:
+        config = DataConfig(resolution=resolution, skip_bad=skip_bad)
+    elif resolution not in (512, config.resolution) or (skip_bad and not config.skip_bad):
+        raise ConceptDataError("pass resolution/skip_bad either directly or through config, "
+                               "not both with different values.")
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConceptDataError(f"concept folder '{folder}' does not exist; check the path.")
+    if not folder.is_dir():
+        raise ConceptDataError(f"concept folder '{folder}' is not a directory; pass the folder "
+                               "that holds the reference images.")
+    meta_path = folder / "concept.json"
+    if meta_path.is_file() and (token is None or class_word is None or prompt_template is None):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConceptDataError(f"cannot read '{meta_path}': {e}. Fix or delete it, or pass "
+                                   "token and class_word explicitly.") from e
+        token = meta.get("token") if token is None else token
+        class_word = meta.get("class_word") if class_word is None else class_word
+        prompt_template = prompt_template or meta.get("prompt_template")
+    prompt_template = prompt_template or DEFAULT_PROMPT_TEMPLATE
+    token, class_word = _check_words(token, class_word, prompt_template)
+
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    visible = [p for p in entries
+               if not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES]
+    images = [p for p in visible if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    others = [p.name + ("/" if p.is_dir() else "") for p in visible if p not in images]
+    accepted = ", ".join(IMAGE_EXTENSIONS)
+    if not images:
+        seen = (f"found {len(others)} non-image file(s) ({', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''})" if others else "the folder is empty")
+        raise ConceptDataError(f"no images in concept folder '{folder}': {seen}. Accepted "
+                               f"extensions: {accepted} (any case).")
+    if others:
+        warnings.warn(f"ignoring {len(others)} non-image file(s) in '{folder}': "
+                      f"{', '.join(others)} (accepted: {accepted}).", stacklevel=2)
+
+    crops, paths = [], []
+    for p in images:
+        try:
+            img = _decode(p)
+        except _Unreadable as e:
+            if not config.skip_bad:
+                raise ConceptDataError(e.advice) from e
+            warnings.warn(f"skipping unreadable image '{p}': {e.reason}.", stacklevel=2)
+            continue
+        crops.append(_square(img, p, config.resolution, config.center_crop, config.max_side))
+        paths.append(p)
+    if not crops:
+        raise ConceptDataError(f"none of the {len(images)} image file(s) in '{folder}' could be "
+                               "read (see the warnings); add readable images.")
+    if len(crops) < config.min_images:
+        raise ConceptDataError(f"concept folder '{folder}' has {len(crops)} usable image(s), "
+                               f"fewer than min_images={config.min_images}.")
+    if not 3 <= len(crops) <= 15:
+        warnings.warn(f"concept folder '{folder}' has {len(crops)} usable image(s); the method "
+                      "expects 3-15 reference images.", stacklevel=2)
+    return Concept(crops, token, class_word, paths, prompt_template)
+
+
+@dataclass
+class DreamBoothSubject:
+    """One subject of the DreamBooth dataset."""
+
+    name: str  # folder name, e.g. 'dog6'
+    class_word: str  # e.g. 'dog'
+    folder: Path
+    is_live: bool  # cats and dogs get the 'live subject' prompt list
+
+
+@dataclass
+class DreamBoothDataset:
+    """The DreamBooth layout: subject folders plus prompts_and_classes.txt."""
+
+    root: Path
+    subjects: dict[str, DreamBoothSubject]  # only subjects whose folder exists
+    object_prompts: list[str]  # templates with {0} = token, {1} = class word
+    live_prompts: list[str]
+    listed: dict[str, str] = field(default_factory=dict, repr=False)  # name -> class, all rows
+
+    def subject(self, name: str) -> DreamBoothSubject:
+        """Look up a subject by folder name, with a clear error if absent."""
+        if name in self.subjects:
+            return self.subjects[name]
+        if name in self.listed:
+            raise ConceptDataError(f"DreamBooth subject {name!r} is listed in prompts_and_classes"
+                                   f".txt but its folder '{self.root / name}' is missing.")
+        raise ConceptDataError(f"unknown DreamBooth subject {name!r}; available: "
+                               f"{', '.join(sorted(self.subjects))}.")
+
+    def prompts(self, subject_name: str, token: str = "sks") -> list[str]:
+        """The subject's evaluation prompts (the live list for cats and dogs), formatted.
+
+        Args:
+            subject_name: folder name, e.g. 'dog6'; token: the identifier put for {0}.
+        Returns:
+            Prompts such as 'a sks dog in the jungle'.
+        """
+        s = self.subject(subject_name)
+        return [t.format(token, s.class_word)
+                for t in (self.live_prompts if s.is_live else self.object_prompts)]
+
+    def concept(self, subject_name: str, token: str = "sks", resolution: int = 512) -> Concept:
+        """Load one subject's reference images as a `Concept` with its class word.
+
+        Args:
+            subject_name: folder name; token: the identifier V*; resolution: crop side.
+        Returns:
+            The Concept.
+        """
+        s = self.subject(subject_name)
+        return load_concept(s.folder, token, s.class_word, resolution)
+
+
+_PROMPT_LIST = re.compile(r"prompt_list\s*=\s*\[(.*?)\]", re.DOTALL)
+_PROMPT = re.compile(r"""(['"])(.*?)\1\s*\.format""")
+
+
+def load_dreambooth(root: str | Path) -> DreamBoothDataset:
+    """Parse a DreamBooth dataset folder (google/dreambooth layout).
+
+    Args:
+        root: folder holding prompts_and_classes.txt and one folder per subject.
+    Returns:
+        DreamBoothDataset with the subjects present on disk and both prompt lists.
+    """
+    root = Path(root)
+    spec = root / "prompts_and_classes.txt"
+    if not spec.is_file():
+        raise ConceptDataError(f"'{spec}' not found; point load_dreambooth at the DreamBooth "
+                               "dataset folder (the one holding prompts_and_classes.txt).")
+    text = spec.read_text(encoding="utf-8")
+    split = re.search(r"^[ \t]*Prompts[ \t]*$", text, re.M)  # the header between the two parts
+    head, prompt_part = (text[: split.start()], text[split.end():]) if split else (text, "")
+    listed: dict[str, str] = {}
+    for line in head.splitlines():
+        m = re.fullmatch(r"\s*([\w.-]+)\s*,\s*(\S.*?)\s*", line)
+        if m and m.group(1) != "subject_name":
+            listed[m.group(1)] = m.group(2)
+    lists: dict[str, list[str]] = {}
+    for m in _PROMPT_LIST.finditer(prompt_part):
+        before = prompt_part[: m.start()]  # the list belongs to the nearest heading above it
+        live = before.rfind("Live Subject Prompts") > before.rfind("Object Prompts")
+        lists["live" if live else "object"] = [p for _, p in _PROMPT.findall(m.group(1))]
+    if not listed or not split or not lists.get("object") or not lists.get("live"):
+        raise ConceptDataError(f"cannot parse '{spec}': expected a class table ('name,class' "
+                               "lines) then 'Object Prompts' and 'Live Subject Prompts' lists.")
+    subjects = {name: DreamBoothSubject(name, cls, root / name, cls in LIVE_CLASSES)
+                for name, cls in listed.items() if (root / name).is_dir()}
+    if not subjects:
+        raise ConceptDataError(f"no subject folders of '{spec}' exist under '{root}'.")
+    return DreamBoothDataset(root, subjects, lists["object"], lists["live"], listed)

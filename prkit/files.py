@@ -1,0 +1,171 @@
+"""Residual files: ``.safetensors`` with metadata, loading with checks, kohya/diffusers LoRA export.
+
+Owns the on-disk formats and atomic writing; it does not train or sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .residuals import Residuals, add_residuals, find_projections, residual_names
+
+FORMAT = "prkit.residuals/1"
+
+
+def architecture(unet) -> str:
+    """'sd1' (conv proj_out), 'sd2' (linear), 'sdxl' (linear + text_time embedding) or 'unknown'."""
+    config = getattr(unet, "config", None)
+    if config is None:
+        return "unknown"
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    return "sd2" if getattr(config, "use_linear_projection", False) else "sd1"
+
+
+def layer_table(unet) -> dict[str, int]:
+    """Block name -> channels of its proj_out."""
+    table = {}
+    for block, proj in find_projections(unet).items():
+        base = getattr(proj, "base_layer", proj)
+        table[block] = getattr(base, "in_channels", None) or base.in_features
+    return table
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file through a temporary file and a rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_residuals(residuals: Residuals, path, *, base_model: str | None = None, config: dict | None = None,
+                   dtype: torch.dtype = torch.float32) -> Path:
+    """Save one residual set with a self-describing header.
+
+    Args:
+        residuals: the set to save.
+        path: destination ``.safetensors``.
+        base_model: name or path of the base model (recorded, checked loosely on load).
+        config: the training configuration (recorded as JSON).
+    """
+    unet = residuals.unet
+    channels = layer_table(unet)
+    layers = {block: {"channels": channels[block], "rank": rank} for block, rank in residuals.ranks().items()}
+    meta = {
+        "format": FORMAT, "prkit_version": __version__, "name": residuals.name,
+        "token": residuals.token or "", "class_word": residuals.class_word or "",
+        "base_model": base_model or residuals.meta.get("base_model", "") or "",
+        "architecture": architecture(unet), "layers": json.dumps(layers),
+        "scale": str(residuals.scale), "config": json.dumps(config or residuals.meta.get("config", {}), default=str),
+    }
+    tensors = {k: v.to(dtype) for k, v in residuals.state_dict().items()}
+    return atomic_save(tensors, path, meta)
+
+
+def read_metadata(path) -> dict:
+    """The header of a residual file, with ``layers`` and ``config`` parsed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"residual file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a prkit residual file (format={meta.get('format')!r}); "
+                         "LoRA files load with pipe.load_lora_weights instead")
+    meta["layers"] = json.loads(meta["layers"])
+    meta["config"] = json.loads(meta.get("config") or "{}")
+    return meta
+
+
+def check_compatible(meta: dict, unet, path) -> None:
+    """Raise a clear ValueError when the file's layers do not match ``unet``'s transformer blocks."""
+    have = layer_table(unet)
+    want = {block: info["channels"] for block, info in meta["layers"].items()}
+    if have == want:
+        return
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(b for b in set(want) & set(have) if want[b] != have[b])
+    details = []
+    if missing:
+        details.append(f"blocks missing from this UNet: {missing[:4]}{'...' if len(missing) > 4 else ''}")
+    if extra:
+        details.append(f"blocks of this UNet not in the file: {extra[:4]}{'...' if len(extra) > 4 else ''}")
+    if wrong:
+        details.append("channel mismatch at " + ", ".join(f"{b} (file {want[b]}, model {have[b]})" for b in wrong[:4]))
+    raise ValueError(
+        f"residual file {str(path)!r} was trained for a {meta.get('architecture')} model "
+        f"({meta.get('base_model') or 'unknown base'}, {len(want)} blocks); this UNet is {architecture(unet)} "
+        f"with {len(have)} blocks. {'; '.join(details)}. Load it into the base model it was trained on.")
+
+
+def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float | None = None) -> Residuals:
+    """Add the residual set stored at ``path`` to a pipeline's UNet (or a bare UNet).
+
+    Args:
+        pipe_or_unet: the base model to extend.
+        path: a file written by ``Residuals.save``.
+        name: set name on the UNet (default: the name stored in the file, made unique).
+        scale: override the stored scale.
+    Returns:
+        the ``Residuals`` handle, with token and class_word from the file.
+    """
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    meta = read_metadata(path)
+    check_compatible(meta, unet, path)
+    name = name or meta.get("name") or "default"
+    taken = residual_names(unet)
+    base_name, k = name, 1
+    while name in taken:
+        k += 1
+        name = f"{base_name}_{k}"
+    ranks = {block: info["rank"] for block, info in meta["layers"].items()}
+    residuals = add_residuals(unet, rank=ranks, name=name, token=meta["token"] or None,
+                              class_word=meta["class_word"] or None)
+    with safe_open(str(path), framework="pt") as f:
+        residuals.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    residuals.scale = float(scale if scale is not None else meta.get("scale", 1.0))
+    residuals.meta.update(base_model=meta["base_model"], config=meta["config"], path=str(path))
+    return residuals
+
+
+def kohya_key(block: str) -> str:
+    """'down_blocks.0.attentions.1' -> 'lora_unet_down_blocks_0_attentions_1_proj_out'."""
+    return "lora_unet_" + block.replace(".", "_") + "_proj_out"
+
+
+def export_lora(residuals: Residuals, path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts."""
+    tensors = {}
+    for block, layer in residuals.layers().items():
+        lowrank = layer.sets[residuals.name]
+        down, up = lowrank.down.detach(), lowrank.up.detach() * layer.scales[residuals.name]
+        if layer.is_conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        key = kohya_key(block)
+        tensors[f"{key}.lora_down.weight"] = down.to(dtype)
+        tensors[f"{key}.lora_up.weight"] = up.to(dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(lowrank.rank), dtype=dtype)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(residuals.ranks().values())),
+            "prkit_version": __version__, "prkit_token": residuals.token or "",
+            "prkit_class_word": residuals.class_word or ""}
+    return atomic_save(tensors, path, meta)

@@ -1,0 +1,179 @@
+"""LAG: localized attention-guided sampling.
+
+Each residual set is applied only where the cross-attention of its concept's tokens (identifier +
+class word, all sub-tokens) says the concept is, per block and per denoising step; the base model
+paints everything else. The masks come from the same UNet forward (attn2 runs before proj_out), so
+LAG adds no UNet evaluation. Works through any diffusers SD/SDXL pipeline call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .attention import AttentionStore, CaptureState, capture_attention
+from .residuals import Residuals, wrapped_layers
+
+THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")
+
+
+@dataclass
+class LAGConfig:
+    """How concept maps become masks."""
+
+    threshold: str | Callable[[torch.Tensor], torch.Tensor] = "median"  # or mean/otsu/fixed/soft or fn((B,N))->(B,N)
+    value: float = 0.5  # the cut for "fixed", on the per-image min-max normalized map
+    include_class: bool = True  # sum the class word's map with the identifier's (METHOD default)
+
+
+def _word_ids(tokenizer, word: str) -> list[int]:
+    return tokenizer(word, add_special_tokens=False).input_ids
+
+
+def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
+    """Positions, in the padded tokenized ``prompt``, of every sub-token of each of ``words``.
+
+    Returns:
+        sorted positions (empty when none of the words occur).
+    """
+    ids = tokenizer(prompt, padding="max_length", truncation=True,
+                    max_length=tokenizer.model_max_length).input_ids
+    found: set[int] = set()
+    for word in words:
+        sub = _word_ids(tokenizer, word)
+        for start in range(len(ids) - len(sub) + 1):
+            if sub and ids[start:start + len(sub)] == sub:
+                found.update(range(start, start + len(sub)))
+    return sorted(found)
+
+
+def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residuals],
+                    include_class: bool = True) -> torch.Tensor:
+    """Token weights (P, T, S): 1 at the positions of concept s's words in prompt p.
+
+    Raises:
+        ValueError: a prompt lacks a concept's identifier (LAG would have nothing to localize).
+    """
+    length = tokenizer.model_max_length
+    weights = torch.zeros(len(prompts), length, len(concepts))
+    for s, concept in enumerate(concepts):
+        if not concept.token:
+            raise ValueError(f"residual set {concept.name!r} has no token; LAG needs the concept's identifier "
+                             "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
+        for p, prompt in enumerate(prompts):
+            if not token_positions(tokenizer, prompt, [concept.token]):
+                raise ValueError(f"prompt {prompt!r} does not contain the identifier {concept.token!r} of residual "
+                                 f"set {concept.name!r}; write it into the prompt (e.g. 'a photo of a "
+                                 f"{concept.token} {concept.class_word or '<class>'}') or sample with lag=False")
+            words = [concept.token] + ([concept.class_word] if include_class and concept.class_word else [])
+            weights[p, token_positions(tokenizer, prompt, words), s] = 1.0
+    return weights
+
+
+def _normalize(maps: torch.Tensor) -> torch.Tensor:
+    low = maps.amin(dim=1, keepdim=True)
+    high = maps.amax(dim=1, keepdim=True)
+    return (maps - low) / (high - low).clamp_min(1e-12)
+
+
+def _otsu(maps: torch.Tensor, bins: int = 64) -> torch.Tensor:
+    norm = _normalize(maps)
+    idx = (norm * (bins - 1)).round().long()  # (B, N)
+    hist = torch.zeros(maps.shape[0], bins, device=maps.device).scatter_add_(1, idx, torch.ones_like(norm))
+    prob = hist / hist.sum(1, keepdim=True)
+    levels = torch.linspace(0, 1, bins, device=maps.device)
+    w0 = prob.cumsum(1)
+    mu0 = (prob * levels).cumsum(1)
+    between = (mu0[:, -1:] * w0 - mu0) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
+    cut = levels[between.argmax(1)].unsqueeze(1)
+    return (norm > cut).float()
+
+
+def make_mask(maps: torch.Tensor, config: LAGConfig) -> torch.Tensor:
+    """Turn concept maps (B, N) into masks (B, N) in [0, 1] with the configured threshold."""
+    method = config.threshold
+    if callable(method):
+        return method(maps).float()
+    if method == "median":
+        return (maps > maps.median(dim=1, keepdim=True).values).float()
+    if method == "mean":
+        return (maps > maps.mean(dim=1, keepdim=True)).float()
+    if method == "otsu":
+        return _otsu(maps)
+    if method == "fixed":
+        return (_normalize(maps) > config.value).float()
+    if method == "soft":
+        return _normalize(maps)
+    raise ValueError(f"unknown LAG threshold {method!r}; use one of {THRESHOLDS} or a callable")
+
+
+class _MaskSource:
+    """Per-layer callback: the (B, N) mask of one residual set at this block in this forward pass."""
+
+    def __init__(self, state: CaptureState, block: str, index: dict[str, int], config: LAGConfig):
+        self.state, self.block, self.index, self.config = state, block, index, config
+        self.cache: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        if name not in self.index:
+            return None  # a set without LAG applies everywhere
+        if self.cache is None or self.cache[0] != self.state.step:
+            maps = self.state.concept_map(self.block)  # (B, N, S)
+            if maps is None:
+                raise RuntimeError(f"no cross-attention map was captured for {self.block} before its proj_out")
+            masks = torch.stack([make_mask(maps[..., s], self.config) for s in range(maps.shape[-1])], -1)
+            self.cache = (self.state.step, masks)
+        return self.cache[1][..., self.index[name]]
+
+
+def pipeline_cfg(pipe) -> Callable[[], bool]:
+    """A callable reading, during a pipeline call, whether it runs classifier-free guidance."""
+    def cfg() -> bool:
+        try:
+            return bool(pipe.do_classifier_free_guidance)
+        except AttributeError:
+            return False
+    return cfg
+
+
+@contextlib.contextmanager
+def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], prompts: str | Sequence[str], *,
+                 tokenizer=None, config: LAGConfig | None = None, cfg: bool | None = None,
+                 store: AttentionStore | None = None):
+    """Within the block, each residual set in ``residuals`` is applied only under its concept's mask.
+
+    Args:
+        pipe_or_unet: a diffusers SD/SDXL pipeline (its unet and tokenizer are used) or a bare UNet.
+        residuals: one or several residual sets, each with ``token`` (and ideally ``class_word``).
+        prompts: the conditional prompt(s) that will be sampled, in pipeline order.
+        tokenizer: needed when a bare UNet is given.
+        config: threshold settings (median by default).
+        cfg: whether batches are [uncond; cond]; None reads the pipeline's own flag at run time.
+        store: optionally also keep per-token maps for visualisation.
+    Yields:
+        the CaptureState, whose maps can be inspected.
+    """
+    config = config or LAGConfig()
+    sets = [residuals] if isinstance(residuals, Residuals) else list(residuals)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    tokenizer = tokenizer or getattr(pipe_or_unet, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("lag_sampling on a bare UNet needs tokenizer=...")
+    if cfg is None:
+        cfg = pipeline_cfg(pipe_or_unet) if hasattr(pipe_or_unet, "unet") else False
+    weights = concept_weights(tokenizer, prompts, sets, config.include_class)
+    index = {r.name: s for s, r in enumerate(sets)}
+    state = CaptureState(weights, cfg, store)
+    layers = wrapped_layers(unet)
+    with capture_attention(unet, state):
+        try:
+            for block, layer in layers.items():
+                layer.mask_source = _MaskSource(state, block, index, config)
+            yield state
+        finally:
+            for layer in layers.values():
+                layer.mask_source = None

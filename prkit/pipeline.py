@@ -1,0 +1,103 @@
+"""Loading a base model: the embedded world, a local diffusers folder, or a hub id.
+
+Owns device/dtype choice and the messages that say how to get missing weights. It never
+downloads on its own when the hub is offline and never changes global torch state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+WORLD = "world"
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def world_path() -> Path:
+    """Folder of the embedded world pipeline shipped inside the package."""
+    return Path(__file__).resolve().parent / "world" / "model"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda if available, else mps, else cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> float32 on CPU/MPS, bfloat16 on GPUs that support it, else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        try:
+            return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+                    "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[str(dtype)]
+        except KeyError:
+            raise ValueError(f"dtype {dtype!r} is not one of fp32, fp16, bf16") from None
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _missing_message(name: str, err: Exception) -> str:
+    where = "this machine is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub could not be reached"
+    return (f"could not load model {name!r}: {where} and its weights are not in the local cache "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). On a machine with internet access run "
+            f"`huggingface-cli download {name} --local-dir ./{name.split('/')[-1]}` (or `hf download`), copy that "
+            f"folder here and pass its path; or use the embedded default, model='world'.")
+
+
+def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.device = "auto",
+                  dtype: str | torch.dtype | None = None, **kwargs):
+    """Load a Stable Diffusion-family pipeline (SD1.x, SD2.x, SDXL) ready for prkit.
+
+    Args:
+        name_or_path: "world" (embedded default), a local diffusers folder, or a hub id.
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        dtype: None (auto), "fp32", "fp16", "bf16" or a torch dtype.
+        **kwargs: passed to ``DiffusionPipeline.from_pretrained``.
+    Returns:
+        the pipeline on ``device``; ``pipe.name_or_path`` records where it came from.
+    """
+    from diffusers import DiffusionPipeline
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    name = str(name_or_path)
+    if name == WORLD:
+        path = world_path()
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"the embedded world model is missing from {path}; reinstall prkit or rebuild "
+                                    "it with `python -m prkit.world.train --stage all`")
+        source, local = str(path), True
+    else:
+        local = Path(name).expanduser().exists()
+        source = str(Path(name).expanduser()) if local else name
+        if local and not (Path(source) / "model_index.json").is_file():
+            raise FileNotFoundError(f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
+                                    "convert single-file checkpoints with diffusers' from_single_file first")
+    if "xl" not in name.lower():
+        kwargs.setdefault("safety_checker", None)  # SD1.x hub folders ship one; personalization research needs none
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local or _offline(),
+                                                 **kwargs)
+    except (OSError, ValueError) as err:
+        if local:
+            raise
+        raise RuntimeError(_missing_message(name, err)) from err
+    if type(pipe).__name__ not in SUPPORTED or not hasattr(pipe, "unet"):
+        raise TypeError(f"{name!r} loaded as {type(pipe).__name__}; prkit supports {', '.join(SUPPORTED)}")
+    pipe = pipe.to(device)
+    pipe.register_to_config(_name_or_path=name)
+    return pipe

@@ -1,0 +1,63 @@
+"""Sampling: images from a pipeline with chosen residual sets, with or without LAG.
+
+A thin layer over the standard pipeline call; LAG itself lives in ``lag.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .attention import AttentionStore
+from .attention import CaptureState, capture_attention
+from .lag import LAGConfig, lag_sampling, pipeline_cfg
+from .residuals import Residuals, only_residuals
+
+
+@dataclass
+class SampleConfig:
+    """Sampler defaults."""
+
+    steps: int = 25  # denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance
+    negative_prompt: str | None = None
+
+
+def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[Residuals] | None = None, *,
+             lag: bool = True, seed: int = 0, num_images: int = 1, steps: int | None = None,
+             guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
+             lag_config: LAGConfig | None = None, store: AttentionStore | None = None,
+             config: SampleConfig | None = None, **pipe_kwargs):
+    """Generate images with exactly the given residual sets active (none: the base model).
+
+    Args:
+        pipe: a loaded SD/SDXL pipeline.
+        prompt: one prompt or a list; each yields ``num_images`` images.
+        residuals: a set, several sets (multi-concept), or None for the base model.
+        lag: apply each set only under its concept's attention mask (no extra UNet evaluations).
+        seed: seeds the generator, so the same call gives the same images.
+        store: an AttentionStore to fill with per-token maps (works with lag on or off).
+        **pipe_kwargs: passed to the pipeline call (height, width, output_type, callbacks, ...).
+    Returns:
+        the list of images (PIL unless ``output_type`` says otherwise).
+    """
+    config = config or SampleConfig()
+    sets = [] if residuals is None else [residuals] if isinstance(residuals, Residuals) else list(residuals)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    device = pipe.unet.device
+    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+    if lag and sets:
+        context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store)
+    elif store is not None:
+        context = capture_attention(pipe.unet, CaptureState(cfg=pipeline_cfg(pipe), store=store))
+    else:
+        context = contextlib.nullcontext()
+    with only_residuals(pipe.unet, [r.name for r in sets]), context, torch.inference_mode():
+        out = pipe(prompts, num_inference_steps=steps or config.steps,
+                   guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
+                   negative_prompt=negative_prompt if negative_prompt is not None else config.negative_prompt,
+                   num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
+    return out.images

@@ -1,0 +1,300 @@
+"""The personalization loop: frozen base model, trainable residuals, cached latents and text embeddings.
+
+Owns the loop, mixed precision, checkpoints and exact resume. What is trained is a pluggable choice
+(``TARGETS``) so baselines can reuse the loop; sampling and files live elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .residuals import Residuals, add_residuals
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The recipe (METHOD.md section 1); every default is the paper's or ours where it is silent."""
+
+    steps: int = 150  # optimizer steps
+    batch_size: int = 4
+    learning_rate: float = 1e-3  # AdamW, constant, no warm-up
+    weight_decay: float = 1e-2
+    rank: float | int = 0.05  # fraction of channels or fixed rank
+    seed: int = 0  # seeds init, batches, noise and timesteps
+    prompt_template: str = "a photo of a {token} {class_word}"
+    flip: bool = True  # cache both horizontal flips of every image
+    mixed_precision: str = "auto"  # auto (bf16 / fp16+scaler on GPUs, fp32 on CPU) | no | bf16 | fp16
+    target: str = "residuals"  # what is trained (see TARGETS)
+    checkpoint_every: int = 50  # steps between checkpoints (0: none)
+    checkpoint_dir: str | None = None  # where checkpoint.pt lives; resume reads it
+    resume: bool = True  # continue from checkpoint_dir/checkpoint.pt when it exists
+    validate_every: int = 0  # steps between validation images (0: none)
+    validation_prompts: tuple[str, ...] = ()  # "{token}"/"{class_word}" placeholders allowed
+    validation_steps: int = 25
+    prior_images: object = None  # a Concept of class images: prior preservation (off by default, ablation)
+    prior_weight: float = 1.0
+    max_grad_norm: float | None = None
+    gradient_checkpointing: bool = False
+    stop_after: int | None = None  # stop (as if interrupted) after this many steps, checkpoint written
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a run returns."""
+
+    residuals: Residuals
+    losses: list[float]
+    seconds: float
+    steps_done: int
+    completed: bool
+    validation: dict[int, list] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def residual_target(pipe, concept, config: TrainConfig, name: str) -> Residuals:
+    """Default target: personalized residuals on every proj_out."""
+    return add_residuals(pipe.unet, config.rank, name, token=concept.token, class_word=concept.class_word,
+                         seed=config.seed)
+
+
+TARGETS: dict[str, Callable] = {"residuals": residual_target}
+
+
+def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    mode = config.mixed_precision
+    if mode == "no" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std of images (N, 3, H, W) in [-1, 1], scaled: each (N, 4, H/f, W/f)."""
+    vae = pipe.vae
+    means, stds = [], []
+    for chunk in images.split(batch):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
+
+
+@torch.no_grad()
+def encode_text(pipe, prompt: str, size: int) -> dict:
+    """UNet conditioning for one prompt: {'encoder_hidden_states': (1, T, D)[, 'added_cond_kwargs': ...]}."""
+    device = pipe.unet.device
+    if hasattr(pipe, "text_encoder_2"):  # SDXL
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        dim = pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
+                                          text_encoder_projection_dim=dim).to(device)
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    embeds, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds}
+
+
+def _expand(cond: dict, batch: int) -> dict:
+    out = {"encoder_hidden_states": cond["encoder_hidden_states"].expand(batch, -1, -1)}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {k: v.expand(batch, *v.shape[1:]) for k, v in cond["added_cond_kwargs"].items()}
+    return out
+
+
+class _Cache:
+    """Latents (mean/std of both flips) and conditioning of one image set, computed once."""
+
+    def __init__(self, pipe, concept, prompt: str, flip: bool):
+        images = concept.tensors()
+        if flip:
+            images = torch.cat([images, torch.flip(images, dims=[3])])
+        self.mean, self.std = encode_images(pipe, images)
+        self.cond = encode_text(pipe, prompt, images.shape[-1])
+
+    def batch(self, size: int, gen: torch.Generator, scheduler, device) -> tuple[torch.Tensor, ...]:
+        idx = torch.randint(len(self.mean), (size,), generator=gen)
+        latents = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        steps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, steps)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, steps)
+        return noisy.to(device), steps.to(device), target.to(device)
+
+
+def _save_checkpoint(path: Path, target, optimizer, scaler, gen, step: int, losses: list[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: an interrupt never leaves a half-written checkpoint
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: str = "default",
+                    progress: bool = True, **overrides) -> TrainResult:
+    """Personalize ``pipe`` on ``concept``: train a residual set (or another target), the base frozen.
+
+    Args:
+        pipe: an SD/SDXL pipeline (``prkit.load_pipeline``).
+        concept: a ``prkit.data.Concept`` (images, token, class_word).
+        config: the recipe; keyword ``overrides`` replace single fields (``steps=300``).
+        name: the residual set's name on the UNet.
+    Returns:
+        a TrainResult with the trained set, the per-step losses and the wall time.
+    """
+    config = config or TrainConfig()
+    config = TrainConfig(**{**asdict(config), **overrides}) if overrides else config
+    from diffusers import DDPMScheduler
+
+    start = time.perf_counter()
+    unet = pipe.unet
+    device = unet.device
+    for module in (unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None), pipe.vae):
+        if module is not None:
+            module.requires_grad_(False)
+    target = TARGETS[config.target](pipe, concept, config, name)
+    params = [p for p in target.parameters()]
+    for p in params:
+        p.data = p.data.float()  # fp32 master weights even on a half-precision base
+        p.requires_grad_(True)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prompt = config.prompt_template.format(token=concept.token, class_word=concept.class_word)
+    cache = _Cache(pipe, concept, prompt, config.flip)
+    prior = _Cache(pipe, config.prior_images, f"a photo of a {concept.class_word}", config.flip) \
+        if config.prior_images is not None else None
+    cond = _expand(cache.cond, config.batch_size)
+    prior_cond = _expand(prior.cond, config.batch_size) if prior else None
+
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    amp = _precision(config, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    gen = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    step = 0
+    ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
+    if ckpt is not None and config.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        step, losses = state["step"], state["losses"]
+        log.info("resumed from %s at step %d", ckpt, step)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    was_training = unet.training
+    unet.train()
+    validation: dict[int, list] = {}
+    bar = tqdm(total=config.steps, initial=step, desc="personalizing", disable=not progress)
+    completed = True
+    try:
+        while step < config.steps:
+            loss = _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, amp)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at step {step + 1}; the residuals were not updated with it"
+                    f"{f' and the last checkpoint is in {ckpt}' if ckpt and ckpt.exists() else ''}. "
+                    f"Lower learning_rate (now {config.learning_rate}) or use mixed_precision='no'.")
+            _backward(loss, optimizer, scaler, params, config.max_grad_norm)
+            step += 1
+            losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                _save_checkpoint(ckpt, target, optimizer, scaler, gen, step, losses)
+            if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
+                validation[step] = _validate(pipe, target, concept, config)
+                unet.train()
+            if config.stop_after is not None and step >= config.stop_after and step < config.steps:
+                if ckpt is not None:
+                    _save_checkpoint(ckpt, target, optimizer, scaler, gen, step, losses)
+                completed = False
+                break
+    except KeyboardInterrupt:
+        if ckpt is not None:
+            _save_checkpoint(ckpt, target, optimizer, scaler, gen, step, losses)
+            log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
+        raise
+    finally:
+        bar.close()
+        unet.train(was_training)
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        for p in params:
+            p.requires_grad_(False)
+    if isinstance(target, Residuals):
+        target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""))
+    return TrainResult(target, losses, time.perf_counter() - start, step, completed, validation, ckpt)
+
+
+def _public(config: TrainConfig) -> dict:
+    out = asdict(config)
+    out["prior_images"] = None if config.prior_images is None else "given"
+    return out
+
+
+def _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, amp) -> torch.Tensor:
+    noisy, steps, target = cache.batch(config.batch_size, gen, scheduler, device)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        pred = unet(noisy.to(unet.dtype), steps, **cond).sample
+    loss = F.mse_loss(pred.float(), target.float())
+    if prior is not None:
+        noisy, steps, target = prior.batch(config.batch_size, gen, scheduler, device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            pred = unet(noisy.to(unet.dtype), steps, **prior_cond).sample
+        loss = loss + config.prior_weight * F.mse_loss(pred.float(), target.float())
+    return loss
+
+
+def _backward(loss, optimizer, scaler, params, max_grad_norm) -> None:
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _validate(pipe, target, concept, config: TrainConfig) -> list:
+    from .sample import generate
+
+    prompts = [p.format(token=concept.token, class_word=concept.class_word) for p in config.validation_prompts]
+    pipe.unet.eval()
+    residuals = target if isinstance(target, Residuals) else None
+    return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)

@@ -1,0 +1,357 @@
+"""Tests for prkit.data: one per bad input, on tiny images written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prkit.data import (
+    IMAGE_EXTENSIONS,
+    Concept,
+    ConceptDataError,
+    DataConfig,
+    load_concept,
+    load_dreambooth,
+    load_image,
+)
+
+R = 32  # crop side used throughout: small for speed
+RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
+
+
+def halves(left: tuple, right: tuple, size: tuple[int, int] = (64, 64), mode: str = "RGB"):
+    """An image whose left half is `left` and right half `right`."""
+    img = Image.new(mode, size, left)
+    img.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    return img
+
+
+def close(px: tuple, rgb: tuple, tol: int = 40) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(px, rgb))
+
+
+def make_folder(folder: Path, n: int = 3, size: int = 40) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (40 * i, 80, 160)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+# --- load_image: modes and geometry ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    img = halves(RED, BLUE)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "rot.jpg", R)
+    top, bottom = out.getpixel((R // 2, 2)), out.getpixel((R // 2, R - 3))
+    # 6 = rotate 90 deg clockwise to display: the left (red) half ends on top; 8 is the reverse
+    assert close(top, RED if orientation == 6 else BLUE)
+    assert close(bottom, BLUE if orientation == 6 else RED)
+
+
+def test_grayscale_becomes_rgb(tmp_path):
+    Image.new("L", (40, 40), 100).save(tmp_path / "g.png")
+    out = load_image(tmp_path / "g.png", R)
+    assert out.mode == "RGB" and out.size == (R, R) and out.getpixel((5, 5)) == (100, 100, 100)
+
+
+def test_palette_with_transparency_composites_on_white(tmp_path):
+    img = Image.new("P", (40, 40), 0)
+    img.putpalette([*RED, *BLUE] + [0] * 762)
+    img.paste(1, (20, 0, 40, 40))
+    img.save(tmp_path / "p.png", transparency=0)
+    out = load_image(tmp_path / "p.png", R)
+    assert out.getpixel((2, 2)) == WHITE  # the transparent red index
+    assert out.getpixel((R - 3, 2)) == BLUE
+
+
+def test_rgba_transparent_pixels_become_white(tmp_path):
+    halves((255, 0, 0, 0), (0, 0, 255, 255), (40, 40), "RGBA").save(tmp_path / "a.png")
+    out = load_image(tmp_path / "a.png", R)
+    assert out.getpixel((2, 2)) == WHITE and out.getpixel((R - 3, 2)) == BLUE
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    assert close(load_image(tmp_path / "c.jpg", R).getpixel((5, 5)), RED)
+
+
+@pytest.mark.parametrize("mode,name", [("I;16", "x.png"), ("I;16B", "x.tif"), ("I", "x.tif")])
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path, mode, name):
+    arr = np.full((40, 40), 65535, dtype=np.uint16)
+    arr[:, 20:] = 32768
+    if mode == "I;16":
+        img = Image.fromarray(arr)
+    elif mode == "I;16B":
+        img = Image.frombytes("I;16B", (40, 40), arr.astype(">u2").tobytes())
+    else:
+        img = Image.fromarray(arr.astype(np.int32))
+    assert img.mode == mode
+    img.save(tmp_path / name)
+    out = load_image(tmp_path / name, R)
+    assert out.getpixel((2, 2)) == WHITE
+    assert all(abs(c - 128) <= 1 for c in out.getpixel((R - 3, 2)))
+
+
+def test_one_bit(tmp_path):
+    halves(0, 1, (40, 40), "1").save(tmp_path / "b.png")
+    out = load_image(tmp_path / "b.png", R)
+    assert out.getpixel((2, 2)) == (0, 0, 0) and out.getpixel((R - 3, 2)) == WHITE
+
+
+def test_tiny_image_is_upscaled_with_warning(tmp_path):
+    Image.new("RGB", (8, 8), GREEN).save(tmp_path / "tiny.png")
+    with pytest.warns(UserWarning, match=r"tiny\.png.*8x8.*upscaling"):
+        out = load_image(tmp_path / "tiny.png", R)
+    assert out.size == (R, R)
+
+
+def test_wide_image_is_center_cropped(tmp_path):
+    img = Image.new("RGB", (5000, 300), RED)
+    img.paste(GREEN, (2350, 0, 2650, 300))  # exactly the central 300 x 300 square
+    img.save(tmp_path / "wide.png")
+    out = load_image(tmp_path / "wide.png", R)
+    assert out.size == (R, R)
+    assert all(close(out.getpixel(xy), GREEN, 5) for xy in [(0, 0), (R - 1, 0), (0, R - 1)])
+    small = load_image(tmp_path / "wide.png", R, max_side=1000)  # downscaled 5x first
+    assert close(small.getpixel((0, 0)), GREEN, 5)
+
+
+def test_center_crop_false_keeps_whole_image(tmp_path):
+    halves(RED, BLUE, (128, 64)).save(tmp_path / "w.png")
+    out = load_image(tmp_path / "w.png", R, center_crop=False)
+    assert out.size == (R, R) and close(out.getpixel((1, 1)), RED, 5)
+
+
+# --- load_image: unreadable files ------------------------------------------------------------
+
+
+def test_truncated_jpeg(tmp_path):
+    path = tmp_path / "trunc.jpg"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConceptDataError, match=r"cannot read image '.*trunc\.jpg': .*truncated"
+                                               r".*skip_bad=True"):
+        load_image(path, R)
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ConceptDataError, match=r"empty\.png.*empty \(0 bytes\)"):
+        load_image(tmp_path / "empty.png", R)
+
+
+def test_text_file_named_png(tmp_path):
+    (tmp_path / "fake.png").write_text("not an image")
+    with pytest.raises(ConceptDataError, match=r"cannot read image '.*fake\.png'.*identify"):
+        load_image(tmp_path / "fake.png", R)
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    Image.new("RGB", (40, 40)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ConceptDataError, match=r"bomb\.png.*decompression bomb.*MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "bomb.png", R)
+
+
+# --- load_concept: folders and arguments -----------------------------------------------------
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ConceptDataError, match=r"'.*nowhere' does not exist"):
+        load_concept(tmp_path / "nowhere", "sks", "dog")
+
+
+def test_folder_is_a_file(tmp_path):
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(ConceptDataError, match="is not a directory"):
+        load_concept(tmp_path / "f.png", "sks", "dog")
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(ConceptDataError, match=r"no images .* the folder is empty.*\.webp"):
+        load_concept(tmp_path, "sks", "dog")
+
+
+def test_folder_with_only_non_images(tmp_path):
+    for i in range(7):
+        (tmp_path / f"note{i}.txt").write_text("x")
+    match = r"found 7 non-image file\(s\) \(note0\.txt, .*note4\.txt, \.\.\.\)\. Accepted"
+    with pytest.raises(ConceptDataError, match=match + r" extensions: \.jpg"):
+        load_concept(tmp_path, "sks", "dog")
+
+
+@pytest.mark.parametrize("token,class_word,match", [
+    ("", "dog", "token must be a non-empty string"),
+    ("s ks", "dog", "token 's ks' contains whitespace"),
+    ("sks", " ", "class_word must be a non-empty string"),
+    ("dog", "dog", "token and class_word are both 'dog'"),
+    (None, "dog", "token is required"),
+])
+def test_bad_token_or_class_word(tmp_path, token, class_word, match):
+    make_folder(tmp_path)
+    with pytest.raises(ConceptDataError, match=re.escape(match)):
+        load_concept(tmp_path, token, class_word, R)
+
+
+def test_bad_prompt_template(tmp_path):
+    make_folder(tmp_path)
+    with pytest.raises(ConceptDataError, match="prompt_template"):
+        load_concept(tmp_path, "sks", "dog", R, prompt_template="a {token} {colour}")
+
+
+def test_corrupt_file_in_folder_raises_naming_it(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "zz.jpg").write_text("junk")
+    with pytest.raises(ConceptDataError, match=r"zz\.jpg.*skip_bad=True"):
+        load_concept(tmp_path, "sks", "dog", R)
+
+
+def test_skip_bad_skips_with_warning(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "zz.jpg").write_text("junk")
+    with pytest.warns(UserWarning, match=r"skipping unreadable image '.*zz\.jpg'"):
+        c = load_concept(tmp_path, "sks", "dog", R, skip_bad=True)
+    assert len(c) == 3 and [p.name for p in c.paths] == ["00.png", "01.png", "02.png"]
+
+
+def test_all_bad_with_skip_bad(tmp_path):
+    (tmp_path / "a.jpg").write_text("junk")
+    (tmp_path / "b.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipping"):
+        with pytest.raises(ConceptDataError, match=r"none of the 2 image file\(s\)"):
+            load_concept(tmp_path, "sks", "dog", R, config=DataConfig(resolution=R, skip_bad=True))
+
+
+def test_non_images_warn_once_hidden_files_silent(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "CAPTION.csv").write_text("x")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = load_concept(tmp_path, "sks", "dog", R)
+    assert len(c) == 3
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "CAPTION.csv, notes.txt" in msg and ".DS_Store" not in msg
+
+
+def test_order_is_sorted_and_extensions_case_insensitive(tmp_path):
+    for name, color in [("b.PNG", BLUE), ("a.jpeg", RED), ("c.BMP", GREEN)]:
+        Image.new("RGB", (40, 40), color).save(tmp_path / name)
+    c = load_concept(tmp_path, "sks", "dog", R)
+    assert [p.name for p in c.paths] == ["a.jpeg", "b.PNG", "c.BMP"]
+    assert close(c.images[0].getpixel((0, 0)), RED) and c.images[2].getpixel((0, 0)) == GREEN
+    assert ".bmp" in IMAGE_EXTENSIONS
+
+
+def test_too_few_images_warns(tmp_path):
+    make_folder(tmp_path, n=2)
+    with pytest.warns(UserWarning, match="has 2 usable image.*3-15"):
+        load_concept(tmp_path, "sks", "dog", R)
+
+
+# --- Concept ----------------------------------------------------------------------------------
+
+
+def test_tensors_shape_range_and_flip(tmp_path):
+    halves((0, 0, 0), WHITE, (40, 40)).save(tmp_path / "00.png")
+    img = load_image(tmp_path / "00.png", R)
+    c = Concept([img] * 3, "sks", "dog", [tmp_path / "00.png"] * 3)
+    x = c.tensors()
+    assert x.shape == (3, 3, R, R) and x.dtype == torch.float32
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    assert x[0, :, 0, 0].tolist() == [-1.0, -1.0, -1.0]
+    assert torch.equal(c.tensors(flip=True), x.flip(-1))
+    assert c.tensors(flip=True)[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert c.prompt == "a photo of a sks dog"
+
+
+def test_save_then_load_round_trip(tmp_path):
+    src = make_folder(tmp_path / "src", n=3)
+    c = load_concept(src, "sks", "teddy bear", R, prompt_template="a {token} {class_word} toy")
+    out = c.save(tmp_path / "prepared")
+    assert sorted(p.name for p in out.iterdir()) == ["00.png", "01.png", "02.png", "concept.json"]
+    meta = json.loads((out / "concept.json").read_text())
+    assert meta["token"] == "sks" and meta["sources"][0].endswith("00.png")
+    back = load_concept(out, None, None, R)
+    assert (back.token, back.class_word) == ("sks", "teddy bear")
+    assert back.prompt == "a sks teddy bear toy"
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(c.images, back.images))
+    c.save(out)  # saving again over our own files is fine
+    (out / "99.jpg").write_bytes(b"x")
+    with pytest.raises(ConceptDataError, match=r"already holds other images \(99\.jpg\)"):
+        c.save(out)
+
+
+# --- DreamBooth layout ------------------------------------------------------------------------
+
+PROMPTS_FILE = """Classes
+
+subject_name,class
+backpack,backpack
+dog,dog
+cat2,cat
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} on top of pink fabric'.format(unique_token, class_token),
+'a cube shaped {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} wearing a red hat'.format(unique_token, class_token),
+'a cube shaped {0} {1}'.format(unique_token, class_token)
+]
+"""
+
+
+@pytest.fixture
+def dreambooth_root(tmp_path) -> Path:
+    (tmp_path / "prompts_and_classes.txt").write_text(PROMPTS_FILE)
+    make_folder(tmp_path / "backpack")
+    make_folder(tmp_path / "dog")
+    return tmp_path
+
+
+def test_dreambooth_parsing(dreambooth_root):
+    ds = load_dreambooth(dreambooth_root)
+    assert sorted(ds.subjects) == ["backpack", "dog"]  # cat2 is listed but has no folder
+    assert ds.subjects["dog"].is_live and not ds.subjects["backpack"].is_live
+    assert ds.object_prompts[1] == "a {0} {1} on top of pink fabric"
+    assert len(ds.object_prompts) == len(ds.live_prompts) == 3
+    assert ds.prompts("dog")[:2] == ["a sks dog in the jungle", "a sks dog wearing a red hat"]
+    assert ds.prompts("backpack", token="zwx")[1] == "a zwx backpack on top of pink fabric"
+    c = ds.concept("dog", resolution=R)
+    assert len(c) == 3 and c.prompt == "a photo of a sks dog"
+
+
+def test_dreambooth_missing_pieces(dreambooth_root, tmp_path_factory):
+    ds = load_dreambooth(dreambooth_root)
+    with pytest.raises(ConceptDataError, match=r"'cat2' is listed .* folder '.*cat2' is missing"):
+        ds.concept("cat2")
+    with pytest.raises(ConceptDataError, match=r"unknown DreamBooth subject 'robot'"):
+        ds.prompts("robot")
+    empty = tmp_path_factory.mktemp("nothing")
+    with pytest.raises(ConceptDataError, match=r"'.*prompts_and_classes\.txt' not found"):
+        load_dreambooth(empty)
