@@ -1,0 +1,113 @@
+"""Command line: ``prkit train``, ``prkit sample``, ``prkit info`` (also ``python -m prkit``).
+
+Parses arguments and calls the library; no logic of its own beyond wiring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(args) -> int:
+    from .data import load_concept
+    from .files import save_residuals
+    from .pipeline import load_pipeline
+    from .train import TrainConfig, train_residuals
+
+    pipe = load_pipeline(args.model, device=args.device)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    concept = load_concept(args.images, args.token, args.class_word, resolution=args.resolution or size,
+                           skip_bad=args.skip_bad)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+                         rank=float(args.rank) if "." in args.rank else int(args.rank),
+                         checkpoint_dir=args.checkpoint_dir or str(Path(args.out).with_suffix("")) + ".ckpt")
+    result = train_residuals(pipe, concept, config)
+    save_residuals(result.residuals, args.out, base_model=args.model)
+    print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
+          f"({result.steps_done} steps, {result.seconds:.1f} s, final loss {result.losses[-1]:.4f})")
+    return 0
+
+
+def _sample(args) -> int:
+    from .files import load_residuals
+    from .pipeline import load_pipeline
+    from .sample import generate
+
+    pipe = load_pipeline(args.model, device=args.device)
+    sets = [load_residuals(pipe, path) for path in args.residuals]
+    images = generate(pipe, args.prompt, sets or None, lag=args.lag, seed=args.seed, num_images=args.num_images,
+                      steps=args.steps, guidance_scale=args.guidance_scale)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{i:03d}.png")
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def _info(args) -> int:
+    from .files import read_metadata
+
+    meta = read_metadata(args.file)
+    for key in ("name", "token", "class_word", "base_model", "architecture", "prkit_version", "scale"):
+        print(f"{key:>14}: {meta.get(key)}")
+    print(f"{'layers':>14}: {len(meta['layers'])} ({sum(2 * v['channels'] * v['rank'] for v in meta['layers'].values()):,} parameters)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prkit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="personalize a model on a folder of images")
+    train.add_argument("--model", default="world", help="'world', a diffusers folder or a hub id")
+    train.add_argument("--images", required=True, help="folder of 3-15 images of the concept")
+    train.add_argument("--token", help="identifier, e.g. sks (read from concept.json when omitted)")
+    train.add_argument("--class-word", dest="class_word", help="the concept's class, e.g. dog")
+    train.add_argument("--out", required=True, help="output .safetensors")
+    train.add_argument("--steps", type=int, default=150)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--rank", default="0.05", help="fraction of channels (0.05) or an int rank")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    train.add_argument("--checkpoint-dir", default=None, help="default: <out>.ckpt; rerun to resume")
+    train.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    train.add_argument("--device", default="auto")
+    train.set_defaults(func=_train)
+
+    sample = sub.add_parser("sample", help="generate images, optionally with residuals and LAG")
+    sample.add_argument("--model", default="world")
+    sample.add_argument("--residuals", nargs="*", default=[], help="one or more residual files")
+    sample.add_argument("--prompt", required=True, nargs="+")
+    sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True)
+    sample.add_argument("--num-images", type=int, default=4)
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--guidance-scale", type=float, default=7.5)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="samples")
+    sample.add_argument("--device", default="auto")
+    sample.set_defaults(func=_sample)
+
+    info = sub.add_parser("info", help="print a residual file's header")
+    info.add_argument("file")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
+        print(f"prkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

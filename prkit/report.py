@@ -1,0 +1,114 @@
+"""Headless report: run the notebook series with papermill into ``runs/<timestamp>/`` and render HTML.
+
+``python -m prkit.report [--out runs] [-p name value ...] [--params file.yaml] [--only 01 02]``.
+Owns orchestration only: every computation lives in the notebooks and the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import html
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def notebook_list(folder: Path, only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks ``NN_verb_noun.ipynb`` of ``folder``, in order (optionally filtered by prefix)."""
+    books = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        books = [p for p in books if any(p.name.startswith(o) for o in only)]
+    if not books:
+        raise FileNotFoundError(f"no notebooks NN_*.ipynb found in {folder}")
+    return books
+
+
+def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str = "python3") -> list[dict]:
+    """Execute each notebook into ``out`` with papermill; stop at the first failure. Returns one row per notebook."""
+    import papermill as pm
+
+    rows = []
+    for i, book in enumerate(notebooks, 1):
+        start = time.perf_counter()
+        print(f"[{i}/{len(notebooks)}] {book.name} ...", end=" ", flush=True)
+        target = out / book.name
+        try:
+            pm.execute_notebook(str(book), str(target), parameters={**parameters, "run_dir": str(out)},
+                                kernel_name=kernel, progress_bar=False, cwd=str(out))
+            status = "ok"
+        except Exception as err:  # papermill re-raises the cell's error; the executed notebook keeps it
+            status = f"failed: {type(err).__name__}"
+            print(status, flush=True)
+            rows.append({"notebook": book.name, "seconds": time.perf_counter() - start, "status": status})
+            break
+        seconds = time.perf_counter() - start
+        print(f"{status} ({seconds:.0f} s)", flush=True)
+        rows.append({"notebook": book.name, "seconds": seconds, "status": status})
+    return rows
+
+
+def render_html(out: Path, rows: list[dict]) -> Path:
+    """Convert the executed notebooks to HTML (inputs folded for readability) and write index.html."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter()
+    items = []
+    for row in rows:
+        book = out / row["notebook"]
+        if book.exists():
+            body, _ = exporter.from_notebook_node(nbformat.read(book, as_version=4))
+            page = book.with_suffix(".html")
+            page.write_text(body, encoding="utf-8")
+            link = f'<a href="{html.escape(page.name)}">{html.escape(row["notebook"])}</a>'
+        else:
+            link = html.escape(row["notebook"])
+        items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{row['seconds']:.0f} s</td></tr>")
+    index = out / "index.html"
+    index.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>prkit report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}</style></head>"
+        f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
+        f"<th>time</th></tr>{''.join(items)}</table></body></html>", encoding="utf-8")
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prkit.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs", help="parent folder of the run folder")
+    parser.add_argument("--notebooks", default=str(NOTEBOOKS))
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("--params", help="YAML file of parameters (e.g. notebooks/params/sd15.yaml)")
+    parser.add_argument("--only", nargs="*", help="run only notebooks with these prefixes (e.g. 01 02)")
+    parser.add_argument("--kernel", default="python3")
+    args = parser.parse_args(argv)
+    parameters: dict = {}
+    if args.params:
+        import yaml
+
+        parameters.update(yaml.safe_load(Path(args.params).read_text()) or {})
+    parameters.update({k: _literal(v) for k, v in args.parameter})
+    out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=False)
+    out = out.resolve()
+    start = time.perf_counter()
+    rows = run_series(out, parameters, notebook_list(Path(args.notebooks), args.only), args.kernel)
+    index = render_html(out, rows)
+    ok = all(r["status"] == "ok" for r in rows) and len(rows) == len(notebook_list(Path(args.notebooks), args.only))
+    print(f"report: {index} ({time.perf_counter() - start:.0f} s, {'all ok' if ok else 'FAILED'})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
