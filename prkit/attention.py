@@ -29,6 +29,7 @@ class AttentionStore:
     max_resolution: int = 16  # maps larger than this are pooled down to it
     steps: list[int] | None = None  # denoising steps to keep (None: all)
     maps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # LAG masks (B, h, w, S), if LAG ran
 
     def blocks(self) -> list[str]:
         return sorted({b for b, _ in self.maps}, key=_block_order)

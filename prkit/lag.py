@@ -126,6 +126,11 @@ class _MaskSource:
                 raise RuntimeError(f"no cross-attention map was captured for {self.block} before its proj_out")
             masks = torch.stack([make_mask(maps[..., s], self.config) for s in range(maps.shape[-1])], -1)
             self.cache = (self.state.step, masks)
+            store = self.state.store
+            if store is not None and (store.steps is None or self.state.step in store.steps):
+                cond = masks[masks.shape[0] // 2:] if self.state.is_cfg() and masks.shape[0] % 2 == 0 else masks
+                h, w = self.state.spatial(cond.shape[1])
+                store.masks[(self.block, self.state.step)] = cond.reshape(cond.shape[0], h, w, -1).float().cpu()
         return self.cache[1][..., self.index[name]]
 
 

@@ -1,0 +1,186 @@
+"""Plotting only: image grids, loss curves, attention heat maps, LAG masks, difference maps, explorers.
+
+Every function returns a matplotlib Figure (or a widget) and computes nothing the library needs.
+Interactive explorers fall back to static figures when widgets are unavailable or not wanted.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_array(image) -> np.ndarray:
+    """PIL image, (H, W, 3) uint8/float array or (3, H, W) tensor in [-1, 1] / [0, 1] -> (H, W, 3) float [0, 1]."""
+    if hasattr(image, "detach"):
+        image = image.detach().float().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.transpose(1, 2, 0)
+        if image.min() < 0:
+            image = (image + 1) / 2
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        image = image / 255.0
+    return np.clip(image.astype(np.float32), 0, 1)
+
+
+def image_grid(images: Sequence, ncols: int | None = None, titles: Sequence[str] | None = None,
+               row_labels: Sequence[str] | None = None, size: float = 1.8, suptitle: str | None = None):
+    """Images in a grid; ``row_labels`` name the rows (e.g. base / residuals / LAG)."""
+    plt = _plt()
+    n = len(images)
+    ncols = ncols or min(n, 8)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(i < n)
+        if i < n:
+            ax.imshow(to_array(images[i]), interpolation="nearest")
+            if titles is not None and i < len(titles):
+                ax.set_title(titles[i], fontsize=7)
+    if row_labels is not None:
+        for r, label in enumerate(row_labels[:nrows]):
+            axes[r, 0].set_ylabel(label, fontsize=9)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses(losses: Sequence[float], window: int = 10, title: str = "training loss"):
+    """Per-step loss with a moving average."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, alpha=0.35, lw=1, label="per step")
+    if len(losses) >= window:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=2, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _upsample(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    m = np.asarray(map_, dtype=np.float32)
+    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+    return np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize(size[::-1], Image.BILINEAR)) / 255.0
+
+
+def overlay(ax, image, map_, alpha: float = 0.55, cmap: str = "jet") -> None:
+    """Draw ``map_`` (h, w) upsampled over ``image`` on ``ax``."""
+    base = to_array(image)
+    ax.imshow(base, interpolation="nearest")
+    ax.imshow(_upsample(map_, base.shape[:2]), cmap=cmap, alpha=alpha, interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def token_heatmaps(image, maps, labels: Sequence[str], size: float = 1.8, suptitle: str | None = None):
+    """One overlay per token: ``maps`` (T, h, w) aligned with ``labels``."""
+    plt = _plt()
+    n = len(labels) + 1
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
+    axes[0, 0].imshow(to_array(image), interpolation="nearest")
+    axes[0, 0].set_title("image", fontsize=8)
+    axes[0, 0].axis("off")
+    for ax, m, label in zip(axes[0, 1:], maps, labels):
+        overlay(ax, image, np.asarray(m))
+        ax.set_title(label, fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def block_grid(image, maps_by_block: dict, size: float = 1.6, title: str = "", cmap: str = "jet"):
+    """One overlay per block (name -> (h, w) map), labelled with the block and its resolution."""
+    plt = _plt()
+    names = list(maps_by_block)
+    fig, axes = plt.subplots(1, len(names), figsize=(size * len(names), size + 0.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        m = np.asarray(maps_by_block[name])
+        overlay(ax, image, m, cmap=cmap)
+        short = name.replace("_blocks.", "").replace(".attentions.", ".").replace("mid_block", "mid")
+        ax.set_title(f"{short}\n{m.shape[0]}x{m.shape[1]}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str] | None = None, size: float = 1.8):
+    """Per-pixel absolute difference |other - reference| (mean over RGB), one column per pair."""
+    plt = _plt()
+    n = len(reference)
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
+    for i, (a, b) in enumerate(zip(reference, others)):
+        diff = np.abs(to_array(b) - to_array(a)).mean(-1)
+        axes[0, i].imshow(diff, cmap="magma", vmin=0, vmax=1)
+        axes[0, i].axis("off")
+        if titles is not None:
+            axes[0, i].set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def metric_scatter(rows: Sequence[dict], x: str, y: str, label: str, title: str = ""):
+    """Scatter of two metrics, one labelled point per row (e.g. identity vs prompt accuracy)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for row in rows:
+        ax.scatter(row[x], row[y])
+        ax.annotate(str(row[label]), (row[x], row[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def attention_explorer(store, image, labels: Sequence[str], interactive: bool = True, image_index: int = 0):
+    """Token / block / step sliders over an AttentionStore; a static all-blocks figure when not interactive.
+
+    Args:
+        store: a filled ``prkit.AttentionStore`` (tokens aligned with ``labels``).
+        image: the generated image to overlay.
+        interactive: False (e.g. under papermill) returns a static figure instead of widgets.
+    """
+    blocks = store.blocks()
+    if interactive:
+        try:
+            import ipywidgets as widgets
+        except ImportError:
+            interactive = False
+    if not interactive:
+        return block_grid(image, {b: store.get(b)[image_index, 0].numpy() for b in blocks},
+                          title=f"'{labels[0]}' averaged over steps (static view)")
+    plt = _plt()
+    token = widgets.Dropdown(options=[(l, i) for i, l in enumerate(labels)],
+                             description="token")
+    block = widgets.SelectionSlider(options=blocks, description="block")
+    step = widgets.IntSlider(min=-1, max=store.num_steps() - 1, value=-1, description="step (-1: all)")
+
+    def show(token, block, step):
+        fig, ax = plt.subplots(figsize=(3, 3))
+        overlay(ax, image, store.get(block, None if step < 0 else step)[image_index, token].numpy())
+        ax.set_title(f"{labels[token]} @ {block}", fontsize=8)
+        plt.show()
+
+    return widgets.interactive(show, token=token, block=block, step=step)

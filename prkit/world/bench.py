@@ -1,0 +1,186 @@
+"""World benchmark: personalize each example concept, sample base / residuals / residuals + LAG, grade with the oracle.
+
+``python -m prkit.world.bench [--concepts a b] [--images-per-prompt 4] [--out benchmarks/world_bench.csv]``.
+Identity = the oracle reads the concept's pattern and both its colours; prompt accuracy = the
+scene is read as prompted; background change = mean |pixel change| vs the base image outside the
+concept's region (oracle masks of both images, dilated). No training of the world itself here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..train import TrainConfig
+from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, WorldConcept, concept_folder
+from .vocab import BACKGROUNDS, PLAIN, SCENE_PHRASES
+
+METHODS = ("base", "residuals", "residuals+lag")
+WORLD_RANK = 0.05  # the METHOD default; the world's own default if it needs more is set here
+
+
+@dataclass
+class BenchConfig:
+    """What the benchmark runs."""
+
+    concepts: tuple[str, ...] = tuple(EXAMPLE_CONCEPTS)
+    images_per_prompt: int = 4  # seeds per prompt
+    steps: int = 25  # denoising steps
+    guidance_scale: float = 7.5
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=WORLD_RANK))
+
+
+def prompt_scene(prompt: str) -> str:
+    """The background a benchmark prompt asks for (PLAIN when it names none)."""
+    for bg in BACKGROUNDS:
+        if bg != PLAIN and any(phrase and phrase in prompt for phrase in SCENE_PHRASES[bg]):
+            return bg
+    return PLAIN
+
+
+def identity(reading: dict, concept: WorldConcept) -> tuple[bool, bool]:
+    """(pattern read, pattern and both colours read) for the best-matching object of one oracle reading."""
+    pattern_ok = full_ok = False
+    for obj in reading["objects"]:
+        if obj["pattern"] == concept.pattern:
+            pattern_ok = True
+            full_ok |= {obj["color"], obj["color2"]} == set(concept.colors)
+    return pattern_ok, full_ok
+
+
+def _dilate(mask: np.ndarray, radius: int = 2) -> np.ndarray:
+    out = mask.copy()
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out
+
+
+def background_change(image: np.ndarray, base: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute change in [0, 1] units over the pixels outside ``mask`` (H, W)."""
+    keep = ~mask
+    if not keep.any():
+        return float("nan")
+    diff = np.abs(image.astype(np.float32) - base.astype(np.float32)).mean(-1) / 255.0
+    return float(diff[keep].mean())
+
+
+def grade(images: list, base_images: list, readings: list[dict], base_readings: list[dict],
+          concept: WorldConcept, prompts: list[str], per_prompt: int) -> list[dict]:
+    """One row per image: identity, pattern, scene/class correctness and background change vs the base."""
+    rows = []
+    for i, (image, reading) in enumerate(zip(images, readings)):
+        prompt = prompts[i // per_prompt]
+        region = _dilate(reading["mask"] | base_readings[i]["mask"])
+        pattern_ok, full_ok = identity(reading, concept)
+        rows.append({
+            "prompt": prompt, "seed": i % per_prompt, "identity": full_ok, "pattern": pattern_ok,
+            "scene": reading["background"] == prompt_scene(prompt),
+            "class": any(o["cls"] == concept.class_word for o in reading["objects"]),
+            "background_change": background_change(np.asarray(image), np.asarray(base_images[i]), region),
+        })
+    return rows
+
+
+def bench_concept(pipe, name: str, config: BenchConfig, oracle=None, progress: bool = False) -> list[dict]:
+    """Train the concept's residuals, sample the three methods on the same seeds and grade them."""
+    from .. import load_concept, remove_residuals, train_residuals
+    from ..sample import generate
+    from .oracle import read
+
+    concept = EXAMPLE_CONCEPTS[name]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = load_concept(concept_folder(name), resolution=size)
+    result = train_residuals(pipe, data, config.train, name=name, progress=progress)
+    prompts = [p.format(token=concept.token, class_word=concept.class_word) for p in BENCH_PROMPTS]
+    common = dict(seed=config.seed, num_images=config.images_per_prompt, steps=config.steps,
+                  guidance_scale=config.guidance_scale)
+    images = {
+        "base": generate(pipe, prompts, None, **common),
+        "residuals": generate(pipe, prompts, result.residuals, lag=False, **common),
+        "residuals+lag": generate(pipe, prompts, result.residuals, lag=True, **common),
+    }
+    remove_residuals(pipe.unet, name)
+    readings = {m: read(imgs, oracle) for m, imgs in images.items()}
+    rows = []
+    for method in METHODS:
+        for row in grade(images[method], images["base"], readings[method], readings["base"], concept, prompts,
+                         config.images_per_prompt):
+            rows.append({"concept": name, "method": method, **row,
+                         "train_seconds": round(result.seconds, 2), "parameters": result.residuals.num_parameters()
+                         if method != "base" else 0})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean of each measure per (concept, method), plus an 'all' concept row per method."""
+    keys = sorted({(r["concept"], r["method"]) for r in rows}, key=lambda k: (k[0], METHODS.index(k[1])))
+    keys += [("all", m) for m in METHODS if any(r["method"] == m for r in rows)]
+    out = []
+    for concept, method in keys:
+        sel = [r for r in rows if r["method"] == method and (concept == "all" or r["concept"] == concept)]
+        out.append({"concept": concept, "method": method, "n": len(sel),
+                    **{k: float(np.nanmean([float(r[k]) for r in sel]))
+                       for k in ("identity", "pattern", "scene", "class", "background_change", "train_seconds")}})
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def format_table(summary: list[dict]) -> str:
+    """A markdown table of the summary."""
+    head = "| concept | method | identity | pattern | scene | bg change | train s |\n|---|---|---|---|---|---|---|"
+    lines = [f"| {r['concept']} | {r['method']} | {r['identity']:.0%} | {r['pattern']:.0%} | {r['scene']:.0%} | "
+             f"{r['background_change']:.4f} | {r['train_seconds']:.1f} |" for r in summary]
+    return "\n".join([head, *lines])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prkit.world.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="world")
+    parser.add_argument("--concepts", nargs="*", default=list(EXAMPLE_CONCEPTS))
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--rank", type=float, default=WORLD_RANK)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="benchmarks/world_bench.csv")
+    args = parser.parse_args(argv)
+    from ..pipeline import load_pipeline
+    from .oracle import load_oracle
+
+    pipe = load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    rank = int(args.rank) if args.rank >= 1 else args.rank
+    config = BenchConfig(concepts=tuple(args.concepts), images_per_prompt=args.images_per_prompt, steps=args.steps,
+                         train=TrainConfig(steps=args.train_steps, rank=rank))
+    oracle = load_oracle(pipe.unet.device)
+    rows = []
+    start = time.perf_counter()
+    for name in config.concepts:
+        rows += bench_concept(pipe, name, config, oracle, progress=True)
+    out = Path(args.out)
+    write_csv(rows, out.with_name(out.stem + "_rows.csv"))
+    summary = summarize(rows)
+    write_csv(summary, out)
+    print(format_table(summary))
+    print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
