@@ -253,11 +253,11 @@ class Residuals:
     def merged(self) -> bool:
         return any(self.name in layer.merged for layer in self.layers().values())
 
-    def save(self, path, **metadata) -> None:
-        """Write this set to a ``.safetensors`` file with metadata (see ``prkit.files``)."""
+    def save(self, path, **metadata):
+        """Write this set to a ``.safetensors`` file with metadata (see ``prkit.files``); returns the path."""
         from .files import save_residuals
 
-        save_residuals(self, path, **metadata)
+        return save_residuals(self, path, **metadata)
 
     def __repr__(self) -> str:
         try:
@@ -288,18 +288,26 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
     if any(name in p.sets for p in projections.values() if isinstance(p, ResidualProjection)):
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name or remove it")
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    for block, proj in projections.items():
-        if not isinstance(proj, ResidualProjection):
-            proj = ResidualProjection(proj, block)
-            parent = unet.get_submodule(block)
-            parent.proj_out = proj
-        if isinstance(config.rank, dict):
-            if block not in config.rank:
-                raise ValueError(f"no rank given for block {block!r}")
-            layer_rank = int(config.rank[block])
-        else:
-            layer_rank = rank_for(proj.channels, config.rank)
-        proj.add_set(name, layer_rank, generator)
+    try:
+        for block, proj in projections.items():
+            if not isinstance(proj, ResidualProjection):
+                proj = ResidualProjection(proj, block)
+                parent = unet.get_submodule(block)
+                parent.proj_out = proj
+            if isinstance(config.rank, dict):
+                if block not in config.rank:
+                    raise ValueError(f"no rank given for block {block!r}")
+                layer_rank = int(config.rank[block])
+            else:
+                layer_rank = rank_for(proj.channels, config.rank)
+            proj.add_set(name, layer_rank, generator)
+    except Exception:  # a failed add leaves the UNet as it was
+        for block, layer in wrapped_layers(unet).items():
+            if name in layer.sets:
+                layer.remove_set(name)
+            if not layer.sets:
+                unet.get_submodule(block).proj_out = layer.base_layer
+        raise
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
     return residuals

@@ -13,13 +13,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .residuals import Residuals, add_residuals
+from .residuals import Residuals
+from .targets import TARGETS
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ class TrainResult:
     completed: bool
     validation: dict[int, list] = field(default_factory=dict)
     checkpoint: Path | None = None
-
-
-def residual_target(pipe, concept, config: TrainConfig, name: str) -> Residuals:
-    """Default target: personalized residuals on every proj_out."""
-    return add_residuals(pipe.unet, config.rank, name, token=concept.token, class_word=concept.class_word,
-                         seed=config.seed)
-
-
-TARGETS: dict[str, Callable] = {"residuals": residual_target}
 
 
 def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -252,7 +243,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         for p in params:
             p.requires_grad_(False)
     if isinstance(target, Residuals):
-        target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""))
+        target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
+                           seconds=time.perf_counter() - start)
     return TrainResult(target, losses, time.perf_counter() - start, step, completed, validation, ckpt)
 
 

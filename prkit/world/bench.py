@@ -89,34 +89,51 @@ def grade(images: list, base_images: list, readings: list[dict], base_readings: 
     return rows
 
 
-def bench_concept(pipe, name: str, config: BenchConfig, oracle=None, progress: bool = False) -> list[dict]:
-    """Train the concept's residuals, sample the three methods on the same seeds and grade them."""
-    from .. import load_concept, remove_residuals, train_residuals
+def train_concept(pipe, name: str, config: BenchConfig, progress: bool = False):
+    """Personalize ``pipe`` on the shipped concept ``name`` with the benchmark's recipe; returns the TrainResult."""
+    from .. import load_concept, train_residuals
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = load_concept(concept_folder(name), resolution=size)
+    return train_residuals(pipe, data, config.train, name=name, progress=progress)
+
+
+def grade_residuals(pipe, residuals, concept_name: str, config: BenchConfig, oracle=None,
+                    prompts: list[str] | None = None) -> list[dict]:
+    """Sample base / residuals / residuals + LAG on the same seeds and grade every image with the oracle."""
     from ..sample import generate
     from .oracle import read
 
-    concept = EXAMPLE_CONCEPTS[name]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    data = load_concept(concept_folder(name), resolution=size)
-    result = train_residuals(pipe, data, config.train, name=name, progress=progress)
-    prompts = [p.format(token=concept.token, class_word=concept.class_word) for p in BENCH_PROMPTS]
+    concept = EXAMPLE_CONCEPTS[concept_name]
+    prompts = [p.format(token=residuals.token, class_word=residuals.class_word) for p in (prompts or BENCH_PROMPTS)]
     common = dict(seed=config.seed, num_images=config.images_per_prompt, steps=config.steps,
                   guidance_scale=config.guidance_scale)
     images = {
         "base": generate(pipe, prompts, None, **common),
-        "residuals": generate(pipe, prompts, result.residuals, lag=False, **common),
-        "residuals+lag": generate(pipe, prompts, result.residuals, lag=True, **common),
+        "residuals": generate(pipe, prompts, residuals, lag=False, **common),
+        "residuals+lag": generate(pipe, prompts, residuals, lag=True, **common),
     }
-    remove_residuals(pipe.unet, name)
     readings = {m: read(imgs, oracle) for m, imgs in images.items()}
+    seconds = float(residuals.meta.get("seconds", float("nan")))
     rows = []
     for method in METHODS:
         for row in grade(images[method], images["base"], readings[method], readings["base"], concept, prompts,
                          config.images_per_prompt):
-            rows.append({"concept": name, "method": method, **row,
-                         "train_seconds": round(result.seconds, 2), "parameters": result.residuals.num_parameters()
-                         if method != "base" else 0})
+            rows.append({"concept": concept_name, "method": method, **row, "train_seconds": seconds,
+                         "parameters": residuals.num_parameters() if method != "base" else 0})
     return rows
+
+
+def bench_concept(pipe, name: str, config: BenchConfig, oracle=None, progress: bool = False) -> list[dict]:
+    """Train the concept's residuals, then grade the three methods; the residuals are removed afterwards."""
+    from ..residuals import remove_residuals
+
+    result = train_concept(pipe, name, config, progress)
+    result.residuals.meta["seconds"] = result.seconds
+    try:
+        return grade_residuals(pipe, result.residuals, name, config, oracle)
+    finally:
+        remove_residuals(pipe.unet, result.residuals.name)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
