@@ -46,6 +46,11 @@ class AttentionStore:
             raise KeyError(f"no maps stored for block {block!r}; stored: {self.blocks()}")
         return torch.stack(found).mean(0)
 
+    def save(self, path) -> None:
+        """Write maps and masks to ``path`` (torch.save), keyed 'block@step'."""
+        torch.save({"maps": {f"{b}@{s}": m for (b, s), m in self.maps.items()},
+                    "masks": {f"{b}@{s}": m for (b, s), m in self.masks.items()}, "tokens": self.tokens}, path)
+
     def aggregate(self, size: int | None = None, step: int | None = None) -> torch.Tensor:
         """DAAM-style aggregate over blocks (and steps): upsampled to ``size`` and averaged -> (B, T, size, size)."""
         size = size or self.max_resolution

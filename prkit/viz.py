@@ -140,6 +140,28 @@ def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str]
     return fig
 
 
+def mean_change(reference: Sequence, others: Sequence) -> float:
+    """Mean absolute pixel change in [0, 1] between paired images."""
+    return float(np.mean([np.abs(to_array(b) - to_array(a)).mean() for a, b in zip(reference, others)]))
+
+
+def save_images(groups: dict, folder) -> list:
+    """Write each group's images as PNG files ``<group>_<i>.png`` into ``folder``; returns the paths."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for group, images in groups.items():
+        for i, image in enumerate(images):
+            path = folder / f"{group.replace('+', '_')}_{i:02d}.png"
+            Image.fromarray((to_array(image) * 255).round().astype(np.uint8)).save(path)
+            paths.append(path)
+    return paths
+
+
 def metric_scatter(rows: Sequence[dict], x: str, y: str, label: str, title: str = ""):
     """Scatter of two metrics, one labelled point per row (e.g. identity vs prompt accuracy)."""
     plt = _plt()

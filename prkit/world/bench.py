@@ -63,6 +63,15 @@ def _dilate(mask: np.ndarray, radius: int = 2) -> np.ndarray:
     return out
 
 
+def attention_on_object(image, concept_map, oracle=None) -> tuple[float, float]:
+    """Mean of ``concept_map`` (H, W at the image's size) inside vs outside the object the oracle finds."""
+    from .oracle import read
+
+    region = read([image], oracle)[0]["mask"]
+    values = np.asarray(concept_map, dtype=np.float32)
+    return float(values[region].mean()), float(values[~region].mean())
+
+
 def background_change(image: np.ndarray, base: np.ndarray, mask: np.ndarray) -> float:
     """Mean absolute change in [0, 1] units over the pixels outside ``mask`` (H, W)."""
     keep = ~mask

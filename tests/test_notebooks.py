@@ -1,0 +1,80 @@
+"""The notebooks: committed stripped and thin, and the papermill chain 01 -> 06 produces its artifacts.
+
+nbval (``pytest --nbval-lax``, see pyproject) separately runs every committed notebook as committed.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+ALLOWED_IMPORTS = {"prkit", "pathlib", "json", "math", "sys", "subprocess"}
+
+
+def code_cells(path: Path) -> list[dict]:
+    return [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def source(cell: dict) -> str:
+    text = "".join(cell["source"])
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("%", "!")))
+
+
+def test_series_is_complete():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+    for cell in code_cells(path):
+        assert cell.get("outputs") == [] and cell.get("execution_count") is None, f"{path.name}: strip outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_holds_only_literals(path):
+    tagged = [c for c in code_cells(path) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    tree = ast.parse(source(tagged[0]))
+    names = set()
+    for node in tree.body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, ast.dump(node)
+        ast.literal_eval(node.value)  # raises for anything but a literal
+        names.add(node.targets[0].id)
+    assert {"model", "run_dir", "seed", "device"} <= names
+    assert "model = \"world\"" in source(tagged[0])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_thin(path):
+    book = json.loads(path.read_text())
+    assert book["cells"][0]["cell_type"] == "markdown" and "writes" in "".join(book["cells"][0]["source"])
+    for cell in code_cells(path):
+        text = source(cell)
+        assert len(text.splitlines()) <= 20, f"{path.name}: a cell of {len(text.splitlines())} lines"
+        for node in ast.walk(ast.parse(text)):
+            assert not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)), \
+                f"{path.name} defines a function or class"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert all(m.split(".")[0] in ALLOWED_IMPORTS for m in modules), f"{path.name} imports {modules}"
+
+
+@pytest.mark.slow
+def test_papermill_chain(tmp_path):
+    """The report runner executes 01 -> 06 into a fresh run folder, and each notebook leaves its artifacts."""
+    pytest.importorskip("papermill")
+    from prkit.report import main
+
+    code = main(["--out", str(tmp_path), "-p", "train_steps", "150", "-p", "interactive", "False",
+                 "-p", "images_per_prompt", "1", "-p", "second_train_steps", "60"])
+    run = next(tmp_path.iterdir())
+    assert code == 0, (run / "index.html").read_text()
+    for name in ["concept/concept.json", "residuals.safetensors", "train_stats.json", "attention/maps.pt",
+                 "attention/masks.png", "lag/grid.png", "lag/multi_concept.png", "ablations/ablations.csv",
+                 "metrics/summary.csv", "index.html", "01_prepare_data.html", "06_metrics.ipynb"]:
+        assert (run / name).is_file(), name
