@@ -1,0 +1,14 @@
+"""The embedded offline world: a procedural renderer, its vocabulary, concepts and oracle.
+
+Importing this package does no I/O and does not import torch; the oracle (torch) and the model
+recipe live in `prkit.world.oracle` and `prkit.world.train`. See CONTRACT.md for the module contract.
+"""
+
+from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, WorldConcept, concept_folder, render_concept
+from .render import Obj, Scene, caption, render, sample_scene
+from .vocab import CLASSES, COLORS, IDENTIFIERS, PATTERNS, PLAIN, SCENES
+
+__all__ = [
+    "BENCH_PROMPTS", "CLASSES", "COLORS", "EXAMPLE_CONCEPTS", "IDENTIFIERS", "PATTERNS", "PLAIN", "SCENES",
+    "Obj", "Scene", "WorldConcept", "caption", "concept_folder", "render", "render_concept", "sample_scene",
+]

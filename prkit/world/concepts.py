@@ -1,0 +1,101 @@
+"""Personalization concepts of the world: patterned objects the base model has never seen.
+
+Owns the example concepts, their renders, the shipped reference folders (5 PNG + concept.json)
+and the benchmark prompts. Regenerate the folders with `python -m prkit.world.concepts`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .render import EXTENT, Obj, Scene, render
+from .vocab import BACKGROUNDS, PLAIN, SCENE_PHRASES, SIZES
+
+log = logging.getLogger(__name__)
+
+CONCEPTS_DIR = Path(__file__).parent / "concepts"
+PROMPT_TEMPLATE = "a photo of a {token} {class_word}"  # the training prompt of METHOD.md
+
+
+@dataclass(frozen=True)
+class WorldConcept:
+    """A concept: identifier token, class word, two-colour pattern (colour, colour2)."""
+
+    name: str
+    token: str
+    class_word: str
+    pattern: str
+    colors: tuple[str, str]
+
+
+EXAMPLE_CONCEPTS: dict[str, WorldConcept] = {
+    c.name: c
+    for c in (
+        WorldConcept("striped_ball", "sks", "ball", "stripes", ("red", "white")),
+        WorldConcept("dotted_box", "zwx", "box", "dots", ("blue", "yellow")),
+        WorldConcept("checked_star", "qrv", "star", "checks", ("green", "black")),
+        WorldConcept("face_heart", "vbn", "heart", "face", ("purple", "white")),
+        WorldConcept("striped_ring", "pfh", "ring", "stripes", ("orange", "blue")),
+    )
+}
+
+# DreamBooth-like prompts, one per background (scenes, then plain).
+BENCH_PROMPTS: list[str] = [
+    f"{PROMPT_TEMPLATE} {SCENE_PHRASES[bg][0]}".strip() for bg in BACKGROUNDS
+]
+
+
+def concept_object(concept: WorldConcept, rng: np.random.Generator) -> Obj:
+    """Sample one instance of the concept: small or large, anywhere with a margin."""
+    lo, hi = SIZES["small"] if rng.random() < 0.5 else SIZES["large"]
+    size = float(rng.uniform(lo, hi))
+    m = EXTENT[concept.class_word] * size + 2.5
+    x, y = rng.uniform(m, 64 - m, 2)
+    c1, c2 = concept.colors
+    return Obj(concept.class_word, c1, float(x), float(y), size, concept.pattern, c2)
+
+
+def render_concept(
+    concept: WorldConcept, n: int, seed: int = 0, background: str = PLAIN, size: int = 64
+) -> list[Image.Image]:
+    """Render n images of the concept (varied position and size) on one background."""
+    rng = np.random.default_rng([seed, 7])
+    images = []
+    for i in range(n):
+        img, _ = render(Scene(background, [concept_object(concept, rng)]), seed=seed * 1000 + i, size=size)
+        images.append(Image.fromarray(img))
+    return images
+
+
+def concept_folder(name: str) -> Path:
+    """Path of the shipped reference folder prkit/world/concepts/<name>/."""
+    return CONCEPTS_DIR / name
+
+
+def write_concept_folder(concept: WorldConcept, folder: Path, n: int = 5, seed: int = 0) -> Path:
+    """Write n reference PNGs (plain background) and concept.json into folder; returns folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(render_concept(concept, n, seed=seed)):
+        img.save(folder / f"{i:02d}.png")
+    meta = {"token": concept.token, "class_word": concept.class_word, "prompt_template": PROMPT_TEMPLATE,
+            "pattern": concept.pattern, "colors": list(concept.colors)}
+    (folder / "concept.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def main() -> None:
+    """Regenerate every shipped concept folder."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name, concept in EXAMPLE_CONCEPTS.items():
+        log.info("wrote %s", write_concept_folder(concept, concept_folder(name)))
+
+
+if __name__ == "__main__":
+    main()

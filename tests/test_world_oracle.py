@@ -1,0 +1,84 @@
+"""Tests of the world oracle: shapes, read() structure, weights round trip, a tiny training smoke."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prkit.world.oracle import (
+    CLASS_LABELS, COLOR_NAMES, IGNORE, PATTERN_LABELS, Oracle, OracleTrainConfig, augment, evaluate_oracle,
+    load_oracle, read, render_batch, save_oracle, train_oracle,
+)
+from prkit.world.vocab import BACKGROUNDS, CLASSES, PATTERNS
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return render_batch(np.random.default_rng(0), 6, patterns_p=1.0)
+
+
+def test_forward_shapes(batch):
+    torch.manual_seed(0)
+    oracle = Oracle().eval()
+    assert sum(p.numel() for p in oracle.parameters()) <= 1_500_000
+    out = oracle(torch.from_numpy(batch["image"]))  # uint8 channels-last is accepted
+    assert out["background"].shape == (6, len(BACKGROUNDS))
+    assert out["cls"].shape == (6, 2, len(CLASSES) + 1) and out["color"].shape == (6, 2, 8)
+    assert out["pattern"].shape == (6, 2, len(PATTERNS) + 1) and out["color2"].shape == (6, 2, 8)
+    assert out["xy"].shape == (6, 2, 2) and out["mask"].shape == (6, 64, 64)
+    x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(oracle(x)["cls"], out["cls"], atol=1e-5)
+
+
+def test_render_batch_targets(batch):
+    assert batch["image"].dtype == np.uint8 and batch["mask"].any((1, 2)).all()
+    assert (batch["cls"][:, 0] > 0).all()  # slot 0 always holds an object
+    single = batch["cls"][:, 1] == 0
+    assert (batch["color"][single, 1] == IGNORE).all() and (batch["pattern"][single, 1] == IGNORE).all()
+    for i, s in zip(*np.nonzero(batch["cls"] > 0)):
+        pattern = PATTERN_LABELS[batch["pattern"][i, s]]
+        assert (batch["color2"][i, s] == IGNORE) == (pattern == "none")
+        if pattern in ("stripes", "checks"):
+            assert batch["color"][i, s] < batch["color2"][i, s]
+
+
+def test_read_structure_with_random_weights(batch):
+    oracle = Oracle().eval()
+    images = [Image.fromarray(im) for im in batch["image"][:3]]
+    for inp in (images, batch["image"][:3], torch.from_numpy(batch["image"][:3]).permute(0, 3, 1, 2) / 255.0,
+                [im.resize((128, 128)) for im in images]):
+        results = read(inp, oracle)
+        assert len(results) == 3
+        for r in results:
+            assert r["background"] in BACKGROUNDS and r["mask"].shape == (64, 64) and r["mask"].dtype == bool
+            assert 1 <= len(r["objects"]) <= 2
+            for obj in r["objects"]:
+                assert set(obj) == {"cls", "color", "pattern", "color2", "x", "y"}
+                assert obj["cls"] in CLASS_LABELS[1:] and obj["color"] in COLOR_NAMES
+                assert (obj["pattern"] is None) == (obj["color2"] is None)
+                assert 0 <= obj["x"] <= 64 and 0 <= obj["y"] <= 64
+
+
+def test_save_load_round_trip(tmp_path, batch):
+    oracle = Oracle().eval()
+    path = save_oracle(oracle, tmp_path / "oracle.safetensors")
+    loaded = load_oracle("cpu", path)
+    x = torch.from_numpy(batch["image"])
+    assert torch.allclose(oracle(x)["background"], loaded(x)["background"], atol=5e-2)
+    with pytest.raises(FileNotFoundError, match="--stage oracle"):
+        load_oracle("cpu", tmp_path / "missing.safetensors")
+
+
+def test_augment_keeps_range():
+    x = torch.rand(5, 3, 64, 64)
+    y = augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
+
+
+def test_train_oracle_smoke():
+    config = OracleTrainConfig(num_workers=0, eval_n=0)
+    oracle, metrics = train_oracle(steps=5, batch_size=4, device="cpu", seed=0, config=config)
+    assert not oracle.training and np.isfinite(metrics["loss_last"])
+    assert metrics["loss_last"] < metrics["loss_first"]
+    scores = evaluate_oracle(oracle, n=20, seed=0)
+    assert {"background", "cls", "color", "pattern", "color2", "mask_iou"} <= set(scores)

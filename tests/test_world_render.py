@@ -1,0 +1,96 @@
+"""Tests of the world renderer, captions, tokenizer and shipped concept folders."""
+
+import json
+
+import numpy as np
+import pytest
+
+from prkit.world.concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder, render_concept
+from prkit.world.render import Obj, Scene, caption, render, sample_scene
+from prkit.world.vocab import BACKGROUNDS, CLASSES, COLORS, IDENTIFIERS, PATTERNS, PLAIN, SCENES, world_words
+
+
+def test_render_is_deterministic_from_seed():
+    scene = sample_scene(np.random.default_rng(0), n_objects=2, patterns=True)
+    a, ma = render(scene, seed=3)
+    b, mb = render(scene, seed=3)
+    c, _ = render(scene, seed=4)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8 and ma.shape == (2, 64, 64) and ma.dtype == bool
+    assert np.array_equal(a, b) and np.array_equal(ma, mb) and not np.array_equal(a, c)
+
+
+def test_sample_scene_is_deterministic_and_ordered():
+    s1 = sample_scene(np.random.default_rng(5), n_objects=2)
+    s2 = sample_scene(np.random.default_rng(5), n_objects=2)
+    assert s1 == s2 and s1.objects[0].x < s1.objects[1].x
+
+
+@pytest.mark.parametrize("background", BACKGROUNDS)
+def test_masks_cover_drawn_pixels(background):
+    rng = np.random.default_rng(1)
+    for seed in range(6):
+        scene = sample_scene(rng, n_objects=1 + seed % 2, patterns=seed % 3 == 0, background=background)
+        img, masks = render(scene, seed=seed)
+        bg, _ = render(Scene(background, []), seed=seed)
+        diff = np.abs(img.astype(int) - bg.astype(int)).max(-1)
+        for m in masks:
+            assert m.sum() > 50
+            assert (diff[m] > 12).mean() > 0.9  # visible on every background (AA edges excepted)
+        outside = ~masks.any(0)
+        assert (diff[outside] > 12).mean() < 0.05
+        if len(masks) == 2:
+            assert not (masks[0] & masks[1]).any()
+
+
+def test_every_class_color_pattern_renders():
+    for i, cls in enumerate(CLASSES):
+        for j, pattern in enumerate((None, *PATTERNS)):
+            color, color2 = list(COLORS)[(i + j) % 8], list(COLORS)[(i + j + 3) % 8]
+            img, masks = render(Scene(PLAIN, [Obj(cls, color, 32, 32, 9.0, pattern, color2)]))
+            assert masks[0].sum() > 100
+            if pattern is not None:  # both colours appear
+                pix = img[masks[0]].astype(float)
+                for c in (color, color2):
+                    assert (np.linalg.norm(pix - COLORS[c], axis=1) < 60).sum() >= 4, (cls, pattern, c)
+
+
+def test_captions():
+    scene = Scene("grass", [Obj("box", "blue", 50, 30, 9), Obj("ball", "red", 12, 30, 9)])
+    assert caption(scene) == "a photo of a red ball next to a blue box on the grass"
+    assert caption(Scene(PLAIN, [Obj("ball", "orange", 30, 30, 9)])) == "a photo of an orange ball"
+    single = Scene("grass", [Obj("ball", "red", 30, 30, 9, "stripes", "white")])
+    assert caption(single, identifier="sks") == "a photo of a sks ball on the grass"
+    rng = np.random.default_rng(0)
+    words = set(world_words())
+    for _ in range(300):
+        text = caption(sample_scene(rng, patterns=True), rng)
+        assert set(text.split()) <= words
+        assert not set(text.split()) & (set(IDENTIFIERS) | set(PATTERNS))
+
+
+def test_tokenizer_single_tokens():
+    transformers = pytest.importorskip("transformers")
+    from prkit.world.build_tokenizer import TOKENIZER_DIR
+
+    tok = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    assert tok.model_max_length == 32 and tok.pad_token == "<|endoftext|>"
+    for word in world_words():
+        assert len(tok(word).input_ids) == 3, word
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        text = caption(sample_scene(rng), rng, identifier=IDENTIFIERS[i % 5] if i % 2 else None)
+        assert len(tok(text).input_ids) == len(text.split()) + 2
+    assert len(tok("a xylophone?").input_ids) > 3  # unknown words fall back to pieces
+
+
+def test_concept_folders_and_prompts():
+    assert len(EXAMPLE_CONCEPTS) >= 4 and len({c.class_word for c in EXAMPLE_CONCEPTS.values()}) >= 4
+    for name, concept in EXAMPLE_CONCEPTS.items():
+        folder = concept_folder(name)
+        assert len(sorted(folder.glob("*.png"))) == 5
+        meta = json.loads((folder / "concept.json").read_text())
+        assert meta["token"] == concept.token and meta["class_word"] == concept.class_word
+        assert concept.token in IDENTIFIERS and concept.pattern in PATTERNS
+    assert render_concept(EXAMPLE_CONCEPTS["striped_ball"], 2)[0].size == (64, 64)
+    assert len(BENCH_PROMPTS) == len(SCENES) + 1
+    assert all("{token} {class_word}" in p for p in BENCH_PROMPTS)
