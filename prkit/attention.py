@@ -30,6 +30,7 @@ class AttentionStore:
     steps: list[int] | None = None  # denoising steps to keep (None: all)
     maps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # LAG masks (B, h, w, S), if LAG ran
+    layers: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # layers averaged into maps[key]
 
     def blocks(self) -> list[str]:
         return sorted({b for b, _ in self.maps}, key=_block_order)
@@ -146,8 +147,10 @@ class CaptureState:
         if max(h, w) > store.max_resolution:
             maps = F.adaptive_avg_pool2d(maps, store.max_resolution)
         key = (block, self.step)
+        count = store.layers.get(key, 0) + 1  # a running mean over the block's transformer layers (SDXL: up to 10)
+        store.layers[key] = count
         maps = maps.cpu()
-        store.maps[key] = maps if key not in store.maps else (store.maps[key] + maps) / 2
+        store.maps[key] = maps if count == 1 else store.maps[key] + (maps - store.maps[key]) / count
 
 
 class CaptureProcessor:

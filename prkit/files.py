@@ -100,7 +100,9 @@ def check_compatible(meta: dict, unet, path) -> None:
     """Raise a clear ValueError when the file's layers do not match ``unet``'s transformer blocks."""
     have = layer_table(unet)
     want = {block: info["channels"] for block, info in meta["layers"].items()}
-    if have == want:
+    kinds = meta.get("architecture"), architecture(unet)
+    same_kind = kinds[0] == kinds[1] or "unknown" in kinds or not kinds[0]  # SD1.5 and SD2.1 share the table
+    if have == want and same_kind:
         return
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
@@ -112,6 +114,8 @@ def check_compatible(meta: dict, unet, path) -> None:
         details.append(f"blocks of this UNet not in the file: {extra[:4]}{'...' if len(extra) > 4 else ''}")
     if wrong:
         details.append("channel mismatch at " + ", ".join(f"{b} (file {want[b]}, model {have[b]})" for b in wrong[:4]))
+    if not same_kind:
+        details.append(f"architecture mismatch: file {kinds[0]}, model {kinds[1]}")
     raise ValueError(
         f"residual file {str(path)!r} was trained for a {meta.get('architecture')} model "
         f"({meta.get('base_model') or 'unknown base'}, {len(want)} blocks); this UNet is {architecture(unet)} "

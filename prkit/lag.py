@@ -88,8 +88,7 @@ def _otsu(maps: torch.Tensor, bins: int = 64) -> torch.Tensor:
     w0 = prob.cumsum(1)
     mu0 = (prob * levels).cumsum(1)
     between = (mu0[:, -1:] * w0 - mu0) ** 2 / (w0 * (1 - w0)).clamp_min(1e-12)
-    cut = levels[between.argmax(1)].unsqueeze(1)
-    return (norm > cut).float()
+    return (idx > between.argmax(1, keepdim=True)).float()  # class 0: bins up to the cut, whole
 
 
 def make_mask(maps: torch.Tensor, config: LAGConfig) -> torch.Tensor:

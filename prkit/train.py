@@ -49,6 +49,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     gradient_checkpointing: bool = False
     stop_after: int | None = None  # stop (as if interrupted) after this many steps, checkpoint written
+    fast: bool | None = None  # the CUDA-graph loop of prkit.fast; None: on for CUDA, off elsewhere
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,7 +121,7 @@ class _Cache:
         images = concept.tensors()
         if flip:
             images = torch.cat([images, torch.flip(images, dims=[3])])
-        self.mean, self.std = encode_images(pipe, images)
+        self.mean, self.std = (t.cpu() for t in encode_images(pipe, images))  # batches are drawn on the CPU
         self.cond = encode_text(pipe, prompt, images.shape[-1])
 
     def batch(self, size: int, gen: torch.Generator, scheduler, device) -> tuple[torch.Tensor, ...]:
@@ -162,6 +163,10 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides}) if overrides else config
+    if config.fast or (config.fast is None and pipe.unet.device.type == "cuda"):
+        from .fast import train_fast
+
+        return train_fast(pipe, concept, config, name=name, progress=progress)
     from diffusers import DDPMScheduler
 
     start = time.perf_counter()
@@ -206,6 +211,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     validation: dict[int, list] = {}
     bar = tqdm(total=config.steps, initial=step, desc="personalizing", disable=not progress)
     completed = True
+    step_start = gen.get_state()  # an interrupt before the current step completes resumes from here
     try:
         while step < config.steps:
             loss = _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, amp)
@@ -217,6 +223,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                     f"Lower learning_rate (now {config.learning_rate}) or use mixed_precision='no'.")
             _backward(loss, optimizer, scaler, params, config.max_grad_norm)
             step += 1
+            step_start = gen.get_state()
             losses.append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
@@ -232,6 +239,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                 break
     except KeyboardInterrupt:
         if ckpt is not None:
+            gen.set_state(step_start)  # undo the unfinished step's draws: exact resume
             _save_checkpoint(ckpt, target, optimizer, scaler, gen, step, losses)
             log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
         raise

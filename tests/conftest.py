@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny seeded UNets and pipelines, tiny concepts, and helpers for the core tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny import tiny_pipeline, tiny_tokenizer, tiny_unet
+
+# The CI machines have few, shared cores: one thread is faster than two fighting ones for tiny models.
+torch.set_num_threads(1)
+
+ARCHS = {  # id -> tiny_unet kwargs
+    "conv": dict(),  # SD1-style: 1x1 Conv2d proj_out
+    "linear": dict(linear=True),  # SD2-style: Linear proj_out
+    "sdxl": dict(linear=True, sdxl_like=True),  # Linear, a block with 2 transformer layers
+}
+TOKENS = 16  # tokenizer max length of the tiny components
+TEXT_DIM = 32  # cross-attention dim of the tiny UNet
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def unet(arch):
+    return tiny_unet(**ARCHS[arch])
+
+
+@pytest.fixture
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def pipe(tmp_path):
+    """A fresh SD1-style (conv proj_out) tiny StableDiffusionPipeline: 16x16 images, 8x8 latents."""
+    return tiny_pipeline(tmp_path / "pipe")
+
+
+def make_pipe(folder, linear: bool = False):
+    return tiny_pipeline(folder, linear=linear)
+
+
+def unet_inputs(batch: int = 2, seed: int = 0, size: int = 8):
+    """Seeded (sample (B, 4, s, s), timestep, encoder_hidden_states (B, 16, 32)) for a tiny UNet."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, size, size, generator=gen)
+    text = torch.randn(batch, TOKENS, TEXT_DIM, generator=gen)
+    return sample, torch.tensor(500), text
+
+
+@torch.no_grad()
+def run_unet(unet, inputs) -> torch.Tensor:
+    sample, t, text = inputs
+    return unet(sample, t, encoder_hidden_states=text).sample
+
+
+@torch.no_grad()
+def randomize(residuals, seed: int = 1, std: float = 0.3) -> None:
+    """Give a residual set non-zero, seeded factors (a trained-looking set)."""
+    gen = torch.Generator().manual_seed(seed)
+    for lowrank in residuals.factors().values():
+        for p in (lowrank.down, lowrank.up):
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def make_concept(token: str = "sks", class_word: str = "dog"):
+    """A prkit Concept of three 16x16 images (the tiny pipeline's resolution)."""
+    from PIL import Image
+
+    from prkit.data import Concept
+
+    images = []
+    for i in range(3):
+        img = Image.new("RGB", (16, 16), (60 * i, 120, 200 - 50 * i))
+        img.paste((250, 250 - 80 * i, 10), (4, 4, 12, 12))
+        images.append(img)
+    return Concept(images=images, token=token, class_word=class_word, paths=[])
+
+
+@pytest.fixture
+def concept():
+    return make_concept()

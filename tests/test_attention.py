@@ -1,0 +1,125 @@
+"""Attention capture: processor swap and restore, refusal to nest, unchanged outputs, the AttentionStore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_unet, unet_inputs
+from prkit.attention import AttentionStore, CaptureProcessor, CaptureState, capture_attention
+
+
+def _same_processors(unet, original: dict) -> None:
+    now = unet.attn_processors
+    assert now.keys() == original.keys()
+    for key, proc in original.items():
+        assert now[key] is proc, key
+
+
+def test_restores_original_processors_on_exit(unet):
+    original = unet.attn_processors
+    with capture_attention(unet) as state:
+        assert isinstance(state, CaptureState)
+        run_unet(unet, unet_inputs())
+    _same_processors(unet, original)
+    assert unet._prkit_capture is None
+    assert not unet._forward_pre_hooks  # the step hook is gone too
+
+
+def test_restores_original_processors_on_error(unet):
+    original = unet.attn_processors
+    with pytest.raises(ZeroDivisionError):
+        with capture_attention(unet):
+            run_unet(unet, unet_inputs())
+            raise ZeroDivisionError
+    _same_processors(unet, original)
+    assert not unet._forward_pre_hooks
+    with capture_attention(unet):  # installable again after an error
+        pass
+    _same_processors(unet, original)
+
+
+def test_refuses_to_install_twice(unet):
+    original = unet.attn_processors
+    with capture_attention(unet):
+        with pytest.raises(RuntimeError, match="already installed"):
+            with capture_attention(unet):
+                pass
+        assert all(isinstance(p, CaptureProcessor) for k, p in unet.attn_processors.items() if "attn2" in k)
+    _same_processors(unet, original)
+
+
+def test_only_attn2_is_swapped(unet, arch):
+    original = unet.attn_processors
+    attn1 = [k for k in original if k.endswith("attn1.processor")]
+    attn2 = [k for k in original if k.endswith("attn2.processor")]
+    assert len(attn1) == len(attn2) == (11 if arch == "sdxl" else 7)  # SDXL-like: 2 layers in the 64-channel blocks
+    with capture_attention(unet):
+        during = unet.attn_processors
+        for key in attn1:
+            assert during[key] is original[key]
+        for key in attn2:
+            assert isinstance(during[key], CaptureProcessor)
+            assert during[key] is not original[key]
+
+
+def test_output_unchanged_by_capture(unet):
+    inputs = unet_inputs(batch=2)
+    plain = run_unet(unet, inputs)
+    weights = torch.zeros(1, 16, 1)
+    weights[0, 3:5, 0] = 1
+    with capture_attention(unet, CaptureState(weights, cfg=True)) as state:
+        captured = run_unet(unet, inputs)
+    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+    maps = state.concept_map("down_blocks.0.attentions.0")  # (B, N, S)
+    assert maps.shape == (2, 64, 1)
+    assert torch.equal(maps[0], maps[1])  # CFG: the conditional map serves both halves
+    assert (maps >= 0).all() and (maps <= 1 + 1e-6).all()
+
+
+def test_capture_map_is_the_sum_of_token_probabilities(unet):
+    """The concept map is the head-averaged softmax mass on the chosen tokens; all tokens sum to 1."""
+    inputs = unet_inputs(batch=1)
+    everything = torch.ones(1, 16, 2)
+    everything[0, :8, 1] = 0  # concept 1: the last 8 tokens only
+    with capture_attention(unet, CaptureState(everything)) as state:
+        run_unet(unet, inputs)
+    blocks = [b for b in state.sums]
+    assert len(blocks) == 7
+    for block in blocks:
+        maps = state.concept_map(block)
+        torch.testing.assert_close(maps[..., 0], torch.ones_like(maps[..., 0]), atol=1e-5, rtol=0)
+        assert (maps[..., 1] < 1 - 1e-4).any() and (maps[..., 1] > 1e-4).all()
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_attention_store_fills_capped_maps(unet, arch, cfg):
+    store = AttentionStore(max_resolution=4)
+    inputs = unet_inputs(batch=2)
+    with capture_attention(unet, CaptureState(cfg=cfg), store=store):
+        for _ in range(3):  # three denoising steps
+            run_unet(unet, inputs)
+    blocks = store.blocks()
+    assert len(blocks) == 7 and blocks[0] == "down_blocks.0.attentions.0" and blocks[-1] == "up_blocks.1.attentions.1"
+    assert store.num_steps() == 3
+    assert set(store.maps) == {(b, s) for b in blocks for s in range(3)}
+    batch = 1 if cfg else 2
+    for (block, step), maps in store.maps.items():
+        assert maps.shape == (batch, 16, 4, 4), (block, maps.shape)  # 8x8 blocks pooled to 4x4
+        assert maps.dtype == torch.float32 and maps.device.type == "cpu"
+        torch.testing.assert_close(maps.sum(1), torch.ones(batch, 4, 4), atol=1e-4, rtol=0)  # softmax mass
+    assert store.aggregate(size=8).shape == (batch, 16, 8, 8)
+    assert store.get(blocks[0]).shape == (batch, 16, 4, 4)
+
+
+def test_attention_store_keeps_chosen_tokens_steps_and_resolution(unet):
+    store = AttentionStore(tokens=[3, 5], max_resolution=16, steps=[1])
+    with capture_attention(unet, store=store):
+        for _ in range(3):
+            run_unet(unet, unet_inputs(batch=1))
+    assert {s for _, s in store.maps} == {1}
+    shapes = {b: m.shape for (b, _), m in store.maps.items()}
+    assert shapes["down_blocks.0.attentions.0"] == (1, 2, 8, 8)  # below the cap: native resolution
+    assert shapes["mid_block.attentions.0"] == (1, 2, 4, 4)
+    with pytest.raises(KeyError, match="no maps"):
+        store.get("nowhere")

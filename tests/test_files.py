@@ -1,0 +1,149 @@
+"""Residual files: round trip, metadata, architecture checks, clear errors, kohya LoRA export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import prkit
+from conftest import ARCHS, make_pipe, randomize, run_unet, unet_inputs
+from prkit.files import FORMAT, export_lora, kohya_key, read_metadata
+from tiny import tiny_unet
+
+ARCH_NAME = {"conv": "sd1", "linear": "sd2", "sdxl": "sd2"}  # the tiny SDXL-like UNet has no text_time embedding
+
+
+def _trained(unet, rank=2):
+    residuals = prkit.add_residuals(unet, rank=rank, token="sks", class_word="dog")
+    randomize(residuals)
+    return residuals
+
+
+def test_save_load_round_trip_is_exact(arch, tmp_path):
+    unet = tiny_unet(**ARCHS[arch])
+    residuals = _trained(unet)
+    residuals.scale = 0.75
+    inputs = unet_inputs()
+    expected = run_unet(unet, inputs)
+    path = residuals.save(tmp_path / "dog.safetensors")
+    assert path == tmp_path / "dog.safetensors" and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["dog.safetensors"]  # atomic write: no .tmp left behind
+    fresh = tiny_unet(**ARCHS[arch])
+    loaded = prkit.load_residuals(fresh, path)
+    assert (loaded.token, loaded.class_word, loaded.scale) == ("sks", "dog", 0.75)
+    assert loaded.ranks() == residuals.ranks()
+    assert torch.equal(run_unet(fresh, inputs), expected)
+    again = prkit.load_residuals(fresh, path)  # a second copy gets a unique name
+    assert again.name == "default_2"
+
+
+def test_metadata_describes_the_set(arch, tmp_path):
+    unet = tiny_unet(**ARCHS[arch])
+    residuals = _trained(unet)
+    path = residuals.save(tmp_path / "dog.safetensors", base_model="tiny/base", config={"steps": 3})
+    meta = read_metadata(path)
+    assert meta["format"] == FORMAT and meta["prkit_version"] == prkit.__version__
+    assert (meta["token"], meta["class_word"], meta["name"]) == ("sks", "dog", "default")
+    assert meta["architecture"] == ARCH_NAME[arch]
+    assert meta["base_model"] == "tiny/base" and meta["config"] == {"steps": 3}
+    assert meta["layers"] == {b: {"channels": 32 if b in ("down_blocks.0.attentions.0", "up_blocks.1.attentions.0",
+                                                          "up_blocks.1.attentions.1") else 64, "rank": 2}
+                              for b in residuals.ranks()}
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(residuals.state_dict())
+        assert f.get_tensor("mid_block.attentions.0.up").dtype == torch.float32
+
+
+@pytest.mark.parametrize("source, target", [("conv", "linear"), ("linear", "conv")])
+def test_loading_into_another_architecture_raises(tmp_path, source, target):
+    path = _trained(tiny_unet(**ARCHS[source])).save(tmp_path / "dog.safetensors")
+    other = tiny_unet(**ARCHS[target])
+    with pytest.raises(ValueError) as err:
+        prkit.load_residuals(other, path)
+    message = str(err.value)
+    assert "dog.safetensors" in message
+    assert ARCH_NAME[source] in message and ARCH_NAME[target] in message
+    assert not any(hasattr(m, "base_layer") for m in other.modules())  # nothing was added
+
+
+def test_loading_into_other_channels_raises(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    path = _trained(tiny_unet()).save(tmp_path / "dog.safetensors")
+    torch.manual_seed(0)
+    wider = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 96), norm_num_groups=8,
+                                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                 cross_attention_dim=32, attention_head_dim=8)
+    with pytest.raises(ValueError) as err:
+        prkit.load_residuals(wider, path)
+    message = str(err.value)
+    assert "dog.safetensors" in message and "channel mismatch" in message
+    assert "file 64, model 96" in message and message.count("sd1") == 2
+
+
+def test_non_prkit_file_raises_clearly(tmp_path):
+    lora = tmp_path / "lora.safetensors"
+    save_file({"x": torch.zeros(2)}, str(lora))
+    with pytest.raises(ValueError, match=r"lora\.safetensors.*not a prkit residual file.*load_lora_weights"):
+        prkit.load_residuals(tiny_unet(), lora)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"junk\.safetensors.*not a readable \.safetensors"):
+        prkit.load_residuals(tiny_unet(), junk)
+
+
+def test_missing_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        prkit.load_residuals(tiny_unet(), tmp_path / "nowhere.safetensors")
+
+
+def test_kohya_export_keys_and_alpha(tmp_path):
+    residuals = _trained(tiny_unet(), rank=3)
+    path = export_lora(residuals, tmp_path / "dog_lora.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        down = f.get_tensor("lora_unet_mid_block_attentions_0_proj_out.lora_down.weight")
+        alpha = f.get_tensor("lora_unet_mid_block_attentions_0_proj_out.alpha")
+        meta = f.metadata()
+    assert kohya_key("down_blocks.0.attentions.1") == "lora_unet_down_blocks_0_attentions_1_proj_out"
+    assert len(keys) == 3 * 7
+    assert down.shape == (3, 64, 1, 1) and down.dtype == torch.float16  # conv LoRA for conv proj_out
+    assert alpha.item() == 3.0  # alpha = rank: no extra scaling
+    assert meta["prkit_token"] == "sks"
+    assert [p.name for p in tmp_path.iterdir()] == ["dog_lora.safetensors"]
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_exported_lora_reproduces_residual_outputs_in_diffusers(tmp_path, linear):
+    pytest.importorskip("peft")
+    pipe = make_pipe(tmp_path / "a", linear=linear)
+    residuals = _trained(pipe.unet)
+    residuals.scale = 0.5
+    inputs = unet_inputs()
+    ours = run_unet(pipe.unet, inputs)
+    path = export_lora(residuals, tmp_path / "lora.safetensors", dtype=torch.float32)
+    fresh = make_pipe(tmp_path / "b", linear=linear)
+    base = run_unet(fresh.unet, inputs)
+    assert (ours - base).abs().max() > 1e-3
+    fresh.load_lora_weights(str(path))
+    theirs = run_unet(fresh.unet, inputs)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_sd15_residuals_do_not_load_into_sd21():
+    """Same block names and channels: only the architecture tells SD1.5 and SD2.1 apart."""
+    from prkit.arch import build_unet
+    from prkit.files import check_compatible, layer_table
+
+    sd15, sd21 = build_unet("sd15", device="meta"), build_unet("sd21", device="meta")
+    assert layer_table(sd15) == layer_table(sd21)
+    meta = {"architecture": "sd1", "base_model": "sd15",
+            "layers": {b: {"channels": c, "rank": 16} for b, c in layer_table(sd15).items()}}
+    check_compatible(meta, sd15, "dog.safetensors")  # fits its own base
+    with pytest.raises(ValueError, match=r"dog\.safetensors.*sd1.*sd2"):
+        check_compatible(meta, sd21, "dog.safetensors")

@@ -1,0 +1,244 @@
+"""LAG: forced masks reduce to the residual / base model, masks per image and per concept, no extra UNet calls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import prkit
+from conftest import make_pipe, randomize, run_unet, unet_inputs
+from prkit.lag import THRESHOLDS, LAGConfig, concept_weights, lag_sampling, make_mask, token_positions
+from prkit.residuals import wrapped_layers
+
+PROMPT = "a photo of a sks dog"
+ONES = LAGConfig(threshold=lambda m: torch.ones_like(m))
+ZEROS = LAGConfig(threshold=lambda m: torch.zeros_like(m))
+FAST = dict(steps=3, output_type="np")
+
+
+def _dog(unet, seed: int = 1):
+    residuals = prkit.add_residuals(unet, name="dog", token="sks", class_word="dog")
+    randomize(residuals, seed=seed)
+    return residuals
+
+
+# --- on a bare UNet: conv, linear and SDXL-like ----------------------------------------------------
+
+
+def test_forced_masks_give_residual_and_base_model(unet, tokenizer):
+    inputs = unet_inputs(batch=2)
+    base = run_unet(unet, inputs)
+    residuals = _dog(unet)
+    personal = run_unet(unet, inputs)
+    assert (personal - base).abs().max() > 1e-3
+    with lag_sampling(unet, residuals, [PROMPT] * 2, tokenizer=tokenizer, config=ONES, cfg=False):
+        ones = run_unet(unet, inputs)
+    with lag_sampling(unet, residuals, [PROMPT] * 2, tokenizer=tokenizer, config=ZEROS, cfg=False):
+        zeros = run_unet(unet, inputs)
+    torch.testing.assert_close(ones, personal, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zeros, base, atol=1e-5, rtol=1e-5)
+    with lag_sampling(unet, residuals, [PROMPT] * 2, tokenizer=tokenizer, cfg=False):
+        median = run_unet(unet, inputs)
+    assert (median - base).abs().max() > 1e-4 and (median - personal).abs().max() > 1e-4
+    assert all(layer.mask_source is None for layer in wrapped_layers(unet).values())  # cleaned up
+
+
+def test_cfg_unconditional_half_uses_the_conditional_mask(unet, tokenizer):
+    """With CFG the [uncond; cond] batch gets the cond mask twice: the cond half equals a cond-only run."""
+    residuals = _dog(unet)
+    sample, t, text = unet_inputs(batch=2)
+    sample = torch.cat([sample[:1], sample[:1]])  # same latent in both halves, as in the pipeline
+    seen = []
+
+    def median(maps):
+        seen.append(maps.clone())
+        return make_mask(maps, LAGConfig())
+
+    with lag_sampling(unet, residuals, PROMPT, tokenizer=tokenizer, config=LAGConfig(threshold=median), cfg=True):
+        both = run_unet(unet, (sample, t, text))
+    cfg_maps, seen[:] = list(seen), []
+    with lag_sampling(unet, residuals, PROMPT, tokenizer=tokenizer, config=LAGConfig(threshold=median), cfg=False):
+        cond_only = run_unet(unet, (sample[1:], t, text[1:]))
+    assert len(cfg_maps) == len(seen) == 7  # one mask per block per forward
+    for with_cfg, alone in zip(cfg_maps, seen):
+        assert with_cfg.shape[0] == 2 and alone.shape[0] == 1
+        assert torch.equal(with_cfg[0], with_cfg[1])  # both halves share one map
+        torch.testing.assert_close(with_cfg[1:], alone, atol=1e-5, rtol=1e-4)  # and it is the cond map
+    torch.testing.assert_close(both[1:], cond_only, atol=1e-5, rtol=1e-4)
+
+
+def test_masks_are_per_image_binary_and_half_ones_with_median(tokenizer):
+    from tiny import tiny_unet
+
+    unet = tiny_unet()
+    residuals = _dog(unet)
+    masks = {}
+    for block, layer in wrapped_layers(unet).items():
+        layer.register_forward_pre_hook(lambda m, i, b=block: masks.__setitem__(b, m.mask_source("dog")))
+    with lag_sampling(unet, residuals, [PROMPT, "a sks dog on the beach"], tokenizer=tokenizer, cfg=False):
+        run_unet(unet, unet_inputs(batch=2))
+    assert len(masks) == 7
+    for block, mask in masks.items():
+        tokens = 64 if block in ("down_blocks.0.attentions.0", "up_blocks.1.attentions.0",
+                                 "up_blocks.1.attentions.1") else 16
+        assert mask.shape == (2, tokens)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(mask.sum(1), torch.full((2,), tokens / 2))  # exactly half above the median
+    assert not torch.equal(masks["down_blocks.0.attentions.0"][0], masks["down_blocks.0.attentions.0"][1])
+
+
+def test_median_threshold_is_per_image():
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 64, generator=gen)
+    maps[0] *= 1000  # a global threshold would give image 1 no ones at all
+    mask = make_mask(maps, LAGConfig())
+    assert torch.equal(mask.sum(1), torch.tensor([32.0, 32.0]))
+    assert torch.equal(mask[1], (maps[1] > maps[1].median()).float())
+
+
+@pytest.mark.parametrize("method", THRESHOLDS)
+def test_every_threshold_method_gives_masks_in_unit_range(method):
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 64, generator=gen) * torch.tensor([[1.0], [5.0], [0.01]])
+    mask = make_mask(maps, LAGConfig(threshold=method))
+    assert mask.shape == (3, 64) and mask.dtype == torch.float32
+    assert (mask >= 0).all() and (mask <= 1).all()
+    if method == "soft":
+        torch.testing.assert_close(mask.amin(1), torch.zeros(3))
+        torch.testing.assert_close(mask.amax(1), torch.ones(3))
+        assert torch.equal(mask.argsort(1), maps.argsort(1))  # monotone in the map
+    else:
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert (mask.sum(1) > 0).all() and (mask.sum(1) < 64).all()
+        # a mask keeps the strongest positions: every kept value is above every dropped one
+        for row, m in zip(maps, mask):
+            assert row[m == 1].min() > row[m == 0].max()
+
+
+def test_otsu_and_fixed_split_two_clusters():
+    maps = torch.cat([torch.full((1, 40), 0.1), torch.full((1, 24), 0.9)], dim=1)
+    maps = maps + torch.linspace(0, 0.01, 64)
+    expected = torch.cat([torch.zeros(40), torch.ones(24)])
+    assert torch.equal(make_mask(maps, LAGConfig(threshold="otsu"))[0], expected)
+    assert torch.equal(make_mask(maps, LAGConfig(threshold="fixed", value=0.5))[0], expected)
+    assert torch.equal(make_mask(maps, LAGConfig(threshold="mean"))[0], expected)
+    with pytest.raises(ValueError, match="unknown LAG threshold"):
+        make_mask(maps, LAGConfig(threshold="nope"))
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+def test_concept_weights_mark_each_concepts_own_tokens(tokenizer):
+    from tiny import tiny_unet
+
+    u = tiny_unet()
+    dog = prkit.add_residuals(u, name="dog", token="sks", class_word="dog")
+    pot = prkit.add_residuals(u, name="pot", token="zwx", class_word="teapot")
+    prompt = "a photo of sks dog next to zwx teapot"  # <bos> a photo of sks dog next to zwx teapot <eos>
+    weights = concept_weights(tokenizer, [prompt], [dog, pot])
+    assert weights.shape == (1, 16, 2)
+    assert weights[0, :, 0].nonzero().flatten().tolist() == [4, 5]
+    assert weights[0, :, 1].nonzero().flatten().tolist() == [8, 9]
+    only_token = concept_weights(tokenizer, [prompt], [dog], include_class=False)
+    assert only_token[0, :, 0].nonzero().flatten().tolist() == [4]
+    assert token_positions(tokenizer, prompt, ["cat"]) == []
+
+
+def test_prompt_without_identifier_raises(pipe):
+    residuals = _dog(pipe.unet)
+    with pytest.raises(ValueError) as err:
+        prkit.generate(pipe, "a photo of a dog", residuals, lag=True, **FAST)
+    assert "'a photo of a dog'" in str(err.value) and "'sks'" in str(err.value)
+    assert "lag=False" in str(err.value)
+    no_token = prkit.add_residuals(pipe.unet, name="anon")
+    with pytest.raises(ValueError, match="no token"):
+        prkit.generate(pipe, PROMPT, no_token, lag=True, **FAST)
+
+
+# --- through the pipeline --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_pipeline_forced_masks_give_residual_and_base_images(tmp_path, linear):
+    pipe = make_pipe(tmp_path, linear=linear)
+    residuals = _dog(pipe.unet)
+    plain = prkit.generate(pipe, PROMPT, residuals, lag=False, seed=0, **FAST)
+    base = prkit.generate(pipe, PROMPT, None, seed=0, **FAST)
+    assert np.abs(plain - base).max() > 1e-3  # the residuals change the images
+    ones = prkit.generate(pipe, PROMPT, residuals, lag=True, lag_config=ONES, seed=0, **FAST)
+    zeros = prkit.generate(pipe, PROMPT, residuals, lag=True, lag_config=ZEROS, seed=0, **FAST)
+    assert ones.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(ones, plain, atol=1e-5)
+    np.testing.assert_allclose(zeros, base, atol=1e-5)
+
+
+def test_lag_adds_no_unet_forward_calls(pipe):
+    residuals = _dog(pipe.unet)
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, args, kwargs, out: calls.append(args[0].shape[0]), with_kwargs=True)
+    prkit.generate(pipe, PROMPT, residuals, lag=False, guidance_scale=7.5, **FAST)
+    plain, calls[:] = list(calls), []
+    prkit.generate(pipe, PROMPT, residuals, lag=True, guidance_scale=7.5, **FAST)
+    assert calls == plain == [2, 2, 2]  # 3 steps, CFG batch of 2, no extra pass
+
+
+@pytest.mark.parametrize("prompts, num_images", [(PROMPT, 2), ([PROMPT, "a sks dog on the beach"], 1),
+                                                 ([PROMPT, "a sks dog on the beach"], 2)])
+def test_several_images_and_prompts(pipe, prompts, num_images):
+    residuals = _dog(pipe.unet)
+    n = num_images * (1 if isinstance(prompts, str) else len(prompts))
+    plain = prkit.generate(pipe, prompts, residuals, lag=False, num_images=num_images, **FAST)
+    ones = prkit.generate(pipe, prompts, residuals, lag=True, lag_config=ONES, num_images=num_images, **FAST)
+    base = prkit.generate(pipe, prompts, None, num_images=num_images, **FAST)
+    zeros = prkit.generate(pipe, prompts, residuals, lag=True, lag_config=ZEROS, num_images=num_images, **FAST)
+    median = prkit.generate(pipe, prompts, residuals, lag=True, num_images=num_images, **FAST)
+    assert plain.shape == median.shape == (n, 16, 16, 3)
+    np.testing.assert_allclose(ones, plain, atol=1e-5)
+    np.testing.assert_allclose(zeros, base, atol=1e-5)
+    assert np.isfinite(median).all()
+    assert np.abs(median - plain).max() > 1e-4 and np.abs(median - base).max() > 1e-4
+
+
+def test_multi_concept_each_set_under_its_own_mask(pipe):
+    dog = _dog(pipe.unet, seed=1)
+    pot = prkit.add_residuals(pipe.unet, name="pot", token="zwx", class_word="teapot")
+    randomize(pot, seed=2)
+    prompt = "a photo of sks dog next to zwx teapot"
+    got = {}  # (block, set) -> list of masks handed to the layer
+
+    def record(block, source):
+        def wrapped(name):
+            mask = source(name)
+            got.setdefault((block, name), []).append((mask, source.state.concept_map(block)))
+            return mask
+        return wrapped
+
+    def pre(module, args):  # wraps the mask sources that LAG installed, before the first block runs
+        for block, layer in wrapped_layers(module).items():
+            if hasattr(layer.mask_source, "state"):
+                layer.mask_source = record(block, layer.mask_source)
+
+    handle = pipe.unet.register_forward_pre_hook(pre)
+    images = prkit.generate(pipe, prompt, [dog, pot], lag=True, **FAST)
+    handle.remove()
+    assert np.isfinite(images).all()
+    assert {name for _, name in got} == {"dog", "pot"}
+    differs = 0
+    for (block, name), calls in got.items():
+        s = 0 if name == "dog" else 1
+        for mask, maps in calls:
+            assert torch.equal(mask, make_mask(maps[..., s], LAGConfig()))  # its own concept's map
+        other = got[(block, "pot" if name == "dog" else "dog")]
+        differs += sum(not torch.equal(a[0], b[0]) for a, b in zip(calls, other))
+    assert differs > 0  # the two concepts are localized differently
+    # forced masks: both on equals both sets everywhere, both off equals the base model
+    both = prkit.generate(pipe, prompt, [dog, pot], lag=False, **FAST)
+    base = prkit.generate(pipe, prompt, None, **FAST)
+    np.testing.assert_allclose(prkit.generate(pipe, prompt, [dog, pot], lag=True, lag_config=ONES, **FAST), both,
+                               atol=1e-5)
+    np.testing.assert_allclose(prkit.generate(pipe, prompt, [dog, pot], lag=True, lag_config=ZEROS, **FAST), base,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="zwx"):
+        prkit.generate(pipe, PROMPT, [dog, pot], lag=True, **FAST)

@@ -1,0 +1,78 @@
+"""Loading base models: local folders, offline hub ids with a useful message, device/dtype choice, light import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prkit
+from conftest import run_unet, unet_inputs
+from prkit.pipeline import resolve_device, resolve_dtype
+
+
+def test_load_pipeline_from_a_saved_folder(pipe, tmp_path):
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(str(folder))
+    loaded = prkit.load_pipeline(folder, device="cpu")
+    assert type(loaded).__name__ == "StableDiffusionPipeline"
+    assert loaded.unet.device.type == "cpu" and loaded.unet.dtype == torch.float32
+    assert loaded.name_or_path == str(folder)
+    inputs = unet_inputs()
+    assert torch.equal(run_unet(loaded.unet, inputs), run_unet(pipe.unet, inputs))
+    half = prkit.load_pipeline(str(folder), device="cpu", dtype="bf16")
+    assert half.unet.dtype == torch.bfloat16 and half.text_encoder.dtype == torch.bfloat16
+
+
+def test_offline_hub_id_says_how_to_get_the_weights(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "prkit-tests/no-such-model"
+    with pytest.raises(RuntimeError) as err:
+        prkit.load_pipeline(name, device="cpu")
+    message = str(err.value)
+    assert name in message and "download" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_folder_without_model_index_raises(tmp_path):
+    folder = tmp_path / "not_a_pipeline"
+    folder.mkdir()
+    (folder / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"not_a_pipeline.*model_index\.json"):
+        prkit.load_pipeline(folder, device="cpu")
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cuda:1")) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_resolve_dtype(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype(None, cpu) == torch.float32
+    assert resolve_dtype(None, torch.device("mps")) == torch.float32
+    assert resolve_dtype(torch.float16, cpu) == torch.float16
+    for text, dtype in [("fp32", torch.float32), ("float16", torch.float16), ("bf16", torch.bfloat16)]:
+        assert resolve_dtype(text, cpu) == dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype(None, cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype(None, cuda) == torch.float16
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_dtype("fp8", cpu)
+
+
+def test_import_prkit_is_light():
+    code = ("import sys, prkit; heavy = [m for m in ('diffusers', 'transformers', 'safetensors', 'prkit.train') "
+            "if m in sys.modules]; assert not heavy, heavy; assert prkit.add_residuals.__module__ == "
+            "'prkit.residuals'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

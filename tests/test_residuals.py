@@ -1,0 +1,281 @@
+"""Residual wrappers: parameter counts, identity at init / disabled / removed, merge, several sets, scales."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prkit
+from conftest import randomize, run_unet, unet_inputs
+from prkit.arch import build_unet
+from prkit.files import layer_table
+from prkit.residuals import ResidualProjection, find_projections, rank_for, residual_names, wrapped_layers
+
+
+# --- full-size counts (meta device: no memory, no weights) --------------------------------------
+
+
+@pytest.mark.parametrize("name, layers, count, ranks", [
+    ("sd15", 16, 1_239_040, {320: 16, 640: 32, 1280: 64}),
+    ("sd21", 16, 1_239_040, {320: 16, 640: 32, 1280: 64}),
+    ("sdxl", 11, 1_187_840, {640: 32, 1280: 64}),  # SDXL's 320-channel stage has no transformer
+])
+def test_full_size_parameter_counts(name, layers, count, ranks):
+    unet = build_unet(name, device="meta")
+    residuals = prkit.add_residuals(unet)
+    assert len(residuals.layers()) == layers
+    assert residuals.num_parameters() == count
+    channels = layer_table(unet)
+    assert {channels[b]: r for b, r in residuals.ranks().items()} == ranks
+    assert count == sum(2 * ranks[c] * c for c in channels.values())
+
+
+def test_sd15_blocks_are_the_methods_sixteen():
+    blocks = set(find_projections(build_unet("sd15", device="meta")))
+    expected = {f"down_blocks.{i}.attentions.{j}" for i in range(3) for j in range(2)}
+    expected |= {"mid_block.attentions.0"}
+    expected |= {f"up_blocks.{i}.attentions.{j}" for i in range(1, 4) for j in range(3)}
+    assert blocks == expected
+
+
+def test_rank_rule_fixed_int_and_fraction():
+    unet = build_unet("sd15", device="meta")
+    fixed = prkit.add_residuals(unet, rank=4, name="fixed")
+    assert set(fixed.ranks().values()) == {4}
+    assert fixed.num_parameters() == sum(2 * 4 * c for c in layer_table(unet).values())
+    frac = prkit.add_residuals(unet, rank=0.1, name="frac")
+    channels = layer_table(unet)
+    assert {b: r for b, r in frac.ranks().items()} == {b: round(0.1 * c) for b, c in channels.items()}
+    assert rank_for(320, 0.05) == 16 and rank_for(640, 0.05) == 32 and rank_for(1280, 0.05) == 64
+    assert rank_for(32, 0.001) == 1  # a tiny fraction still gives rank 1
+    assert rank_for(32, 1000) == 32  # a fixed rank is capped at the channels
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0, -0.5, True, "16", None])
+def test_bad_rank_raises(bad):
+    from tiny import tiny_unet
+
+    with pytest.raises(ValueError, match="rank must be a positive"):
+        prkit.add_residuals(tiny_unet(), rank=bad)
+
+
+def test_rank_dict_missing_block_raises():
+    unet = build_unet("sd15", device="meta")
+    with pytest.raises(ValueError, match="down_blocks"):
+        prkit.add_residuals(unet, rank={"mid_block.attentions.0": 8})
+
+
+def test_failed_add_leaves_the_unet_unchanged(unet):
+    originals = find_projections(unet)
+    ranks = {b: 2 for b in list(originals)[:-1]}  # the last block has no rank: fails late
+    with pytest.raises(ValueError, match="no rank given"):
+        prkit.add_residuals(unet, rank=ranks, name="x")
+    assert residual_names(unet) == []
+    assert all(unet.get_submodule(b).proj_out is m for b, m in originals.items())
+    prkit.add_residuals(unet, rank=2, name="x")  # the name is free again
+    kept = prkit.add_residuals(unet, rank=2, name="y")
+    with pytest.raises(ValueError):
+        prkit.add_residuals(unet, rank=ranks, name="z")
+    assert residual_names(unet) == ["x", "y"] and kept.num_parameters() > 0
+
+
+def test_same_name_twice_raises(unet):
+    prkit.add_residuals(unet, name="a")
+    with pytest.raises(ValueError, match="'a'"):
+        prkit.add_residuals(unet, name="a")
+
+
+def test_seeded_init_is_reproducible(arch):
+    from tiny import tiny_unet
+    from conftest import ARCHS
+
+    a = prkit.add_residuals(tiny_unet(**ARCHS[arch]), seed=3).state_dict()
+    b = prkit.add_residuals(tiny_unet(**ARCHS[arch]), seed=3).state_dict()
+    c = prkit.add_residuals(tiny_unet(**ARCHS[arch]), seed=4).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith(".down"))
+    assert all(not a[k].any() for k in a if k.endswith(".up"))  # one factor zero: identity at start
+    assert all(a[k].abs().sum() > 0 for k in a if k.endswith(".down"))
+
+
+# --- identity invariants on tiny conv / linear / SDXL-like UNets ------------------------------------
+
+
+def test_wraps_every_block_with_the_right_layer_type(unet, arch):
+    blocks = find_projections(unet)
+    originals = dict(blocks)
+    prkit.add_residuals(unet)
+    layers = wrapped_layers(unet)
+    assert set(layers) == set(blocks) and len(layers) == 7
+    for block, layer in layers.items():
+        assert layer.base_layer is originals[block]
+        assert isinstance(layer.base_layer, nn.Conv2d if arch == "conv" else nn.Linear)
+
+
+def test_output_identical_at_init(unet):
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    prkit.add_residuals(unet)
+    assert torch.equal(run_unet(unet, inputs), base)
+
+
+def test_output_identical_when_disabled(unet):
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    residuals = prkit.add_residuals(unet)
+    randomize(residuals)
+    personal = run_unet(unet, inputs)
+    assert (personal - base).abs().max() > 1e-3  # the set does change the output
+    with prkit.residuals_disabled(unet):
+        assert torch.equal(run_unet(unet, inputs), base)
+    assert residuals.enabled and torch.equal(run_unet(unet, inputs), personal)
+    residuals.disable()
+    assert not residuals.enabled
+    assert torch.equal(run_unet(unet, inputs), base)
+    residuals.enable()
+    assert torch.equal(run_unet(unet, inputs), personal)
+
+
+def test_disabled_context_restores_state_on_error(unet):
+    residuals = prkit.add_residuals(unet)
+    with pytest.raises(KeyError):
+        with prkit.residuals_disabled(unet):
+            assert not residuals.enabled
+            raise KeyError("boom")
+    assert residuals.enabled
+
+
+def test_remove_puts_back_the_same_modules(unet):
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    originals = find_projections(unet)
+    residuals = prkit.add_residuals(unet)
+    randomize(residuals)
+    prkit.remove_residuals(unet)
+    for block, original in originals.items():
+        assert unet.get_submodule(block).proj_out is original
+    assert not any(isinstance(m, ResidualProjection) for m in unet.modules())
+    assert residual_names(unet) == []
+    assert torch.equal(run_unet(unet, inputs), base)
+    with pytest.raises(RuntimeError, match="removed"):
+        residuals.num_parameters()
+
+
+def test_remove_one_of_two_sets_keeps_the_other(unet):
+    inputs = unet_inputs()
+    originals = find_projections(unet)
+    a = prkit.add_residuals(unet, name="a", seed=0)
+    b = prkit.add_residuals(unet, name="b", seed=1)
+    randomize(a, seed=1)
+    randomize(b, seed=2)
+    with prkit.only_residuals(unet, ["b"]):
+        only_b = run_unet(unet, inputs)
+    both = run_unet(unet, inputs)
+    assert (both - only_b).abs().max() > 1e-3
+    prkit.remove_residuals(unet, "a")
+    assert residual_names(unet) == ["b"]
+    assert torch.equal(run_unet(unet, inputs), only_b)
+    assert b.num_parameters() > 0
+    with pytest.raises(KeyError, match="'a'"):
+        prkit.remove_residuals(unet, "a")
+    prkit.remove_residuals(unet, "b")
+    assert all(unet.get_submodule(k).proj_out is v for k, v in originals.items())
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_layer_output_is_base_plus_scaled_deltas(conv):
+    torch.manual_seed(0)
+    base = nn.Conv2d(8, 8, 1) if conv else nn.Linear(8, 8)
+    layer = ResidualProjection(base, "block")
+    a, b = layer.add_set("a", 2), layer.add_set("b", 3)
+    with torch.no_grad():
+        for p in (a.up, b.up):
+            p.normal_()
+    x = torch.randn(2, 8, 3, 3) if conv else torch.randn(2, 9, 8)
+    layer.scales.update(a=0.7, b=-1.5)
+    d_a, d_b = a.delta_weight().detach(), b.delta_weight().detach()
+
+    def dense(weight):  # apply a (C, C) matrix over channels
+        return torch.einsum("oc,bchw->bohw", weight, x) if conv else x @ weight.T
+
+    expected = base(x) + 0.7 * dense(d_a) + (-1.5) * dense(d_b)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_is_linear_in_the_residual_and_zero_is_base(unet):
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    a = prkit.add_residuals(unet, name="a")
+    b = prkit.add_residuals(unet, name="b")
+    randomize(a, seed=1, std=0.05)
+    randomize(b, seed=2, std=0.05)
+    seen = {}  # block -> the input its proj_out got in a real forward pass
+    layers = wrapped_layers(unet)
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, i[0]))
+             for k, layer in layers.items()]
+    run_unet(unet, inputs)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad(), prkit.only_residuals(unet, ["a"]):
+        for block, layer in layers.items():
+            x = seen[block]
+            a.scale = 1.0
+            delta1 = layer(x) - layer.base_layer(x)
+            a.scale = 2.0
+            delta2 = layer(x) - layer.base_layer(x)
+            assert delta1.abs().max() > 1e-4
+            torch.testing.assert_close(delta2, 2 * delta1, atol=1e-5, rtol=0)
+    a.scale = 0.0
+    b.scale = 0.0
+    assert a.scale == 0.0
+    assert torch.equal(run_unet(unet, inputs), base)
+    b.scale = 1.0
+    with prkit.only_residuals(unet, ["b"]):
+        only_b = run_unet(unet, inputs)
+    assert torch.equal(run_unet(unet, inputs), only_b)  # a at scale 0 contributes nothing
+    assert (only_b - base).abs().max() > 1e-4
+
+
+# --- merge / unmerge --------------------------------------------------------------------------------
+
+
+def test_merge_then_unmerge_restores_weights(unet):
+    inputs = unet_inputs()
+    residuals = prkit.add_residuals(unet)
+    randomize(residuals)
+    residuals.scale = 0.8
+    personal = run_unet(unet, inputs)
+    weights = {k: v.base_layer.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    residuals.merge()
+    assert residuals.merged
+    changed = max((v.base_layer.weight - weights[k]).abs().max() for k, v in wrapped_layers(unet).items())
+    assert changed > 1e-3  # merging really moved the weights
+    torch.testing.assert_close(run_unet(unet, inputs), personal, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        residuals.scale = 1.0
+    with prkit.residuals_disabled(unet):  # a merged set is in the weights: disabling does not remove it
+        torch.testing.assert_close(run_unet(unet, inputs), personal, atol=1e-5, rtol=1e-5)
+    residuals.unmerge()
+    assert not residuals.merged
+    for block, layer in wrapped_layers(unet).items():
+        torch.testing.assert_close(layer.base_layer.weight, weights[block], atol=1e-6, rtol=0)
+        assert torch.equal(layer.base_layer.weight, weights[block])  # in fact bit-exact
+    assert torch.equal(run_unet(unet, inputs), personal)
+
+
+def test_remove_while_merged_restores_base(unet):
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    residuals = prkit.add_residuals(unet)
+    randomize(residuals)
+    residuals.merge()
+    prkit.remove_residuals(unet)
+    assert torch.equal(run_unet(unet, inputs), base)
+
+
+def test_state_dict_shape_mismatch_raises(unet):
+    residuals = prkit.add_residuals(unet, rank=2)
+    state = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in residuals.state_dict().items()}
+    with pytest.raises(ValueError, match="does not fit"):
+        residuals.load_state_dict(state)

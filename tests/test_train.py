@@ -1,0 +1,160 @@
+"""The personalization loop: only residuals train, 150 steps run, exact resume, interrupts, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import prkit
+import prkit.train as train
+from conftest import make_concept, make_pipe
+from prkit.residuals import get_residuals
+from prkit.train import TrainingDiverged
+
+FAST = dict(progress=False, batch_size=4)
+
+
+def _snapshot(pipe) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Every parameter of the base model, with a copy of its value."""
+    return [(p, p.detach().clone()) for module in (pipe.unet, pipe.text_encoder, pipe.vae) for p in module.parameters()]
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_only_residual_parameters_change(tmp_path, concept, linear):
+    pipe = make_pipe(tmp_path, linear=linear)
+    before = _snapshot(pipe)
+    result = prkit.train_residuals(pipe, concept, steps=3, **FAST)
+    assert result.steps_done == 3 and result.completed and len(result.losses) == 3
+    for param, value in before:
+        assert torch.equal(param, value)
+        assert not param.requires_grad
+    state = result.residuals.state_dict()
+    init = prkit.add_residuals(make_pipe(tmp_path / "init", linear=linear).unet, seed=0).state_dict()
+    for key, value in state.items():
+        assert not torch.equal(value, init[key]), key  # every factor moved
+        assert torch.isfinite(value).all()
+    base_ids = {id(p) for p, _ in before}
+    assert not any(id(p) in base_ids for p in result.residuals.parameters())
+    assert result.residuals.token == "sks" and result.residuals.meta["config"]["steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, concept_module):
+    """The uninterrupted 150-step reference run (default recipe: batch 4, lr 1e-3), shared by two tests."""
+    pipe = make_pipe(tmp_path_factory.mktemp("full"))
+    result = prkit.train_residuals(pipe, concept_module, steps=150, seed=0, **FAST)
+    return result, {k: v.clone() for k, v in result.residuals.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def concept_module():
+    return make_concept()
+
+
+def test_150_step_run_finishes_with_finite_losses(full_run):
+    result, state = full_run
+    assert result.completed and result.steps_done == 150 and len(result.losses) == 150
+    assert all(math.isfinite(v) for v in result.losses)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert result.checkpoint is None and result.seconds > 0
+    assert len(state) == 2 * 7
+
+
+def test_resume_after_stop_at_75_is_bit_identical(tmp_path, full_run, concept_module):
+    reference, reference_state = full_run
+    ckpt = tmp_path / "ckpt"
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept_module, steps=150, seed=0,
+                                  checkpoint_dir=str(ckpt), stop_after=75, **FAST)
+    assert not first.completed and first.steps_done == 75 and len(first.losses) == 75
+    assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]  # no .tmp left behind
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 75
+    second = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept_module, steps=150, seed=0,
+                                   checkpoint_dir=str(ckpt), **FAST)
+    assert second.completed and second.steps_done == 150
+    assert second.losses == reference.losses
+    assert _equal_states(second.residuals.state_dict(), reference_state)
+    assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]
+
+
+def test_keyboard_interrupt_leaves_a_checkpoint_that_resumes(tmp_path, concept, monkeypatch):
+    steps = 12
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)
+    real_backward, calls = train._backward, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_backward", interrupted)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=steps, checkpoint_dir=str(ckpt),
+                              checkpoint_every=0, **FAST)
+    assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 9  # step 10 never finished
+    monkeypatch.setattr(train, "_backward", real_backward)
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=steps, checkpoint_dir=str(ckpt),
+                                    checkpoint_every=0, **FAST)
+    assert resumed.completed and resumed.steps_done == steps
+    assert resumed.losses == reference.losses
+    assert _equal_states(resumed.residuals.state_dict(), reference.residuals.state_dict())
+
+
+def test_nan_loss_raises_and_leaves_parameters_unchanged(tmp_path, concept, monkeypatch):
+    pipe = make_pipe(tmp_path)
+    before = _snapshot(pipe)
+    real_step, real_backward, calls, states = train._step, train._backward, [], []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            return torch.tensor(float("nan"), requires_grad=True)
+        return real_step(*args, **kwargs)
+
+    def backward(*args, **kwargs):
+        real_backward(*args, **kwargs)
+        states.append({k: v.clone() for k, v in get_residuals(pipe.unet).state_dict().items()})
+
+    monkeypatch.setattr(train, "_step", step)
+    monkeypatch.setattr(train, "_backward", backward)
+    with pytest.raises(TrainingDiverged) as err:
+        prkit.train_residuals(pipe, concept, steps=5, learning_rate=1e-3, **FAST)
+    message = str(err.value)
+    assert "nan" in message and "step 3" in message
+    assert "learning_rate" in message and "0.001" in message
+    assert isinstance(err.value, RuntimeError)
+    assert len(states) == 2
+    assert _equal_states(get_residuals(pipe.unet).state_dict(), states[-1])  # the NaN step changed nothing
+    for param, value in before:
+        assert torch.equal(param, value)
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=6, checkpoint_dir=str(ckpt),
+                          checkpoint_every=2, stop_after=2, **FAST)
+    good = (ckpt / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def crash(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=6, checkpoint_dir=str(ckpt),
+                              checkpoint_every=2, **FAST)
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]  # no .tmp left behind
+    assert (ckpt / "checkpoint.pt").read_bytes() == good  # the old checkpoint survived
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 2
