@@ -82,6 +82,8 @@ class CaptureState:
         self.latent_hw: tuple[int, int] = (64, 64)
         self.sums: dict[str, torch.Tensor] = {}  # block -> (B, N, S) summed over the block's layers
         self.counts: dict[str, int] = {}
+        self.doubled: dict[str, bool] = {}  # block -> sums hold only the conditional rows (fused CUDA path)
+        self._values: dict[tuple, torch.Tensor] = {}  # fused path: token weights laid out as SDPA values
         self.listeners: list[Callable[[], None]] = []  # called at each UNet forward (step start)
 
     def is_cfg(self) -> bool:
@@ -100,6 +102,7 @@ class CaptureState:
         self.step += 1
         self.sums.clear()
         self.counts.clear()
+        self.doubled.clear()
         for listener in self.listeners:
             listener()
 
@@ -107,7 +110,19 @@ class CaptureState:
         """(B, N, S) head- and layer-averaged concept maps of ``block`` in this forward pass."""
         if block not in self.sums:
             return None
-        return self.sums[block] / self.counts[block]
+        maps = self.sums[block] / self.counts[block]
+        return torch.cat([maps, maps]) if self.doubled.get(block) else maps
+
+    def fused_map(self, block: str) -> tuple[torch.Tensor, bool] | None:
+        """The fused path's (Bc, N, S) head- and layer-sums of ``block`` and whether they serve both CFG halves."""
+        if block not in self.doubled:
+            return None
+        return self.sums[block], self.doubled[block]
+
+    def wants_probs(self) -> bool:
+        """Whether this step needs the full probabilities (the store keeps per-token maps of it)."""
+        store = self.store
+        return store is not None and (store.steps is None or self.step in store.steps)
 
     def _rows(self, weights: torch.Tensor, rows: int) -> torch.Tensor:
         prompts = weights.shape[0]
@@ -122,7 +137,7 @@ class CaptureState:
         batch = probs.shape[0]
         cond = probs[batch // 2:] if self.is_cfg() and batch % 2 == 0 else probs
         if self.concept_weights is not None:
-            weights = self._rows(self.concept_weights, cond.shape[0]).to(cond.dtype)  # (Bc, T, S)
+            weights = self._rows(self.concept_weights, cond.shape[0]).to(cond)  # (Bc, T, S) on cond's device
             maps = torch.einsum("bhnt,bts->bns", cond, weights) / cond.shape[1]  # (Bc, N, S)
             if cond.shape[0] != batch:
                 maps = torch.cat([maps, maps])  # the conditional mask serves both CFG halves
@@ -135,6 +150,37 @@ class CaptureState:
         store = self.store
         if store is not None and (store.steps is None or self.step in store.steps):
             self._store(block, cond, spatial)
+
+    def record_fused(self, block: str, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """Concept maps of one attn2 call as a second, small SDPA: softmax(q k^T * scale) @ token weights.
+
+        Args:
+            query: (B, heads, N, d) and key: (B, heads, T, d) of the call; only conditional rows are used.
+        """
+        if self.concept_weights is None:
+            return
+        batch, heads, _, dim = query.shape
+        doubled = self.is_cfg() and batch % 2 == 0
+        if doubled:
+            query, key = query[batch // 2:], key[batch // 2:]
+        rows, tokens, concepts = query.shape[0], key.shape[2], self.concept_weights.shape[-1]
+        if concepts <= dim:
+            cache_key = (rows, heads, tokens, dim, query.dtype, query.device)
+            values = self._values.get(cache_key)
+            if values is None:  # (Bc, h, T, d): the S concept columns, zeros after them
+                values = query.new_zeros(rows, heads, tokens, dim)
+                values[..., :concepts] = self._rows(self.concept_weights, rows).to(query)[:, None]
+                self._values[cache_key] = values
+            maps = F.scaled_dot_product_attention(query, key, values, scale=scale)[..., :concepts]
+        else:
+            weights = self._rows(self.concept_weights, rows).to(query)[:, None]  # (Bc, 1, T, S)
+            maps = ((query @ key.transpose(-1, -2)) * scale).softmax(-1) @ weights
+        maps = maps.sum(1, dtype=torch.float32)  # (Bc, N, S), summed over heads
+        if layer == 0 or block not in self.sums:
+            self.sums[block], self.counts[block], self.doubled[block] = maps, heads, doubled
+        else:
+            self.sums[block] = self.sums[block] + maps
+            self.counts[block] += heads
 
     @torch.no_grad()
     def _store(self, block: str, cond: torch.Tensor, spatial: tuple[int, int]) -> None:
@@ -163,6 +209,8 @@ class CaptureProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden_states.is_cuda and attention_mask is None and not self.state.wants_probs():
+            return self._call_fused(attn, hidden_states, encoder_hidden_states, temb)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -205,6 +253,46 @@ class CaptureProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _call_fused(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                    temb: torch.Tensor | None) -> torch.Tensor:
+        """CUDA path: the output through fused SDPA (as AttnProcessor2_0), the concept maps through a small one."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, N, d)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, T, d)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        self.state.record_fused(self.block, self.layer, query, key, attn.scale)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        if attn.rescale_output_factor != 1:
+            hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
 
 
 def _split_processor_key(key: str) -> tuple[str, int] | None:

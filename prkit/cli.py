@@ -1,4 +1,4 @@
-"""Command line: ``prkit train``, ``prkit sample``, ``prkit info`` (also ``python -m prkit``).
+"""Command line: ``prkit train``, ``prkit sample``, ``prkit info``, ``prkit eval`` (also ``python -m prkit``).
 
 Parses arguments and calls the library; no logic of its own beyond wiring.
 """
@@ -58,6 +58,12 @@ def _info(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .evaluate import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prkit", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -96,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a residual file's header")
     info.add_argument("file")
     info.set_defaults(func=_info)
+
+    from .evaluate import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser("eval", help="train, sample and score methods on a protocol (CSV + summary)")
+    add_eval_arguments(evaluate).set_defaults(func=_eval)
     return parser
 
 

@@ -18,6 +18,7 @@ from .attention import AttentionStore, CaptureState, capture_attention
 from .residuals import Residuals, wrapped_layers
 
 THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")
+MEDIAN_KERNEL = "sort"  # fused CUDA path: "sort" or "median" (same cut; the faster kernel is the default)
 
 
 @dataclass
@@ -120,10 +121,12 @@ class _MaskSource:
         if name not in self.index:
             return None  # a set without LAG applies everywhere
         if self.cache is None or self.cache[0] != self.state.step:
-            maps = self.state.concept_map(self.block)  # (B, N, S)
-            if maps is None:
-                raise RuntimeError(f"no cross-attention map was captured for {self.block} before its proj_out")
-            masks = torch.stack([make_mask(maps[..., s], self.config) for s in range(maps.shape[-1])], -1)
+            masks = self._fused_masks()
+            if masks is None:
+                maps = self.state.concept_map(self.block)  # (B, N, S)
+                if maps is None:
+                    raise RuntimeError(f"no cross-attention map was captured for {self.block} before its proj_out")
+                masks = torch.stack([make_mask(maps[..., s], self.config) for s in range(maps.shape[-1])], -1)
             self.cache = (self.state.step, masks)
             store = self.state.store
             if store is not None and (store.steps is None or self.state.step in store.steps):
@@ -131,6 +134,21 @@ class _MaskSource:
                 h, w = self.state.spatial(cond.shape[1])
                 store.masks[(self.block, self.state.step)] = cond.reshape(cond.shape[0], h, w, -1).float().cpu()
         return self.cache[1][..., self.index[name]]
+
+    def _fused_masks(self) -> torch.Tensor | None:
+        """Bool masks (Bc, N, S) of the conditional rows from the fused CUDA path's sums (the residual wrapper
+        applies them to every CFG half); median/mean cuts need no averaging first."""
+        found = self.state.fused_map(self.block)
+        if found is None or self.config.threshold not in ("median", "mean"):
+            return None
+        sums = found[0]  # (Bc, N, S)
+        if self.config.threshold == "mean":
+            return sums > sums.mean(dim=1, keepdim=True)
+        if MEDIAN_KERNEL == "sort":  # one small sort beats torch.median's single-block select on the GPU
+            cut = sums.sort(dim=1).values[:, (sums.shape[1] - 1) // 2:(sums.shape[1] + 1) // 2]
+        else:
+            cut = sums.median(dim=1, keepdim=True).values  # the lower median, as the sort's middle pick
+        return sums > cut
 
 
 def pipeline_cfg(pipe) -> Callable[[], bool]:

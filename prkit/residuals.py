@@ -119,6 +119,9 @@ class ResidualProjection(nn.Module):
                 continue
             delta = self._branch(x, lowrank)
             mask = self.mask_source(name) if self.mask_source is not None else None  # (B, N)
+            if mask is not None and mask.dtype == torch.bool:  # LAG's fused CUDA path: one multiply-add
+                out = _add_masked(out, delta, mask, self.scales[name], self.is_conv)
+                continue
             if mask is not None:
                 mask = mask.to(delta.dtype)
                 delta = delta * (mask.view(x.shape[0], 1, *x.shape[2:]) if self.is_conv else mask.unsqueeze(-1))
@@ -141,6 +144,17 @@ class ResidualProjection(nn.Module):
         original = self.merged.pop(name, None)
         if original is not None:
             self.base_layer.weight.copy_(original)
+
+
+def _add_masked(out: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, scale: float, is_conv: bool):
+    """out + scale * mask * delta; a mask of fewer rows than the batch (the conditional rows) serves each group."""
+    rows, batch = mask.shape[0], out.shape[0]
+    groups = batch // rows
+    tail = (1, *out.shape[2:]) if is_conv else (out.shape[1], 1)  # conv: (B, C, H, W); linear: (B, N, C)
+    mask = mask.view(1, rows, *tail)
+    grouped = torch.addcmul(out.view(groups, rows, *out.shape[1:]), delta.view(groups, rows, *delta.shape[1:]),
+                            mask, value=scale)
+    return grouped.reshape(out.shape)
 
 
 def find_projections(unet: nn.Module) -> dict[str, nn.Module]:
@@ -252,6 +266,10 @@ class Residuals:
     @property
     def merged(self) -> bool:
         return any(self.name in layer.merged for layer in self.layers().values())
+
+    def remove(self) -> None:
+        """Take this set off the UNet (``remove_residuals(unet, name)``), as every training target's handle can."""
+        remove_residuals(self.unet, self.name)
 
     def save(self, path, **metadata):
         """Write this set to a ``.safetensors`` file with metadata (see ``prkit.files``); returns the path."""

@@ -13,6 +13,7 @@ import torch
 
 from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
+from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
 from .residuals import Residuals, only_residuals
 
@@ -30,7 +31,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
              lag: bool = True, seed: int = 0, num_images: int = 1, steps: int | None = None,
              guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
              lag_config: LAGConfig | None = None, store: AttentionStore | None = None,
-             config: SampleConfig | None = None, **pipe_kwargs):
+             config: SampleConfig | None = None, fast: bool | None = None, **pipe_kwargs):
     """Generate images with exactly the given residual sets active (none: the base model).
 
     Args:
@@ -40,6 +41,8 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         lag: apply each set only under its concept's attention mask (no extra UNet evaluations).
         seed: seeds the generator, so the same call gives the same images.
         store: an AttentionStore to fill with per-token maps (works with lag on or off).
+        fast: replay the UNet as a CUDA graph within the call (``prkit.graphs``); None: on for CUDA unless
+            a store or step callbacks need Python at every step.
         **pipe_kwargs: passed to the pipeline call (height, width, output_type, callbacks, ...).
     Returns:
         the list of images (PIL unless ``output_type`` says otherwise).
@@ -55,7 +58,10 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         context = capture_attention(pipe.unet, CaptureState(cfg=pipeline_cfg(pipe), store=store))
     else:
         context = contextlib.nullcontext()
-    with only_residuals(pipe.unet, [r.name for r in sets]), context, torch.inference_mode():
+    if fast is None:
+        fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
+    with only_residuals(pipe.unet, [r.name for r in sets]), context, torch.inference_mode(), \
+            graphed_unet(pipe.unet, enabled=fast):
         out = pipe(prompts, num_inference_steps=steps or config.steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative_prompt if negative_prompt is not None else config.negative_prompt,

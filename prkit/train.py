@@ -92,19 +92,24 @@ def encode_images(pipe, images: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
     return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
 
 
-@torch.no_grad()
-def encode_text(pipe, prompt: str, size: int) -> dict:
-    """UNet conditioning for one prompt: {'encoder_hidden_states': (1, T, D)[, 'added_cond_kwargs': ...]}."""
+def encode_text(pipe, prompt: str, size: int, grad: bool = False) -> dict:
+    """UNet conditioning for one prompt: {'encoder_hidden_states': (1, T, D)[, 'added_cond_kwargs': ...]}.
+
+    ``grad``: keep the graph (targets that train the identifier's token embedding).
+    """
     device = pipe.unet.device
-    if hasattr(pipe, "text_encoder_2"):  # SDXL
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        dim = pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
-                                          text_encoder_projection_dim=dim).to(device)
-        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-    embeds, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    return {"encoder_hidden_states": embeds}
+    with torch.set_grad_enabled(grad):
+        if hasattr(pipe, "text_encoder_2"):  # SDXL
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            dim = pipe.text_encoder_2.config.projection_dim
+            time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
+                                              text_encoder_projection_dim=dim).to(device)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
+        embeds, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                       do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds}
 
 
 def _expand(cond: dict, batch: int) -> dict:
@@ -117,12 +122,14 @@ def _expand(cond: dict, batch: int) -> dict:
 class _Cache:
     """Latents (mean/std of both flips) and conditioning of one image set, computed once."""
 
-    def __init__(self, pipe, concept, prompt: str, flip: bool):
+    def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8):
         images = concept.tensors()
         if flip:
             images = torch.cat([images, torch.flip(images, dims=[3])])
-        self.mean, self.std = (t.cpu() for t in encode_images(pipe, images))  # batches are drawn on the CPU
-        self.cond = encode_text(pipe, prompt, images.shape[-1])
+        means_stds = encode_images(pipe, images, batch=encode_batch)
+        self.mean, self.std = (t.cpu() for t in means_stds)  # batches are drawn on the CPU
+        self.size = images.shape[-1]
+        self.cond = encode_text(pipe, prompt, self.size)
 
     def batch(self, size: int, gen: torch.Generator, scheduler, device) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(self.mean), (size,), generator=gen)
@@ -163,7 +170,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides}) if overrides else config
-    if config.fast or (config.fast is None and pipe.unet.device.type == "cuda"):
+    wants_fast = config.fast or (config.fast is None and pipe.unet.device.type == "cuda")
+    if wants_fast and not getattr(TARGETS[config.target], "needs_text_encoder", False):  # fast: cached text only
         from .fast import train_fast
 
         return train_fast(pipe, concept, config, name=name, progress=progress)
@@ -186,6 +194,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     prior = _Cache(pipe, config.prior_images, f"a photo of a {concept.class_word}", config.flip) \
         if config.prior_images is not None else None
     cond = _expand(cache.cond, config.batch_size)
+    text_grad = getattr(target, "needs_text_encoder", False)
     prior_cond = _expand(prior.cond, config.batch_size) if prior else None
 
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -214,6 +223,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     step_start = gen.get_state()  # an interrupt before the current step completes resumes from here
     try:
         while step < config.steps:
+            if text_grad:  # the identifier's embedding trains: its conditioning is recomputed with grad
+                cond = _expand(encode_text(pipe, prompt, cache.size, grad=True), config.batch_size)
             loss = _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, amp)
             value = loss.item()
             if not math.isfinite(value):

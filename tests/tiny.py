@@ -87,3 +87,30 @@ def tiny_pipeline(folder: Path, linear: bool = False):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialized CLIPModel (32 px images, 16-d projections) with the tiny tokenizer, saved to folder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    write_tokenizer(folder, WORDS, max_length=16)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=200, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_vit(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialized ViTModel (32 px, patch 8) saved to folder: a stand-in for DINO ViT-S/16."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(folder)
+    return folder

@@ -1,0 +1,150 @@
+"""Baselines as training targets: only their parameters change, remove() restores the model exactly, recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prkit
+import prkit.train as train
+from conftest import make_concept, make_pipe, run_unet, unet_inputs
+from prkit.targets import RECIPES, TARGETS, CustomDiffusionTarget, TokenEmbedding, recipe
+
+FAST = dict(progress=False, batch_size=2, steps=3)
+TOKEN_PROMPT, PLAIN_PROMPT = "a photo of a sks dog", "a photo of a dog"
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    return {f"{m}.{n}": p.detach().clone() for m in ("unet", "text_encoder", "vae")
+            for n, p in getattr(pipe, m).named_parameters()}
+
+
+@torch.no_grad()
+def _outputs(pipe) -> dict[str, torch.Tensor]:
+    """Text conditioning with and without the identifier, and the UNet's output on fixed inputs."""
+    return {"token": train.encode_text(pipe, TOKEN_PROMPT, 16)["encoder_hidden_states"].clone(),
+            "plain": train.encode_text(pipe, PLAIN_PROMPT, 16)["encoder_hidden_states"].clone(),
+            "unet": run_unet(pipe.unet, unet_inputs())}
+
+
+def _modules(pipe) -> dict[str, int]:
+    return {n: id(m) for n, m in list(pipe.unet.named_modules()) + list(pipe.text_encoder.named_modules())}
+
+
+def _train(pipe, target: str):
+    cfg = recipe(target)
+    return prkit.train_residuals(pipe, make_concept(), target=target, learning_rate=cfg["learning_rate"], **FAST)
+
+
+def _snapshot(pipe) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    return [(f"{m}.{n}", p, p.detach().clone()) for m in ("unet", "text_encoder", "vae")
+            for n, p in getattr(pipe, m).named_parameters()]
+
+
+def _changed(snapshot) -> set[str]:
+    """Names of the snapshot's parameter objects whose values moved (wrappers may rename them meanwhile)."""
+    return {name for name, p, value in snapshot if not torch.equal(p.detach(), value)}
+
+
+@pytest.mark.parametrize("target", ["textual_inversion", "custom_diffusion", "dreambooth"])
+def test_only_intended_parameters_change_and_remove_restores(tmp_path, target):
+    pipe = make_pipe(tmp_path)
+    state, snapshot, outputs, modules = _state(pipe), _snapshot(pipe), _outputs(pipe), _modules(pipe)
+    result = _train(pipe, target)
+    handle = result.residuals
+    assert result.steps_done == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert not any(p.requires_grad for p in handle.parameters())
+    trained = _outputs(pipe)
+    changed = _changed(snapshot)
+    if target == "dreambooth":
+        assert changed and all(k.startswith("unet.") for k in changed)  # the text encoder and VAE never move
+        assert handle.num_parameters() == sum(p.numel() for p in pipe.unet.parameters())
+        handle.after_training()  # fp32 base: a no-op
+    else:
+        assert changed == set()  # the base tables and layers are never written: the trained copies live in wrappers
+        assert torch.equal(trained["plain"], outputs["plain"])  # every other token's embedding is untouched
+        assert not torch.equal(trained["token"], outputs["token"])  # the identifier's row trained
+        row = handle.state_dict()["text_encoder.token_embedding.sks"]
+        assert row.shape == (32,)
+    if target == "textual_inversion":
+        assert handle.num_parameters() == 32 and torch.equal(trained["unet"], outputs["unet"])
+    if target == "custom_diffusion":
+        kv = {k for k in handle.state_dict() if k.startswith("unet.")}
+        assert kv and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in kv)
+        assert len(kv) == 2 * sum(n.endswith("attn2") for n, _ in pipe.unet.named_modules())
+        before_kv = {k: state[k] for k in state if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+        assert all(not torch.equal(handle.state_dict()[k], before_kv[k]) for k in kv)  # every K/V copy moved
+    handle.remove()
+    after = _state(pipe)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    assert _modules(pipe) == modules  # the very same module objects are back
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(pipe).values(), outputs.values()))
+    assert all(p.dtype == state[k].dtype for k, p in
+               [(f"unet.{n}", p) for n, p in pipe.unet.named_parameters()])
+
+
+def test_state_dict_round_trip(tmp_path):
+    pipe = make_pipe(tmp_path)
+    handle = _train(pipe, "custom_diffusion").residuals
+    saved = {k: v.clone() for k, v in handle.state_dict().items()}
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.zero_()
+    handle.load_state_dict(saved)
+    assert all(torch.equal(handle.state_dict()[k], v) for k, v in saved.items())
+    assert handle.num_parameters() == sum(v.numel() for v in saved.values())
+    handle.remove()
+
+
+def test_multi_token_identifier_is_refused_and_leaves_the_model(tmp_path):
+    pipe = make_pipe(tmp_path)
+    modules = _modules(pipe)
+    concept = make_concept(token="qqzx")  # not a single token of the tiny vocabulary
+    for target in ("textual_inversion", "custom_diffusion"):
+        with pytest.raises(ValueError, match="single-token identifier"):
+            TARGETS[target](pipe, concept, train.TrainConfig(), "x")
+        assert _modules(pipe) == modules
+
+
+def test_token_wrapper_replaces_only_the_identifier(tmp_path):
+    pipe = make_pipe(tmp_path)
+    base = pipe.text_encoder.get_input_embeddings()
+    wrapper = TokenEmbedding(base, token_id=3, init=torch.full((32,), 7.0))
+    ids = torch.tensor([[0, 3, 5, 3]])
+    out = wrapper(ids)
+    assert torch.equal(out[0, 1], torch.full((32,), 7.0)) and torch.equal(out[0, 3], torch.full((32,), 7.0))
+    assert torch.equal(out[0, [0, 2]], base(ids)[0, [0, 2]])
+    assert wrapper.weight is base.weight
+
+
+def test_residual_path_encodes_the_prompt_once_token_targets_every_step(tmp_path, monkeypatch):
+    calls = []
+    original = train.encode_text
+
+    def counting(pipe, prompt, size, grad=False):
+        calls.append(grad)
+        return original(pipe, prompt, size, grad)
+
+    monkeypatch.setattr(train, "encode_text", counting)
+    prkit.train_residuals(make_pipe(tmp_path / "a"), make_concept(), **FAST)
+    assert calls == [False]
+    calls.clear()
+    handle = prkit.train_residuals(make_pipe(tmp_path / "b"), make_concept(), target="textual_inversion",
+                                   **FAST).residuals
+    assert calls == [False] + [True] * 3
+    assert TARGETS["textual_inversion"].needs_text_encoder and CustomDiffusionTarget.needs_text_encoder
+    handle.remove()
+
+
+def test_recipes():
+    assert set(RECIPES) == set(TARGETS)
+    assert recipe("custom_diffusion")["learning_rate"] == pytest.approx(1e-5 * 2)  # lr x batch (--scale_lr)
+    assert recipe("custom_diffusion", batch_size=4)["learning_rate"] == pytest.approx(4e-5)
+    ti = recipe("textual_inversion")
+    assert ti["learning_rate"] == 5e-3 and ti["steps"] > recipe("residuals")["steps"] and "rank" not in ti
+    assert recipe("dreambooth")["learning_rate"] == 5e-6 and recipe("lora")["rank"] == 4
+    assert recipe("residuals", steps=10, seed=3) == dict(learning_rate=1e-3, steps=10, rank=0.05, batch_size=4,
+                                                         seed=3, target="residuals")
+    train.TrainConfig(**recipe("dreambooth"))  # every key is a TrainConfig field
+    with pytest.raises(KeyError, match="no recipe"):
+        recipe("vico")

@@ -1,0 +1,250 @@
+"""The evaluation harness: shards, atomic rows and merges, intervals, protocols, and end-to-end runs on the
+tiny pipeline (two methods, an interrupted run resumed, the world's grading) and on the world model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import prkit.evaluate as ev
+from prkit.evaluate import EvalConfig
+from tiny import tiny_clip, tiny_pipeline, tiny_vit
+
+DB_PROMPTS = """Classes
+
+subject_name,class
+dog,dog
+teapot,teapot
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} on the beach'.format(unique_token, class_token),
+'a {0} {1} in the snow'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} on the beach'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token)
+]
+"""
+WORLD_MODEL = Path(__file__).resolve().parents[1] / "prkit" / "world" / "model" / "model_index.json"
+QUICK = {"residuals": {"steps": 3}, "textual_inversion": {"steps": 3}, "lora": {"steps": 3}}
+
+
+def _images(folder: Path, n: int = 3, size: int = 24) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A DreamBooth-layout dataset of two subjects, a tiny CLIP and a tiny ViT folder."""
+    root = tmp_path_factory.mktemp("assets")
+    data = root / "dreambooth"
+    data.mkdir()
+    (data / "prompts_and_classes.txt").write_text(DB_PROMPTS)
+    _images(data / "dog")
+    _images(data / "teapot")
+    return {"data": data, "clip": tiny_clip(root / "clip"), "dino": tiny_vit(root / "dino")}
+
+
+def _config(assets, out: Path, **kw) -> EvalConfig:
+    base = dict(protocol="dreambooth", data=str(assets["data"]), methods=("residuals", "textual_inversion"),
+                subjects=("dog",), images_per_prompt=2, sample_steps=2, train=QUICK, clip=str(assets["clip"]),
+                dino=str(assets["dino"]), out=str(out), device="cpu")
+    return EvalConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+def test_shard_round_robin_and_balanced():
+    jobs = [(m, s) for m in ("a", "b", "c") for s in ("x", "y", "z")]
+    shards = [ev.shard(jobs, r, 2) for r in range(2)]
+    assert shards[0] == jobs[0::2] and sorted(shards[0] + shards[1]) == sorted(jobs)
+    cost = {"a": 1.0, "b": 10.0, "c": 3.0}
+    parts = [ev.shard(jobs, r, 3, cost=lambda j: cost[j[0]]) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(jobs) and all(p == sorted(p, key=jobs.index) for p in parts)
+    loads = [sum(cost[j[0]] for j in p) for p in parts]
+    assert max(loads) - min(loads) <= 3.0  # LPT: the three 10s on three ranks, then the rest evens out
+    assert parts == [ev.shard(jobs, r, 3, cost=lambda j: cost[j[0]]) for r in range(3)]  # deterministic
+    assert ev.shard(jobs[:1], 1, 2) == []
+    with pytest.raises(ValueError):
+        ev.shard(jobs, 2, 2)
+
+
+def _row(target, subject, prompt_index=0, seed=0, method=None, **metrics):
+    return {"protocol": "p", "target": target, "method": method or target, "subject": subject,
+            "prompt_index": prompt_index, "prompt": "a sks dog", "seed": seed, "parameters": 10,
+            "train_seconds": 1.5, "train_steps": 3, **metrics}
+
+
+def test_atomic_rows_finished_pairs_and_merge(tmp_path):
+    out = tmp_path / "out"
+    ev.append_rows(out / ev.RESULTS, [_row("lora", "dog", clip_i=0.5, identity=True)])
+    ev.append_rows(out / "parts" / "rank000-of-002.csv", [_row("residuals", "dog", seed=s) for s in range(2)])
+    ev.append_rows(out / "parts" / "rank001-of-002.csv", [_row("base", "cat"), _row("lora", "dog", clip_i=0.7)])
+    assert ev.finished_pairs(out) == {("lora", "dog"), ("residuals", "dog"), ("base", "cat")}
+    assert not list(out.rglob("*.tmp"))
+    rows = ev.merge(out)
+    assert not list((out / "parts").iterdir())
+    assert [(r["target"], r["subject"], r["seed"]) for r in rows] == \
+        [("base", "cat", "0"), ("residuals", "dog", "0"), ("residuals", "dog", "1"), ("lora", "dog", "0")]
+    lora = rows[-1]
+    assert lora["clip_i"] == "0.7" and lora["identity"] == "" and list(lora) == ev.COLUMNS  # one row per key
+    assert ev.read_rows(out / ev.RESULTS) == rows
+
+
+def test_mean_ci_and_summary_by_hand():
+    mean, ci = ev.mean_ci([1.0, 2.0, 3.0, float("nan")])
+    assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert math.isnan(ev.mean_ci([5.0])[1]) and math.isnan(ev.mean_ci([])[0])
+    assert ev.t975(1000) == 1.96 and ev.t975(13) == ev.t975(12)
+    rows = [_row("residuals", s, seed=k, clip_i=str(v)) for s, vals in (("a", (0.2, 0.4)), ("b", (0.6, 0.8)))
+            for k, v in enumerate(vals)]
+    rows += [_row("residuals", "a", method="residuals+lag", clip_i="0.9")]
+    by_image = {s["method"]: s for s in ev.summarize(rows)}
+    assert by_image["residuals"]["clip_i"] == pytest.approx(0.5) and by_image["residuals"]["images"] == 4
+    assert by_image["residuals"]["clip_i_ci95"] == pytest.approx(3.182 * np.std([.2, .4, .6, .8], ddof=1) / 2)
+    assert math.isnan(by_image["residuals"]["dino"]) and by_image["residuals+lag"]["subjects"] == 1
+    by_subject = {s["method"]: s for s in ev.summarize(rows, ci_over="subject")}
+    assert by_subject["residuals"]["clip_i_ci95"] == pytest.approx(12.706 * np.std([.3, .7], ddof=1) / math.sqrt(2))
+    table = ev.format_table(list(by_image.values()), {"DINO": "no weights here"})
+    assert "CLIP-I" in table and "DINO unavailable: no weights here" in table and "| DINO |" not in table
+
+
+def test_customconcept101_layout(tmp_path):
+    root = tmp_path / "cc101"
+    _images(root / "benchmark_dataset" / "pet_dog1")
+    (root / "prompts").mkdir()
+    (root / "prompts" / "dog.txt").write_text("Photo of a {}.\n{} swimming in a pool.\n\n")
+    (root / "dataset.json").write_text('[{"instance_prompt": "photo of a <new1> dog", "class_prompt": "dog", '
+                                       '"instance_data_dir": "./benchmark_dataset/pet_dog1", '
+                                       '"prompt_filename": "prompts/dog.txt"}]')
+    (subject,) = ev.load_customconcept101(root, token="sks")
+    assert subject.name == "pet_dog1" and subject.class_word == "dog"
+    assert subject.prompts == ["Photo of a sks dog.", "sks dog swimming in a pool."]
+    assert len(subject.load(16).images) == 3
+    assert ev.strip_token(subject.prompts[1], "sks") == "dog swimming in a pool."
+    assert ev.strip_token("a photo of a sks dog", "sks") == "a photo of a dog"
+
+
+def test_unknown_names_are_clear(assets, tmp_path):
+    with pytest.raises(ValueError, match="unknown subjects"):
+        ev.load_subjects(_config(assets, tmp_path, subjects=("cat7",)))
+    with pytest.raises(ValueError, match="unknown method"):
+        ev.job_list(["vico"], ["dog"])
+    with pytest.raises(ValueError, match="needs --data"):
+        ev.load_subjects(EvalConfig(protocol="dreambooth"))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+def test_end_to_end_two_methods_then_skip(assets, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    config = _config(assets, out)
+    summary = ev.evaluate(config, tiny_pipeline(tmp_path / "pipe"), progress=False)
+    rows = ev.read_rows(out / ev.RESULTS)
+    # dog is a live subject: 2 prompts x 2 seeds, for residuals, residuals+lag and textual_inversion
+    assert len(rows) == 3 * 2 * 2 and {r["method"] for r in rows} == {"residuals", "residuals+lag",
+                                                                       "textual_inversion"}
+    assert {r["prompt"] for r in rows} == {"a sks dog on the beach", "a red sks dog"}
+    for r in rows:
+        for m in ("clip_i", "clip_t_dreambooth", "clip_t_clipscore", "dino"):
+            assert math.isfinite(float(r[m]))
+        assert 0 <= float(r["clip_t_clipscore"]) <= 2.5 and r["identity"] == ""  # no oracle outside the world
+        assert int(r["train_steps"]) == 3 and int(r["parameters"]) > 0
+    assert [s["method"] for s in summary] == ["residuals", "residuals+lag", "textual_inversion"]
+    table = (out / "summary.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in table) == 1 + 3 and (out / ev.SUMMARY).is_file()
+    monkeypatch.setattr(ev, "run_job", lambda *a, **k: pytest.fail("a finished pair ran again"))
+    ev.evaluate(config, tiny_pipeline(tmp_path / "pipe2"), progress=False)
+    assert ev.read_rows(out / ev.RESULTS) == rows
+
+
+def test_interrupted_run_loses_nothing(assets, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    config = _config(assets, out, methods=("base", "textual_inversion"), subjects=(), dino=None)
+    real, calls = ev.run_job, []
+
+    def interrupt_third(pipe, subject, method, *args, **kw):
+        calls.append((method, subject.name))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(pipe, subject, method, *args, **kw)
+
+    monkeypatch.setattr(ev, "run_job", interrupt_third)
+    pipe = tiny_pipeline(tmp_path / "pipe")
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(config, pipe, progress=False)
+    assert ev.finished_pairs(out) == {("base", "dog"), ("base", "teapot")}
+    calls.clear()
+    ev.evaluate(config, pipe, progress=False)
+    assert calls == [("textual_inversion", "dog"), ("textual_inversion", "teapot")]
+    rows = ev.read_rows(out / ev.RESULTS)
+    assert len(rows) == 4 * 2 * 2 and {r["dino"] for r in rows} == {""}
+    assert "DINO unavailable: switched off" in (out / "summary.md").read_text()
+
+
+def test_world_protocol_grades_with_the_oracle(tmp_path):
+    """The world path (oracle grading, background vs the base images) on the tiny pipeline with a random oracle."""
+    from prkit.world.oracle import Oracle, OracleConfig
+
+    out = tmp_path / "out"
+    config = EvalConfig(protocol="world", methods=("base", "residuals"), subjects=("striped_ball",), max_prompts=2,
+                        images_per_prompt=2, sample_steps=2, train=QUICK, clip=None, dino=None, out=str(out),
+                        device="cpu")
+    ev.evaluate(config, tiny_pipeline(tmp_path / "pipe"), oracle=Oracle(OracleConfig()), progress=False)
+    rows = ev.read_rows(out / ev.RESULTS)
+    assert len(rows) == 3 * 2 * 2
+    for r in rows:
+        assert r["identity"] in ("0", "1") and r["scene"] in ("0", "1")
+        assert 0 <= float(r["background_change"]) <= 1
+    assert {float(r["background_change"]) for r in rows if r["method"] == "base"} == {0.0}
+    assert rows[0]["prompt"].startswith("a photo of a sks ball")
+
+
+@pytest.mark.skipif(not WORLD_MODEL.exists(), reason="the world model's weights are not trained yet")
+def test_world_model_end_to_end(tmp_path):
+    config = EvalConfig(protocol="world", methods=("residuals", "lora"), subjects=("striped_ball",), max_prompts=2,
+                        images_per_prompt=2, sample_steps=5, train=QUICK, out=str(tmp_path / "out"), device="cpu")
+    summary = ev.evaluate(config, progress=False)
+    assert {s["method"] for s in summary} == {"residuals", "residuals+lag", "lora"}
+    assert all(0 <= s["identity"] <= 1 and s["background_change"] >= 0 for s in summary)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert set(run["unavailable"]) == {"CLIP-I/CLIP-T", "DINO"}  # a reason, or None where the backbone loaded
+
+
+def test_cli_arguments_make_the_config():
+    from prkit.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--protocol", "dreambooth", "--data", "db", "--methods", "residuals",
+                                      "dreambooth", "--set", "dreambooth.steps=200",
+                                      "dreambooth.prior_images=cls/{subject}", "--dino", "none", "--max-prompts", "3"])
+    config = ev.config_from_args(args)
+    assert config.methods == ("residuals", "dreambooth") and config.dino is None and config.clip == "auto"
+    assert config.train == {"dreambooth": {"steps": 200, "prior_images": "cls/{subject}"}} and config.max_prompts == 3
+    with pytest.raises(ValueError, match="METHOD.FIELD=VALUE"):
+        ev._parse_set(["steps=3"])
+
+
+def test_recipe_overrides_and_prior_folder(assets, tmp_path):
+    (subject,) = ev.load_subjects(_config(assets, tmp_path))
+    prior = str(assets["data"] / "{subject}")  # class images per subject (here: its own folder)
+    config = _config(assets, tmp_path, train={"dreambooth": {"steps": 7, "prior_images": prior}})
+    train = ev._train_config("dreambooth", subject, config, 16)
+    assert train.target == "dreambooth" and train.steps == 7 and train.learning_rate == 5e-6 and train.batch_size == 1
+    assert len(train.prior_images.images) == 3 and train.prior_images.images[0].size == (16, 16)
+    assert ev._train_config("custom_diffusion", subject, config, 16).learning_rate == pytest.approx(2e-5)

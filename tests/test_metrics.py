@@ -1,0 +1,99 @@
+"""Metrics: hand computations on fixed embeddings, tiny random CLIP/ViT end to end, reasons when unavailable."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from prkit import metrics
+from prkit.metrics import MetricUnavailable
+from tiny import tiny_clip, tiny_vit
+
+GEN = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # unit vectors e1 and e2 (the second scaled: cosine ignores it)
+REF = torch.tensor([[1.0, 1.0], [3.0, 0.0], [0.0, -1.0]])  # 45 deg, e1, -e2
+S = 1 / math.sqrt(2)
+
+
+def test_clip_i_and_dino_are_mean_pairwise_cosine():
+    # gen e1 vs refs: s, 1, 0 ; gen e2 vs refs: s, 0, -1
+    per_image = [(S + 1 + 0) / 3, (S + 0 - 1) / 3]
+    for fn in (metrics.clip_i, metrics.dino):
+        assert fn(GEN, REF) == pytest.approx(sum(per_image) / 2, abs=1e-6)
+        assert torch.allclose(fn(GEN, REF, reduce=False), torch.tensor(per_image), atol=1e-6)
+
+
+def test_clip_t_both_conventions_paired_and_shared():
+    text = torch.tensor([[1.0, 1.0], [0.0, -5.0]])  # cos with e1: s ; with e2: -1
+    assert metrics.clip_t(GEN, text) == pytest.approx((S - 1) / 2, abs=1e-6)
+    assert metrics.clip_t(GEN, text, "clipscore") == pytest.approx(2.5 * (S + 0) / 2, abs=1e-6)
+    shared = torch.tensor([3.0, 4.0])  # cos with e1: 0.6, with e2: 0.8
+    assert torch.allclose(metrics.clip_t(GEN, shared, reduce=False), torch.tensor([0.6, 0.8]), atol=1e-6)
+    assert metrics.clip_t(GEN, shared[None], "clipscore") == pytest.approx(2.5 * 0.7, abs=1e-6)
+    assert set(metrics.CLIP_T_CONVENTIONS) == {"dreambooth", "clipscore"}
+    with pytest.raises(ValueError, match="convention"):
+        metrics.clip_t(GEN, text, "cosine")
+    with pytest.raises(ValueError, match="3 text embeddings for 2 images"):
+        metrics.clip_t(GEN, torch.ones(3, 2))
+
+
+def test_batched_metrics_match_a_loop():
+    gen = torch.randn(7, 16, generator=torch.Generator().manual_seed(0))
+    ref = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    loop = sum(float(torch.nn.functional.cosine_similarity(g, r, dim=0)) for g in gen for r in ref) / 35
+    assert metrics.clip_i(gen, ref) == pytest.approx(loop, abs=1e-6)
+    assert metrics.clip_i(gen.double(), ref) == pytest.approx(loop, abs=1e-6)
+
+
+def _images(n: int, size: int = 40) -> list:
+    return [Image.new("RGB", (size + 8 * i, size), (40 * i, 200 - 30 * i, 90)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_folder(tmp_path_factory):
+    return tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_folder(tmp_path_factory):
+    return tiny_vit(tmp_path_factory.mktemp("dino"))
+
+
+def test_tiny_clip_end_to_end(tiny_clip_folder):
+    clip = metrics.load_clip(tiny_clip_folder)
+    gen, ref = clip.embed_images(_images(3)), clip.embed_images(_images(2, 64))
+    assert gen.shape == (3, 16) and ref.shape == (2, 16) and gen.dtype == torch.float32
+    texts = clip.embed_texts(["a photo of a dog", "a red ball on the beach", "a cat"])
+    assert texts.shape == (3, 16)
+    assert -1 <= metrics.clip_i(gen, ref) <= 1
+    assert 0 <= metrics.clip_t(gen, texts, "clipscore") <= 2.5
+    # batching does not change embeddings; identical images give CLIP-I 1
+    clip.batch_size = 1
+    assert torch.allclose(clip.embed_images(_images(3)), gen, atol=1e-5)
+    assert metrics.clip_i(gen[:1], gen[:1]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_tiny_dino_end_to_end(tiny_vit_folder):
+    backbone = metrics.load_dino(tiny_vit_folder)
+    feats = backbone.embed_images(_images(4))
+    assert feats.shape == (4, 32)
+    assert -1 <= metrics.dino(feats[:2], feats[2:]) <= 1
+    x = metrics._pixels(_images(1, 300), 256, 224, metrics.IMAGENET_MEAN, metrics.IMAGENET_STD)
+    assert x.shape == (1, 3, 224, 224)  # resize 256, centre crop 224
+
+
+def test_missing_backbones_give_reasons(tmp_path, monkeypatch):
+    model, reason = metrics.try_load_clip("openai/clip-vit-base-patch32", cache_dir=tmp_path)  # cache only
+    assert model is None and "downloads are off" in reason and "openai/clip-vit-base-patch32" in reason
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, reason = metrics.try_load_clip("openai/clip-vit-base-patch32", download=True, cache_dir=tmp_path)
+    assert model is None and "offline" in reason and "hf download" in reason
+    model, reason = metrics.try_load_dino("facebook/dino-vits16", cache_dir=tmp_path)
+    assert model is None and "facebook/dino-vits16" in reason
+    with pytest.raises(MetricUnavailable, match="not a transformers model folder"):
+        metrics.load_clip(tmp_path)
+    monkeypatch.setattr(metrics, "world_clip_path", lambda: tmp_path / "nothing")
+    with pytest.raises(MetricUnavailable, match="world CLIP"):
+        metrics.load_clip("world")
