@@ -1,0 +1,214 @@
+"""The fast paths on the CPU: the windowed loop of prkit.fast against the eager loop, frozen convs, merged
+low-rank, the fused LAG maps and masks against the explicit ones. CUDA graphs themselves need a GPU
+(benchmarks/bench.py checks them there); everything around them is checked here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prkit
+import prkit.fast as fast
+import prkit.train as train
+from conftest import make_concept, make_pipe, randomize
+from prkit.attention import CaptureState
+from prkit.fast import FastConfig, patch_frozen_convs, patch_merged_lowrank, train_fast
+from prkit.graphs import graphed_unet
+from prkit.lag import LAGConfig, _MaskSource
+from prkit.residuals import ResidualProjection, get_residuals
+from prkit.train import TrainConfig, TrainingDiverged
+
+EAGER = dict(progress=False, batch_size=4)
+LOOP = FastConfig(cuda_graph=False, check_every=3)  # windows of 3 steps: boundaries fall mid-run
+
+
+def _fast(pipe, concept, loop=LOOP, **overrides):
+    return train_fast(pipe, concept, TrainConfig(batch_size=4, **overrides), progress=False, fast=loop)
+
+
+def _close_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+@pytest.fixture(scope="module")
+def concept_module():
+    return make_concept()
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory, concept_module):
+    result = prkit.train_residuals(make_pipe(tmp_path_factory.mktemp("eager")), concept_module, steps=8, **EAGER)
+    return result, {k: v.clone() for k, v in result.residuals.state_dict().items()}
+
+
+def test_fast_loop_matches_the_eager_loop(tmp_path, concept_module, eager_run):
+    reference, state = eager_run
+    result = _fast(make_pipe(tmp_path), concept_module, steps=8)
+    assert result.completed and result.steps_done == 8 and len(result.losses) == 8
+    assert result.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert _close_states(result.residuals.state_dict(), state)
+    assert result.residuals.meta["config"]["steps"] == 8
+    assert not any(p.requires_grad for p in result.residuals.parameters())
+
+
+def test_train_residuals_routes_to_the_fast_loop(tmp_path, concept, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fast, "train_fast", lambda *args, **kwargs: seen.append(kwargs) or "fast")
+    pipe = make_pipe(tmp_path)
+    assert prkit.train_residuals(pipe, concept, steps=2, fast=True, **EAGER) == "fast"
+    assert seen and seen[0]["progress"] is False
+    assert prkit.train_residuals(pipe, concept, steps=1, **EAGER) != "fast"  # CPU default: eager
+
+
+def test_fast_checkpoint_resumes_in_the_eager_loop(tmp_path, concept_module, eager_run):
+    reference, state = eager_run
+    ckpt = tmp_path / "ckpt"
+    first = _fast(make_pipe(tmp_path / "p1"), concept_module, steps=8, checkpoint_dir=str(ckpt),
+                  checkpoint_every=4, stop_after=5)
+    assert not first.completed and first.steps_done == 5 and len(first.losses) == 5
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 5
+    second = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept_module, steps=8, checkpoint_dir=str(ckpt),
+                                   **EAGER)
+    assert second.completed and second.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert _close_states(second.residuals.state_dict(), state)
+
+
+def test_nan_rolls_back_and_raises_like_the_eager_loop(tmp_path, concept, monkeypatch):
+    real_step, calls = train._step, []
+
+    def eager_step(*args, **kwargs):
+        calls.append(1)
+        return torch.tensor(float("nan"), requires_grad=True) if len(calls) == 3 else real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_step", eager_step)
+    eager_pipe = make_pipe(tmp_path / "eager")
+    with pytest.raises(TrainingDiverged) as eager_err:
+        prkit.train_residuals(eager_pipe, concept, steps=5, **EAGER)
+    monkeypatch.setattr(train, "_step", real_step)
+
+    real_body, bodies = fast.TrainStep._body, []
+
+    def poisoned(self):
+        bodies.append(1)
+        real_body(self)
+        if len(bodies) == 3:  # the third step went bad after updating: the rollback must undo it
+            self.loss.fill_(float("nan"))
+            with torch.no_grad():
+                for p in self.params:
+                    p.add_(1.0)
+
+    monkeypatch.setattr(fast.TrainStep, "_body", poisoned)
+    pipe = make_pipe(tmp_path / "fast")
+    with pytest.raises(TrainingDiverged) as err:
+        _fast(pipe, concept, loop=FastConfig(cuda_graph=False, check_every=4), steps=5)
+    assert str(err.value) == str(eager_err.value)
+    assert _close_states(get_residuals(pipe.unet).state_dict(), get_residuals(eager_pipe.unet).state_dict())
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_interrupt_checkpoints_the_finished_steps(tmp_path, concept_module, eager_run, monkeypatch):
+    reference, state = eager_run
+    real_body, bodies = fast.TrainStep._body, []
+
+    def interrupted(self):
+        bodies.append(1)
+        if len(bodies) == 7:
+            raise KeyboardInterrupt
+        real_body(self)
+
+    monkeypatch.setattr(fast.TrainStep, "_body", interrupted)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        _fast(make_pipe(tmp_path / "p1"), concept_module, steps=8, checkpoint_dir=str(ckpt), checkpoint_every=0)
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 6
+    monkeypatch.setattr(fast.TrainStep, "_body", real_body)
+    resumed = _fast(make_pipe(tmp_path / "p2"), concept_module, steps=8, checkpoint_dir=str(ckpt), checkpoint_every=0)
+    assert resumed.completed and resumed.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert _close_states(resumed.residuals.state_dict(), state)
+
+
+def test_frozen_convs_keep_no_input_and_give_the_same_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.Conv2d(8, 4, 1)).requires_grad_(False)
+    x = torch.randn(2, 4, 9, 9)
+    ref_x = x.clone().requires_grad_(True)
+    model(ref_x).square().sum().backward()
+    undo = patch_frozen_convs(model)
+    fast_x = x.clone().requires_grad_(True)
+    out = model(fast_x)
+    assert type(out.grad_fn).__name__ == "_FrozenConv2dBackward"
+    assert [t.shape for t in out.grad_fn.saved_tensors] == [model[3].weight.shape]  # the weight only
+    out.square().sum().backward()
+    assert torch.allclose(fast_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+    undo()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_merged_lowrank_matches_the_side_branch(tmp_path, linear):
+    from conftest import run_unet, unet_inputs
+    from tiny import tiny_unet
+
+    unet = tiny_unet(linear=linear)
+    randomize(prkit.add_residuals(unet, rank=4, seed=0))
+    inputs = unet_inputs()
+    reference = run_unet(unet, inputs)
+    undo = patch_merged_lowrank(unet)
+    assert torch.allclose(run_unet(unet, inputs), reference, rtol=1e-4, atol=1e-5)
+    undo()
+    assert torch.equal(run_unet(unet, inputs), reference)
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_fused_concept_maps_and_masks_match_the_explicit_ones(cfg):
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, n, tokens, dim = 4, 2, 16, 16, 8
+    weights = (torch.rand(2, tokens, 2, generator=gen) > 0.7).float()  # 2 prompts, 2 concepts
+    rows = 2 if cfg else 4
+    weights = weights[:rows] if rows <= 2 else weights.repeat(2, 1, 1)
+    explicit, fused = CaptureState(weights, cfg=cfg), CaptureState(weights, cfg=cfg)
+    for layer in range(2):  # two transformer layers in one block (SDXL)
+        q = torch.randn(batch, heads, n, dim, generator=gen)
+        k = torch.randn(batch, heads, tokens, dim, generator=gen)
+        probs = (q @ k.transpose(-1, -2) * dim ** -0.5).softmax(-1)
+        explicit.record("blk", layer, probs, (4, 4))
+        fused.record_fused("blk", layer, q, k, dim ** -0.5)
+    assert torch.allclose(fused.concept_map("blk"), explicit.concept_map("blk"), rtol=1e-5, atol=1e-6)
+    for threshold in ("median", "mean"):
+        index = {"a": 0, "b": 1}
+        want = _MaskSource(explicit, "blk", index, LAGConfig(threshold=threshold))
+        got = _MaskSource(fused, "blk", index, LAGConfig(threshold=threshold))
+        for name in index:
+            mask, reference = got(name), want(name)
+            assert mask.dtype == torch.bool and mask.shape == (rows, n)  # the conditional rows serve both halves
+            assert torch.equal(mask.float(), reference[batch - rows:])
+            if cfg:
+                assert torch.equal(reference[:rows], reference[rows:])
+
+
+@pytest.mark.parametrize("rows", [2, 1], ids=["every-row", "cfg-shared"])
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_bool_masks_apply_like_float_masks(linear, rows):
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8) if linear else nn.Conv2d(8, 8, 1)
+    layer = ResidualProjection(base, "blk")
+    layer.add_set("a", 2)
+    with torch.no_grad():
+        layer.sets["a"].up.normal_()
+    layer.scales["a"] = 0.7
+    x = torch.randn(2, 16, 8) if linear else torch.randn(2, 8, 4, 4)
+    mask = torch.rand(rows, 16) > 0.5
+    layer.mask_source = lambda name: mask.float().repeat(2 // rows, 1)
+    want = layer(x)
+    layer.mask_source = lambda name: mask
+    assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_graphs_are_a_no_op_off_cuda(pipe, concept):
+    with graphed_unet(pipe.unet) as runner:
+        assert runner is None and "forward" not in pipe.unet.__dict__
+    residuals = prkit.add_residuals(pipe.unet, token=concept.token, class_word=concept.class_word, seed=0)
+    images = prkit.generate(pipe, "a photo of a sks dog", residuals, steps=2, fast=True, output_type="pt")
+    assert torch.isfinite(images).all()
