@@ -39,7 +39,9 @@ class FastConfig:
     merged_lowrank: bool = False  # apply W + up @ down as one weight (fewer kernels, delta rounded to bf16 of W)
     cudnn_benchmark: bool = False  # autotune convolutions at the first step (costs time up front)
     encode_batch: int = 1  # images per VAE call when caching latents: the VAE's peak memory stays small
-    sdpa_backends: tuple[str, ...] | None = None  # SDPA kernels in priority order (e.g. cudnn, flash); None: torch's
+    # attention kernels in priority order (None: torch's). Flash first: cuDNN's is ~10% faster per step on an H100
+    # but compiles its kernels at run time, which costs ~7 s at a machine's first run and ~1 s in each new process
+    sdpa_backends: tuple[str, ...] | None = ("flash", "efficient", "cudnn", "math")
     lean_blocks: bool = False  # resnets and attention without diffusers' no-op `/ 1.0` rescales (same numbers)
 
 
@@ -199,12 +201,16 @@ def fast_modules(unet: nn.Module, fast: FastConfig, gradient_checkpointing: bool
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing(_checkpoint)
             undo.append(unet.disable_gradient_checkpointing)
-        if fast.sdpa_backends:
+        if fast.sdpa_backends and unet.device.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             names = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                      "math": "MATH"}
-            context = sdpa_kernel([getattr(SDPBackend, names[n]) for n in fast.sdpa_backends], set_priority=True)
+            backends = [getattr(SDPBackend, names[n]) for n in fast.sdpa_backends]
+            try:
+                context = sdpa_kernel(backends, set_priority=True)
+            except TypeError:  # torch < 2.6 has no priority order: keep torch's own choice
+                context = contextlib.nullcontext()
             context.__enter__()
             undo.append(lambda: context.__exit__(None, None, None))
         if fast.cudnn_benchmark:

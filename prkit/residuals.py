@@ -106,23 +106,25 @@ class ResidualProjection(nn.Module):
         self.scales.pop(name)
         self.active.pop(name)
 
-    def _branch(self, x: torch.Tensor, lowrank: LowRank) -> torch.Tensor:
+    def _branch(self, x: torch.Tensor, lowrank: LowRank, mask: torch.Tensor | None = None) -> torch.Tensor:
         down, up = lowrank.down.to(x.dtype), lowrank.up.to(x.dtype)
         if self.is_conv:  # x: (B, C, H, W)
-            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
-        return F.linear(F.linear(x, down), up)  # x: (B, N, C)
+            middle = F.conv2d(x, down[:, :, None, None])  # (B, r, H, W)
+            return F.conv2d(middle if mask is None else _mask_rows(middle, mask, True), up[:, :, None, None])
+        middle = F.linear(x, down)  # (B, N, r)
+        return F.linear(middle if mask is None else _mask_rows(middle, mask, False), up)  # x: (B, N, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         for name, lowrank in self.sets.items():
             if not self.active[name] or name in self.merged or self.scales[name] == 0:
                 continue
-            delta = self._branch(x, lowrank)
             mask = self.mask_source(name) if self.mask_source is not None else None  # (B, N)
-            if mask is not None and mask.dtype == torch.bool:  # LAG's fused CUDA path: one multiply-add
-                out = _add_masked(out, delta, mask, self.scales[name], self.is_conv)
-                continue
-            if mask is not None:
+            # LAG's fused CUDA path hands a bool mask: applied to the rank-r middle, r/C the size of delta (a
+            # per-pixel mask commutes with the 1x1 up-projection)
+            fused = mask is not None and mask.dtype == torch.bool
+            delta = self._branch(x, lowrank, mask if fused else None)
+            if mask is not None and not fused:
                 mask = mask.to(delta.dtype)
                 delta = delta * (mask.view(x.shape[0], 1, *x.shape[2:]) if self.is_conv else mask.unsqueeze(-1))
             out = out + self.scales[name] * delta if self.scales[name] != 1 else out + delta
@@ -146,15 +148,15 @@ class ResidualProjection(nn.Module):
             self.base_layer.weight.copy_(original)
 
 
-def _add_masked(out: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, scale: float, is_conv: bool):
-    """out + scale * mask * delta; a mask of fewer rows than the batch (the conditional rows) serves each group."""
-    rows, batch = mask.shape[0], out.shape[0]
-    groups = batch // rows
-    tail = (1, *out.shape[2:]) if is_conv else (out.shape[1], 1)  # conv: (B, C, H, W); linear: (B, N, C)
-    mask = mask.view(1, rows, *tail)
-    grouped = torch.addcmul(out.view(groups, rows, *out.shape[1:]), delta.view(groups, rows, *delta.shape[1:]),
-                            mask, value=scale)
-    return grouped.reshape(out.shape)
+def _mask_rows(middle: torch.Tensor, mask: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """middle * mask for a bool mask (rows, N); fewer rows than the batch (CFG's conditional rows) serve each group.
+
+    middle: (B, r, H, W) for conv projections, (B, N, r) for linear ones.
+    """
+    rows, batch = mask.shape[0], middle.shape[0]
+    tail = (1, *middle.shape[2:]) if is_conv else (middle.shape[1], 1)
+    grouped = middle.view(batch // rows, rows, *middle.shape[1:]) * mask.view(1, rows, *tail)
+    return grouped.reshape(middle.shape)
 
 
 def find_projections(unet: nn.Module) -> dict[str, nn.Module]:
