@@ -209,90 +209,52 @@ class CaptureProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        if hidden_states.is_cuda and attention_mask is None and not self.state.wants_probs():
-            return self._call_fused(attn, hidden_states, encoder_hidden_states, temb)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        shape4 = hidden_states.shape if hidden_states.ndim == 4 else None
+        if shape4 is not None:
+            hidden_states = hidden_states.view(*shape4[:2], -1).transpose(1, 2)
         batch, tokens_q, _ = hidden_states.shape
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, N, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, T, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B, h, N, T)
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
-        probs = scores.float().softmax(dim=-1).to(value.dtype)
-        side = (height, width) if input_ndim == 4 else self.state.spatial(tokens_q)
-        self.state.record(self.block, self.layer, probs, side)
-
-        hidden_states = (probs @ value).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        query, key, value = _heads(attn, hidden_states, encoder_hidden_states)
+        if hidden_states.is_cuda and attention_mask is None and not self.state.wants_probs():
+            # CUDA path: the output through fused SDPA, the concept maps through a second small one
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+            self.state.record_fused(self.block, self.layer, query, key, attn.scale)
+        else:
+            scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B, h, N, T)
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+                scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
+            probs = scores.float().softmax(dim=-1).to(value.dtype)
+            side = tuple(shape4[2:]) if shape4 is not None else self.state.spatial(tokens_q)
+            self.state.record(self.block, self.layer, probs, side)
+            out = probs @ value
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])))
+        if shape4 is not None:
+            out = out.transpose(-1, -2).reshape(shape4)
         if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            out = out + residual
+        return out / attn.rescale_output_factor if attn.rescale_output_factor != 1 else out
 
-    def _call_fused(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                    temb: torch.Tensor | None) -> torch.Tensor:
-        """CUDA path: the output through fused SDPA (as AttnProcessor2_0), the concept maps through a small one."""
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, N, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, T, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-        self.state.record_fused(self.block, self.layer, query, key, attn.scale)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        if attn.rescale_output_factor != 1:
-            hidden_states = hidden_states / attn.rescale_output_factor
-        return hidden_states
+
+def _heads(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """Query (B, h, N, d), key and value (B, h, T, d) of one attention call, as diffusers' processors make them."""
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
 
 
 def _split_processor_key(key: str) -> tuple[str, int] | None:
