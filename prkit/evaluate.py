@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("world", "dreambooth", "customconcept101")
 METHODS = ("base", "residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth", "attn_kv", "attn_out")
 DEFAULT_METHODS = ("residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth")
-METRICS = ("identity", "pattern", "scene", "class", "background_change",  # the world's oracle
+METRICS = ("identity", "identity_colors", "scene", "class", "background_change",  # the world's oracle
            "clip_i", "clip_t_dreambooth", "clip_t_clipscore", "dino")
 COLUMNS = ["protocol", "target", "method", "subject", "prompt_index", "prompt", "seed", *METRICS,
            "parameters", "train_seconds", "train_steps"]
 KEY = ("target", "method", "subject", "prompt_index", "seed")  # one row per key
-LABELS = {"identity": "identity", "pattern": "pattern", "scene": "prompt (scene)", "class": "class",
+LABELS = {"identity": "identity", "identity_colors": "identity + colours", "scene": "prompt (scene)", "class": "class",
           "background_change": "bg change", "clip_i": "CLIP-I", "clip_t_dreambooth": "CLIP-T raw cos (DreamBooth)",
           "clip_t_clipscore": "CLIP-T 2.5*max(cos,0) (CLIPScore)", "dino": "DINO"}
 RESULTS, SUMMARY = "results.csv", "summary.csv"
@@ -435,7 +435,7 @@ class Scorer:
             graded = grade(gen64, base64, read(gen64, self.oracle), read(base64, self.oracle), subject.world,
                            subject.prompts, per)
             for row, g in zip(rows, graded):
-                row.update({k: g[k] for k in ("identity", "pattern", "scene", "class", "background_change")})
+                row.update({k: g[k] for k in ("identity", "identity_colors", "scene", "class", "background_change")})
         clip_ref, dino_ref = self._ref(subject, concept)
         if self.clip is not None:
             gen = self.clip.embed_images(flat)

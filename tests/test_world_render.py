@@ -66,6 +66,8 @@ def test_captions():
         text = caption(sample_scene(rng, patterns=True), rng)
         assert set(text.split()) <= words
         assert not set(text.split()) & (set(IDENTIFIERS) | set(PATTERNS))
+    patterned = Scene(PLAIN, [Obj("box", "orange", 30, 30, 9, "dots", "blue")])
+    assert caption(patterned) == "a photo of an orange and blue dotted box"
 
 
 def test_tokenizer_single_tokens():

@@ -121,3 +121,22 @@ def test_identifier_embeddings_are_untouched_by_training(recipe, tmp_path):
     red = tok.convert_tokens_to_ids("red</w>")
     assert torch.equal(trained[sks], init[sks])
     assert not torch.equal(trained[red], init[red])
+
+
+def test_diffusion_pool_names_patterns_and_never_shows_an_example_concept():
+    from prkit.world.concepts import EXAMPLE_CONCEPTS
+    from prkit.world.render import sample_scene
+    from prkit.world.vocab import PATTERN_WORDS
+
+    _, caps = W.render_pool(0, 0, 200, chunk=100, patterns=0.5, workers=0)
+    named = [c for c in caps if any(w in c.split() for w in PATTERN_WORDS.values())]
+    assert 0.3 < len(named) / len(caps) < 0.8
+    rng = np.random.default_rng(0)
+    held_out = {(c.class_word, c.pattern, frozenset(c.colors)) for c in EXAMPLE_CONCEPTS.values()}
+    seen = set()
+    for _ in range(3000):
+        obj = sample_scene(rng, n_objects=1).objects[0]
+        obj.cls, obj.color = "ball", "red"
+        W._random_pattern(obj, rng)
+        seen.add((obj.cls, obj.pattern, frozenset((obj.color, obj.color2))))
+    assert not seen & held_out and len(seen) > 20

@@ -1,6 +1,6 @@
 """Ablations on the embedded world: rank, target layers, training steps and LAG threshold, graded by the oracle.
 
-Each variant is trained by the one loop and scored on identity (the concept's pattern and colours
+Each variant is trained by the one loop and scored on identity (the concept's pattern
 read back) and prompt accuracy (the scene read back). Used by notebook 05; CPU-sized by default.
 """
 
@@ -48,7 +48,7 @@ def score(pipe, handle, config: AblationConfig, lag: bool = False, lag_config: L
                       seed=config.seed, num_images=config.images_per_prompt, steps=config.sample_steps)
     readings = read(images, oracle)
     scenes = [prompt_scene(p) for p in prompts for _ in range(config.images_per_prompt)]
-    return {"identity": float(np.mean([identity(r, concept)[1] for r in readings])),
+    return {"identity": float(np.mean([identity(r, concept)[0] for r in readings])),
             "prompt": float(np.mean([r["background"] == s for r, s in zip(readings, scenes)]))}
 
 

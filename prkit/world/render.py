@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .vocab import BACKGROUNDS, CAPTION_TEMPLATES, CLASSES, COLORS, PATTERNS, PLAIN, SCENE_PHRASES, SIZES
+from .vocab import BACKGROUNDS, CAPTION_TEMPLATES, CLASSES, COLORS, PATTERN_WORDS, PATTERNS, PLAIN, SCENE_PHRASES, SIZES
 
 _VARIANTS = 8  # pre-rendered texture variants per background (cropped + flipped per seed)
 _PAD = 16  # texture bank margin (px @64) that random crops move within
@@ -236,7 +236,7 @@ def sample_scene(
 ) -> Scene:
     """Sample a scene: uniform background/classes/colours, 1 object (70%) or 2, objects left to right.
 
-    With patterns=True each object is patterned with probability 1/2 (oracle training only).
+    With patterns=True each object is patterned with probability 1/2.
     """
     bg = background if background is not None else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     n = n_objects if n_objects is not None else (1 if rng.random() < 0.7 else 2)
@@ -268,13 +268,18 @@ def sample_scene(
 
 
 def _noun_phrase(obj: Obj, identifier: str | None) -> str:
-    """'a red ball', 'an orange box' or, for the concept object, 'a sks ball'."""
-    words = f"{identifier} {obj.cls}" if identifier else f"{obj.color} {obj.cls}"
+    """'a red ball', 'a red and white striped ball' or, for the concept object, 'a sks ball'."""
+    if identifier:
+        words = f"{identifier} {obj.cls}"
+    elif obj.pattern:
+        words = f"{obj.color} and {obj.color2} {PATTERN_WORDS[obj.pattern]} {obj.cls}"
+    else:
+        words = f"{obj.color} {obj.cls}"
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
 def caption(scene: Scene, rng: np.random.Generator | None = None, identifier: str | None = None) -> str:
-    """Caption a scene ('a photo of a red ball on the grass'); patterns are never mentioned.
+    """Caption a scene ('a photo of a red ball on the grass', 'a blue and yellow dotted box').
 
     With rng=None the first template and scene phrase are used. With an identifier, the first
     patterned object (else the left one) is named '{identifier} {class}' without its colour.

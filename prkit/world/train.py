@@ -4,7 +4,8 @@
 [--minutes N] [--resume] [--device cuda] [--ship]``
 
 Stages (each reads what the earlier ones left in DIR; each stops gracefully within ``--minutes``):
-- data:   pre-render a fixed pool of captioned scenes (no patterns) for the diffusion model and a
+- data:   pre-render a fixed pool of captioned scenes (half the objects patterned and captioned so,
+          "a red and white striped ball", never as an example concept) for the diffusion model and a
           pool rendered with ``patterns=True`` for the VAE (multiprocessing, deterministic per chunk).
 - vae:    train a small AutoencoderKL (64x64x3 -> 16x16x4) on both pools; set ``scaling_factor``
           to 1 / std of its latents.
@@ -94,7 +95,9 @@ class RecipeConfig:
 
     seed: int = 0
     # data
-    n_images: int = 300_000  # diffusion pool (captioned, no patterns)
+    n_images: int = 300_000  # diffusion pool (captioned)
+    caption_patterns: float = 0.5  # chance that an object of the diffusion pool is patterned (and captioned so);
+    # 0 gives the pattern-free world of run 1-2. The example concepts (class, pattern, colours) never occur.
     n_pattern_images: int = 100_000  # VAE-only pool rendered with patterns=True
     pattern_all: bool = True  # ... and then a pattern on every object (the first run had False: half of them)
     chunk: int = 2_000  # images per deterministic render chunk
@@ -221,14 +224,22 @@ def _render_chunk(args: tuple) -> tuple[np.ndarray, list[str]]:
     """Render images [start, start + n) of pool `kind`; deterministic from (seed, kind, chunk index).
 
     patterns: False (no patterns), True (``sample_scene(patterns=True)``: each object patterned with
-    probability 1/2) or "all" (as True, then every plain object gets a random pattern and colour2).
+    probability 1/2), "all" (as True, then every plain object gets a random pattern and colour2), or a
+    float p: each object patterned with probability p, never as one of the example concepts (captions
+    name the pattern: "a red and white striped ball").
     """
     seed, kind, index, n, patterns = args
     rng = np.random.default_rng([seed, kind, index])
     images = np.zeros((n, 64, 64, 3), np.uint8)
     captions = []
     for i in range(n):
-        scene = sample_scene(rng, patterns=bool(patterns))
+        if isinstance(patterns, float):
+            scene = sample_scene(rng)
+            for obj in scene.objects:
+                if rng.random() < patterns:
+                    _random_pattern(obj, rng)
+        else:
+            scene = sample_scene(rng, patterns=bool(patterns))
         if patterns == "all":
             for obj in scene.objects:
                 if obj.pattern is None:
@@ -238,6 +249,23 @@ def _render_chunk(args: tuple) -> tuple[np.ndarray, list[str]]:
         captions.append(caption(scene, rng))
         images[i] = render(scene, seed=int(rng.integers(2**31)))[0]
     return images, captions
+
+
+def _held_out() -> set[tuple]:
+    from .concepts import EXAMPLE_CONCEPTS
+
+    return {(c.class_word, c.pattern, frozenset(c.colors)) for c in EXAMPLE_CONCEPTS.values()}
+
+
+def _random_pattern(obj, rng: np.random.Generator) -> None:
+    """Give obj a random pattern and second colour that is not one of the example concepts."""
+    held_out = _held_out()
+    while True:
+        obj.pattern = PATTERNS[rng.integers(len(PATTERNS))]
+        others = [c for c in COLOR_NAMES if c != obj.color]
+        obj.color2 = others[rng.integers(len(others))]
+        if (obj.cls, obj.pattern, frozenset((obj.color, obj.color2))) not in held_out:
+            return
 
 
 def render_pool(seed: int, kind: int, n: int, chunk: int, patterns: bool | str, workers: int
@@ -266,7 +294,7 @@ def stage_data(cfg: RecipeConfig, out: Path) -> dict:
     workers = cfg.workers if cfg.workers is not None else min(16, os.cpu_count() or 1)
     d = out / "data"
     d.mkdir(parents=True, exist_ok=True)
-    imgs, caps = render_pool(cfg.seed, 0, cfg.n_images, cfg.chunk, False, workers)
+    imgs, caps = render_pool(cfg.seed, 0, cfg.n_images, cfg.chunk, float(cfg.caption_patterns) or False, workers)
     np.save(d / "images.npy", imgs)
     (d / "captions.json").write_text(json.dumps(caps))
     pimgs, _ = render_pool(cfg.seed, 1, cfg.n_pattern_images, cfg.chunk, "all" if cfg.pattern_all else True, workers)

@@ -45,7 +45,9 @@ SCENE_PHRASES: dict[str, tuple[str, ...]] = {
 }
 CAPTION_TEMPLATES: tuple[str, ...] = ("a photo of {objects}", "{objects}", "a picture of {objects}")
 
-PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks", "face")  # never in base-model captions
+PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks", "face")
+# How captions name a pattern: "a red and white striped ball" (the example concepts never appear).
+PATTERN_WORDS: dict[str, str] = {"stripes": "striped", "dots": "dotted", "checks": "checkered", "face": "smiling"}
 IDENTIFIERS: tuple[str, ...] = ("sks", "zwx", "qrv", "vbn", "pfh")  # never in training captions
 
 POSITIONS: tuple[str, ...] = ("left", "center", "right")  # x thirds of the image

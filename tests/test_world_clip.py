@@ -1,0 +1,52 @@
+"""The world's CLIP: shipped, loaded through prkit.metrics like any CLIP, and it reads renders."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prkit import metrics
+from prkit.world import clip as C
+from prkit.world.render import Obj, Scene, render
+
+
+def test_plain_caption_drops_colours_and_patterns():
+    assert C.plain_caption("a photo of an orange and blue striped ring next to a red ball on the grass") == \
+        "a photo of a ring next to a ball on the grass"
+    assert C.plain_caption("a picture of a red box") == "a picture of a box"
+    assert C.plain_caption("an orange star") == "a star"
+
+
+def test_build_clip_fits_the_budget():
+    from transformers import CLIPTokenizer
+
+    from prkit.world.build_tokenizer import TOKENIZER_DIR
+
+    model = C.build_clip(CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)))
+    assert sum(p.numel() for p in model.parameters()) < 1.5e6
+    assert model.config.vision_config.image_size == 64
+
+
+def test_shipped_world_clip_matches_images_to_their_captions():
+    clip, reason = metrics.try_load_clip("world")
+    assert reason is None, reason
+    captions = ["a photo of a red ball on the grass", "a photo of a blue box in the snow",
+                "a photo of a green star on the beach", "a photo of a yellow heart under the night sky"]
+    scenes = [Scene("grass", [Obj("ball", "red", 32, 32, 14)]), Scene("snow", [Obj("box", "blue", 32, 32, 14)]),
+              Scene("beach", [Obj("star", "green", 32, 32, 14)]), Scene("night sky", [Obj("heart", "yellow", 32, 32, 14)])]
+    images = [Image.fromarray(render(s, seed=i)[0]) for i, s in enumerate(scenes)]
+    sims = metrics.pairwise_cosine(clip.embed_images(images), clip.embed_texts(captions))
+    assert torch.equal(sims.argmax(1), torch.arange(4)), sims
+    # the metric convention: CLIPScore of the right caption beats the wrong ones on average
+    right = metrics.clip_t(clip.embed_images(images), clip.embed_texts(captions), "clipscore")
+    wrong = metrics.clip_t(clip.embed_images(images), clip.embed_texts(captions[1:] + captions[:1]), "clipscore")
+    assert right > wrong + 0.2
+
+
+def test_retrieval_accuracy_on_fresh_renders():
+    from prkit.world.train import render_pool
+
+    clip, _ = metrics.try_load_clip("world")
+    images, caps = render_pool(11, 9, 100, 100, 0.5, 0)
+    acc = C.retrieval_accuracy(clip.model.float(), clip.tokenizer, images, caps, torch.device("cpu"), group=50)
+    assert acc >= 0.85
