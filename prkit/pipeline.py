@@ -58,6 +58,11 @@ def _missing_message(name: str, err: Exception) -> str:
             f"folder here and pass its path; or use the embedded default, model='world'.")
 
 
+def native_resolution(pipe) -> int:
+    """The image side the pipeline's UNet was trained at (512 for SD1.5, 1024 for SDXL, 64 for the world)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
 def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.device = "auto",
                   dtype: str | torch.dtype | None = None, **kwargs):
     """Load a Stable Diffusion-family pipeline (SD1.x, SD2.x, SDXL) ready for prkit.

@@ -34,6 +34,9 @@ def notebook_list(folder: Path, only: list[str] | None = None) -> list[Path]:
     return books
 
 
+HEADLESS = {"interactive": False}  # widgets fall back to static figures in a report
+
+
 def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str = "python3") -> list[dict]:
     """Execute each notebook into ``out`` with papermill; stop at the first failure. Returns one row per notebook."""
     import papermill as pm
@@ -44,7 +47,8 @@ def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str =
         print(f"[{i}/{len(notebooks)}] {book.name} ...", end=" ", flush=True)
         target = out / book.name
         try:
-            pm.execute_notebook(str(book), str(target), parameters={**parameters, "run_dir": str(out)},
+            headless = {k: v for k, v in HEADLESS.items() if k in pm.inspect_notebook(str(book))}
+            pm.execute_notebook(str(book), str(target), parameters={**headless, **parameters, "run_dir": str(out)},
                                 kernel_name=kernel, progress_bar=False, cwd=str(out))
             status = "ok"
         except Exception as err:  # papermill re-raises the cell's error; the executed notebook keeps it

@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,21 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     stop_after: int | None = None  # stop (as if interrupted) after this many steps, checkpoint written
     fast: bool | None = None  # the CUDA-graph loop of prkit.fast; None: on for CUDA, off elsewhere
+
+
+def _check_resolution(pipe, concept) -> None:
+    """Warn when the concept's images are far from the model's native size (slow and off-distribution)."""
+    from .pipeline import native_resolution
+
+    images = getattr(concept, "images", None)
+    if not images:
+        return
+    side, native = min(images[0].size), native_resolution(pipe)
+    if side >= 2 * native or 2 * side <= native:
+        warnings.warn(f"the concept's images are {side}px but the model's native resolution is {native}px: "
+                      f"training at {side}px is {(side / native) ** 2:.3g}x the work and off the model's "
+                      f"distribution; load them with load_concept(..., resolution={native}) "
+                      "(prkit.native_resolution(pipe))", stacklevel=3)
 
 
 class TrainingDiverged(RuntimeError):
@@ -177,6 +193,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         return train_fast(pipe, concept, config, name=name, progress=progress)
     from diffusers import DDPMScheduler
 
+    _check_resolution(pipe, concept)
     start = time.perf_counter()
     unet = pipe.unet
     device = unet.device

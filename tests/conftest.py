@@ -67,8 +67,8 @@ def randomize(residuals, seed: int = 1, std: float = 0.3) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def make_concept(token: str = "sks", class_word: str = "dog"):
-    """A prkit Concept of three 16x16 images (the tiny pipeline's resolution)."""
+def make_concept(token: str = "sks", class_word: str = "dog", resolution: int = 16):
+    """A prkit Concept of three 16x16 images (the tiny pipeline's resolution; others resized from them)."""
     from PIL import Image
 
     from prkit.data import Concept
@@ -77,7 +77,7 @@ def make_concept(token: str = "sks", class_word: str = "dog"):
     for i in range(3):
         img = Image.new("RGB", (16, 16), (60 * i, 120, 200 - 50 * i))
         img.paste((250, 250 - 80 * i, 10), (4, 4, 12, 12))
-        images.append(img)
+        images.append(img if resolution == 16 else img.resize((resolution, resolution)))
     return Concept(images=images, token=token, class_word=class_word, paths=[])
 
 

@@ -158,3 +158,17 @@ def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
     assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]  # no .tmp left behind
     assert (ckpt / "checkpoint.pt").read_bytes() == good  # the old checkpoint survived
     assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_images_far_from_the_native_resolution_warn_with_the_fix(tmp_path):
+    pipe = make_pipe(tmp_path)
+    native = prkit.native_resolution(pipe)
+    big = make_concept(resolution=native * 4)
+    with pytest.warns(UserWarning, match=rf"native resolution is {native}px.*resolution={native}"):
+        prkit.train_residuals(pipe, big, steps=1, **FAST)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prkit.train_residuals(make_pipe(tmp_path / "b"), make_concept(resolution=native), steps=1, **FAST)
+    assert not [w for w in caught if "native resolution" in str(w.message)]
