@@ -225,6 +225,9 @@ def test_world_model_end_to_end(tmp_path):
     assert all(0 <= s["identity"] <= 1 and s["background_change"] >= 0 for s in summary)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert set(run["unavailable"]) == {"CLIP-I/CLIP-T", "DINO"}  # a reason, or None where the backbone loaded
+    assert run["unavailable"]["CLIP-I/CLIP-T"] is None and run["unavailable"]["DINO"]  # the world ships a CLIP
+    rows = ev.read_rows(tmp_path / "out" / ev.RESULTS)
+    assert all(0 < float(r["clip_t_clipscore"]) <= 2.5 and -1 <= float(r["clip_i"]) <= 1 for r in rows)
 
 
 def test_cli_arguments_make_the_config():

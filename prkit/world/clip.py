@@ -94,7 +94,7 @@ def train_clip(recipe: ClipRecipe, device: torch.device) -> tuple[object, object
     from transformers import CLIPTokenizer
 
     from .build_tokenizer import TOKENIZER_DIR
-    from .train import render_pool
+    from .pool import render_pool
 
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
