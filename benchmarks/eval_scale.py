@@ -22,30 +22,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this script
 
 
-def build_pipeline(folder: Path) -> Path:
-    """Save a random-weight SD1.5-shaped StableDiffusionPipeline (fp16) to ``folder`` (the world tokenizer)."""
+def build_pipeline(folder: Path, tiny: bool = False) -> Path:
+    """Save the benchmarks' random-weight SD1.5 pipeline (``bench.build``; fp16, world tokenizer) to ``folder``."""
+    from types import SimpleNamespace
+
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from prkit.arch import TEXT_CONFIGS, VAE_CONFIG, build_unet
+    from bench import build
 
     if (folder / "model_index.json").exists():
         return folder
-    torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        unet = build_unet("sd15", device=device)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIGS["sd15"]))
-    tok = CLIPTokenizer.from_pretrained(str(ROOT / "prkit" / "world" / "tokenizer"), model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    pipe, _ = build(SimpleNamespace(tiny=tiny, device=device, dtype=torch.float16), "sd15")
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 

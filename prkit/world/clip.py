@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..metrics import CLIP_MEAN, CLIP_STD
 from .vocab import COLOR_NAMES, PATTERN_WORDS
 
 log = logging.getLogger(__name__)
 
 CLIP_DIR = Path(__file__).parent / "clip"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the normalization prkit.metrics applies
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _COLOR = "|".join(COLOR_NAMES)
 _PLAIN = re.compile(rf"\b(?:{_COLOR}) and (?:{_COLOR}) (?:{'|'.join(PATTERN_WORDS.values())}) |\b(?:{_COLOR}) ")
 
@@ -71,9 +70,12 @@ def plain_caption(text: str) -> str:
 
 
 def to_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 64, 64, 3) -> normalized (N, 3, 64, 64) float, as ``prkit.metrics`` prepares 64x64 images."""
-    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    """uint8 (N, 64, 64, 3) -> normalized (N, 3, 64, 64) float on the same device, as ``prkit.metrics``
+    prepares 64x64 images."""
+    images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
 
 
 def retrieval_accuracy(model, tokenizer, images: np.ndarray, captions: list[str], device, group: int = 100) -> float:
@@ -109,8 +111,6 @@ def train_clip(recipe: ClipRecipe, device: torch.device) -> tuple[object, object
     model = build_clip(tok).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     gen = torch.Generator(device=device).manual_seed(recipe.seed)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     deadline = time.perf_counter() + recipe.minutes * 60
     step, losses = 0, []
@@ -118,9 +118,8 @@ def train_clip(recipe: ClipRecipe, device: torch.device) -> tuple[object, object
         for g in opt.param_groups:
             g["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup)
         idx = torch.randint(0, len(pool), (recipe.batch,), device=device, generator=gen)
-        x = pool[idx].permute(0, 3, 1, 2).float() / 255.0  # no flips: captions say left/right by word order
-        with amp:
-            out = model(input_ids=input_ids[idx], attention_mask=mask[idx], pixel_values=(x - mean) / std,
+        with amp:  # no flips: captions say left/right by word order
+            out = model(input_ids=input_ids[idx], attention_mask=mask[idx], pixel_values=to_pixels(pool[idx]),
                         return_loss=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

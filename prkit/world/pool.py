@@ -4,6 +4,7 @@ the ``data`` stage that saves the diffusion and VAE pools to DIR/data.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -49,10 +50,11 @@ def _render_chunk(args: tuple) -> tuple[np.ndarray, list[str]]:
     return images, captions
 
 
-def _held_out() -> set[tuple]:
+@functools.cache
+def _held_out() -> frozenset[tuple]:
     from .concepts import EXAMPLE_CONCEPTS
 
-    return {(c.class_word, c.pattern, frozenset(c.colors)) for c in EXAMPLE_CONCEPTS.values()}
+    return frozenset((c.class_word, c.pattern, frozenset(c.colors)) for c in EXAMPLE_CONCEPTS.values())
 
 
 def _random_pattern(obj, rng: np.random.Generator) -> None:
