@@ -57,11 +57,18 @@ def build_subjects(root: Path, n: int, prompts: int, images: int = 5, side: int 
     return root
 
 
-def timed(cmd: list[str], log: Path) -> float:
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
     start = time.perf_counter()
     with open(log, "w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
     return time.perf_counter() - start
+
+
+def rank_summary(run: dict) -> list[dict]:
+    """Per rank: pipeline load, jobs run and their seconds, and when its job loop ended (from the runner's run.json)."""
+    return [{"rank": r["rank"], "load_seconds": round(r["load_seconds"], 2), "jobs": len(r["jobs"]),
+             "job_seconds": round(sum(j["seconds"] for j in r["jobs"]), 2), "loop_end_seconds": round(r["loop_seconds"], 2)}
+            for r in run.get("ranks", [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,19 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=["residuals", "lora"])
+    ap.add_argument("--tiny", action="store_true", help="a tiny random pipeline (a CPU smoke run of this script)")
+    ap.add_argument("--warmup", action="store_true",
+                    help="run one untimed job first (fills the on-disk kernel caches both timed runs then share)")
     ap.add_argument("--json", type=Path, default=None, help="where to write the result (default: OUT/scale.json)")
     args = ap.parse_args(argv)
     out = args.out
     t = time.perf_counter()
-    model = build_pipeline(out / "sd15_random")
+    model = build_pipeline(out / ("tiny_random" if args.tiny else "sd15_random"), tiny=args.tiny)
     data = build_subjects(out / "data", args.subjects, args.prompts)
     prep = time.perf_counter() - t
-    common = ["-m", "prkit.evaluate", "--protocol", "customconcept101", "--data", str(data), "--model", str(model),
-              "--methods", *args.methods, "--clip", "none", "--dino", "none",
-              "--images-per-prompt", str(args.images_per_prompt)]
+    base = ["-m", "prkit.evaluate", "--protocol", "customconcept101", "--data", str(data), "--model", str(model),
+            "--clip", "none", "--dino", "none", "--images-per-prompt", str(args.images_per_prompt)]
+    common = [*base, "--methods", *args.methods]
+    if args.warmup:
+        timed([sys.executable, *base, "--methods", "residuals", "--subjects", "subject00",
+               "--out", str(out / "run_warmup")], out / "log_warmup.txt")
     one = timed([sys.executable, *common, "--out", str(out / "run_1gpu")], out / "log_1gpu.txt")
+    # torchrun gives each rank OMP_NUM_THREADS=1 unless told; share the host's cores out as a user would
+    threads = str(max(1, (os.cpu_count() or 1) // args.gpus))
     many = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
-                  *common, "--out", str(out / f"run_{args.gpus}gpu")], out / f"log_{args.gpus}gpu.txt")
+                  *common, "--out", str(out / f"run_{args.gpus}gpu")], out / f"log_{args.gpus}gpu.txt",
+                 env={"OMP_NUM_THREADS": threads})
     runs = {k: json.loads((out / d / "run.json").read_text()) for k, d in
             (("one", "run_1gpu"), ("many", f"run_{args.gpus}gpu"))}
     import torch
@@ -96,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_1gpu": one, f"wall_{args.gpus}gpu": many, "speedup_wall": one / many,
         "runner_seconds_1gpu": runs["one"]["seconds"], f"runner_seconds_{args.gpus}gpu": runs["many"]["seconds"],
         "speedup_runner": runs["one"]["seconds"] / runs["many"]["seconds"],
-        "torch": torch.__version__,
+        "torch": torch.__version__, "omp_threads_per_rank": int(threads),
+        "ranks_1gpu": rank_summary(runs["one"]), f"ranks_{args.gpus}gpu": rank_summary(runs["many"]),
     }
     rows_one = (out / "run_1gpu" / "results.csv").read_text().count("\n")
     rows_many = (out / f"run_{args.gpus}gpu" / "results.csv").read_text().count("\n")

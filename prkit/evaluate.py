@@ -1,9 +1,9 @@
 """Evaluation harness: train every method on every subject with its recipe, sample, score, tabulate.
 
-Owns the protocols (the world's benchmark, the DreamBooth and CustomConcept101 layouts), the (method, subject)
-jobs and their split across processes (torchrun / accelerate launch: each rank writes its part, rank 0 merges),
-the results CSV (one row per method, subject, prompt and seed; each finished pair written atomically and
-skipped on re-runs) and the summary (mean, 95% interval). Metrics, training and sampling live elsewhere.
+Owns the protocols (the world's benchmark, the DreamBooth and CustomConcept101 layouts), the scorer and the
+runner: every (method, subject) job, split across processes under torchrun / accelerate launch (ranks claim
+jobs from one queue and write their own part; rank 0 merges). The jobs and their queue live in ``eval_jobs``,
+the results CSV and summary in ``eval_results`` (re-exported here); metrics, training and sampling elsewhere.
 
     prkit eval --protocol world --methods residuals lora textual_inversion --out runs/eval
     torchrun --nproc_per_node 2 -m prkit.evaluate --protocol dreambooth --data dreambooth/dataset --model DIR
@@ -13,33 +13,25 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import json
 import logging
-import math
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .eval_jobs import JobQueue, _device, _group, dist_env, job_cost, job_list, shard, variants  # noqa: F401
+from .eval_results import (  # noqa: F401  (re-exported: prkit.evaluate is the harness's one public module)
+    COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table, mean_ci,
+    merge, read_rows, summarize, t975, write_rows,
+)
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("world", "dreambooth", "customconcept101")
-METHODS = ("base", "residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth", "attn_kv", "attn_out")
 DEFAULT_METHODS = ("residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth")
-METRICS = ("identity", "identity_colors", "scene", "class", "background_change",  # the world's oracle
-           "clip_i", "clip_t_dreambooth", "clip_t_clipscore", "dino")
-COLUMNS = ["protocol", "target", "method", "subject", "prompt_index", "prompt", "seed", *METRICS,
-           "parameters", "train_seconds", "train_steps"]
-KEY = ("target", "method", "subject", "prompt_index", "seed")  # one row per key
-LABELS = {"identity": "identity", "identity_colors": "identity + colours", "scene": "prompt (scene)", "class": "class",
-          "background_change": "bg change", "clip_i": "CLIP-I", "clip_t_dreambooth": "CLIP-T raw cos (DreamBooth)",
-          "clip_t_clipscore": "CLIP-T 2.5*max(cos,0) (CLIPScore)", "dino": "DINO"}
-RESULTS, SUMMARY = "results.csv", "summary.csv"
 
 
 @dataclass
@@ -163,209 +155,6 @@ def load_subjects(config: EvalConfig) -> list[Subject]:
     for s in subjects:
         s.prompts = s.prompts[:config.max_prompts] if config.max_prompts else s.prompts
     return subjects
-
-
-def variants(method: str) -> list[tuple[str, bool]]:
-    """The sampled variants of a trained method: (row label, LAG on)."""
-    return [("residuals", False), ("residuals+lag", True)] if method == "residuals" else [(method, False)]
-
-
-# ------------------------------------------------------------------------------------------ jobs and shards
-
-def job_list(methods: Sequence[str], subjects: Sequence[str]) -> list[tuple[str, str]]:
-    """Every (method, subject) pair, method-major."""
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
-    return [(m, s) for m in methods for s in subjects]
-
-
-def job_cost(method: str, config: EvalConfig, prompts: int) -> float:
-    """A rough relative cost of one job (training image-steps plus sampling), for balancing shards."""
-    from .targets import recipe
-
-    sampling = prompts * config.images_per_prompt * config.sample_steps * len(variants(method)) * 2  # CFG: x2
-    if method == "base":
-        return float(sampling)
-    r = recipe(method, **config.train.get(method, {}))
-    weight = {"dreambooth": 3.0, "custom_diffusion": 1.3}.get(method, 1.0)  # full backward + optimizer state
-    return r["steps"] * r["batch_size"] * 3 * weight + sampling  # a training step ~ 3 forward passes
-
-
-def shard(jobs: Sequence, rank: int, world_size: int, cost: Callable | None = None) -> list:
-    """This rank's share of ``jobs``, the same on every rank (deterministic).
-
-    Args:
-        jobs: the full job list, in the same order on every rank.
-        rank, world_size: this process and how many there are.
-        cost: job -> relative cost; given, jobs go longest first to the least loaded rank (LPT), else round-robin.
-    Returns:
-        the rank's jobs, in the list's order.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    if cost is None:
-        return list(jobs[rank::world_size])
-    load = [0.0] * world_size
-    owner = {}
-    for i in sorted(range(len(jobs)), key=lambda i: (-cost(jobs[i]), i)):
-        r = min(range(world_size), key=lambda k: (load[k], k))
-        owner[i] = r
-        load[r] += cost(jobs[i])
-    return [job for i, job in enumerate(jobs) if owner[i] == rank]
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the launcher's environment (torchrun, accelerate); (0, 1, 0) alone."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
-# -------------------------------------------------------------------------------------------------- files
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a results CSV (strings), [] when it does not exist."""
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _cell(value) -> str:
-    value = value.item() if hasattr(value, "item") else value  # numpy / torch scalars
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, bool):
-        return str(int(value))
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def write_rows(path: Path, rows: list[dict], columns: Sequence[str] = COLUMNS) -> Path:
-    """Write rows atomically (temporary file, fsync, rename): readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def append_rows(path: Path, rows: list[dict]) -> Path:
-    """Add one finished pair's rows to ``path`` as one atomic replacement of the file."""
-    return write_rows(path, read_rows(path) + rows)
-
-
-def _part_files(out: Path) -> list[Path]:
-    return sorted((out / "parts").glob("*.csv")) if (out / "parts").is_dir() else []
-
-
-def finished_pairs(out: str | Path) -> set[tuple[str, str]]:
-    """(method, subject) pairs with rows in ``out``'s results CSV or in any rank's part file."""
-    out = Path(out)
-    return {(r["target"], r["subject"]) for p in [out / RESULTS, *_part_files(out)] for r in read_rows(p)}
-
-
-def merge(out: str | Path) -> list[dict]:
-    """Fold every part file into results.csv (one row per key, sorted), then delete the parts; returns the rows."""
-    out = Path(out)
-    parts = _part_files(out)
-    rows: dict[tuple, dict] = {}
-    for path in [out / RESULTS, *parts]:
-        for r in read_rows(path):
-            rows[tuple(r[k] for k in KEY)] = r
-    order = {m: i for i, m in enumerate(METHODS)}
-    merged = sorted(rows.values(), key=lambda r: (order.get(r["target"], 99), r["method"], r["subject"],
-                                                  int(r["prompt_index"]), int(r["seed"])))
-    write_rows(out / RESULTS, merged)
-    for path in parts:
-        path.unlink()
-    return merged
-
-
-# ---------------------------------------------------------------------------------------------- summary
-
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def t975(df: int) -> float:
-    """Two-sided 95% Student-t quantile (a table, conservative between its entries; 1.96 beyond 120)."""
-    if df < 1:
-        return float("nan")
-    if df > 120:
-        return 1.96
-    return _T975[max(k for k in _T975 if k <= df)]  # the next smaller tabulated df: a slightly wider interval
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval) of the finite values; NaN where undefined."""
-    xs = [float(v) for v in values if v == v and not math.isinf(float(v))]
-    if not xs:
-        return float("nan"), float("nan")
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-    return mean, t975(len(xs) - 1) * sd / math.sqrt(len(xs))
-
-
-def _num(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def summarize(rows: list[dict], ci_over: str = "image") -> list[dict]:
-    """Per method: images, subjects, mean trainable parameters and training seconds, and mean and 95%
-    interval of every metric (over images, or over per-subject means with ``ci_over="subject"``)."""
-    if ci_over not in ("image", "subject"):
-        raise ValueError(f"ci_over must be 'image' or 'subject', got {ci_over!r}")
-    order = {m: i for i, m in enumerate(METHODS)}
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (order.get(m.split("+")[0], 99), m))
-    out = []
-    for method in methods:
-        sel = [r for r in rows if r["method"] == method]
-        subjects = sorted({r["subject"] for r in sel})
-        per_subject = [next(r for r in sel if r["subject"] == s) for s in subjects]
-        summary = {"method": method, "images": len(sel), "subjects": len(subjects),
-                   "parameters": mean_ci([_num(r["parameters"]) for r in per_subject])[0],
-                   "train_seconds": mean_ci([_num(r["train_seconds"]) for r in per_subject])[0]}
-        for m in METRICS:
-            if ci_over == "image":
-                values = [_num(r.get(m)) for r in sel]
-            else:
-                values = [mean_ci([_num(r.get(m)) for r in sel if r["subject"] == s])[0] for s in subjects]
-            summary[m], summary[f"{m}_ci95"] = mean_ci(values)
-        out.append(summary)
-    return out
-
-
-def format_table(summary: list[dict], unavailable: dict[str, str] | None = None, ci_over: str = "image") -> str:
-    """A markdown table of the summary (metrics with no value in any row are left out), reasons as notes."""
-    shown = [m for m in METRICS if any(s[m] == s[m] for s in summary)]
-    head = ["method", "subjects", "images", *[LABELS[m] for m in shown], "trainable params", "train s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summary:
-        cells = [s["method"], str(s["subjects"]), str(s["images"])]
-        for m in shown:
-            ci = s[f"{m}_ci95"]
-            cells.append(f"{s[m]:.4f}" + (f" ± {ci:.4f}" if ci == ci else ""))
-        cells += [f"{s['parameters']:,.0f}", f"{s['train_seconds']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"\n± : 95% t-interval over {'images' if ci_over == 'image' else 'per-subject means'}. "
-             "CLIP-T is given in both conventions, as labelled."]
-    notes += [f"- {name} unavailable: {reason}" for name, reason in (unavailable or {}).items() if reason]
-    return "\n".join(lines + notes) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -524,30 +313,6 @@ def run_job(pipe, subject: Subject, method: str, config: EvalConfig, scorer: Sco
     return rows
 
 
-def _device(config: EvalConfig, local_rank: int, world_size: int):
-    import torch
-
-    from .pipeline import resolve_device
-
-    if config.device == "auto" and world_size > 1 and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return resolve_device(config.device)
-
-
-def _group(world_size: int):
-    """A gloo process group for the two barriers (CPU-only: works on any launcher and device); None alone."""
-    if world_size == 1:
-        return None
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=72))
-    return dist
-
-
 def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = True) -> list[dict]:
     """Run this process's share of the evaluation; the only or rank-0 process then merges and summarizes.
 
@@ -567,40 +332,56 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     subjects = {s.name: s for s in load_subjects(config)}
     jobs = job_list(config.methods, list(subjects))
     dist = _group(world_size)
+    claims = out / "claims"
+    if rank == 0 and world_size > 1:
+        JobQueue.reset(claims)  # claims of an interrupted run; its finished pairs are in the results
     done = finished_pairs(out)
     if dist is not None:
-        dist.barrier()  # every rank has read the finished pairs before any rank writes
+        dist.barrier()  # every rank has read the finished pairs, and the claims are clear, before any rank writes
     todo = [j for j in jobs if j not in done]
-    mine = shard(todo, rank, world_size, cost=lambda j: job_cost(j[0], config, len(subjects[j[1]].prompts)))
+    cost = lambda j: job_cost(j[0], config, len(subjects[j[1]].prompts))  # noqa: E731
+    # one rank: every job in list order; several: each rank takes the next unclaimed job when it is free
+    mine = JobQueue(claims, todo, cost, rank) if world_size > 1 else todo
     part = out / RESULTS if world_size == 1 else out / "parts" / f"rank{rank:03d}-of-{world_size:03d}.csv"
-    log.info("rank %d/%d: %d of %d jobs (%d done before)", rank, world_size, len(mine), len(jobs),
+    log.info("rank %d/%d: %d of %d jobs to run (%d done before)", rank, world_size, len(todo), len(jobs),
              len(done & set(jobs)))
     scorer = None
-    if mine:
-        device = _device(config, local_rank, world_size)
-        if pipe is None:
-            from .pipeline import load_pipeline
+    timing = {"rank": rank, "load_seconds": 0.0, "jobs": []}
+    for method, name in tqdm(mine, desc=f"eval rank {rank}", disable=not progress):
+        if scorer is None:  # first job of this rank: load what every job needs
+            t0 = time.perf_counter()
+            if pipe is None:
+                from .pipeline import load_pipeline
 
-            pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
-            pipe.set_progress_bar_config(disable=True)
-        scorer = Scorer(config, pipe.unet.device, oracle)
-        base_images: dict = {}
-        for method, name in tqdm(mine, desc=f"eval rank {rank}", disable=not progress):
-            rows = run_job(pipe, subjects[name], method, config, scorer, base_images)
-            append_rows(part, rows)  # the pair is finished once its rows are in
-            log.info("%s on %s: %d rows", method, name, len(rows))
-            _free(pipe)
+                pipe = load_pipeline(config.model, device=_device(config, local_rank, world_size), dtype=config.dtype)
+                pipe.set_progress_bar_config(disable=True)
+            scorer = Scorer(config, pipe.unet.device, oracle)
+            base_images: dict = {}
+            timing["load_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = run_job(pipe, subjects[name], method, config, scorer, base_images)
+        append_rows(part, rows)  # the pair is finished once its rows are in
+        timing["jobs"].append({"method": method, "subject": name, "seconds": time.perf_counter() - t0})
+        log.info("%s on %s: %d rows", method, name, len(rows))
+        _free(pipe)
+    timing["loop_seconds"] = time.perf_counter() - start
     if dist is not None:
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        (out / "parts" / f"rank{rank:03d}-timing.json").write_text(json.dumps(timing) + "\n")
         dist.barrier()  # every part is written
     if rank != 0:
         return []
+    ranks = [json.loads(p.read_text()) for p in sorted((out / "parts").glob("rank*-timing.json"))] or [timing]
+    for p in (out / "parts").glob("rank*-timing.json"):
+        p.unlink()
+    JobQueue.reset(claims)
     rows = merge(out)
     unavailable = (scorer or Scorer(config, "cpu", need_oracle=False)).unavailable
     summary = summarize(rows, config.ci_over)
     write_rows(out / SUMMARY, summary, columns=list(summary[0]) if summary else ["method"])
     (out / "summary.md").write_text(format_table(summary, unavailable, config.ci_over))
     run = {"config": asdict(config), "world_size": world_size, "seconds": time.perf_counter() - start,
-           "unavailable": unavailable, "jobs": len(jobs)}
+           "unavailable": unavailable, "jobs": len(jobs), "ranks": ranks}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
     return summary
 

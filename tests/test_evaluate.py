@@ -85,6 +85,33 @@ def test_shard_round_robin_and_balanced():
         ev.shard(jobs, 2, 2)
 
 
+def test_job_queue_hands_each_job_to_exactly_one_rank(tmp_path):
+    jobs = [(m, s) for m in ("a", "b", "c") for s in ("x", "y/z", "w w")]  # odd subject names are fine
+    cost = {"a": 1.0, "b": 10.0, "c": 3.0}
+    queues = [iter(ev.JobQueue(tmp_path / "claims", jobs, lambda j: cost[j[0]], rank=r)) for r in range(2)]
+    got: list[list] = [[], []]
+    pending = [0, 1]
+    turn = 0
+    while pending:  # the two ranks ask in turn, as if each job took as long as the other rank's
+        r = pending[turn % len(pending)]
+        job = next(queues[r], None)
+        if job is None:
+            pending.remove(r)
+        else:
+            got[r].append(job)
+            turn += 1
+    assert sorted(got[0] + got[1]) == sorted(jobs) and not set(got[0]) & set(got[1])
+    assert got[0][0][0] == "b" and got[1][0][0] == "b"  # costliest first
+    claimed = [json.loads(p.read_text()) for p in (tmp_path / "claims").iterdir()]
+    assert sorted(c["rank"] for c in claimed) == sorted([0] * len(got[0]) + [1] * len(got[1]))
+    # a slow rank takes fewer jobs: rank 1 takes one job, rank 0 then takes all the rest
+    ev.JobQueue.reset(tmp_path / "claims")
+    assert not (tmp_path / "claims").exists()
+    slow, fast = iter(ev.JobQueue(tmp_path / "claims", jobs, rank=1)), iter(ev.JobQueue(tmp_path / "claims", jobs))
+    first = next(slow)
+    assert first == jobs[0] and list(fast) == jobs[1:] and next(slow, None) is None
+
+
 def _row(target, subject, prompt_index=0, seed=0, method=None, **metrics):
     return {"protocol": "p", "target": target, "method": method or target, "subject": subject,
             "prompt_index": prompt_index, "prompt": "a sks dog", "seed": seed, "parameters": 10,

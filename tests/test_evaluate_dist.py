@@ -17,7 +17,7 @@ from tiny import tiny_pipeline
 
 
 def test_two_processes_under_torchrun_match_one(assets, tmp_path):
-    """torchrun --nproc_per_node 2 on the CPU (gloo): each rank runs its shard, rank 0 merges; rows as one process."""
+    """torchrun --nproc_per_node 2 on the CPU (gloo): ranks claim jobs from one queue, rank 0 merges; rows as one process."""
     model = tmp_path / "model"
     tiny_pipeline(tmp_path / "build").save_pretrained(model)
     single = tmp_path / "single"
@@ -39,7 +39,11 @@ def test_two_processes_under_torchrun_match_one(assets, tmp_path):
         raise
     assert proc.returncode == 0, stderr[-3000:]
     assert "wrote" in stdout and not list((out / "parts").iterdir())
-    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and not (out / "claims").exists()
+    ranks = {r["rank"]: [(j["method"], j["subject"]) for j in r["jobs"]] for r in run["ranks"]}
+    assert sorted(ranks) == [0, 1]  # both ranks report; each job ran on exactly one of them
+    assert sorted(ranks[0] + ranks[1]) == [("residuals", "dog"), ("textual_inversion", "dog")]
     two, one = ev.read_rows(out / ev.RESULTS), ev.read_rows(single / ev.RESULTS)
     assert [[r[k] for k in ev.KEY] for r in two] == [[r[k] for k in ev.KEY] for r in one]
     for a, b in zip(two, one):

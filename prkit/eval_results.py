@@ -1,0 +1,168 @@
+"""The evaluation's results table: its columns, atomic CSV rows, the per-rank part files and their merge, and the
+summary (mean and 95% interval per method label). No training, sampling or scoring here.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+METHODS = ("base", "residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth", "attn_kv", "attn_out")
+METRICS = ("identity", "identity_colors", "scene", "class", "background_change",  # the world's oracle
+           "clip_i", "clip_t_dreambooth", "clip_t_clipscore", "dino")
+COLUMNS = ["protocol", "target", "method", "subject", "prompt_index", "prompt", "seed", *METRICS,
+           "parameters", "train_seconds", "train_steps"]
+KEY = ("target", "method", "subject", "prompt_index", "seed")  # one row per key
+LABELS = {"identity": "identity", "identity_colors": "identity + colours", "scene": "prompt (scene)", "class": "class",
+          "background_change": "bg change", "clip_i": "CLIP-I", "clip_t_dreambooth": "CLIP-T raw cos (DreamBooth)",
+          "clip_t_clipscore": "CLIP-T 2.5*max(cos,0) (CLIPScore)", "dino": "DINO"}
+RESULTS, SUMMARY = "results.csv", "summary.csv"
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a results CSV (strings), [] when it does not exist."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cell(value) -> str:
+    value = value.item() if hasattr(value, "item") else value  # numpy / torch scalars
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def write_rows(path: Path, rows: list[dict], columns: Sequence[str] = COLUMNS) -> Path:
+    """Write rows atomically (temporary file, fsync, rename): readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def append_rows(path: Path, rows: list[dict]) -> Path:
+    """Add one finished pair's rows to ``path`` as one atomic replacement of the file."""
+    return write_rows(path, read_rows(path) + rows)
+
+
+def _part_files(out: Path) -> list[Path]:
+    return sorted((out / "parts").glob("*.csv")) if (out / "parts").is_dir() else []
+
+
+def finished_pairs(out: str | Path) -> set[tuple[str, str]]:
+    """(method, subject) pairs with rows in ``out``'s results CSV or in any rank's part file."""
+    out = Path(out)
+    return {(r["target"], r["subject"]) for p in [out / RESULTS, *_part_files(out)] for r in read_rows(p)}
+
+
+def merge(out: str | Path) -> list[dict]:
+    """Fold every part file into results.csv (one row per key, sorted), then delete the parts; returns the rows."""
+    out = Path(out)
+    parts = _part_files(out)
+    rows: dict[tuple, dict] = {}
+    for path in [out / RESULTS, *parts]:
+        for r in read_rows(path):
+            rows[tuple(r[k] for k in KEY)] = r
+    order = {m: i for i, m in enumerate(METHODS)}
+    merged = sorted(rows.values(), key=lambda r: (order.get(r["target"], 99), r["method"], r["subject"],
+                                                  int(r["prompt_index"]), int(r["seed"])))
+    write_rows(out / RESULTS, merged)
+    for path in parts:
+        path.unlink()
+    return merged
+
+
+
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% Student-t quantile (a table, conservative between its entries; 1.96 beyond 120)."""
+    if df < 1:
+        return float("nan")
+    if df > 120:
+        return 1.96
+    return _T975[max(k for k in _T975 if k <= df)]  # the next smaller tabulated df: a slightly wider interval
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval) of the finite values; NaN where undefined."""
+    xs = [float(v) for v in values if v == v and not math.isinf(float(v))]
+    if not xs:
+        return float("nan"), float("nan")
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return mean, t975(len(xs) - 1) * sd / math.sqrt(len(xs))
+
+
+def _num(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def summarize(rows: list[dict], ci_over: str = "image") -> list[dict]:
+    """Per method: images, subjects, mean trainable parameters and training seconds, and mean and 95%
+    interval of every metric (over images, or over per-subject means with ``ci_over="subject"``)."""
+    if ci_over not in ("image", "subject"):
+        raise ValueError(f"ci_over must be 'image' or 'subject', got {ci_over!r}")
+    order = {m: i for i, m in enumerate(METHODS)}
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (order.get(m.split("+")[0], 99), m))
+    out = []
+    for method in methods:
+        sel = [r for r in rows if r["method"] == method]
+        subjects = sorted({r["subject"] for r in sel})
+        per_subject = [next(r for r in sel if r["subject"] == s) for s in subjects]
+        summary = {"method": method, "images": len(sel), "subjects": len(subjects),
+                   "parameters": mean_ci([_num(r["parameters"]) for r in per_subject])[0],
+                   "train_seconds": mean_ci([_num(r["train_seconds"]) for r in per_subject])[0]}
+        for m in METRICS:
+            if ci_over == "image":
+                values = [_num(r.get(m)) for r in sel]
+            else:
+                values = [mean_ci([_num(r.get(m)) for r in sel if r["subject"] == s])[0] for s in subjects]
+            summary[m], summary[f"{m}_ci95"] = mean_ci(values)
+        out.append(summary)
+    return out
+
+
+def format_table(summary: list[dict], unavailable: dict[str, str] | None = None, ci_over: str = "image") -> str:
+    """A markdown table of the summary (metrics with no value in any row are left out), reasons as notes."""
+    shown = [m for m in METRICS if any(s[m] == s[m] for s in summary)]
+    head = ["method", "subjects", "images", *[LABELS[m] for m in shown], "trainable params", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["method"], str(s["subjects"]), str(s["images"])]
+        for m in shown:
+            ci = s[f"{m}_ci95"]
+            cells.append(f"{s[m]:.4f}" + (f" ± {ci:.4f}" if ci == ci else ""))
+        cells += [f"{s['parameters']:,.0f}", f"{s['train_seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"\n± : 95% t-interval over {'images' if ci_over == 'image' else 'per-subject means'}. "
+             "CLIP-T is given in both conventions, as labelled."]
+    notes += [f"- {name} unavailable: {reason}" for name, reason in (unavailable or {}).items() if reason]
+    return "\n".join(lines + notes) + "\n"
+
