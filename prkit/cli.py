@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output .safetensors")
     train.add_argument("--steps", type=int, default=150)
     train.add_argument("--batch-size", type=int, default=4)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr", type=float, default=None,
+                       help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else METHOD's 1e-3")
     train.add_argument("--rank", default="0.05", help="fraction of channels (0.05) or an int rank")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resolution", type=int, default=None, help="default: the model's native size")

@@ -244,12 +244,15 @@ class Scorer:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _train_config(method: str, subject: Subject, config: EvalConfig, resolution: int):
+def _train_config(method: str, subject: Subject, config: EvalConfig, resolution: int,
+                  model_defaults: dict | None = None):
+    """The method's published recipe, with the model folder's own defaults for it (prkit_defaults.json), then the
+    run's ``--set`` overrides on top."""
     from .data import load_concept
     from .targets import recipe
     from .train import TrainConfig
 
-    overrides = dict(config.train.get(method, {}))
+    overrides = {**(model_defaults or {}), **config.train.get(method, {})}
     prior = overrides.get("prior_images")
     if isinstance(prior, str):  # a folder of class images; "{subject}" is replaced by the subject's name
         overrides["prior_images"] = load_concept(prior.format(subject=subject.name), subject.token,
@@ -267,6 +270,7 @@ def run_job(pipe, subject: Subject, method: str, config: EvalConfig, scorer: Sco
     Returns:
         one row per (variant, prompt, seed), every column of ``COLUMNS``.
     """
+    from .pipeline import model_defaults
     from .residuals import Residuals
     from .sample import generate
     from .train import train_residuals
@@ -290,7 +294,8 @@ def run_job(pipe, subject: Subject, method: str, config: EvalConfig, scorer: Sco
     rows = []
     try:
         if method != "base":
-            result = train_residuals(pipe, concept, _train_config(method, subject, config, resolution), name="trained",
+            result = train_residuals(pipe, concept, _train_config(method, subject, config, resolution,
+                                                                   model_defaults(pipe, method)), name="trained",
                                      progress=False)
             handle, seconds, steps = result.residuals, result.seconds, result.steps_done
             if hasattr(handle, "after_training"):

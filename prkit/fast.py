@@ -15,7 +15,7 @@ import math
 import time
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as _replace
 from functools import partial
 from pathlib import Path
 
@@ -450,6 +450,9 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     from .residuals import Residuals
 
     fast = fast or FastConfig()
+    if config.learning_rate is None:
+        config = _replace(config, learning_rate=base.default_learning_rate(pipe, config.target,
+                                                                                      config.batch_size))
     start = time.perf_counter()
     times: dict[str, float] = {}
     unet = pipe.unet

@@ -13,6 +13,7 @@ import torch
 
 WORLD = "world"
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+DEFAULTS_FILE = "prkit_defaults.json"  # a model folder's own training defaults: {target: {TrainConfig field: value}}
 
 
 def world_path() -> Path:
@@ -105,4 +106,32 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         raise TypeError(f"{name!r} loaded as {type(pipe).__name__}; prkit supports {', '.join(SUPPORTED)}")
     pipe = pipe.to(device)
     pipe.register_to_config(_name_or_path=name)
+    pipe.prkit_defaults = read_model_defaults(source) if local else {}
     return pipe
+
+
+def read_model_defaults(folder: str | os.PathLike) -> dict:
+    """The training defaults a pipeline folder ships in ``prkit_defaults.json`` ({} when it has none).
+
+    A small model can need its own recipe (the world learns at lr 1e-2, not METHOD.md's 1e-3); keeping it in
+    the model folder makes every entry point (train, eval, bench, notebooks) use it without repeating it.
+    Format: ``{"residuals": {"learning_rate": 0.01}}`` (target -> TrainConfig fields).
+    """
+    import json
+
+    path = Path(folder) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it") from err
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path} must map training targets to field dicts, e.g. "
+                         '{"residuals": {"learning_rate": 0.01}}')
+    return data
+
+
+def model_defaults(pipe, target: str = "residuals") -> dict:
+    """TrainConfig fields the loaded model recommends for ``target`` (from its folder's prkit_defaults.json)."""
+    return dict(getattr(pipe, "prkit_defaults", None) or {}).get(target, {})

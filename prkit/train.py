@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,8 @@ class TrainConfig:
 
     steps: int = 150  # optimizer steps
     batch_size: int = 4
-    learning_rate: float = 1e-3  # AdamW, constant, no warm-up
+    learning_rate: float | None = None  # AdamW, constant, no warm-up. None: the model folder's default for the
+    # target (prkit_defaults.json; the world: 1e-2), else the target's published recipe (residuals: METHOD's 1e-3)
     weight_decay: float = 1e-2
     rank: float | int = 0.05  # fraction of channels or fixed rank
     seed: int = 0  # seeds init, batches, noise and timesteps
@@ -51,6 +52,18 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     stop_after: int | None = None  # stop (as if interrupted) after this many steps, checkpoint written
     fast: bool | None = None  # the CUDA-graph loop of prkit.fast; None: on for CUDA, off elsewhere
+
+
+def default_learning_rate(pipe, target: str = "residuals", batch_size: int | None = None) -> float:
+    """The learning rate used when TrainConfig leaves it None: the model folder's default for ``target``, else the
+    target's published recipe (``targets.RECIPES``; scaled by batch size where that recipe scales it)."""
+    from .pipeline import model_defaults
+    from .targets import recipe
+
+    own = model_defaults(pipe, target).get("learning_rate")
+    if own is not None:
+        return float(own)
+    return float(recipe(target, **({"batch_size": batch_size} if batch_size else {}))["learning_rate"])
 
 
 def _check_resolution(pipe, concept) -> None:
@@ -186,6 +199,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides}) if overrides else config
+    if config.learning_rate is None:
+        config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     wants_fast = config.fast or (config.fast is None and pipe.unet.device.type == "cuda")
     if wants_fast and not getattr(TARGETS[config.target], "needs_text_encoder", False):  # fast: cached text only
         from .fast import train_fast

@@ -76,3 +76,49 @@ def test_import_prkit_is_light():
             "'prkit.residuals'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def _trained(pipe, **config):
+    from conftest import make_concept
+
+    from prkit.residuals import remove_residuals
+
+    result = prkit.train_residuals(pipe, make_concept(), steps=3, progress=False, batch_size=2, **config)
+    weights = {k: v.detach().clone() for k, v in result.residuals.state_dict().items()}
+    remove_residuals(pipe.unet, result.residuals.name)
+    return weights
+
+
+def test_model_folder_defaults_set_the_learning_rate(pipe, tmp_path):
+    """A folder's prkit_defaults.json is the learning rate when TrainConfig leaves it None; explicit values win."""
+    import json
+
+    from prkit.pipeline import model_defaults
+    from prkit.train import default_learning_rate
+
+    plain, own = tmp_path / "plain", tmp_path / "own"
+    pipe.save_pretrained(str(plain))
+    pipe.save_pretrained(str(own))
+    (own / "prkit_defaults.json").write_text(json.dumps({"residuals": {"learning_rate": 0.02}}))
+    p_plain, p_own = prkit.load_pipeline(plain, device="cpu"), prkit.load_pipeline(own, device="cpu")
+    assert model_defaults(p_plain) == {} and model_defaults(p_own) == {"learning_rate": 0.02}
+    assert default_learning_rate(p_plain) == 1e-3 and default_learning_rate(p_own) == 0.02  # METHOD's / the folder's
+    assert default_learning_rate(p_own, "lora") == 1e-4  # other targets: their published recipe
+    assert default_learning_rate(p_own, "custom_diffusion", batch_size=4) == pytest.approx(4e-5)  # lr x batch
+    by_default = _trained(p_own)
+    assert all(torch.equal(by_default[k], v) for k, v in _trained(p_own, learning_rate=0.02).items())
+    assert not all(torch.equal(by_default[k], v) for k, v in _trained(p_own, learning_rate=1e-3).items())
+    plain_default = _trained(p_plain)
+    assert all(torch.equal(plain_default[k], v) for k, v in _trained(p_plain, learning_rate=1e-3).items())
+
+
+def test_world_ships_its_learning_rate_and_bad_defaults_name_the_file(tmp_path):
+    from prkit.pipeline import read_model_defaults, world_path
+
+    assert read_model_defaults(world_path()) == {"residuals": {"learning_rate": 0.01}}
+    (tmp_path / "prkit_defaults.json").write_text("{not json")
+    with pytest.raises(ValueError, match="prkit_defaults.json"):
+        read_model_defaults(tmp_path)
+    (tmp_path / "prkit_defaults.json").write_text('{"learning_rate": 0.01}')
+    with pytest.raises(ValueError, match="residuals"):
+        read_model_defaults(tmp_path)

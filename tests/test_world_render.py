@@ -70,6 +70,21 @@ def test_captions():
     assert caption(patterned) == "a photo of an orange and blue dotted box"
 
 
+def test_captions_drop_colors():
+    from prkit.world.vocab import COLOR_NAMES
+
+    two = Scene(PLAIN, [Obj("box", "orange", 20, 30, 9, "dots", "blue"), Obj("ball", "red", 50, 30, 9)])
+    assert caption(two, np.random.default_rng(0), drop_colors=1.0).endswith("a dotted box next to a ball")
+    # off (the default), captions and the generator's later draws are exactly those of run 3
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [caption(two, a) for _ in range(20)] == [caption(two, b, drop_colors=0.0) for _ in range(20)]
+    assert a.random() == b.random()
+    rng = np.random.default_rng(1)
+    texts = [caption(sample_scene(rng, n_objects=1), rng, drop_colors=0.3) for _ in range(400)]
+    colorless = sum(not set(t.split()) & set(COLOR_NAMES) for t in texts) / len(texts)
+    assert 0.22 < colorless < 0.38  # about 30% of single objects lose their colour words
+
+
 def test_tokenizer_single_tokens():
     transformers = pytest.importorskip("transformers")
     from prkit.world.build_tokenizer import TOKENIZER_DIR

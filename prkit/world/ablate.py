@@ -32,6 +32,7 @@ class AblationConfig:
     images_per_prompt: int = 2
     sample_steps: int = 20
     seed: int = 0
+    learning_rate: float = 1e-3  # one rate for every variant, so that targets and ranks compare like for like
 
 
 def score(pipe, handle, config: AblationConfig, lag: bool = False, lag_config: LAGConfig | None = None,
@@ -69,7 +70,8 @@ def run_ablations(pipe, config: AblationConfig, oracle=None, progress: bool = Fa
         key = (target, rank, steps)
         if key not in cache:
             start = time.perf_counter()
-            result = train_residuals(pipe, data, TrainConfig(steps=steps, rank=rank, target=target, seed=config.seed),
+            result = train_residuals(pipe, data, TrainConfig(steps=steps, rank=rank, target=target, seed=config.seed,
+                                                                learning_rate=config.learning_rate),
                                      name=f"ablation_{len(cache)}", progress=progress)
             cache[key] = {**score(pipe, result.residuals, config, oracle=oracle),
                           "parameters": result.residuals.num_parameters(), "seconds": time.perf_counter() - start}

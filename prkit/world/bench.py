@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..lag import LAGConfig
 from ..train import TrainConfig
 from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, WorldConcept, concept_folder
 from .vocab import BACKGROUNDS, PLAIN, SCENE_PHRASES
 
 METHODS = ("base", "residuals", "residuals+lag")
 WORLD_RANK = 0.05  # the METHOD default; the world's own default if it needs more is set here
-WORLD_LEARNING_RATE = 1e-2  # the world's own (METHOD: 1e-3): the narrow world learns patterns faster with it (RECIPE.md)
 
 
 @dataclass
@@ -36,7 +36,8 @@ class BenchConfig:
     steps: int = 25  # denoising steps
     guidance_scale: float = 7.5
     seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=WORLD_RANK, learning_rate=WORLD_LEARNING_RATE))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=WORLD_RANK))  # lr: the model's
+    lag: LAGConfig = field(default_factory=LAGConfig)  # the threshold of the residuals+lag rows
 
 
 def prompt_scene(prompt: str) -> str:
@@ -122,7 +123,7 @@ def grade_residuals(pipe, residuals, concept_name: str, config: BenchConfig, ora
     images = {
         "base": generate(pipe, prompts, None, **common),
         "residuals": generate(pipe, prompts, residuals, lag=False, **common),
-        "residuals+lag": generate(pipe, prompts, residuals, lag=True, **common),
+        "residuals+lag": generate(pipe, prompts, residuals, lag=True, lag_config=config.lag, **common),
     }
     readings = {m: read(imgs, oracle) for m, imgs in images.items()}
     seconds = float(residuals.meta.get("seconds", float("nan")))
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--rank", type=float, default=WORLD_RANK)
-    parser.add_argument("--learning-rate", type=float, default=WORLD_LEARNING_RATE)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else 1e-3")
+    parser.add_argument("--lag-threshold", default="median", help="LAG's cut: median (METHOD), mean, otsu, fixed, soft")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/world_bench.csv")
     args = parser.parse_args(argv)
@@ -198,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     rank = int(args.rank) if args.rank >= 1 else args.rank
     config = BenchConfig(concepts=tuple(args.concepts), images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         train=TrainConfig(steps=args.train_steps, rank=rank,
-                                                          learning_rate=args.learning_rate))
+                         train=TrainConfig(steps=args.train_steps, rank=rank, learning_rate=args.learning_rate),
+                         lag=LAGConfig(threshold=args.lag_threshold))
     oracle = load_oracle(pipe.unet.device)
     rows = []
     start = time.perf_counter()

@@ -22,6 +22,9 @@ ORACLE_FILE = WORLD_DIR / "oracle" / "oracle.safetensors"
 STAGES = ("data", "vae", "oracle", "oracle_vae", "unet", "export", "eval")
 SIZE_LIMIT_MB = 30.0  # pipeline folder + oracle
 PROVENANCE = "prkit_world.json"  # recipe provenance written into the exported pipeline folder
+# the world's own training defaults, written as the exported folder's prkit_defaults.json (prkit.pipeline reads it):
+# the narrow world learns a pattern faster at lr 1e-2 than at METHOD's 1e-3 (RECIPE.md, world_bench*.csv)
+PERSONALIZATION_DEFAULTS = {"residuals": {"learning_rate": 1e-2}}
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -69,6 +72,8 @@ class RecipeConfig:
     n_images: int = 300_000  # diffusion pool (captioned)
     caption_patterns: float = 0.5  # chance that an object of the diffusion pool is patterned (and captioned so);
     # 0 gives the pattern-free world of run 1-2. The example concepts (class, pattern, colours) never occur.
+    caption_drop_colors: float = 0.0  # chance that an object is captioned without its colours ('a ball', 'a striped
+    # ball'); run 4 uses 0.3 so that a prompt with neither colour nor pattern ('a sks ball') asks for a plain object
     n_pattern_images: int = 100_000  # VAE-only pool rendered with patterns=True
     pattern_all: bool = True  # ... and then a pattern on every object (the first run had False: half of them)
     chunk: int = 2_000  # images per deterministic render chunk

@@ -267,26 +267,34 @@ def sample_scene(
     return Scene(bg, objs)
 
 
-def _noun_phrase(obj: Obj, identifier: str | None) -> str:
-    """'a red ball', 'a red and white striped ball' or, for the concept object, 'a sks ball'."""
+def _noun_phrase(obj: Obj, identifier: str | None, colors: bool = True) -> str:
+    """'a red ball', 'a red and white striped ball' or, for the concept object, 'a sks ball'.
+
+    colors=False leaves the colour words out ('a ball', 'a striped ball'): the pattern word, or its absence, is
+    still said.
+    """
     if identifier:
         words = f"{identifier} {obj.cls}"
     elif obj.pattern:
-        words = f"{obj.color} and {obj.color2} {PATTERN_WORDS[obj.pattern]} {obj.cls}"
+        words = (f"{obj.color} and {obj.color2} " if colors else "") + f"{PATTERN_WORDS[obj.pattern]} {obj.cls}"
     else:
-        words = f"{obj.color} {obj.cls}"
+        words = f"{obj.color} {obj.cls}" if colors else obj.cls
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None, identifier: str | None = None) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None, identifier: str | None = None,
+            drop_colors: float = 0.0) -> str:
     """Caption a scene ('a photo of a red ball on the grass', 'a blue and yellow dotted box').
 
     With rng=None the first template and scene phrase are used. With an identifier, the first
     patterned object (else the left one) is named '{identifier} {class}' without its colour.
+    drop_colors: chance (needs rng) that an object is named without its colours ('a ball', 'a striped
+    ball'), so that a prompt naming no colour and no pattern asks for a plain object of any colour.
     """
     objs = sorted(scene.objects, key=lambda o: o.x)
     concept = next((o for o in objs if o.pattern), objs[0] if objs else None) if identifier else None
-    phrases = [_noun_phrase(o, identifier if o is concept else None) for o in objs]
+    keep = [not (drop_colors and rng is not None and rng.random() < drop_colors) for _ in objs]
+    phrases = [_noun_phrase(o, identifier if o is concept else None, k) for o, k in zip(objs, keep)]
     pick = (lambda seq: seq[rng.integers(len(seq))]) if rng is not None else (lambda seq: seq[0])
     text = pick(CAPTION_TEMPLATES).format(objects=" next to ".join(phrases))
     where = pick(SCENE_PHRASES[scene.background])

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..pipeline import DEFAULTS_FILE
 from .pool import _load_images
-from .recipe_util import (MODEL_DIR, ORACLE_FILE, PROVENANCE, SIZE_LIMIT_MB, TOKENIZER_DIR, RecipeConfig, _autocast,
+from .recipe_util import (MODEL_DIR, ORACLE_FILE, PERSONALIZATION_DEFAULTS, PROVENANCE, SIZE_LIMIT_MB, TOKENIZER_DIR,
+                          RecipeConfig, _autocast,
                           _lr_factor, _oracle_file, _plan_steps, _Timer, _to_unit, _vae_dir, log, scheduler_config,
                           text_config, unet_config)
 
@@ -221,6 +223,7 @@ def stage_export(cfg: RecipeConfig, out: Path, init_from: Path | None = None) ->
     prov = {"recipe": "python -m prkit.world.train", "unet_steps": int(ckpt["step"]), "config": ckpt.get("config", {}),
             "unet_batch": (ckpt.get("config") or {}).get("unet_batch")}
     (folder / PROVENANCE).write_text(json.dumps(prov, indent=1, default=str))
+    (folder / DEFAULTS_FILE).write_text(json.dumps(PERSONALIZATION_DEFAULTS, indent=1) + "\n")
     oracle_mb = _oracle_file(out).stat().st_size / 2**20 if _oracle_file(out).exists() else 0.0
     info = {"folder_mb": folder_mb(folder), "oracle_mb": oracle_mb, "step_total": int(ckpt["step"])}
     info["total_mb"] = info["folder_mb"] + oracle_mb
