@@ -92,7 +92,10 @@ class JobQueue:
     @staticmethod
     def reset(folder: str | Path) -> None:
         """Remove every claim (call on one rank, before the barrier that precedes the first claim)."""
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass
 
     def _path(self, job) -> Path:
         return self.folder / (hashlib.sha1(repr(job).encode()).hexdigest()[:20] + ".claim")

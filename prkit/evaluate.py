@@ -246,18 +246,21 @@ class Scorer:
 
 def _train_config(method: str, subject: Subject, config: EvalConfig, resolution: int,
                   model_defaults: dict | None = None):
-    """The method's published recipe, with the model folder's own defaults for it (prkit_defaults.json), then the
-    run's ``--set`` overrides on top."""
+    """The method's published recipe; the model folder's own learning rate for it (prkit_defaults.json, used as
+    given, as ``train_residuals`` does) replaces the recipe's; the run's ``--set`` overrides go on top."""
     from .data import load_concept
     from .targets import recipe
     from .train import TrainConfig
 
-    overrides = {**(model_defaults or {}), **config.train.get(method, {})}
+    overrides = dict(config.train.get(method, {}))
     prior = overrides.get("prior_images")
     if isinstance(prior, str):  # a folder of class images; "{subject}" is replaced by the subject's name
         overrides["prior_images"] = load_concept(prior.format(subject=subject.name), subject.token,
                                                  subject.class_word, resolution)
-    return TrainConfig(**{"seed": config.seed, **recipe(method, **overrides)})
+    fields = recipe(method, **overrides)
+    if "learning_rate" not in overrides and (model_defaults or {}).get("learning_rate") is not None:
+        fields["learning_rate"] = float(model_defaults["learning_rate"])
+    return TrainConfig(**{"seed": config.seed, **fields})
 
 
 def run_job(pipe, subject: Subject, method: str, config: EvalConfig, scorer: Scorer,
@@ -338,8 +341,10 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     jobs = job_list(config.methods, list(subjects))
     dist = _group(world_size)
     claims = out / "claims"
-    if rank == 0 and world_size > 1:
-        JobQueue.reset(claims)  # claims of an interrupted run; its finished pairs are in the results
+    if rank == 0:  # leftovers of an interrupted run (its finished pairs are in the results): claims, timings
+        JobQueue.reset(claims)
+        for stale in (out / "parts").glob("rank*-timing.json"):
+            stale.unlink()
     done = finished_pairs(out)
     if dist is not None:
         dist.barrier()  # every rank has read the finished pairs, and the claims are clear, before any rank writes
@@ -376,17 +381,25 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
         dist.barrier()  # every part is written
     if rank != 0:
         return []
-    ranks = [json.loads(p.read_text()) for p in sorted((out / "parts").glob("rank*-timing.json"))] or [timing]
-    for p in (out / "parts").glob("rank*-timing.json"):
-        p.unlink()
+    ranks = [timing]
+    if world_size > 1:
+        files = [out / "parts" / f"rank{r:03d}-timing.json" for r in range(world_size)]
+        ranks = [json.loads(p.read_text()) for p in files if p.is_file()]
+        for p in files:
+            p.unlink(missing_ok=True)
     JobQueue.reset(claims)
     rows = merge(out)
+    missing = sorted(set(jobs) - {(r["target"], r["subject"]) for r in rows})
+    if missing:  # e.g. claims left behind that no rank could clear, or an out folder the ranks do not share
+        log.warning("%d job(s) have no rows: %s; run the same command again to finish them", len(missing),
+                    ", ".join(f"{m} on {s}" for m, s in missing))
     unavailable = (scorer or Scorer(config, "cpu", need_oracle=False)).unavailable
     summary = summarize(rows, config.ci_over)
     write_rows(out / SUMMARY, summary, columns=list(summary[0]) if summary else ["method"])
     (out / "summary.md").write_text(format_table(summary, unavailable, config.ci_over))
     run = {"config": asdict(config), "world_size": world_size, "seconds": time.perf_counter() - start,
-           "unavailable": unavailable, "jobs": len(jobs), "ranks": ranks}
+           "unavailable": unavailable, "jobs": len(jobs), "ranks": ranks,
+           "missing_jobs": [list(j) for j in missing]}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
     return summary
 

@@ -486,7 +486,7 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     if ckpt is not None and config.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         target.load_state_dict(state["target"])
-        optimizer.load_state_dict(state["optimizer"])
+        base.load_optimizer(optimizer, state["optimizer"], config.learning_rate, ckpt)
         _make_capturable(optimizer, device)
         gen.set_state(state["generator"])
         if scaler is not None and state["scaler"]:

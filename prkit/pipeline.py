@@ -14,6 +14,7 @@ import torch
 WORLD = "world"
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 DEFAULTS_FILE = "prkit_defaults.json"  # a model folder's own training defaults: {target: {TrainConfig field: value}}
+MODEL_DEFAULT_FIELDS = ("learning_rate",)  # what such a file may set (train and eval apply exactly these)
 
 
 def world_path() -> Path:
@@ -129,6 +130,10 @@ def read_model_defaults(folder: str | os.PathLike) -> dict:
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"{path} must map training targets to field dicts, e.g. "
                          '{"residuals": {"learning_rate": 0.01}}')
+    unknown = {f"{t}.{k}" for t, fields in data.items() for k in fields if k not in MODEL_DEFAULT_FIELDS}
+    if unknown:
+        raise ValueError(f"{path} sets {', '.join(sorted(unknown))}; a model folder may set only "
+                         f"{', '.join(MODEL_DEFAULT_FIELDS)} per target (pass other settings to TrainConfig)")
     return data
 
 

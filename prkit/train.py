@@ -63,7 +63,10 @@ def default_learning_rate(pipe, target: str = "residuals", batch_size: int | Non
     own = model_defaults(pipe, target).get("learning_rate")
     if own is not None:
         return float(own)
-    return float(recipe(target, **({"batch_size": batch_size} if batch_size else {}))["learning_rate"])
+    try:
+        return float(recipe(target, **({"batch_size": batch_size} if batch_size else {}))["learning_rate"])
+    except KeyError:  # a target without a published recipe: METHOD's rate
+        return 1e-3
 
 
 def _check_resolution(pipe, concept) -> None:
@@ -170,6 +173,18 @@ class _Cache:
         return noisy.to(device), steps.to(device), target.to(device)
 
 
+def load_optimizer(optimizer, state: dict, learning_rate: float, source) -> None:
+    """Restore the optimizer of a checkpoint at this run's learning rate (the checkpoint's may be another: a
+    changed default or ``--lr``); says so when it differs."""
+    optimizer.load_state_dict(state)
+    saved = {float(g["lr"]) for g in optimizer.param_groups}
+    if saved != {float(learning_rate)}:
+        log.warning("%s was trained at learning rate %s; resuming at this run's %s", source,
+                    ", ".join(f"{v:g}" for v in sorted(saved)), f"{learning_rate:g}")
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+
+
 def _save_checkpoint(path: Path, target, optimizer, scaler, gen, step: int, losses: list[float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
@@ -239,7 +254,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     if ckpt is not None and config.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         target.load_state_dict(state["target"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"], config.learning_rate, ckpt)
         gen.set_state(state["generator"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])

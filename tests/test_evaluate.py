@@ -278,3 +278,10 @@ def test_recipe_overrides_and_prior_folder(assets, tmp_path):
     assert train.target == "dreambooth" and train.steps == 7 and train.learning_rate == 5e-6 and train.batch_size == 1
     assert len(train.prior_images.images) == 3 and train.prior_images.images[0].size == (16, 16)
     assert ev._train_config("custom_diffusion", subject, config, 16).learning_rate == pytest.approx(2e-5)
+    # a model folder's own rate replaces the recipe's, as given (not batch-scaled); --set still wins
+    own = {"learning_rate": 0.01}
+    assert ev._train_config("residuals", subject, config, 16, own).learning_rate == 0.01
+    assert ev._train_config("custom_diffusion", subject, config, 16, own).learning_rate == 0.01
+    config = _config(assets, tmp_path, train={"residuals": {"learning_rate": 3e-3}})
+    assert ev._train_config("residuals", subject, config, 16, own).learning_rate == 3e-3
+    assert ev._train_config("residuals", subject, config, 16, {}).learning_rate == 3e-3

@@ -122,3 +122,6 @@ def test_world_ships_its_learning_rate_and_bad_defaults_name_the_file(tmp_path):
     (tmp_path / "prkit_defaults.json").write_text('{"learning_rate": 0.01}')
     with pytest.raises(ValueError, match="residuals"):
         read_model_defaults(tmp_path)
+    (tmp_path / "prkit_defaults.json").write_text('{"residuals": {"steps": 300}}')
+    with pytest.raises(ValueError, match="residuals.steps.*only learning_rate"):
+        read_model_defaults(tmp_path)

@@ -172,3 +172,27 @@ def test_images_far_from_the_native_resolution_warn_with_the_fix(tmp_path):
         warnings.simplefilter("always")
         prkit.train_residuals(make_pipe(tmp_path / "b"), make_concept(resolution=native), steps=1, **FAST)
     assert not [w for w in caught if "native resolution" in str(w.message)]
+
+
+def test_resume_at_another_learning_rate_says_so_and_uses_this_runs(tmp_path, concept, caplog, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, learning_rate=1e-3, checkpoint_dir=str(ckpt),
+                          checkpoint_every=2, stop_after=2, **FAST)
+    seen = []
+    real = train.load_optimizer
+
+    def spy(optimizer, state, learning_rate, source):
+        real(optimizer, state, learning_rate, source)
+        seen.append({g["lr"] for g in optimizer.param_groups})
+
+    monkeypatch.setattr(train, "load_optimizer", spy)
+    with caplog.at_level("WARNING", logger="prkit.train"):
+        done = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=4, learning_rate=1e-2,
+                                     checkpoint_dir=str(ckpt), **FAST)
+    assert done.completed and seen == [{1e-2}]
+    assert "trained at learning rate 0.001; resuming at this run's 0.01" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="prkit.train"):  # the checkpoint's own rate: silent
+        prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=4, learning_rate=1e-3,
+                              checkpoint_dir=str(ckpt), **FAST)
+    assert "resuming at" not in caplog.text and seen[-1] == {1e-3}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..lag import LAGConfig
+from ..lag import THRESHOLDS, LAGConfig
 from ..train import TrainConfig
 from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, WorldConcept, concept_folder
 from .vocab import BACKGROUNDS, PLAIN, SCENE_PHRASES
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=float, default=WORLD_RANK)
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else 1e-3")
-    parser.add_argument("--lag-threshold", default="median", help="LAG's cut: median (METHOD), mean, otsu, fixed, soft")
+    parser.add_argument("--lag-threshold", default="median", choices=THRESHOLDS, help="LAG's cut (METHOD: median)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/world_bench.csv")
     args = parser.parse_args(argv)
