@@ -111,3 +111,19 @@ def test_concept_folders_and_prompts():
     assert render_concept(EXAMPLE_CONCEPTS["striped_ball"], 2)[0].size == (64, 64)
     assert len(BENCH_PROMPTS) == len(SCENES) + 1
     assert all("{token} {class_word}" in p for p in BENCH_PROMPTS)
+
+
+def test_pattern_scale_stretches_periods_and_defaults_to_the_shipped_world():
+    import importlib
+
+    R = importlib.import_module("prkit.world.render")  # the module (prkit.world.render is also a function)
+
+    assert R.PATTERN_SCALE == 1.0  # the shipped world (PRKIT_WORLD_PATTERN_SCALE unset)
+    u, v = np.meshgrid(np.linspace(-12, 12, 49), np.linspace(-12, 12, 49))
+    for pattern in ("stripes", "dots", "checks"):
+        one = R._sd_pattern(pattern, "box", u, v, 10.0)
+        assert np.array_equal(one, R._sd_pattern(pattern, "box", u, v, 10.0, scale=1.0))
+        two = R._sd_pattern(pattern, "box", 2 * u, 2 * v, 20.0, scale=2.0)
+        assert np.allclose(two, 2 * one)  # the same pattern, twice as large
+    face = R._sd_pattern("face", "heart", u, v, 10.0)
+    assert np.array_equal(face, R._sd_pattern("face", "heart", u, v, 10.0, scale=2.0))  # faces follow the object

@@ -8,6 +8,7 @@ Pure numpy + PIL; no torch, no file I/O.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,10 @@ _PAD = 16  # texture bank margin (px @64) that random crops move within
 _OUTLINE_W = 1.1  # outline width, px @64; every object is outlined so it shows on every background
 _DARK_OUTLINE = np.array((30.0, 30.0, 30.0), np.float32)
 _LIGHT_OUTLINE = np.array((235.0, 235.0, 235.0), np.float32)  # for black fills (night sky, mortar)
+# Experimental knob (RECIPE.md "Known limits"): stripe, dot and check periods x this factor. The shipped world is
+# 1.0; a world trained at another scale must be rendered at it everywhere (pools, oracle, concepts), hence an
+# environment variable that every render process inherits.
+PATTERN_SCALE = float(os.environ.get("PRKIT_WORLD_PATTERN_SCALE", "1.0"))
 EXTENT = {"ball": 1.0, "box": 0.9, "star": 1.2, "heart": 1.0, "triangle": 1.2, "ring": 1.0}  # x size
 
 
@@ -159,8 +164,12 @@ _FACE = {"ball": (1.0, 0.0), "box": (0.9, 0.0), "heart": (0.9, -0.1), "star": (0
          "triangle": (0.62, 0.15), "ring": (1.8, 0.0)}  # (feature scale, vertical shift) x size
 
 
-def _sd_pattern(pattern: str, cls: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Signed distance (px @64) of the colour2 region of `pattern`; fixed pixel periods."""
+def _sd_pattern(pattern: str, cls: str, u: np.ndarray, v: np.ndarray, r: float, scale: float | None = None
+                ) -> np.ndarray:
+    """Signed distance (px @64) of the colour2 region of `pattern`; fixed pixel periods (x PATTERN_SCALE)."""
+    scale = PATTERN_SCALE if scale is None else scale
+    if pattern in ("stripes", "dots", "checks") and scale != 1.0:
+        return _sd_pattern(pattern, cls, u / scale, v / scale, r / scale, 1.0) * scale
     if pattern == "stripes":
         t = (u + v) * 0.70710678 / 5.5
         return (np.abs(t - np.floor(t) - 0.5) - 0.25) * 5.5
