@@ -76,18 +76,31 @@ def lora_target(kind: str) -> Callable:
     return make
 
 
+class _Row(nn.Module):
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.detach().float().clone())  # (D,) fp32 master
+
+
 class TokenEmbedding(nn.Module):
     """A text encoder's token embedding whose identifier row is a separate trainable parameter.
 
     The table (``base_layer``) is never written, so every other row stays exactly as it was; the
-    identifier's row is replaced by ``row`` wherever the token occurs.
+    identifier's row is replaced by ``row`` wherever the token occurs. The row lives in a child module
+    registered after the table: the encoder's first parameter stays the table's, so ``encoder.dtype`` (which
+    diffusers casts prompt embeddings to) stays the model's half precision instead of the row's fp32.
     """
 
     def __init__(self, base_layer: nn.Embedding, token_id: int, init: torch.Tensor):
         super().__init__()
         self.base_layer = base_layer
         self.token_id = int(token_id)
-        self.row = nn.Parameter(init.detach().float().clone())  # (D,) fp32 master
+        self.trained = _Row(init)
+
+    @property
+    def row(self) -> nn.Parameter:
+        """The identifier's trainable (D,) row."""
+        return self.trained.weight
 
     @property
     def weight(self) -> torch.Tensor:

@@ -117,6 +117,22 @@ def test_token_wrapper_replaces_only_the_identifier(tmp_path):
     assert wrapper.weight is base.weight
 
 
+@pytest.mark.parametrize("target", ["textual_inversion", "custom_diffusion"])
+def test_token_targets_keep_a_half_precision_pipeline_sampling_in_its_dtype(tmp_path, target):
+    """The fp32 master row must not become the text encoder's dtype: diffusers casts prompt embeddings (and so the
+    latents) to it, and a bf16 UNet then fails on fp32 input."""
+    pipe = make_pipe(tmp_path).to(torch.bfloat16)
+    result = prkit.train_residuals(pipe, make_concept(), target=target, learning_rate=1e-3, **FAST)
+    assert result.residuals.num_parameters() > 0
+    assert pipe.text_encoder.dtype == torch.bfloat16
+    embeds, _ = pipe.encode_prompt("a photo of a sks dog", device="cpu", num_images_per_prompt=1,
+                                   do_classifier_free_guidance=False)
+    assert embeds.dtype == torch.bfloat16
+    images = prkit.generate(pipe, "a photo of a sks dog", None, steps=2, output_type="latent")
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
+    result.residuals.remove()
+
+
 def test_residual_path_encodes_the_prompt_once_token_targets_every_step(tmp_path, monkeypatch):
     calls = []
     original = train.encode_text
