@@ -399,7 +399,9 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     (out / "summary.md").write_text(format_table(summary, unavailable, config.ci_over))
     run = {"config": asdict(config), "world_size": world_size, "seconds": time.perf_counter() - start,
            "unavailable": unavailable, "jobs": len(jobs), "ranks": ranks,
-           "missing_jobs": [list(j) for j in missing]}
+           "missing_jobs": [list(j) for j in missing],
+           # the model folder's own defaults (prkit_defaults.json) this process trained with, when it trained
+           "model_defaults": getattr(pipe, "prkit_defaults", None) if pipe is not None else None}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
     return summary
 

@@ -253,6 +253,8 @@ def test_world_model_end_to_end(tmp_path):
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert set(run["unavailable"]) == {"CLIP-I/CLIP-T", "DINO"}  # a reason, or None where the backbone loaded
     assert run["unavailable"]["CLIP-I/CLIP-T"] is None and run["unavailable"]["DINO"]  # the world ships a CLIP
+    assert run["model_defaults"] == {"residuals": {"learning_rate": 0.01}} and run["missing_jobs"] == []
+    assert run["ranks"][0]["rank"] == 0 and len(run["ranks"][0]["jobs"]) == 2
     rows = ev.read_rows(tmp_path / "out" / ev.RESULTS)
     assert all(0 < float(r["clip_t_clipscore"]) <= 2.5 and -1 <= float(r["clip_i"]) <= 1 for r in rows)
 
