@@ -10,7 +10,6 @@ base / residuals / residuals + LAG exactly as ``python -m prkit.world.bench`` do
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from dataclasses import replace
@@ -45,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from prkit.lag import LAGConfig
     from prkit.pipeline import load_pipeline
-    from prkit.residuals import remove_residuals
-    from prkit.world.bench import BenchConfig, grade_residuals, summarize, train_concept
+    from prkit.world.bench import BenchConfig, bench_concept, summarize, write_csv
     from prkit.world.oracle import load_oracle
 
     pipe = load_pipeline(args.model, device=args.device)
@@ -60,26 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         config = replace(base, train=replace(base.train, rank=rank, learning_rate=lr, steps=steps),
                          lag=LAGConfig(threshold=threshold))
-        rows = []
-        for name in config.concepts:
-            result = train_concept(pipe, name, config)
-            result.residuals.meta["seconds"] = result.seconds
-            try:
-                rows += grade_residuals(pipe, result.residuals, name, config, oracle)
-            finally:
-                remove_residuals(pipe.unet, result.residuals.name)
-        for r in summarize(rows):
-            out_rows.append({"setting": label, "rank": rank, "learning_rate": lr, "steps": steps,
-                             "lag_threshold": threshold, **r})
-        allr = {r["method"]: r for r in summarize(rows) if r["concept"] == "all"}
+        rows = [row for name in config.concepts for row in bench_concept(pipe, name, config, oracle)]
+        summary = summarize(rows)
+        out_rows += [{"setting": label, "rank": rank, "learning_rate": lr, "steps": steps, "lag_threshold": threshold,
+                      **r} for r in summary]
+        allr = {r["method"]: r for r in summary if r["concept"] == "all"}
         print(f"{label}: identity base {allr['base']['identity']:.0%} res {allr['residuals']['identity']:.0%} "
               f"lag {allr['residuals+lag']['identity']:.0%}; bg res {allr['residuals']['background_change']:.4f} "
               f"lag {allr['residuals+lag']['background_change']:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(out_rows[0]))
-            writer.writeheader()
-            writer.writerows(out_rows)
+        write_csv(out_rows, args.out)  # after every setting: an interrupted sweep keeps what it measured
     return 0
 
 

@@ -11,7 +11,6 @@ trained embedding never reaches them. Writes one summary row per (variant, conce
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import sys
 import time
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from prkit.residuals import remove_residuals
     from prkit.sample import generate
     from prkit.targets import TARGETS
-    from prkit.world.bench import BenchConfig, grade, summarize
+    from prkit.world.bench import BenchConfig, grade, summarize, write_csv
     from prkit.world.concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder
     from prkit.world.oracle import load_oracle, read
 
@@ -103,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 if r["concept"] != "all":
                     print(f"{variant:16s} {name:13s} {r['method']:14s} identity {r['identity']:.0%} "
                           f"scene {r['scene']:.0%} bg {r['background_change']:.4f}", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(out_rows[0]))
-                writer.writeheader()
-                writer.writerows(out_rows)
+            write_csv(out_rows, args.out)
     for variant in ("residuals", "residuals+token"):
         sel = [r for r in out_rows if r["variant"] == variant and r["concept"] != "all"]
         for method in ("base", "residuals", "residuals+lag"):

@@ -118,6 +118,34 @@ class JobQueue:
                 yield job
 
 
+def _timing_path(out: Path, rank: int) -> Path:
+    return Path(out) / "parts" / f"rank{rank:03d}-timing.json"
+
+
+def clear_run_state(out: str | Path) -> None:
+    """Remove what an interrupted run left beside its results: job claims and rank timings (rank 0, at start)."""
+    JobQueue.reset(Path(out) / "claims")
+    for stale in (Path(out) / "parts").glob("rank*-timing.json"):
+        stale.unlink()
+
+
+def write_timing(out: str | Path, timing: dict) -> None:
+    """This rank's timings, for rank 0 to gather after the final barrier."""
+    path = _timing_path(out, timing["rank"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timing) + "\n")
+
+
+def gather_timings(out: str | Path, world_size: int) -> list[dict]:
+    """Every rank's timings of this run (rank 0, after the final barrier); removes them and the claims."""
+    paths = [_timing_path(out, r) for r in range(world_size)]
+    ranks = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    for p in paths:
+        p.unlink(missing_ok=True)
+    JobQueue.reset(Path(out) / "claims")
+    return ranks
+
+
 def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment (torchrun, accelerate); (0, 1, 0) alone."""
     env = os.environ

@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .eval_jobs import JobQueue, _device, _group, dist_env, job_cost, job_list, shard, variants  # noqa: F401
+from .eval_jobs import (  # noqa: F401
+    JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
+    write_timing,
+)
 from .eval_results import (  # noqa: F401  (re-exported: prkit.evaluate is the harness's one public module)
     COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table, mean_ci,
     merge, read_rows, summarize, t975, write_rows,
@@ -340,18 +343,15 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     subjects = {s.name: s for s in load_subjects(config)}
     jobs = job_list(config.methods, list(subjects))
     dist = _group(world_size)
-    claims = out / "claims"
-    if rank == 0:  # leftovers of an interrupted run (its finished pairs are in the results): claims, timings
-        JobQueue.reset(claims)
-        for stale in (out / "parts").glob("rank*-timing.json"):
-            stale.unlink()
+    if rank == 0:
+        clear_run_state(out)  # claims and timings of an interrupted run (its finished pairs are in the results)
     done = finished_pairs(out)
     if dist is not None:
         dist.barrier()  # every rank has read the finished pairs, and the claims are clear, before any rank writes
     todo = [j for j in jobs if j not in done]
     cost = lambda j: job_cost(j[0], config, len(subjects[j[1]].prompts))  # noqa: E731
     # one rank: every job in list order; several: each rank takes the next unclaimed job when it is free
-    mine = JobQueue(claims, todo, cost, rank) if world_size > 1 else todo
+    mine = JobQueue(out / "claims", todo, cost, rank) if world_size > 1 else todo
     part = out / RESULTS if world_size == 1 else out / "parts" / f"rank{rank:03d}-of-{world_size:03d}.csv"
     log.info("rank %d/%d: %d of %d jobs to run (%d done before)", rank, world_size, len(todo), len(jobs),
              len(done & set(jobs)))
@@ -376,20 +376,13 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
         _free(pipe)
     timing["loop_seconds"] = time.perf_counter() - start
     if dist is not None:
-        (out / "parts").mkdir(parents=True, exist_ok=True)
-        (out / "parts" / f"rank{rank:03d}-timing.json").write_text(json.dumps(timing) + "\n")
+        write_timing(out, timing)
         dist.barrier()  # every part is written
     if rank != 0:
         return []
-    ranks = [timing]
-    if world_size > 1:
-        files = [out / "parts" / f"rank{r:03d}-timing.json" for r in range(world_size)]
-        ranks = [json.loads(p.read_text()) for p in files if p.is_file()]
-        for p in files:
-            p.unlink(missing_ok=True)
-    JobQueue.reset(claims)
+    ranks = gather_timings(out, world_size) if dist is not None else [timing]
     rows = merge(out)
-    missing = sorted(set(jobs) - {(r["target"], r["subject"]) for r in rows})
+    missing = sorted(set(jobs) - finished_pairs(out))
     if missing:  # e.g. claims left behind that no rank could clear, or an out folder the ranks do not share
         log.warning("%d job(s) have no rows: %s; run the same command again to finish them", len(missing),
                     ", ".join(f"{m} on {s}" for m, s in missing))
