@@ -545,27 +545,46 @@ def time_peft(bench, pipe, concept, batch: int, n: int, e2e_steps: int) -> dict:
         gc.collect()
 
 
-def time_sampling(bench, pipe, res, *, batch: int, lag: bool, fast: bool, hi: int, lo: int) -> dict:
+def time_sampling(bench, pipe, res, *, batch: int, lag: bool, fast: bool, hi: int, lo: int,
+                  side_stream: bool = True) -> dict:
     """ms per denoising step (CFG) from two call lengths, so text encoding and graph capture cancel out."""
+    import prkit.attention as attention
+
     prompts = [PROMPT] * batch
 
     def run(steps):
         return prkit.generate(pipe, prompts, res, lag=lag, steps=steps, fast=fast, output_type="latent")
 
-    run(lo)
-    t_hi, latents = bench.timed(lambda: run(hi))
-    t_lo, _ = bench.timed(lambda: run(lo))
+    attention.SIDE_STREAM = side_stream
+    try:
+        run(lo)
+        t_hi, latents = bench.timed(lambda: run(hi))
+        t_lo, _ = bench.timed(lambda: run(lo))
+    finally:
+        attention.SIDE_STREAM = True
     return {"ms_per_step": (t_hi - t_lo) / (hi - lo) * 1e3, "call_s": t_hi, "steps": hi, "batch": batch,
             "finite": bool(torch.isfinite(latents).all())}
 
 
-def unet_lag_overhead(bench, pipe, res, *, batch: int, graph: bool, n: int = 40, rounds: int = 3) -> dict:
+# LAG variants timed against each other (unet_lag_overhead modes): the default is "lag"
+LAG_MODES = {
+    "lag": {},
+    "lag_inline": {"side": False},  # mask work on the current stream
+    "lag_rows": {"layout": False},  # bool (rows, N) masks broadcast onto the middle (the path before layout_mask)
+}
+
+
+def unet_lag_overhead(bench, pipe, res, *, batch: int, graph: bool, n: int = 40, rounds: int = 3,
+                      modes: tuple[str, ...] = ("plain", "lag")) -> dict:
     """UNet forward ms (CFG batch) plain vs LAG, alternating rounds, CUDA-event timed; the pipeline adds the same
-    scheduler and guidance work to both, so this is the upper bound of LAG's share of a denoising step."""
+    scheduler and guidance work to both, so this is the upper bound of LAG's share of a denoising step.
+    Modes: plain, lag (mask work on the side stream, the default), lag_inline (on the current stream)."""
     import contextlib
 
+    import prkit.attention as attention
+    import prkit.lag as lagmod
     from prkit.graphs import graphed_unet
-    from prkit.lag import lag_sampling
+    from prkit.lag import LAGConfig, lag_sampling
     from prkit.residuals import only_residuals
 
     unet = pipe.unet
@@ -575,21 +594,39 @@ def unet_lag_overhead(bench, pipe, res, *, batch: int, graph: bool, n: int = 40,
         side = unet.config.sample_size
         latents = torch.randn(2 * batch, 4, side, side, device=bench.device, dtype=unet.dtype)
         t = torch.tensor(500, device=bench.device)
-    times = {"plain": [], "lag": []}
+    times = {mode: [] for mode in modes}
+    outputs = {}
     for _ in range(rounds):
-        for mode in ("plain", "lag"):
-            lag_ctx = (lag_sampling(unet, res, [PROMPT] * batch, tokenizer=pipe.tokenizer, cfg=True)
-                       if mode == "lag" else contextlib.nullcontext())
-            with torch.inference_mode(), only_residuals(unet, [res.name]), lag_ctx, graphed_unet(unet, enabled=graph):
-                def run():
-                    return unet(latents, t, encoder_hidden_states=emb, return_dict=False)[0]
-                for _ in range(3):
-                    run()
-                seconds, _ = bench.timed(lambda: [run() for _ in range(n)])
+        for mode in modes:
+            knobs = LAG_MODES.get(mode, {})
+            config = LAGConfig(threshold=knobs.get("threshold", "median"))
+            lag_ctx = (lag_sampling(unet, res, [PROMPT] * batch, tokenizer=pipe.tokenizer, cfg=True, config=config)
+                       if mode != "plain" else contextlib.nullcontext())
+            attention.SIDE_STREAM = knobs.get("side", True)
+            lagmod.MEDIAN_KERNEL = knobs.get("median", "median")
+            lagmod.LAYOUT_MASKS = knobs.get("layout", True)
+            try:
+                with torch.inference_mode(), only_residuals(unet, [res.name]), lag_ctx, \
+                        graphed_unet(unet, enabled=graph):
+                    def run():
+                        return unet(latents, t, encoder_hidden_states=emb, return_dict=False)[0]
+                    for _ in range(3):
+                        outputs[mode] = run().clone()
+                    seconds, _ = bench.timed(lambda: [run() for _ in range(n)])
+            finally:
+                attention.SIDE_STREAM, lagmod.MEDIAN_KERNEL = True, "median"
+                lagmod.LAYOUT_MASKS = True
             times[mode].append(seconds / n * 1e3)
-    plain, lag = float(np.median(times["plain"])), float(np.median(times["lag"]))
-    return {"unet_ms_plain": plain, "unet_ms_lag": lag, "overhead_pct": 100 * (lag - plain) / plain,
-            "rounds_ms": times, "batch": batch, "graph": graph}
+    median = {mode: float(np.median(v)) for mode, v in times.items()}
+    out = {f"unet_ms_{mode}": ms for mode, ms in median.items()}
+    out.update({f"overhead_pct_{mode}": 100 * (median[mode] - median["plain"]) / median["plain"]
+                for mode in modes if mode != "plain"})
+    out["overhead_pct"] = out.get("overhead_pct_lag")
+    for mode in ("lag_inline", "lag_rows"):
+        if "lag" in outputs and mode in outputs:
+            out[f"{mode}_equals_lag"] = bool(torch.equal(outputs["lag"], outputs[mode]))
+    out.update({"rounds_ms": times, "batch": batch, "graph": graph})
+    return out
 
 
 def images_per_second(bench, pipe, res, *, batch: int, steps: int, fast: bool, lag: bool = False) -> dict:
@@ -705,6 +742,40 @@ def section_sdxl(bench):
     section_sample(bench, pipe, concept, section="sdxl_sample", big=0)
     bench.guarded(s, "recipe_straightforward", lambda: _public(recipe(bench, pipe, concept, steps=steps, batch=B,
                                                                       fast=False, name="xlplain")), need=60)
+
+
+def pipeline_lag_overhead(bench, pipe, res, *, hi: int, lo: int, rounds: int = 9) -> dict:
+    """Whole-pipeline ms per denoising step (batch 1, CFG, graphs) plain vs LAG, alternating rounds: the medians
+    (single calls move by several percent)."""
+    times = {"plain": [], "lag": []}
+    for _ in range(rounds):
+        for mode in times:
+            times[mode].append(time_sampling(bench, pipe, res, batch=1, lag=mode == "lag", fast=True, hi=hi,
+                                             lo=lo)["ms_per_step"])
+    plain, lag = float(np.median(times["plain"])), float(np.median(times["lag"]))
+    return {"ms_per_step_plain": plain, "ms_per_step_lag": lag, "overhead_pct": 100 * (lag - plain) / plain,
+            "rounds_ms": times, "steps": (hi, lo)}
+
+
+def section_lag(bench):
+    """LAG's cost with its mask work on the side stream vs inline, SD1.5 shapes: UNet forward (alternating
+    rounds) and whole pipeline steps (50 steps, CFG)."""
+    s = "lag"
+    pipe, _ = build(bench, "sd15")
+    res, params = _residuals(pipe, "lag", randomize=1e-2)
+    for p in params:
+        p.requires_grad_(False)
+    modes = ("plain",) + tuple(LAG_MODES)
+    n, rounds = (4, 2) if bench.tiny else (50, 5)
+    hi, lo = (4, 2) if bench.tiny else (50, 10)
+    try:
+        for graph, batch in ((True, 1), (True, 4)):
+            bench.guarded(s, f"unet_{'graph' if graph else 'eager'}_b{batch}", lambda g=graph, b=batch:
+                          unet_lag_overhead(bench, pipe, res, batch=b, graph=g, n=n, rounds=rounds, modes=modes),
+                          need=20)
+        bench.guarded(s, "pipe_graph_b1", lambda: pipeline_lag_overhead(bench, pipe, res, hi=hi, lo=lo), need=30)
+    finally:
+        _drop(pipe, "lag")
 
 
 def section_cold(bench):
@@ -999,7 +1070,7 @@ def table(bench) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["sd15", "sdxl", "diag", "cold", "table", "all"])
+    parser.add_argument("what", choices=["sd15", "sdxl", "diag", "lag", "cold", "table", "all"])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke test of this script)")
     parser.add_argument("--out", default="out/bench", help="folder for bench_<what>.json and table.txt")
     parser.add_argument("--steps", type=int, default=150, help="steps of the recipe")
@@ -1034,6 +1105,8 @@ def main(argv=None) -> None:
             section_sdxl(bench)
         if args.what in ("diag", "all"):
             section_diag(bench)
+        if args.what == "lag":
+            section_lag(bench)
         if args.what == "cold":
             section_cold(bench)
     finally:

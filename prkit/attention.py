@@ -4,6 +4,10 @@
 cross-attention probabilities explicitly (77 keys: cheap) and reduces them at once to per-block
 concept maps and, optionally, small per-token maps for visualisation. ``attn1`` keeps its own
 (fused SDPA) processor. The original processors come back on exit, also on error.
+
+While a CUDA graph of a LAG forward is captured (``CaptureState.on_block_ready`` set), a block's concept maps and
+its mask are computed on a second stream that forks at ``attn2`` and joins at ``proj_out``: the small map, median
+and compare kernels become a parallel branch of the graph, overlapping the block's attention and feed-forward.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SIDE_STREAM = True  # LAG's per-block mask work on a second CUDA stream in graphs (False: inline, current stream)
 
 
 @dataclass
@@ -85,6 +91,10 @@ class CaptureState:
         self.doubled: dict[str, bool] = {}  # block -> sums hold only the conditional rows (fused CUDA path)
         self._values: dict[tuple, torch.Tensor] = {}  # fused path: token weights laid out as SDPA values
         self.listeners: list[Callable[[], None]] = []  # called at each UNet forward (step start)
+        self.layer_counts: dict[str, int] = {}  # block -> its attn2 layers (set by capture_attention)
+        self.on_block_ready: dict[str, Callable[[], None]] = {}  # block -> run once its maps are complete (LAG)
+        self._side: torch.cuda.Stream | None = None  # the second stream of the CUDA path
+        self._pending: list[tuple[torch.Tensor, ...]] = []  # inputs the side stream reads, held until joined
 
     def is_cfg(self) -> bool:
         return bool(self.cfg()) if callable(self.cfg) else bool(self.cfg)
@@ -154,11 +164,45 @@ class CaptureState:
     def record_fused(self, block: str, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """Concept maps of one attn2 call as a second, small SDPA: softmax(q k^T * scale) @ token weights.
 
+        On CUDA with a consumer waiting (``on_block_ready``), the work runs on the side stream and the consumer
+        is called there after the block's last layer; ``join`` makes the current stream wait for it.
+
         Args:
             query: (B, heads, N, d) and key: (B, heads, T, d) of the call; only conditional rows are used.
         """
         if self.concept_weights is None:
             return
+        ready = self.on_block_ready.get(block) if layer + 1 == self.layer_counts.get(block, 1) else None
+        side = self._side_stream(query) if self.on_block_ready else None
+        if side is None:
+            self._record_fused(block, layer, query, key, scale)
+            if ready is not None:
+                ready()
+            return
+        side.wait_stream(torch.cuda.current_stream(query.device))
+        self._pending.append((query, key))  # freed only after the join: the current stream may not reuse them
+        with torch.cuda.stream(side):
+            self._record_fused(block, layer, query, key, scale)
+            if ready is not None:
+                ready()
+
+    def _side_stream(self, query: torch.Tensor) -> torch.cuda.Stream | None:
+        """The side stream, while a CUDA graph is being captured (eager, the stream switches cost more host time
+        than the overlap saves: measured on an H100, BENCHMARKS.md)."""
+        if not SIDE_STREAM or not query.is_cuda or not torch.cuda.is_current_stream_capturing():
+            return None
+        if self._side is None or self._side.device != query.device:
+            self._side = torch.cuda.Stream(query.device)
+        return self._side
+
+    def join(self) -> None:
+        """Make the current stream wait for the side stream's work so far (a no-op when none is pending)."""
+        if not self._pending:
+            return
+        torch.cuda.current_stream(self._side.device).wait_stream(self._side)
+        self._pending.clear()
+
+    def _record_fused(self, block: str, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         batch, heads, _, dim = query.shape
         doubled = self.is_cfg() and batch % 2 == 0
         if doubled:
@@ -218,9 +262,10 @@ class CaptureProcessor:
         batch, tokens_q, _ = hidden_states.shape
         query, key, value = _heads(attn, hidden_states, encoder_hidden_states)
         if hidden_states.is_cuda and attention_mask is None and not self.state.wants_probs():
-            # CUDA path: the output through fused SDPA, the concept maps through a second small one
-            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+            # CUDA path: the concept maps through a second small SDPA (forked first, so that on the side stream
+            # it overlaps this one), the output through the fused SDPA
             self.state.record_fused(self.block, self.layer, query, key, attn.scale)
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
         else:
             scores = (query @ key.transpose(-1, -2)) * attn.scale  # (B, h, N, T)
             if attention_mask is not None:
@@ -289,14 +334,20 @@ def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
         processors[key] = CaptureProcessor(state, *split) if split else proc
     if not any(isinstance(p, CaptureProcessor) for p in processors.values()):
         raise ValueError("this UNet has no cross-attention (attn2) layers to capture")
-    hook = unet.register_forward_pre_hook(
+    blocks = [p for p in processors.values() if isinstance(p, CaptureProcessor)]
+    state.layer_counts = {p.block: 1 + max(q.layer for q in blocks if q.block == p.block) for p in blocks}
+    hooks = [unet.register_forward_pre_hook(
         lambda module, args, kwargs: state.begin_step(tuple((args[0] if args else kwargs["sample"]).shape[-2:])),
-        with_kwargs=True)
+        with_kwargs=True)]
+    # a block's side-stream work always rejoins by the block's end, also when no residual consumed its mask
+    hooks += [unet.get_submodule(block).register_forward_hook(lambda *_: state.join()) for block in state.layer_counts]
     unet.set_attn_processor(processors)
     unet._prkit_capture = state
     try:
         yield state
     finally:
-        hook.remove()
+        state.join()
+        for hook in hooks:
+            hook.remove()
         unet.set_attn_processor(original)
         unet._prkit_capture = None

@@ -15,10 +15,11 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import AttentionStore, CaptureState, capture_attention
-from .residuals import Residuals, wrapped_layers
+from .residuals import ResidualProjection, Residuals, wrapped_layers
 
 THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")
-MEDIAN_KERNEL = "median"  # fused CUDA path: "median" or "sort" (same cut; median measured faster on an H100)
+LAYOUT_MASKS = True  # fused CUDA path: masks laid out like each set's middle (False: bool rows, broadcast)
+MEDIAN_KERNEL = "median"  # fused CUDA path: "median" or "sort" (the same cut; median measured faster on an H100)
 
 
 @dataclass
@@ -111,44 +112,63 @@ def make_mask(maps: torch.Tensor, config: LAGConfig) -> torch.Tensor:
 
 
 class _MaskSource:
-    """Per-layer callback: the (B, N) mask of one residual set at this block in this forward pass."""
+    """Per-layer callback: the mask of one residual set at this block in this forward pass.
 
-    def __init__(self, state: CaptureState, block: str, index: dict[str, int], config: LAGConfig):
-        self.state, self.block, self.index, self.config = state, block, index, config
-        self.cache: tuple[int, torch.Tensor] | None = None
+    ``prepare`` makes the masks of all sets at once; on CUDA the CaptureState calls it on its side stream right
+    after the block's last attn2 (``on_block_ready``), else the first ``__call__`` of the step does. With the
+    layer given, the fused path's masks come laid out like each set's rank-r middle (``layout_mask``).
+    """
+
+    def __init__(self, state: CaptureState, block: str, index: dict[str, int], config: LAGConfig,
+                 layer: ResidualProjection | None = None):
+        self.state, self.block, self.index, self.config, self.layer = state, block, index, config, layer
+        self.cache: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None  # step, masks, laid-out masks
+        self.stored = -1  # the last step whose masks went to the store
+
+    def prepare(self) -> None:
+        fused, laid_out = self._fused_masks(), {}
+        if fused is not None:
+            masks, batch = fused
+            if self.layer is not None:
+                laid_out = {name: self.layer.layout_mask(masks[..., s], batch, name)
+                            for name, s in self.index.items() if name in self.layer.sets}
+        else:
+            maps = self.state.concept_map(self.block)  # (B, N, S)
+            if maps is None:
+                raise RuntimeError(f"no cross-attention map was captured for {self.block} before its proj_out")
+            masks = torch.stack([make_mask(maps[..., s], self.config) for s in range(maps.shape[-1])], -1)
+        self.cache = (self.state.step, masks, laid_out)
 
     def __call__(self, name: str) -> torch.Tensor | None:
         if name not in self.index:
             return None  # a set without LAG applies everywhere
-        if self.cache is None or self.cache[0] != self.state.step:
-            masks = self._fused_masks()
-            if masks is None:
-                maps = self.state.concept_map(self.block)  # (B, N, S)
-                if maps is None:
-                    raise RuntimeError(f"no cross-attention map was captured for {self.block} before its proj_out")
-                masks = torch.stack([make_mask(maps[..., s], self.config) for s in range(maps.shape[-1])], -1)
-            self.cache = (self.state.step, masks)
-            store = self.state.store
-            if store is not None and (store.steps is None or self.state.step in store.steps):
-                cond = masks[masks.shape[0] // 2:] if self.state.is_cfg() and masks.shape[0] % 2 == 0 else masks
-                h, w = self.state.spatial(cond.shape[1])
-                store.masks[(self.block, self.state.step)] = cond.reshape(cond.shape[0], h, w, -1).float().cpu()
-        return self.cache[1][..., self.index[name]]
+        step = self.state.step
+        self.state.join()  # masks made on the side stream are ready for the current one from here on
+        if self.cache is None or self.cache[0] != step:
+            self.prepare()
+        _, masks, laid_out = self.cache
+        store = self.state.store
+        if self.stored != step and store is not None and (store.steps is None or step in store.steps):
+            self.stored = step
+            cond = masks[masks.shape[0] // 2:] if self.state.is_cfg() and masks.shape[0] % 2 == 0 else masks
+            h, w = self.state.spatial(cond.shape[1])
+            store.masks[(self.block, step)] = cond.reshape(cond.shape[0], h, w, -1).float().cpu()
+        return laid_out[name] if name in laid_out else masks[..., self.index[name]]
 
-    def _fused_masks(self) -> torch.Tensor | None:
-        """Bool masks (Bc, N, S) of the conditional rows from the fused CUDA path's sums (the residual wrapper
-        applies them to every CFG half); median/mean cuts need no averaging first."""
+    def _fused_masks(self) -> tuple[torch.Tensor, int] | None:
+        """Bool masks (Bc, N, S) of the conditional rows from the fused CUDA path's sums (they serve every CFG
+        half) and the batch they serve; median/mean cuts need no averaging first."""
         found = self.state.fused_map(self.block)
         if found is None or self.config.threshold not in ("median", "mean"):
             return None
-        sums = found[0]  # (Bc, N, S)
+        sums, doubled = found  # (Bc, N, S)
         if self.config.threshold == "mean":
-            return sums > sums.mean(dim=1, keepdim=True)
-        if MEDIAN_KERNEL == "sort":
+            cut = sums.mean(dim=1, keepdim=True)
+        elif MEDIAN_KERNEL == "sort":
             cut = sums.sort(dim=1).values[:, (sums.shape[1] - 1) // 2:(sums.shape[1] + 1) // 2]
         else:
             cut = sums.median(dim=1, keepdim=True).values  # the lower median, as the sort's middle pick
-        return sums > cut
+        return sums > cut, sums.shape[0] * (2 if doubled else 1)
 
 
 def pipeline_cfg(pipe) -> Callable[[], bool]:
@@ -194,8 +214,10 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     with capture_attention(unet, state):
         try:
             for block, layer in layers.items():
-                layer.mask_source = _MaskSource(state, block, index, config)
+                layer.mask_source = _MaskSource(state, block, index, config, layer if LAYOUT_MASKS else None)
+                state.on_block_ready[block] = layer.mask_source.prepare
             yield state
         finally:
+            state.on_block_ready.clear()
             for layer in layers.values():
                 layer.mask_source = None

@@ -66,7 +66,8 @@ class ResidualProjection(nn.Module):
     """Wraps a ``proj_out`` (1x1 Conv2d or Linear): base(x) + sum_s scale_s * mask_s * up_s(down_s(x)).
 
     ``base_layer`` is the original module object; ``remove_residuals`` puts it back.
-    ``mask_source`` (set by LAG) returns, for a set name, a (B, N) mask over the block's positions or None.
+    ``mask_source`` (set by LAG) returns, for a set name, a (B, N) mask over the block's positions, a bool
+    (rows, N) one, a mask laid out like the set's middle (``layout_mask``), or None.
     """
 
     def __init__(self, base_layer: nn.Module, block_name: str):
@@ -106,13 +107,30 @@ class ResidualProjection(nn.Module):
         self.scales.pop(name)
         self.active.pop(name)
 
+    def layout_mask(self, mask: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+        """A (rows, N) mask laid out like set ``name``'s rank-r middle for a batch of ``batch`` (the rows repeat
+        per group of ``rows``, as the conditional mask serves both CFG halves): (B, r, N) for conv projections,
+        (B, N, r) for linear ones, in the layer's dtype. The middle times it is one contiguous elementwise kernel
+        (a broadcast bool mask takes a strided one, measured ~3x slower on an H100)."""
+        rows, tokens = mask.shape
+        rank = self.sets[name].rank
+        full = mask.to(self.base_layer.weight.dtype).repeat(batch // rows, 1)  # (B, N)
+        if self.is_conv:
+            return full[:, None, :].expand(batch, rank, tokens).contiguous()
+        return full[:, :, None].expand(batch, tokens, rank).contiguous()
+
     def _branch(self, x: torch.Tensor, lowrank: LowRank, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """up(mask * down(x)); mask: None, bool (rows, N), or laid out like the middle (``layout_mask``)."""
         down, up = lowrank.down.to(x.dtype), lowrank.up.to(x.dtype)
         if self.is_conv:  # x: (B, C, H, W)
             middle = F.conv2d(x, down[:, :, None, None])  # (B, r, H, W)
-            return F.conv2d(middle if mask is None else _mask_rows(middle, mask, True), up[:, :, None, None])
-        middle = F.linear(x, down)  # (B, N, r)
-        return F.linear(middle if mask is None else _mask_rows(middle, mask, False), up)  # x: (B, N, C)
+            if mask is not None:
+                middle = middle * mask.view(middle.shape) if mask.dim() == 3 else _mask_rows(middle, mask, True)
+            return F.conv2d(middle, up[:, :, None, None])
+        middle = F.linear(x, down)  # (B, N, r); x: (B, N, C)
+        if mask is not None:
+            middle = middle * mask if mask.dim() == 3 else _mask_rows(middle, mask, False)
+        return F.linear(middle, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -120,9 +138,9 @@ class ResidualProjection(nn.Module):
             if not self.active[name] or name in self.merged or self.scales[name] == 0:
                 continue
             mask = self.mask_source(name) if self.mask_source is not None else None  # (B, N)
-            # LAG's fused CUDA path hands a bool mask: applied to the rank-r middle, r/C the size of delta (a
-            # per-pixel mask commutes with the 1x1 up-projection)
-            fused = mask is not None and mask.dtype == torch.bool
+            # LAG's fused CUDA path hands a bool (rows, N) mask or one laid out like the middle (3-D): applied to
+            # the rank-r middle, r/C the size of delta (a per-pixel mask commutes with the 1x1 up-projection)
+            fused = mask is not None and (mask.dtype == torch.bool or mask.dim() == 3)
             delta = self._branch(x, lowrank, mask if fused else None)
             if mask is not None and not fused:
                 mask = mask.to(delta.dtype)

@@ -204,6 +204,11 @@ def test_bool_masks_apply_like_float_masks(linear, rows):
     want = layer(x)
     layer.mask_source = lambda name: mask
     assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-6)
+    laid_out = layer.layout_mask(mask, 2, "a")  # what LAG's CUDA path hands: the middle's own layout
+    assert laid_out.shape == ((2, 16, 2) if linear else (2, 2, 16)) and laid_out.is_contiguous()
+    layer.mask_source = lambda name: laid_out
+    assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-6)
+    assert (want - layer.base_layer(x)).abs().max() > 1e-3  # the mask lets part of the residual through
 
 
 def test_graphs_are_a_no_op_off_cuda(pipe, concept):

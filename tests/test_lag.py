@@ -242,3 +242,58 @@ def test_multi_concept_each_set_under_its_own_mask(pipe):
                                atol=1e-5)
     with pytest.raises(ValueError, match="zwx"):
         prkit.generate(pipe, PROMPT, [dog, pot], lag=True, **FAST)
+
+
+# --- the CUDA side stream: mask work forks after attn2 and joins at proj_out --------------------------
+
+
+def test_capture_knows_each_blocks_layers_and_prepares_masks_after_the_last(tokenizer):
+    """The readiness call that starts a block's mask work comes after its last attn2 layer, not before."""
+    from tiny import tiny_unet
+
+    from prkit.attention import capture_attention
+
+    unet = tiny_unet(linear=True, sdxl_like=True)
+    residuals = _dog(unet)
+    calls = []
+    with lag_sampling(unet, residuals, [PROMPT] * 2, tokenizer=tokenizer, cfg=False) as state:
+        assert sorted(set(state.layer_counts.values())) == [1, 2]  # one block has two transformer layers
+        for block, prepare in list(state.on_block_ready.items()):
+            state.on_block_ready[block] = lambda b=block, p=prepare: (calls.append((b, state.step)), p())
+        q, k = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 16, 8)
+        two = next(b for b, n in state.layer_counts.items() if n == 2)
+        state.record_fused(two, 0, q, k, 0.3)
+        assert calls == []  # layer 0 of 2: the block's maps are not complete yet
+        state.record_fused(two, 1, q, k, 0.3)
+        assert calls == [(two, state.step)]
+    assert state.on_block_ready == {}
+    with capture_attention(unet) as plain:  # capture without LAG wants no mask work
+        assert plain.on_block_ready == {} and plain.layer_counts == state.layer_counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream exists on CUDA only (run on a GPU)")
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_side_stream_gives_the_inline_result_on_cuda(tokenizer, graph):
+    import prkit.attention as attention
+    from tiny import tiny_unet
+
+    from prkit.graphs import graphed_unet
+
+    unet = tiny_unet(linear=True, sdxl_like=True).cuda()
+    residuals = _dog(unet)
+    sample, t, text = (x.cuda() for x in unet_inputs(batch=2))
+    out = {}
+    for side in (False, True):
+        attention.SIDE_STREAM = side
+        try:
+            with torch.no_grad(), lag_sampling(unet, residuals, PROMPT, tokenizer=tokenizer, cfg=True) as state, \
+                    graphed_unet(unet, enabled=graph) as runner:
+                runs = [unet(sample, t, encoder_hidden_states=text, return_dict=False)[0].clone() for _ in range(3)]
+        finally:
+            attention.SIDE_STREAM = True
+        assert (state._side is not None) == (side and graph)  # eager calls stay on one stream
+        assert not graph or (runner.replays == 2 and not runner.failed)
+        assert all(torch.equal(r, runs[0]) for r in runs)
+        out[side] = runs[0]
+    personal = run_unet(unet, (sample, t, text))
+    assert torch.equal(out[True], out[False]) and (out[True] - personal).abs().max() > 1e-4
