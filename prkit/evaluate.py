@@ -1,9 +1,9 @@
 """Evaluation harness: train every method on every subject with its recipe, sample, score, tabulate.
 
-Owns the protocols (the world's benchmark, the DreamBooth and CustomConcept101 layouts), the scorer and the
-runner: every (method, subject) job, split across processes under torchrun / accelerate launch (ranks claim
-jobs from one queue and write their own part; rank 0 merges). The jobs and their queue live in ``eval_jobs``,
-the results CSV and summary in ``eval_results`` (re-exported here); metrics, training and sampling elsewhere.
+Owns the runner and its command line: every (method, subject) job, split across processes under torchrun /
+accelerate launch (ranks claim jobs from one queue and write their own part; rank 0 merges). The protocols'
+subjects live in ``eval_subjects``, the scorer in ``eval_scorer``, the jobs and their queue in ``eval_jobs``,
+the results CSV and summary in ``eval_results`` (all re-exported here); metrics, training and sampling elsewhere.
 
     prkit eval --protocol world --methods residuals lora textual_inversion --out runs/eval
     torchrun --nproc_per_node 2 -m prkit.evaluate --protocol dreambooth --data dreambooth/dataset --model DIR
@@ -15,12 +15,11 @@ import argparse
 import ast
 import json
 import logging
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from .eval_jobs import (  # noqa: F401
     JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
@@ -30,10 +29,11 @@ from .eval_results import (  # noqa: F401  (re-exported: prkit.evaluate is the h
     COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table, mean_ci,
     merge, read_rows, summarize, t975, write_rows,
 )
+from .eval_scorer import Scorer, strip_token  # noqa: F401
+from .eval_subjects import PROTOCOLS, Subject, load_customconcept101, load_subjects  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("world", "dreambooth", "customconcept101")
 DEFAULT_METHODS = ("residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth")
 
 
@@ -61,188 +61,6 @@ class EvalConfig:
     dtype: str | None = None  # pipeline dtype (None: bf16/fp16 on GPUs, fp32 elsewhere)
     save_images: bool = False  # PNGs under out/images/<method>/<subject>/
     ci_over: str = "image"  # 95% interval over images or over per-subject means ("subject")
-
-
-@dataclass
-class Subject:
-    """One concept of a protocol: its words, its evaluation prompts (formatted) and how to load its images."""
-
-    name: str
-    token: str
-    class_word: str
-    prompts: list[str]
-    load: Callable  # resolution -> prkit.data.Concept
-    world: object = None  # the WorldConcept (world protocol)
-
-
-# ----------------------------------------------------------------------------------------------- protocols
-
-def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]:
-    """Subjects of a CustomConcept101 folder.
-
-    Assumed layout (that of the customconcept101 folder of adobe-research/custom-diffusion): ``root/dataset.json``,
-    a list of {"instance_data_dir", "class_prompt", "prompt_filename"} with paths relative to ``root``; each
-    prompt file has one prompt per line with ``{}`` where the concept goes ("{} swimming in a pool."). ``{}``
-    becomes "<token> <class_prompt>" (our identifier instead of their "<new1>"). Without dataset.json: one
-    folder per concept holding its images, a ``prompts.txt`` and a ``concept.json`` with "class_word".
-    The subject's name is its image folder's name.
-    """
-    from .data import ConceptDataError, load_concept
-
-    root = Path(root)
-    spec = root / "dataset.json"
-    entries = []
-    if spec.is_file():
-        for item in json.loads(spec.read_text()):
-            entries.append((root / item["instance_data_dir"], item["class_prompt"], root / item["prompt_filename"]))
-    elif root.is_dir():
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "prompts.txt").is_file()):
-            meta = folder / "concept.json"
-            if not meta.is_file():
-                raise ConceptDataError(f"'{meta}' is missing: it must give the concept's class_word")
-            entries.append((folder, json.loads(meta.read_text())["class_word"], folder / "prompts.txt"))
-    if not entries:
-        raise ConceptDataError(f"no CustomConcept101 concepts under '{root}': expected dataset.json or concept "
-                               "folders each with prompts.txt and concept.json")
-    subjects = []
-    for folder, class_word, prompt_file in entries:
-        if not prompt_file.is_file():
-            raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' is missing")
-        lines = [ln.strip() for ln in prompt_file.read_text().splitlines() if ln.strip()]
-        prompts = [ln.replace("{}", f"{token} {class_word}") for ln in lines]
-
-        def load(resolution: int, folder=folder, class_word=class_word):
-            return load_concept(folder, token, class_word, resolution)
-        subjects.append(Subject(folder.name, token, class_word, prompts, load))
-    return subjects
-
-
-def load_subjects(config: EvalConfig) -> list[Subject]:
-    """The protocol's subjects (only ``config.subjects`` when given), prompts cut to ``config.max_prompts``."""
-    from .data import load_concept
-
-    if config.protocol == "world":
-        from .world.concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder
-
-        subjects = []
-        for name, c in EXAMPLE_CONCEPTS.items():
-            prompts = [p.format(token=c.token, class_word=c.class_word) for p in BENCH_PROMPTS]
-
-            def load(resolution: int, name=name):
-                return load_concept(concept_folder(name), resolution=resolution)
-            subjects.append(Subject(name, c.token, c.class_word, prompts, load, world=c))
-    elif config.protocol == "dreambooth":
-        from .data import load_dreambooth
-
-        if not config.data:
-            raise ValueError("the dreambooth protocol needs --data: the DreamBooth dataset folder")
-        ds = load_dreambooth(config.data)
-        subjects = []
-        for name in sorted(ds.subjects):
-            def load(resolution: int, name=name):
-                return ds.concept(name, config.token, resolution)
-            s = ds.subjects[name]
-            subjects.append(Subject(name, config.token, s.class_word, ds.prompts(name, config.token), load))
-    elif config.protocol == "customconcept101":
-        if not config.data:
-            raise ValueError("the customconcept101 protocol needs --data: the CustomConcept101 folder")
-        subjects = load_customconcept101(config.data, config.token)
-    else:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {config.protocol!r}")
-    if config.subjects:
-        known = {s.name for s in subjects}
-        missing = [n for n in config.subjects if n not in known]
-        if missing:
-            raise ValueError(f"unknown subjects {missing}; this protocol has: {', '.join(sorted(known))}")
-        subjects = [s for s in subjects if s.name in config.subjects]
-    for s in subjects:
-        s.prompts = s.prompts[:config.max_prompts] if config.max_prompts else s.prompts
-    return subjects
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-
-def strip_token(prompt: str, token: str) -> str:
-    """The prompt without the identifier ("a photo of a sks dog" -> "a photo of a dog"), as CLIP-T reads it."""
-    return re.sub(rf"\s*\b{re.escape(token)}\b", "", prompt).strip()
-
-
-def _reference_images(concept) -> list:
-    """The concept's original reference images (full size, EXIF-rotated) when its files exist, else its crops."""
-    from PIL import Image, ImageOps
-
-    paths = [p for p in concept.paths if Path(p).is_file()]
-    if len(paths) != len(concept.images):
-        return list(concept.images)
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(ImageOps.exif_transpose(im).convert("RGB"))
-    return out
-
-
-class Scorer:
-    """Holds the metric backbones (or why each is unavailable) and the oracle, and scores one job's images."""
-
-    def __init__(self, config: EvalConfig, device, oracle=None, need_oracle: bool = True):
-        from .metrics import DEFAULT_CLIP, DEFAULT_DINO, WORLD, try_load_clip, try_load_dino
-
-        clip = {"auto": WORLD if config.protocol == "world" else DEFAULT_CLIP}.get(config.clip, config.clip)
-        dino = {"auto": DEFAULT_DINO}.get(config.dino, config.dino)
-        get = config.download_backbones
-        self.clip, clip_reason = try_load_clip(clip, device, get) if clip else (None, "switched off")
-        self.dino, dino_reason = try_load_dino(dino, device, get) if dino else (None, "switched off")
-        self.unavailable = {"CLIP-I/CLIP-T": clip_reason, "DINO": dino_reason}
-        for name, reason in self.unavailable.items():
-            if reason:
-                log.warning("%s unavailable: %s", name, reason)
-        self.oracle = oracle
-        if config.protocol == "world" and oracle is None and need_oracle:
-            from .world.oracle import load_oracle
-
-            self.oracle = load_oracle(device)
-        self._refs: dict[str, tuple] = {}
-
-    def _ref(self, subject: Subject, concept) -> tuple:
-        if subject.name not in self._refs:
-            images = _reference_images(concept)
-            self._refs[subject.name] = (self.clip.embed_images(images) if self.clip else None,
-                                        self.dino.embed_images(images) if self.dino else None)
-        return self._refs[subject.name]
-
-    def score(self, subject: Subject, concept, images: list[list], base: list[list] | None) -> list[dict]:
-        """Rows (prompt_index, prompt, seed, metrics) for ``images[prompt][seed]``; ``base`` as for the world."""
-        from . import metrics
-
-        per = len(images[0])
-        flat = [im for group in images for im in group]
-        rows = [{"prompt_index": i, "prompt": p, "seed": j} for i, p in enumerate(subject.prompts) for j in range(per)]
-        if self.oracle is not None and subject.world is not None:
-            from .world.bench import grade
-            from .world.oracle import read
-
-            side = 64  # the oracle reads (and masks) 64x64 images: grade at that size
-            gen64 = [im if im.size == (side, side) else im.resize((side, side)) for im in flat]
-            base64 = [im if im.size == (side, side) else im.resize((side, side)) for group in base for im in group]
-            graded = grade(gen64, base64, read(gen64, self.oracle), read(base64, self.oracle), subject.world,
-                           subject.prompts, per)
-            for row, g in zip(rows, graded):
-                row.update({k: g[k] for k in ("identity", "identity_colors", "scene", "class", "background_change")})
-        clip_ref, dino_ref = self._ref(subject, concept)
-        if self.clip is not None:
-            gen = self.clip.embed_images(flat)
-            texts = self.clip.embed_texts([strip_token(p, subject.token) for p in subject.prompts])
-            texts = texts.repeat_interleave(per, dim=0)  # (N, D): each image's prompt
-            scores = {"clip_i": metrics.clip_i(gen, clip_ref, reduce=False),
-                      "clip_t_dreambooth": metrics.clip_t(gen, texts, "dreambooth", reduce=False),
-                      "clip_t_clipscore": metrics.clip_t(gen, texts, "clipscore", reduce=False)}
-            for k, v in scores.items():
-                for row, x in zip(rows, v.tolist()):
-                    row[k] = x
-        if self.dino is not None:
-            for row, x in zip(rows, metrics.dino(self.dino.embed_images(flat), dino_ref, reduce=False).tolist()):
-                row["dino"] = x
-        return rows
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -1,0 +1,111 @@
+"""The subjects of each evaluation protocol: the world's benchmark concepts, a DreamBooth dataset folder and a
+CustomConcept101 folder, each as ``Subject``s with their formatted prompts and a loader for their images.
+It only reads datasets: it must not train, sample or score (the runner in ``evaluate`` does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .evaluate import EvalConfig
+
+PROTOCOLS = ("world", "dreambooth", "customconcept101")
+
+
+@dataclass
+class Subject:
+    """One concept of a protocol: its words, its evaluation prompts (formatted) and how to load its images."""
+
+    name: str
+    token: str
+    class_word: str
+    prompts: list[str]
+    load: Callable  # resolution -> prkit.data.Concept
+    world: object = None  # the WorldConcept (world protocol)
+
+
+def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]:
+    """Subjects of a CustomConcept101 folder.
+
+    Assumed layout (that of the customconcept101 folder of adobe-research/custom-diffusion): ``root/dataset.json``,
+    a list of {"instance_data_dir", "class_prompt", "prompt_filename"} with paths relative to ``root``; each
+    prompt file has one prompt per line with ``{}`` where the concept goes ("{} swimming in a pool."). ``{}``
+    becomes "<token> <class_prompt>" (our identifier instead of their "<new1>"). Without dataset.json: one
+    folder per concept holding its images, a ``prompts.txt`` and a ``concept.json`` with "class_word".
+    The subject's name is its image folder's name.
+    """
+    from .data import ConceptDataError, load_concept
+
+    root = Path(root)
+    spec = root / "dataset.json"
+    entries = []
+    if spec.is_file():
+        for item in json.loads(spec.read_text()):
+            entries.append((root / item["instance_data_dir"], item["class_prompt"], root / item["prompt_filename"]))
+    elif root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "prompts.txt").is_file()):
+            meta = folder / "concept.json"
+            if not meta.is_file():
+                raise ConceptDataError(f"'{meta}' is missing: it must give the concept's class_word")
+            entries.append((folder, json.loads(meta.read_text())["class_word"], folder / "prompts.txt"))
+    if not entries:
+        raise ConceptDataError(f"no CustomConcept101 concepts under '{root}': expected dataset.json or concept "
+                               "folders each with prompts.txt and concept.json")
+    subjects = []
+    for folder, class_word, prompt_file in entries:
+        if not prompt_file.is_file():
+            raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' is missing")
+        lines = [ln.strip() for ln in prompt_file.read_text().splitlines() if ln.strip()]
+        prompts = [ln.replace("{}", f"{token} {class_word}") for ln in lines]
+
+        def load(resolution: int, folder=folder, class_word=class_word):
+            return load_concept(folder, token, class_word, resolution)
+        subjects.append(Subject(folder.name, token, class_word, prompts, load))
+    return subjects
+
+
+def load_subjects(config: EvalConfig) -> list[Subject]:
+    """The protocol's subjects (only ``config.subjects`` when given), prompts cut to ``config.max_prompts``."""
+    from .data import load_concept
+
+    if config.protocol == "world":
+        from .world.concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder
+
+        subjects = []
+        for name, c in EXAMPLE_CONCEPTS.items():
+            prompts = [p.format(token=c.token, class_word=c.class_word) for p in BENCH_PROMPTS]
+
+            def load(resolution: int, name=name):
+                return load_concept(concept_folder(name), resolution=resolution)
+            subjects.append(Subject(name, c.token, c.class_word, prompts, load, world=c))
+    elif config.protocol == "dreambooth":
+        from .data import load_dreambooth
+
+        if not config.data:
+            raise ValueError("the dreambooth protocol needs --data: the DreamBooth dataset folder")
+        ds = load_dreambooth(config.data)
+        subjects = []
+        for name in sorted(ds.subjects):
+            def load(resolution: int, name=name):
+                return ds.concept(name, config.token, resolution)
+            s = ds.subjects[name]
+            subjects.append(Subject(name, config.token, s.class_word, ds.prompts(name, config.token), load))
+    elif config.protocol == "customconcept101":
+        if not config.data:
+            raise ValueError("the customconcept101 protocol needs --data: the CustomConcept101 folder")
+        subjects = load_customconcept101(config.data, config.token)
+    else:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {config.protocol!r}")
+    if config.subjects:
+        known = {s.name for s in subjects}
+        missing = [n for n in config.subjects if n not in known]
+        if missing:
+            raise ValueError(f"unknown subjects {missing}; this protocol has: {', '.join(sorted(known))}")
+        subjects = [s for s in subjects if s.name in config.subjects]
+    for s in subjects:
+        s.prompts = s.prompts[:config.max_prompts] if config.max_prompts else s.prompts
+    return subjects

@@ -1,0 +1,177 @@
+"""The fast loop's training step: AdamW as CUDA graphs want it (fused, capturable), the static buffers of each loss
+term, ``TrainStep`` (forward + backward + optimizer step, captured once as a CUDA graph and replayed) and the
+device snapshot the loop rolls back to. It runs the step it is handed on the buffers it is given: it must not
+draw batches, sync with the host or decide when losses are checked (``fast.train_fast`` does).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def make_optimizer(params, learning_rate: float, weight_decay: float, device: torch.device):
+    """AdamW as the eager loop uses it; on CUDA fused and graph-capturable (step counters on the device)."""
+    extra = {"fused": True, "capturable": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, **extra)
+
+
+def _make_capturable(optimizer, device: torch.device) -> None:
+    """After loading an eager checkpoint: keep the groups fused/capturable and the step counters on the device."""
+    if device.type != "cuda":
+        return
+    for group in optimizer.param_groups:
+        group.update(fused=True, capturable=True, foreach=None)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+
+
+class _Slot:
+    """Static device buffers of one loss term: noisy latents, timesteps, target; its conditioning and weight."""
+
+    def __init__(self, shape, cond: dict, weight: float, dtype, device, channels_last: bool):
+        fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+        self.noisy = torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        self.timesteps = torch.empty(shape[0], dtype=torch.long, device=device)
+        self.target = torch.empty(shape, dtype=torch.float32, device=device)
+        self.cond = cond
+        self.weight = weight
+
+
+class TrainStep:
+    """One training step on static buffers: forward, loss, backward, (unscale,) clip, AdamW, (scale update).
+
+    The first call runs eagerly (a real step that also warms up cuDNN/cuBLAS); on CUDA the step is then
+    captured as a CUDA graph and every later call replays it. If capture fails, steps stay eager.
+    ``loss`` is a device scalar holding the last step's (unscaled) loss; nothing here syncs with the host.
+    """
+
+    def __init__(self, unet, params, optimizer, slots: list[_Slot], *, amp: torch.dtype | None,
+                 scaler=None, max_grad_norm: float | None = None, cuda_graph: bool = True):
+        self.unet, self.params, self.optimizer, self.slots = unet, list(params), optimizer, slots
+        self.device = slots[0].noisy.device
+        # autocast only where the weights are not already in the compute dtype
+        self.autocast = amp if amp is not None and unet.dtype != amp else None
+        self.scaler = scaler
+        self.max_grad_norm = max_grad_norm
+        self.want_graph = cuda_graph and self.device.type == "cuda"
+        self.graph = None
+        self.capture_error: str | None = None
+        self.loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.found_inf = None
+        if scaler is not None:
+            scaler._lazy_init_scale_growth_tracker(self.device)
+            self.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+            optimizer.found_inf = self.found_inf  # read by fused AdamW: skips the update on inf/nan grads
+        self.calls = 0
+        self.capture_seconds = 0.0
+
+    def load(self, batches) -> None:
+        """Copy one step's (noisy, timesteps, target) per slot into the static buffers (async)."""
+        for slot, (noisy, steps, target) in zip(self.slots, batches):
+            slot.noisy.copy_(noisy, non_blocking=True)
+            slot.timesteps.copy_(steps, non_blocking=True)
+            slot.target.copy_(target, non_blocking=True)
+
+    def _body(self) -> None:
+        total = None
+        device_type = self.device.type
+        for slot in self.slots:
+            with torch.autocast(device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None,
+                                cache_enabled=False):
+                pred = self.unet(slot.noisy, slot.timesteps, **slot.cond).sample
+            loss = F.mse_loss(pred.float(), slot.target)
+            total = loss if total is None else total + slot.weight * loss
+        if self.scaler is not None:
+            scale = self.scaler._scale
+            (total * scale).backward()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            self.found_inf.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, scale.double().reciprocal().float())
+        else:
+            total.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        if self.scaler is not None:
+            s = self.scaler
+            torch._amp_update_scale_(s._scale, s._growth_tracker, self.found_inf, s._growth_factor,
+                                     s._backoff_factor, s._growth_interval)
+        self.loss.copy_(total.detach())
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.want_graph:
+            self._body()
+            return self.loss
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # the warm-up is a real step, run on a side stream as capture wants
+            self._body()
+        current.wait_stream(side)
+        self._capture()
+        return self.loss
+
+    def _capture(self) -> None:
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._body()
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
+            self.want_graph = False
+            self.capture_error = f"{type(err).__name__}: {err}"
+            self.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"CUDA graph capture of the training step failed ({self.capture_error}); "
+                          "continuing with eager steps", RuntimeWarning, stacklevel=3)
+            return
+        finally:
+            self.capture_seconds = time.perf_counter() - start
+        self.graph = graph
+
+    def close(self) -> None:
+        """Free the graph and its memory pool; detach the fp16 hooks from the optimizer."""
+        self.graph = None
+        if self.found_inf is not None and getattr(self.optimizer, "found_inf", None) is self.found_inf:
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class _Snapshot:
+    """Device copies of the trainable state (parameters, AdamW moments and steps, loss scale) for rollback."""
+
+    def __init__(self, params, optimizer, scaler):
+        self.params, self.optimizer, self.scaler = list(params), optimizer, scaler
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = list(self.params)
+        for p in self.params:
+            out.extend(v for v in self.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+        if self.scaler is not None and self.scaler._scale is not None:
+            out.extend([self.scaler._scale, self.scaler._growth_tracker])
+        return out
+
+    @torch.no_grad()
+    def take(self) -> None:
+        self.saved = [(t, t.detach().clone()) for t in self._tensors()]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        kept = {id(t) for t, _ in self.saved}
+        for tensor, copy in self.saved:
+            tensor.copy_(copy)
+        for tensor in self._tensors():  # state created after the snapshot (AdamW's, at the first step): fresh
+            if id(tensor) not in kept:
+                tensor.zero_()
