@@ -111,9 +111,15 @@ class JobQueue:
             f.write(json.dumps({"job": list(job), "rank": self.rank, "time": time.time()}) + "\n")
         return True
 
+    def __len__(self) -> int:
+        return len(self.jobs)
+
     def __iter__(self) -> Iterator:
-        """The jobs this rank wins, one claim at a time (claim the next only when asked for it)."""
+        """The jobs this rank wins, one claim at a time (claim the next only when asked for it).
+        ``taken`` counts the queue's jobs claimed so far by any rank, as this rank has seen them."""
+        self.taken = 0
         for job in self.jobs:
+            self.taken += 1
             if self.claim(job):
                 yield job
 

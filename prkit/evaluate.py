@@ -175,7 +175,9 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
              len(done & set(jobs)))
     scorer = None
     timing = {"rank": rank, "load_seconds": 0.0, "jobs": []}
-    for method, name in tqdm(mine, desc=f"eval rank {rank}", disable=not progress):
+    # the bar counts the whole queue: with several ranks, jobs the other ranks took move it too
+    bar = tqdm(total=len(todo), desc=f"eval rank {rank}", unit="job", disable=not progress)
+    for method, name in mine:
         if scorer is None:  # first job of this rank: load what every job needs
             t0 = time.perf_counter()
             if pipe is None:
@@ -192,6 +194,9 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
         timing["jobs"].append({"method": method, "subject": name, "seconds": time.perf_counter() - t0})
         log.info("%s on %s: %d rows", method, name, len(rows))
         _free(pipe)
+        bar.update(getattr(mine, "taken", bar.n + 1) - bar.n)  # jobs claimed so far, this one finished
+    bar.update(len(todo) - bar.n)
+    bar.close()
     timing["loop_seconds"] = time.perf_counter() - start
     if dist is not None:
         write_timing(out, timing)

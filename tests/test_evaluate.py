@@ -107,9 +107,11 @@ def test_job_queue_hands_each_job_to_exactly_one_rank(tmp_path):
     # a slow rank takes fewer jobs: rank 1 takes one job, rank 0 then takes all the rest
     ev.JobQueue.reset(tmp_path / "claims")
     assert not (tmp_path / "claims").exists()
-    slow, fast = iter(ev.JobQueue(tmp_path / "claims", jobs, rank=1)), iter(ev.JobQueue(tmp_path / "claims", jobs))
+    queue_slow, queue_fast = ev.JobQueue(tmp_path / "claims", jobs, rank=1), ev.JobQueue(tmp_path / "claims", jobs)
+    slow, fast = iter(queue_slow), iter(queue_fast)
     first = next(slow)
-    assert first == jobs[0] and list(fast) == jobs[1:] and next(slow, None) is None
+    assert queue_slow.taken == 1 and len(queue_slow) == len(jobs)  # what the progress bar shows
+    assert first == jobs[0] and list(fast) == jobs[1:] and queue_fast.taken == len(jobs) and next(slow, None) is None
 
 
 def _row(target, subject, prompt_index=0, seed=0, method=None, **metrics):

@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else 1e-3")
     parser.add_argument("--lag-threshold", default="median", choices=THRESHOLDS, help="LAG's cut (METHOD: median)")
+    parser.add_argument("--lag-value", type=float, default=LAGConfig.value,
+                        help="the cut of --lag-threshold fixed, on the min-max normalized map (default 0.5)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/world_bench.csv")
     args = parser.parse_args(argv)
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(args.rank) if args.rank >= 1 else args.rank
     config = BenchConfig(concepts=tuple(args.concepts), images_per_prompt=args.images_per_prompt, steps=args.steps,
                          train=TrainConfig(steps=args.train_steps, rank=rank, learning_rate=args.learning_rate),
-                         lag=LAGConfig(threshold=args.lag_threshold))
+                         lag=LAGConfig(threshold=args.lag_threshold, value=args.lag_value))
     oracle = load_oracle(pipe.unet.device)
     rows = []
     start = time.perf_counter()
