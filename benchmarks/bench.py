@@ -545,23 +545,16 @@ def time_peft(bench, pipe, concept, batch: int, n: int, e2e_steps: int) -> dict:
         gc.collect()
 
 
-def time_sampling(bench, pipe, res, *, batch: int, lag: bool, fast: bool, hi: int, lo: int,
-                  side_stream: bool = True) -> dict:
+def time_sampling(bench, pipe, res, *, batch: int, lag: bool, fast: bool, hi: int, lo: int) -> dict:
     """ms per denoising step (CFG) from two call lengths, so text encoding and graph capture cancel out."""
-    import prkit.attention as attention
-
     prompts = [PROMPT] * batch
 
     def run(steps):
         return prkit.generate(pipe, prompts, res, lag=lag, steps=steps, fast=fast, output_type="latent")
 
-    attention.SIDE_STREAM = side_stream
-    try:
-        run(lo)
-        t_hi, latents = bench.timed(lambda: run(hi))
-        t_lo, _ = bench.timed(lambda: run(lo))
-    finally:
-        attention.SIDE_STREAM = True
+    run(lo)
+    t_hi, latents = bench.timed(lambda: run(hi))
+    t_lo, _ = bench.timed(lambda: run(lo))
     return {"ms_per_step": (t_hi - t_lo) / (hi - lo) * 1e3, "call_s": t_hi, "steps": hi, "batch": batch,
             "finite": bool(torch.isfinite(latents).all())}
 
@@ -578,13 +571,14 @@ def unet_lag_overhead(bench, pipe, res, *, batch: int, graph: bool, n: int = 40,
                       modes: tuple[str, ...] = ("plain", "lag")) -> dict:
     """UNet forward ms (CFG batch) plain vs LAG, alternating rounds, CUDA-event timed; the pipeline adds the same
     scheduler and guidance work to both, so this is the upper bound of LAG's share of a denoising step.
-    Modes: plain, lag (mask work on the side stream, the default), lag_inline (on the current stream)."""
+    Modes: plain and the keys of LAG_MODES (lag: the default; lag_inline: mask work on the current stream;
+    lag_rows: bool row masks broadcast onto the middle)."""
     import contextlib
 
     import prkit.attention as attention
     import prkit.lag as lagmod
     from prkit.graphs import graphed_unet
-    from prkit.lag import LAGConfig, lag_sampling
+    from prkit.lag import lag_sampling
     from prkit.residuals import only_residuals
 
     unet = pipe.unet
@@ -599,11 +593,9 @@ def unet_lag_overhead(bench, pipe, res, *, batch: int, graph: bool, n: int = 40,
     for _ in range(rounds):
         for mode in modes:
             knobs = LAG_MODES.get(mode, {})
-            config = LAGConfig(threshold=knobs.get("threshold", "median"))
-            lag_ctx = (lag_sampling(unet, res, [PROMPT] * batch, tokenizer=pipe.tokenizer, cfg=True, config=config)
+            lag_ctx = (lag_sampling(unet, res, [PROMPT] * batch, tokenizer=pipe.tokenizer, cfg=True)
                        if mode != "plain" else contextlib.nullcontext())
             attention.SIDE_STREAM = knobs.get("side", True)
-            lagmod.MEDIAN_KERNEL = knobs.get("median", "median")
             lagmod.LAYOUT_MASKS = knobs.get("layout", True)
             try:
                 with torch.inference_mode(), only_residuals(unet, [res.name]), lag_ctx, \
@@ -614,8 +606,7 @@ def unet_lag_overhead(bench, pipe, res, *, batch: int, graph: bool, n: int = 40,
                         outputs[mode] = run().clone()
                     seconds, _ = bench.timed(lambda: [run() for _ in range(n)])
             finally:
-                attention.SIDE_STREAM, lagmod.MEDIAN_KERNEL = True, "median"
-                lagmod.LAYOUT_MASKS = True
+                attention.SIDE_STREAM, lagmod.LAYOUT_MASKS = True, True
             times[mode].append(seconds / n * 1e3)
     median = {mode: float(np.median(v)) for mode, v in times.items()}
     out = {f"unet_ms_{mode}": ms for mode, ms in median.items()}
@@ -830,7 +821,7 @@ def section_diag(bench):
             lagmod.MEDIAN_KERNEL = kernel
             bench.guarded(s, f"graph_b1_lag_{kernel}", lambda: time_sampling(bench, pipe, res, batch=1, lag=True,
                                                                             fast=True, hi=hi, lo=lo))
-        lagmod.MEDIAN_KERNEL = "sort"
+        lagmod.MEDIAN_KERNEL = "median"
         bench.guarded(s, "graph_b1_plain", lambda: time_sampling(bench, pipe, res, batch=1, lag=False, fast=True,
                                                                  hi=hi, lo=lo))
     finally:

@@ -164,23 +164,23 @@ class CaptureState:
     def record_fused(self, block: str, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """Concept maps of one attn2 call as a second, small SDPA: softmax(q k^T * scale) @ token weights.
 
-        On CUDA with a consumer waiting (``on_block_ready``), the work runs on the side stream and the consumer
-        is called there after the block's last layer; ``join`` makes the current stream wait for it.
+        While a CUDA graph is captured and a consumer waits (``on_block_ready``), the work runs on the side stream
+        and the consumer is called there after the block's last layer; ``join`` makes the current stream wait.
 
         Args:
             query: (B, heads, N, d) and key: (B, heads, T, d) of the call; only conditional rows are used.
         """
         if self.concept_weights is None:
             return
-        ready = self.on_block_ready.get(block) if layer + 1 == self.layer_counts.get(block, 1) else None
         side = self._side_stream(query) if self.on_block_ready else None
-        if side is None:
+        if side is None:  # inline: the consumer computes its masks when it first asks (at proj_out)
             self._record_fused(block, layer, query, key, scale)
-            if ready is not None:
-                ready()
             return
+        ready = self.on_block_ready.get(block) if layer + 1 == self.layer_counts.get(block, 1) else None
         side.wait_stream(torch.cuda.current_stream(query.device))
-        self._pending.append((query, key))  # freed only after the join: the current stream may not reuse them
+        # freed only after the join, so the current stream cannot reuse their memory while the side stream reads
+        # them (a block of several layers, SDXL's, holds every layer's query and key until its proj_out)
+        self._pending.append((query, key))
         with torch.cuda.stream(side):
             self._record_fused(block, layer, query, key, scale)
             if ready is not None:
@@ -336,18 +336,15 @@ def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
         raise ValueError("this UNet has no cross-attention (attn2) layers to capture")
     blocks = [p for p in processors.values() if isinstance(p, CaptureProcessor)]
     state.layer_counts = {p.block: 1 + max(q.layer for q in blocks if q.block == p.block) for p in blocks}
-    hooks = [unet.register_forward_pre_hook(
+    hook = unet.register_forward_pre_hook(
         lambda module, args, kwargs: state.begin_step(tuple((args[0] if args else kwargs["sample"]).shape[-2:])),
-        with_kwargs=True)]
-    # a block's side-stream work always rejoins by the block's end, also when no residual consumed its mask
-    hooks += [unet.get_submodule(block).register_forward_hook(lambda *_: state.join()) for block in state.layer_counts]
+        with_kwargs=True)
     unet.set_attn_processor(processors)
     unet._prkit_capture = state
     try:
         yield state
     finally:
         state.join()
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
         unet.set_attn_processor(original)
         unet._prkit_capture = None

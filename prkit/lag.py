@@ -114,9 +114,10 @@ def make_mask(maps: torch.Tensor, config: LAGConfig) -> torch.Tensor:
 class _MaskSource:
     """Per-layer callback: the mask of one residual set at this block in this forward pass.
 
-    ``prepare`` makes the masks of all sets at once; on CUDA the CaptureState calls it on its side stream right
-    after the block's last attn2 (``on_block_ready``), else the first ``__call__`` of the step does. With the
-    layer given, the fused path's masks come laid out like each set's rank-r middle (``layout_mask``).
+    ``prepare`` makes the masks of all sets at once: while a CUDA graph is captured, the CaptureState calls it on
+    its side stream right after the block's last attn2 (``on_block_ready``); otherwise the first ``__call__`` of
+    the step does. With the layer given, the fused path's masks come laid out like each set's rank-r middle
+    (``layout_mask``).
     """
 
     def __init__(self, state: CaptureState, block: str, index: dict[str, int], config: LAGConfig,
@@ -211,13 +212,20 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     index = {r.name: s for s, r in enumerate(sets)}
     state = CaptureState(weights, cfg, store)
     layers = wrapped_layers(unet)
+    hooks = []
     with capture_attention(unet, state):
         try:
             for block, layer in layers.items():
                 layer.mask_source = _MaskSource(state, block, index, config, layer if LAYOUT_MASKS else None)
                 state.on_block_ready[block] = layer.mask_source.prepare
+            # a block's side-stream work rejoins by the block's end at the latest (also when no set consumed its
+            # mask, or the block raised: an unjoined fork would fail a graph capture with a misleading error)
+            hooks = [unet.get_submodule(block).register_forward_hook(lambda *_: state.join(), always_call=True)
+                     for block in state.layer_counts]
             yield state
         finally:
+            for hook in hooks:
+                hook.remove()
             state.on_block_ready.clear()
             for layer in layers.values():
                 layer.mask_source = None

@@ -137,7 +137,7 @@ class ResidualProjection(nn.Module):
         for name, lowrank in self.sets.items():
             if not self.active[name] or name in self.merged or self.scales[name] == 0:
                 continue
-            mask = self.mask_source(name) if self.mask_source is not None else None  # (B, N)
+            mask = self.mask_source(name) if self.mask_source is not None else None  # see the class docstring
             # LAG's fused CUDA path hands a bool (rows, N) mask or one laid out like the middle (3-D): applied to
             # the rank-r middle, r/C the size of delta (a per-pixel mask commutes with the 1x1 up-projection)
             fused = mask is not None and (mask.dtype == torch.bool or mask.dim() == 3)

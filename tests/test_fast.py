@@ -176,19 +176,27 @@ def test_fused_concept_maps_and_masks_match_the_explicit_ones(cfg):
         explicit.record("blk", layer, probs, (4, 4))
         fused.record_fused("blk", layer, q, k, dim ** -0.5)
     assert torch.allclose(fused.concept_map("blk"), explicit.concept_map("blk"), rtol=1e-5, atol=1e-6)
+    layer = ResidualProjection(nn.Conv2d(8, 8, 1), "blk")
+    layer.add_set("a", 3)
+    layer.add_set("b", 2)
     for threshold in ("median", "mean"):
         index = {"a": 0, "b": 1}
         want = _MaskSource(explicit, "blk", index, LAGConfig(threshold=threshold))
         got = _MaskSource(fused, "blk", index, LAGConfig(threshold=threshold))
+        laid_out = _MaskSource(fused, "blk", index, LAGConfig(threshold=threshold), layer)
         for name in index:
             mask, reference = got(name), want(name)
             assert mask.dtype == torch.bool and mask.shape == (rows, n)  # the conditional rows serve both halves
             assert torch.equal(mask.float(), reference[batch - rows:])
             if cfg:
                 assert torch.equal(reference[:rows], reference[rows:])
+            # laid out like the set's (B, r, N) middle: every row of the batch, each of the r channels
+            dense = laid_out(name)
+            assert dense.shape == (batch, layer.sets[name].rank, n)
+            assert all(torch.equal(dense[:, c], reference) for c in range(dense.shape[1]))
 
 
-@pytest.mark.parametrize("rows", [2, 1], ids=["every-row", "cfg-shared"])
+@pytest.mark.parametrize("rows", [4, 2, 1], ids=["every-row", "cfg-two-rows", "cfg-shared"])
 @pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
 def test_bool_masks_apply_like_float_masks(linear, rows):
     torch.manual_seed(0)
@@ -198,17 +206,20 @@ def test_bool_masks_apply_like_float_masks(linear, rows):
     with torch.no_grad():
         layer.sets["a"].up.normal_()
     layer.scales["a"] = 0.7
-    x = torch.randn(2, 16, 8) if linear else torch.randn(2, 8, 4, 4)
+    x = torch.randn(4, 16, 8) if linear else torch.randn(4, 8, 4, 4)
     mask = torch.rand(rows, 16) > 0.5
-    layer.mask_source = lambda name: mask.float().repeat(2 // rows, 1)
+    layer.mask_source = lambda name: mask.float().repeat(4 // rows, 1)  # rows repeat per group, as CFG's halves
     want = layer(x)
     layer.mask_source = lambda name: mask
     assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-6)
-    laid_out = layer.layout_mask(mask, 2, "a")  # what LAG's CUDA path hands: the middle's own layout
-    assert laid_out.shape == ((2, 16, 2) if linear else (2, 2, 16)) and laid_out.is_contiguous()
+    laid_out = layer.layout_mask(mask, 4, "a")  # what LAG's CUDA path hands: the middle's own layout
+    assert laid_out.shape == ((4, 16, 2) if linear else (4, 2, 16)) and laid_out.is_contiguous()
     layer.mask_source = lambda name: laid_out
     assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-6)
-    assert (want - layer.base_layer(x)).abs().max() > 1e-3  # the mask lets part of the residual through
+    layer.mask_source = None
+    full = layer(x)
+    assert (want - layer.base_layer(x)).abs().max() > 1e-3  # the mask lets part of the residual through ...
+    assert (want - full).abs().max() > 1e-3  # ... and holds part back
 
 
 def test_graphs_are_a_no_op_off_cuda(pipe, concept):

@@ -247,12 +247,26 @@ def test_multi_concept_each_set_under_its_own_mask(pipe):
 # --- the CUDA side stream: mask work forks after attn2 and joins at proj_out --------------------------
 
 
-def test_capture_knows_each_blocks_layers_and_prepares_masks_after_the_last(tokenizer):
-    """The readiness call that starts a block's mask work comes after its last attn2 layer, not before."""
+def test_side_stream_bookkeeping_with_a_stand_in_stream(tokenizer, monkeypatch):
+    """The fork/join logic on the CPU, a stand-in for the CUDA stream: a block's masks are prepared after its last
+    attn2 layer (not before), what the side stream reads is held until the join, every block's end joins, and the
+    hooks go on exit."""
+    import contextlib
+
     from tiny import tiny_unet
 
-    from prkit.attention import capture_attention
+    from prkit.attention import CaptureState
 
+    class Stream:
+        device = torch.device("cpu")
+
+        def wait_stream(self, other):
+            pass
+
+    side = Stream()
+    monkeypatch.setattr(CaptureState, "_side_stream", lambda self, q: setattr(self, "_side", side) or side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: side)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     unet = tiny_unet(linear=True, sdxl_like=True)
     residuals = _dog(unet)
     calls = []
@@ -263,37 +277,43 @@ def test_capture_knows_each_blocks_layers_and_prepares_masks_after_the_last(toke
         q, k = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 16, 8)
         two = next(b for b, n in state.layer_counts.items() if n == 2)
         state.record_fused(two, 0, q, k, 0.3)
-        assert calls == []  # layer 0 of 2: the block's maps are not complete yet
+        assert calls == [] and len(state._pending) == 1  # layer 0 of 2: the block's maps are not complete yet
         state.record_fused(two, 1, q, k, 0.3)
-        assert calls == [(two, state.step)]
+        assert calls == [(two, state.step)] and len(state._pending) == 2
+        state._pending.append((q, k))
+        run_unet(unet, unet_inputs(batch=2))  # (the CPU forward itself takes the inline path)
+        assert state._pending == []  # the first block's end joined
     assert state.on_block_ready == {}
-    with capture_attention(unet) as plain:  # capture without LAG wants no mask work
-        assert plain.on_block_ready == {} and plain.layer_counts == state.layer_counts
+    assert not any(module._forward_hooks for module in unet.modules())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream exists on CUDA only (run on a GPU)")
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_side_stream_gives_the_inline_result_on_cuda(tokenizer, graph):
+def test_side_stream_and_laid_out_masks_give_the_inline_result_on_cuda(tokenizer, graph):
+    """Two prompts, two images each with CFG (UNet batch 8, 4 mask rows): the side stream (graphs only) and the
+    masks laid out like the middle give what inline bool row masks give, bit for bit."""
     import prkit.attention as attention
+    import prkit.lag as lagmod
     from tiny import tiny_unet
 
     from prkit.graphs import graphed_unet
 
     unet = tiny_unet(linear=True, sdxl_like=True).cuda()
     residuals = _dog(unet)
-    sample, t, text = (x.cuda() for x in unet_inputs(batch=2))
+    sample, t, text = (x.cuda() for x in unet_inputs(batch=8))
     out = {}
-    for side in (False, True):
-        attention.SIDE_STREAM = side
+    for side, layout in ((False, False), (False, True), (True, True)):
+        attention.SIDE_STREAM, lagmod.LAYOUT_MASKS = side, layout
         try:
-            with torch.no_grad(), lag_sampling(unet, residuals, PROMPT, tokenizer=tokenizer, cfg=True) as state, \
-                    graphed_unet(unet, enabled=graph) as runner:
+            with torch.no_grad(), lag_sampling(unet, residuals, [PROMPT, "a sks dog"], tokenizer=tokenizer,
+                                               cfg=True) as state, graphed_unet(unet, enabled=graph) as runner:
                 runs = [unet(sample, t, encoder_hidden_states=text, return_dict=False)[0].clone() for _ in range(3)]
         finally:
-            attention.SIDE_STREAM = True
+            attention.SIDE_STREAM, lagmod.LAYOUT_MASKS = True, True
         assert (state._side is not None) == (side and graph)  # eager calls stay on one stream
         assert not graph or (runner.replays == 2 and not runner.failed)
         assert all(torch.equal(r, runs[0]) for r in runs)
-        out[side] = runs[0]
+        out[side, layout] = runs[0]
     personal = run_unet(unet, (sample, t, text))
-    assert torch.equal(out[True], out[False]) and (out[True] - personal).abs().max() > 1e-4
+    assert torch.equal(out[True, True], out[False, False]) and torch.equal(out[False, True], out[False, False])
+    assert (out[True, True] - personal).abs().max() > 1e-4
