@@ -559,6 +559,15 @@ def time_sampling(bench, pipe, res, *, batch: int, lag: bool, fast: bool, hi: in
             "finite": bool(torch.isfinite(latents).all())}
 
 
+def cfg_unet_inputs(bench, pipe, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents, timestep, [uncond; cond] prompt embeddings) of one CFG UNet call on ``batch`` images of PROMPT."""
+    with torch.inference_mode():
+        pos, neg = pipe.encode_prompt(PROMPT, bench.device, batch, True)
+        side = pipe.unet.config.sample_size
+        latents = torch.randn(2 * batch, 4, side, side, device=bench.device, dtype=pipe.unet.dtype)
+        return latents, torch.tensor(500, device=bench.device), torch.cat([neg, pos])
+
+
 # LAG variants timed against each other (unet_lag_overhead modes): the default is "lag"
 LAG_MODES = {
     "lag": {},
@@ -582,12 +591,7 @@ def unet_lag_overhead(bench, pipe, res, *, batch: int, graph: bool, n: int = 40,
     from prkit.residuals import only_residuals
 
     unet = pipe.unet
-    with torch.inference_mode():
-        pos, neg = pipe.encode_prompt(PROMPT, bench.device, batch, True)
-        emb = torch.cat([neg, pos])
-        side = unet.config.sample_size
-        latents = torch.randn(2 * batch, 4, side, side, device=bench.device, dtype=unet.dtype)
-        t = torch.tensor(500, device=bench.device)
+    latents, t, emb = cfg_unet_inputs(bench, pipe, batch)
     times = {mode: [] for mode in modes}
     outputs = {}
     for _ in range(rounds):
@@ -850,7 +854,7 @@ def lag_ops(bench) -> dict:
             "gt": lambda: sums > 0.5,
             "cat": lambda: torch.cat([mask, mask]),
             "add": lambda: out_t + delta,
-            "mask_middle": lambda: prkit.residuals._mask_rows(middle, mask[..., 0], True),
+            "mask_middle": lambda: prkit.residual_layer._mask_rows(middle, mask[..., 0], True),
         }
         row = {}
         for name, fn in ops.items():

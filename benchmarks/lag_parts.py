@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench as B  # noqa: E402
 import prkit.lag as lagmod  # noqa: E402
-import prkit.residuals as residuals_mod  # noqa: E402
+import prkit.residual_layer as residuals_mod  # noqa: E402
 from prkit.attention import CaptureState, capture_attention  # noqa: E402
 from prkit.graphs import graphed_unet  # noqa: E402
 from prkit.lag import LAGConfig, lag_sampling  # noqa: E402
@@ -52,12 +52,7 @@ def main(argv=None) -> int:
     for p in params:
         p.requires_grad_(False)
     unet = pipe.unet
-    with torch.inference_mode():
-        pos, neg = pipe.encode_prompt(B.PROMPT, bench.device, 1, True)
-        emb = torch.cat([neg, pos])
-        side = unet.config.sample_size
-        latents = torch.randn(2, 4, side, side, device=bench.device, dtype=unet.dtype)
-        t = torch.tensor(500, device=bench.device)
+    latents, t, emb = B.cfg_unet_inputs(bench, pipe, 1)
     original = CaptureState._record_fused, residuals_mod._mask_rows
     lagmod.LAYOUT_MASKS = False
 

@@ -88,24 +88,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.mean(coverage[name]):.0%} of the image ({time.perf_counter() - start:.0f} s)", flush=True)
         remove_residuals(pipe.unet, residuals.name)
     write_csv(rows, args.out.with_name(args.out.stem + "_rows.csv"))
-    summary = summarize_all(rows, summarize)
+    summary = summarize(rows, METHODS)
     write_csv(summary, args.out)
     for r in summary:
         if r["concept"] == "all":
             print(f"{r['method']:22s} identity {r['identity']:.0%}  scene {r['scene']:.0%}  "
                   f"bg change {r['background_change']:.4f}")
     return 0
-
-
-def summarize_all(rows, summarize):
-    import prkit.world.bench as wb
-
-    original = wb.METHODS
-    wb.METHODS = METHODS  # summarize orders rows by the benchmark's methods: add the ideal one
-    try:
-        return summarize(rows)
-    finally:
-        wb.METHODS = original
 
 
 if __name__ == "__main__":

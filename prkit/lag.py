@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import AttentionStore, CaptureState, capture_attention
-from .residuals import ResidualProjection, Residuals, wrapped_layers
+from .residual_layer import ResidualProjection
+from .residuals import Residuals, wrapped_layers
 
 THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")
 LAYOUT_MASKS = True  # fused CUDA path: masks laid out like each set's middle (False: bool rows, broadcast)

@@ -148,10 +148,10 @@ def bench_concept(pipe, name: str, config: BenchConfig, oracle=None, progress: b
         remove_residuals(pipe.unet, result.residuals.name)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean of each measure per (concept, method), plus an 'all' concept row per method."""
-    keys = sorted({(r["concept"], r["method"]) for r in rows}, key=lambda k: (k[0], METHODS.index(k[1])))
-    keys += [("all", m) for m in METHODS if any(r["method"] == m for r in rows)]
+def summarize(rows: list[dict], methods: tuple[str, ...] = METHODS) -> list[dict]:
+    """Mean of each measure per (concept, method), plus an 'all' concept row per method (in ``methods`` order)."""
+    keys = sorted({(r["concept"], r["method"]) for r in rows}, key=lambda k: (k[0], methods.index(k[1])))
+    keys += [("all", m) for m in methods if any(r["method"] == m for r in rows)]
     out = []
     for concept, method in keys:
         sel = [r for r in rows if r["method"] == method and (concept == "all" or r["concept"] == concept)]

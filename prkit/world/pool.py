@@ -27,8 +27,7 @@ def _render_chunk(args: tuple) -> tuple[np.ndarray, list[str]]:
     float p: each object patterned with probability p, never as one of the example concepts (captions
     name the pattern: "a red and white striped ball").
     """
-    seed, kind, index, n, patterns = args[:5]
-    drop_colors = args[5] if len(args) > 5 else 0.0
+    seed, kind, index, n, patterns, drop_colors = args
     rng = np.random.default_rng([seed, kind, index])
     images = np.zeros((n, 64, 64, 3), np.uint8)
     captions = []

@@ -1,0 +1,154 @@
+"""The residual layer: ``LowRank`` factors (dW = up @ down) and ``ResidualProjection``, the wrapper around one
+``proj_out`` that adds each named set's low-rank branch, optionally under a mask, and can merge a set into the base
+weight. It knows one layer only: finding the projections of a UNet, adding/removing sets across it and the
+``Residuals`` handle live in ``residuals``; where masks come from is LAG's business (``lag``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LowRank(nn.Module):
+    """One residual set's factors: dW = up @ down, up (C, r), down (r, C)."""
+
+    def __init__(self, channels: int, rank: int, generator: torch.Generator | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, channels, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.zeros(channels, rank, device=device, dtype=dtype))
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(channels)  # kaiming_uniform(a=sqrt(5)), as nn.Linear and peft's lora_A
+            if generator is None:
+                self.down.uniform_(-bound, bound)
+            else:
+                noise = torch.rand(self.down.shape, generator=generator, dtype=torch.float32)
+                self.down.copy_((noise * 2 - 1) * bound)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (C, C) update this set adds to the base weight."""
+        return self.up @ self.down
+
+
+class ResidualProjection(nn.Module):
+    """Wraps a ``proj_out`` (1x1 Conv2d or Linear): base(x) + sum_s scale_s * mask_s * up_s(down_s(x)).
+
+    ``base_layer`` is the original module object; ``remove_residuals`` puts it back.
+    ``mask_source`` (set by LAG) returns, for a set name, a (B, N) mask over the block's positions, a bool
+    (rows, N) one, a mask laid out like the set's middle (``layout_mask``), or None.
+    """
+
+    def __init__(self, base_layer: nn.Module, block_name: str):
+        super().__init__()
+        if isinstance(base_layer, nn.Conv2d):
+            if base_layer.kernel_size != (1, 1) or base_layer.groups != 1:
+                raise TypeError(f"{block_name}.proj_out is a {base_layer.kernel_size} conv; only 1x1 is supported")
+            self.is_conv = True
+            channels_in, channels_out = base_layer.in_channels, base_layer.out_channels
+        elif isinstance(base_layer, nn.Linear):
+            self.is_conv = False
+            channels_in, channels_out = base_layer.in_features, base_layer.out_features
+        else:
+            raise TypeError(f"{block_name}.proj_out is {type(base_layer).__name__}; expected Conv2d or Linear")
+        if channels_in != channels_out:
+            raise TypeError(f"{block_name}.proj_out maps {channels_in}->{channels_out}; expected a square projection")
+        self.base_layer = base_layer
+        self.block_name = block_name
+        self.channels = channels_in
+        self.sets = nn.ModuleDict()
+        self.scales: dict[str, float] = {}
+        self.active: dict[str, bool] = {}
+        self.merged: dict[str, torch.Tensor] = {}  # name -> original base weight, while merged
+        self.mask_source: Callable[[str], torch.Tensor | None] | None = None
+
+    def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:
+        weight = self.base_layer.weight
+        self.sets[name] = LowRank(self.channels, rank, generator, device=weight.device, dtype=weight.dtype)
+        self.scales[name] = 1.0
+        self.active[name] = True
+        return self.sets[name]
+
+    def remove_set(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        del self.sets[name]
+        self.scales.pop(name)
+        self.active.pop(name)
+
+    def layout_mask(self, mask: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+        """A (rows, N) mask laid out like set ``name``'s rank-r middle for a batch of ``batch`` (the rows repeat
+        per group of ``rows``, as the conditional mask serves both CFG halves): (B, r, N) for conv projections,
+        (B, N, r) for linear ones, in the layer's dtype. The middle times it is one contiguous elementwise kernel
+        (a broadcast bool mask takes a strided one, measured ~3x slower on an H100)."""
+        rows, tokens = mask.shape
+        rank = self.sets[name].rank
+        full = mask.to(self.base_layer.weight.dtype).repeat(batch // rows, 1)  # (B, N)
+        if self.is_conv:
+            return full[:, None, :].expand(batch, rank, tokens).contiguous()
+        return full[:, :, None].expand(batch, tokens, rank).contiguous()
+
+    def _branch(self, x: torch.Tensor, lowrank: LowRank, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """up(mask * down(x)); mask: None, bool (rows, N), or laid out like the middle (``layout_mask``)."""
+        down, up = lowrank.down.to(x.dtype), lowrank.up.to(x.dtype)
+        if self.is_conv:  # x: (B, C, H, W)
+            middle = F.conv2d(x, down[:, :, None, None])  # (B, r, H, W)
+            if mask is not None:
+                middle = middle * mask.view(middle.shape) if mask.dim() == 3 else _mask_rows(middle, mask, True)
+            return F.conv2d(middle, up[:, :, None, None])
+        middle = F.linear(x, down)  # (B, N, r); x: (B, N, C)
+        if mask is not None:
+            middle = middle * mask if mask.dim() == 3 else _mask_rows(middle, mask, False)
+        return F.linear(middle, up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        for name, lowrank in self.sets.items():
+            if not self.active[name] or name in self.merged or self.scales[name] == 0:
+                continue
+            mask = self.mask_source(name) if self.mask_source is not None else None  # see the class docstring
+            # LAG's fused CUDA path hands a bool (rows, N) mask or one laid out like the middle (3-D): applied to
+            # the rank-r middle, r/C the size of delta (a per-pixel mask commutes with the 1x1 up-projection)
+            fused = mask is not None and (mask.dtype == torch.bool or mask.dim() == 3)
+            delta = self._branch(x, lowrank, mask if fused else None)
+            if mask is not None and not fused:
+                mask = mask.to(delta.dtype)
+                delta = delta * (mask.view(x.shape[0], 1, *x.shape[2:]) if self.is_conv else mask.unsqueeze(-1))
+            out = out + self.scales[name] * delta if self.scales[name] != 1 else out + delta
+        return out
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold the set into the base weight (no masks apply to a merged set)."""
+        if name in self.merged:
+            return
+        weight = self.base_layer.weight
+        self.merged[name] = weight.detach().clone()
+        delta = self.scales[name] * self.sets[name].delta_weight().to(torch.float32)
+        weight.copy_((weight.to(torch.float32) + delta.view(weight.shape)).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        """Restore the exact base weight saved by ``merge``."""
+        original = self.merged.pop(name, None)
+        if original is not None:
+            self.base_layer.weight.copy_(original)
+
+
+def _mask_rows(middle: torch.Tensor, mask: torch.Tensor, is_conv: bool) -> torch.Tensor:
+    """middle * mask for a bool mask (rows, N); fewer rows than the batch (CFG's conditional rows) serve each group.
+
+    middle: (B, r, H, W) for conv projections, (B, N, r) for linear ones.
+    """
+    rows, batch = mask.shape[0], middle.shape[0]
+    tail = (1, *middle.shape[2:]) if is_conv else (middle.shape[1], 1)
+    grouped = middle.view(batch // rows, rows, *middle.shape[1:]) * mask.view(1, rows, *tail)
+    return grouped.reshape(middle.shape)
