@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 # re-exported: prkit.fast stays the one import for the fast path (tests and benchmarks/bench.py use these)
-from .fast_patches import fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank  # noqa: F401
+from .fast_patches import (  # noqa: F401
+    fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
 from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ class FastConfig:
     cuda_graph: bool = True  # capture forward + backward + AdamW of a step once, replay it (eager if capture fails)
     check_every: int = 25  # steps between loss checks (one host sync each); progress updates at the same rate
     frozen_conv: bool = True  # frozen convolutions keep only their weight for backward (less memory, same math)
-    channels_last: bool = False  # NHWC activations; torch <= 2.11 GroupNorm converts them back, so off
+    # NHWC activations end to end, with prkit's NHWC GroupNorm + SiLU kernels (torch's convert NHWC back to NCHW);
+    # needs Triton (else NCHW); 36 vs 44 ms per SD1.5 step on an H100 (BENCHMARKS.md)
+    channels_last: bool = True
+    fused_geglu: bool = True  # the feed-forwards' GEGLU as one Triton kernel each way (needs Triton)
     merged_lowrank: bool = False  # apply W + up @ down as one weight (fewer kernels, delta rounded to bf16 of W)
     cudnn_benchmark: bool = False  # autotune convolutions at the first step (costs time up front)
     encode_batch: int = 1  # images per VAE call when caching latents: the VAE's peak memory stays small
@@ -192,7 +196,8 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     try:
         with fast_modules(unet, fast, config.gradient_checkpointing):
             shape = tuple(cache.mean.shape[1:])
-            slots = [_Slot((config.batch_size, *shape), cond, weight, unet.dtype, device, fast.channels_last)
+            slots = [_Slot((config.batch_size, *shape), cond, weight, unet.dtype, device,
+                           uses_channels_last(fast, device))
                      for _, cond, weight in sources]
             stepper = TrainStep(unet, params, optimizer, slots, amp=amp, scaler=scaler,
                                 max_grad_norm=config.max_grad_norm, cuda_graph=fast.cuda_graph)

@@ -38,7 +38,7 @@ class _Slot:
         fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
         self.noisy = torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
         self.timesteps = torch.empty(shape[0], dtype=torch.long, device=device)
-        self.target = torch.empty(shape, dtype=torch.float32, device=device)
+        self.target = torch.empty(shape, dtype=torch.float32, device=device).contiguous(memory_format=fmt)
         self.cond = cond
         self.weight = weight
 
@@ -125,6 +125,9 @@ class TrainStep:
     def _capture(self) -> None:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        # memory cached by earlier work of the process (earlier runs' graph pools included) cannot be freed while
+        # a capture runs, so an allocation could fail there (seen: SDXL, 58 GB cached, capture OOM): free it first
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):

@@ -67,6 +67,25 @@ def randomize(residuals, seed: int = 1, std: float = 0.3) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def trainable_residuals(unet, seed: int = 0) -> list:
+    """Seeded, non-zero rank-4 residuals on ``unet``; returns their factors (down, up per layer)."""
+    import prkit
+
+    res = prkit.add_residuals(unet, rank=4, seed=seed)
+    randomize(res)
+    return [p for lowrank in res.factors().values() for p in (lowrank.down, lowrank.up)]
+
+
+def output_and_grads(unet, params: list, sample, timestep, text):
+    """One forward + backward of mean(out^2): (output, gradients of ``params``)."""
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    out = unet(sample, timestep, encoder_hidden_states=text).sample
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in params]
+
+
 def make_concept(token: str = "sks", class_word: str = "dog", resolution: int = 16):
     """A prkit Concept of three 16x16 images (the tiny pipeline's resolution; others resized from them)."""
     from PIL import Image

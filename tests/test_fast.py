@@ -59,6 +59,9 @@ def test_train_residuals_routes_to_the_fast_loop(tmp_path, concept, monkeypatch)
     assert prkit.train_residuals(pipe, concept, steps=2, fast=True, **EAGER) == "fast"
     assert seen and seen[0]["progress"] is False
     assert prkit.train_residuals(pipe, concept, steps=1, **EAGER) != "fast"  # CPU default: eager
+    switches = FastConfig(sdpa_backends=None)
+    assert prkit.train_residuals(pipe, concept, steps=2, fast=switches, **EAGER) == "fast"
+    assert seen[-1]["fast"] is switches and seen[0]["fast"] is None
 
 
 def test_fast_checkpoint_resumes_in_the_eager_loop(tmp_path, concept_module, eager_run):
@@ -128,11 +131,18 @@ def test_interrupt_checkpoints_the_finished_steps(tmp_path, concept_module, eage
     assert _close_states(resumed.residuals.state_dict(), state)
 
 
-def test_frozen_convs_keep_no_input_and_give_the_same_gradients():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (cuDNN picks the gradient's layout from the input)"))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_convs_keep_no_input_and_give_the_same_gradients(channels_last, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 on both paths
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
-                          nn.Conv2d(8, 4, 1)).requires_grad_(False)
-    x = torch.randn(2, 4, 9, 9)
+                          nn.Conv2d(8, 4, 1)).requires_grad_(False).to(device)
+    x = torch.randn(2, 4, 9, 9, device=device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     ref_x = x.clone().requires_grad_(True)
     model(ref_x).square().sum().backward()
     undo = patch_frozen_convs(model)
@@ -142,6 +152,7 @@ def test_frozen_convs_keep_no_input_and_give_the_same_gradients():
     assert [t.shape for t in out.grad_fn.saved_tensors] == [model[3].weight.shape]  # the weight only
     out.square().sum().backward()
     assert torch.allclose(fast_x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+    assert fast_x.grad.is_contiguous(memory_format=torch.channels_last) == channels_last  # the input's layout
     undo()
     assert all("forward" not in m.__dict__ for m in model.modules())
 
