@@ -3,6 +3,7 @@
     rm -rf ~/.nv/ComputeCache; python benchmarks/bench.py cold --out DIR --tag 1   # fresh process, empty JIT cache
     python benchmarks/bench.py sd15 --out DIR     # SD1.5 training (ours eager / fast / peft LoRA r4), sampling
     python benchmarks/bench.py sdxl --out DIR     # SDXL 1024 recipe, step times, sampling
+    python benchmarks/bench.py steps --out DIR    # fast step NCHW vs channels-last, each attention kernel
     python benchmarks/bench.py diag --out DIR     # kernel profile of the fast step, SDPA backends, LAG's small ops
     python benchmarks/bench.py table --out DIR    # merge DIR/bench_*.json into DIR/bench.json and print one table
     python benchmarks/bench.py all --tiny         # CPU smoke test of every part on tiny models
@@ -339,7 +340,7 @@ def time_fast(bench, pipe, concept, batch: int, n: int, fast=None, *, amp=None, 
         bench.mem_reset()
         with fastmod.fast_modules(unet, fast, grad_ckpt):
             slot = fastmod._Slot((batch, *cache.mean.shape[1:]), cond, 1.0, unet.dtype, bench.device,
-                                 fast.channels_last)
+                                 fastmod.uses_channels_last(fast, bench.device))
             step = fastmod.TrainStep(unet, params, opt, [slot], amp=amp, scaler=scaler, cuda_graph=fast.cuda_graph)
             step.load([(s[0][0], s[1][0], s[2][0]) for s in staged])
             first, _ = bench.timed(step)
@@ -401,6 +402,16 @@ def recipe(bench, pipe, concept, *, steps: int, batch: int, fast: bool | None, n
     out["_state"] = state
     out["_losses"] = result.losses
     return out
+
+
+def recipe_with(bench, pipe, concept, choice: dict, **kwargs) -> dict:
+    """``recipe`` with these FastConfig fields (train_fast builds FastConfig() by name: hand it this choice)."""
+    original = fastmod.FastConfig
+    fastmod.FastConfig = lambda: original(**choice)
+    try:
+        return recipe(bench, pipe, concept, **kwargs)
+    finally:
+        fastmod.FastConfig = original
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -652,11 +663,16 @@ def section_train(bench, pipe, concept):
         "step_fast_no_frozen_conv": fastmod.FastConfig(frozen_conv=False),
         "step_fast_lean_blocks": fastmod.FastConfig(lean_blocks=True),
         "step_fast_sdpa_torch_choice": fastmod.FastConfig(sdpa_backends=None),  # cuDNN attention on an H100
+        **STEP_VARIANTS,
     }
     for key, cfg in variants.items():
         bench.guarded(s, key, lambda cfg=cfg: time_fast(bench, pipe, concept, B, n, cfg), need=20)
     bench.guarded(s, "recipe_fast_warm", lambda: _public(recipe(bench, pipe, concept, steps=steps, batch=B,
                                                                 fast=True, name="warm")), need=15)
+    for key, choice in (("recipe_fast_warm_cudnn", dict(sdpa_backends=None)),
+                        ("recipe_fast_warm_nchw", dict(channels_last=False, fused_geglu=False))):
+        bench.guarded(s, key, lambda choice=choice, key=key: _public(recipe_with(
+            bench, pipe, concept, choice, steps=steps, batch=B, fast=True, name=key)), need=15)
     bench.guarded(s, "recipe_straightforward", lambda: _public(recipe(bench, pipe, concept, steps=steps, batch=B,
                                                                       fast=False, name="plain")), need=30)
     bench.guarded(s, "trajectory_api", lambda: trajectory(bench, pipe, concept, B, 10 if not bench.tiny else 4),
@@ -684,6 +700,61 @@ def section_peft(bench, pipe, concept):
     n = 5 if bench.tiny else 30
     bench.guarded("sd15_train", "peft_lora_r4_script", lambda: time_peft(
         bench, pipe, concept, 4, max(3, n // 2), 0 if bench.tiny else bench.args.steps), need=40)
+
+
+STEP_VARIANTS = {  # the Triton kernels one by one (NCHW without them was the default before), both attentions
+    "step_fast_nchw": fastmod.FastConfig(channels_last=False, fused_geglu=False),
+    "step_fast_nchw_cudnn": fastmod.FastConfig(channels_last=False, fused_geglu=False, sdpa_backends=None),
+    "step_fast_channels_last": fastmod.FastConfig(channels_last=True, fused_geglu=False),
+    "step_fast_cl_geglu": fastmod.FastConfig(channels_last=True, fused_geglu=True),
+    "step_fast_cl_geglu_cudnn": fastmod.FastConfig(channels_last=True, fused_geglu=True, sdpa_backends=None),
+}
+
+
+def section_steps(bench):
+    """ms/step of the fast step with and without the Triton kernels (NHWC GroupNorm, GEGLU), and the norms alone."""
+    pipe, concept = build(bench, "sd15")
+    n = 5 if bench.tiny else 30
+    for rounds in range(2):  # alternate, so that drift shows
+        for key, cfg in STEP_VARIANTS.items():
+            bench.guarded("steps", f"{key}_{rounds}", lambda cfg=cfg: time_fast(bench, pipe, concept, 4, n, cfg),
+                          need=20)
+    if bench.cuda:
+        bench.guarded("steps", "group_norm_parts", lambda: group_norm_parts(bench))
+    bench.guarded("steps", "profile_fast_step", lambda: profile_step(bench, pipe, concept))
+
+
+def group_norm_parts(bench) -> dict:
+    """Forward + backward of GroupNorm + SiLU at the SD1.5 training shapes (batch 4): torch NCHW, torch
+    channels-last, prkit's NHWC kernel; CUDA-graph replay times, ms summed over the shapes of one UNet step."""
+    from prkit.kernels.group_norm_nhwc import group_norm_nhwc
+
+    # (channels, latent side, count per step): resnet norms + transformer norms of SD1.5 at 512 px
+    shapes = [(320, 64, 13), (640, 64, 2), (960, 64, 1), (640, 32, 9), (960, 32, 2), (1280, 32, 4),
+              (1280, 16, 16), (1920, 16, 2), (2560, 16, 2), (1280, 8, 10), (2560, 8, 6)]
+    ways = {
+        "torch_nchw": lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-5)),
+        "torch_channels_last": lambda x, w, b: F.silu(F.group_norm(x, 32, w, b, 1e-5)),
+        "prkit_nhwc": lambda x, w, b: group_norm_nhwc(x, 32, w, b, 1e-5, silu=True),
+    }
+    out = {}
+    for way, fn in ways.items():
+        total = 0.0
+        for channels, side, count in shapes:
+            x = torch.randn(4, channels, side, side, device=bench.device, dtype=bench.dtype)
+            if way != "torch_nchw":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            w = torch.randn(channels, device=bench.device, dtype=bench.dtype)
+            b = torch.randn(channels, device=bench.device, dtype=bench.dtype)
+            grad = torch.randn_like(x)
+
+            def run(x=x, w=w, b=b, grad=grad, fn=fn):
+                x.grad = None
+                fn(x, w, b).backward(grad)
+            total += _graph_ms(bench, run) * count
+        out[f"{way}_ms"] = total
+    return out
 
 
 def section_sample(bench, pipe, concept, section: str = "sd15_sample", big: int = 16):
@@ -731,6 +802,8 @@ def section_sdxl(bench):
     bench.guarded(s, "flops", lambda: count_flops(bench, pipe, concept, B), need=20)
     bench.guarded(s, "numerics_same_batch", lambda: numerics(bench, pipe, concept, B), need=20)
     bench.guarded(s, "step_fast_default", lambda: time_fast(bench, pipe, concept, B, n), need=20)
+    for key in ("step_fast_nchw", "step_fast_cl_geglu_cudnn"):
+        bench.guarded(s, key, lambda key=key: time_fast(bench, pipe, concept, B, n, STEP_VARIANTS[key]), need=20)
     bench.guarded(s, "step_straightforward", lambda: time_straightforward(bench, pipe, concept, B, n), need=20)
     bench.guarded(s, "recipe_fast_warm", lambda: _public(recipe(bench, pipe, concept, steps=steps, batch=B,
                                                                 fast=True, name="xlwarm")), need=40)
@@ -777,14 +850,16 @@ def section_cold(bench):
     """First thing in a fresh process: the fast recipe, then again (warm), with the loop's own time split."""
     pipe, concept = build(bench, "sd15")
     tag = bench.args.tag
+    overrides = {}
     if bench.args.sdpa:
-        original = fastmod.FastConfig  # train_fast builds FastConfig() by name: hand it this run's choice
-        choice = None if bench.args.sdpa == "torch" else tuple(bench.args.sdpa.split(","))
-        fastmod.FastConfig = lambda: original(sdpa_backends=choice)
+        overrides["sdpa_backends"] = None if bench.args.sdpa == "torch" else tuple(bench.args.sdpa.split(","))
         bench.record("cold", f"{tag}_sdpa_backends", bench.args.sdpa)
+    if bench.args.channels_last != "default":
+        overrides["channels_last"] = bench.args.channels_last == "on"
+        bench.record("cold", f"{tag}_channels_last", bench.args.channels_last)
     for key in (("cold", "warm") if bench.args.warm else ("cold",)):
-        bench.guarded("cold", f"{tag}_{key}", lambda k=key: _public(recipe(bench, pipe, concept, steps=bench.args.steps,
-                                                                             batch=4, fast=True, name=k)))
+        bench.guarded("cold", f"{tag}_{key}", lambda k=key: _public(recipe_with(
+            bench, pipe, concept, overrides, steps=bench.args.steps, batch=4, fast=True, name=k)))
 
 
 def _graph_ms(bench, fn, repeat: int = 20) -> float:
@@ -911,7 +986,7 @@ def profile_step(bench, pipe, concept) -> dict:
                 step()
             bench.sync()
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
-            with profile(activities=acts) as prof:
+            with profile(activities=acts, record_shapes=True) as prof:
                 for _ in range(3):
                     step()
                 bench.sync()
@@ -927,6 +1002,12 @@ def profile_step(bench, pipe, concept) -> dict:
         total = sum(r[0] for r in rows)
         (bench.out / "profile_fast_step.txt").write_text(prof.key_averages().table(
             sort_by="device_time_total" if bench.cuda else "cpu_time_total", row_limit=60))
+        copies = []  # layout copies and casts by input shape: what is left to remove
+        for e in prof.key_averages(group_by_input_shape=True):
+            if e.key in ("aten::copy_", "aten::_to_copy", "aten::clone"):
+                t = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+                copies.append((round(t / 3 / 1e3, 3), e.count // 3, e.key, str(e.input_shapes)[:120]))
+        copies.sort(reverse=True)
         groups = {}
         for ms, _, name in rows:
             low = name.lower()
@@ -936,7 +1017,7 @@ def profile_step(bench, pipe, concept) -> dict:
                     "norm" if "norm" in low else "elementwise/other")
             groups[kind] = groups.get(kind, 0) + ms
         return {"kernel_ms_per_step": round(total, 2), "by_kind_ms": {k: round(v, 2) for k, v in groups.items()},
-                "top": [(round(ms, 3), count, name) for ms, count, name in rows[:25]]}
+                "top": [(round(ms, 3), count, name) for ms, count, name in rows[:25]], "copies": copies[:30]}
     finally:
         unet.eval()
         for p in params:
@@ -1065,7 +1146,8 @@ def table(bench) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["sd15", "sdxl", "diag", "lag", "cold", "table", "all"])
+    parser.add_argument("what", choices=["sd15", "sdxl", "diag", "lag", "cold", "steps", "table",
+                                                             "all"])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke test of this script)")
     parser.add_argument("--out", default="out/bench", help="folder for bench_<what>.json and table.txt")
     parser.add_argument("--steps", type=int, default=150, help="steps of the recipe")
@@ -1073,6 +1155,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tag", default="", help="suffix of this run's json (cold: several fresh processes)")
     parser.add_argument("--sdpa", default="", help="cold: SDPA backends in priority order (flash,efficient,math) "
                         "or 'torch' for torch's own choice; empty: FastConfig's default")
+    parser.add_argument("--channels-last", choices=["default", "on", "off"], default="default",
+                        help="cold: the fast loop's memory format (on: NHWC with prkit's GroupNorm kernels)")
     parser.add_argument("--warm", action="store_true", help="cold: also run the recipe a second time (warm)")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -1104,6 +1188,8 @@ def main(argv=None) -> None:
             section_lag(bench)
         if args.what == "cold":
             section_cold(bench)
+        if args.what == "steps":
+            section_steps(bench)
     finally:
         bench.results["elapsed_s"] = bench.elapsed()
         bench.save()
