@@ -405,13 +405,8 @@ def recipe(bench, pipe, concept, *, steps: int, batch: int, fast: bool | None, n
 
 
 def recipe_with(bench, pipe, concept, choice: dict, **kwargs) -> dict:
-    """``recipe`` with these FastConfig fields (train_fast builds FastConfig() by name: hand it this choice)."""
-    original = fastmod.FastConfig
-    fastmod.FastConfig = lambda: original(**choice)
-    try:
-        return recipe(bench, pipe, concept, **kwargs)
-    finally:
-        fastmod.FastConfig = original
+    """``recipe`` with these FastConfig fields, handed through the public API (``fast=FastConfig(...)``)."""
+    return recipe(bench, pipe, concept, **{**kwargs, "fast": fastmod.FastConfig(**choice)})
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
