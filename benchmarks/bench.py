@@ -665,7 +665,8 @@ def section_train(bench, pipe, concept):
     bench.guarded(s, "recipe_fast_warm", lambda: _public(recipe(bench, pipe, concept, steps=steps, batch=B,
                                                                 fast=True, name="warm")), need=15)
     for key, choice in (("recipe_fast_warm_cudnn", dict(sdpa_backends=None)),
-                        ("recipe_fast_warm_nchw", dict(channels_last=False, fused_geglu=False))):
+                        ("recipe_fast_warm_nchw", dict(channels_last=False, fused_geglu=False,
+                                                       cudnn_attention_from=None))):
         bench.guarded(s, key, lambda choice=choice, key=key: _public(recipe_with(
             bench, pipe, concept, choice, steps=steps, batch=B, fast=True, name=key)), need=15)
     bench.guarded(s, "recipe_straightforward", lambda: _public(recipe(bench, pipe, concept, steps=steps, batch=B,
@@ -698,10 +699,12 @@ def section_peft(bench, pipe, concept):
 
 
 STEP_VARIANTS = {  # the Triton kernels one by one (NCHW without them was the default before), both attentions
-    "step_fast_nchw": fastmod.FastConfig(channels_last=False, fused_geglu=False),
+    "step_fast_nchw": fastmod.FastConfig(channels_last=False, fused_geglu=False, cudnn_attention_from=None),
     "step_fast_nchw_cudnn": fastmod.FastConfig(channels_last=False, fused_geglu=False, sdpa_backends=None),
-    "step_fast_channels_last": fastmod.FastConfig(channels_last=True, fused_geglu=False),
-    "step_fast_cl_geglu": fastmod.FastConfig(channels_last=True, fused_geglu=True),
+    "step_fast_channels_last": fastmod.FastConfig(channels_last=True, fused_geglu=False, cudnn_attention_from=None),
+    "step_fast_cl_geglu": fastmod.FastConfig(channels_last=True, fused_geglu=True, cudnn_attention_from=None),
+    "step_fast_cl_geglu_long_cudnn": fastmod.FastConfig(channels_last=True, fused_geglu=True,
+                                                        cudnn_attention_from=4096),
     "step_fast_cl_geglu_cudnn": fastmod.FastConfig(channels_last=True, fused_geglu=True, sdpa_backends=None),
 }
 
@@ -849,6 +852,9 @@ def section_cold(bench):
     if bench.args.sdpa:
         overrides["sdpa_backends"] = None if bench.args.sdpa == "torch" else tuple(bench.args.sdpa.split(","))
         bench.record("cold", f"{tag}_sdpa_backends", bench.args.sdpa)
+    if bench.args.cudnn_from is not None:
+        overrides["cudnn_attention_from"] = bench.args.cudnn_from or None
+        bench.record("cold", f"{tag}_cudnn_attention_from", bench.args.cudnn_from)
     if bench.args.channels_last != "default":
         overrides["channels_last"] = bench.args.channels_last == "on"
         bench.record("cold", f"{tag}_channels_last", bench.args.channels_last)
@@ -1152,6 +1158,8 @@ def main(argv=None) -> None:
                         "or 'torch' for torch's own choice; empty: FastConfig's default")
     parser.add_argument("--channels-last", choices=["default", "on", "off"], default="default",
                         help="cold: the fast loop's memory format (on: NHWC with prkit's GroupNorm kernels)")
+    parser.add_argument("--cudnn-from", type=int, default=None,
+                        help="cold: FastConfig.cudnn_attention_from (0: never; unset: the default)")
     parser.add_argument("--warm", action="store_true", help="cold: also run the recipe a second time (warm)")
     args = parser.parse_args(argv)
     if args.tiny:

@@ -45,6 +45,8 @@ class FastConfig:
     # attention kernels in priority order (None: torch's). Flash first: cuDNN's is ~10% faster per step on an H100
     # but compiles its kernels at run time, which costs ~7 s at a machine's first run and ~1 s in each new process
     sdpa_backends: tuple[str, ...] | None = ("flash", "efficient", "cudnn", "math")
+    # query length from which attention prefers cuDNN's kernel anyway (SD1.5's 64x64 blocks: 4096); None: never
+    cudnn_attention_from: int | None = 4096
     lean_blocks: bool = False  # resnets and attention without diffusers' no-op `/ 1.0` rescales (same numbers)
 
 

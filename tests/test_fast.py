@@ -239,3 +239,25 @@ def test_graphs_are_a_no_op_off_cuda(pipe, concept):
     residuals = prkit.add_residuals(pipe.unet, token=concept.token, class_word=concept.class_word, seed=0)
     images = prkit.generate(pipe, "a photo of a sks dog", residuals, steps=2, fast=True, output_type="pt")
     assert torch.isfinite(images).all()
+
+
+def test_long_queries_prefer_cudnn_attention_and_undo(monkeypatch):
+    from conftest import run_unet, unet_inputs
+    from tiny import tiny_unet
+
+    from prkit import fast_patches
+
+    unet = tiny_unet()
+    inputs = unet_inputs()  # 8x8 latents: 64 query tokens in the first blocks, 16 in the second
+    reference = run_unet(unet, inputs)
+    original = unet.attn_processors
+    orders = []
+    real = fast_patches._sdpa_order
+    monkeypatch.setattr(fast_patches, "_sdpa_order", lambda names: orders.append(names) or real(names))
+    undo = fast_patches.patch_long_query_attention(unet, min_tokens=64)
+    assert torch.allclose(run_unet(unet, inputs), reference, rtol=1e-5, atol=1e-6)
+    calls = sum(1 for p in unet.attn_processors.values() if p.min_tokens == 64)
+    assert calls == len(original) and orders and all(o[0] == "cudnn" for o in orders)
+    assert len(orders) == 6  # self + cross attention of the 3 transformer blocks at 8x8 (1 down, 2 up)
+    undo()
+    assert all(unet.attn_processors[k] is v for k, v in original.items())
