@@ -42,8 +42,8 @@ class FastConfig:
     merged_lowrank: bool = False  # apply W + up @ down as one weight (fewer kernels, delta rounded to bf16 of W)
     cudnn_benchmark: bool = False  # autotune convolutions at the first step (costs time up front)
     encode_batch: int = 1  # images per VAE call when caching latents: the VAE's peak memory stays small
-    # attention kernels in priority order (None: torch's). Flash first: cuDNN's is ~10% faster per step on an H100
-    # but compiles its kernels at run time, which costs ~7 s at a machine's first run and ~1 s in each new process
+    # attention kernels in priority order (None: torch's). Flash first: cuDNN's is faster on an H100 but compiles
+    # each shape at run time (~10 s at a machine's first run, ~1.2 s in each new process for all SD1.5 shapes)
     sdpa_backends: tuple[str, ...] | None = ("flash", "efficient", "cudnn", "math")
     # query length from which attention prefers cuDNN's kernel anyway (SD1.5's 64x64 blocks: 4096); None: never
     cudnn_attention_from: int | None = 4096
