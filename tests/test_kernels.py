@@ -20,9 +20,11 @@ SCRIPT = Path(__file__).with_name("kernels_interpreted.py")
 
 
 def _interpreted(*checks: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = str(SCRIPT.parent.parent)  # prkit importable in the child also where it is not installed
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, str(SCRIPT), *checks], capture_output=True, text=True, env=env,
-                          cwd=SCRIPT.parent.parent, timeout=600)
+                          cwd=root, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
