@@ -855,6 +855,9 @@ def section_cold(bench):
     if bench.args.cudnn_from is not None:
         overrides["cudnn_attention_from"] = bench.args.cudnn_from or None
         bench.record("cold", f"{tag}_cudnn_attention_from", bench.args.cudnn_from)
+    if bench.args.warm_up != "default":
+        overrides["warm_up"] = bench.args.warm_up == "on"
+        bench.record("cold", f"{tag}_warm_up", bench.args.warm_up)
     if bench.args.channels_last != "default":
         overrides["channels_last"] = bench.args.channels_last == "on"
         bench.record("cold", f"{tag}_channels_last", bench.args.channels_last)
@@ -1160,6 +1163,8 @@ def main(argv=None) -> None:
                         help="cold: the fast loop's memory format (on: NHWC with prkit's GroupNorm kernels)")
     parser.add_argument("--cudnn-from", type=int, default=None,
                         help="cold: FastConfig.cudnn_attention_from (0: never; unset: the default)")
+    parser.add_argument("--warm-up", choices=["default", "on", "off"], default="default",
+                        help="cold: FastConfig.warm_up (a throwaway step overlapping the latents' encoding)")
     parser.add_argument("--warm", action="store_true", help="cold: also run the recipe a second time (warm)")
     args = parser.parse_args(argv)
     if args.tiny:

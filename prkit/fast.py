@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 # re-exported: prkit.fast stays the one import for the fast path (tests and benchmarks/bench.py use these)
 from .fast_patches import (  # noqa: F401
     fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
+from . import fast_warmup as warmup
 from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class FastConfig:
     # query length from which attention prefers cuDNN's kernel anyway (SD1.5's 64x64 blocks: 4096); None: never
     cudnn_attention_from: int | None = 4096
     lean_blocks: bool = False  # resnets and attention without diffusers' no-op `/ 1.0` rescales (same numbers)
+    # before the first step, a throwaway forward + backward pays the process's one-time kernel costs while a
+    # background thread encodes the latents (same numbers); None: on CUDA. Once per thread, UNet and shapes.
+    warm_up: bool | None = None
 
 
 def _draw(sources, size: int, gen: torch.Generator, scheduler) -> list[tuple[torch.Tensor, ...]]:
@@ -130,15 +134,18 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
         p.requires_grad_(True)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prompt = config.prompt_template.format(token=concept.token, class_word=concept.class_word)
-    cache = base._Cache(pipe, concept, prompt, config.flip, encode_batch=fast.encode_batch)
+    warm_key = warmup.key(pipe, concept, config, params, fast, base._precision(config, device))
+    warm = warmup.needed(warm_key, fast, device)
+    triton_ready = warmup.prepare_triton(fast, device) if warm else None
+    cache = base._Cache(pipe, concept, prompt, config.flip, encode_batch=fast.encode_batch, latents_later=warm)
     sources = [(cache, _contiguous(base._expand(cache.cond, config.batch_size)), 1.0)]
     if config.prior_images is not None:
         prior = base._Cache(pipe, config.prior_images, f"a photo of a {concept.class_word}", config.flip,
-                            encode_batch=fast.encode_batch)
+                            encode_batch=fast.encode_batch, latents_later=warm)
         sources.append((prior, _contiguous(base._expand(prior.cond, config.batch_size)), config.prior_weight))
 
     _sync(device)
-    times["setup+cache"] = time.perf_counter() - start
+    times["setup+cache" if not warm else "setup+text"] = time.perf_counter() - start
     optimizer = make_optimizer(params, config.learning_rate, config.weight_decay, device)
     amp = base._precision(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -197,12 +204,24 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
 
     try:
         with fast_modules(unet, fast, config.gradient_checkpointing):
-            shape = tuple(cache.mean.shape[1:])
-            slots = [_Slot((config.batch_size, *shape), cond, weight, unet.dtype, device,
-                           uses_channels_last(fast, device))
-                     for _, cond, weight in sources]
-            stepper = TrainStep(unet, params, optimizer, slots, amp=amp, scaler=scaler,
-                                max_grad_norm=config.max_grad_norm, cuda_graph=fast.cuda_graph)
+            def make_stepper(shape):
+                slots = [_Slot((config.batch_size, *shape), cond, weight, unet.dtype, device,
+                               uses_channels_last(fast, device))
+                         for _, cond, weight in sources]
+                return TrainStep(unet, params, optimizer, slots, amp=amp, scaler=scaler,
+                                 max_grad_norm=config.max_grad_norm, cuda_graph=fast.cuda_graph)
+
+            if warm:
+                began = time.perf_counter()
+                shape = warmup.latent_shape(pipe, cache.size)
+                stepper = make_stepper(shape)
+                warmup.warm_up_while_encoding(stepper, [source[0] for source in sources], triton_ready, warm_key)
+                if tuple(cache.mean.shape[1:]) != shape:  # a VAE unlike its config: warm-up wasted, no harm
+                    stepper = make_stepper(tuple(cache.mean.shape[1:]))
+                _sync(device)
+                times["warm-up+latents"] = time.perf_counter() - began
+            else:
+                stepper = make_stepper(tuple(cache.mean.shape[1:]))
             pending = draw_window(step) if step < config.steps else None
             while pending is not None:
                 a, b, drawn = pending

@@ -104,6 +104,23 @@ class TrainStep:
                                      s._backoff_factor, s._growth_interval)
         self.loss.copy_(total.detach())
 
+    def warm_up(self) -> None:
+        """A throwaway forward + backward on the first slot's buffers (zeroed first), before any real step.
+
+        It pays the process's one-time cost of every kernel the step launches (cuDNN plans and attention
+        compiles, Triton kernel loads, lazily loaded CUDA modules) while the caller's other work runs in another
+        thread; call it from the thread that runs the steps (PyTorch caches cuDNN plans per thread). Parameters,
+        their gradients and the optimizer are untouched.
+        """
+        slot = self.slots[0]
+        for buffer in (slot.noisy, slot.timesteps, slot.target):
+            buffer.zero_()
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None, cache_enabled=False):
+            pred = self.unet(slot.noisy, slot.timesteps, **slot.cond).sample
+        loss = F.mse_loss(pred.float(), slot.target)
+        torch.autograd.grad(loss, self.params, allow_unused=True)
+
     def __call__(self) -> torch.Tensor:
         self.calls += 1
         if self.graph is not None:

@@ -158,16 +158,31 @@ def _expand(cond: dict, batch: int) -> dict:
 
 
 class _Cache:
-    """Latents (mean/std of both flips) and conditioning of one image set, computed once."""
+    """Latents (mean/std of both flips) and conditioning of one image set, computed once.
 
-    def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8):
+    ``latents_later``: encode the prompt now and the images at ``encode_latents()`` (the fast loop runs that in a
+    background thread while it warms up the UNet). Either way the numbers are the same.
+    """
+
+    def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8, latents_later: bool = False):
         images = concept.tensors()
         if flip:
             images = torch.cat([images, torch.flip(images, dims=[3])])
-        means_stds = encode_images(pipe, images, batch=encode_batch)
-        self.mean, self.std = (t.cpu() for t in means_stds)  # batches are drawn on the CPU
         self.size = images.shape[-1]
         self.cond = encode_text(pipe, prompt, self.size)
+        self.mean = self.std = None
+        self._pending = (pipe, images, encode_batch)
+        if not latents_later:
+            self.encode_latents()
+
+    def encode_latents(self) -> "_Cache":
+        """Encode the images (once); returns the cache."""
+        if self._pending is not None:
+            pipe, images, batch = self._pending
+            means_stds = encode_images(pipe, images, batch=batch)
+            self.mean, self.std = (t.cpu() for t in means_stds)  # batches are drawn on the CPU
+            self._pending = None
+        return self
 
     def batch(self, size: int, gen: torch.Generator, scheduler, device) -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(self.mean), (size,), generator=gen)
