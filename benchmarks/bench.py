@@ -4,6 +4,7 @@
     python benchmarks/bench.py sd15 --out DIR     # SD1.5 training (ours eager / fast / peft LoRA r4), sampling
     python benchmarks/bench.py sdxl --out DIR     # SDXL 1024 recipe, step times, sampling
     python benchmarks/bench.py steps --out DIR    # fast step NCHW vs channels-last, each attention kernel
+    python benchmarks/bench.py ratios --out DIR   # one process: fast recipe first/again, straightforward, peft
     python benchmarks/bench.py diag --out DIR     # kernel profile of the fast step, SDPA backends, LAG's small ops
     python benchmarks/bench.py table --out DIR    # merge DIR/bench_*.json into DIR/bench.json and print one table
     python benchmarks/bench.py all --tiny         # CPU smoke test of every part on tiny models
@@ -866,6 +867,26 @@ def section_cold(bench):
             bench, pipe, concept, overrides, steps=bench.args.steps, batch=4, fast=True, name=k)))
 
 
+def section_ratios(bench):
+    """One process, short: the fast recipe (its first run, then again), the steps, the straightforward and peft
+    recipes, the fast recipe once more: the same-run ratios without the full sd15 section."""
+    pipe, concept = build(bench, "sd15")
+    s, steps = "ratios", bench.args.steps
+
+    def fast_recipe(name):
+        return _public(recipe(bench, pipe, concept, steps=steps, batch=4, fast=True, name=name))
+
+    bench.guarded(s, "recipe_fast_first", lambda: fast_recipe("a"))
+    bench.guarded(s, "recipe_fast_second", lambda: fast_recipe("b"))
+    bench.guarded(s, "matmul_peak", lambda: matmul_peak(bench))
+    bench.guarded(s, "step_fast", lambda: time_fast(bench, pipe, concept, 4, 30))
+    bench.guarded(s, "step_straightforward", lambda: time_straightforward(bench, pipe, concept, 4, 15))
+    bench.guarded(s, "recipe_straightforward", lambda: _public(recipe(bench, pipe, concept, steps=steps, batch=4,
+                                                                      fast=False, name="plain")), need=40)
+    bench.guarded(s, "recipe_fast_third", lambda: fast_recipe("c"))
+    bench.guarded(s, "peft", lambda: time_peft(bench, pipe, concept, 4, 15, steps), need=60)
+
+
 def _graph_ms(bench, fn, repeat: int = 20) -> float:
     """GPU time of fn() per call: fn captured `repeat` times in one CUDA graph and replayed."""
     fn()
@@ -1150,7 +1171,7 @@ def table(bench) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["sd15", "sdxl", "diag", "lag", "cold", "steps", "table",
+    parser.add_argument("what", choices=["sd15", "sdxl", "diag", "lag", "cold", "steps", "ratios", "table",
                                                              "all"])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke test of this script)")
     parser.add_argument("--out", default="out/bench", help="folder for bench_<what>.json and table.txt")
@@ -1198,6 +1219,8 @@ def main(argv=None) -> None:
             section_cold(bench)
         if args.what == "steps":
             section_steps(bench)
+        if args.what == "ratios":
+            section_ratios(bench)
     finally:
         bench.results["elapsed_s"] = bench.elapsed()
         bench.save()
