@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .streams import side_stream
+
 SIDE_STREAM = True  # LAG's per-block mask work on a second CUDA stream in graphs (False: inline, current stream)
 
 
@@ -192,7 +194,7 @@ class CaptureState:
         if not SIDE_STREAM or not query.is_cuda or not torch.cuda.is_current_stream_capturing():
             return None
         if self._side is None or self._side.device != query.device:
-            self._side = torch.cuda.Stream(query.device)
+            self._side = side_stream(query.device, "lag")
         return self._side
 
     def join(self) -> None:

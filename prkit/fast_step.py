@@ -12,6 +12,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .streams import side_stream
+
 
 def make_optimizer(params, learning_rate: float, weight_decay: float, device: torch.device):
     """AdamW as the eager loop uses it; on CUDA fused and graph-capturable (step counters on the device)."""
@@ -131,7 +133,7 @@ class TrainStep:
             self._body()
             return self.loss
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        side = side_stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):  # the warm-up is a real step, run on a side stream as capture wants
             self._body()

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .streams import side_stream
+
 log = logging.getLogger(__name__)
 
 
@@ -79,7 +81,7 @@ class _GraphedForward:
         s_args, s_kwargs = pytree.tree_unflatten(self.static_in, spec)
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(self.device)
-        stream = torch.cuda.Stream(self.device)
+        stream = side_stream(self.device)
         stream.wait_stream(current)
         try:
             # torch.cuda.graph() would also empty the allocator's cache, which the VAE then pays for again

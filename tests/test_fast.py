@@ -332,3 +332,21 @@ def test_warm_up_runs_once_per_unet_and_shapes(tmp_path, concept, monkeypatch):
     assert len(calls) == 1  # the second run found its kernels loaded
     train_fast(pipe, concept, TrainConfig(batch_size=2, steps=1), progress=False, fast=loop)
     assert len(calls) == 2  # other shapes: warmed again
+
+
+def test_side_streams_are_created_once_per_device_and_role(monkeypatch):
+    from prkit import streams
+
+    made = []
+
+    class Stream:  # stand-in: streams need CUDA, the caching does not
+        def __init__(self, device):
+            made.append(device)
+
+    monkeypatch.setattr(streams, "_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    first = streams.side_stream(torch.device("cuda", 0))
+    assert streams.side_stream("cuda") is first and streams.side_stream(0) is first
+    assert streams.side_stream("cuda:0", "lag") is not first and streams.side_stream("cuda:1") is not first
+    assert made == [torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1)]
