@@ -67,7 +67,8 @@ class ResidualProjection(nn.Module):
         self.sets = nn.ModuleDict()
         self.scales: dict[str, float] = {}
         self.active: dict[str, bool] = {}
-        self.merged: dict[str, torch.Tensor] = {}  # name -> original base weight, while merged
+        self.merged: dict[str, float] = {}  # name -> the scale it was merged at, while merged
+        self._unmerged_weight: torch.Tensor | None = None  # the base weight before the first merge
         self.mask_source: Callable[[str], torch.Tensor | None] | None = None
 
     def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:
@@ -130,17 +131,30 @@ class ResidualProjection(nn.Module):
         """Fold the set into the base weight (no masks apply to a merged set)."""
         if name in self.merged:
             return
-        weight = self.base_layer.weight
-        self.merged[name] = weight.detach().clone()
-        delta = self.scales[name] * self.sets[name].delta_weight().to(torch.float32)
-        weight.copy_((weight.to(torch.float32) + delta.view(weight.shape)).to(weight.dtype))
+        if self._unmerged_weight is None:
+            self._unmerged_weight = self.base_layer.weight.detach().clone()
+        self.merged[name] = self.scales[name]
+        self._write_merged()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        """Restore the exact base weight saved by ``merge``."""
-        original = self.merged.pop(name, None)
-        if original is not None:
-            self.base_layer.weight.copy_(original)
+        """Take the set out of the base weight; once no set is merged the base weight is bit-exact again."""
+        if self.merged.pop(name, None) is None:
+            return
+        self._write_merged()
+
+    def _write_merged(self) -> None:
+        """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
+        and unmerging several sets in any order never drifts from what a fresh merge gives."""
+        weight, original = self.base_layer.weight, self._unmerged_weight
+        if not self.merged:
+            weight.copy_(original)
+            self._unmerged_weight = None
+            return
+        total = original.to(weight.device, torch.float32)  # the model may have moved since the first merge
+        for name, scale in self.merged.items():
+            total = total + scale * self.sets[name].delta_weight().to(torch.float32).view(weight.shape)
+        weight.copy_(total.to(weight.dtype))
 
 
 def _mask_rows(middle: torch.Tensor, mask: torch.Tensor, is_conv: bool) -> torch.Tensor:

@@ -274,6 +274,35 @@ def test_remove_while_merged_restores_base(unet):
     assert torch.equal(run_unet(unet, inputs), base)
 
 
+@pytest.mark.parametrize("order", ["fifo", "lifo", "remove_all"])
+def test_two_merged_sets_leave_the_base_exact_in_any_order(unet, order):
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    weights = {k: p.detach().clone() for k, p in unet.named_parameters()}
+    a, b = prkit.add_residuals(unet, name="a"), prkit.add_residuals(unet, name="b")
+    randomize(a)
+    randomize(b)
+    both = run_unet(unet, inputs)
+    with prkit.only_residuals(unet, ["b"]):
+        only_b = run_unet(unet, inputs)
+    a.merge()
+    b.merge()
+    torch.testing.assert_close(run_unet(unet, inputs), both, atol=1e-5, rtol=1e-5)
+    if order == "remove_all":
+        prkit.remove_residuals(unet)
+    else:
+        first, second = (a, b) if order == "fifo" else (b, a)
+        first.unmerge()
+        if first is a:  # b alone is still in the weights
+            with prkit.only_residuals(unet, []):
+                torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
+        second.unmerge()
+        prkit.remove_residuals(unet)
+    assert torch.equal(run_unet(unet, inputs), base)
+    for k, p in unet.named_parameters():
+        assert torch.equal(p, weights[k]), k
+
+
 def test_state_dict_shape_mismatch_raises(unet):
     residuals = prkit.add_residuals(unet, rank=2)
     state = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in residuals.state_dict().items()}
