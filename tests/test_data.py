@@ -160,10 +160,47 @@ def test_text_file_named_png(tmp_path):
 
 
 def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    Image.new("RGB", (40, 40)).save(tmp_path / "bomb.png")
+    Image.new("RGB", (50, 50)).save(tmp_path / "bomb.png")  # 2,500 pixels: past twice the limit
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ConceptDataError, match=r"bomb\.png.*decompression bomb.*MAX_IMAGE_PIXELS"):
         load_image(tmp_path / "bomb.png", R)
+
+
+def test_images_past_the_bomb_warning_but_under_the_limit_are_read(tmp_path, monkeypatch):
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "big.png")  # 1,600 pixels: a 108 MP photo, scaled
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert load_image(tmp_path / "big.png", 8).getpixel((4, 4)) == (10, 200, 30)
+
+
+def test_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    grid = np.indices((400, 300)).sum(0) % 2 * 255  # checkerboard: a full decode would be read as grey
+    Image.fromarray(np.uint8(grid.T)).convert("RGB").save(tmp_path / "huge.jpg", quality=95)
+    opened = []
+    real_load = Image.Image.load
+
+    def spy(self):
+        opened.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    out = load_image(tmp_path / "huge.jpg", 16, max_side=100)
+    assert out.size == (16, 16)
+    assert opened[0] == (100, 75)  # the DCT's 1/4 scale: never below max_side, never the full 400 x 300
+
+
+def test_float_and_wide_integer_modes_keep_their_brightness(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "float.tif")
+    Image.fromarray(np.full((8, 8), 200, np.int32), "I").save(tmp_path / "eight.tif")
+    assert load_image(tmp_path / "float.tif", 8).getpixel((2, 2)) == (128, 128, 128)
+    assert load_image(tmp_path / "eight.tif", 8).getpixel((2, 2)) == (200, 200, 200)
+
+
+def test_multi_frame_images_use_the_first_frame_and_say_so(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((250, 0, 0), (0, 0, 250))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match=r"anim\.gif' has 2 frames; using the first"):
+        concept = load_concept(tmp_path, "sks", "dog", 8)
+    assert concept.images[0].getpixel((4, 4))[0] > 200
 
 
 # --- load_concept: folders and arguments -----------------------------------------------------
