@@ -5,9 +5,11 @@ Owns the on-disk formats and atomic writing; it does not train or sample.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,19 +41,40 @@ def layer_table(unet) -> dict[str, int]:
     return table
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file through a temporary file and a rename: a crash never leaves half a file."""
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask can only be read by setting it
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path`` in one
+    rename, so a crash or an interrupt never leaves half a file (and never loses the old one). The file gets the
+    permissions any new file gets (``mkstemp``'s are owner-only)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file through a temporary file and a rename: a crash never leaves half a file."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    return Path(path)
 
 
 def save_residuals(residuals: Residuals, path, *, base_model: str | None = None, config: dict | None = None,
@@ -91,8 +114,15 @@ def read_metadata(path) -> dict:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a prkit residual file (format={meta.get('format')!r}); "
                          "LoRA files load with pipe.load_lora_weights instead")
-    meta["layers"] = json.loads(meta["layers"])
-    meta["config"] = json.loads(meta.get("config") or "{}")
+    try:
+        meta["layers"] = json.loads(meta["layers"])
+        meta["config"] = json.loads(meta.get("config") or "{}")
+        if not isinstance(meta["layers"], dict) or not all(
+                isinstance(v, dict) and {"channels", "rank"} <= set(v) for v in meta["layers"].values()):
+            raise ValueError("'layers' is not a table of block -> {channels, rank}")
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} has a damaged prkit header ({type(err).__name__}: {err}); "
+                         "save the residuals again") from err
     return meta
 
 
@@ -142,13 +172,24 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     while name in taken:
         k += 1
         name = f"{base_name}_{k}"
-    ranks = {block: info["rank"] for block, info in meta["layers"].items()}
-    residuals = add_residuals(unet, rank=ranks, name=name, token=meta["token"] or None,
-                              class_word=meta["class_word"] or None)
     with safe_open(str(path), framework="pt") as f:
-        residuals.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f"residual file {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): it would paint black images. Train again, at a lower "
+                         "learning rate, or use an earlier checkpoint")
+    ranks = {block: info["rank"] for block, info in meta["layers"].items()}
+    residuals = add_residuals(unet, rank=ranks, name=name, token=meta.get("token") or None,
+                              class_word=meta.get("class_word") or None)
+    try:
+        residuals.load_state_dict(tensors)
+    except (RuntimeError, KeyError, ValueError) as err:
+        residuals.remove()  # nothing half-loaded stays on the UNet
+        raise ValueError(f"residual file {str(path)!r} does not hold what its header describes ({err}); "
+                         "save the residuals again") from err
     residuals.scale = float(scale if scale is not None else meta.get("scale", 1.0))
-    residuals.meta.update(base_model=meta["base_model"], config=meta["config"], path=str(path))
+    residuals.meta.update(base_model=meta.get("base_model", ""), config=meta["config"], path=str(path))
     return residuals
 
 

@@ -147,3 +147,48 @@ def test_sd15_residuals_do_not_load_into_sd21():
     check_compatible(meta, sd15, "dog.safetensors")  # fits its own base
     with pytest.raises(ValueError, match=r"dog\.safetensors.*sd1.*sd2"):
         check_compatible(meta, sd21, "dog.safetensors")
+
+
+def _rewrite(path, change):
+    """Rewrite a residual file with ``change(tensors, meta)`` applied (a damaged or tampered copy)."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    change(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_damaged_files_are_refused_and_leave_nothing_on_the_unet(tmp_path):
+    unet = tiny_unet()
+    path = _trained(unet).save(tmp_path / "r.safetensors")
+    target = tiny_unet()
+    nan = tmp_path / "nan.safetensors"
+    nan.write_bytes(path.read_bytes())
+    _rewrite(nan, lambda t, m: t[next(iter(t))].fill_(float("nan")))
+    with pytest.raises(ValueError, match=r"nan\.safetensors' holds NaN or infinite values.*black images"):
+        prkit.load_residuals(target, nan)
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(path.read_bytes())
+    _rewrite(short, lambda t, m: t.pop(next(iter(t))))
+    with pytest.raises(ValueError, match=r"short\.safetensors' does not hold what its header describes"):
+        prkit.load_residuals(target, short)
+    bad_header = tmp_path / "header.safetensors"
+    bad_header.write_bytes(path.read_bytes())
+    _rewrite(bad_header, lambda t, m: m.update(layers="[1, 2"))
+    with pytest.raises(ValueError, match=r"header\.safetensors' has a damaged prkit header"):
+        prkit.load_residuals(target, bad_header)
+    assert prkit.residual_names(target) == []  # nothing half-loaded stayed
+    assert prkit.load_residuals(target, path).name == "default"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # mkstemp's files are 0600
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        _trained(tiny_unet()).save(tmp_path)
