@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 # re-exported: prkit.fast stays the one import for the fast path (tests and benchmarks/bench.py use these)
 from .fast_patches import (  # noqa: F401
     fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
-from . import fast_warmup as warmup
+from . import checkpoints, fast_warmup as warmup
 from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -94,20 +94,15 @@ def _window_end(step: int, config, every: int, checkpointing: bool) -> int:
     return min(ends)
 
 
-def _diverged_message(value: float, step: int, ckpt: Path | None, config) -> str:
-    # the eager loop's wording, word for word (tests compare them)
-    return (f"the loss became {value} at step {step}; the residuals were not updated with it"
-            f"{f' and the last checkpoint is in {ckpt}' if ckpt and ckpt.exists() else ''}. "
-            f"Lower learning_rate (now {config.learning_rate}) or use mixed_precision='no'.")
-
-
 def train_fast(pipe, concept, config, *, name: str = "default", progress: bool = True,
-               fast: FastConfig | None = None):
+               fast: FastConfig | None = None, register=None):
     """``train_residuals`` with the fast loop: same arguments, batches, checkpoints, errors and result.
 
     Args:
         pipe, concept, config, name, progress: as for ``prkit.train_residuals`` (``config`` is a TrainConfig).
         fast: switches of the fast loop (FastConfig defaults when None).
+        register: called with the training target once it is on the model (``train_residuals`` takes it off
+            again if the run fails).
     Returns:
         a ``TrainResult``; ``losses`` hold every step's loss, read from the device every ``check_every`` steps.
     """
@@ -128,6 +123,8 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
         if module is not None:
             module.requires_grad_(False)
     target = base.TARGETS[config.target](pipe, concept, config, name)
+    if register is not None:
+        register(target)
     params = [p for p in target.parameters()]
     for p in params:
         p.data = p.data.float()  # fp32 master weights even on a half-precision base
@@ -153,16 +150,10 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     losses: list[float] = []
     step = 0
     ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
+    stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
     if ckpt is not None and config.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        target.load_state_dict(state["target"])
-        base.load_optimizer(optimizer, state["optimizer"], config.learning_rate, ckpt)
+        step, losses = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
         _make_capturable(optimizer, device)
-        gen.set_state(state["generator"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        step, losses = state["step"], state["losses"]
-        log.info("resumed from %s at step %d", ckpt, step)
 
     gen_states = {step: gen.get_state()}  # generator state once `k` steps' batches are drawn
 
@@ -230,34 +221,35 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
                 snapshot.take()
                 for k in range(b - a):
                     stepper.load([(s[0][k], s[1][k], s[2][k]) for s in staged])
-                    if stepper.calls == 0:
-                        first = time.perf_counter()
-                        stepper()
-                        _sync(device)
-                        times["first step+capture"] = time.perf_counter() - first
-                        loop_start = time.perf_counter()
-                    else:
-                        stepper()
-                    losses_dev[a + k].copy_(stepper.loss)
-                    enqueued = a + k + 1
+                    with base.deferred_interrupt():  # the step and its count: both or neither
+                        if stepper.calls == 0:
+                            first = time.perf_counter()
+                            stepper()
+                            _sync(device)
+                            times["first step+capture"] = time.perf_counter() - first
+                            loop_start = time.perf_counter()
+                        else:
+                            stepper()
+                        losses_dev[a + k].copy_(stepper.loss)
+                        enqueued = a + k + 1
                 stops = config.stop_after is not None and b >= config.stop_after and b < config.steps
                 pending = draw_window(b) if b < config.steps and not stops else None  # overlaps the GPU
                 values, bad = settle(a, b, staged)
                 if bad is not None:
                     window = None
-                    raise base.TrainingDiverged(_diverged_message(values[bad], a + bad + 1, ckpt, config))
+                    raise base.TrainingDiverged(base.diverged_message(values[bad], a + bad + 1, ckpt, config, amp))
                 losses.extend(values)
                 step, window = b, None
                 bar.update(b - a)
                 bar.set_postfix(loss=f"{values[-1]:.4f}")
                 if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                    base._save_checkpoint(ckpt, target, optimizer, scaler, generator_at(step), step, losses)
+                    checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses)
                 if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
                     validation[step] = base._validate(pipe, target, concept, config)
                     unet.train()
                 if stops:
                     if ckpt is not None:
-                        base._save_checkpoint(ckpt, target, optimizer, scaler, generator_at(step), step, losses)
+                        checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses)
                     completed = False
                     break
     except KeyboardInterrupt:
@@ -269,8 +261,11 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
             losses.extend(done)
             step = a + len(done)
         if ckpt is not None:
-            base._save_checkpoint(ckpt, target, optimizer, scaler, generator_at(step), step, losses)
+            checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses)
             log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
+        else:
+            log.warning("interrupted at step %d; without a checkpoint_dir the partial run is not kept "
+                        "(pass checkpoint_dir=... to be able to resume)", step)
         raise
     finally:
         bar.close()

@@ -6,10 +6,11 @@ Owns the loop, mixed precision, checkpoints and exact resume. What is trained is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
-import tempfile
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .residuals import Residuals
+from . import checkpoints
+from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
 from .targets import TARGETS
 
 if TYPE_CHECKING:
@@ -58,6 +60,20 @@ class TrainConfig:
     # the CUDA-graph loop of prkit.fast; None: on for CUDA, off elsewhere; a prkit.fast.FastConfig: on, with its
     # switches (FastConfig(sdpa_backends=None): cuDNN attention, ~0.7 s faster per SD1.5 run after a process's first)
     fast: bool | None | FastConfig = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a whole number >= 1, got {value!r}")
+        for name in ("checkpoint_every", "validate_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a whole number >= 0 (0: never), got {value!r}")
+        rate = self.learning_rate
+        if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f"TrainConfig.learning_rate must be a positive number (or None: the default), "
+                             f"got {rate!r}")
 
 
 def default_learning_rate(pipe, target: str = "residuals", batch_size: int | None = None) -> float:
@@ -125,9 +141,17 @@ def encode_images(pipe, images: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
         dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
+    mean, std = torch.cat(means), torch.cat(stds)
+    bad = (~torch.isfinite(mean).flatten(1).all(1) | ~torch.isfinite(std).flatten(1).all(1)).nonzero().flatten()
+    if len(bad):
+        why = ("a float16 VAE overflows on some images: run it in float32 (pipe.vae.to(torch.float32)) or use an "
+               "fp16-safe VAE" if vae.dtype == torch.float16 else "check those images (NaN or infinite pixels?)")
+        raise ValueError(f"the VAE encoded {len(bad)} of {len(mean)} training images (numbers "
+                         f"{bad.tolist()[:8]}, flips counted after the originals) to NaN or infinite latents, "
+                         f"which would make every loss NaN; {why}")
     scale = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (torch.cat(means) - shift) * scale, torch.cat(stds) * scale
+    return (mean - shift) * scale, std * scale
 
 
 def encode_text(pipe, prompt: str, size: int, grad: bool = False) -> dict:
@@ -206,21 +230,6 @@ def load_optimizer(optimizer, state: dict, learning_rate: float, source) -> None
             group["lr"] = learning_rate
 
 
-def _save_checkpoint(path: Path, target, optimizer, scaler, gen, step: int, losses: list[float]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),
-             "scaler": scaler.state_dict() if scaler is not None else None}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: an interrupt never leaves a half-written checkpoint
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: str = "default",
                     progress: bool = True, **overrides) -> TrainResult:
     """Personalize ``pipe`` on ``concept``: train a residual set (or another target), the base frozen.
@@ -237,12 +246,83 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     config = replace(config, **overrides) if overrides else config
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
-    wants_fast = config.fast or (config.fast is None and pipe.unet.device.type == "cuda")
-    if wants_fast and not getattr(TARGETS[config.target], "needs_text_encoder", False):  # fast: cached text only
-        from .fast import FastConfig, train_fast
+    unet = pipe.unet
+    merged = [n for n in residual_names(unet) if n != name and get_residuals(unet, n).merged]
+    if merged:
+        raise ValueError(f"residual set(s) {merged} are merged into the base weights, so they would be trained "
+                         "into this set too: unmerge() them first")
+    unfinished = _unfinished(unet)
+    if name in unfinished and name in residual_names(unet):  # left by a failed or interrupted call: replaced
+        remove_residuals(unet, name)
+        unfinished.discard(name)
+    made: list = []  # the target the loop adds to the model
+    modules = [m for m in (unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None),
+                           pipe.vae) if m is not None]
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    checkpointing = getattr(unet, "is_gradient_checkpointing", False)
+    wants_fast = config.fast or (config.fast is None and unet.device.type == "cuda")
+    try:
+        # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay)
+        with torch.inference_mode(False), torch.enable_grad(), only_residuals(unet, [name]):
+            if wants_fast and not getattr(TARGETS[config.target], "needs_text_encoder", False):  # cached text only
+                from .fast import FastConfig, train_fast
 
-        switches = config.fast if isinstance(config.fast, FastConfig) else None
-        return train_fast(pipe, concept, config, name=name, progress=progress, fast=switches)
+                switches = config.fast if isinstance(config.fast, FastConfig) else None
+                return train_fast(pipe, concept, config, name=name, progress=progress, fast=switches,
+                                  register=made.append)
+            return _train_eager(pipe, concept, config, name, progress, made.append)
+    except BaseException:
+        for target in made:  # a residual set stays with its last good weights (nothing is lost) until the next call
+            if isinstance(target, Residuals):  # with this name replaces it; other targets come off the model
+                unfinished.add(target.name)
+            else:
+                target.remove()
+        raise
+    finally:
+        for p, was in flags:
+            p.requires_grad_(was)
+        if checkpointing and not unet.is_gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+
+def _unfinished(unet) -> set[str]:
+    """Names of the residual sets on ``unet`` whose training failed or was interrupted: the next
+    ``train_residuals`` call with the same name replaces such a set (resuming from its checkpoint, if any)."""
+    if not hasattr(unet, "_prkit_unfinished"):
+        unet._prkit_unfinished = set()
+    return unet._prkit_unfinished
+
+
+def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) -> str:
+    """What to say when the loss is NaN or infinite (both loops, word for word)."""
+    return (f"the loss became {value} at step {step}; the residuals were not updated with it"
+            f"{f' and the last checkpoint is in {ckpt}' if ckpt and ckpt.exists() else ''}. "
+            f"Lower learning_rate (now {config.learning_rate})"
+            f"{' or use mixed_precision=' + repr('no') if amp is not None else ''}.")
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block ends: a step's update and its bookkeeping happen together, so the
+    checkpoint written on the interrupt resumes exactly. Outside the main thread (no signals there) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # signals unavailable here (an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, register) -> TrainResult:
     from diffusers import DDPMScheduler
 
     _check_resolution(pipe, concept)
@@ -253,6 +333,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         if module is not None:
             module.requires_grad_(False)
     target = TARGETS[config.target](pipe, concept, config, name)
+    register(target)
     params = [p for p in target.parameters()]
     for p in params:
         p.data = p.data.float()  # fp32 master weights even on a half-precision base
@@ -273,15 +354,9 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     losses: list[float] = []
     step = 0
     ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
+    stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
     if ckpt is not None and config.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        target.load_state_dict(state["target"])
-        load_optimizer(optimizer, state["optimizer"], config.learning_rate, ckpt)
-        gen.set_state(state["generator"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        step, losses = state["step"], state["losses"]
-        log.info("resumed from %s at step %d", ckpt, step)
+        step, losses = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     was_training = unet.training
@@ -297,31 +372,32 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
             loss = _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, amp)
             value = loss.item()
             if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"the loss became {value} at step {step + 1}; the residuals were not updated with it"
-                    f"{f' and the last checkpoint is in {ckpt}' if ckpt and ckpt.exists() else ''}. "
-                    f"Lower learning_rate (now {config.learning_rate}) or use mixed_precision='no'.")
-            _backward(loss, optimizer, scaler, params, config.max_grad_norm)
-            step += 1
-            step_start = gen.get_state()
-            losses.append(value)
+                raise TrainingDiverged(diverged_message(value, step + 1, ckpt, config, amp))
+            with deferred_interrupt():  # the update and the step count it belongs to: both or neither
+                _backward(loss, optimizer, scaler, params, config.max_grad_norm)
+                step += 1
+                step_start = gen.get_state()
+                losses.append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                _save_checkpoint(ckpt, target, optimizer, scaler, gen, step, losses)
+                checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses)
             if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
                 validation[step] = _validate(pipe, target, concept, config)
                 unet.train()
             if config.stop_after is not None and step >= config.stop_after and step < config.steps:
                 if ckpt is not None:
-                    _save_checkpoint(ckpt, target, optimizer, scaler, gen, step, losses)
+                    checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses)
                 completed = False
                 break
     except KeyboardInterrupt:
         if ckpt is not None:
             gen.set_state(step_start)  # undo the unfinished step's draws: exact resume
-            _save_checkpoint(ckpt, target, optimizer, scaler, gen, step, losses)
+            checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses)
             log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
+        else:
+            log.warning("interrupted at step %d; without a checkpoint_dir the partial run is not kept "
+                        "(pass checkpoint_dir=... to be able to resume)", step)
         raise
     finally:
         bar.close()

@@ -29,11 +29,14 @@ def _equal_states(a: dict, b: dict) -> bool:
 def test_only_residual_parameters_change(tmp_path, concept, linear):
     pipe = make_pipe(tmp_path, linear=linear)
     before = _snapshot(pipe)
+    pipe.vae.requires_grad_(False)  # the caller's flags, whatever they are, come back after training
+    flags = [p.requires_grad for p, _ in before]
+    assert any(flags) and not all(flags)
     result = prkit.train_residuals(pipe, concept, steps=3, **FAST)
     assert result.steps_done == 3 and result.completed and len(result.losses) == 3
-    for param, value in before:
+    for (param, value), flag in zip(before, flags):
         assert torch.equal(param, value)
-        assert not param.requires_grad
+        assert param.requires_grad == flag
     state = result.residuals.state_dict()
     init = prkit.add_residuals(make_pipe(tmp_path / "init", linear=linear).unet, seed=0).state_dict()
     for key, value in state.items():
@@ -135,7 +138,7 @@ def test_nan_loss_raises_and_leaves_parameters_unchanged(tmp_path, concept, monk
     assert _equal_states(get_residuals(pipe.unet).state_dict(), states[-1])  # the NaN step changed nothing
     for param, value in before:
         assert torch.equal(param, value)
-    assert not any(p.requires_grad for p in pipe.unet.parameters())
+    assert not any(p.requires_grad for p in get_residuals(pipe.unet).parameters())
 
 
 def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):

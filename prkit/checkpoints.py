@@ -1,0 +1,113 @@
+"""Training checkpoints: written atomically, stamped with what the run trains on, checked before a resume.
+
+A checkpoint left in a run's folder must never continue another run: the stamp (``fingerprint``) covers the
+concept's images and words, the prompt, what is trained and how (target, rank, seed, batch size, flips, prior
+images) and the UNet's architecture; a resume whose stamp differs is refused with the way out. Both training
+loops (``train``, ``fast``) save and restore through here; the loops themselves live there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .files import atomic_path
+
+log = logging.getLogger(__name__)
+
+START_OVER = "delete it, pass another checkpoint_dir, or pass resume=False (CLI: --no-resume) to start over"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed: unreadable, or written by another run."""
+
+
+def _images_digest(images) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(pipe, concept, config) -> dict:
+    """What decides a run's trajectory besides the learning rate and step count (which a resume may change)."""
+    unet_config = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    prior = config.prior_images
+    return {
+        "images": _images_digest(concept.images),
+        "token": concept.token,
+        "class_word": concept.class_word,
+        "prompt": config.prompt_template.format(token=concept.token, class_word=concept.class_word),
+        "target": config.target,
+        "rank": repr(config.rank),
+        "seed": int(config.seed),
+        "batch_size": int(config.batch_size),
+        "flip": bool(config.flip),
+        "prior_images": _images_digest(prior.images) if prior is not None else None,
+        "unet": hashlib.blake2b(json.dumps(unet_config, sort_keys=True, default=str).encode(),
+                                digest_size=12).hexdigest(),
+    }
+
+
+def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator, step: int,
+         losses: list[float]) -> None:
+    """Write the run's state at ``step`` to ``path`` in one rename (an interrupt never leaves half a file)."""
+    state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),
+             "scaler": scaler.state_dict() if scaler is not None else None, "fingerprint": stamp}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _differences(saved: dict, stamp: dict) -> list[str]:
+    out = []
+    for key, value in stamp.items():
+        if saved.get(key) == value:
+            continue
+        hashed = key in ("images", "prior_images", "unet")
+        out.append(f"{key} ({'another one' if hashed else f'{saved.get(key)!r} there, {value!r} here'})")
+    return out
+
+
+def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator,
+            config) -> tuple[int, list[float]]:
+    """Load the checkpoint at ``path`` into this run's state (``config``: its TrainConfig); returns (step, losses).
+    Raises CheckpointError, naming the file and the way out, when it is unreadable, was written by another run
+    or is past this run's last step."""
+    from . import train  # the loop's optimizer loading (it says when the learning rate changed)
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"step", "target", "optimizer", "generator"} <= set(state):
+            raise ValueError("the keys of a prkit checkpoint are missing")
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise CheckpointError(f"cannot resume from {str(path)!r}: it is damaged or not a prkit training checkpoint "
+                              f"({type(err).__name__}). To {START_OVER}.") from err
+    saved = state.get("fingerprint")
+    if saved is None:
+        log.warning("%s carries no fingerprint (written by an older prkit): resuming without checking that it "
+                    "belongs to this run", path)
+    else:
+        differ = _differences(saved, stamp)
+        if differ:
+            raise CheckpointError(
+                f"{str(path)!r} belongs to another run (at step {state['step']}): it differs in "
+                f"{', '.join(differ)}. To keep both, pass another checkpoint_dir; to {START_OVER}.")
+    if state["step"] > config.steps:
+        raise CheckpointError(f"{str(path)!r} is at step {state['step']}, past this run's steps={config.steps}: ask "
+                              f"for at least {state['step']} steps to continue it, or {START_OVER}.")
+    try:
+        target.load_state_dict(state["target"])
+        train.load_optimizer(optimizer, state["optimizer"], config.learning_rate, path)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} does not fit this run ({err}); {START_OVER}.") from err
+    gen.set_state(state["generator"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    log.warning("resuming from %s at step %d", path, state["step"])
+    return int(state["step"]), list(state["losses"])

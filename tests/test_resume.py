@@ -1,0 +1,165 @@
+"""Resuming safely: a checkpoint only continues its own run, a failed call can be repeated in the same process,
+an interrupt during an update still resumes exactly, and training is independent of what else is on the model."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from PIL import Image
+
+import prkit
+import prkit.train as train
+from conftest import make_pipe
+from prkit.checkpoints import CheckpointError
+from prkit.data import Concept
+from prkit.residuals import residual_names
+
+FAST = dict(progress=False, batch_size=4)
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _other_concept():
+    images = [Image.new("RGB", (16, 16), (10, 20 * i, 240)) for i in range(3)]
+    return Concept(images=images, token="zwx", class_word="cat", paths=[])
+
+
+def _stopped(tmp_path, concept, ckpt, **kw):
+    return prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=6, checkpoint_dir=str(ckpt),
+                                 checkpoint_every=2, stop_after=2, **FAST, **kw)
+
+
+def test_a_checkpoint_of_another_concept_is_refused_with_the_way_out(tmp_path, concept):
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, concept, ckpt)
+    pipe = make_pipe(tmp_path / "p2")
+    with pytest.raises(CheckpointError) as err:
+        prkit.train_residuals(pipe, _other_concept(), steps=6, checkpoint_dir=str(ckpt), **FAST)
+    message = str(err.value)
+    assert str(ckpt / "checkpoint.pt") in message and "another run (at step 2)" in message
+    assert "images (another one)" in message and "token ('sks' there, 'zwx' here)" in message
+    assert "resume=False" in message and "--no-resume" in message
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(CheckpointError, match=r"seed \(0 there, 7 here\)"):
+        prkit.train_residuals(pipe, concept, steps=6, seed=7, checkpoint_dir=str(ckpt), **FAST)
+    fresh = prkit.train_residuals(pipe, _other_concept(), steps=2, checkpoint_dir=str(ckpt), resume=False, **FAST)
+    assert fresh.completed and fresh.steps_done == 2  # resume=False starts over (and replaces the checkpoint)
+
+
+def test_a_checkpoint_past_the_last_step_or_damaged_is_refused(tmp_path, concept):
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, concept, ckpt)
+    with pytest.raises(CheckpointError, match=r"is at step 2, past this run's steps=1: ask for at least 2"):
+        prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=1, checkpoint_dir=str(ckpt), **FAST)
+    (ckpt / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint\.pt'.*damaged or not a prkit training checkpoint.*start over"):
+        prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=6, checkpoint_dir=str(ckpt), **FAST)
+
+
+def test_a_failed_call_can_be_repeated_on_the_same_pipe_and_resumes_exactly(tmp_path, concept, monkeypatch):
+    steps = 8
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)
+    real_backward, calls = train._backward, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_backward", interrupted)
+    pipe, ckpt = make_pipe(tmp_path / "p"), tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        prkit.train_residuals(pipe, concept, steps=steps, checkpoint_dir=str(ckpt), checkpoint_every=0, **FAST)
+    assert residual_names(pipe.unet) == ["default"]  # the partial set stays (nothing lost) ...
+    monkeypatch.setattr(train, "_backward", real_backward)
+    again = prkit.train_residuals(pipe, concept, steps=steps, checkpoint_dir=str(ckpt), checkpoint_every=0, **FAST)
+    assert again.completed and again.losses == reference.losses  # ... and the repeated call replaces it
+    assert _equal_states(again.residuals.state_dict(), reference.residuals.state_dict())
+    with pytest.raises(ValueError, match="already on this UNet"):  # a finished set is never replaced silently
+        prkit.train_residuals(pipe, concept, steps=2, **FAST)
+
+
+def test_ctrl_c_during_an_update_still_resumes_exactly(tmp_path, concept, monkeypatch):
+    steps = 8
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)
+    real_backward, calls = train._backward, []
+
+    def signalled(*args, **kwargs):  # SIGINT arrives after the optimizer updated, before the step is counted
+        real_backward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train, "_backward", signalled)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=steps, checkpoint_dir=str(ckpt),
+                              checkpoint_every=0, **FAST)
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 4  # the update and its count
+    monkeypatch.setattr(train, "_backward", real_backward)
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=steps, checkpoint_dir=str(ckpt),
+                                    checkpoint_every=0, **FAST)
+    assert resumed.losses == reference.losses
+    assert _equal_states(resumed.residuals.state_dict(), reference.residuals.state_dict())
+
+
+def test_a_second_concept_trains_as_if_alone_and_merged_sets_are_refused(tmp_path, concept):
+    alone = prkit.train_residuals(make_pipe(tmp_path / "alone"), _other_concept(), name="b", steps=3, **FAST)
+    pipe = make_pipe(tmp_path / "both")
+    first = prkit.train_residuals(pipe, concept, name="a", steps=3, **FAST)
+    second = prkit.train_residuals(pipe, _other_concept(), name="b", steps=3, **FAST)
+    assert _equal_states(second.residuals.state_dict(), alone.residuals.state_dict())
+    assert first.residuals.enabled and second.residuals.enabled  # both still on afterwards
+    first.residuals.merge()
+    with pytest.raises(ValueError, match=r"\['a'\] are merged.*unmerge\(\) them first"):
+        prkit.train_residuals(pipe, concept, name="c", steps=1, **FAST)
+    assert residual_names(pipe.unet) == ["a", "b"]
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_training_inside_no_grad_or_inference_mode_works(tmp_path, concept, context):
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=2, **FAST)
+    pipe = make_pipe(tmp_path / "p")
+    with context():
+        result = prkit.train_residuals(pipe, concept, steps=2, **FAST)
+    assert result.losses == reference.losses
+
+
+def test_gradient_checkpointing_the_caller_had_on_stays_on(tmp_path, concept):
+    pipe = make_pipe(tmp_path)
+    pipe.unet.enable_gradient_checkpointing()
+    prkit.train_residuals(pipe, concept, steps=1, gradient_checkpointing=True, **FAST)
+    assert pipe.unet.is_gradient_checkpointing
+
+
+def test_non_finite_latents_are_refused_before_training(tmp_path, concept, monkeypatch):
+    pipe = make_pipe(tmp_path)
+    real_encode = pipe.vae.encode
+
+    def poisoned(x, *args, **kwargs):
+        out = real_encode(x, *args, **kwargs)
+        out.latent_dist.mean[0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(pipe.vae, "encode", poisoned)
+    with pytest.raises(ValueError, match=r"encoded 1 of 6 training images \(numbers \[0\].*NaN or infinite"):
+        prkit.train_residuals(pipe, concept, steps=2, **FAST)
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("batch_size", -1), ("learning_rate", float("nan")),
+                                         ("checkpoint_every", -5)])
+def test_bad_recipe_numbers_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be"):
+        train.TrainConfig(**{field: value})
+
+
+def test_a_checkpoint_is_readable_with_weights_only(tmp_path, concept):
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, concept, ckpt)
+    state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["fingerprint"]["token"] == "sks"
