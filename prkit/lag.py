@@ -204,6 +204,10 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     sets = [residuals] if isinstance(residuals, Residuals) else list(residuals)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    merged = [r.name for r in sets if r.merged]
+    if merged:
+        raise ValueError(f"residual set(s) {merged} are merged into the base weights, where no mask can reach them: "
+                         "unmerge() them for LAG sampling (merge is for sampling without LAG)")
     tokenizer = tokenizer or getattr(pipe_or_unet, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("lag_sampling on a bare UNet needs tokenizer=...")

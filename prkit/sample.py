@@ -15,7 +15,7 @@ from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, only_residuals
+from .residuals import Residuals, get_residuals, only_residuals, residual_names
 
 
 @dataclass
@@ -50,8 +50,22 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     config = config or SampleConfig()
     sets = [] if residuals is None else [residuals] if isinstance(residuals, Residuals) else list(residuals)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    steps, num_images = _diffusers_names(pipe_kwargs, steps, num_images)
+    for arg, value in (("steps", steps), ("num_images", num_images)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"generate: {arg} must be a whole number >= 1, got {value!r}")
+    chosen = {r.name for r in sets}
+    merged = [n for n in residual_names(pipe.unet) if n not in chosen and get_residuals(pipe.unet, n).merged]
+    if merged:
+        raise ValueError(f"residual set(s) {merged} are merged into the base weights, so they would paint into "
+                         "every image: unmerge() them, or pass them in residuals=")
     device = pipe.unet.device
-    generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+    generator = pipe_kwargs.pop("generator", None)  # the caller's own generator wins over seed
+    if generator is None:
+        generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+    negative = negative_prompt if negative_prompt is not None else config.negative_prompt
+    if isinstance(negative, str):  # diffusers wants one per prompt when the prompts are a list
+        negative = [negative] * len(prompts)
     if lag and sets:
         context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store)
     elif store is not None:
@@ -62,8 +76,23 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
     with only_residuals(pipe.unet, [r.name for r in sets]), context, torch.inference_mode(), \
             graphed_unet(pipe.unet, enabled=fast):
-        out = pipe(prompts, num_inference_steps=steps or config.steps,
+        out = pipe(prompts, num_inference_steps=steps if steps is not None else config.steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
-                   negative_prompt=negative_prompt if negative_prompt is not None else config.negative_prompt,
-                   num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
+                   negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
     return out.images
+
+
+def _diffusers_names(pipe_kwargs: dict, steps, num_images):
+    """Take diffusers' spellings (num_inference_steps, num_images_per_prompt) for prkit's steps and num_images."""
+    if "num_inference_steps" in pipe_kwargs:
+        given = pipe_kwargs.pop("num_inference_steps")
+        if steps is not None and steps != given:
+            raise ValueError(f"generate: num_inference_steps={given!r} and steps={steps!r} disagree; pass steps only")
+        steps = given
+    if "num_images_per_prompt" in pipe_kwargs:
+        given = pipe_kwargs.pop("num_images_per_prompt")
+        if num_images not in (1, given):  # 1 is generate's default
+            raise ValueError(f"generate: num_images_per_prompt={given!r} and num_images={num_images!r} disagree; "
+                             "pass num_images only")
+        num_images = given
+    return steps, num_images

@@ -1,0 +1,55 @@
+"""generate() as a diffusers user calls it: negative prompts, diffusers' own argument names, a caller's generator,
+bad numbers, and merged sets (which no mask and no set selection can reach)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import prkit
+from conftest import randomize
+
+PROMPT = "a photo of a sks dog"
+FAST = dict(output_type="np")
+
+
+def _dog(unet):
+    residuals = prkit.add_residuals(unet, name="dog", token="sks", class_word="dog")
+    randomize(residuals, seed=1)
+    return residuals
+
+
+def test_one_negative_prompt_serves_every_prompt(pipe):
+    prompts = [PROMPT, "a sks dog on the beach"]
+    one = prkit.generate(pipe, prompts, None, steps=2, negative_prompt="teapot", **FAST)
+    each = prkit.generate(pipe, prompts, None, steps=2, negative_prompt=["teapot", "teapot"], **FAST)
+    plain = prkit.generate(pipe, prompts, None, steps=2, **FAST)
+    np.testing.assert_array_equal(one, each)
+    assert np.abs(one - plain).max() > 1e-4  # the negative prompt was used
+
+
+def test_diffusers_argument_names_and_a_callers_generator(pipe):
+    ours = prkit.generate(pipe, PROMPT, None, steps=2, num_images=2, seed=3, **FAST)
+    theirs = prkit.generate(pipe, PROMPT, None, num_inference_steps=2, num_images_per_prompt=2,
+                            generator=torch.Generator().manual_seed(3), **FAST)
+    np.testing.assert_array_equal(ours, theirs)
+    with pytest.raises(ValueError, match=r"num_inference_steps=4 and steps=2 disagree"):
+        prkit.generate(pipe, PROMPT, None, steps=2, num_inference_steps=4, **FAST)
+    for bad in (dict(steps=0), dict(num_images=0), dict(steps=2.5)):
+        with pytest.raises(ValueError, match=r"generate: (steps|num_images) must be a whole number >= 1"):
+            prkit.generate(pipe, PROMPT, None, **bad, **FAST)
+
+
+def test_merged_sets_are_refused_where_they_would_be_wrong(pipe):
+    dog = _dog(pipe.unet)
+    plain = prkit.generate(pipe, PROMPT, dog, lag=False, steps=2, **FAST)
+    dog.merge()
+    np.testing.assert_allclose(prkit.generate(pipe, PROMPT, dog, lag=False, steps=2, **FAST), plain, atol=2e-3)
+    with pytest.raises(ValueError, match=r"\['dog'\] are merged into the base weights, where no mask"):
+        prkit.generate(pipe, PROMPT, dog, lag=True, steps=2, **FAST)
+    with pytest.raises(ValueError, match=r"\['dog'\] are merged into the base weights, so they would paint"):
+        prkit.generate(pipe, PROMPT, None, steps=2, **FAST)
+    dog.unmerge()
+    base = prkit.generate(pipe, PROMPT, None, steps=2, **FAST)
+    assert np.abs(base - plain).max() > 1e-3
