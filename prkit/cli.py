@@ -7,8 +7,53 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _rank(text: str) -> float | int:
+    """--rank: a fraction of each block's channels (0 < r <= 1, e.g. 0.05) or a whole rank (e.g. 16)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.05 or a whole rank such as 16, "
+                                         f"got {text!r}") from None
+    if 0 < value <= 1 and ("." in text or "e" in text.lower()):
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] such as 0.05 or a whole rank >= 1, got {text!r}")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """Fail before any work when ``folder`` cannot be created or written (a file in the way, no permission)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in {str(probe)!r} (permission denied); choose another path")
+
+
+def _check_output_file(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder; give a file name, e.g. {str(path / 'concept.safetensors')!r}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {str(path)!r} exists; pass --overwrite to replace it, or choose another name")
+    _writable_folder(path.parent, "--out")
 
 
 def _train(args) -> int:
@@ -17,13 +62,16 @@ def _train(args) -> int:
     from .pipeline import load_pipeline
     from .train import TrainConfig, train_residuals
 
+    out = Path(args.out)
+    checkpoint_dir = Path(args.checkpoint_dir or str(out.with_suffix("")) + ".ckpt")
+    _check_output_file(out, args.overwrite)  # before the model loads and trains: nothing is lost at the end
+    _writable_folder(checkpoint_dir, "--checkpoint-dir")
     pipe = load_pipeline(args.model, device=args.device)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     concept = load_concept(args.images, args.token, args.class_word, resolution=args.resolution or size,
                            skip_bad=args.skip_bad)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                         rank=float(args.rank) if "." in args.rank else int(args.rank),
-                         checkpoint_dir=args.checkpoint_dir or str(Path(args.out).with_suffix("")) + ".ckpt")
+                         rank=args.rank, checkpoint_dir=str(checkpoint_dir), resume=args.resume)
     result = train_residuals(pipe, concept, config)
     save_residuals(result.residuals, args.out, base_model=args.model)
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
@@ -36,15 +84,21 @@ def _sample(args) -> int:
     from .pipeline import load_pipeline
     from .sample import generate
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder for the images")
+    _writable_folder(out, "--out")
     pipe = load_pipeline(args.model, device=args.device)
     sets = [load_residuals(pipe, path) for path in args.residuals]
     images = generate(pipe, args.prompt, sets or None, lag=args.lag, seed=args.seed, num_images=args.num_images,
                       steps=args.steps, guidance_scale=args.guidance_scale)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{i:03d}.png")
-    print(f"wrote {len(images)} images to {out}")
+    taken = [int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"(\d+)\.png", p.name))]
+    first = max(taken, default=-1) + 1  # earlier images in the folder stay: new ones are numbered after them
+    names = [f"{first + i:03d}.png" for i in range(len(images))]
+    for image, name in zip(images, names):
+        image.save(out / name)
+    print(f"wrote {len(images)} images to {out} ({names[0]}{f' to {names[-1]}' if len(names) > 1 else ''})")
     return 0
 
 
@@ -75,14 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--token", help="identifier, e.g. sks (read from concept.json when omitted)")
     train.add_argument("--class-word", dest="class_word", help="the concept's class, e.g. dog")
     train.add_argument("--out", required=True, help="output .safetensors")
-    train.add_argument("--steps", type=int, default=150)
-    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    train.add_argument("--steps", type=_positive_int, default=150)
+    train.add_argument("--batch-size", type=_positive_int, default=4)
     train.add_argument("--lr", type=float, default=None,
                        help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else METHOD's 1e-3")
-    train.add_argument("--rank", default="0.05", help="fraction of channels (0.05) or an int rank")
+    train.add_argument("--rank", type=_rank, default=0.05, help="fraction of channels (0.05) or an int rank")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    train.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     train.add_argument("--checkpoint-dir", default=None, help="default: <out>.ckpt; rerun to resume")
+    train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                       help="continue from the checkpoint of an interrupted run of the same concept and recipe "
+                            "(--no-resume: start over)")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     train.add_argument("--device", default="auto")
     train.set_defaults(func=_train)
@@ -90,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate images, optionally with residuals and LAG")
     sample.add_argument("--model", default="world")
     sample.add_argument("--residuals", nargs="*", default=[], help="one or more residual files")
-    sample.add_argument("--prompt", required=True, nargs="+")
+    sample.add_argument("--prompt", required=True, nargs="+", help="one or more prompts, each in quotes")
     sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True)
-    sample.add_argument("--num-images", type=int, default=4)
-    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--num-images", type=_positive_int, default=4)
+    sample.add_argument("--steps", type=_positive_int, default=25)
     sample.add_argument("--guidance-scale", type=float, default=7.5)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default="samples")
+    sample.add_argument("--out", default="samples", help="folder; images already there are kept")
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=_sample)
 
@@ -116,9 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
         print(f"prkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
+        print(f"prkit {args.command}: interrupted" + ("; run the same command again to resume"
+                                                      if args.command == "train" else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,12 +25,29 @@ def world_path() -> Path:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda if available, else mps, else cpu."""
     if str(device) != "auto":
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(f"device {str(device)!r} is not a device torch knows ({err}); use 'auto', 'cpu', "
+                             "'cuda', 'cuda:1', 'mps', ...") from err
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_available(device: torch.device) -> None:
+    """Raise a clear ValueError when ``device`` names a CUDA GPU this process cannot use."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but this torch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use device='cpu' or 'auto'")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} was asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -80,6 +97,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     from diffusers import DiffusionPipeline
 
     device = resolve_device(device)
+    check_available(device)
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     if name == WORLD:

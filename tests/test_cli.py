@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from prkit.cli import main
@@ -55,3 +57,77 @@ def test_errors_name_the_input(tmp_path, capsys):
 def test_python_dash_m():
     done = subprocess.run([sys.executable, "-m", "prkit", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout and "sample" in done.stdout
+
+
+def _train_args(tmp_path, out, *extra):
+    model = tmp_path / "model"
+    if not model.exists():
+        tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    images = tmp_path / "images"
+    if not images.exists():
+        _concept(images)
+    return ["train", "--model", str(model), "--images", str(images), "--token", "sks", "--class-word", "dog",
+            "--out", str(out), "--steps", "2", "--rank", "2", "--device", "cpu", *extra]
+
+
+def test_outputs_are_checked_before_training_and_never_overwritten_silently(tmp_path, capsys, monkeypatch):
+    import prkit.train
+
+    out = tmp_path / "sks.safetensors"
+    assert main(_train_args(tmp_path, out)) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(prkit.train, "train_residuals", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert main(_train_args(tmp_path, out)) == 2  # refused before any training
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == first
+    (tmp_path / "afile").write_text("x")
+    assert main(_train_args(tmp_path, tmp_path / "afile" / "x.safetensors")) == 2
+    assert "'" + str(tmp_path / "afile") + "' is a file, not a folder" in capsys.readouterr().err
+    assert main(_train_args(tmp_path, tmp_path)) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(_train_args(tmp_path, out, "--overwrite", "--steps", "3", "--no-resume")) == 0
+    assert out.read_bytes() != first
+
+
+def test_numbers_are_checked_by_the_parser(tmp_path, capsys):
+    for flag, value, says in (("--steps", "0", "must be at least 1"), ("--batch-size", "-2", "must be at least 1"),
+                              ("--rank", "abc", "a fraction such as 0.05"), ("--rank", "1.5", "whole rank"),
+                              ("--resolution", "0", "must be at least 1")):
+        with pytest.raises(SystemExit) as err:
+            main(_train_args(tmp_path, tmp_path / "x.safetensors", flag, value))
+        assert err.value.code == 2
+        message = capsys.readouterr().err
+        assert flag in message and says in message, (flag, message)
+
+
+def test_samples_go_after_the_images_already_in_the_folder(tmp_path, capsys):
+    out = tmp_path / "sks.safetensors"
+    assert main(_train_args(tmp_path, out)) == 0
+    samples = tmp_path / "samples"
+    sample = ["sample", "--model", str(tmp_path / "model"), "--residuals", str(out), "--prompt", "a photo of a sks dog",
+              "--num-images", "2", "--steps", "2", "--out", str(samples), "--device", "cpu"]
+    assert main(sample) == 0 and main(sample) == 0
+    assert sorted(p.name for p in samples.iterdir()) == ["000.png", "001.png", "002.png", "003.png"]
+    assert "(002.png to 003.png)" in capsys.readouterr().out
+    (tmp_path / "taken").write_text("x")
+    assert main(sample[:-4] + ["--out", str(tmp_path / "taken"), "--device", "cpu"]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import prkit.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prkit.train, "train_residuals", interrupted)
+    assert main(_train_args(tmp_path, tmp_path / "x.safetensors")) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
+    args = _train_args(tmp_path, tmp_path / "x.safetensors")
+    assert main(args[:-1] + ["cuda"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err

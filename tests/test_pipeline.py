@@ -125,3 +125,19 @@ def test_world_ships_its_learning_rate_and_bad_defaults_name_the_file(tmp_path):
     (tmp_path / "prkit_defaults.json").write_text('{"residuals": {"steps": 300}}')
     with pytest.raises(ValueError, match="residuals.steps.*only learning_rate"):
         read_model_defaults(tmp_path)
+
+
+def test_a_device_that_is_not_there_is_a_clear_error(monkeypatch):
+    from prkit.pipeline import check_available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"'cuda' was asked for, but this torch sees no CUDA GPU"):
+        check_available(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:1' was asked for, but this machine has 1 CUDA GPU"):
+        check_available(torch.device("cuda:1"))
+    check_available(torch.device("cuda:0"))
+    check_available(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"'gpu0' is not a device torch knows"):
+        resolve_device("gpu0")
