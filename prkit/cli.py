@@ -9,18 +9,26 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _whole(minimum: int):
+    """An argparse type: a whole number of at least ``minimum`` (the message names the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _whole(1)
 
 
 def _rank(text: str) -> float | int:
@@ -71,7 +79,8 @@ def _train(args) -> int:
     concept = load_concept(args.images, args.token, args.class_word, resolution=args.resolution or size,
                            skip_bad=args.skip_bad)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                         rank=args.rank, checkpoint_dir=str(checkpoint_dir), resume=args.resume)
+                         rank=args.rank, checkpoint_dir=str(checkpoint_dir), resume=args.resume,
+                         checkpoint_every=args.checkpoint_every)
     result = train_residuals(pipe, concept, config)
     save_residuals(result.residuals, args.out, base_model=args.model)
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
@@ -138,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     train.add_argument("--checkpoint-dir", default=None, help="default: <out>.ckpt; rerun to resume")
+    train.add_argument("--checkpoint-every", type=_whole(0), default=50,
+                       help="steps between checkpoints (also written on Ctrl-C and SIGTERM); 0: only then")
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="continue from the checkpoint of an interrupted run of the same concept and recipe "
                             "(--no-resume: start over)")
@@ -169,9 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # a job scheduler's SIGTERM: the training loop writes its checkpoint as on Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    previous = None
+    if args.command == "train" and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
@@ -181,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prkit {args.command}: interrupted" + ("; run the same command again to resume"
                                                       if args.command == "train" else ""), file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -303,23 +304,33 @@ def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) ->
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (SIGINT) until the block ends: a step's update and its bookkeeping happen together, so the
-    checkpoint written on the interrupt resumes exactly. Outside the main thread (no signals there) a no-op."""
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then act on them as their handlers would: a step's
+    update and its bookkeeping happen together, so the checkpoint written on the interrupt resumes exactly.
+    Outside the main thread (no signals there) a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
     except ValueError:  # signals unavailable here (an embedded interpreter)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if caught:
-            raise KeyboardInterrupt
+            handler = previous[caught[0]]
+            if callable(handler):  # Python's SIGINT handler raises KeyboardInterrupt; the CLI's SIGTERM one too
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), caught[0])
 
 
 def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, register) -> TrainResult:

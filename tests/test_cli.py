@@ -131,3 +131,32 @@ def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
     args = _train_args(tmp_path, tmp_path / "x.safetensors")
     assert main(args[:-1] + ["cuda"]) == 2
     assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_the_rerun_resumes_exactly(tmp_path, capsys, caplog, monkeypatch):
+    import os
+    import signal
+
+    import prkit.train
+    from safetensors.torch import load_file
+
+    reference = tmp_path / "ref.safetensors"
+    assert main(_train_args(tmp_path, reference, "--steps", "6")) == 0
+    real_backward, calls = prkit.train._backward, []
+
+    def terminated(*args, **kwargs):  # a scheduler's SIGTERM lands in the middle of step 3's update
+        real_backward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(prkit.train, "_backward", terminated)
+    out = tmp_path / "x.safetensors"
+    assert main(_train_args(tmp_path, out, "--steps", "6", "--checkpoint-every", "0")) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    monkeypatch.setattr(prkit.train, "_backward", real_backward)
+    assert main(_train_args(tmp_path, out, "--steps", "6", "--checkpoint-every", "0")) == 0
+    assert "resuming from" in caplog.text and "at step 3" in caplog.text
+    got, want = load_file(out), load_file(reference)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
