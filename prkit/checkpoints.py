@@ -26,20 +26,38 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be resumed: unreadable, or written by another run."""
 
 
-def _images_digest(images) -> str:
+def _images_digest(concept) -> str:
+    """The concept's source files' bytes where it has them (stable across Pillow versions), else its pixels; and
+    the crops' size."""
     digest = hashlib.blake2b(digest_size=12)
-    for image in images:
-        digest.update(f"{image.mode}{image.size}".encode())
-        digest.update(image.tobytes())
+    images, paths = concept.images, [Path(p) for p in (getattr(concept, "paths", None) or [])]
+    digest.update(f"{len(images)} {images[0].size if images else ''}".encode())
+    if len(paths) == len(images) and all(p.is_file() for p in paths):
+        for path in paths:
+            digest.update(path.read_bytes())
+    else:
+        for image in images:
+            digest.update(f"{image.mode}{image.size}".encode())
+            digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def _architecture(unet) -> str:
+    """The UNet's shape as the residuals see it (its transformer blocks and their channels, sizes), not its whole
+    config (which another diffusers version or loader fills in differently)."""
+    from .files import architecture, layer_table
+
+    config = unet.config
+    keys = ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "block_out_channels")
+    shape = [architecture(unet), sorted(layer_table(unet).items()), [str(getattr(config, k, None)) for k in keys]]
+    return hashlib.blake2b(json.dumps(shape, default=str).encode(), digest_size=12).hexdigest()
 
 
 def fingerprint(pipe, concept, config) -> dict:
     """What decides a run's trajectory besides the learning rate and step count (which a resume may change)."""
-    unet_config = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
     prior = config.prior_images
     return {
-        "images": _images_digest(concept.images),
+        "images": _images_digest(concept),
         "token": concept.token,
         "class_word": concept.class_word,
         "prompt": config.prompt_template.format(token=concept.token, class_word=concept.class_word),
@@ -48,9 +66,8 @@ def fingerprint(pipe, concept, config) -> dict:
         "seed": int(config.seed),
         "batch_size": int(config.batch_size),
         "flip": bool(config.flip),
-        "prior_images": _images_digest(prior.images) if prior is not None else None,
-        "unet": hashlib.blake2b(json.dumps(unet_config, sort_keys=True, default=str).encode(),
-                                digest_size=12).hexdigest(),
+        "prior_images": _images_digest(prior) if prior is not None else None,
+        "unet": _architecture(pipe.unet),
     }
 
 
@@ -104,10 +121,11 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
     try:
         target.load_state_dict(state["target"])
         train.load_optimizer(optimizer, state["optimizer"], config.learning_rate, path)
-    except (RuntimeError, KeyError, ValueError) as err:
+        gen.set_state(state["generator"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, losses = int(state["step"]), [float(v) for v in state["losses"]]
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{str(path)!r} does not fit this run ({err}); {START_OVER}.") from err
-    gen.set_state(state["generator"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    log.warning("resuming from %s at step %d", path, state["step"])
-    return int(state["step"]), list(state["losses"])
+    log.warning("resuming from %s at step %d", path, step)
+    return step, losses

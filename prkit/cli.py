@@ -32,17 +32,17 @@ _positive_int = _whole(1)
 
 
 def _rank(text: str) -> float | int:
-    """--rank: a fraction of each block's channels (0 < r <= 1, e.g. 0.05) or a whole rank (e.g. 16)."""
+    """--rank: a fraction of each block's channels (0 < r < 1, e.g. 0.05) or a whole rank (e.g. 16)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.05 or a whole rank such as 16, "
-                                         f"got {text!r}") from None
-    if 0 < value <= 1 and ("." in text or "e" in text.lower()):
+        value = float("nan")
+    if 0 < value < 1:
         return value
-    if value >= 1 and value == int(value):
+    if 1 <= value < 2 ** 31 and value == int(value):
         return int(value)
-    raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] such as 0.05 or a whole rank >= 1, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.05 or a whole rank >= 1 such as 16, "
+                                     f"got {text!r}")
 
 
 def _writable_folder(folder: Path, what: str) -> None:
@@ -73,6 +73,9 @@ def _train(args) -> int:
     out = Path(args.out)
     checkpoint_dir = Path(args.checkpoint_dir or str(out.with_suffix("")) + ".ckpt")
     _check_output_file(out, args.overwrite)  # before the model loads and trains: nothing is lost at the end
+    if checkpoint_dir.resolve() == out.resolve():
+        raise ValueError(f"--out {str(out)!r} is also the checkpoint folder; name the output *.safetensors or pass "
+                         "--checkpoint-dir")
     _writable_folder(checkpoint_dir, "--checkpoint-dir")
     pipe = load_pipeline(args.model, device=args.device)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=4)
     train.add_argument("--lr", type=float, default=None,
                        help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else METHOD's 1e-3")
-    train.add_argument("--rank", type=_rank, default=0.05, help="fraction of channels (0.05) or an int rank")
+    train.add_argument("--rank", type=_rank, default=0.05, help="fraction of channels (0.05) or a whole rank (16)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     train.add_argument("--checkpoint-dir", default=None, help="default: <out>.ckpt; rerun to resume")

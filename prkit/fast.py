@@ -238,8 +238,9 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
                 if bad is not None:
                     window = None
                     raise base.TrainingDiverged(base.diverged_message(values[bad], a + bad + 1, ckpt, config, amp))
-                losses.extend(values)
-                step, window = b, None
+                with base.deferred_interrupt():  # the window's losses and its end: both or neither
+                    losses.extend(values)
+                    step, window = b, None
                 bar.update(b - a)
                 bar.set_postfix(loss=f"{values[-1]:.4f}")
                 if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:

@@ -63,7 +63,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        except OSError:  # a file system without modes (FAT, some network mounts): keep what it gave
+            pass
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

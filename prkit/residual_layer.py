@@ -68,7 +68,8 @@ class ResidualProjection(nn.Module):
         self.scales: dict[str, float] = {}
         self.active: dict[str, bool] = {}
         self.merged: dict[str, float] = {}  # name -> the scale it was merged at, while merged
-        self._unmerged_weight: torch.Tensor | None = None  # the base weight before the first merge
+        # the base weight before the first merge; a non-persistent buffer, so .to()/.cpu() move it with the model
+        self.register_buffer("_unmerged_weight", None, persistent=False)
         self.mask_source: Callable[[str], torch.Tensor | None] | None = None
 
     def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:

@@ -11,9 +11,11 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -253,9 +255,9 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         raise ValueError(f"residual set(s) {merged} are merged into the base weights, so they would be trained "
                          "into this set too: unmerge() them first")
     unfinished = _unfinished(unet)
-    if name in unfinished and name in residual_names(unet):  # left by a failed or interrupted call: replaced
-        remove_residuals(unet, name)
-        unfinished.discard(name)
+    left = unfinished.pop(name, None)
+    if left is not None and name in residual_names(unet) and left() is _first_factor(get_residuals(unet, name)):
+        remove_residuals(unet, name)  # the very set a failed or interrupted call left: replaced
     made: list = []  # the target the loop adds to the model
     modules = [m for m in (unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None),
                            pipe.vae) if m is not None]
@@ -275,7 +277,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     except BaseException:
         for target in made:  # a residual set stays with its last good weights (nothing is lost) until the next call
             if isinstance(target, Residuals):  # with this name replaces it; other targets come off the model
-                unfinished.add(target.name)
+                unfinished[target.name] = weakref.ref(_first_factor(target))
             else:
                 target.remove()
         raise
@@ -286,12 +288,17 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
             unet.enable_gradient_checkpointing()
 
 
-def _unfinished(unet) -> set[str]:
-    """Names of the residual sets on ``unet`` whose training failed or was interrupted: the next
+def _unfinished(unet) -> dict:
+    """The residual sets on ``unet`` whose training failed or was interrupted (name -> a weak reference to the set's
+    first factor, so a set loaded or added later under the same name is never taken for it): the next
     ``train_residuals`` call with the same name replaces such a set (resuming from its checkpoint, if any)."""
     if not hasattr(unet, "_prkit_unfinished"):
-        unet._prkit_unfinished = set()
+        unet._prkit_unfinished = {}
     return unet._prkit_unfinished
+
+
+def _first_factor(residuals: Residuals):
+    return next(iter(residuals.factors().values()), None)
 
 
 def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) -> str:
@@ -306,7 +313,8 @@ def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) ->
 def deferred_interrupt():
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then act on them as their handlers would: a step's
     update and its bookkeeping happen together, so the checkpoint written on the interrupt resumes exactly.
-    Outside the main thread (no signals there) a no-op."""
+    Outside the main thread (no signals there) a no-op; a signal whose handler was set outside Python is left
+    alone."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -314,21 +322,19 @@ def deferred_interrupt():
     previous = {}
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
+            if signal.getsignal(signum) is not None:
+                previous[signum] = signal.signal(signum, lambda number, frame: caught.append(number))
     except ValueError:  # signals unavailable here (an embedded interpreter)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        for signum, handler in previous.items():
+        for signum, handler in previous.items():  # every handler back before any of them runs
             signal.signal(signum, handler)
         if caught:
             handler = previous[caught[0]]
             if callable(handler):  # Python's SIGINT handler raises KeyboardInterrupt; the CLI's SIGTERM one too
-                handler(caught[0], None)
+                handler(caught[0], sys._getframe())
             elif handler == signal.SIG_DFL:
                 os.kill(os.getpid(), caught[0])
 

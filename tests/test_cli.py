@@ -92,7 +92,8 @@ def test_outputs_are_checked_before_training_and_never_overwritten_silently(tmp_
 
 def test_numbers_are_checked_by_the_parser(tmp_path, capsys):
     for flag, value, says in (("--steps", "0", "must be at least 1"), ("--batch-size", "-2", "must be at least 1"),
-                              ("--rank", "abc", "a fraction such as 0.05"), ("--rank", "1.5", "whole rank"),
+                              ("--rank", "abc", "a fraction in (0, 1)"), ("--rank", "1.5", "whole rank"),
+                              ("--rank", "inf", "whole rank"), ("--rank", "0", "whole rank"),
                               ("--resolution", "0", "must be at least 1")):
         with pytest.raises(SystemExit) as err:
             main(_train_args(tmp_path, tmp_path / "x.safetensors", flag, value))

@@ -392,3 +392,21 @@ def test_dreambooth_missing_pieces(dreambooth_root, tmp_path_factory):
     empty = tmp_path_factory.mktemp("nothing")
     with pytest.raises(ConceptDataError, match=r"'.*prompts_and_classes\.txt' not found"):
         load_dreambooth(empty)
+
+
+def test_huge_phone_photo_is_decoded_small_enough_for_its_crop(tmp_path, monkeypatch):
+    Image.new("RGB", (1200, 900), (200, 30, 30)).save(tmp_path / "phone.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600_000)  # stands for the 89-megapixel bomb warning
+    opened = []
+    real_load = Image.Image.load
+
+    def spy(self):
+        opened.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    out = load_image(tmp_path / "phone.jpg", 50)  # max_side 8192 would not reduce it at all
+    assert opened[0] == (300, 225) and out.size == (50, 50)  # 1/4: the short side keeps 4x the crop's 50
+    assert out.getpixel((25, 25))[0] > 180
+    Image.new("RGB", (4000, 3), (0, 0, 0)).save(tmp_path / "strip.jpg")
+    assert load_image(tmp_path / "strip.jpg", 8, max_side=100).size == (8, 8)  # no division by zero

@@ -163,3 +163,34 @@ def test_a_checkpoint_is_readable_with_weights_only(tmp_path, concept):
     _stopped(tmp_path, concept, ckpt)
     state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and state["fingerprint"]["token"] == "sks"
+
+
+def test_only_the_set_a_failed_call_left_is_replaced(tmp_path, concept, monkeypatch):
+    real_backward = train._backward
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_backward", interrupted)
+    pipe = make_pipe(tmp_path / "p")
+    with pytest.raises(KeyboardInterrupt):
+        prkit.train_residuals(pipe, concept, steps=2, **FAST)
+    monkeypatch.setattr(train, "_backward", real_backward)
+    saved = prkit.train_residuals(make_pipe(tmp_path / "q"), concept, steps=1, **FAST).residuals
+    path = saved.save(tmp_path / "r.safetensors")
+    prkit.remove_residuals(pipe.unet, "default")
+    loaded = prkit.load_residuals(pipe, path)  # a different set under the unfinished one's name
+    assert loaded.name == "default"
+    with pytest.raises(ValueError, match="already on this UNet"):
+        prkit.train_residuals(pipe, concept, steps=2, **FAST)
+
+
+def test_held_signals_leave_handlers_set_outside_python_alone(monkeypatch):
+    real = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal", lambda n: None if n == signal.SIGTERM else real(n))
+    before = real(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with train.deferred_interrupt():
+            signal.raise_signal(signal.SIGINT)
+            held = True  # reached: the SIGINT was held until the block ended
+    assert held and real(signal.SIGTERM) is before and real(signal.SIGINT) is signal.default_int_handler
