@@ -172,9 +172,8 @@ def test_images_past_the_bomb_warning_but_under_the_limit_are_read(tmp_path, mon
     assert load_image(tmp_path / "big.png", 8).getpixel((4, 4)) == (10, 200, 30)
 
 
-def test_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
-    grid = np.indices((400, 300)).sum(0) % 2 * 255  # checkerboard: a full decode would be read as grey
-    Image.fromarray(np.uint8(grid.T)).convert("RGB").save(tmp_path / "huge.jpg", quality=95)
+def _decoded_sizes(monkeypatch) -> list:
+    """The sizes Pillow decodes at from now on (after any reduced-scale draft)."""
     opened = []
     real_load = Image.Image.load
 
@@ -183,6 +182,13 @@ def test_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
         return real_load(self)
 
     monkeypatch.setattr(Image.Image, "load", spy)
+    return opened
+
+
+def test_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    grid = np.indices((400, 300)).sum(0) % 2 * 255  # checkerboard: a full decode would be read as grey
+    Image.fromarray(np.uint8(grid.T)).convert("RGB").save(tmp_path / "huge.jpg", quality=95)
+    opened = _decoded_sizes(monkeypatch)
     out = load_image(tmp_path / "huge.jpg", 16, max_side=100)
     assert out.size == (16, 16)
     assert opened[0] == (100, 75)  # the DCT's 1/4 scale: never below max_side, never the full 400 x 300
@@ -397,14 +403,7 @@ def test_dreambooth_missing_pieces(dreambooth_root, tmp_path_factory):
 def test_huge_phone_photo_is_decoded_small_enough_for_its_crop(tmp_path, monkeypatch):
     Image.new("RGB", (1200, 900), (200, 30, 30)).save(tmp_path / "phone.jpg")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600_000)  # stands for the 89-megapixel bomb warning
-    opened = []
-    real_load = Image.Image.load
-
-    def spy(self):
-        opened.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(Image.Image, "load", spy)
+    opened = _decoded_sizes(monkeypatch)
     out = load_image(tmp_path / "phone.jpg", 50)  # max_side 8192 would not reduce it at all
     assert opened[0] == (300, 225) and out.size == (50, 50)  # 1/4: the short side keeps 4x the crop's 50
     assert out.getpixel((25, 25))[0] > 180
