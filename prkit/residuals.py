@@ -69,9 +69,28 @@ class Residuals:
     def __init__(self, unet: nn.Module, name: str, token: str | None = None, class_word: str | None = None):
         self.unet = unet
         self.name = name
-        self.token = token
-        self.class_word = class_word
+        if token is not None:
+            self.token = token
+        if class_word is not None:
+            self.class_word = class_word
         self.meta: dict = {}
+
+    # the words live on the UNet, so every handle on the set (get_residuals, after an interrupted run) knows them
+    @property
+    def token(self) -> str | None:
+        return _words(self.unet).get(self.name, {}).get("token")
+
+    @token.setter
+    def token(self, value: str | None) -> None:
+        _words(self.unet).setdefault(self.name, {})["token"] = value
+
+    @property
+    def class_word(self) -> str | None:
+        return _words(self.unet).get(self.name, {}).get("class_word")
+
+    @class_word.setter
+    def class_word(self, value: str | None) -> None:
+        _words(self.unet).setdefault(self.name, {})["class_word"] = value
 
     def layers(self) -> dict[str, ResidualProjection]:
         """Block name -> wrapper holding this set."""
@@ -166,6 +185,13 @@ class Residuals:
         return f"Residuals(name={self.name!r}, token={self.token!r}, class_word={self.class_word!r}, {count})"
 
 
+def _words(unet: nn.Module) -> dict[str, dict]:
+    """Set name -> {"token", "class_word"} of the sets on ``unet``."""
+    if "_prkit_words" not in unet.__dict__:
+        unet.__dict__["_prkit_words"] = {}
+    return unet.__dict__["_prkit_words"]
+
+
 def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, name: str = DEFAULT_NAME, *,
                   token: str | None = None, class_word: str | None = None, seed: int | None = None,
                   config: ResidualConfig | None = None) -> Residuals:
@@ -226,6 +252,10 @@ def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
                 layer.remove_set(set_name)
         if not layer.sets:
             unet.get_submodule(block).proj_out = layer.base_layer
+    words = _words(unet)
+    for set_name in list(words):
+        if name is None or set_name == name:
+            del words[set_name]
 
 
 def residual_names(unet: nn.Module) -> list[str]:
@@ -237,7 +267,7 @@ def residual_names(unet: nn.Module) -> list[str]:
 
 
 def get_residuals(unet: nn.Module, name: str = DEFAULT_NAME) -> Residuals:
-    """A handle on an existing set (token/class_word unknown unless loaded from a file)."""
+    """A handle on an existing set, with the words it was added, trained or loaded with."""
     if name not in residual_names(unet):
         raise KeyError(f"no residual set named {name!r} on this UNet; present: {residual_names(unet)}")
     return Residuals(unet, name)

@@ -204,8 +204,9 @@ def test_float_and_wide_integer_modes_keep_their_brightness(tmp_path):
 def test_multi_frame_images_use_the_first_frame_and_say_so(tmp_path):
     frames = [Image.new("RGB", (8, 8), c) for c in ((250, 0, 0), (0, 0, 250))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    with pytest.warns(UserWarning, match=r"anim\.gif' has 2 frames; using the first"):
+    with pytest.warns(UserWarning) as caught:
         concept = load_concept(tmp_path, "sks", "dog", 8)
+    assert any(re.search(r"anim\.gif' has 2 frames; using the first", str(w.message)) for w in caught)
     assert concept.images[0].getpixel((4, 4))[0] > 200
 
 
@@ -408,4 +409,5 @@ def test_huge_phone_photo_is_decoded_small_enough_for_its_crop(tmp_path, monkeyp
     assert opened[0] == (300, 225) and out.size == (50, 50)  # 1/4: the short side keeps 4x the crop's 50
     assert out.getpixel((25, 25))[0] > 180
     Image.new("RGB", (4000, 3), (0, 0, 0)).save(tmp_path / "strip.jpg")
-    assert load_image(tmp_path / "strip.jpg", 8, max_side=100).size == (8, 8)  # no division by zero
+    with pytest.warns(UserWarning, match="upscaling"):  # 100 x 1 after the reduction: no division by zero
+        assert load_image(tmp_path / "strip.jpg", 8, max_side=100).size == (8, 8)

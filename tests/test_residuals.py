@@ -308,3 +308,14 @@ def test_state_dict_shape_mismatch_raises(unet):
     state = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in residuals.state_dict().items()}
     with pytest.raises(ValueError, match="does not fit"):
         residuals.load_state_dict(state)
+
+
+def test_every_handle_on_a_set_knows_its_words(unet):
+    dog = prkit.add_residuals(unet, name="dog", token="sks", class_word="dog")
+    other = prkit.get_residuals(unet, "dog")
+    assert (other.token, other.class_word) == ("sks", "dog")
+    other.token = "zwx"  # one set, one pair of words, whichever handle sets them
+    assert dog.token == "zwx"
+    prkit.remove_residuals(unet, "dog")
+    again = prkit.add_residuals(unet, name="dog")
+    assert again.token is None and again.class_word is None  # a new set under the old name starts without them

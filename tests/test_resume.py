@@ -14,7 +14,7 @@ import prkit.train as train
 from conftest import make_pipe
 from prkit.checkpoints import CheckpointError
 from prkit.data import Concept
-from prkit.residuals import residual_names
+from prkit.residuals import get_residuals, residual_names
 
 FAST = dict(progress=False, batch_size=4)
 
@@ -76,6 +76,7 @@ def test_a_failed_call_can_be_repeated_on_the_same_pipe_and_resumes_exactly(tmp_
     with pytest.raises(KeyboardInterrupt):
         prkit.train_residuals(pipe, concept, steps=steps, checkpoint_dir=str(ckpt), checkpoint_every=0, **FAST)
     assert residual_names(pipe.unet) == ["default"]  # the partial set stays (nothing lost) ...
+    assert get_residuals(pipe.unet).token == "sks"  # with its words: LAG can use it
     monkeypatch.setattr(train, "_backward", real_backward)
     again = prkit.train_residuals(pipe, concept, steps=steps, checkpoint_dir=str(ckpt), checkpoint_every=0, **FAST)
     assert again.completed and again.losses == reference.losses  # ... and the repeated call replaces it
