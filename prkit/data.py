@@ -203,11 +203,15 @@ class Concept:
         if stale:
             raise ConceptDataError(f"cannot save concept to '{folder}': it already holds other "
                                    f"images ({', '.join(stale[:5])}). Use an empty folder.")
+        from .files import atomic_path  # each file whole or not at all: an interrupt leaves no half a PNG
+
         for im, name in zip(self.images, names):
-            im.save(folder / name)
+            with atomic_path(folder / name) as tmp:
+                im.save(tmp, format="PNG")
         meta = {"token": self.token, "class_word": self.class_word,
                 "prompt_template": self.prompt_template, "sources": [str(p) for p in self.paths]}
-        (folder / "concept.json").write_text(json.dumps(meta, indent=2) + "\n")
+        with atomic_path(folder / "concept.json") as tmp:
+            Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
         return folder
 
 

@@ -53,6 +53,10 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     return sorted(found)
 
 
+def _contains(ids: list[int], sub: list[int]) -> bool:
+    return bool(sub) and any(ids[i:i + len(sub)] == sub for i in range(len(ids) - len(sub) + 1))
+
+
 def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residuals],
                     include_class: bool = True) -> torch.Tensor:
     """Token weights (P, T, S): 1 at the positions of concept s's words in prompt p.
@@ -68,6 +72,11 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                              "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
         for p, prompt in enumerate(prompts):
             if not token_positions(tokenizer, prompt, [concept.token]):
+                full = tokenizer(prompt, add_special_tokens=True).input_ids
+                if len(full) > length and _contains(full, _word_ids(tokenizer, concept.token)):
+                    raise ValueError(f"the identifier {concept.token!r} of residual set {concept.name!r} comes after "
+                                     f"the text encoder's {length} tokens in prompt {prompt[:60]!r}... "
+                                     f"({len(full)} tokens), where it is cut off; put it earlier or shorten the prompt")
                 raise ValueError(f"prompt {prompt!r} does not contain the identifier {concept.token!r} of residual "
                                  f"set {concept.name!r}; write it into the prompt (e.g. 'a photo of a "
                                  f"{concept.token} {concept.class_word or '<class>'}') or sample with lag=False")

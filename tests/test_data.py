@@ -411,3 +411,24 @@ def test_huge_phone_photo_is_decoded_small_enough_for_its_crop(tmp_path, monkeyp
     Image.new("RGB", (4000, 3), (0, 0, 0)).save(tmp_path / "strip.jpg")
     with pytest.warns(UserWarning, match="upscaling"):  # 100 x 1 after the reduction: no division by zero
         assert load_image(tmp_path / "strip.jpg", 8, max_side=100).size == (8, 8)
+
+
+def test_concept_save_writes_each_file_whole(tmp_path, monkeypatch):
+    images = [Image.new("RGB", (8, 8), (i * 80, 10, 10)) for i in range(3)]
+    concept = Concept(images, "sks", "dog", [])
+    concept.save(tmp_path / "c")
+    good = (tmp_path / "c" / "01.png").read_bytes()
+    real_save, calls = Image.Image.save, []
+
+    def crash(self, fp, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second image: half written, then the disk is full
+            Path(fp).write_bytes(b"half a png")
+            raise OSError("disk full")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        Concept([im.rotate(90) for im in images], "sks", "dog", []).save(tmp_path / "c")
+    assert (tmp_path / "c" / "01.png").read_bytes() == good  # the old file survived whole
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["00.png", "01.png", "02.png", "concept.json"]

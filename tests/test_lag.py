@@ -155,6 +155,9 @@ def test_prompt_without_identifier_raises(pipe):
     no_token = prkit.add_residuals(pipe.unet, name="anon")
     with pytest.raises(ValueError, match="no token"):
         prkit.generate(pipe, PROMPT, no_token, lag=True, **FAST)
+    long = "a photo of a dog on the beach next to a cat on the beach next to a sks dog"  # past 16 tokens
+    with pytest.raises(ValueError, match=r"'sks' of residual set 'dog' comes after the text encoder's 16 tokens"):
+        prkit.generate(pipe, long, residuals, lag=True, **FAST)
 
 
 # --- through the pipeline --------------------------------------------------------------------------
