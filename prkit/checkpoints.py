@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_path
+from .files import architecture, atomic_path, layer_table
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ def _images_digest(concept) -> str:
 def _architecture(unet) -> str:
     """The UNet's shape as the residuals see it (its transformer blocks and their channels, sizes), not its whole
     config (which another diffusers version or loader fills in differently)."""
-    from .files import architecture, layer_table
-
     config = unet.config
     keys = ("in_channels", "out_channels", "sample_size", "cross_attention_dim", "block_out_channels")
     shape = [architecture(unet), sorted(layer_table(unet).items()), [str(getattr(config, k, None)) for k in keys]]

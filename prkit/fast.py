@@ -219,9 +219,11 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
                 staged = _stage(drawn, device)
                 window = (a, b, staged)
                 snapshot.take()
-                for k in range(b - a):
-                    stepper.load([(s[0][k], s[1][k], s[2][k]) for s in staged])
-                    with base.deferred_interrupt():  # the step and its count: both or neither
+                # each step and its count: both or neither. Held once per window, not per step: on CUDA the loop
+                # only enqueues graph replays, so an interrupt waits a few milliseconds (the first step: its capture)
+                with base.deferred_interrupt():
+                    for k in range(b - a):
+                        stepper.load([(s[0][k], s[1][k], s[2][k]) for s in staged])
                         if stepper.calls == 0:
                             first = time.perf_counter()
                             stepper()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,30 +41,23 @@ def layer_table(unet) -> dict[str, int]:
     return table
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once: os.umask can only be read by setting it
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path`` in one
-    rename, so a crash or an interrupt never leaves half a file (and never loses the old one). The file gets the
-    permissions any new file gets (``mkstemp``'s are owner-only)."""
+    rename, so a crash or an interrupt never leaves half a file (and never loses the old one). The file ends with
+    the mode any new file gets there (0666 through the umask and the folder's default ACL; mkstemp's are 0600),
+    read from the temporary file as created, without changing the process's umask."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = os.stat(tmp).st_mode  # what a new file gets here; a writer may replace the file with a 0600 one
     try:
         yield tmp
         try:
-            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.chmod(tmp, mode)
         except OSError:  # a file system without modes (FAT, some network mounts): keep what it gave
             pass
         os.replace(tmp, path)

@@ -47,14 +47,14 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     found: set[int] = set()
     for word in words:
         sub = _word_ids(tokenizer, word)
-        for start in range(len(ids) - len(sub) + 1):
-            if sub and ids[start:start + len(sub)] == sub:
-                found.update(range(start, start + len(sub)))
+        for start in _starts(ids, sub):
+            found.update(range(start, start + len(sub)))
     return sorted(found)
 
 
-def _contains(ids: list[int], sub: list[int]) -> bool:
-    return bool(sub) and any(ids[i:i + len(sub)] == sub for i in range(len(ids) - len(sub) + 1))
+def _starts(ids: list[int], sub: list[int]) -> list[int]:
+    """Where the token sequence ``sub`` occurs in ``ids``."""
+    return [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]
 
 
 def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residuals],
@@ -73,7 +73,7 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
         for p, prompt in enumerate(prompts):
             if not token_positions(tokenizer, prompt, [concept.token]):
                 full = tokenizer(prompt, add_special_tokens=True).input_ids
-                if len(full) > length and _contains(full, _word_ids(tokenizer, concept.token)):
+                if len(full) > length and _starts(full, _word_ids(tokenizer, concept.token)):
                     raise ValueError(f"the identifier {concept.token!r} of residual set {concept.name!r} comes after "
                                      f"the text encoder's {length} tokens in prompt {prompt[:60]!r}... "
                                      f"({len(full)} tokens), where it is cut off; put it earlier or shorten the prompt")

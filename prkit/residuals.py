@@ -57,6 +57,22 @@ def wrapped_layers(unet: nn.Module) -> dict[str, ResidualProjection]:
     return {k: v for k, v in find_projections(unet).items() if isinstance(v, ResidualProjection)}
 
 
+class _Word:
+    """A concept word of a residual set (token, class_word), kept on the set's UNet: every handle on the set
+    (get_residuals, the set an interrupted run left) reads and sets the same one."""
+
+    def __set_name__(self, owner, key: str) -> None:
+        self.key = key
+
+    def __get__(self, handle, owner=None):
+        if handle is None:
+            return self
+        return _words(handle.unet).get(handle.name, {}).get(self.key)
+
+    def __set__(self, handle, value: str | None) -> None:
+        _words(handle.unet).setdefault(handle.name, {})[self.key] = value
+
+
 class Residuals:
     """A handle on one named residual set living inside a UNet.
 
@@ -75,22 +91,8 @@ class Residuals:
             self.class_word = class_word
         self.meta: dict = {}
 
-    # the words live on the UNet, so every handle on the set (get_residuals, after an interrupted run) knows them
-    @property
-    def token(self) -> str | None:
-        return _words(self.unet).get(self.name, {}).get("token")
-
-    @token.setter
-    def token(self, value: str | None) -> None:
-        _words(self.unet).setdefault(self.name, {})["token"] = value
-
-    @property
-    def class_word(self) -> str | None:
-        return _words(self.unet).get(self.name, {}).get("class_word")
-
-    @class_word.setter
-    def class_word(self, value: str | None) -> None:
-        _words(self.unet).setdefault(self.name, {})["class_word"] = value
+    token = _Word()
+    class_word = _Word()
 
     def layers(self) -> dict[str, ResidualProjection]:
         """Block name -> wrapper holding this set."""

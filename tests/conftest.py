@@ -103,3 +103,19 @@ def make_concept(token: str = "sks", class_word: str = "dog", resolution: int = 
 @pytest.fixture
 def concept():
     return make_concept()
+
+
+def interrupt_backward(monkeypatch, at: int):
+    """Make the eager loop's ``at``-th update raise KeyboardInterrupt before it happens; returns the real one."""
+    import prkit.train as train
+
+    real, calls = train._backward, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_backward", interrupted)
+    return real

@@ -184,11 +184,11 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    mask = os.umask(0o022)
+    mask, previous = 0o027, os.umask(0o027)  # not the usual 0o022: the file follows the umask in force
     try:
         path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
     finally:
-        os.umask(mask)
+        os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # mkstemp's files are 0600
     with pytest.raises(IsADirectoryError, match="is a directory"):
         _trained(tiny_unet()).save(tmp_path)

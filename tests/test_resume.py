@@ -11,7 +11,7 @@ from PIL import Image
 
 import prkit
 import prkit.train as train
-from conftest import make_pipe
+from conftest import interrupt_backward, make_pipe
 from prkit.checkpoints import CheckpointError
 from prkit.data import Concept
 from prkit.residuals import get_residuals, residual_names
@@ -63,15 +63,7 @@ def test_a_checkpoint_past_the_last_step_or_damaged_is_refused(tmp_path, concept
 def test_a_failed_call_can_be_repeated_on_the_same_pipe_and_resumes_exactly(tmp_path, concept, monkeypatch):
     steps = 8
     reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)
-    real_backward, calls = train._backward, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_backward(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_backward", interrupted)
+    real_backward = interrupt_backward(monkeypatch, at=5)
     pipe, ckpt = make_pipe(tmp_path / "p"), tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
         prkit.train_residuals(pipe, concept, steps=steps, checkpoint_dir=str(ckpt), checkpoint_every=0, **FAST)
@@ -167,12 +159,7 @@ def test_a_checkpoint_is_readable_with_weights_only(tmp_path, concept):
 
 
 def test_only_the_set_a_failed_call_left_is_replaced(tmp_path, concept, monkeypatch):
-    real_backward = train._backward
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_backward", interrupted)
+    real_backward = interrupt_backward(monkeypatch, at=1)
     pipe = make_pipe(tmp_path / "p")
     with pytest.raises(KeyboardInterrupt):
         prkit.train_residuals(pipe, concept, steps=2, **FAST)

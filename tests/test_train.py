@@ -9,7 +9,7 @@ import torch
 
 import prkit
 import prkit.train as train
-from conftest import make_concept, make_pipe
+from conftest import interrupt_backward, make_concept, make_pipe
 from prkit.residuals import get_residuals
 from prkit.train import TrainingDiverged
 
@@ -88,15 +88,7 @@ def test_resume_after_stop_at_75_is_bit_identical(tmp_path, full_run, concept_mo
 def test_keyboard_interrupt_leaves_a_checkpoint_that_resumes(tmp_path, concept, monkeypatch):
     steps = 12
     reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)
-    real_backward, calls = train._backward, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        return real_backward(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_backward", interrupted)
+    real_backward = interrupt_backward(monkeypatch, at=10)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
         prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=steps, checkpoint_dir=str(ckpt),
