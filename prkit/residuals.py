@@ -292,9 +292,17 @@ def residuals_disabled(unet: nn.Module, name: str | None = None):
 
 @contextlib.contextmanager
 def only_residuals(unet: nn.Module, names: list[str] | None):
-    """Within the block, exactly the sets in ``names`` are active (None or []: none, the base model)."""
+    """Within the block, exactly the sets in ``names`` are active (None or []: none, the base model).
+
+    Raises:
+        ValueError: a set not in ``names`` is merged into the base weights, where switching it off cannot reach.
+    """
     layers = wrapped_layers(unet)
     wanted = set(names or [])
+    merged = sorted({n for layer in layers.values() for n in layer.merged if n not in wanted})
+    if merged:
+        raise ValueError(f"residual set(s) {merged} are merged into the base weights, so they would paint into every "
+                         "image and be trained into any other set: unmerge() them first, or pass them in residuals=")
     saved = {(b, n): l.active[n] for b, l in layers.items() for n in l.sets}
     try:
         for (block, set_name) in saved:

@@ -15,7 +15,7 @@ from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, get_residuals, only_residuals, residual_names
+from .residuals import Residuals, only_residuals
 
 
 @dataclass
@@ -54,11 +54,6 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     for arg, value in (("steps", steps), ("num_images", num_images)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"generate: {arg} must be a whole number >= 1, got {value!r}")
-    chosen = {r.name for r in sets}
-    merged = [n for n in residual_names(pipe.unet) if n not in chosen and get_residuals(pipe.unet, n).merged]
-    if merged:
-        raise ValueError(f"residual set(s) {merged} are merged into the base weights, so they would paint into "
-                         "every image: unmerge() them, or pass them in residuals=")
     device = pipe.unet.device
     generator = pipe_kwargs.pop("generator", None)  # the caller's own generator wins over seed
     if generator is None:

@@ -250,10 +250,6 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     unet = pipe.unet
-    merged = [n for n in residual_names(unet) if n != name and get_residuals(unet, n).merged]
-    if merged:
-        raise ValueError(f"residual set(s) {merged} are merged into the base weights, so they would be trained "
-                         "into this set too: unmerge() them first")
     unfinished = _unfinished(unet)
     left = unfinished.pop(name, None)
     if left is not None and name in residual_names(unet) and left() is _first_factor(get_residuals(unet, name)):
@@ -265,7 +261,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     checkpointing = getattr(unet, "is_gradient_checkpointing", False)
     wants_fast = config.fast or (config.fast is None and unet.device.type == "cuda")
     try:
-        # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay)
+        # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
+        # one is refused here, before anything is added)
         with torch.inference_mode(False), torch.enable_grad(), only_residuals(unet, [name]):
             if wants_fast and not getattr(TARGETS[config.target], "needs_text_encoder", False):  # cached text only
                 from .fast import FastConfig, train_fast

@@ -294,7 +294,7 @@ def test_two_merged_sets_leave_the_base_exact_in_any_order(unet, order):
         first, second = (a, b) if order == "fifo" else (b, a)
         first.unmerge()
         if first is a:  # b alone is still in the weights
-            with prkit.only_residuals(unet, []):
+            with prkit.residuals_disabled(unet, "a"):
                 torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
         second.unmerge()
         prkit.remove_residuals(unet)
@@ -319,3 +319,13 @@ def test_every_handle_on_a_set_knows_its_words(unet):
     prkit.remove_residuals(unet, "dog")
     again = prkit.add_residuals(unet, name="dog")
     assert again.token is None and again.class_word is None  # a new set under the old name starts without them
+
+
+def test_only_residuals_refuses_a_merged_set_it_cannot_switch_off(unet):
+    a, b = prkit.add_residuals(unet, name="a"), prkit.add_residuals(unet, name="b")
+    a.merge()
+    with pytest.raises(ValueError, match=r"\['a'\] are merged into the base weights"):
+        with prkit.only_residuals(unet, ["b"]):
+            pass
+    with prkit.only_residuals(unet, ["a", "b"]):  # asked for: on either way
+        assert b.enabled
