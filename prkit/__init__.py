@@ -14,7 +14,7 @@ _EXPORTS = {
     "lag_sampling": "lag", "LAGConfig": "lag",
     "save_residuals": "files", "load_residuals": "files", "export_lora": "files", "read_metadata": "files",
     "load_pipeline": "pipeline", "native_resolution": "pipeline", "generate": "sample", "SampleConfig": "sample",
-    "load_concept": "data", "Concept": "data", "load_dreambooth": "data",
+    "load_concept": "data", "Concept": "data", "load_dreambooth": "dreambooth",
     "train_residuals": "train", "TrainConfig": "train",
 }
 

@@ -83,7 +83,7 @@ def load_subjects(config: EvalConfig) -> list[Subject]:
                 return load_concept(concept_folder(name), resolution=resolution)
             subjects.append(Subject(name, c.token, c.class_word, prompts, load, world=c))
     elif config.protocol == "dreambooth":
-        from .data import load_dreambooth
+        from .dreambooth import load_dreambooth
 
         if not config.data:
             raise ValueError("the dreambooth protocol needs --data: the DreamBooth dataset folder")

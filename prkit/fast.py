@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .fast_patches import (  # noqa: F401
     fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
 from . import checkpoints, fast_warmup as warmup
+from .interrupts import deferred_interrupt
 from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
                 snapshot.take()
                 # each step and its count: both or neither. Held once per window, not per step: on CUDA the loop
                 # only enqueues graph replays, so an interrupt waits a few milliseconds (the first step: its capture)
-                with base.deferred_interrupt():
+                with deferred_interrupt():
                     for k in range(b - a):
                         stepper.load([(s[0][k], s[1][k], s[2][k]) for s in staged])
                         if stepper.calls == 0:
@@ -240,7 +241,7 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
                 if bad is not None:
                     window = None
                     raise base.TrainingDiverged(base.diverged_message(values[bad], a + bad + 1, ckpt, config, amp))
-                with base.deferred_interrupt():  # the window's losses and its end: both or neither
+                with deferred_interrupt():  # the window's losses and its end: both or neither
                     losses.extend(values)
                     step, window = b, None
                 bar.update(b - a)

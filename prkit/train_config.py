@@ -1,0 +1,125 @@
+"""The personalization recipe's settings (``TrainConfig``, validated on creation), its defaults that depend on the
+model (learning rate, precision, resolution check) and what a run returns (``TrainResult``). No loop here."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .residuals import Residuals
+
+if TYPE_CHECKING:
+    from .fast import FastConfig
+
+
+@dataclass
+class TrainConfig:
+    """The recipe (METHOD.md section 1); every default is the paper's or ours where it is silent."""
+
+    steps: int = 150  # optimizer steps
+    batch_size: int = 4
+    learning_rate: float | None = None  # AdamW, constant, no warm-up. None: the model folder's default for the
+    # target (prkit_defaults.json; the world: 1e-2), else the target's published recipe (residuals: METHOD's 1e-3)
+    weight_decay: float = 1e-2
+    rank: float | int = 0.05  # fraction of channels or fixed rank
+    seed: int = 0  # seeds init, batches, noise and timesteps
+    prompt_template: str = "a photo of a {token} {class_word}"
+    flip: bool = True  # cache both horizontal flips of every image
+    mixed_precision: str = "auto"  # auto (bf16 / fp16+scaler on GPUs, fp32 on CPU) | no | bf16 | fp16
+    target: str = "residuals"  # what is trained (see TARGETS)
+    checkpoint_every: int = 50  # steps between checkpoints (0: none)
+    checkpoint_dir: str | None = None  # where checkpoint.pt lives; resume reads it
+    resume: bool = True  # continue from checkpoint_dir/checkpoint.pt when it exists
+    validate_every: int = 0  # steps between validation images (0: none)
+    validation_prompts: tuple[str, ...] = ()  # "{token}"/"{class_word}" placeholders allowed
+    validation_steps: int = 25
+    prior_images: object = None  # a Concept of class images: prior preservation (off by default, ablation)
+    prior_weight: float = 1.0
+    max_grad_norm: float | None = None
+    gradient_checkpointing: bool = False
+    stop_after: int | None = None  # stop (as if interrupted) after this many steps, checkpoint written
+    # the CUDA-graph loop of prkit.fast; None: on for CUDA, off elsewhere; a prkit.fast.FastConfig: on, with its
+    # switches (FastConfig(sdpa_backends=None): cuDNN attention, ~0.7 s faster per SD1.5 run after a process's first)
+    fast: bool | None | FastConfig = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a whole number >= 1, got {value!r}")
+        for name in ("checkpoint_every", "validate_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a whole number >= 0 (0: never), got {value!r}")
+        rate = self.learning_rate
+        if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f"TrainConfig.learning_rate must be a positive number (or None: the default), "
+                             f"got {rate!r}")
+
+
+def default_learning_rate(pipe, target: str = "residuals", batch_size: int | None = None) -> float:
+    """The learning rate used when TrainConfig leaves it None: the model folder's default for ``target``, else the
+    target's published recipe (``targets.RECIPES``; scaled by batch size where that recipe scales it)."""
+    from .pipeline import model_defaults
+    from .targets import recipe
+
+    own = model_defaults(pipe, target).get("learning_rate")
+    if own is not None:
+        return float(own)
+    try:
+        return float(recipe(target, **({"batch_size": batch_size} if batch_size else {}))["learning_rate"])
+    except KeyError:  # a target without a published recipe: METHOD's rate
+        return 1e-3
+
+
+def _check_resolution(pipe, concept) -> None:
+    """Warn when the concept's images are far from the model's native size (slow and off-distribution)."""
+    from .pipeline import native_resolution
+
+    images = getattr(concept, "images", None)
+    if not images:
+        return
+    side, native = min(images[0].size), native_resolution(pipe)
+    if side >= 2 * native or 2 * side <= native:
+        warnings.warn(f"the concept's images are {side}px but the model's native resolution is {native}px: "
+                      f"training at {side}px is {(side / native) ** 2:.3g}x the work and off the model's "
+                      f"distribution; load them with load_concept(..., resolution={native}) "
+                      "(prkit.native_resolution(pipe))", stacklevel=3)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a run returns."""
+
+    residuals: Residuals
+    losses: list[float]
+    seconds: float
+    steps_done: int
+    completed: bool
+    validation: dict[int, list] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    mode = config.mixed_precision
+    if mode == "no" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+
+def _public(config: TrainConfig) -> dict:
+    out = asdict(config)
+    out["prior_images"] = None if config.prior_images is None else "given"
+    return out
