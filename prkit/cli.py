@@ -92,7 +92,7 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from .files import load_residuals
+    from .files import atomic_path, load_residuals
     from .pipeline import load_pipeline
     from .sample import generate
 
@@ -108,8 +108,14 @@ def _sample(args) -> int:
     taken = [int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"(\d+)\.png", p.name))]
     first = max(taken, default=-1) + 1  # earlier images in the folder stay: new ones are numbered after them
     names = [f"{first + i:03d}.png" for i in range(len(images))]
-    for image, name in zip(images, names):
-        image.save(out / name)
+    for done, (image, name) in enumerate(zip(images, names)):
+        try:
+            with atomic_path(out / name) as tmp:  # an interrupt or a full disk leaves whole images only
+                image.save(tmp, format="PNG")
+        except OSError as err:
+            kept = "" if not done else f"; {names[0]} was written" if done == 1 else \
+                f"; {names[0]} to {names[done - 1]} were written"
+            raise OSError(err.errno, f"could not write {out / name} ({err.strerror or err}){kept}") from err
     print(f"wrote {len(images)} images to {out} ({names[0]}{f' to {names[-1]}' if len(names) > 1 else ''})")
     return 0
 

@@ -116,6 +116,31 @@ def test_samples_go_after_the_images_already_in_the_folder(tmp_path, capsys):
     assert "is a file; give a folder" in capsys.readouterr().err
 
 
+def test_a_failing_image_write_leaves_no_half_file(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sks.safetensors"
+    assert main(_train_args(tmp_path, out)) == 0
+    samples = tmp_path / "samples"
+    real = Image.Image.save
+    writes = []
+
+    def save(self, fp, *args, **kwargs):
+        writes.append(fp)
+        if len(writes) == 2:  # the second image: half written, then the disk is full
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    sample = ["sample", "--model", str(tmp_path / "model"), "--residuals", str(out), "--prompt", "a photo of a sks dog",
+              "--num-images", "2", "--steps", "2", "--out", str(samples), "--device", "cpu"]
+    assert main(sample) == 2
+    assert f"could not write {samples / '001.png'} (No space left on device); 000.png was written" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in samples.iterdir()) == ["000.png"]  # no half 001.png, no temporary file
+    assert Image.open(samples / "000.png").size == (16, 16)
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     import prkit.train
 
