@@ -6,9 +6,12 @@ Owns the on-disk formats and atomic writing; it does not train or sample.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,16 +44,48 @@ def layer_table(unet) -> dict[str, int]:
     return table
 
 
+ABANDONED_AFTER = 3600.0  # seconds without a change after which a dead writer's temporary file is removed
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove the temporary files that killed writers (SIGKILL, power loss) left beside ``path``: those whose
+    process is gone and that have not changed for ``ABANDONED_AFTER`` seconds (a writer on another machine of a
+    shared folder is never that slow). Anything unclear is left alone."""
+    now = time.time()
+    ours = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")  # atomic_path's names only
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = ours.fullmatch(tmp.name)
+        try:
+            if (match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1)))
+                    or now - tmp.stat().st_mtime < ABANDONED_AFTER):
+                continue
+            tmp.unlink()
+        except OSError:
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else (EPERM)
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path`` in one
     rename, so a crash or an interrupt never leaves half a file (and never loses the old one). The file ends with
     the mode any new file gets there (0666 through the umask and the folder's default ACL; mkstemp's are 0600),
-    read from the temporary file as created, without changing the process's umask."""
+    read from the temporary file as created, without changing the process's umask. Temporary files that killed
+    writers left beside ``path`` are removed first (``_remove_abandoned``)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(path)
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     mode = os.stat(tmp).st_mode  # what a new file gets here; a writer may replace the file with a 0600 one

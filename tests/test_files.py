@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -192,3 +191,38 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # mkstemp's files are 0600
     with pytest.raises(IsADirectoryError, match="is a directory"):
         _trained(tiny_unet()).save(tmp_path)
+
+
+def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from prkit import files
+
+    target = tmp_path / "r.safetensors"
+    dead = subprocess_pid_that_exited()
+    old = time.time() - files.ABANDONED_AFTER - 10
+    left = {  # name -> should it be removed?
+        f".r.safetensors.{dead}.0a1b2c3d.tmp": True,  # writer gone, untouched for long: abandoned
+        f".r.safetensors.{os.getpid()}.0a1b2c3e.tmp": False,  # this process: maybe a write in progress
+        f".r.safetensors.{dead}.0a1b2c3f.recent.tmp": False,  # not a pid field followed by the hex: unclear
+        f".other.safetensors.{dead}.0a1b2c40.tmp": False,  # another file's
+    }
+    for name in left:
+        (tmp_path / name).write_bytes(b"half")
+        os.utime(tmp_path / name, (old, old))
+    fresh = tmp_path / f".r.safetensors.{dead}.0a1b2c41.tmp"  # writer gone but changed a moment ago: left
+    fresh.write_bytes(b"half")
+    _trained(tiny_unet()).save(target)
+    assert target.is_file() and fresh.exists()
+    for name, removed in left.items():
+        assert (tmp_path / name).exists() != removed, name
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
