@@ -70,6 +70,7 @@ class ResidualProjection(nn.Module):
         self.merged: dict[str, float] = {}  # name -> the scale it was merged at, while merged
         # the base weight before the first merge; a non-persistent buffer, so .to()/.cpu() move it with the model
         self.register_buffer("_unmerged_weight", None, persistent=False)
+        self._merged_from: tuple = ()  # the merged factors' storage and version counters at the last write
         self.mask_source: Callable[[str], torch.Tensor | None] | None = None
 
     def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:
@@ -112,6 +113,9 @@ class ResidualProjection(nn.Module):
         return F.linear(middle, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and self._factor_versions() != self._merged_from:  # a merged set's factors changed since
+            with torch.no_grad():
+                self._write_merged()
         out = self.base_layer(x)
         for name, lowrank in self.sets.items():
             if not self.active[name] or name in self.merged or self.scales[name] == 0:
@@ -148,6 +152,7 @@ class ResidualProjection(nn.Module):
         """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
         and unmerging several sets in any order never drifts from what a fresh merge gives."""
         weight, original = self.base_layer.weight, self._unmerged_weight
+        self._merged_from = self._factor_versions()
         if not self.merged:
             weight.copy_(original)
             self._unmerged_weight = None
@@ -156,6 +161,11 @@ class ResidualProjection(nn.Module):
         for name, scale in self.merged.items():
             total = total + scale * self.sets[name].delta_weight().to(torch.float32).view(weight.shape)
         weight.copy_(total.to(weight.dtype))
+
+    def _factor_versions(self) -> tuple:
+        """What tells whether a merged set's factors changed: their storage and in-place version counters."""
+        return tuple((name, p.data_ptr(), p._version) for name in self.merged
+                     for p in (self.sets[name].down, self.sets[name].up))
 
 
 def _mask_rows(middle: torch.Tensor, mask: torch.Tensor, is_conv: bool) -> torch.Tensor:

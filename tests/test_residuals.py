@@ -264,6 +264,28 @@ def test_merge_then_unmerge_restores_weights(unet):
     assert torch.equal(run_unet(unet, inputs), personal)
 
 
+def test_a_merged_set_whose_factors_change_is_merged_again(unet):
+    inputs = unet_inputs()
+    residuals = prkit.add_residuals(unet)
+    weights = {k: v.base_layer.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    randomize(residuals)
+    residuals.merge()
+    before = run_unet(unet, inputs)
+    with torch.no_grad():  # as load_state_dict or a user's edit would: in place
+        for lowrank in residuals.factors().values():
+            lowrank.up.mul_(2)
+    after = run_unet(unet, inputs)
+    assert (after - before).abs().max() > 1e-3  # the new factors count, not the ones merged before
+    with torch.no_grad():  # and a factor replaced outright
+        for lowrank in residuals.factors().values():
+            lowrank.down.data = lowrank.down.data * 0.5
+    halved = run_unet(unet, inputs)
+    torch.testing.assert_close(halved, before, atol=1e-5, rtol=1e-5)  # 2 x 0.5: the first factors' delta
+    residuals.unmerge()
+    torch.testing.assert_close(run_unet(unet, inputs), halved, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(v.base_layer.weight, weights[k]) for k, v in wrapped_layers(unet).items())
+
+
 def test_remove_while_merged_restores_base(unet):
     inputs = unet_inputs()
     base = run_unet(unet, inputs)
