@@ -113,7 +113,9 @@ class ResidualProjection(nn.Module):
         return F.linear(middle, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged and self._factor_versions() != self._merged_from:  # a merged set's factors changed since
+        # a merged set whose factors changed since it was written is written again (not under torch.compile, which
+        # cannot trace data_ptr(): a compiled model keeps the weights merged before it was compiled)
+        if self.merged and not torch.compiler.is_compiling() and self._factor_versions() != self._merged_from:
             with torch.no_grad():
                 self._write_merged()
         out = self.base_layer(x)

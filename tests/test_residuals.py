@@ -286,6 +286,23 @@ def test_a_merged_set_whose_factors_change_is_merged_again(unet):
     assert all(torch.equal(v.base_layer.weight, weights[k]) for k, v in wrapped_layers(unet).items())
 
 
+def test_the_merged_check_stays_out_of_a_compiled_forward(unet, monkeypatch):
+    from prkit.residual_layer import ResidualProjection
+
+    residuals = prkit.add_residuals(unet)
+    randomize(residuals)
+    residuals.merge()
+    calls = []
+    real = ResidualProjection._factor_versions
+    monkeypatch.setattr(ResidualProjection, "_factor_versions", lambda self: calls.append(1) or real(self))
+    run_unet(unet, unet_inputs())
+    assert calls  # eager: checked
+    calls.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # data_ptr() would break dynamo's graph
+    run_unet(unet, unet_inputs())
+    assert calls == []
+
+
 def test_remove_while_merged_restores_base(unet):
     inputs = unet_inputs()
     base = run_unet(unet, inputs)
