@@ -35,6 +35,22 @@ def notebook_list(folder: Path, only: list[str] | None = None) -> list[Path]:
 
 
 HEADLESS = {"interactive": False}  # widgets fall back to static figures in a report
+# parameters that name files or folders: papermill runs each notebook inside the run folder, so a relative path is
+# made absolute against the folder the report was started from (a model that is no local path is a hub id: kept)
+PATH_PARAMETERS = {"concept_folder": "always", "model": "if it exists"}
+
+
+def resolve_paths(parameters: dict, base: Path) -> dict:
+    """``parameters`` with relative paths of ``PATH_PARAMETERS`` made absolute against ``base``."""
+    out = dict(parameters)
+    for name, when in PATH_PARAMETERS.items():
+        value = out.get(name)
+        if not isinstance(value, str) or not value or value == "world" or Path(value).expanduser().is_absolute():
+            continue
+        path = base / Path(value).expanduser()
+        if when == "always" or path.exists():
+            out[name] = str(path.resolve())
+    return out
 
 
 def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str = "python3") -> list[dict]:
@@ -63,7 +79,7 @@ def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str =
 
 
 def render_html(out: Path, rows: list[dict]) -> Path:
-    """Convert the executed notebooks to HTML (inputs folded for readability) and write index.html."""
+    """Convert the executed notebooks to HTML and write index.html (rows of notebooks not run say so)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -78,7 +94,8 @@ def render_html(out: Path, rows: list[dict]) -> Path:
             link = f'<a href="{html.escape(page.name)}">{html.escape(row["notebook"])}</a>'
         else:
             link = html.escape(row["notebook"])
-        items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{row['seconds']:.0f} s</td></tr>")
+        took = "" if row["status"] == "not run" else f"{row['seconds']:.0f} s"
+        items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{took}</td></tr>")
     index = out / "index.html"
     index.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>prkit report</title>"
@@ -86,6 +103,19 @@ def render_html(out: Path, rows: list[dict]) -> Path:
         f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
         f"<th>time</th></tr>{''.join(items)}</table></body></html>", encoding="utf-8")
     return index
+
+
+def _new_run_folder(parent: Path) -> Path:
+    """``parent/<timestamp>``, or ``<timestamp>-2``, ... when a run started in the same second already took it."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        out = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir(parents=True, exist_ok=False)
+            return out.resolve()
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a new run folder under {parent}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
 
         parameters.update(yaml.safe_load(Path(args.params).read_text()) or {})
     parameters.update({k: _literal(v) for k, v in args.parameter})
-    out = Path(args.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=False)
-    out = out.resolve()
+    parameters = resolve_paths(parameters, Path.cwd())
+    try:
+        books = notebook_list(Path(args.notebooks), args.only)
+    except FileNotFoundError as err:
+        only = f" with the prefixes --only {' '.join(args.only)}" if args.only else ""
+        parser.error(f"{err}{only}")
+    out = _new_run_folder(Path(args.out))
     start = time.perf_counter()
-    rows = run_series(out, parameters, notebook_list(Path(args.notebooks), args.only), args.kernel)
+    rows = run_series(out, parameters, books, args.kernel)
+    rows += [{"notebook": b.name, "seconds": 0.0, "status": "not run"} for b in books[len(rows):]]
     index = render_html(out, rows)
-    ok = all(r["status"] == "ok" for r in rows) and len(rows) == len(notebook_list(Path(args.notebooks), args.only))
+    ok = all(r["status"] == "ok" for r in rows)
     print(f"report: {index} ({time.perf_counter() - start:.0f} s, {'all ok' if ok else 'FAILED'})")
     return 0 if ok else 1
 

@@ -40,11 +40,44 @@ def test_series_runs_with_parameters_and_renders(tmp_path, books, capsys):
 
 
 def test_failure_stops_the_series_and_is_reported(tmp_path, books):
-    _write(books, "03_fail.ipynb", "raise ValueError('boom')")
+    _write(books, "02_a_fail.ipynb", "raise ValueError('boom')")
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 1
     run = next((tmp_path / "runs").iterdir())
-    assert "failed: " in (run / "index.html").read_text()
-    assert "boom" in (run / "03_fail.ipynb").read_text()
+    index = (run / "index.html").read_text()
+    assert "failed: " in index
+    assert "02_check_value.ipynb</td><td>not run</td>" in index  # the notebooks after the failure are listed
+    assert "boom" in (run / "02_a_fail.ipynb").read_text()
+
+
+def test_relative_paths_are_the_callers_not_the_run_folders(tmp_path, books, monkeypatch):
+    from prkit.report import resolve_paths
+
+    _write(books, "03_check_paths.ipynb", "from pathlib import Path\nassert Path(concept_folder, 'a.png').is_file()\n"
+                                         "assert Path(model, 'model_index.json').is_file()")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.png").write_bytes(b"x")
+    (tmp_path / "sd15").mkdir()
+    (tmp_path / "sd15" / "model_index.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", "runs", "--notebooks", str(books), "-p", "concept_folder", "mine", "-p", "model", "sd15"]) == 0
+    assert resolve_paths({"model": "org/hub-id", "concept_folder": "missing", "x": "mine"}, tmp_path) == {
+        "model": "org/hub-id", "concept_folder": str(tmp_path / "missing"), "x": "mine"}  # hub ids and others kept
+    assert resolve_paths({"model": "world", "concept_folder": ""}, tmp_path) == {"model": "world", "concept_folder": ""}
+
+
+def test_two_runs_in_one_second_get_their_own_folders(tmp_path, books, monkeypatch):
+    from prkit import report
+
+    monkeypatch.setattr(report, "run_series", lambda out, *args: [])
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 1  # nothing ran: not ok
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_only_without_a_match_is_a_usage_error(tmp_path, books, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "09"])
+    assert err.value.code == 2 and "with the prefixes --only 09" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
