@@ -116,6 +116,14 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
     if state["step"] > config.steps:
         raise CheckpointError(f"{str(path)!r} is at step {state['step']}, past this run's steps={config.steps}: ask "
                               f"for at least {state['step']} steps to continue it, or {START_OVER}.")
+    trained_at = {float(g["lr"]) for g in state["optimizer"].get("param_groups", []) if "lr" in g}
+    if (state["step"] == config.steps and config.learning_rate is not None and trained_at
+            and trained_at != {float(config.learning_rate)}):  # nothing left to train: the new rate would never act
+        rates = ", ".join(f"{v:g}" for v in sorted(trained_at))
+        raise CheckpointError(
+            f"{str(path)!r} already holds all {config.steps} steps, trained at learning rate {rates}: this run's "
+            f"{config.learning_rate:g} would train nothing and its result would be that run's. To train at "
+            f"{config.learning_rate:g}, {START_OVER}; to continue at it, ask for more steps.")
     try:
         target.load_state_dict(state["target"])
         train.load_optimizer(optimizer, state["optimizer"], config.learning_rate, path)

@@ -60,6 +60,22 @@ def test_a_checkpoint_past_the_last_step_or_damaged_is_refused(tmp_path, concept
         prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=6, checkpoint_dir=str(ckpt), **FAST)
 
 
+def test_a_finished_checkpoint_is_not_passed_off_as_a_run_at_another_learning_rate(tmp_path, concept):
+    ckpt = tmp_path / "ckpt"
+    done = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=2, learning_rate=1e-3,
+                                 checkpoint_dir=str(ckpt), checkpoint_every=2, **FAST)
+    with pytest.raises(CheckpointError, match=r"already holds all 2 steps, trained at learning rate 0\.001: this "
+                                              r"run's 0\.5 would train nothing.*--no-resume.*ask for more steps"):
+        prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=2, learning_rate=0.5,
+                              checkpoint_dir=str(ckpt), **FAST)
+    same = prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=2, learning_rate=1e-3,
+                                 checkpoint_dir=str(ckpt), **FAST)  # the same run again: its result, as before
+    assert _equal_states(same.residuals.state_dict(), done.residuals.state_dict())
+    more = prkit.train_residuals(make_pipe(tmp_path / "p4"), concept, steps=3, learning_rate=0.5,
+                                 checkpoint_dir=str(ckpt), **FAST)  # continuing at the new rate is allowed
+    assert more.completed and more.steps_done == 3
+
+
 def test_a_failed_call_can_be_repeated_on_the_same_pipe_and_resumes_exactly(tmp_path, concept, monkeypatch):
     steps = 8
     reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)
