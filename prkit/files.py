@@ -135,6 +135,11 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
 def read_metadata(path) -> dict:
     """The header of a residual file, with ``layers`` and ``config`` parsed."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise IsADirectoryError(f"residual file {str(path)!r} is a folder; give the .safetensors file inside "
+                                f"it{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"residual file {str(path)!r} does not exist")
     try:
@@ -151,6 +156,12 @@ def read_metadata(path) -> dict:
         if not isinstance(meta["layers"], dict) or not all(
                 isinstance(v, dict) and {"channels", "rank"} <= set(v) for v in meta["layers"].values()):
             raise ValueError("'layers' is not a table of block -> {channels, rank}")
+        for block, info in meta["layers"].items():
+            for key in ("channels", "rank"):
+                value = info[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"'layers' gives {block} {key}={value!r}; expected a positive whole number")
+        float(meta.get("scale", 1.0))
     except (KeyError, ValueError) as err:
         raise ValueError(f"{str(path)!r} has a damaged prkit header ({type(err).__name__}: {err}); "
                          "save the residuals again") from err
@@ -183,36 +194,48 @@ def check_compatible(meta: dict, unet, path) -> None:
         f"with {len(have)} blocks. {'; '.join(details)}. Load it into the base model it was trained on.")
 
 
-def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float | None = None) -> Residuals:
+def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float | None = None,
+                   token: str | None = None, class_word: str | None = None) -> Residuals:
     """Add the residual set stored at ``path`` to a pipeline's UNet (or a bare UNet).
 
     Args:
         pipe_or_unet: the base model to extend.
         path: a file written by ``Residuals.save``.
-        name: set name on the UNet (default: the name stored in the file, made unique).
+        name: set name on the UNet (default: the name stored in the file, made unique); a given name that is
+            already taken raises ValueError.
         scale: override the stored scale.
+        token, class_word: override the concept words stored in the file (LAG needs a token).
     Returns:
-        the ``Residuals`` handle, with token and class_word from the file.
+        the ``Residuals`` handle, with token and class_word from the arguments, else from the file.
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     meta = read_metadata(path)
     check_compatible(meta, unet, path)
-    name = name or meta.get("name") or "default"
     taken = residual_names(unet)
+    if name is not None and name in taken:
+        raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name=, remove it "
+                         f"first (prkit.remove_residuals(unet, {name!r})), or leave name unset to use the file's")
+    name = name or meta.get("name") or "default"
     base_name, k = name, 1
     while name in taken:
         k += 1
         name = f"{base_name}_{k}"
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    described = {f"{block}.{part}" for block in meta["layers"] for part in ("down", "up")}
+    unexpected = sorted(set(tensors) - described)
+    if unexpected:
+        raise ValueError(f"residual file {str(path)!r} holds {len(unexpected)} tensor(s) its header does not describe "
+                         f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); it is not a file "
+                         "prkit wrote. Save the residuals again, or keep only the tensors of the header's layers")
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
         raise ValueError(f"residual file {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}): it would paint black images. Train again, at a lower "
                          "learning rate, or use an earlier checkpoint")
     ranks = {block: info["rank"] for block, info in meta["layers"].items()}
-    residuals = add_residuals(unet, rank=ranks, name=name, token=meta.get("token") or None,
-                              class_word=meta.get("class_word") or None)
+    residuals = add_residuals(unet, rank=ranks, name=name, token=token or meta.get("token") or None,
+                              class_word=class_word or meta.get("class_word") or None)
     try:
         residuals.load_state_dict(tensors)
     except (RuntimeError, KeyError, ValueError) as err:

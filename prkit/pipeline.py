@@ -6,6 +6,7 @@ downloads on its own when the hub is offline and never changes global torch stat
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 WORLD = "world"
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+HUB_KWARGS = ("cache_dir", "force_download", "token", "revision")  # what fetching a hub model_index.json needs
 DEFAULTS_FILE = "prkit_defaults.json"  # a model folder's own training defaults: {target: {TrainConfig field: value}}
 MODEL_DEFAULT_FIELDS = ("learning_rate",)  # what such a file may set (train and eval apply exactly these)
 
@@ -77,6 +79,45 @@ def _missing_message(name: str, err: Exception) -> str:
             f"folder here and pass its path; or use the embedded default, model='world'.")
 
 
+def read_model_index(folder: Path) -> dict:
+    """The parsed ``model_index.json`` of a local pipeline folder."""
+    path = folder / "model_index.json"
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); restore it from the model's download") from err
+    if not isinstance(index, dict):
+        raise ValueError(f"{str(path)!r} is not a diffusers model index (a JSON object of components); restore it "
+                         "from the model's download")
+    return index
+
+
+def check_components(folder: Path, index: dict, given) -> None:
+    """Raise a ValueError naming the component subfolders that ``model_index.json`` lists and ``folder`` lacks.
+
+    Entries of ``[null, null]`` are optional; components in ``given`` (passed to from_pretrained) need no folder.
+    """
+    missing = [name for name, value in index.items()
+               if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and None not in value
+               and name not in given and not (folder / name).is_dir()]
+    if missing:
+        listed = ", ".join(f"{name}/ ({'.'.join(index[name])})" for name in missing)
+        many = len(missing) > 1
+        raise ValueError(f"model folder {str(folder)!r} has no {listed} subfolder{'s' * many}, which its "
+                         f"model_index.json lists; copy {'them' if many else 'it'} from the model's original "
+                         f"download, or pass the component itself: load_pipeline(..., {missing[0]}=...)")
+
+
+def takes_safety_checker(class_name: str | None) -> bool:
+    """Whether the diffusers pipeline class ``class_name`` has a safety checker (SD1.x/2.x: yes, SDXL: no)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, str(class_name), None) if class_name else None
+    return isinstance(cls, type) and "safety_checker" in inspect.signature(cls.__init__).parameters
+
+
 def native_resolution(pipe) -> int:
     """The image side the pipeline's UNet was trained at (512 for SD1.5, 1024 for SDXL, 64 for the world)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -89,8 +130,9 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     Args:
         name_or_path: "world" (embedded default), a local diffusers folder, or a hub id.
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        dtype: None (auto), "fp32", "fp16", "bf16" or a torch dtype.
-        **kwargs: passed to ``DiffusionPipeline.from_pretrained``.
+        dtype: None (auto), "fp32", "fp16", "bf16" or a torch dtype (``torch_dtype=`` is accepted as an alias).
+        **kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``local_files_only=True`` is honoured; local
+            folders and HF_HUB_OFFLINE=1 always load local files only).
     Returns:
         the pipeline on ``device``; ``pipe.name_or_path`` records where it came from.
     """
@@ -98,6 +140,12 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
 
     device = resolve_device(device)
     check_available(device)
+    torch_dtype = kwargs.pop("torch_dtype", None)  # diffusers' spelling of prkit's dtype
+    if torch_dtype is not None:
+        if dtype is not None and resolve_dtype(dtype, device) != resolve_dtype(torch_dtype, device):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them "
+                             "(torch_dtype is an alias of dtype)")
+        dtype = torch_dtype
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     if name == WORLD:
@@ -112,11 +160,23 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         if local and not (Path(source) / "model_index.json").is_file():
             raise FileNotFoundError(f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
                                     "convert single-file checkpoints with diffusers' from_single_file first")
-    if "xl" not in name.lower():
-        kwargs.setdefault("safety_checker", None)  # SD1.x hub folders ship one; personalization research needs none
+    local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local or _offline(),
-                                                 **kwargs)
+        if local:
+            index = read_model_index(Path(source))
+        else:  # the hub's model_index.json alone, to know the pipeline class before loading any weights
+            from huggingface_hub import hf_hub_download
+
+            hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+            index = json.loads(Path(hf_hub_download(source, "model_index.json", local_files_only=local_only,
+                                                    **hub)).read_text())
+        if takes_safety_checker(index.get("_class_name")):
+            kwargs.setdefault("safety_checker", None)  # SD1.x folders ship one; personalization research needs none
+            if kwargs["safety_checker"] is None and local and not (Path(source) / "feature_extractor").is_dir():
+                kwargs.setdefault("feature_extractor", None)  # it only feeds the safety checker
+        if local:
+            check_components(Path(source), index, kwargs)
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local_only, **kwargs)
     except (OSError, ValueError) as err:
         if local:
             raise

@@ -58,7 +58,8 @@ class ResidualProjection(nn.Module):
             self.is_conv = False
             channels_in, channels_out = base_layer.in_features, base_layer.out_features
         else:
-            raise TypeError(f"{block_name}.proj_out is {type(base_layer).__name__}; expected Conv2d or Linear")
+            kind = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"  # peft's lora.Conv2d is no Conv2d
+            raise TypeError(f"{block_name}.proj_out is a {kind}; expected a torch.nn.Conv2d or torch.nn.Linear")
         if channels_in != channels_out:
             raise TypeError(f"{block_name}.proj_out maps {channels_in}->{channels_out}; expected a square projection")
         self.base_layer = base_layer

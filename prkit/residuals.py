@@ -38,14 +38,20 @@ def rank_for(channels: int, rank: float | int) -> int:
     return min(int(rank), channels)
 
 
+def original_module(unet: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``unet._orig_mod``), or ``unet`` itself: block names never carry the
+    compiled wrapper's ``_orig_mod.`` prefix, so files move between compiled and plain UNets."""
+    return getattr(unet, "_orig_mod", unet)
+
+
 def find_projections(unet: nn.Module) -> dict[str, nn.Module]:
-    """Map block name -> its ``proj_out`` module, for every Transformer2DModel in ``unet``.
+    """Map block name -> its ``proj_out`` module, for every Transformer2DModel in ``unet`` (compiled or not).
 
     Returns:
         ``{"down_blocks.0.attentions.0": proj_out, ...}`` in module order (wrapped or not).
     """
     found = {}
-    for name, module in unet.named_modules():
+    for name, module in original_module(unet).named_modules():
         proj = getattr(module, "proj_out", None)
         if proj is not None and hasattr(module, "transformer_blocks") and hasattr(module, "proj_in"):
             found[name] = proj
@@ -188,7 +194,8 @@ class Residuals:
 
 
 def _words(unet: nn.Module) -> dict[str, dict]:
-    """Set name -> {"token", "class_word"} of the sets on ``unet``."""
+    """Set name -> {"token", "class_word"} of the sets on ``unet`` (kept on the original of a compiled UNet)."""
+    unet = original_module(unet)
     if "_prkit_words" not in unet.__dict__:
         unet.__dict__["_prkit_words"] = {}
     return unet.__dict__["_prkit_words"]
@@ -214,12 +221,19 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
         raise ValueError("this model has no transformer blocks with a proj_out; is it a UNet2DConditionModel?")
     if any(name in p.sets for p in projections.values() if isinstance(p, ResidualProjection)):
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name or remove it")
+    adapted = [block for block, proj in projections.items() if _has_lora(proj)]
+    if adapted:
+        raise ValueError(f"a LoRA (peft) is already on the proj_out of {len(adapted)} block(s) ({adapted[0]}, ...): "
+                         "prkit residuals and a LoRA cannot be stacked on the same layer (and peft refuses a LoRA on "
+                         "a layer that holds residuals). Fuse the LoRA into the base weights first, "
+                         "pipe.fuse_lora() then pipe.unload_lora_weights(), then add or load the residuals")
+    root = original_module(unet)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     try:
         for block, proj in projections.items():
             if not isinstance(proj, ResidualProjection):
                 proj = ResidualProjection(proj, block)
-                parent = unet.get_submodule(block)
+                parent = root.get_submodule(block)
                 parent.proj_out = proj
             if isinstance(config.rank, dict):
                 if block not in config.rank:
@@ -233,11 +247,18 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
             if name in layer.sets:
                 layer.remove_set(name)
             if not layer.sets:
-                unet.get_submodule(block).proj_out = layer.base_layer
+                root.get_submodule(block).proj_out = layer.base_layer
         raise
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
     return residuals
+
+
+def _has_lora(proj: nn.Module) -> bool:
+    """Whether ``proj`` is a peft tuner layer (a diffusers LoRA wraps its base module as ``base_layer``)."""
+    if isinstance(proj, ResidualProjection):
+        return False
+    return hasattr(proj, "base_layer") or any(c.__name__ in ("BaseTunerLayer", "LoraLayer") for c in type(proj).__mro__)
 
 
 def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
@@ -253,7 +274,7 @@ def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
             if name is None or set_name == name:
                 layer.remove_set(set_name)
         if not layer.sets:
-            unet.get_submodule(block).proj_out = layer.base_layer
+            original_module(unet).get_submodule(block).proj_out = layer.base_layer
     words = _words(unet)
     for set_name in list(words):
         if name is None or set_name == name:

@@ -226,3 +226,112 @@ def subprocess_pid_that_exited() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+def test_an_explicit_name_that_is_taken_raises(tmp_path):
+    path = _trained(tiny_unet()).save(tmp_path / "dog.safetensors")
+    unet = tiny_unet()
+    assert prkit.load_residuals(unet, path, name="mine").name == "mine"
+    with pytest.raises(ValueError, match=r"named 'mine' is already on this UNet.*remove_residuals"):
+        prkit.load_residuals(unet, path, name="mine")
+    assert prkit.residual_names(unet) == ["mine"]  # no silent 'mine_2'
+    assert prkit.load_residuals(unet, path).name == "default"  # the file's name may still be made unique
+    assert prkit.load_residuals(unet, path).name == "default_2"
+
+
+def test_tensors_the_header_does_not_describe_are_refused(tmp_path):
+    path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
+    extra = tmp_path / "extra.safetensors"
+    extra.write_bytes(path.read_bytes())
+    _rewrite(extra, lambda t, m: t.update({"down_blocks.9.attentions.0.down": torch.ones(2, 32),
+                                           "garbage": torch.ones(3)}))
+    target = tiny_unet()
+    with pytest.raises(ValueError, match=r"extra\.safetensors' holds 2 tensor\(s\) its header does not describe "
+                                         r"\(down_blocks\.9\.attentions\.0\.down, garbage\)"):
+        prkit.load_residuals(target, extra)
+    assert prkit.residual_names(target) == []
+
+
+def test_a_folder_given_as_the_file_says_so(tmp_path):
+    _trained(tiny_unet()).save(tmp_path / "dog.safetensors")
+    for call in (read_metadata, lambda p: prkit.load_residuals(tiny_unet(), p)):
+        with pytest.raises(IsADirectoryError) as err:
+            call(tmp_path)
+        assert str(err.value) == (f"residual file {str(tmp_path)!r} is a folder; give the .safetensors file inside it "
+                                  "(it holds dog.safetensors)")
+
+
+@pytest.mark.parametrize("layer", [{"channels": "64", "rank": 2}, {"channels": 64, "rank": 2.5},
+                                   {"channels": 64, "rank": True}, {"channels": 64, "rank": 0}])
+def test_header_channels_and_ranks_must_be_whole_numbers(tmp_path, layer):
+    import json
+
+    path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
+    _rewrite(path, lambda t, m: m.update(layers=json.dumps({b: layer for b in json.loads(m["layers"])})))
+    with pytest.raises(ValueError, match=r"r\.safetensors' has a damaged prkit header .*expected a positive whole"):
+        read_metadata(path)
+
+
+def test_load_residuals_can_set_the_words(tmp_path, tokenizer):
+    from prkit.lag import concept_weights
+
+    path = prkit.add_residuals(tiny_unet(), rank=2).save(tmp_path / "plain.safetensors")  # a file without words
+    unet = tiny_unet()
+    plain = prkit.load_residuals(unet, path)
+    assert (plain.token, plain.class_word) == (None, None)
+    with pytest.raises(ValueError, match=r"has no token.*token=\.\.\. to add_residuals/load_residuals"):
+        concept_weights(tokenizer, ["a photo of a sks dog"], [plain])
+    named = prkit.load_residuals(unet, path, name="dog", token="sks", class_word="dog")
+    assert (named.token, named.class_word) == ("sks", "dog")
+    assert prkit.get_residuals(unet, "dog").token == "sks"
+    weights = concept_weights(tokenizer, ["a photo of a sks dog"], [named])  # (P, T, S)
+    assert weights[0, :, 0].tolist() == [0, 0, 0, 0, 0, 1, 1] + [0] * 9  # <bos> a photo of a [sks dog]
+    worded = _trained(tiny_unet()).save(tmp_path / "dog.safetensors")  # the file's words, one overridden
+    assert (lambda r: (r.token, r.class_word))(prkit.load_residuals(tiny_unet(), worded, token="zwx")) == ("zwx", "dog")
+
+
+def test_residuals_on_a_compiled_unet_use_the_plain_block_names(tmp_path):
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    compiled = torch.compile(unet)  # lazy: nothing is compiled until it runs, and it does not run here
+    trained = _trained(compiled)
+    assert list(trained.ranks())[0] == "down_blocks.0.attentions.0"
+    path = trained.save(tmp_path / "compiled.safetensors")
+    assert "mid_block.attentions.0" in read_metadata(path)["layers"]
+    expected = run_unet(unet, inputs)  # the set lives on the original module
+    assert (expected - base).abs().max() > 1e-3
+    plain = tiny_unet()
+    prkit.load_residuals(plain, path)
+    assert torch.equal(run_unet(plain, inputs), expected)
+    other = tiny_unet()
+    again = prkit.load_residuals(torch.compile(other), path)
+    assert (again.token, again.class_word) == ("sks", "dog")
+    assert torch.equal(run_unet(other, inputs), expected)
+    with safe_open(str(export_lora(again, tmp_path / "lora.safetensors")), framework="pt") as f:
+        assert all(k.startswith("lora_unet_") and "orig_mod" not in k for k in f.keys())
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_a_lora_on_proj_out_is_refused_with_what_to_do(tmp_path, linear):
+    pytest.importorskip("peft")
+    donor = make_pipe(tmp_path / "d", linear=linear)
+    style = prkit.add_residuals(donor.unet, rank=2, name="style")
+    randomize(style, seed=5)
+    lora = export_lora(style, tmp_path / "style.safetensors", dtype=torch.float32)  # stands for any proj_out LoRA
+    path = _trained(make_pipe(tmp_path / "m", linear=linear).unet).save(tmp_path / "dog.safetensors")
+    pipe = make_pipe(tmp_path / "p", linear=linear)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    inputs = unet_inputs()
+    with_lora = run_unet(pipe.unet, inputs)
+    with pytest.raises(ValueError, match=r"LoRA \(peft\) is already on the proj_out of 7 block\(s\).*cannot be "
+                                         r"stacked.*pipe\.fuse_lora\(\) then pipe\.unload_lora_weights\(\)"):
+        prkit.load_residuals(pipe, path)
+    assert prkit.residual_names(pipe.unet) == []
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora)  # the LoRA is untouched
+    pipe.fuse_lora()  # what the message says to do works
+    pipe.unload_lora_weights()
+    residuals = prkit.load_residuals(pipe, path)
+    with prkit.residuals_disabled(pipe.unet):
+        torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora, atol=1e-5, rtol=1e-5)  # LoRA fused in
+    assert (run_unet(pipe.unet, inputs) - with_lora).abs().max() > 1e-3 and residuals.name == "default"

@@ -141,3 +141,128 @@ def test_a_device_that_is_not_there_is_a_clear_error(monkeypatch):
     check_available(torch.device("cpu"))
     with pytest.raises(ValueError, match=r"'gpu0' is not a device torch knows"):
         resolve_device("gpu0")
+
+
+def _tiny_checker():
+    """A StableDiffusionSafetyChecker and its feature extractor, tiny and seeded."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)).eval()
+    return checker, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def _with_checker(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    checker, features = _tiny_checker()
+    return StableDiffusionPipeline(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                   tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, safety_checker=checker,
+                                   feature_extractor=features)
+
+
+def _tiny_sdxl(folder):
+    """A tiny StableDiffusionXLPipeline (text_time embedding, two text encoders)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tiny import tiny_tokenizer, tiny_vae
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(folder / "tokenizer"), tiny_tokenizer(folder / "tokenizer_2")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                                cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=32 + 6 * 8).eval()
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=32)
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(config).eval(),
+                                     text_encoder_2=CLIPTextModelWithProjection(config).eval(), tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler())
+
+
+@pytest.mark.parametrize("component", ["tokenizer", "vae"])
+def test_a_missing_component_folder_is_named(pipe, tmp_path, component):
+    import shutil
+
+    folder = tmp_path / "model"
+    pipe.save_pretrained(str(folder))
+    shutil.rmtree(folder / component)
+    with pytest.raises(ValueError) as err:
+        prkit.load_pipeline(folder, device="cpu")
+    kind = {"tokenizer": "transformers.CLIPTokenizer", "vae": "diffusers.AutoencoderKL"}[component]
+    assert str(err.value).startswith(f"model folder {str(folder)!r} has no {component}/ ({kind}) subfolder, which "
+                                     "its model_index.json lists")
+    assert prkit.load_pipeline(folder, device="cpu", **{component: getattr(pipe, component)}).unet is not None
+
+
+def test_optional_components_may_be_missing(pipe, tmp_path):
+    """The safety checker prkit drops, and the feature extractor that only feeds it, need no folder."""
+    import shutil
+
+    folder = tmp_path / "model"
+    _with_checker(pipe).save_pretrained(str(folder))
+    shutil.rmtree(folder / "safety_checker")
+    shutil.rmtree(folder / "feature_extractor")
+    loaded = prkit.load_pipeline(folder, device="cpu")
+    assert loaded.safety_checker is None and loaded.feature_extractor is None
+
+
+def test_the_safety_checker_is_dropped_by_pipeline_class_not_by_name(pipe, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    for where in ("sd15", "pixl/sd15", "sd15-xlarge"):  # an SD1.x folder whose path happens to hold 'xl'
+        _with_checker(pipe).save_pretrained(str(tmp_path / where))
+        assert (tmp_path / where / "safety_checker").is_dir()
+        assert prkit.load_pipeline(tmp_path / where, device="cpu").safety_checker is None, where
+    _tiny_sdxl(tmp_path / "build").save_pretrained(str(tmp_path / "mymodel"))  # an SDXL folder without 'xl'
+    calls, real = [], DiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: calls.append(kwargs) or real(cls, *args, **kwargs)))
+    loaded = prkit.load_pipeline(tmp_path / "mymodel", device="cpu")
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    assert "safety_checker" not in calls[0] and "feature_extractor" not in calls[0]
+    assert prkit.load_pipeline(tmp_path / "sd15", device="cpu") is not None
+    assert calls[1]["safety_checker"] is None
+
+
+def test_the_diffusers_spellings_of_dtype_and_local_files_only_work(pipe, tmp_path):
+    folder = tmp_path / "model"
+    pipe.save_pretrained(str(folder))
+    assert prkit.load_pipeline(folder, device="cpu", torch_dtype=torch.bfloat16).unet.dtype == torch.bfloat16
+    assert prkit.load_pipeline(folder, device="cpu", dtype="bf16", torch_dtype=torch.bfloat16).unet.dtype \
+        == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype='fp32' and torch_dtype=torch.bfloat16 disagree"):
+        prkit.load_pipeline(folder, device="cpu", dtype="fp32", torch_dtype=torch.bfloat16)
+    assert prkit.load_pipeline(folder, device="cpu", local_files_only=True).unet.dtype == torch.float32
+    assert prkit.load_pipeline(folder, device="cpu", local_files_only=False).unet.dtype == torch.float32
+
+
+def test_hub_ids_read_the_pipeline_class_from_their_model_index(pipe, tmp_path, monkeypatch):
+    """A cached hub id: the class in its model_index.json, fetched alone first, decides about the safety checker."""
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache, revision = tmp_path / "cache", "0" * 40
+    models = {"prkit-tests/sd-xl-like-name": _with_checker(pipe), "prkit-tests/big": _tiny_sdxl(tmp_path)}
+    for repo, model in models.items():
+        root = cache / f"models--{repo.replace('/', '--')}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(revision)
+        model.save_pretrained(str(root / "snapshots" / revision))
+    calls, real = [], DiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: calls.append(kwargs) or real(cls, *args, **kwargs)))
+    sd = prkit.load_pipeline("prkit-tests/sd-xl-like-name", device="cpu", cache_dir=str(cache))
+    assert type(sd).__name__ == "StableDiffusionPipeline" and sd.safety_checker is None
+    xl = prkit.load_pipeline("prkit-tests/big", device="cpu", cache_dir=str(cache))
+    assert type(xl).__name__ == "StableDiffusionXLPipeline" and "safety_checker" not in calls[1]

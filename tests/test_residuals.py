@@ -368,3 +368,22 @@ def test_only_residuals_refuses_a_merged_set_it_cannot_switch_off(unet):
             pass
     with prkit.only_residuals(unet, ["a", "b"]):  # asked for: on either way
         assert b.enabled
+
+
+def test_a_compiled_unet_has_the_plain_block_names(unet):
+    compiled = torch.compile(unet)  # lazy: the wrapper alone, no compiled forward runs here
+    assert [n for n, _ in compiled.named_modules() if n.endswith("attentions.0")][0].startswith("_orig_mod.")
+    originals = find_projections(unet)
+    assert find_projections(compiled) == originals and layer_table(compiled) == layer_table(unet)
+    residuals = prkit.add_residuals(compiled, rank=2, name="dog", token="sks", class_word="dog")
+    assert set(wrapped_layers(unet)) == set(originals) and residual_names(unet) == ["dog"]
+    assert prkit.get_residuals(unet, "dog").token == "sks" and residuals.ranks() == {b: 2 for b in originals}
+    prkit.remove_residuals(compiled, "dog")
+    assert all(find_projections(unet)[b] is m for b, m in originals.items())  # the same modules are back
+
+
+def test_a_layer_that_only_looks_like_conv2d_is_named_in_full():
+    Conv2d = type("Conv2d", (nn.Module,), {"__module__": "peft.tuners.lora.layer"})
+    with pytest.raises(TypeError, match=r"block\.proj_out is a peft\.tuners\.lora\.layer\.Conv2d; expected a "
+                                        r"torch\.nn\.Conv2d or torch\.nn\.Linear"):
+        ResidualProjection(Conv2d(), "block")
