@@ -3,7 +3,8 @@
 ``capture_attention(unet, ...)`` swaps a processor onto every ``attn2`` that computes the
 cross-attention probabilities explicitly (77 keys: cheap) and reduces them at once to per-block
 concept maps and, optionally, small per-token maps for visualisation. ``attn1`` keeps its own
-(fused SDPA) processor. The original processors come back on exit, also on error.
+(fused SDPA) processor. The original processors come back on exit, also on error. An ``attn2`` processor it cannot
+stand in for (IP-Adapter's) is refused before anything is installed.
 
 While a CUDA graph of a LAG forward is captured (``CaptureState.on_block_ready`` set), a block's concept maps and
 its mask are computed on a second stream that forks at ``attn2`` and joins at ``proj_out``: the small map, median
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .residuals import original_module
 from .streams import side_stream
 
 SIDE_STREAM = True  # LAG's per-block mask work on a second CUDA stream in graphs (False: inline, current stream)
@@ -29,16 +31,37 @@ SIDE_STREAM = True  # LAG's per-block mask work on a second CUDA stream in graph
 class AttentionStore:
     """Per-token cross-attention maps kept for visualisation.
 
-    maps[(block, step)] is a float32 CPU tensor (B_cond, T, h, w), head-averaged, spatially capped
-    at ``max_resolution`` (area-averaged), for the token positions ``tokens`` (None: all).
+    maps[(block, step)] is a float32 CPU tensor (B_cond, T, h, w), head-averaged, for the token positions
+    ``tokens`` (None: all). A block's (h, w) is its own grid, area-averaged down so that the long side is at most
+    ``max_resolution`` with the aspect ratio kept (an 8x32 grid under a cap of 8 is stored as 2x8, not squashed to
+    8x8). masks[(block, step)] (B_cond, h, w, S) are LAG's masks on the same (h, w) as the maps: binary at native
+    size, the masked fraction of each cell where pooled.
+
+    Each capture that fills the store (one ``generate`` call, one ``capture_attention`` or ``lag_sampling``
+    block) starts it fresh: maps, masks and layer counts of an earlier capture are cleared when it begins, so
+    reusing one store never averages unrelated runs. Copy what you want to keep before the next call.
     """
 
     tokens: list[int] | None = None  # token positions to keep (None: every position)
-    max_resolution: int = 16  # maps larger than this are pooled down to it
+    max_resolution: int = 16  # the long side of stored maps and masks; larger grids are area-averaged down to it
     steps: list[int] | None = None  # denoising steps to keep (None: all)
     maps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # LAG masks (B, h, w, S), if LAG ran
     layers: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # layers averaged into maps[key]
+
+    def clear(self) -> None:
+        """Forget every map, mask and layer count (a new capture begins)."""
+        self.maps.clear()
+        self.masks.clear()
+        self.layers.clear()
+
+    def pooled(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps (B, C, h, w) area-averaged so that the long side is at most ``max_resolution``, aspect kept."""
+        h, w = maps.shape[-2:]
+        if max(h, w) <= self.max_resolution:
+            return maps
+        scale = self.max_resolution / max(h, w)
+        return F.adaptive_avg_pool2d(maps, (max(1, round(h * scale)), max(1, round(w * scale))))
 
     def blocks(self) -> list[str]:
         return sorted({b for b, _ in self.maps}, key=_block_order)
@@ -60,12 +83,22 @@ class AttentionStore:
         torch.save({"maps": {f"{b}@{s}": m for (b, s), m in self.maps.items()},
                     "masks": {f"{b}@{s}": m for (b, s), m in self.masks.items()}, "tokens": self.tokens}, path)
 
-    def aggregate(self, size: int | None = None, step: int | None = None) -> torch.Tensor:
-        """DAAM-style aggregate over blocks (and steps): upsampled to ``size`` and averaged -> (B, T, size, size)."""
-        size = size or self.max_resolution
-        maps = [F.interpolate(self.get(b, step), size=(size, size), mode="bilinear", align_corners=False)
-                for b in self.blocks()]
-        return torch.stack(maps).mean(0)
+    def aggregate(self, size: int | tuple[int, int] | None = None, step: int | None = None) -> torch.Tensor:
+        """DAAM-style aggregate over blocks (and steps): each block's maps upsampled and averaged.
+
+        Args:
+            size: (h, w) of the result, or its long side (the aspect of the finest stored maps is kept, so a
+                non-square image's maps stay non-square); None: ``max_resolution``.
+        Returns:
+            (B, T, h, w).
+        """
+        maps = {b: self.get(b, step) for b in self.blocks()}
+        if not isinstance(size, (tuple, list)):
+            long = size or self.max_resolution
+            h, w = max((m.shape[-2:] for m in maps.values()), key=lambda hw: hw[0] * hw[1])
+            size = (max(1, round(h * long / max(h, w))), max(1, round(w * long / max(h, w))))
+        upsampled = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False) for m in maps.values()]
+        return torch.stack(upsampled).mean(0)
 
 
 def _block_order(block: str) -> tuple[int, int, int]:
@@ -87,7 +120,7 @@ class CaptureState:
         self.cfg = cfg
         self.store = store
         self.step = -1
-        self.latent_hw: tuple[int, int] = (64, 64)
+        self.block_hw: dict[str, tuple[int, int]] = {}  # block -> (h, w) of its input grid in this forward
         self.sums: dict[str, torch.Tensor] = {}  # block -> (B, N, S) summed over the block's layers
         self.counts: dict[str, int] = {}
         self.doubled: dict[str, bool] = {}  # block -> sums hold only the conditional rows (fused CUDA path)
@@ -101,17 +134,23 @@ class CaptureState:
     def is_cfg(self) -> bool:
         return bool(self.cfg()) if callable(self.cfg) else bool(self.cfg)
 
-    def spatial(self, tokens: int) -> tuple[int, int]:
-        """(h, w) of a block whose attention has ``tokens`` query positions, from the latent's shape."""
-        height, width = self.latent_hw
-        factor = (height * width / tokens) ** 0.5
-        h = max(1, int(round(height / factor)))
-        return h, tokens // h
+    def spatial(self, block: str, tokens: int) -> tuple[int, int]:
+        """(h, w) of ``block``'s grid, whose attention has ``tokens`` query positions.
 
-    def begin_step(self, latent_hw: tuple[int, int] | None = None) -> None:
-        if latent_hw is not None:
-            self.latent_hw = latent_hw
+        Read from the block's own input (``capture_attention`` records it as the block starts), not guessed from
+        the token count: the UNet's downsampling rounds odd sizes up (n -> ceil(n / 2)), so the latent's aspect
+        ratio does not carry over exactly (a 24x10 latent has a 6x3 level, whose 18 tokens a square-root guess
+        reads as 7x2).
+        """
+        hw = self.block_hw.get(block)
+        if hw is None or hw[0] * hw[1] != tokens:
+            raise RuntimeError(f"no grid of {tokens} positions was recorded for block {block!r} (recorded: {hw}); "
+                               "its attention must run inside the block's forward within capture_attention")
+        return hw
+
+    def begin_step(self) -> None:
         self.step += 1
+        self.block_hw.clear()
         self.sums.clear()
         self.counts.clear()
         self.doubled.clear()
@@ -235,9 +274,7 @@ class CaptureState:
         if store.tokens is not None:
             maps = maps[..., store.tokens]
         h, w = spatial
-        maps = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w).float()
-        if max(h, w) > store.max_resolution:
-            maps = F.adaptive_avg_pool2d(maps, store.max_resolution)
+        maps = store.pooled(maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w).float())
         key = (block, self.step)
         count = store.layers.get(key, 0) + 1  # a running mean over the block's transformer layers (SDXL: up to 10)
         store.layers[key] = count
@@ -274,7 +311,7 @@ class CaptureProcessor:
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
                 scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
             probs = scores.float().softmax(dim=-1).to(value.dtype)
-            side = tuple(shape4[2:]) if shape4 is not None else self.state.spatial(tokens_q)
+            side = tuple(shape4[2:]) if shape4 is not None else self.state.spatial(self.block, tokens_q)
             self.state.record(self.block, self.layer, probs, side)
             out = probs @ value
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])))
@@ -312,10 +349,40 @@ def _split_processor_key(key: str) -> tuple[str, int] | None:
     return block, int(rest.split(".", 1)[0])
 
 
+# diffusers' processors of plain attention, which CaptureProcessor computes the same way; any other (IP-Adapter's,
+# Custom Diffusion's, ...) adds keys or weights of its own that a replacement would silently drop or fail on
+REPLACEABLE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "SlicedAttnProcessor",
+                          "XFormersAttnProcessor", "AttnProcessorNPU", "XLAFlashAttnProcessor2_0")
+
+
+def _check_replaceable(processors: dict) -> None:
+    """Refuse, before anything is installed, an ``attn2`` whose processor CaptureProcessor cannot stand in for."""
+    for key, proc in processors.items():
+        kind = type(proc)
+        if _split_processor_key(key) and not (kind.__name__ in REPLACEABLE_PROCESSORS
+                                              and kind.__module__.startswith("diffusers.")):
+            raise ValueError(f"{key} is {kind.__name__}, a processor prkit cannot replace: LAG and attention capture "
+                             "(store=) support diffusers' plain attention processors "
+                             f"({', '.join(REPLACEABLE_PROCESSORS)}), not IP-Adapter or other processors that add "
+                             "keys of their own; sample with lag=False and no store, or unload the adapter first "
+                             "(pipe.unload_ip_adapter())")
+
+
+def _record_grid(state: CaptureState, block: str) -> Callable:
+    """A forward pre-hook on a transformer block that records the (h, w) of its (B, C, h, w) input."""
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.ndim == 4:
+            state.block_hw[block] = tuple(hidden.shape[-2:])
+    return hook
+
+
 @contextlib.contextmanager
 def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
                       store: AttentionStore | None = None):
     """Install capturing processors on every ``attn2`` of ``unet`` for the duration of the block.
+
+    The state's store, if any, is cleared as the capture begins (one capture, one run's maps).
 
     Args:
         unet: a diffusers UNet2DConditionModel.
@@ -323,6 +390,8 @@ def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
         store: an AttentionStore to fill with per-token maps for visualisation.
     Yields:
         the CaptureState (``state.store`` holds the maps afterwards).
+    Raises:
+        ValueError: an ``attn2`` has a processor prkit cannot replace (IP-Adapter's), or there is no ``attn2``.
     """
     if getattr(unet, "_prkit_capture", None) is not None:
         raise RuntimeError("attention capture is already installed on this UNet; nest nothing, exit the first one")
@@ -330,6 +399,7 @@ def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
     if store is not None:
         state.store = store
     original = unet.attn_processors
+    _check_replaceable(original)
     processors = {}
     for key, proc in original.items():
         split = _split_processor_key(key)
@@ -338,15 +408,19 @@ def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
         raise ValueError("this UNet has no cross-attention (attn2) layers to capture")
     blocks = [p for p in processors.values() if isinstance(p, CaptureProcessor)]
     state.layer_counts = {p.block: 1 + max(q.layer for q in blocks if q.block == p.block) for p in blocks}
-    hook = unet.register_forward_pre_hook(
-        lambda module, args, kwargs: state.begin_step(tuple((args[0] if args else kwargs["sample"]).shape[-2:])),
-        with_kwargs=True)
+    if state.store is not None:
+        state.store.clear()
+    root = original_module(unet)  # block names are those of the module a torch.compile wrapper holds
+    hooks = [unet.register_forward_pre_hook(lambda *_: state.begin_step())]
+    hooks += [root.get_submodule(block).register_forward_pre_hook(_record_grid(state, block), with_kwargs=True)
+              for block in state.layer_counts]
     unet.set_attn_processor(processors)
     unet._prkit_capture = state
     try:
         yield state
     finally:
         state.join()
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         unet.set_attn_processor(original)
         unet._prkit_capture = None

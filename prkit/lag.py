@@ -16,7 +16,7 @@ import torch
 
 from .attention import AttentionStore, CaptureState, capture_attention
 from .residual_layer import ResidualProjection
-from .residuals import Residuals, wrapped_layers
+from .residuals import Residuals, check_on_unet, wrapped_layers
 
 THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")
 LAYOUT_MASKS = True  # fused CUDA path: masks laid out like each set's middle (False: bool rows, broadcast)
@@ -58,12 +58,16 @@ def _starts(ids: list[int], sub: list[int]) -> list[int]:
 
 
 def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residuals],
-                    include_class: bool = True) -> torch.Tensor:
+                    include_class: bool = True, convert: Callable[[str], str] | None = None) -> torch.Tensor:
     """Token weights (P, T, S): 1 at the positions of concept s's words in prompt p.
 
+    Args:
+        convert: how the pipeline rewrites a text before it tokenizes it (``encoded_text``); applied to prompts
+            and words alike, so positions are those of the tokens the text encoder really sees.
     Raises:
         ValueError: a prompt lacks a concept's identifier (LAG would have nothing to localize).
     """
+    convert = convert or (lambda text: text)
     length = tokenizer.model_max_length
     weights = torch.zeros(len(prompts), length, len(concepts))
     for s, concept in enumerate(concepts):
@@ -71,9 +75,10 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
             raise ValueError(f"residual set {concept.name!r} has no token; LAG needs the concept's identifier "
                              "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
         for p, prompt in enumerate(prompts):
-            if not token_positions(tokenizer, prompt, [concept.token]):
-                full = tokenizer(prompt, add_special_tokens=True).input_ids
-                if len(full) > length and _starts(full, _word_ids(tokenizer, concept.token)):
+            encoded = convert(prompt)
+            if not token_positions(tokenizer, encoded, [convert(concept.token)]):
+                full = tokenizer(encoded, add_special_tokens=True).input_ids
+                if len(full) > length and _starts(full, _word_ids(tokenizer, convert(concept.token))):
                     raise ValueError(f"the identifier {concept.token!r} of residual set {concept.name!r} comes after "
                                      f"the text encoder's {length} tokens in prompt {prompt[:60]!r}... "
                                      f"({len(full)} tokens), where it is cut off; put it earlier or shorten the prompt")
@@ -81,8 +86,20 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                                  f"set {concept.name!r}; write it into the prompt (e.g. 'a photo of a "
                                  f"{concept.token} {concept.class_word or '<class>'}') or sample with lag=False")
             words = [concept.token] + ([concept.class_word] if include_class and concept.class_word else [])
-            weights[p, token_positions(tokenizer, prompt, words), s] = 1.0
+            weights[p, token_positions(tokenizer, encoded, [convert(word) for word in words]), s] = 1.0
     return weights
+
+
+def encoded_text(pipe_or_unet, tokenizer) -> Callable[[str], str]:
+    """The rewrite a pipeline applies to a text before tokenizing it (identity where it applies none).
+
+    A pipeline with textual inversion (diffusers' ``TextualInversionLoaderMixin``) expands a multi-vector token
+    ``<t>`` to ``<t> <t>_1 ...`` in ``encode_prompt``; token positions counted on the raw prompt would be shifted.
+    """
+    convert = getattr(pipe_or_unet, "maybe_convert_prompt", None)
+    if convert is None:
+        return lambda text: text
+    return lambda text: convert(text, tokenizer)
 
 
 def _normalize(maps: torch.Tensor) -> torch.Tensor:
@@ -162,8 +179,9 @@ class _MaskSource:
         if self.stored != step and store is not None and (store.steps is None or step in store.steps):
             self.stored = step
             cond = masks[masks.shape[0] // 2:] if self.state.is_cfg() and masks.shape[0] % 2 == 0 else masks
-            h, w = self.state.spatial(cond.shape[1])
-            store.masks[(self.block, step)] = cond.reshape(cond.shape[0], h, w, -1).float().cpu()
+            h, w = self.state.spatial(self.block, cond.shape[1])
+            grid = cond.reshape(cond.shape[0], h, w, -1).permute(0, 3, 1, 2).float()  # (Bc, S, h, w)
+            store.masks[(self.block, step)] = store.pooled(grid).permute(0, 2, 3, 1).cpu()  # on the maps' (h, w)
         return laid_out[name] if name in laid_out else masks[..., self.index[name]]
 
     def _fused_masks(self) -> tuple[torch.Tensor, int] | None:
@@ -200,19 +218,24 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
 
     Args:
         pipe_or_unet: a diffusers SD/SDXL pipeline (its unet and tokenizer are used) or a bare UNet.
-        residuals: one or several residual sets, each with ``token`` (and ideally ``class_word``).
-        prompts: the conditional prompt(s) that will be sampled, in pipeline order.
+        residuals: one or several residual sets on this very UNet, each with ``token`` (and ideally ``class_word``).
+        prompts: the conditional prompt(s) that will be sampled, in pipeline order (as written: a pipeline's
+            textual-inversion rewrite is applied here as in its ``encode_prompt``).
         tokenizer: needed when a bare UNet is given.
         config: threshold settings (median by default).
         cfg: whether batches are [uncond; cond]; None reads the pipeline's own flag at run time.
         store: optionally also keep per-token maps for visualisation.
     Yields:
         the CaptureState, whose maps can be inspected.
+    Raises:
+        ValueError: a set is not on this UNet (removed, or on another one), is merged, or has no identifier in a
+            prompt; an attn2 processor cannot be replaced (IP-Adapter).
     """
     config = config or LAGConfig()
     sets = [residuals] if isinstance(residuals, Residuals) else list(residuals)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    check_on_unet(unet, sets)
     merged = [r.name for r in sets if r.merged]
     if merged:
         raise ValueError(f"residual set(s) {merged} are merged into the base weights, where no mask can reach them: "
@@ -222,7 +245,7 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
         raise ValueError("lag_sampling on a bare UNet needs tokenizer=...")
     if cfg is None:
         cfg = pipeline_cfg(pipe_or_unet) if hasattr(pipe_or_unet, "unet") else False
-    weights = concept_weights(tokenizer, prompts, sets, config.include_class)
+    weights = concept_weights(tokenizer, prompts, sets, config.include_class, encoded_text(pipe_or_unet, tokenizer))
     index = {r.name: s for s, r in enumerate(sets)}
     state = CaptureState(weights, cfg, store)
     layers = wrapped_layers(unet)

@@ -311,15 +311,43 @@ def residuals_disabled(unet: nn.Module, name: str | None = None):
                 layers[block].active[set_name] = was
 
 
-@contextlib.contextmanager
-def only_residuals(unet: nn.Module, names: list[str] | None):
-    """Within the block, exactly the sets in ``names`` are active (None or []: none, the base model).
+def check_on_unet(unet: nn.Module, sets: list[Residuals]) -> None:
+    """Make sure each handle in ``sets`` is a set living on ``unet`` itself.
+
+    Why: sets are selected by name, so a handle whose set was removed would select nothing (the base model would
+    sample in its place), and one made on another UNet would select nothing or this UNet's own set of that name.
 
     Raises:
-        ValueError: a set not in ``names`` is merged into the base weights, where switching it off cannot reach.
+        ValueError: a set lives on another UNet, or is no longer on this one.
     """
+    for residuals in sets:
+        # the same module, also where one side is its torch.compile wrapper (which keeps it as ``_orig_mod``)
+        if original_module(residuals.unet) is not original_module(unet):
+            own = residuals.name in residual_names(unet)
+            here = " (the set of that name on this UNet is a different one)" if own else ""
+            raise ValueError(f"residual set {residuals.name!r} lives on another UNet, not on this pipeline's{here}: "
+                             "save it (residuals.save(path)) and load it onto this pipeline's UNet with "
+                             "load_residuals(pipe, path), or sample with the pipeline it was made on")
+        if residuals.name not in residual_names(unet):
+            raise ValueError(f"residual set {residuals.name!r} is no longer on this UNet (removed with "
+                             f"remove_residuals?); present: {residual_names(unet)}. Load it onto this pipeline's "
+                             "UNet again with load_residuals(pipe, path), or pass residuals=None for the base model")
+
+
+@contextlib.contextmanager
+def only_residuals(unet: nn.Module, names: list[str | Residuals] | None):
+    """Within the block, exactly the sets in ``names`` are active (None or []: none, the base model).
+
+    Args:
+        names: set names, or ``Residuals`` handles, which must live on ``unet`` (a bare name may also be a set
+            that is added inside the block, as training does).
+    Raises:
+        ValueError: a handle's set is not on ``unet`` (``check_on_unet``); or a set not in ``names`` is merged into
+            the base weights, where switching it off cannot reach.
+    """
+    check_on_unet(unet, [n for n in names or [] if isinstance(n, Residuals)])
     layers = wrapped_layers(unet)
-    wanted = set(names or [])
+    wanted = {n.name if isinstance(n, Residuals) else n for n in names or []}
     merged = sorted({n for layer in layers.values() for n in layer.merged if n not in wanted})
     if merged:
         raise ValueError(f"residual set(s) {merged} are merged into the base weights, so they would paint into every "

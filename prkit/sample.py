@@ -37,10 +37,11 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     Args:
         pipe: a loaded SD/SDXL pipeline.
         prompt: one prompt or a list; each yields ``num_images`` images.
-        residuals: a set, several sets (multi-concept), or None for the base model.
+        residuals: a set, several sets (multi-concept), or None for the base model; each must live on
+            ``pipe.unet`` (a removed set, or one on another pipeline, is refused: it would sample something else).
         lag: apply each set only under its concept's attention mask (no extra UNet evaluations).
         seed: seeds the generator, so the same call gives the same images.
-        store: an AttentionStore to fill with per-token maps (works with lag on or off).
+        store: an AttentionStore to fill with per-token maps (works with lag on or off); cleared first.
         fast: replay the UNet as a CUDA graph within the call (``prkit.graphs``); None: on for CUDA unless
             a store or step callbacks need Python at every step.
         **pipe_kwargs: passed to the pipeline call (height, width, output_type, callbacks, ...).
@@ -61,6 +62,8 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     negative = negative_prompt if negative_prompt is not None else config.negative_prompt
     if isinstance(negative, str):  # diffusers wants one per prompt when the prompts are a list
         negative = [negative] * len(prompts)
+    elif negative is not None:  # and a list, as the prompts are (it refuses a tuple: "should be the same type")
+        negative = list(negative)
     if lag and sets:
         context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store)
     elif store is not None:
@@ -69,7 +72,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         context = contextlib.nullcontext()
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
-    with only_residuals(pipe.unet, [r.name for r in sets]), context, torch.inference_mode(), \
+    with only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
             graphed_unet(pipe.unet, enabled=fast):
         out = pipe(prompts, num_inference_steps=steps if steps is not None else config.steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,

@@ -29,6 +29,15 @@ def test_one_negative_prompt_serves_every_prompt(pipe):
     assert np.abs(one - plain).max() > 1e-4  # the negative prompt was used
 
 
+def test_a_tuple_of_negative_prompts_works_as_the_list(pipe):
+    prompts = (PROMPT, "a sks dog on the beach")  # a tuple of prompts too: generate hands diffusers lists
+    as_tuple = prkit.generate(pipe, prompts, None, steps=2, negative_prompt=("teapot", "snow"), **FAST)
+    as_list = prkit.generate(pipe, list(prompts), None, steps=2, negative_prompt=["teapot", "snow"], **FAST)
+    plain = prkit.generate(pipe, prompts, None, steps=2, **FAST)
+    np.testing.assert_array_equal(as_tuple, as_list)
+    assert as_tuple.shape == (2, 16, 16, 3) and np.abs(as_tuple - plain).max() > 1e-4  # the negatives were used
+
+
 def test_diffusers_argument_names_and_a_callers_generator(pipe):
     ours = prkit.generate(pipe, PROMPT, None, steps=2, num_images=2, seed=3, **FAST)
     theirs = prkit.generate(pipe, PROMPT, None, num_inference_steps=2, num_images_per_prompt=2,

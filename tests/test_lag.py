@@ -146,6 +146,30 @@ def test_concept_weights_mark_each_concepts_own_tokens(tokenizer):
     assert token_positions(tokenizer, prompt, ["cat"]) == []
 
 
+def test_token_positions_follow_the_pipelines_textual_inversion_expansion(pipe):
+    """A multi-vector textual-inversion token is expanded by the pipeline (``<t>`` -> ``<t> <t>_1``) before the
+    text encoder sees it: LAG's positions are counted on that text, for tokens before the identifier and for a
+    multi-vector identifier itself."""
+    dog = _dog(pipe.unet)
+    gen = torch.Generator().manual_seed(0)
+    pipe.load_textual_inversion({"<style>": torch.randn(2, 32, generator=gen)}, token="<style>",
+                                tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    prompt = "<style> photo of a sks dog"
+    encoded = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer)).input_ids
+    sks, word_dog = (pipe.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("sks", "dog"))
+    assert encoded.index(sks) == 6 and encoded.index(word_dog) == 7  # bos, <style>, <style>_1, photo, of, a
+    with lag_sampling(pipe, dog, prompt) as state:
+        assert state.concept_weights[0, :, 0].nonzero().flatten().tolist() == [6, 7]  # not [5, 6]
+    # a multi-vector identifier: every vector of it is the concept's
+    pipe.load_textual_inversion({"<cat>": torch.randn(3, 32, generator=gen)}, token="<cat>",
+                                tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    cat = prkit.add_residuals(pipe.unet, name="cat", token="<cat>", class_word="cat")
+    with lag_sampling(pipe, cat, "a photo of a <cat> cat") as state:
+        assert state.concept_weights[0, :, 0].nonzero().flatten().tolist() == [5, 6, 7, 8]  # <cat> <cat>_1 <cat>_2 cat
+    images = prkit.generate(pipe, prompt, dog, lag=True, **FAST)
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+
 def test_prompt_without_identifier_raises(pipe):
     residuals = _dog(pipe.unet)
     with pytest.raises(ValueError) as err:

@@ -1,0 +1,215 @@
+"""Sampling refuses what it would silently get wrong, and the attention store keeps what a run really saw: sets
+that are not on the pipeline's UNet, processors capture cannot replace (IP-Adapter), a store reused across calls,
+and grids whose size the UNet's downsampling rounds up or whose aspect is not square."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prkit
+from conftest import TEXT_DIM, TOKENS, make_pipe, randomize, run_unet
+from prkit.attention import AttentionStore, capture_attention
+from prkit.lag import lag_sampling
+from prkit.residuals import find_projections
+
+PROMPT = "a photo of a sks dog"
+FAST = dict(steps=2, output_type="np")
+
+
+def _dog(unet, seed: int = 1, token: str = "sks", class_word: str = "dog"):
+    residuals = prkit.add_residuals(unet, name="dog", token=token, class_word=class_word)
+    randomize(residuals, seed=seed)
+    return residuals
+
+
+# --- residual sets must live on the pipeline's own UNet -------------------------------------------
+
+
+def test_a_removed_set_is_refused_not_sampled_as_the_base_model(pipe):
+    dog = _dog(pipe.unet)
+    base = prkit.generate(pipe, PROMPT, None, **FAST)
+    assert np.abs(prkit.generate(pipe, PROMPT, dog, lag=False, **FAST) - base).max() > 1e-3
+    prkit.remove_residuals(pipe.unet, "dog")
+    for lag in (False, True):
+        with pytest.raises(ValueError, match=r"'dog' is no longer on this UNet.*load_residuals\(pipe, path\)"):
+            prkit.generate(pipe, PROMPT, dog, lag=lag, **FAST)
+    with pytest.raises(ValueError, match="'dog' is no longer on this UNet"):
+        with prkit.only_residuals(pipe.unet, [dog]):
+            pass
+    np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, None, **FAST), base)  # nothing left switched
+
+
+def test_a_set_on_another_unet_is_refused_even_under_a_name_this_unet_has(tmp_path):
+    pipe, other = make_pipe(tmp_path / "a"), make_pipe(tmp_path / "b")
+    foreign = _dog(other.unet)
+    for lag in (False, True):
+        with pytest.raises(ValueError, match=r"'dog' lives on another UNet.*load it onto this pipeline's UNet"):
+            prkit.generate(pipe, PROMPT, foreign, lag=lag, **FAST)
+    own = _dog(pipe.unet, seed=7, token="zwx", class_word="teapot")  # this UNet's own set called 'dog'
+    with pytest.raises(ValueError, match=r"'dog' lives on another UNet.*on this UNet is a different one"):
+        prkit.generate(pipe, PROMPT, foreign, lag=True, **FAST)
+    with pytest.raises(ValueError, match="'dog' lives on another UNet"):
+        with lag_sampling(pipe, foreign, PROMPT):  # checked against the UNet it installs on
+            pass
+    assert all(not hasattr(p, "mask_source") or p.mask_source is None for p in find_projections(pipe.unet).values())
+    # the sets that do live here sample as before; any handle on them will do
+    prompt = "a photo of a zwx teapot"
+    base = prkit.generate(pipe, prompt, None, **FAST)
+    mine = prkit.generate(pipe, prompt, own, lag=True, **FAST)
+    np.testing.assert_array_equal(prkit.generate(pipe, prompt, prkit.get_residuals(pipe.unet, "dog"), lag=True,
+                                                 **FAST), mine)
+    assert np.abs(mine - base).max() > 1e-3
+
+
+# --- IP-Adapter: refused up front, not a TypeError deep inside --------------------------------------
+
+
+def _ip_adapter(unet) -> None:
+    """IP-Adapter processors (random weights) and image projection, built as diffusers' loader builds them."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    torch.manual_seed(0)
+    procs = {}
+    for key in unet.attn_processors:
+        attn = unet.get_submodule(key.rsplit(".", 1)[0])
+        procs[key] = AttnProcessor2_0() if key.endswith("attn1.processor") else IPAdapterAttnProcessor2_0(
+            hidden_size=attn.to_k.out_features, cross_attention_dim=TEXT_DIM, scale=1.0, num_tokens=(4,))
+    unet.set_attn_processor(procs)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection(
+        [ImageProjection(image_embed_dim=16, cross_attention_dim=TEXT_DIM, num_image_text_embeds=4)])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+
+
+def test_ip_adapter_is_refused_up_front_by_lag_and_the_store(pipe):
+    dog = _dog(pipe.unet)
+    _ip_adapter(pipe.unet)
+    before = pipe.unet.attn_processors
+    embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(0))]  # [uncond; cond] image embeds
+    plain = prkit.generate(pipe, PROMPT, dog, lag=False, ip_adapter_image_embeds=embeds, **FAST)
+    assert plain.shape == (1, 16, 16, 3) and np.isfinite(plain).all()
+    expected = r"IPAdapterAttnProcessor2_0, a processor prkit cannot replace.*IP-Adapter.*lag=False and no store"
+    with pytest.raises(ValueError, match=expected):
+        prkit.generate(pipe, PROMPT, dog, lag=True, ip_adapter_image_embeds=embeds, **FAST)
+    store = AttentionStore()
+    with pytest.raises(ValueError, match=expected):
+        prkit.generate(pipe, PROMPT, None, store=store, ip_adapter_image_embeds=embeds, **FAST)
+    with pytest.raises(ValueError, match=expected):
+        with capture_attention(pipe.unet):
+            pass
+    after = pipe.unet.attn_processors
+    assert all(after[k] is v for k, v in before.items()) and getattr(pipe.unet, "_prkit_capture", None) is None
+    np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, dog, lag=False, ip_adapter_image_embeds=embeds,
+                                                 **FAST), plain)
+
+
+# --- one store, one run ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lag", [True, False])
+def test_a_reused_store_holds_only_its_latest_run(pipe, lag):
+    dog = _dog(pipe.unet)
+    first, second = dict(prompt=PROMPT, seed=0), dict(prompt=["sks dog on the beach", "a sks dog"], seed=1)
+    alone = AttentionStore()
+    prkit.generate(pipe, residuals=dog, lag=lag, store=alone, **second, **FAST)
+    shared = AttentionStore()
+    prkit.generate(pipe, residuals=dog, lag=lag, store=shared, **first, **FAST)
+    one_image = shared.maps[("down_blocks.0.attentions.0", 0)]
+    prkit.generate(pipe, residuals=dog, lag=lag, store=shared, **second, **FAST)
+    assert one_image.shape[0] == 1 and set(shared.maps) == set(alone.maps) and len(alone.maps) == 7 * 2
+    for key, maps in alone.maps.items():
+        assert maps.shape[0] == 2 and torch.equal(shared.maps[key], maps)  # not the mean with the first run
+        assert shared.layers[key] == 1
+    assert set(shared.masks) == set(alone.masks) and (len(alone.masks) == 7 * 2 if lag else not alone.masks)
+    assert all(torch.equal(shared.masks[k], m) for k, m in alone.masks.items())
+
+
+# --- the store's grids: the UNet's own (h, w), aspect kept -----------------------------------------
+
+
+def _levels(h: int, w: int, count: int) -> list[tuple[int, int]]:
+    """Grids of a UNet whose Downsample2D (3x3 conv, stride 2, padding 1) maps n -> ceil(n / 2)."""
+    out = [(h, w)]
+    for _ in range(count - 1):
+        out.append((math.ceil(out[-1][0] / 2), math.ceil(out[-1][1] / 2)))
+    return out
+
+
+def _block_grids(unet) -> dict:
+    """block -> the (h, w) its transformer block really gets, recorded by hooks of the test's own."""
+    seen = {}
+    for block in find_projections(unet):
+        unet.get_submodule(block).register_forward_pre_hook(
+            lambda m, args, b=block: seen.__setitem__(b, tuple(args[0].shape[-2:])))
+    return seen
+
+
+def test_store_grids_follow_the_unets_rounding_on_a_bare_unet(unet, tokenizer):
+    """A 12x5 latent has a 6x3 level (18 tokens), which the old square-root guess read as 7x2 and crashed on."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 12, 5, generator=gen), torch.tensor(500), torch.randn(2, TOKENS, TEXT_DIM,
+                                                                                          generator=gen))
+    grids = _block_grids(unet)
+    store = AttentionStore(max_resolution=64)  # native size
+    with capture_attention(unet, store=store):
+        run_unet(unet, inputs)
+    assert set(grids.values()) == set(_levels(12, 5, 2)) == {(12, 5), (6, 3)}
+    assert len(store.blocks()) == 7
+    for block in store.blocks():
+        maps = store.maps[(block, 0)]
+        assert maps.shape == (2, TOKENS, *grids[block]), block
+        torch.testing.assert_close(maps.sum(1), torch.ones(2, *grids[block]), atol=1e-4, rtol=0)  # softmax mass
+    dog = _dog(unet)
+    lag_store = AttentionStore(max_resolution=64)
+    with lag_sampling(unet, dog, [PROMPT] * 2, tokenizer=tokenizer, cfg=False, store=lag_store):
+        run_unet(unet, inputs)
+    for (block, _), masks in lag_store.masks.items():
+        assert masks.shape == (2, *grids[block], 1)
+        assert set(masks.unique().tolist()) == {0.0, 1.0}  # median cut at native size: binary
+        assert masks.flatten(1).mean(1).tolist() == [(grids[block][0] * grids[block][1]) // 2
+                                                     / (grids[block][0] * grids[block][1])] * 2
+
+
+@pytest.mark.parametrize("lag", [False, True])
+def test_world_pipeline_store_at_96x40(lag):
+    """The world UNet (3 levels) at 96x40: 24x10 latents, then 12x5 and 6x3 (ceil), stored without a crash."""
+    pipe = prkit.load_pipeline("world", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    dog = prkit.add_residuals(pipe.unet, name="ball", token="sks", class_word="ball") if lag else None
+    grids = _block_grids(pipe.unet)
+    store = AttentionStore(max_resolution=32)
+    images = prkit.generate(pipe, "a photo of a sks ball", dog, lag=lag, steps=1, height=96, width=40,
+                            output_type="np", store=store)
+    assert images.shape == (1, 96, 40, 3)
+    assert set(grids.values()) == set(_levels(24, 10, 3)) == {(24, 10), (12, 5), (6, 3)}
+    assert {b: tuple(m.shape[-2:]) for (b, _), m in store.maps.items()} == grids
+    assert {b: tuple(m.shape[1:3]) for (b, _), m in store.masks.items()} == (grids if lag else {})
+    capped = AttentionStore()  # max_resolution 16: 24x10 -> 16x7, the smaller grids as they are
+    prkit.generate(pipe, "a photo of a sks ball", dog, lag=lag, steps=1, height=96, width=40, output_type="np",
+                   store=capped)
+    assert {tuple(m.shape[-2:]) for m in capped.maps.values()} == {(16, 7), (12, 5), (6, 3)}
+    torch.testing.assert_close(capped.maps[("down_blocks.0.attentions.0", 0)],
+                               F.adaptive_avg_pool2d(store.maps[("down_blocks.0.attentions.0", 0)], (16, 7)))
+
+
+def test_non_square_maps_and_masks_keep_their_aspect(pipe):
+    """16x64 images (8x32 latents) under a cap of 8: maps and masks both 2x8, the area average of the native grid."""
+    dog = _dog(pipe.unet)
+    native, capped = AttentionStore(max_resolution=64), AttentionStore(max_resolution=8)
+    for store in (native, capped):
+        prkit.generate(pipe, PROMPT, dog, lag=True, height=16, width=64, store=store, **FAST)
+    assert {tuple(m.shape[-2:]) for m in native.maps.values()} == {(8, 32), (4, 16)}
+    for key, maps in capped.maps.items():
+        assert maps.shape == (1, TOKENS, 2, 8), key
+        torch.testing.assert_close(maps, F.adaptive_avg_pool2d(native.maps[key], (2, 8)))
+        masks, full = capped.masks[key], native.masks[key]  # (B, h, w, S)
+        assert masks.shape == (1, 2, 8, 1) and set(full.unique().tolist()) == {0.0, 1.0}
+        torch.testing.assert_close(masks, F.adaptive_avg_pool2d(full.permute(0, 3, 1, 2), (2, 8)).permute(0, 2, 3, 1))
+    assert capped.aggregate().shape == (1, TOKENS, 2, 8)  # the long side at max_resolution, aspect kept
+    assert capped.aggregate(size=16).shape == (1, TOKENS, 4, 16)
+    assert capped.aggregate(size=(16, 64)).shape == (1, TOKENS, 16, 64)  # an image's own (h, w)
