@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 
@@ -29,6 +30,18 @@ def _whole(minimum: int):
 
 
 _positive_int = _whole(1)
+
+
+def _guidance(text: str) -> float:
+    """--guidance-scale: a finite number >= 0 (inf paints black images; nan silently turns guidance off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 7.5, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (7.5 is usual; 1 or less: no guidance), "
+                                         f"got {text!r}")
+    return value
 
 
 def _rank(text: str) -> float | int:
@@ -77,6 +90,9 @@ def _train(args) -> int:
         raise ValueError(f"--out {str(out)!r} is also the checkpoint folder; name the output *.safetensors or pass "
                          "--checkpoint-dir")
     _writable_folder(checkpoint_dir, "--checkpoint-dir")
+    with warnings.catch_warnings():  # the images, words and folder, checked before the model loads (minutes on SD);
+        warnings.simplefilter("ignore")  # small crops decode fast; the real load below says what it skips
+        load_concept(args.images, args.token, args.class_word, resolution=8, skip_bad=args.skip_bad)
     pipe = load_pipeline(args.model, device=args.device)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     concept = load_concept(args.images, args.token, args.class_word, resolution=args.resolution or size,
@@ -92,7 +108,7 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from .files import atomic_path, load_residuals
+    from .files import atomic_path, load_residuals, read_metadata
     from .pipeline import load_pipeline
     from .sample import generate
 
@@ -100,6 +116,8 @@ def _sample(args) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder for the images")
     _writable_folder(out, "--out")
+    for path in args.residuals:  # readable prkit files, checked before the model loads
+        read_metadata(path)
     pipe = load_pipeline(args.model, device=args.device)
     sets = [load_residuals(pipe, path) for path in args.residuals]
     images = generate(pipe, args.prompt, sets or None, lag=args.lag, seed=args.seed, num_images=args.num_images,
@@ -172,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True)
     sample.add_argument("--num-images", type=_positive_int, default=4)
     sample.add_argument("--steps", type=_positive_int, default=25)
-    sample.add_argument("--guidance-scale", type=float, default=7.5)
+    sample.add_argument("--guidance-scale", type=_guidance, default=7.5)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="samples", help="folder; images already there are kept")
     sample.add_argument("--device", default="auto")

@@ -41,8 +41,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def check_available(device: torch.device) -> None:
-    """Raise a clear ValueError when ``device`` names a CUDA GPU this process cannot use."""
+    """Raise a clear ValueError when ``device`` names an accelerator this process cannot use (before any loading)."""
+    if device.type in ("cpu", "meta"):
+        return
     if device.type != "cuda":
+        backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"device {str(device)!r} was asked for, but this torch ({torch.__version__}) cannot use "
+                             f"it here; use device='cpu', 'cuda' or 'auto'")
         return
     if not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for, but this torch sees no CUDA GPU "

@@ -45,7 +45,8 @@ def test_train_sample_info(tmp_path, capsys):
 
 
 def test_errors_name_the_input(tmp_path, capsys):
-    assert main(["train", "--model", str(tmp_path / "nope"), "--images", str(tmp_path), "--token", "sks",
+    images = _concept(tmp_path / "images")
+    assert main(["train", "--model", str(tmp_path / "nope"), "--images", str(images), "--token", "sks",
                  "--class-word", "dog", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "nope" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
@@ -157,6 +158,29 @@ def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
     args = _train_args(tmp_path, tmp_path / "x.safetensors")
     assert main(args[:-1] + ["cuda"]) == 2
     assert "sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_inputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import prkit.pipeline
+
+    args = _train_args(tmp_path, tmp_path / "x.safetensors")
+    loads = []
+    real = prkit.pipeline.load_pipeline
+    monkeypatch.setattr(prkit.pipeline, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
+    (tmp_path / "empty").mkdir()
+    images = args.index("--images") + 1
+    assert main(args[:images] + [str(tmp_path / "empty")] + args[images + 1:]) == 2
+    assert "no images in concept folder" in capsys.readouterr().err
+    (tmp_path / "not.safetensors").write_bytes(b"junk")
+    sample = ["sample", "--model", str(tmp_path / "model"), "--residuals", str(tmp_path / "not.safetensors"),
+              "--prompt", "a photo of a sks dog", "--out", str(tmp_path / "s"), "--device", "cpu"]
+    assert main(sample) == 2
+    assert "not.safetensors" in capsys.readouterr().err
+    assert loads == []  # both refused before any model was loaded
+    for bad in ("inf", "nan", "-1"):
+        with pytest.raises(SystemExit) as err:
+            main(sample[:-2] + ["--guidance-scale", bad, "--device", "cpu"])
+        assert err.value.code == 2 and "--guidance-scale" in capsys.readouterr().err
 
 
 def test_sigterm_checkpoints_like_ctrl_c_and_the_rerun_resumes_exactly(tmp_path, capsys, caplog, monkeypatch):

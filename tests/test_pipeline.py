@@ -141,6 +141,12 @@ def test_a_device_that_is_not_there_is_a_clear_error(monkeypatch):
     check_available(torch.device("cpu"))
     with pytest.raises(ValueError, match=r"'gpu0' is not a device torch knows"):
         resolve_device("gpu0")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("mps", "xpu"):  # checked before any loading, not an AssertionError deep in torch
+        with pytest.raises(ValueError, match=rf"'{name}' was asked for, but this torch .* cannot use it here"):
+            check_available(torch.device(name))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    check_available(torch.device("mps"))
 
 
 def _tiny_checker():
