@@ -1,4 +1,5 @@
-"""Command line: ``prkit train``, ``prkit sample``, ``prkit info``, ``prkit eval`` (also ``python -m prkit``).
+"""Command line: ``prkit train``, ``prkit sample``, ``prkit info``, ``prkit export``, ``prkit eval`` (also
+``python -m prkit``).
 
 Parses arguments and calls the library; no logic of its own beyond wiring.
 """
@@ -148,6 +149,25 @@ def _info(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    import torch
+
+    from .files import export_lora, load_residuals, read_metadata
+    from .pipeline import load_pipeline
+
+    out = Path(args.out)
+    _check_output_file(out, args.overwrite)
+    if out.resolve() == Path(args.file).resolve():
+        raise ValueError(f"--out {str(out)!r} is the residual file itself; give the LoRA another name")
+    meta = read_metadata(args.file)  # a prkit file, checked before the model loads
+    pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
+    residuals = load_residuals(pipe, args.file)
+    export_lora(residuals, out, dtype={"fp16": torch.float16, "fp32": torch.float32}[args.dtype])
+    print(f"wrote a kohya-style LoRA of {meta.get('name') or 'the set'} ({len(meta['layers'])} layers, "
+          f"{args.dtype}) to {out}; load it with pipe.load_lora_weights({str(out)!r})")
+    return 0
+
+
 def _eval(args) -> int:
     from .evaluate import run_from_args
 
@@ -199,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a residual file's header")
     info.add_argument("file")
     info.set_defaults(func=_info)
+
+    export = sub.add_parser("export", help="write a residual file as a LoRA that pipe.load_lora_weights loads")
+    export.add_argument("file", help="a residual .safetensors written by prkit")
+    export.add_argument("--out", required=True, help="the LoRA .safetensors to write")
+    export.add_argument("--model", default="world", help="the base model the residuals were trained on")
+    export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=_export)
 
     from .evaluate import add_arguments as add_eval_arguments
 

@@ -160,6 +160,32 @@ def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
     assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
+def test_export_writes_a_lora_diffusers_loads_with_the_same_effect(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    import prkit
+
+    out = tmp_path / "sks.safetensors"
+    assert main(_train_args(tmp_path, out, "--lr", "0.05")) == 0
+    lora = tmp_path / "lora.safetensors"
+    export = ["export", str(out), "--out", str(lora), "--model", str(tmp_path / "model"), "--dtype", "fp32"]
+    assert main(export) == 0
+    assert "load it with pipe.load_lora_weights" in capsys.readouterr().out
+    assert main(export) == 2 and "pass --overwrite" in capsys.readouterr().err  # never replaced silently
+    assert main(export[:3] + [str(out)] + export[4:] + ["--overwrite"]) == 2  # not over its own input
+    assert "is the residual file itself" in capsys.readouterr().err
+    pipe = prkit.load_pipeline(tmp_path / "model", device="cpu")
+    args = dict(prompt="a photo of a sks dog", num_inference_steps=2, generator=None, output_type="np")
+    base = pipe(**{**args, "generator": torch.Generator().manual_seed(0)}).images
+    with_residuals = prkit.generate(pipe, "a photo of a sks dog", prkit.load_residuals(pipe, out), lag=False,
+                                    steps=2, seed=0, output_type="np")
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
+    plain.load_lora_weights(str(lora))
+    lora_images = plain(**{**args, "generator": torch.Generator().manual_seed(0)}).images
+    assert abs(lora_images - base).max() > 1e-3  # the LoRA does something ...
+    assert abs(lora_images - with_residuals).max() < 1e-4  # ... and it is what the residuals do
+
+
 def test_inputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import prkit.pipeline
 
