@@ -70,6 +70,9 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         context = capture_attention(pipe.unet, CaptureState(cfg=pipeline_cfg(pipe), store=store))
     else:
         context = contextlib.nullcontext()
+    if fast and store is not None:  # refused on every device, so a notebook behaves the same on CPU and GPU
+        raise ValueError("generate: store= needs Python at every denoising step, which a CUDA graph replay skips "
+                         "(its maps would stop after the first step); pass fast=None or fast=False with store=")
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
     with only_residuals(pipe.unet, sets), context, torch.inference_mode(), \

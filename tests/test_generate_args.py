@@ -62,3 +62,13 @@ def test_merged_sets_are_refused_where_they_would_be_wrong(pipe):
     dog.unmerge()
     base = prkit.generate(pipe, PROMPT, None, steps=2, **FAST)
     assert np.abs(base - plain).max() > 1e-3
+
+
+def test_a_store_with_graph_replays_is_refused(pipe):
+    from prkit.attention import AttentionStore
+
+    with pytest.raises(ValueError, match=r"store= needs Python at every denoising step.*fast=None or fast=False"):
+        prkit.generate(pipe, "a photo of a dog", None, steps=2, store=AttentionStore(), fast=True)
+    store = AttentionStore()
+    prkit.generate(pipe, "a photo of a dog", None, steps=2, store=store, fast=None)
+    assert len({step for _, step in store.maps}) == 2  # a map for every step
