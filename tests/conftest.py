@@ -19,6 +19,20 @@ TOKENS = 16  # tokenizer max length of the tiny components
 TEXT_DIM = 32  # cross-attention dim of the tiny UNet
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt in the tests, as in a terminal, also when pytest was started in the background
+    by a non-interactive shell (or nohup), which starts it with SIGINT ignored."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(params=list(ARCHS))
 def arch(request) -> str:
     return request.param
