@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .residuals import add_residuals
+from .residuals import add_residuals, original_module
 
 # peft module-name suffixes of each attention target (diffusers UNet naming)
 LORA_MODULES = {
@@ -203,7 +203,7 @@ class CustomDiffusionTarget(TokenTarget):
         self.layers: dict[str, tuple[nn.Module, str, TrainableLinear]] = {}  # "<attn2 path>.to_k" -> parent, attr
         super().__init__(pipe, concept, config, name, init="token")
         try:
-            for path, module in pipe.unet.named_modules():
+            for path, module in original_module(pipe.unet).named_modules():  # plain names, compiled or not
                 if path.endswith("attn2") and hasattr(module, "to_k"):
                     for attr in ("to_k", "to_v"):
                         wrapper = TrainableLinear(getattr(module, attr))

@@ -99,6 +99,19 @@ def test_state_dict_round_trip(tmp_path):
     handle.remove()
 
 
+def test_custom_diffusion_layers_have_plain_names_on_a_compiled_unet(tmp_path):
+    from prkit.train import TrainConfig
+
+    concept, config = make_concept(), TrainConfig(target="custom_diffusion")
+    plain = make_pipe(tmp_path / "plain")
+    names = set(CustomDiffusionTarget(plain, concept, config, "cd").layers)
+    compiled = make_pipe(tmp_path / "compiled")
+    compiled.unet = torch.compile(compiled.unet)  # wraps lazily: nothing is compiled here
+    target = CustomDiffusionTarget(compiled, concept, config, "cd")
+    assert names and set(target.layers) == names and not any("_orig_mod" in n for n in names)
+    target.remove()
+
+
 def test_multi_token_identifier_is_refused_and_leaves_the_model(tmp_path):
     pipe = make_pipe(tmp_path)
     modules = _modules(pipe)
