@@ -45,9 +45,10 @@ def resolve_paths(parameters: dict, base: Path) -> dict:
     out = dict(parameters)
     for name, when in PATH_PARAMETERS.items():
         value = out.get(name)
-        if not isinstance(value, str) or not value or value == "world" or Path(value).expanduser().is_absolute():
+        if not isinstance(value, str) or not value or value == "world":
             continue
-        path = base / Path(value).expanduser()
+        path = Path(value).expanduser()  # "~/models/sd15" too
+        path = path if path.is_absolute() else base / path
         if when == "always" or path.exists():
             out[name] = str(path.resolve())
     return out

@@ -63,6 +63,9 @@ def test_relative_paths_are_the_callers_not_the_run_folders(tmp_path, books, mon
     assert resolve_paths({"model": "org/hub-id", "concept_folder": "missing", "x": "mine"}, tmp_path) == {
         "model": "org/hub-id", "concept_folder": str(tmp_path / "missing"), "x": "mine"}  # hub ids and others kept
     assert resolve_paths({"model": "world", "concept_folder": ""}, tmp_path) == {"model": "world", "concept_folder": ""}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_paths({"model": "~/sd15", "concept_folder": "~/mine"}, tmp_path / "elsewhere") == {
+        "model": str(tmp_path / "sd15"), "concept_folder": str(tmp_path / "mine")}  # ~ is the user's home
 
 
 def test_two_runs_in_one_second_get_their_own_folders(tmp_path, books, monkeypatch):

@@ -1,7 +1,5 @@
 """The world's CLIP: shipped, loaded through prkit.metrics like any CLIP, and it reads renders."""
 
-import numpy as np
-import pytest
 import torch
 from PIL import Image
 
