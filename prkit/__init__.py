@@ -10,7 +10,7 @@ _EXPORTS = {
     "add_residuals": "residuals", "remove_residuals": "residuals", "get_residuals": "residuals",
     "residual_names": "residuals", "residuals_disabled": "residuals", "only_residuals": "residuals",
     "Residuals": "residuals", "ResidualConfig": "residuals",
-    "capture_attention": "attention", "AttentionStore": "attention",
+    "capture_attention": "attention", "AttentionStore": "attention_store",
     "lag_sampling": "lag", "LAGConfig": "lag",
     "save_residuals": "files", "load_residuals": "files", "export_lora": "files", "read_metadata": "files",
     "load_pipeline": "pipeline", "native_resolution": "pipeline", "generate": "sample", "SampleConfig": "sample",

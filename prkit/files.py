@@ -6,7 +6,6 @@ Owns the on-disk formats and atomic writing; it does not train or sample.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import re
@@ -45,20 +44,31 @@ def layer_table(unet) -> dict[str, int]:
 
 
 ABANDONED_AFTER = 3600.0  # seconds without a change after which a dead writer's temporary file is removed
+_TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}\.tmp")  # atomic_path's names: .<target>.<pid>.<8 hex>.tmp
+_ABANDONED: dict[Path, dict[str, list[Path]]] = {}  # folder -> target name -> its abandoned temporary files
 
 
 def _remove_abandoned(path: Path) -> None:
     """Remove the temporary files that killed writers (SIGKILL, power loss) left beside ``path``: those whose
     process is gone and that have not changed for ``ABANDONED_AFTER`` seconds (a writer on another machine of a
-    shared folder is never that slow). Anything unclear is left alone."""
-    now = time.time()
-    ours = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")  # atomic_path's names only
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = ours.fullmatch(tmp.name)
-        try:
-            if (match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1)))
-                    or now - tmp.stat().st_mtime < ABANDONED_AFTER):
+    shared folder is never that slow). Anything unclear is left alone. The folder is listed once per process (a
+    sample run writes many files into one folder), each target's leftovers removed at its own first write."""
+    folder = path.parent.resolve()
+    if folder not in _ABANDONED:
+        found: dict[str, list[Path]] = {}
+        now = time.time()
+        for tmp in folder.glob(".*.tmp"):
+            match = _TEMPORARY.fullmatch(tmp.name)
+            try:
+                if (match is None or int(match.group(2)) == os.getpid() or _alive(int(match.group(2)))
+                        or now - tmp.stat().st_mtime < ABANDONED_AFTER):
+                    continue
+            except OSError:
                 continue
+            found.setdefault(match.group(1), []).append(tmp)
+        _ABANDONED[folder] = found
+    for tmp in _ABANDONED[folder].pop(path.name, []):
+        try:
             tmp.unlink()
         except OSError:
             continue

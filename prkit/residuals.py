@@ -256,9 +256,7 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
 
 def _has_lora(proj: nn.Module) -> bool:
     """Whether ``proj`` is a peft tuner layer (a diffusers LoRA wraps its base module as ``base_layer``)."""
-    if isinstance(proj, ResidualProjection):
-        return False
-    return hasattr(proj, "base_layer") or any(c.__name__ in ("BaseTunerLayer", "LoraLayer") for c in type(proj).__mro__)
+    return not isinstance(proj, ResidualProjection) and hasattr(proj, "base_layer")
 
 
 def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
