@@ -140,3 +140,50 @@ def test_diffusion_pool_names_patterns_and_never_shows_an_example_concept():
         W._random_pattern(obj, rng)
         seen.add((obj.cls, obj.pattern, frozenset((obj.color, obj.color2))))
     assert not seen & held_out and len(seen) > 20
+
+
+def test_summary_dropout_replaces_only_the_end_token_of_dropped_rows():
+    cond = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
+    empty = torch.full((1, 3, 2), -1.0)
+    out = W.summary_dropout(cond, empty, torch.tensor([True, False]))
+    assert torch.equal(out[0, -1], torch.tensor([-1.0, -1.0])) and torch.equal(out[0, :-1], cond[0, :-1])
+    assert torch.equal(out[1], cond[1])
+
+
+def test_eos_dropout_needs_left_padding(recipe):
+    from dataclasses import replace
+
+    out, cfg, _ = recipe
+    with pytest.raises(ValueError, match="pad_side='left'"):
+        W.stage_unet(replace(cfg, eos_dropout=0.5), out, torch.device("cpu"))
+
+
+def test_left_padded_recipe_ships_a_tokenizer_whose_pads_carry_nothing(recipe, tmp_path):
+    """pad_side='left': the exported folder pads on the left, so the text encoder's pad outputs (causal attention
+    sees only pads before them) are the same for every caption; the words sit at the end, after them."""
+    import shutil
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+
+    out, cfg, _ = recipe
+    work = tmp_path / "w"
+    shutil.copytree(out, work, ignore=shutil.ignore_patterns("model", "ckpt"))
+    W.run(["unet", "export"], work, replace(cfg, pad_side="left", eos_dropout=0.5), torch.device("cpu"))
+    pipe = StableDiffusionPipeline.from_pretrained(work / "model", torch_dtype=torch.float32)
+    tok = pipe.tokenizer
+    assert tok.padding_side == "left"
+    prompts = ["a photo of a red ball", "a photo of a blue box on the grass"]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    assert (ids[:, -1] == tok.eos_token_id).all() and (ids[:, 0] == tok.pad_token_id).all()
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0]
+    n_pads = int((ids[1] == tok.pad_token_id).sum()) - 1  # the longer caption's pads (its end token excluded)
+    torch.testing.assert_close(emb[0, :n_pads], emb[1, :n_pads])
+    assert not torch.allclose(emb[0, -1], emb[1, -1])  # the end token still reads its caption
+    from prkit.lag import token_positions
+
+    pos = token_positions(tok, prompts[0], ["ball"])
+    assert ids[0, pos].tolist() == tok("ball", add_special_tokens=False).input_ids  # LAG finds the word
+    img = pipe(prompts[0], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()

@@ -22,10 +22,20 @@ from .recipe_util import (MODEL_DIR, ORACLE_FILE, PERSONALIZATION_DEFAULTS, PROV
                           text_config, unet_config)
 
 
-def load_tokenizer(path: Path = TOKENIZER_DIR):
+def load_tokenizer(path: Path = TOKENIZER_DIR, pad_side: str | None = None):
+    """The world tokenizer; ``pad_side`` "left" or "right" overrides the side it pads on (the recipe's ``pad_side``)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(path))
+    if pad_side not in (None, "left", "right"):
+        raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+    return CLIPTokenizer.from_pretrained(str(path), **({"padding_side": pad_side} if pad_side else {}))
+
+
+def summary_dropout(cond: torch.Tensor, empty_cond: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``cond`` (B, T, D) with the last position (a left-padded caption's end token) taken from ``empty_cond``
+    (1, T, D) where ``drop`` (B,) is true."""
+    last = torch.where(drop[:, None], empty_cond[:, -1], cond[:, -1])
+    return torch.cat([cond[:, :-1], last[:, None]], 1)
 
 
 def build_text_encoder(tokenizer):
@@ -79,7 +89,10 @@ def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool 
 
     t = _Timer()
     torch.manual_seed(cfg.seed)
-    tok = load_tokenizer()
+    if cfg.eos_dropout and cfg.pad_side != "left":
+        raise ValueError("eos_dropout needs pad_side='left' (with right padding the pads after the end token "
+                         "summarise the caption as well)")
+    tok = load_tokenizer(pad_side=cfg.pad_side)
     caps = json.loads((out / "data" / "captions.json").read_text())
     lat_path = out / "data" / "latents.pt"
     vae = AutoencoderKL.from_pretrained(_vae_dir(out, init_from), torch_dtype=torch.float32).to(device).eval()
@@ -158,6 +171,9 @@ def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool 
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with _autocast(device):
             cond = te(tok_ids)[0]
+            if cfg.eos_dropout:
+                eos_drop = torch.rand(B, device=device, generator=gen) < cfg.eos_dropout
+                cond = summary_dropout(cond, te(empty[None])[0], eos_drop)
             pred = unet(xt, tt, cond).sample.float()
         per = (pred - noise).pow(2).mean((1, 2, 3))
         w = (snr[tt].clamp(max=cfg.min_snr_gamma) / snr[tt]) if cfg.min_snr_gamma else torch.ones_like(per)
@@ -203,7 +219,8 @@ def stage_export(cfg: RecipeConfig, out: Path, init_from: Path | None = None) ->
     from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     ckpt = torch.load(out / "ckpt" / "unet_train.pt", map_location="cpu")
-    tok = load_tokenizer()
+    pad_side = (ckpt.get("config") or {}).get("pad_side", "right")  # the side the weights were trained with
+    tok = load_tokenizer(pad_side=pad_side)
     unet, te = build_unet(), build_text_encoder(tok)
     unet.load_state_dict(ckpt["ema_unet"])
     te.load_state_dict(ckpt["ema_te"])
@@ -220,6 +237,10 @@ def stage_export(cfg: RecipeConfig, out: Path, init_from: Path | None = None) ->
     _canonical_text_encoder_keys(folder / "text_encoder")
     shutil.rmtree(folder / "tokenizer")  # ship the world tokenizer files verbatim (vocab.json + merges.txt)
     shutil.copytree(TOKENIZER_DIR, folder / "tokenizer")
+    if pad_side != "right":  # the side is the model's: its tokenizer config says it, so every loader pads alike
+        config_file = folder / "tokenizer" / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "padding_side": pad_side},
+                                          indent=2) + "\n")
     prov = {"recipe": "python -m prkit.world.train", "unet_steps": int(ckpt["step"]), "config": ckpt.get("config", {}),
             "unet_batch": (ckpt.get("config") or {}).get("unet_batch")}
     (folder / PROVENANCE).write_text(json.dumps(prov, indent=1, default=str))
