@@ -5,7 +5,7 @@ row, started from the identifier's own embedding, same learning rate), each grad
 base / trained / trained + LAG on the same seeds. The base images are sampled before any training, so the
 trained embedding never reaches them. Writes one summary row per (variant, concept, method).
 
-    python benchmarks/world_token_option.py --out /tmp/token.csv [--device cuda]
+    python benchmarks/world_token_option.py --out /tmp/token.csv [--device cuda] [--model world]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--model", default="world", help="the model to personalize (default: the shipped world)")
     ap.add_argument("--concepts", nargs="*", default=None)
     args = ap.parse_args(argv)
     from prkit import load_concept, train_residuals
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from prkit.world.oracle import load_oracle, read
 
     TARGETS["residuals_token"] = ResidualsAndToken
-    pipe = load_pipeline("world", device=args.device)
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     oracle = load_oracle(pipe.unet.device)
     config = BenchConfig()
