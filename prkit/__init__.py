@@ -11,7 +11,7 @@ _EXPORTS = {
     "residual_names": "residuals", "residuals_disabled": "residuals", "only_residuals": "residuals",
     "Residuals": "residuals", "ResidualConfig": "residuals",
     "capture_attention": "attention", "AttentionStore": "attention_store",
-    "lag_sampling": "lag", "LAGConfig": "lag",
+    "lag_sampling": "lag", "LAGConfig": "lag", "prompt_tokens": "lag",
     "save_residuals": "files", "load_residuals": "files", "export_lora": "files", "read_metadata": "files",
     "load_pipeline": "pipeline", "native_resolution": "pipeline", "generate": "sample", "SampleConfig": "sample",
     "load_concept": "data", "Concept": "data", "load_dreambooth": "dreambooth",

@@ -52,6 +52,20 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     return sorted(found)
 
 
+def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
+    """The word tokens of ``prompt`` as the text encoder sees them: their positions in the padded sequence and labels.
+
+    Start, end and padding are left out, so the positions are right whichever side the tokenizer pads on
+    (``padding_side`` "left" puts the words at the end). Use the positions as ``AttentionStore(tokens=...)``.
+    """
+    enc = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    ids, mask = enc.input_ids, enc.attention_mask
+    ends = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    positions = [i for i, (t, m) in enumerate(zip(ids, mask)) if m and t not in ends]
+    labels = [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens([ids[i] for i in positions])]
+    return positions, labels
+
+
 def _starts(ids: list[int], sub: list[int]) -> list[int]:
     """Where the token sequence ``sub`` occurs in ``ids``."""
     return [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]

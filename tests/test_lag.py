@@ -344,3 +344,25 @@ def test_side_stream_and_laid_out_masks_give_the_inline_result_on_cuda(tokenizer
     personal = run_unet(unet, (sample, t, text))
     assert torch.equal(out[True, True], out[False, False]) and torch.equal(out[False, True], out[False, False])
     assert (out[True, True] - personal).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_prompt_tokens_are_the_words_wherever_the_tokenizer_pads(tokenizer, side):
+    """prompt_tokens gives the positions of the words in the padded sequence the text encoder sees, for a tokenizer
+    that pads on the right (SD) or on the left (the world's runs 6-7): an attention store keyed by them shows words."""
+    from prkit.lag import prompt_tokens
+
+    old = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        prompt = "a photo of a sks dog"
+        positions, labels = prompt_tokens(tokenizer, prompt)
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length).input_ids
+        words = tokenizer(prompt, add_special_tokens=False).input_ids
+        assert [ids[i] for i in positions] == words and len(labels) == len(words)
+        assert labels[labels.index("sks") + 1] == "dog"
+        assert positions == token_positions(tokenizer, prompt, prompt.split())
+        assert (positions[0] == 1) == (side == "right")  # left: the words end just before the end token
+        assert (positions[-1] == tokenizer.model_max_length - 2) == (side == "left")
+    finally:
+        tokenizer.padding_side = old
