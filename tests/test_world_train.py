@@ -158,18 +158,27 @@ def test_eos_dropout_needs_left_padding(recipe):
         W.stage_unet(replace(cfg, eos_dropout=0.5), out, torch.device("cpu"))
 
 
-def test_left_padded_recipe_ships_a_tokenizer_whose_pads_carry_nothing(recipe, tmp_path):
-    """pad_side='left': the exported folder pads on the left, so the text encoder's pad outputs (causal attention
-    sees only pads before them) are the same for every caption; the words sit at the end, after them."""
+def test_left_padded_recipe_ships_a_tokenizer_whose_pads_carry_nothing(recipe, tmp_path, monkeypatch):
+    """pad_side='left': the UNet stage tokenizes on the left and drops end tokens, and the exported folder pads on
+    the left, so the text encoder's pad outputs (causal attention sees only pads before them) are the same for every
+    caption; the words sit at the end, after them. A warm start from that folder keeps the side."""
     import shutil
     from dataclasses import replace
 
     from diffusers import StableDiffusionPipeline
 
+    from prkit.world import train_unet
+
     out, cfg, _ = recipe
     work = tmp_path / "w"
     shutil.copytree(out, work, ignore=shutil.ignore_patterns("model", "ckpt"))
+    sides, drops = [], []
+    tokenize, dropout = train_unet.tokenize, train_unet.summary_dropout
+    monkeypatch.setattr(train_unet, "tokenize", lambda tok, caps: (sides.append(tok.padding_side), tokenize(tok, caps))[1])
+    monkeypatch.setattr(train_unet, "summary_dropout", lambda c, e, d: (drops.append(d.clone()), dropout(c, e, d))[1])
     W.run(["unet", "export"], work, replace(cfg, pad_side="left", eos_dropout=0.5), torch.device("cpu"))
+    assert sides and set(sides) == {"left"}
+    assert len(drops) == cfg.unet_steps and all(d.shape == (cfg.unet_batch,) for d in drops)
     pipe = StableDiffusionPipeline.from_pretrained(work / "model", torch_dtype=torch.float32)
     tok = pipe.tokenizer
     assert tok.padding_side == "left"
@@ -181,9 +190,33 @@ def test_left_padded_recipe_ships_a_tokenizer_whose_pads_carry_nothing(recipe, t
     n_pads = int((ids[1] == tok.pad_token_id).sum()) - 1  # the longer caption's pads (its end token excluded)
     torch.testing.assert_close(emb[0, :n_pads], emb[1, :n_pads])
     assert not torch.allclose(emb[0, -1], emb[1, -1])  # the end token still reads its caption
-    from prkit.lag import token_positions
-
-    pos = token_positions(tok, prompts[0], ["ball"])
-    assert ids[0, pos].tolist() == tok("ball", add_special_tokens=False).input_ids  # LAG finds the word
     img = pipe(prompts[0], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    # continuing that model without naming a side keeps it (a right-padded export would break its text encoder)
+    sides.clear()
+    again = tmp_path / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("model", "ckpt"))
+    W.run(["unet", "export"], again, cfg, torch.device("cpu"), init_from=work / "model")
+    assert set(sides) == {"left"}
+    assert StableDiffusionPipeline.from_pretrained(again / "model").tokenizer.padding_side == "left"
+
+
+def test_pad_side_follows_what_a_run_continues(tmp_path):
+    assert W.resolve_pad_side(None, None, None) == "right"  # runs 1-5
+    assert W.resolve_pad_side("left", None, None) == "left"
+    folder = tmp_path / "model"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"padding_side": "left"}))
+    assert W.resolve_pad_side(None, None, folder) == "left"
+    assert W.resolve_pad_side("right", None, folder) == "right"  # a warm start may switch, when asked
+    state = {"config": {"pad_side": "left"}}
+    assert W.resolve_pad_side(None, state, None) == "left"
+    with pytest.raises(ValueError, match="pad_side='left', not 'right'"):
+        W.resolve_pad_side("right", state, None)  # a resumed run may not
+    assert W.resolve_pad_side(None, {"config": {}}, None) == "right"  # checkpoints of runs 1-5
+
+
+def test_set_values_of_fields_without_a_default_parse_as_numbers_or_words():
+    assert W._parse_value("left", None) == "left"
+    assert W._parse_value("12", None) == 12 and W._parse_value("1e-3", None) == 1e-3
+    assert W._parse_value("None", "right") is None

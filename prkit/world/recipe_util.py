@@ -107,8 +107,9 @@ class RecipeConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.9995
     caption_dropout: float = 0.1
-    pad_side: str = "right"  # "left": pads before the caption, so that (causal text encoder) they carry nothing of it
-    # and the UNet must read each word's own token (run 6); "right" is runs 1-5 (the pads summarise the caption)
+    pad_side: str | None = None  # "left": pads before the caption, so that (causal text encoder) they carry nothing of
+    # it and the UNet must read each word's own token (runs 6-7); "right" is runs 1-5 (the pads summarise the caption);
+    # None: the side of the model it continues (--init-from's tokenizer config, a resumed checkpoint), else "right"
     eos_dropout: float = 0.0  # with pad_side="left": chance that the caption's end token (its one remaining summary)
     # is replaced by the empty caption's during UNet training, so that the words themselves must carry it
     min_snr_gamma: float | None = 5.0

@@ -42,8 +42,8 @@ from .recipe_util import (MODEL_DIR, ORACLE_FILE, PROVENANCE, SIZE_LIMIT_MB, STA
                           unet_config, vae_config)
 from .train_oracle_stage import _oracle_vae_report, stage_oracle, stage_oracle_vae  # noqa: F401
 from .train_unet import (_canonical_text_encoder_keys, _param_groups, build_text_encoder, build_unet,  # noqa: F401
-                         encode_pool, folder_mb, load_tokenizer, ship, stage_export, stage_unet, summary_dropout,
-                         tokenize)
+                         encode_pool, folder_mb, load_tokenizer, resolve_pad_side, ship, stage_export, stage_unet,
+                         summary_dropout, tokenize)
 from .train_vae import _edges, _psnr, build_vae, stage_vae, vae_loss, vae_roundtrip  # noqa: F401
 
 
@@ -90,8 +90,13 @@ def _parse_value(value: str, default):
         return None
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes")
-    if default is None:
-        return float(value) if any(c in value for c in ".e") else int(value)
+    if default is None:  # a number if it reads as one (pad_side=left stays a word)
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
     return type(default)(value)
 
 

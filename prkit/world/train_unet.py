@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,26 @@ def load_tokenizer(path: Path = TOKENIZER_DIR, pad_side: str | None = None):
     if pad_side not in (None, "left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
     return CLIPTokenizer.from_pretrained(str(path), **({"padding_side": pad_side} if pad_side else {}))
+
+
+def resolve_pad_side(asked: str | None, state: dict | None, init_from: Path | None) -> str:
+    """The side a UNet stage pads on: ``asked``, else the side of what it continues, else "right".
+
+    A resumed checkpoint keeps its side (asking for the other one is refused); a warm start from a model folder
+    (``init_from``) takes the side its tokenizer config names unless another is asked for, which switches it.
+    """
+    if state is not None:
+        trained = (state.get("config") or {}).get("pad_side") or "right"
+        if asked is not None and asked != trained:
+            raise ValueError(f"the checkpoint being resumed was trained with pad_side={trained!r}, not {asked!r}; "
+                             "resume with the same side, or start a new run (--init-from its exported model)")
+        return trained
+    if asked is not None:
+        return asked
+    config_file = Path(init_from) / "tokenizer" / "tokenizer_config.json" if init_from is not None else None
+    if config_file is not None and config_file.exists():
+        return json.loads(config_file.read_text()).get("padding_side") or "right"
+    return "right"
 
 
 def summary_dropout(cond: torch.Tensor, empty_cond: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -89,6 +109,9 @@ def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool 
 
     t = _Timer()
     torch.manual_seed(cfg.seed)
+    ckpt = out / "ckpt" / "unet_train.pt"
+    state = torch.load(ckpt, map_location="cpu") if resume and ckpt.exists() else None
+    cfg = replace(cfg, pad_side=resolve_pad_side(cfg.pad_side, state, init_from))  # the checkpoint records it
     if cfg.eos_dropout and cfg.pad_side != "left":
         raise ValueError("eos_dropout needs pad_side='left' (with right padding the pads after the end token "
                          "summarise the caption as well)")
@@ -109,8 +132,6 @@ def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool 
     ids = tokenize(tok, caps).to(device)
     empty = tokenize(tok, [""]).to(device)[0]
 
-    ckpt = out / "ckpt" / "unet_train.pt"
-    state = torch.load(ckpt, map_location="cpu") if resume and ckpt.exists() else None
     if init_from is not None and state is None:
         unet = UNet2DConditionModel.from_pretrained(init_from, subfolder="unet", torch_dtype=torch.float32)
         te = CLIPTextModel.from_pretrained(init_from, subfolder="text_encoder", torch_dtype=torch.float32)
@@ -219,7 +240,7 @@ def stage_export(cfg: RecipeConfig, out: Path, init_from: Path | None = None) ->
     from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     ckpt = torch.load(out / "ckpt" / "unet_train.pt", map_location="cpu")
-    pad_side = (ckpt.get("config") or {}).get("pad_side", "right")  # the side the weights were trained with
+    pad_side = (ckpt.get("config") or {}).get("pad_side") or "right"  # the side the weights were trained with
     tok = load_tokenizer(pad_side=pad_side)
     unet, te = build_unet(), build_text_encoder(tok)
     unet.load_state_dict(ckpt["ema_unet"])
