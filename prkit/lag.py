@@ -72,12 +72,15 @@ def _starts(ids: list[int], sub: list[int]) -> list[int]:
 
 
 def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residuals],
-                    include_class: bool = True, convert: Callable[[str], str] | None = None) -> torch.Tensor:
+                    include_class: bool = True, convert: Callable[[str], str] | None = None,
+                    require: bool = True) -> torch.Tensor:
     """Token weights (P, T, S): 1 at the positions of concept s's words in prompt p.
 
     Args:
         convert: how the pipeline rewrites a text before it tokenizes it (``encoded_text``); applied to prompts
             and words alike, so positions are those of the tokens the text encoder really sees.
+        require: refuse a prompt without a concept's identifier (False: its weights stay zero; SDXL's second
+            prompt may leave the concept out).
     Raises:
         ValueError: a prompt lacks a concept's identifier (LAG would have nothing to localize).
     """
@@ -90,7 +93,7 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                              "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
         for p, prompt in enumerate(prompts):
             encoded = convert(prompt)
-            if not token_positions(tokenizer, encoded, [convert(concept.token)]):
+            if require and not token_positions(tokenizer, encoded, [convert(concept.token)]):
                 full = tokenizer(encoded, add_special_tokens=True).input_ids
                 if len(full) > length and _starts(full, _word_ids(tokenizer, convert(concept.token))):
                     raise ValueError(f"the identifier {concept.token!r} of residual set {concept.name!r} comes after "
@@ -99,9 +102,29 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                 raise ValueError(f"prompt {prompt!r} does not contain the identifier {concept.token!r} of residual "
                                  f"set {concept.name!r}; write it into the prompt (e.g. 'a photo of a "
                                  f"{concept.token} {concept.class_word or '<class>'}') or sample with lag=False")
+            if not token_positions(tokenizer, encoded, [convert(concept.token)]):
+                continue  # not required here (a second prompt without the concept): nothing to mark
             words = [concept.token] + ([concept.class_word] if include_class and concept.class_word else [])
             weights[p, token_positions(tokenizer, encoded, [convert(word) for word in words]), s] = 1.0
     return weights
+
+
+def second_prompt_weights(pipe, prompts_2: str | Sequence[str], n_prompts: int, concepts: Sequence[Residuals],
+                          include_class: bool = True) -> torch.Tensor:
+    """Token weights (P, T, S) of the concepts' words in SDXL's second prompt(s), read with ``tokenizer_2``.
+
+    SDXL joins its two text encoders' outputs position by position (along the features), so a key at position i
+    carries the i-th token of the prompt and the i-th token of ``prompt_2``; where the concept sits in the second
+    prompt is a place to look as well. A second prompt without the identifier adds nothing.
+    """
+    tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+    if tokenizer_2 is None:
+        raise ValueError("prompt_2 is SDXL's second prompt; this pipeline has no tokenizer_2 to read it with")
+    prompts_2 = [prompts_2] * n_prompts if isinstance(prompts_2, str) else list(prompts_2)
+    if len(prompts_2) != n_prompts:
+        raise ValueError(f"prompt_2 has {len(prompts_2)} prompts for {n_prompts} prompts; give one per prompt")
+    return concept_weights(tokenizer_2, prompts_2, concepts, include_class, encoded_text(pipe, tokenizer_2),
+                           require=False)
 
 
 def encoded_text(pipe_or_unet, tokenizer) -> Callable[[str], str]:
@@ -227,7 +250,7 @@ def pipeline_cfg(pipe) -> Callable[[], bool]:
 @contextlib.contextmanager
 def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], prompts: str | Sequence[str], *,
                  tokenizer=None, config: LAGConfig | None = None, cfg: bool | None = None,
-                 store: AttentionStore | None = None):
+                 store: AttentionStore | None = None, prompts_2: str | Sequence[str] | None = None):
     """Within the block, each residual set in ``residuals`` is applied only under its concept's mask.
 
     Args:
@@ -239,6 +262,8 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
         config: threshold settings (median by default).
         cfg: whether batches are [uncond; cond]; None reads the pipeline's own flag at run time.
         store: optionally also keep per-token maps for visualisation.
+        prompts_2: SDXL's second prompt(s), when the pipeline is called with a ``prompt_2`` of its own: the
+            concept's words there are looked at too (the identifier is required in ``prompts`` only).
     Yields:
         the CaptureState, whose maps can be inspected.
     Raises:
@@ -260,6 +285,12 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     if cfg is None:
         cfg = pipeline_cfg(pipe_or_unet) if hasattr(pipe_or_unet, "unet") else False
     weights = concept_weights(tokenizer, prompts, sets, config.include_class, encoded_text(pipe_or_unet, tokenizer))
+    if prompts_2 is not None:
+        second = second_prompt_weights(pipe_or_unet, prompts_2, len(prompts), sets, config.include_class)
+        if second.shape != weights.shape:
+            raise ValueError(f"the two tokenizers give {weights.shape[1]} and {second.shape[1]} positions; SDXL's "
+                             "text encoders must agree on the sequence length")
+        weights = torch.maximum(weights, second)
     index = {r.name: s for s, r in enumerate(sets)}
     state = CaptureState(weights, cfg, store)
     layers = wrapped_layers(unet)

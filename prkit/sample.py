@@ -65,7 +65,8 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     elif negative is not None:  # and a list, as the prompts are (it refuses a tuple: "should be the same type")
         negative = list(negative)
     if lag and sets:
-        context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store)
+        context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store,
+                               prompts_2=pipe_kwargs.get("prompt_2"))
     elif store is not None:
         context = capture_attention(pipe.unet, CaptureState(cfg=pipeline_cfg(pipe), store=store))
     else:

@@ -272,3 +272,42 @@ def test_hub_ids_read_the_pipeline_class_from_their_model_index(pipe, tmp_path, 
     assert type(sd).__name__ == "StableDiffusionPipeline" and sd.safety_checker is None
     xl = prkit.load_pipeline("prkit-tests/big", device="cpu", cache_dir=str(cache))
     assert type(xl).__name__ == "StableDiffusionXLPipeline" and "safety_checker" not in calls[1]
+
+
+def test_lag_looks_for_the_concept_in_sdxls_second_prompt_too(tmp_path, monkeypatch):
+    """SDXL joins its two text encoders' outputs position by position; with a prompt_2 of its own the concept's
+    words there sit elsewhere, and LAG's weights cover both places (the identifier is required in prompt only)."""
+    from conftest import randomize
+    from prkit.lag import lag_sampling
+
+    pipe = _tiny_sdxl(tmp_path)
+    dog = prkit.add_residuals(pipe.unet, rank=2, name="dog", token="sks", class_word="dog", seed=0)
+    randomize(dog)
+    prompt, prompt_2 = "a photo of a sks dog", "the beach next to the cat next to a sks dog"
+
+    def marked(weights):
+        return weights[0, :, 0].nonzero().flatten().tolist()
+
+    def positions(tokenizer, text):
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length).input_ids
+        words = {tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("sks", "dog")}
+        return [i for i, t in enumerate(ids) if t in words]
+
+    first, second = positions(pipe.tokenizer, prompt), positions(pipe.tokenizer_2, prompt_2)
+    assert first == [5, 6] and second and not set(first) & set(second)
+    with lag_sampling(pipe, dog, prompt) as state:
+        assert marked(state.concept_weights) == first
+    with lag_sampling(pipe, dog, prompt, prompts_2=prompt_2) as state:
+        assert marked(state.concept_weights) == sorted(first + second)
+    with lag_sampling(pipe, dog, prompt, prompts_2="a photo of the beach") as state:  # no concept there: nothing added
+        assert marked(state.concept_weights) == first
+    with pytest.raises(ValueError, match="prompt_2 has 2 prompts for 1 prompts"):
+        with lag_sampling(pipe, dog, prompt, prompts_2=[prompt_2, prompt_2]):
+            pass
+    import prkit.sample as sample
+
+    seen = []
+    real = sample.lag_sampling
+    monkeypatch.setattr(sample, "lag_sampling", lambda *a, **k: (seen.append(k.get("prompts_2")), real(*a, **k))[1])
+    images = prkit.generate(pipe, prompt, dog, prompt_2=prompt_2, steps=2, output_type="np", height=32, width=32)
+    assert seen == [prompt_2] and images.shape == (1, 32, 32, 3)
