@@ -34,18 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from prkit.attention_store import AttentionStore
-    from prkit.pipeline import load_pipeline
     from prkit.residuals import only_residuals, remove_residuals
     from prkit.sample import generate
-    from prkit.world.bench import BenchConfig, identity, prompt_scene, train_concept
+    from prkit.world.bench import BenchConfig, identity, load_graded, prompt_scene, train_concept
     from prkit.world.concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS
-    from prkit.world.oracle import load_oracle, read
+    from prkit.world.oracle import read
 
     start = time.perf_counter()
-    pipe = load_pipeline(args.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, oracle = load_graded(args.model, args.device)
     device = pipe.unet.device
-    oracle = load_oracle(device)
     concept = EXAMPLE_CONCEPTS[args.concept]
     tok = pipe.tokenizer
     summary_ids = {tok.eos_token_id, tok.pad_token_id}

@@ -58,18 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concepts", nargs="*", default=None)
     args = ap.parse_args(argv)
     from prkit import load_concept, train_residuals
-    from prkit.pipeline import load_pipeline
     from prkit.residuals import remove_residuals
     from prkit.sample import generate
     from prkit.targets import TARGETS
-    from prkit.world.bench import BenchConfig, grade, summarize, write_csv
+    from prkit.world.bench import BenchConfig, grade, load_graded, summarize, write_csv
     from prkit.world.concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder
-    from prkit.world.oracle import load_oracle, read
+    from prkit.world.oracle import read
 
     TARGETS["residuals_token"] = ResidualsAndToken
-    pipe = load_pipeline(args.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
-    oracle = load_oracle(pipe.unet.device)
+    pipe, oracle = load_graded(args.model, args.device)
     config = BenchConfig()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     out_rows = []

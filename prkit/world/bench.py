@@ -101,6 +101,16 @@ def grade(images: list, base_images: list, readings: list[dict], base_readings: 
     return rows
 
 
+def load_graded(model: str = "world", device: str = "auto"):
+    """(pipeline with its progress bars off, the oracle on the pipeline's device): what a world benchmark starts from."""
+    from ..pipeline import load_pipeline
+    from .oracle import load_oracle
+
+    pipe = load_pipeline(model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, load_oracle(pipe.unet.device)
+
+
 def train_concept(pipe, name: str, config: BenchConfig, progress: bool = False):
     """Personalize ``pipe`` on the shipped concept ``name`` with the benchmark's recipe; returns the TrainResult."""
     from .. import load_concept, train_residuals
