@@ -48,8 +48,22 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     for word in words:
         sub = _word_ids(tokenizer, word)
         for start in _starts(ids, sub):
-            found.update(range(start, start + len(sub)))
+            if _begins_a_word(tokenizer, ids, start, sub):
+                found.update(range(start, start + len(sub)))
     return sorted(found)
+
+
+def _begins_a_word(tokenizer, ids: list[int], start: int, sub: list[int]) -> bool:
+    """Whether the match of ``sub`` at ``start`` is a whole word, not the tail of a longer one ("sks" in "xsks").
+
+    CLIP's BPE marks the last piece of every word with ``</w>``: a word begins after such a piece, a special token
+    or an added one (a textual-inversion token). Vocabularies without that mark are not checked.
+    """
+    if start == 0 or not str(tokenizer.convert_ids_to_tokens(sub[-1])).endswith("</w>"):
+        return True
+    before = ids[start - 1]
+    text = str(tokenizer.convert_ids_to_tokens(before))
+    return before in tokenizer.all_special_ids or text.endswith("</w>") or text in tokenizer.get_added_vocab()
 
 
 def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:

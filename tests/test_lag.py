@@ -366,3 +366,23 @@ def test_prompt_tokens_are_the_words_wherever_the_tokenizer_pads(tokenizer, side
         assert (positions[-1] == tokenizer.model_max_length - 2) == (side == "left")
     finally:
         tokenizer.padding_side = old
+
+
+def test_identifier_and_class_match_whole_words_only(tokenizer):
+    """'sks' inside 'xsks' (BPE: 'x' + 'sks</w>') and 'dog' inside 'hotdog' are not the concept's words: LAG would
+    mask the wrong token, and a prompt without the identifier would pass the check."""
+    prompt = "a photo of a xsks hotdog"
+    ids = tokenizer(prompt).input_ids
+    sks, dog = (tokenizer(w, add_special_tokens=False).input_ids[-1] for w in ("sks", "dog"))
+    assert sks in ids and dog in ids  # the tails are there as tokens
+    assert token_positions(tokenizer, prompt, ["sks", "dog"]) == []
+    assert token_positions(tokenizer, "a photo of a sks dog, (sks) dog", ["sks"]) == [5, 9]  # after "," and "("
+    with pytest.raises(ValueError, match="does not contain the identifier"):
+        concept_weights(tokenizer, [prompt], [_dog_set()])
+
+
+def _dog_set():
+    """A residual-set stand-in with the words concept_weights reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name="dog", token="sks", class_word="dog")
