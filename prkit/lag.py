@@ -42,8 +42,7 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     Returns:
         sorted positions (empty when none of the words occur).
     """
-    ids = tokenizer(prompt, padding="max_length", truncation=True,
-                    max_length=tokenizer.model_max_length).input_ids
+    ids = _padded(tokenizer, prompt).input_ids
     found: set[int] = set()
     for word in words:
         sub = _word_ids(tokenizer, word)
@@ -51,6 +50,11 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
             if _begins_a_word(tokenizer, ids, start, sub):
                 found.update(range(start, start + len(sub)))
     return sorted(found)
+
+
+def _padded(tokenizer, prompt: str):
+    """``prompt`` tokenized as the pipeline does for its text encoder: padded to the model length, cut there."""
+    return tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
 
 
 def _begins_a_word(tokenizer, ids: list[int], start: int, sub: list[int]) -> bool:
@@ -72,7 +76,7 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     Start, end and padding are left out, so the positions are right whichever side the tokenizer pads on
     (``padding_side`` "left" puts the words at the end). Use the positions as ``AttentionStore(tokens=...)``.
     """
-    enc = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    enc = _padded(tokenizer, prompt)
     ids, mask = enc.input_ids, enc.attention_mask
     ends = {tokenizer.bos_token_id, tokenizer.eos_token_id}
     positions = [i for i, (t, m) in enumerate(zip(ids, mask)) if m and t not in ends]
@@ -107,7 +111,10 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                              "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
         for p, prompt in enumerate(prompts):
             encoded = convert(prompt)
-            if require and not token_positions(tokenizer, encoded, [convert(concept.token)]):
+            if token_positions(tokenizer, encoded, [convert(concept.token)]):
+                words = [concept.token] + ([concept.class_word] if include_class and concept.class_word else [])
+                weights[p, token_positions(tokenizer, encoded, [convert(word) for word in words]), s] = 1.0
+            elif require:
                 full = tokenizer(encoded, add_special_tokens=True).input_ids
                 if len(full) > length and _starts(full, _word_ids(tokenizer, convert(concept.token))):
                     raise ValueError(f"the identifier {concept.token!r} of residual set {concept.name!r} comes after "
@@ -116,10 +123,6 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                 raise ValueError(f"prompt {prompt!r} does not contain the identifier {concept.token!r} of residual "
                                  f"set {concept.name!r}; write it into the prompt (e.g. 'a photo of a "
                                  f"{concept.token} {concept.class_word or '<class>'}') or sample with lag=False")
-            if not token_positions(tokenizer, encoded, [convert(concept.token)]):
-                continue  # not required here (a second prompt without the concept): nothing to mark
-            words = [concept.token] + ([concept.class_word] if include_class and concept.class_word else [])
-            weights[p, token_positions(tokenizer, encoded, [convert(word) for word in words]), s] = 1.0
     return weights
 
 

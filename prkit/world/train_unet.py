@@ -38,7 +38,7 @@ def resolve_pad_side(asked: str | None, state: dict | None, init_from: Path | No
     (``init_from``) takes the side its tokenizer config names unless another is asked for, which switches it.
     """
     if state is not None:
-        trained = (state.get("config") or {}).get("pad_side") or "right"
+        trained = trained_pad_side(state)
         if asked is not None and asked != trained:
             raise ValueError(f"the checkpoint being resumed was trained with pad_side={trained!r}, not {asked!r}; "
                              "resume with the same side, or start a new run (--init-from its exported model)")
@@ -49,6 +49,11 @@ def resolve_pad_side(asked: str | None, state: dict | None, init_from: Path | No
     if config_file is not None and config_file.exists():
         return json.loads(config_file.read_text()).get("padding_side") or "right"
     return "right"
+
+
+def trained_pad_side(checkpoint: dict) -> str:
+    """The side a UNet checkpoint was trained with (checkpoints of runs 1-5 record none: right)."""
+    return (checkpoint.get("config") or {}).get("pad_side") or "right"
 
 
 def summary_dropout(cond: torch.Tensor, empty_cond: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -191,10 +196,12 @@ def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool 
         a = abar[tt].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with _autocast(device):
-            cond = te(tok_ids)[0]
-            if cfg.eos_dropout:
+            if cfg.eos_dropout:  # the empty caption rides along in the same text-encoder batch
                 eos_drop = torch.rand(B, device=device, generator=gen) < cfg.eos_dropout
-                cond = summary_dropout(cond, te(empty[None])[0], eos_drop)
+                cond = te(torch.cat([tok_ids, empty[None]]))[0]
+                cond = summary_dropout(cond[:-1], cond[-1:], eos_drop)
+            else:
+                cond = te(tok_ids)[0]
             pred = unet(xt, tt, cond).sample.float()
         per = (pred - noise).pow(2).mean((1, 2, 3))
         w = (snr[tt].clamp(max=cfg.min_snr_gamma) / snr[tt]) if cfg.min_snr_gamma else torch.ones_like(per)
@@ -240,7 +247,7 @@ def stage_export(cfg: RecipeConfig, out: Path, init_from: Path | None = None) ->
     from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     ckpt = torch.load(out / "ckpt" / "unet_train.pt", map_location="cpu")
-    pad_side = (ckpt.get("config") or {}).get("pad_side") or "right"  # the side the weights were trained with
+    pad_side = trained_pad_side(ckpt)
     tok = load_tokenizer(pad_side=pad_side)
     unet, te = build_unet(), build_text_encoder(tok)
     unet.load_state_dict(ckpt["ema_unet"])
