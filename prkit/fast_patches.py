@@ -78,13 +78,9 @@ def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         part = lowrank.up @ lowrank.down  # (C, C) fp32
         part = part * self.scales[name] if self.scales[name] != 1 else part
         delta = part if delta is None else delta + part
-    base = self.base_layer
     if delta is None:
-        return base(x)
-    weight = (base.weight.float() + delta.view(base.weight.shape)).to(base.weight.dtype)
-    if self.is_conv:
-        return base._conv_forward(x, weight, base.bias)
-    return F.linear(x, weight, base.bias)
+        return self.base_forward(x)
+    return self.base_forward(x, (self.weight.float() + delta.view(self.weight.shape)).to(self.weight.dtype))
 
 
 def patch_merged_lowrank(unet: nn.Module):

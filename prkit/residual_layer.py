@@ -40,29 +40,57 @@ class LowRank(nn.Module):
 
 
 class ResidualProjection(nn.Module):
-    """Wraps a ``proj_out`` (1x1 Conv2d or Linear): base(x) + sum_s scale_s * mask_s * up_s(down_s(x)).
+    """A ``proj_out`` (1x1 Conv2d or Linear) with residual sets: base(x) + sum_s scale_s * mask_s * up_s(down_s(x)).
 
-    ``base_layer`` is the original module object; ``remove_residuals`` puts it back.
+    ``ResidualProjection(proj_out, block_name)`` makes a ``ResidualConv2d`` or a ``ResidualLinear``: a subclass of
+    the wrapped layer's own class that shares its weight and bias Parameters, so whatever takes a Conv2d or Linear
+    still takes it (a peft/diffusers LoRA loaded afterwards wraps it and adds its own branch on top; the state dict
+    keeps the layer's own keys, plus the sets'). ``original`` is the wrapped module object; ``remove_residuals``
+    puts it back. It is not a submodule and deliberately not called ``base_layer``: peft unwraps every
+    ``base_layer`` it finds, and would drop the residuals with a LoRA.
     ``mask_source`` (set by LAG) returns, for a set name, a (B, N) mask over the block's positions, a bool
     (rows, N) one, a mask laid out like the set's middle (``layout_mask``), or None.
     """
 
+    is_conv: bool
+    plain: type  # the layer class a subclass wraps
+
+    def __new__(cls, base_layer: nn.Module = None, block_name: str = "", *args, **kwargs):
+        if base_layer is not None and not isinstance(base_layer, nn.Module) and cls is not ResidualProjection:
+            # a layer's own arguments, as peft passes them to type(layer) for its LoRA factors: the plain layer
+            return cls.plain(base_layer, block_name, *args, **kwargs)
+        if cls is ResidualProjection:  # the factory: the subclass that matches the wrapped layer
+            if isinstance(base_layer, ResidualProjection):
+                raise TypeError(f"{block_name}.proj_out already holds residual sets; add a set to it instead")
+            if isinstance(base_layer, nn.Conv2d):
+                cls = ResidualConv2d
+            elif isinstance(base_layer, nn.Linear):
+                cls = ResidualLinear
+            else:
+                kind = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"  # peft's lora.Conv2d is no Conv2d
+                raise TypeError(f"{block_name}.proj_out is a {kind}; expected a torch.nn.Conv2d or torch.nn.Linear")
+        return super().__new__(cls)
+
     def __init__(self, base_layer: nn.Module, block_name: str):
-        super().__init__()
-        if isinstance(base_layer, nn.Conv2d):
+        nn.Module.__init__(self)  # not Conv2d/Linear.__init__: the weight and bias are the wrapped layer's own
+        if self.is_conv:
             if base_layer.kernel_size != (1, 1) or base_layer.groups != 1:
                 raise TypeError(f"{block_name}.proj_out is a {base_layer.kernel_size} conv; only 1x1 is supported")
-            self.is_conv = True
             channels_in, channels_out = base_layer.in_channels, base_layer.out_channels
-        elif isinstance(base_layer, nn.Linear):
-            self.is_conv = False
-            channels_in, channels_out = base_layer.in_features, base_layer.out_features
+            names = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice")
         else:
-            kind = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"  # peft's lora.Conv2d is no Conv2d
-            raise TypeError(f"{block_name}.proj_out is a {kind}; expected a torch.nn.Conv2d or torch.nn.Linear")
+            channels_in, channels_out = base_layer.in_features, base_layer.out_features
+            names = ("in_features", "out_features")
         if channels_in != channels_out:
             raise TypeError(f"{block_name}.proj_out maps {channels_in}->{channels_out}; expected a square projection")
-        self.base_layer = base_layer
+        for attr in names:
+            setattr(self, attr, getattr(base_layer, attr))
+        # the same Parameter objects: merging writes the wrapped layer's weight
+        self.register_parameter("weight", base_layer.weight)
+        self.register_parameter("bias", base_layer.bias)
+        self.train(base_layer.training)
+        self.__dict__["original"] = base_layer  # not registered: its parameters are already ours
         self.block_name = block_name
         self.channels = channels_in
         self.sets = nn.ModuleDict()
@@ -74,8 +102,23 @@ class ResidualProjection(nn.Module):
         self._merged_from: tuple = ()  # the merged factors' storage and version counters at the last write
         self.mask_source: Callable[[str], torch.Tensor | None] | None = None
 
+    def unwrapped(self) -> nn.Module:
+        """The wrapped module object, holding this layer's current weight and bias Parameters (a dtype or device
+        conversion that made new ones reached only this layer)."""
+        original = self.__dict__["original"]
+        original.register_parameter("weight", self.weight)
+        original.register_parameter("bias", self.bias)
+        return original
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The projection without the sets (with ``weight`` instead of the layer's own, when given)."""
+        weight = self.weight if weight is None else weight
+        if self.is_conv:
+            return self._conv_forward(x, weight, self.bias)
+        return F.linear(x, weight, self.bias)
+
     def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:
-        weight = self.base_layer.weight
+        weight = self.weight
         self.sets[name] = LowRank(self.channels, rank, generator, device=weight.device, dtype=weight.dtype)
         self.scales[name] = 1.0
         self.active[name] = True
@@ -95,7 +138,7 @@ class ResidualProjection(nn.Module):
         (a broadcast bool mask takes a strided one, measured ~3x slower on an H100)."""
         rows, tokens = mask.shape
         rank = self.sets[name].rank
-        full = mask.to(self.base_layer.weight.dtype).repeat(batch // rows, 1)  # (B, N)
+        full = mask.to(self.weight.dtype).repeat(batch // rows, 1)  # (B, N)
         if self.is_conv:
             return full[:, None, :].expand(batch, rank, tokens).contiguous()
         return full[:, :, None].expand(batch, tokens, rank).contiguous()
@@ -119,7 +162,7 @@ class ResidualProjection(nn.Module):
         if self.merged and not torch.compiler.is_compiling() and self._factor_versions() != self._merged_from:
             with torch.no_grad():
                 self._write_merged()
-        out = self.base_layer(x)
+        out = self.base_forward(x)
         for name, lowrank in self.sets.items():
             if not self.active[name] or name in self.merged or self.scales[name] == 0:
                 continue
@@ -140,7 +183,7 @@ class ResidualProjection(nn.Module):
         if name in self.merged:
             return
         if self._unmerged_weight is None:
-            self._unmerged_weight = self.base_layer.weight.detach().clone()
+            self._unmerged_weight = self.weight.detach().clone()
         self.merged[name] = self.scales[name]
         self._write_merged()
 
@@ -154,7 +197,7 @@ class ResidualProjection(nn.Module):
     def _write_merged(self) -> None:
         """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
         and unmerging several sets in any order never drifts from what a fresh merge gives."""
-        weight, original = self.base_layer.weight, self._unmerged_weight
+        weight, original = self.weight, self._unmerged_weight
         self._merged_from = self._factor_versions()
         if not self.merged:
             weight.copy_(original)
@@ -169,6 +212,21 @@ class ResidualProjection(nn.Module):
         """What tells whether a merged set's factors changed: their storage and in-place version counters."""
         return tuple((name, p.data_ptr(), p._version) for name in self.merged
                      for p in (self.sets[name].down, self.sets[name].up))
+
+
+
+class ResidualConv2d(ResidualProjection, nn.Conv2d):
+    """A 1x1 ``Conv2d`` proj_out with residual sets (SD1.x); see ``ResidualProjection``."""
+
+    is_conv, plain = True, nn.Conv2d
+    forward = ResidualProjection.forward
+
+
+class ResidualLinear(ResidualProjection, nn.Linear):
+    """A ``Linear`` proj_out with residual sets (SD2.x, SDXL); see ``ResidualProjection``."""
+
+    is_conv, plain = False, nn.Linear
+    forward = ResidualProjection.forward
 
 
 def _mask_rows(middle: torch.Tensor, mask: torch.Tensor, is_conv: bool) -> torch.Tensor:

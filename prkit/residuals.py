@@ -59,8 +59,26 @@ def find_projections(unet: nn.Module) -> dict[str, nn.Module]:
 
 
 def wrapped_layers(unet: nn.Module) -> dict[str, ResidualProjection]:
-    """Block name -> ResidualProjection for the blocks that are currently wrapped."""
-    return {k: v for k, v in find_projections(unet).items() if isinstance(v, ResidualProjection)}
+    """Block name -> ResidualProjection for the blocks that are currently wrapped (also under a LoRA loaded later)."""
+    found = {k: residual_layer(v) for k, v in find_projections(unet).items()}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def residual_layer(proj: nn.Module) -> ResidualProjection | None:
+    """The residual layer of a ``proj_out``: itself, the base layer of a peft LoRA put on it later, or None."""
+    if isinstance(proj, ResidualProjection):
+        return proj
+    base = getattr(proj, "base_layer", None)
+    return base if isinstance(base, ResidualProjection) else None
+
+
+def _put_back(unet: nn.Module, block: str, layer: ResidualProjection) -> None:
+    """Replace the residual layer of ``block`` by the module it wrapped (under a LoRA's wrapper where one is)."""
+    parent = original_module(unet).get_submodule(block)
+    if parent.proj_out is layer:
+        parent.proj_out = layer.unwrapped()
+    else:
+        parent.proj_out.base_layer = layer.unwrapped()
 
 
 class _Word:
@@ -219,22 +237,24 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
     projections = find_projections(unet)
     if not projections:
         raise ValueError("this model has no transformer blocks with a proj_out; is it a UNet2DConditionModel?")
-    if any(name in p.sets for p in projections.values() if isinstance(p, ResidualProjection)):
+    layers = {block: residual_layer(proj) for block, proj in projections.items()}
+    if any(name in layer.sets for layer in layers.values() if layer is not None):
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name or remove it")
-    adapted = [block for block, proj in projections.items() if _has_lora(proj)]
+    adapted = [block for block, proj in projections.items() if layers[block] is None and _has_lora(proj)]
     if adapted:
         raise ValueError(f"a LoRA (peft) is already on the proj_out of {len(adapted)} block(s) ({adapted[0]}, ...): "
-                         "prkit residuals and a LoRA cannot be stacked on the same layer (and peft refuses a LoRA on "
-                         "a layer that holds residuals). Fuse the LoRA into the base weights first, "
-                         "pipe.fuse_lora() then pipe.unload_lora_weights(), then add or load the residuals")
+                         "prkit residuals cannot be stacked under a LoRA. Load the LoRA after the residuals (it then "
+                         "stacks on them), or fuse it into the base weights first: pipe.fuse_lora() then "
+                         "pipe.unload_lora_weights(), then add or load the residuals")
     root = original_module(unet)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     try:
         for block, proj in projections.items():
-            if not isinstance(proj, ResidualProjection):
+            if layers[block] is not None:
+                proj = layers[block]
+            else:
                 proj = ResidualProjection(proj, block)
-                parent = root.get_submodule(block)
-                parent.proj_out = proj
+                root.get_submodule(block).proj_out = proj
             if isinstance(config.rank, dict):
                 if block not in config.rank:
                     raise ValueError(f"no rank given for block {block!r}")
@@ -247,7 +267,7 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
             if name in layer.sets:
                 layer.remove_set(name)
             if not layer.sets:
-                root.get_submodule(block).proj_out = layer.base_layer
+                _put_back(unet, block, layer)
         raise
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
@@ -256,7 +276,7 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
 
 def _has_lora(proj: nn.Module) -> bool:
     """Whether ``proj`` is a peft tuner layer (a diffusers LoRA wraps its base module as ``base_layer``)."""
-    return not isinstance(proj, ResidualProjection) and hasattr(proj, "base_layer")
+    return residual_layer(proj) is None and hasattr(proj, "base_layer")
 
 
 def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
@@ -272,7 +292,7 @@ def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
             if name is None or set_name == name:
                 layer.remove_set(set_name)
         if not layer.sets:
-            original_module(unet).get_submodule(block).proj_out = layer.base_layer
+            _put_back(unet, block, layer)
     words = _words(unet)
     for set_name in list(words):
         if name is None or set_name == name:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import prkit
 from conftest import ARCHS, make_pipe, randomize, run_unet, unet_inputs
 from prkit.files import FORMAT, export_lora, kohya_key, read_metadata
+from prkit.residual_layer import ResidualProjection
 from tiny import tiny_unet
 
 ARCH_NAME = {"conv": "sd1", "linear": "sd2", "sdxl": "sd2"}  # the tiny SDXL-like UNet has no text_time embedding
@@ -66,7 +67,7 @@ def test_loading_into_another_architecture_raises(tmp_path, source, target):
     message = str(err.value)
     assert "dog.safetensors" in message
     assert ARCH_NAME[source] in message and ARCH_NAME[target] in message
-    assert not any(hasattr(m, "base_layer") for m in other.modules())  # nothing was added
+    assert not prkit.residual_names(other) and not any(isinstance(m, ResidualProjection) for m in other.modules())  # nothing was added
 
 
 def test_loading_into_other_channels_raises(tmp_path):
@@ -310,6 +311,45 @@ def test_residuals_on_a_compiled_unet_use_the_plain_block_names(tmp_path):
     assert torch.equal(run_unet(other, inputs), expected)
     with safe_open(str(export_lora(again, tmp_path / "lora.safetensors")), framework="pt") as f:
         assert all(k.startswith("lora_unet_") and "orig_mod" not in k for k in f.keys())
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_a_lora_loaded_after_the_residuals_stacks_on_them(tmp_path, linear):
+    """diffusers' load_lora_weights on proj_outs that hold residuals: both apply, LAG still masks the residuals, and
+    unloading either one leaves the other exactly as it was."""
+    pytest.importorskip("peft")
+    donor = make_pipe(tmp_path / "d", linear=linear)
+    style = prkit.add_residuals(donor.unet, rank=2, name="style")
+    randomize(style, seed=5)
+    lora = export_lora(style, tmp_path / "style.safetensors", dtype=torch.float32)  # stands for any proj_out LoRA
+    reference = make_pipe(tmp_path / "r", linear=linear)  # both as residual sets: what the stack must give
+    randomize(prkit.add_residuals(reference.unet, rank=2, name="dog"), seed=3)
+    randomize(prkit.add_residuals(reference.unet, rank=2, name="style"), seed=5)
+    inputs = unet_inputs()
+    pipe = make_pipe(tmp_path / "p", linear=linear)
+    base = run_unet(pipe.unet, inputs)
+    dog = prkit.add_residuals(pipe.unet, rank=2, name="dog", token="sks", class_word="dog")
+    randomize(dog, seed=3)
+    with_dog = run_unet(pipe.unet, inputs)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    both = run_unet(pipe.unet, inputs)
+    torch.testing.assert_close(both, run_unet(reference.unet, inputs), atol=1e-5, rtol=1e-5)
+    assert (both - with_dog).abs().max() > 1e-3 and prkit.residual_names(pipe.unet) == ["dog"]
+    lag = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, steps=2, output_type="np")
+    plain = prkit.generate(pipe, "a photo of a sks dog", dog, lag=False, steps=2, output_type="np")
+    assert lag[0].shape == plain[0].shape and abs(lag[0] - plain[0]).max() > 1e-4  # LAG masks the residuals
+    pipe.unload_lora_weights()
+    assert prkit.residual_names(pipe.unet) == ["dog"]
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), with_dog, atol=0, rtol=0)  # the residuals stay
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    prkit.remove_residuals(pipe.unet, "dog")
+    reference_style = make_pipe(tmp_path / "s", linear=linear)
+    randomize(prkit.add_residuals(reference_style.unet, rank=2, name="style"), seed=5)
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(reference_style.unet, inputs), atol=1e-5,
+                               rtol=1e-5)  # the LoRA stays
+    pipe.unload_lora_weights()
+    assert not any(isinstance(m, ResidualProjection) or hasattr(m, "base_layer") for m in pipe.unet.modules())
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), base, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])

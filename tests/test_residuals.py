@@ -109,8 +109,8 @@ def test_wraps_every_block_with_the_right_layer_type(unet, arch):
     layers = wrapped_layers(unet)
     assert set(layers) == set(blocks) and len(layers) == 7
     for block, layer in layers.items():
-        assert layer.base_layer is originals[block]
-        assert isinstance(layer.base_layer, nn.Conv2d if arch == "conv" else nn.Linear)
+        assert layer.original is originals[block]
+        assert isinstance(layer.original, nn.Conv2d if arch == "conv" else nn.Linear)
 
 
 def test_output_identical_at_init(unet):
@@ -221,9 +221,9 @@ def test_scale_is_linear_in_the_residual_and_zero_is_base(unet):
         for block, layer in layers.items():
             x = seen[block]
             a.scale = 1.0
-            delta1 = layer(x) - layer.base_layer(x)
+            delta1 = layer(x) - layer.original(x)
             a.scale = 2.0
-            delta2 = layer(x) - layer.base_layer(x)
+            delta2 = layer(x) - layer.original(x)
             assert delta1.abs().max() > 1e-4
             torch.testing.assert_close(delta2, 2 * delta1, atol=1e-5, rtol=0)
     a.scale = 0.0
@@ -246,10 +246,10 @@ def test_merge_then_unmerge_restores_weights(unet):
     randomize(residuals)
     residuals.scale = 0.8
     personal = run_unet(unet, inputs)
-    weights = {k: v.base_layer.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    weights = {k: v.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
     residuals.merge()
     assert residuals.merged
-    changed = max((v.base_layer.weight - weights[k]).abs().max() for k, v in wrapped_layers(unet).items())
+    changed = max((v.weight - weights[k]).abs().max() for k, v in wrapped_layers(unet).items())
     assert changed > 1e-3  # merging really moved the weights
     torch.testing.assert_close(run_unet(unet, inputs), personal, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="unmerge"):
@@ -259,15 +259,15 @@ def test_merge_then_unmerge_restores_weights(unet):
     residuals.unmerge()
     assert not residuals.merged
     for block, layer in wrapped_layers(unet).items():
-        torch.testing.assert_close(layer.base_layer.weight, weights[block], atol=1e-6, rtol=0)
-        assert torch.equal(layer.base_layer.weight, weights[block])  # in fact bit-exact
+        torch.testing.assert_close(layer.weight, weights[block], atol=1e-6, rtol=0)
+        assert torch.equal(layer.weight, weights[block])  # in fact bit-exact
     assert torch.equal(run_unet(unet, inputs), personal)
 
 
 def test_a_merged_set_whose_factors_change_is_merged_again(unet):
     inputs = unet_inputs()
     residuals = prkit.add_residuals(unet)
-    weights = {k: v.base_layer.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    weights = {k: v.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
     randomize(residuals)
     residuals.merge()
     before = run_unet(unet, inputs)
@@ -283,7 +283,7 @@ def test_a_merged_set_whose_factors_change_is_merged_again(unet):
     torch.testing.assert_close(halved, before, atol=1e-5, rtol=1e-5)  # 2 x 0.5: the first factors' delta
     residuals.unmerge()
     torch.testing.assert_close(run_unet(unet, inputs), halved, atol=1e-5, rtol=1e-5)
-    assert all(torch.equal(v.base_layer.weight, weights[k]) for k, v in wrapped_layers(unet).items())
+    assert all(torch.equal(v.weight, weights[k]) for k, v in wrapped_layers(unet).items())
 
 
 def test_the_merged_check_stays_out_of_a_compiled_forward(unet, monkeypatch):
