@@ -7,7 +7,9 @@ Parses arguments and calls the library; no logic of its own beyond wiring.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import math
 import os
 import re
 import signal
@@ -31,6 +33,17 @@ def _whole(minimum: int):
 
 
 _positive_int = _whole(1)
+
+
+def _finite(text: str) -> float:
+    """A finite number (--lora-scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.8, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _guidance(text: str) -> float:
@@ -119,8 +132,10 @@ def _sample(args) -> int:
     _writable_folder(out, "--out")
     for path in args.residuals:  # readable prkit files, checked before the model loads
         read_metadata(path)
+    lora_scales = _check_loras(args.lora, args.lora_scale)
     pipe = load_pipeline(args.model, device=args.device)
     sets = [load_residuals(pipe, path) for path in args.residuals]
+    _load_loras(pipe, args.lora, lora_scales, args.model)
     images = generate(pipe, args.prompt, sets or None, lag=args.lag, seed=args.seed, num_images=args.num_images,
                       steps=args.steps, guidance_scale=args.guidance_scale)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +152,54 @@ def _sample(args) -> int:
             raise OSError(err.errno, f"could not write {out / name} ({err.strerror or err}){kept}") from err
     print(f"wrote {len(images)} images to {out} ({names[0]}{f' to {names[-1]}' if len(names) > 1 else ''})")
     return 0
+
+
+def _check_loras(paths: list[str], scales: list[float]) -> list[float]:
+    """``prkit sample --lora``'s files, checked before the model loads; returns one scale per file."""
+    if scales and len(scales) != len(paths):
+        raise ValueError(f"--lora-scale gives {len(scales)} value(s) for {len(paths)} --lora file(s); give one per "
+                         "file, in the same order")
+    if paths and importlib.util.find_spec("peft") is None:
+        raise ValueError("--lora needs peft (diffusers loads LoRAs through it): pip install 'prkit[peft]'")
+    from safetensors import safe_open
+
+    from .files import FORMAT
+
+    for path in paths:
+        if Path(path).is_dir():
+            inside = sorted(p.name for p in Path(path).glob("*.safetensors"))
+            raise ValueError(f"--lora {path!r} is a folder; give the .safetensors file"
+                             + (f" inside it ({', '.join(inside[:3])})" if inside else ""))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--lora {path!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"--lora {path!r} is not a readable .safetensors file ({err})") from err
+        if meta.get("format") == FORMAT:
+            raise ValueError(f"--lora {path!r} is a prkit residual file; pass it with --residuals (LAG then keeps it "
+                             "to its concept)")
+    return list(scales) if scales else [1.0] * len(paths)
+
+
+def _load_loras(pipe, paths: list[str], scales: list[float], model: str) -> None:
+    """Load each LoRA on top of whatever the pipeline holds (residuals included) and weight it by its scale."""
+    names = []
+    for i, path in enumerate(paths):
+        name = f"lora_{i}"
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as err:  # diffusers/peft raise many types for a file of another model
+            raise ValueError(f"--lora {path!r} does not load on {model!r} ({type(err).__name__}: {err}); is it a LoRA "
+                             "for this model?") from err
+        if not any(name in (getattr(part, "peft_config", None) or {})
+                   for part in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))):
+            raise ValueError(f"--lora {path!r} holds no LoRA weights for this model's UNet or text encoders; is it a "
+                             f"LoRA for {model!r}?")
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
 
 
 def _info(args) -> int:
@@ -207,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", default="world")
     sample.add_argument("--residuals", nargs="*", default=[], help="one or more residual files")
     sample.add_argument("--prompt", required=True, nargs="+", help="one or more prompts, each in quotes")
+    sample.add_argument("--lora", nargs="*", default=[], help="LoRA files (what pipe.load_lora_weights takes) "
+                        "applied on top of the residuals, everywhere: LAG localizes residuals only")
+    sample.add_argument("--lora-scale", nargs="*", type=_finite, default=[], help="one weight per --lora file "
+                        "(default 1.0 each)")
     sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True)
     sample.add_argument("--num-images", type=_positive_int, default=4)
     sample.add_argument("--steps", type=_positive_int, default=25)

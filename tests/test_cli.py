@@ -236,3 +236,42 @@ def test_sigterm_checkpoints_like_ctrl_c_and_the_rerun_resumes_exactly(tmp_path,
     assert "resuming from" in caplog.text and "at step 3" in caplog.text
     got, want = load_file(out), load_file(reference)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_sample_with_a_lora_on_top_of_the_residuals(tmp_path, capsys):
+    pytest.importorskip("peft")
+    import prkit
+    from prkit.files import export_lora
+
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    out = tmp_path / "sks.safetensors"
+    assert main(["train", "--model", str(model), "--images", str(_concept(tmp_path / "images")), "--token", "sks",
+                 "--class-word", "dog", "--out", str(out), "--steps", "4", "--rank", "2", "--lr", "0.05",
+                 "--device", "cpu"]) == 0
+    donor = prkit.load_pipeline(model, device="cpu")
+    style = prkit.add_residuals(donor.unet, rank=2, name="style", seed=1)
+    for factor in style.parameters():
+        torch.nn.init.normal_(factor, std=0.5)
+    lora = export_lora(style, tmp_path / "style.safetensors", dtype=torch.float32)  # stands for any LoRA file
+
+    def sample(folder, *extra):
+        code = main(["sample", "--model", str(model), "--residuals", str(out), "--prompt", "a photo of a sks dog",
+                     "--num-images", "2", "--steps", "2", "--out", str(tmp_path / folder), "--device", "cpu", *extra])
+        return code, [np.asarray(Image.open(p), dtype=np.float32) for p in sorted((tmp_path / folder).glob("*.png"))]
+
+    code, plain = sample("plain")
+    assert code == 0
+    code, styled = sample("styled", "--lora", str(lora))
+    assert code == 0 and len(styled) == 2
+    assert max(abs(a - b).max() for a, b in zip(plain, styled)) > 10  # the LoRA paints on top of the residuals
+    code, zero = sample("zero", "--lora", str(lora), "--lora-scale", "0")
+    assert code == 0 and max(abs(a - b).max() for a, b in zip(plain, zero)) <= 1  # weight 0: the residuals alone
+    capsys.readouterr()
+    assert sample("x1", "--lora", str(out))[0] == 2  # a residual file given as a LoRA
+    assert "is a prkit residual file; pass it with --residuals" in capsys.readouterr().err
+    assert sample("x2", "--lora", str(lora), "--lora-scale", "1", "2")[0] == 2
+    assert "--lora-scale gives 2 value(s) for 1 --lora file(s)" in capsys.readouterr().err
+    assert sample("x3", "--lora", str(tmp_path / "nope.safetensors"))[0] == 2
+    assert "nope.safetensors' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x1").exists() and not (tmp_path / "x3").exists()  # refused before anything was written
