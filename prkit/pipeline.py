@@ -71,7 +71,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             raise ValueError(f"dtype {dtype!r} is not one of fp32, fp16, bf16") from None
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA GPU ``device`` computes in bfloat16 natively: compute capability 8 or more (A100, A10, L4,
+    RTX 30xx and later; ROCm). A T4 (Colab's free GPU) or a V100 only emulates it, far slower than fp16 with a grad
+    scaler, although ``torch.cuda.is_bf16_supported()`` says yes there by default."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _offline() -> bool:

@@ -114,7 +114,9 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if mode == "no" or (mode == "auto" and device.type != "cuda"):
         return None
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        from .pipeline import native_bf16
+
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 

@@ -11,6 +11,7 @@ import torch
 import prkit
 from conftest import run_unet, unet_inputs
 from prkit.pipeline import resolve_device, resolve_dtype
+from prkit.train_config import TrainConfig, _precision
 
 
 def test_load_pipeline_from_a_saved_folder(pipe, tmp_path):
@@ -62,10 +63,13 @@ def test_resolve_dtype(monkeypatch):
     assert resolve_dtype(torch.float16, cpu) == torch.float16
     for text, dtype in [("fp32", torch.float32), ("float16", torch.float16), ("bf16", torch.bfloat16)]:
         assert resolve_dtype(text, cpu) == dtype
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_dtype(None, cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_dtype(None, cuda) == torch.float16
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    for capability, dtype in [((9, 0), torch.bfloat16), ((8, 6), torch.bfloat16), ((7, 5), torch.float16),
+                              ((7, 0), torch.float16)]:  # H100, RTX 30xx; a T4 (Colab) and a V100 only emulate bf16
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_dtype(None, cuda) == dtype
+        assert _precision(TrainConfig(), cuda) == dtype  # the training's "auto" too
     with pytest.raises(ValueError, match="fp8"):
         resolve_dtype("fp8", cpu)
 
