@@ -84,6 +84,9 @@ class ResidualProjection(nn.Module):
             names = ("in_features", "out_features")
         if channels_in != channels_out:
             raise TypeError(f"{block_name}.proj_out maps {channels_in}->{channels_out}; expected a square projection")
+        if torch.nn.utils.parametrize.is_parametrized(base_layer):
+            raise TypeError(f"{block_name}.proj_out has parametrizations (torch.nn.utils.parametrize); remove them "
+                            "first (parametrize.remove_parametrizations(layer, 'weight')), then add the residuals")
         for attr in names:
             setattr(self, attr, getattr(base_layer, attr))
         # the same Parameter objects: merging writes the wrapped layer's weight
@@ -99,27 +102,35 @@ class ResidualProjection(nn.Module):
         self.merged: dict[str, float] = {}  # name -> the scale it was merged at, while merged
         # the base weight before the first merge; a non-persistent buffer, so .to()/.cpu() move it with the model
         self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.register_buffer("_written_weight", None, persistent=False)  # the weight as the last merge wrote it
         self._merged_from: tuple = ()  # the merged factors' storage and version counters at the last write
         self.mask_source: Callable[[str], torch.Tensor | None] | None = None
 
     def unwrapped(self) -> nn.Module:
         """The wrapped module object, holding this layer's current weight and bias Parameters (a dtype or device
         conversion that made new ones reached only this layer)."""
+        return self._synced().train(self.training)
+
+    def _synced(self) -> nn.Module:
         original = self.__dict__["original"]
-        original.register_parameter("weight", self.weight)
-        original.register_parameter("bias", self.bias)
+        if original.weight is not self.weight or original.bias is not self.bias:
+            original.register_parameter("weight", self.weight)
+            original.register_parameter("bias", self.bias)
         return original
 
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The projection without the sets (with ``weight`` instead of the layer's own, when given)."""
-        weight = self.weight if weight is None else weight
+        """The projection without the sets: the wrapped module itself, so its own forward and hooks run (a quantized
+        Linear, diffusers' layerwise casting); with ``weight``, a plain conv/linear with that weight instead."""
+        if weight is None:
+            return self._synced()(x)
         if self.is_conv:
             return self._conv_forward(x, weight, self.bias)
         return F.linear(x, weight, self.bias)
 
     def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:
         weight = self.weight
-        self.sets[name] = LowRank(self.channels, rank, generator, device=weight.device, dtype=weight.dtype)
+        dtype = weight.dtype if weight.dtype.is_floating_point and weight.dtype.itemsize >= 2 else torch.float32
+        self.sets[name] = LowRank(self.channels, rank, generator, device=weight.device, dtype=dtype)  # fp8 storage: fp32
         self.scales[name] = 1.0
         self.active[name] = True
         return self.sets[name]
@@ -166,6 +177,8 @@ class ResidualProjection(nn.Module):
         for name, lowrank in self.sets.items():
             if not self.active[name] or name in self.merged or self.scales[name] == 0:
                 continue
+            if lowrank.down.dtype.itemsize == 1 or "_diffusers_hook" in self.__dict__:
+                self._check_storage(name, lowrank)
             mask = self.mask_source(name) if self.mask_source is not None else None  # see the class docstring
             # LAG's fused CUDA path hands a bool (rows, N) mask or one laid out like the middle (3-D): applied to
             # the rank-r middle, r/C the size of delta (a per-pixel mask commutes with the 1x1 up-projection)
@@ -176,6 +189,17 @@ class ResidualProjection(nn.Module):
                 delta = delta * (mask.view(x.shape[0], 1, *x.shape[2:]) if self.is_conv else mask.unsqueeze(-1))
             out = out + self.scales[name] * delta if self.scales[name] != 1 else out + delta
         return out
+
+    def _check_storage(self, name: str, lowrank: LowRank) -> None:
+        """Refuse factors kept in a 1-byte dtype: diffusers' layerwise casting, which stores a Conv2d/Linear and all
+        it holds in float8 between calls, took this layer, so the sets' values are already rounded."""
+        hooks = self.__dict__.get("_diffusers_hook")
+        if lowrank.down.dtype.itemsize == 1 or (hooks is not None and hooks.get_hook("layerwise_casting")):
+            raise RuntimeError(
+                f"residual set {name!r} of {self.block_name} is stored in float8 by diffusers' enable_layerwise_casting, "
+                "which rounded its values. Load the residuals again after enabling layerwise casting with "
+                "skip_modules_classes=(prkit.residual_layer.ResidualProjection,), or enable it before adding or "
+                "loading residuals (the proj_out weights are cast then, the residual sets are not)")
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -198,15 +222,22 @@ class ResidualProjection(nn.Module):
         """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
         and unmerging several sets in any order never drifts from what a fresh merge gives."""
         weight, original = self.weight, self._unmerged_weight
+        written = self._written_weight
+        if written is not None and not torch.equal(weight, written.to(weight.device)):
+            # changed by someone else since the last write (peft's fuse_lora / unfuse_lora on a LoRA above): keep that
+            original = (original.to(weight.device, torch.float32) + weight.float() - written.to(weight.device).float()
+                        ).to(weight.dtype)
+            self._unmerged_weight = original
         self._merged_from = self._factor_versions()
         if not self.merged:
             weight.copy_(original)
-            self._unmerged_weight = None
+            self._unmerged_weight = self._written_weight = None
             return
         total = original.to(weight.device, torch.float32)  # the model may have moved since the first merge
         for name, scale in self.merged.items():
             total = total + scale * self.sets[name].delta_weight().to(torch.float32).view(weight.shape)
         weight.copy_(total.to(weight.dtype))
+        self._written_weight = weight.detach().clone()
 
     def _factor_versions(self) -> tuple:
         """What tells whether a merged set's factors changed: their storage and in-place version counters."""

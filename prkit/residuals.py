@@ -222,7 +222,8 @@ def _words(unet: nn.Module) -> dict[str, dict]:
 def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, name: str = DEFAULT_NAME, *,
                   token: str | None = None, class_word: str | None = None, seed: int | None = None,
                   config: ResidualConfig | None = None) -> Residuals:
-    """Wrap every transformer block's ``proj_out`` and add a residual set named ``name``.
+    """Wrap every transformer block's ``proj_out`` and add a residual set named ``name`` (under a LoRA already loaded
+    on a ``proj_out``, the wrapper goes beneath it: both apply, and either can be removed later).
 
     Args:
         unet: a diffusers ``UNet2DConditionModel`` (any SD1.x / SD2.x / SDXL layout).
@@ -240,18 +241,15 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
     layers = {block: residual_layer(proj) for block, proj in projections.items()}
     if any(name in layer.sets for layer in layers.values() if layer is not None):
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name or remove it")
-    adapted = [block for block, proj in projections.items() if layers[block] is None and _has_lora(proj)]
-    if adapted:
-        raise ValueError(f"a LoRA (peft) is already on the proj_out of {len(adapted)} block(s) ({adapted[0]}, ...): "
-                         "prkit residuals cannot be stacked under a LoRA. Load the LoRA after the residuals (it then "
-                         "stacks on them), or fuse it into the base weights first: pipe.fuse_lora() then "
-                         "pipe.unload_lora_weights(), then add or load the residuals")
     root = original_module(unet)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     try:
         for block, proj in projections.items():
             if layers[block] is not None:
                 proj = layers[block]
+            elif hasattr(proj, "base_layer"):  # a LoRA (peft) already on proj_out: the residuals go under it
+                proj.base_layer = ResidualProjection(proj.base_layer, block)
+                proj = proj.base_layer
             else:
                 proj = ResidualProjection(proj, block)
                 root.get_submodule(block).proj_out = proj
@@ -272,11 +270,6 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
     return residuals
-
-
-def _has_lora(proj: nn.Module) -> bool:
-    """Whether ``proj`` is a peft tuner layer (a diffusers LoRA wraps its base module as ``base_layer``)."""
-    return residual_layer(proj) is None and hasattr(proj, "base_layer")
 
 
 def remove_residuals(unet: nn.Module, name: str | None = None) -> None:

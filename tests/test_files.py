@@ -353,25 +353,41 @@ def test_a_lora_loaded_after_the_residuals_stacks_on_them(tmp_path, linear):
 
 
 @pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
-def test_a_lora_on_proj_out_is_refused_with_what_to_do(tmp_path, linear):
+def test_residuals_loaded_under_a_lora_already_on_proj_out(tmp_path, linear):
+    """The other order: a LoRA first, then residuals (also after the last set under a LoRA was removed): the residual
+    layer goes beneath the LoRA's, both apply, and peft's fuse/unfuse and prkit's merge/unmerge in any order end where
+    they should."""
     pytest.importorskip("peft")
     donor = make_pipe(tmp_path / "d", linear=linear)
     style = prkit.add_residuals(donor.unet, rank=2, name="style")
     randomize(style, seed=5)
     lora = export_lora(style, tmp_path / "style.safetensors", dtype=torch.float32)  # stands for any proj_out LoRA
     path = _trained(make_pipe(tmp_path / "m", linear=linear).unet).save(tmp_path / "dog.safetensors")
-    pipe = make_pipe(tmp_path / "p", linear=linear)
-    pipe.load_lora_weights(str(lora), adapter_name="style")
+    reference = make_pipe(tmp_path / "r", linear=linear)  # the LoRA as a residual set beside the dog's
+    prkit.load_residuals(reference, path)
+    randomize(prkit.add_residuals(reference.unet, rank=2, name="style"), seed=5)
     inputs = unet_inputs()
+    both = run_unet(reference.unet, inputs)
+    pipe = make_pipe(tmp_path / "p", linear=linear)
+    base = run_unet(pipe.unet, inputs)
+    pipe.load_lora_weights(str(lora), adapter_name="style")
     with_lora = run_unet(pipe.unet, inputs)
-    with pytest.raises(ValueError, match=r"LoRA \(peft\) is already on the proj_out of 7 block\(s\).*cannot be "
-                                         r"stacked.*pipe\.fuse_lora\(\) then pipe\.unload_lora_weights\(\)"):
-        prkit.load_residuals(pipe, path)
-    assert prkit.residual_names(pipe.unet) == []
-    torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora)  # the LoRA is untouched
-    pipe.fuse_lora()  # what the message says to do works
-    pipe.unload_lora_weights()
+    for _ in range(2):  # the second time: after the last set under the LoRA was removed
+        residuals = prkit.load_residuals(pipe, path)
+        torch.testing.assert_close(run_unet(pipe.unet, inputs), both, atol=1e-5, rtol=1e-5)
+        prkit.remove_residuals(pipe.unet, residuals.name)
+        torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora, atol=0, rtol=0)  # the LoRA stays
     residuals = prkit.load_residuals(pipe, path)
-    with prkit.residuals_disabled(pipe.unet):
-        torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora, atol=1e-5, rtol=1e-5)  # LoRA fused in
-    assert (run_unet(pipe.unet, inputs) - with_lora).abs().max() > 1e-3 and residuals.name == "default"
+    for order in (("merge", "fuse", "unmerge", "unfuse"), ("fuse", "merge", "unfuse", "unmerge"),
+                  ("merge", "fuse", "unfuse", "unmerge")):
+        for step in order:
+            {"merge": residuals.merge, "unmerge": residuals.unmerge, "fuse": pipe.fuse_lora,
+             "unfuse": pipe.unfuse_lora}[step]()
+            torch.testing.assert_close(run_unet(pipe.unet, inputs), both, atol=1e-5, rtol=1e-5, msg=str(order))
+    residuals.merge()
+    pipe.fuse_lora()
+    prkit.remove_residuals(pipe.unet)  # a merged set under a fused LoRA: the fused LoRA stays
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora, atol=1e-5, rtol=1e-5)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), base, atol=1e-6, rtol=0)

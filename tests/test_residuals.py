@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import prkit
-from conftest import randomize, run_unet, unet_inputs
+from conftest import ARCHS, randomize, run_unet, unet_inputs
+from tiny import tiny_unet
 from prkit.arch import build_unet
 from prkit.files import layer_table
 from prkit.residuals import ResidualProjection, find_projections, rank_for, residual_names, wrapped_layers
@@ -387,3 +388,65 @@ def test_a_layer_that_only_looks_like_conv2d_is_named_in_full():
     with pytest.raises(TypeError, match=r"block\.proj_out is a peft\.tuners\.lora\.layer\.Conv2d; expected a "
                                         r"torch\.nn\.Conv2d or torch\.nn\.Linear"):
         ResidualProjection(Conv2d(), "block")
+
+
+def test_the_wrapped_layer_still_runs_its_own_forward_and_hooks(unet):
+    """The residual layer is a Conv2d/Linear to the outside (peft stacks on it), but the projection itself is the
+    wrapped module's own call: its hooks and its own forward (a quantized Linear has one) still run."""
+    inputs = unet_inputs()
+    calls = []
+    block, first = next(iter(find_projections(unet).items()))
+
+    class Doubled(type(first)):  # stands for a layer with its own forward (bitsandbytes, GGUF, quanto)
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    own = Doubled.__new__(Doubled)
+    own.__dict__.update(first.__dict__)
+    unet.get_submodule(block).proj_out = own
+    for proj in find_projections(unet).values():
+        proj.register_forward_hook(lambda module, args, out: calls.append(1) or out * 1.5)
+    hooked = run_unet(unet, inputs)
+    assert len(calls) == 7
+    residuals = prkit.add_residuals(unet, rank=2)
+    torch.testing.assert_close(run_unet(unet, inputs), hooked, atol=0, rtol=0)  # zero-init set: the hooked output
+    assert len(calls) == 14
+    randomize(residuals)
+    assert (run_unet(unet, inputs) - hooked).abs().max() > 1e-3
+    prkit.remove_residuals(unet)
+    assert find_projections(unet)[block] is own
+    torch.testing.assert_close(run_unet(unet, inputs), hooked, atol=0, rtol=0)
+
+
+def test_diffusers_layerwise_casting_before_the_residuals_and_after(unet):
+    inputs = unet_inputs()
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    cast = run_unet(unet, inputs)
+    residuals = prkit.add_residuals(unet, rank=2)  # under the casting: the sets are not cast
+    assert {p.dtype for p in residuals.parameters()} == {torch.float32}
+    torch.testing.assert_close(run_unet(unet, inputs), cast, atol=0, rtol=0)
+    randomize(residuals)
+    assert (run_unet(unet, inputs) - cast).abs().max() > 1e-3
+    assert {p.dtype for p in residuals.parameters()} == {torch.float32}
+    fresh = tiny_unet(**ARCHS["conv" if next(iter(find_projections(unet).values())).is_conv else "linear"])
+    randomize(prkit.add_residuals(fresh, rank=2))
+    fresh.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="stored in float8 by diffusers' enable_layerwise_casting.*"
+                                           "skip_modules_classes=\\(prkit.residual_layer.ResidualProjection,\\)"):
+        run_unet(fresh, inputs)  # the casting took the sets too, and rounded them: never silently
+
+
+def test_a_parametrized_proj_out_is_refused_with_what_to_do(unet):
+    block, proj = next(iter(find_projections(unet).items()))
+    torch.nn.utils.parametrizations.weight_norm(proj)
+    with pytest.raises(TypeError, match=f"{block}.proj_out has parametrizations.*remove_parametrizations"):
+        prkit.add_residuals(unet, rank=2)
+    assert residual_names(unet) == [] and not any(isinstance(m, ResidualProjection) for m in unet.modules())
+
+
+def test_removal_puts_back_the_layer_in_the_model_s_mode(unet):
+    originals = {block: proj for block, proj in find_projections(unet).items()}
+    prkit.add_residuals(unet, rank=2)
+    unet.eval()
+    prkit.remove_residuals(unet)
+    assert all(find_projections(unet)[block] is proj and not proj.training for block, proj in originals.items())
