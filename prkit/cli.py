@@ -130,6 +130,8 @@ def _sample(args) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder for the images")
     _writable_folder(out, "--out")
+    args.residuals = [str(Path(path).expanduser()) for path in args.residuals]
+    args.lora = [str(Path(path).expanduser()) for path in args.lora]
     for path in args.residuals:  # readable prkit files, checked before the model loads
         read_metadata(path)
     lora_scales = _check_loras(args.lora, args.lora_scale)
@@ -165,7 +167,7 @@ def _check_loras(paths: list[str], scales: list[float]) -> list[float]:
 
     from .files import FORMAT
 
-    for path in paths:
+    for path in paths:  # (already expanded: ~ and relative paths, by _sample)
         if Path(path).is_dir():
             inside = sorted(p.name for p in Path(path).glob("*.safetensors"))
             raise ValueError(f"--lora {path!r} is a folder; give the .safetensors file"
@@ -188,8 +190,8 @@ def _load_loras(pipe, paths: list[str], scales: list[float], model: str) -> None
     names = []
     for i, path in enumerate(paths):
         name = f"lora_{i}"
-        try:
-            pipe.load_lora_weights(str(path), adapter_name=name)
+        try:  # a folder and weight_name: diffusers < 0.40 refuses a bare file path offline
+            pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
         except Exception as err:  # diffusers/peft raise many types for a file of another model
             raise ValueError(f"--lora {path!r} does not load on {model!r} ({type(err).__name__}: {err}); is it a LoRA "
                              "for this model?") from err
@@ -268,12 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="generate images, optionally with residuals and LAG")
     sample.add_argument("--model", default="world")
-    sample.add_argument("--residuals", nargs="*", default=[], help="one or more residual files")
-    sample.add_argument("--prompt", required=True, nargs="+", help="one or more prompts, each in quotes")
-    sample.add_argument("--lora", nargs="*", default=[], help="LoRA files (what pipe.load_lora_weights takes) "
-                        "applied on top of the residuals, everywhere: LAG localizes residuals only")
-    sample.add_argument("--lora-scale", nargs="*", type=_finite, default=[], help="one weight per --lora file "
-                        "(default 1.0 each)")
+    # repeated options add up (--lora a --lora b: both), as a list after one does
+    sample.add_argument("--residuals", nargs="+", action="extend", default=[], help="one or more residual files")
+    sample.add_argument("--prompt", required=True, nargs="+", action="extend", help="one or more prompts, each in "
+                        "quotes")
+    sample.add_argument("--lora", nargs="+", action="extend", default=[], help=".safetensors LoRA files (diffusers, "
+                        "kohya or peft keys, as pipe.load_lora_weights reads them) applied on top of the residuals, "
+                        "everywhere: LAG localizes residuals only")
+    sample.add_argument("--lora-scale", nargs="+", action="extend", type=_finite, default=[], help="one weight per "
+                        "--lora file, in the same order (default 1.0 each)")
     sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True)
     sample.add_argument("--num-images", type=_positive_int, default=4)
     sample.add_argument("--steps", type=_positive_int, default=25)

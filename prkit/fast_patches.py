@@ -80,6 +80,9 @@ def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = part if delta is None else delta + part
     if delta is None:
         return self.base_forward(x)
+    if not self.plain_projection():  # the wrapped module's own call (hooks, its own forward), the sets' sum beside it
+        delta = delta.to(x.dtype).view(self.weight.shape)
+        return self.base_forward(x) + (F.conv2d(x, delta) if self.is_conv else F.linear(x, delta))
     return self.base_forward(x, (self.weight.float() + delta.view(self.weight.shape)).to(self.weight.dtype))
 
 

@@ -118,6 +118,13 @@ class ResidualProjection(nn.Module):
             original.register_parameter("bias", self.bias)
         return original
 
+    def plain_projection(self) -> bool:
+        """Whether the wrapped module is a bare Conv2d/Linear (no hooks, no forward of its own), so that a weight
+        with the sets folded in (``base_forward(x, weight)``) computes exactly what its own call would."""
+        original = self.__dict__["original"]
+        return (type(original) is self.plain and not original._forward_hooks and not original._forward_pre_hooks
+                and "forward" not in original.__dict__ and "_diffusers_hook" not in original.__dict__)
+
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The projection without the sets: the wrapped module itself, so its own forward and hooks run (a quantized
         Linear, diffusers' layerwise casting); with ``weight``, a plain conv/linear with that weight instead."""
@@ -149,7 +156,8 @@ class ResidualProjection(nn.Module):
         (a broadcast bool mask takes a strided one, measured ~3x slower on an H100)."""
         rows, tokens = mask.shape
         rank = self.sets[name].rank
-        full = mask.to(self.weight.dtype).repeat(batch // rows, 1)  # (B, N)
+        dtype = self.weight.dtype if self.weight.dtype.itemsize >= 2 else torch.float32  # not layerwise casting's fp8
+        full = mask.to(dtype).repeat(batch // rows, 1)  # (B, N)
         if self.is_conv:
             return full[:, None, :].expand(batch, rank, tokens).contiguous()
         return full[:, :, None].expand(batch, tokens, rank).contiguous()
@@ -160,11 +168,12 @@ class ResidualProjection(nn.Module):
         if self.is_conv:  # x: (B, C, H, W)
             middle = F.conv2d(x, down[:, :, None, None])  # (B, r, H, W)
             if mask is not None:
-                middle = middle * mask.view(middle.shape) if mask.dim() == 3 else _mask_rows(middle, mask, True)
+                middle = middle * mask.to(middle.dtype).view(middle.shape) if mask.dim() == 3 else \
+                    _mask_rows(middle, mask, True)
             return F.conv2d(middle, up[:, :, None, None])
         middle = F.linear(x, down)  # (B, N, r); x: (B, N, C)
         if mask is not None:
-            middle = middle * mask if mask.dim() == 3 else _mask_rows(middle, mask, False)
+            middle = middle * mask.to(middle.dtype) if mask.dim() == 3 else _mask_rows(middle, mask, False)
         return F.linear(middle, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -372,3 +372,26 @@ def only_residuals(unet: nn.Module, names: list[str | Residuals] | None):
         for (block, set_name), was in saved.items():
             if set_name in layers[block].active:
                 layers[block].active[set_name] = was
+
+
+@contextlib.contextmanager
+def adapters_off(modules: list[nn.Module]):
+    """Within the block, every active peft adapter (a LoRA loaded with ``pipe.load_lora_weights``) in ``modules`` is
+    switched off, and back on after: residuals train against the base model, as their file says. A LoRA fused into
+    the weights (``pipe.fuse_lora()``) is part of the base weights and stays."""
+    layers = [m for root in modules for m in root.modules()
+              if isinstance(getattr(type(m), "disable_adapters", None), property) and hasattr(m, "enable_adapters")]
+    switched = [m for m in layers if not m.disable_adapters and getattr(m, "active_adapters", None)]
+    if switched:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "the LoRA adapters loaded on this pipeline are off while the residuals train (they train against the "
+            "base model) and back on afterwards")
+    try:
+        for layer in switched:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer in switched:
+            layer.enable_adapters(True)

@@ -267,6 +267,9 @@ def test_sample_with_a_lora_on_top_of_the_residuals(tmp_path, capsys):
     assert max(abs(a - b).max() for a, b in zip(plain, styled)) > 10  # the LoRA paints on top of the residuals
     code, zero = sample("zero", "--lora", str(lora), "--lora-scale", "0")
     assert code == 0 and max(abs(a - b).max() for a, b in zip(plain, zero)) <= 1  # weight 0: the residuals alone
+    code, halves = sample("halves", "--lora", str(lora), "--lora-scale", "0.5", "--lora", str(lora), "--lora-scale",
+                          "0.5")  # repeated options add up: two adapters at 0.5 paint what one does at 1
+    assert code == 0 and max(abs(a - b).max() for a, b in zip(styled, halves)) <= 1
     capsys.readouterr()
     assert sample("x1", "--lora", str(out))[0] == 2  # a residual file given as a LoRA
     assert "is a prkit residual file; pass it with --residuals" in capsys.readouterr().err

@@ -235,6 +235,41 @@ def test_bool_masks_apply_like_float_masks(linear, rows):
     assert (want - full).abs().max() > 1e-3  # ... and holds part back
 
 
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_masks_and_the_merged_path_under_a_hooked_or_float8_stored_projection(linear):
+    """A proj_out with a hook of its own, or stored in float8 by diffusers' layerwise casting: LAG's laid-out masks
+    stay in a dtype the middle can take, and the merged training path still runs the layer's own call."""
+    from prkit.fast_patches import patch_merged_lowrank
+
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8) if linear else nn.Conv2d(8, 8, 1)
+    base.register_forward_hook(lambda module, args, out: out * 1.5)
+    unet = nn.Module()  # a stand-in block with one transformer-like child, as find_projections looks for them
+    unet.blk = nn.Module()
+    unet.blk.proj_out, unet.blk.proj_in, unet.blk.transformer_blocks = base, nn.Identity(), nn.ModuleList()
+    prkit.add_residuals(unet, rank=2, name="a")
+    layer = unet.blk.proj_out
+    with torch.no_grad():
+        layer.sets["a"].up.normal_()
+    x = torch.randn(4, 16, 8) if linear else torch.randn(4, 8, 4, 4)
+    want = layer(x)
+    undo = patch_merged_lowrank(unet)
+    try:
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)  # the hook's x1.5 is kept
+    finally:
+        undo()
+    mask = torch.rand(4, 16) > 0.5
+    layer.mask_source = lambda name: mask.float()
+    masked = layer(x)
+    weight = layer.weight.data
+    layer.weight.data = weight.to(torch.float8_e4m3fn)  # as layerwise casting stores it between calls
+    laid_out = layer.layout_mask(mask, 4, "a")
+    assert laid_out.dtype == torch.float32
+    layer.weight.data = weight
+    layer.mask_source = lambda name: laid_out
+    torch.testing.assert_close(layer(x), masked, rtol=1e-5, atol=1e-6)
+
+
 def test_graphs_are_a_no_op_off_cuda(pipe, concept):
     with graphed_unet(pipe.unet) as runner:
         assert runner is None and "forward" not in pipe.unet.__dict__

@@ -191,3 +191,29 @@ def test_resume_at_another_learning_rate_says_so_and_uses_this_runs(tmp_path, co
         prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=4, learning_rate=1e-3,
                               checkpoint_dir=str(ckpt), **FAST)
     assert "resuming at" not in caplog.text and seen[-1] == {1e-3}
+
+
+def test_a_loaded_lora_is_off_while_the_residuals_train_and_back_on_after(tmp_path, concept):
+    """Residuals train against the base model (their file says which): a LoRA loaded on the pipeline neither
+    changes what they learn nor itself, and is active again afterwards."""
+    pytest.importorskip("peft")
+    from conftest import randomize, run_unet, unet_inputs
+    from prkit.files import export_lora
+
+    donor = make_pipe(tmp_path / "d")
+    style = prkit.add_residuals(donor.unet, rank=2, name="style")
+    randomize(style, seed=5)
+    lora = export_lora(style, tmp_path / "style.safetensors", dtype=torch.float32)
+    plain = prkit.train_residuals(make_pipe(tmp_path / "plain"), concept, steps=3, **FAST).residuals
+    pipe = make_pipe(tmp_path / "p")
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    inputs = unet_inputs()
+    with_lora = run_unet(pipe.unet, inputs)
+    adapter = {n: (p.detach().clone(), p.requires_grad) for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    trained = prkit.train_residuals(pipe, concept, steps=3, **FAST).residuals
+    assert _equal_states(trained.state_dict(), plain.state_dict())  # the same set as without the LoRA
+    for n, p in pipe.unet.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, adapter[n][0]) and p.requires_grad == adapter[n][1], n
+    with prkit.residuals_disabled(pipe.unet):
+        torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora, atol=0, rtol=0)  # the LoRA is on again
