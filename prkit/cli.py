@@ -191,7 +191,9 @@ def _load_loras(pipe, paths: list[str], scales: list[float], model: str) -> None
     for i, path in enumerate(paths):
         name = f"lora_{i}"
         try:  # a folder and weight_name: diffusers < 0.40 refuses a bare file path offline
-            pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
+            with warnings.catch_warnings():  # peft's "multiple adapters" warning: several are what was asked for
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name, adapter_name=name)
         except Exception as err:  # diffusers/peft raise many types for a file of another model
             raise ValueError(f"--lora {path!r} does not load on {model!r} ({type(err).__name__}: {err}); is it a LoRA "
                              "for this model?") from err
