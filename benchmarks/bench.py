@@ -431,6 +431,10 @@ def numerics(bench, pipe, concept, batch: int) -> dict:
         grads_a = [p.grad.detach().clone() for p in params]
         for p in params:
             p.grad = None
+        # the eager graph's nodes must go before the capture: a live AccumulateGrad node of the default stream
+        # invalidates it ("AccumulateGrad node's stream does not match"; the check then ran eagerly, graph false)
+        loss_a_value = float(loss_a)
+        del pred, loss_a
         opt = fastmod.make_optimizer(params, 1e-3, 1e-2, bench.device)
         snap = fastmod._Snapshot(params, opt, None)
         snap.take()
@@ -445,7 +449,7 @@ def numerics(bench, pipe, concept, batch: int) -> dict:
             grads_c = [p.grad.detach().clone() for p in params]
             out["graph"] = step.graph is not None
             step.close()
-        la = float(loss_a)
+        la = loss_a_value
         out.update(loss_straightforward=la, loss_fast_eager=loss_b, loss_fast_graph=loss_c,
                    rel_loss_fast_vs_straight=abs(loss_c - la) / abs(la), rel_loss_graph_vs_eager=abs(loss_c - loss_b) / abs(loss_b),
                    grad_rel_err_max=max(_rel(c, a) for c, a in zip(grads_c, grads_a)),
