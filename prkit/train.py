@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import checkpoints
 from .interrupts import deferred_interrupt
 from .residuals import Residuals, adapters_off, get_residuals, only_residuals, remove_residuals, residual_names
-from .targets import TARGETS
+from .targets import LORA_MODULES, TARGETS
 # the recipe's settings and results, re-exported: prkit.train stays their import path
 from .train_config import (  # noqa: F401
     TrainConfig, TrainingDiverged, TrainResult, _check_resolution, _precision, _public, default_learning_rate)
@@ -158,7 +158,9 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
         # one is refused here, before anything is added)
         with torch.inference_mode(False), torch.enable_grad(), only_residuals(unet, [name]), \
-                adapters_off([m for m in modules if m is not pipe.vae]):  # loaded LoRAs: off while training
+                adapters_off([m for m in modules if m is not pipe.vae] if config.target not in LORA_MODULES else []):
+            # loaded LoRAs are off while training (not for a peft LoRA target: peft's switch is per layer, not per
+            # adapter, and it would take the adapter being trained off too)
             if wants_fast and not getattr(TARGETS[config.target], "needs_text_encoder", False):  # cached text only
                 from .fast import FastConfig, train_fast
 

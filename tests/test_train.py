@@ -217,3 +217,27 @@ def test_a_loaded_lora_is_off_while_the_residuals_train_and_back_on_after(tmp_pa
             assert torch.equal(p, adapter[n][0]) and p.requires_grad == adapter[n][1], n
     with prkit.residuals_disabled(pipe.unet):
         torch.testing.assert_close(run_unet(pipe.unet, inputs), with_lora, atol=0, rtol=0)  # the LoRA is on again
+
+
+def test_a_peft_lora_target_trains_beside_a_loaded_lora(tmp_path, concept):
+    """The LoRA baseline (a peft target on the attention layers) still trains while a LoRA is loaded: adapters are
+    switched off for the other targets only, as peft's switch is per layer and would take the trained adapter off."""
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = make_pipe(tmp_path / "d")  # a style LoRA on the same attention layers the target trains
+    donor.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for n, p in donor.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "style", unet_lora_layers=get_peft_model_state_dict(donor.unet))
+    pipe = make_pipe(tmp_path / "p")
+    pipe.load_lora_weights(str(tmp_path / "style"), adapter_name="style")
+    result = prkit.train_residuals(pipe, concept, steps=3, target="lora", rank=2, learning_rate=1e-2, **FAST)
+    assert result.completed and all(math.isfinite(v) for v in result.losses)
+    state = result.residuals.state_dict()
+    assert state and any(k.endswith("lora_B.default.weight") and v.abs().max() > 0 for k, v in state.items())
