@@ -163,23 +163,10 @@ def _check_loras(paths: list[str], scales: list[float]) -> list[float]:
                          "file, in the same order")
     if paths and importlib.util.find_spec("peft") is None:
         raise ValueError("--lora needs peft (diffusers loads LoRAs through it): pip install 'prkit[peft]'")
-    from safetensors import safe_open
-
-    from .files import FORMAT
+    from .files import FORMAT, safetensors_header
 
     for path in paths:  # (already expanded: ~ and relative paths, by _sample)
-        if Path(path).is_dir():
-            inside = sorted(p.name for p in Path(path).glob("*.safetensors"))
-            raise ValueError(f"--lora {path!r} is a folder; give the .safetensors file"
-                             + (f" inside it ({', '.join(inside[:3])})" if inside else ""))
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--lora {path!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"--lora {path!r} is not a readable .safetensors file ({err})") from err
-        if meta.get("format") == FORMAT:
+        if safetensors_header(path, "--lora").get("format") == FORMAT:
             raise ValueError(f"--lora {path!r} is a prkit residual file; pass it with --residuals (LAG then keeps it "
                              "to its concept)")
     return list(scales) if scales else [1.0] * len(paths)

@@ -142,21 +142,26 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
     return atomic_save(tensors, path, meta)
 
 
-def read_metadata(path) -> dict:
-    """The header of a residual file, with ``layers`` and ``config`` parsed."""
+def safetensors_header(path, what: str) -> dict:
+    """The metadata of the .safetensors file ``path`` (``what`` names it in the errors: a folder given instead of the
+    file, a missing file, one safetensors cannot read)."""
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.safetensors"))
         hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
-        raise IsADirectoryError(f"residual file {str(path)!r} is a folder; give the .safetensors file inside "
-                                f"it{hint}")
+        raise IsADirectoryError(f"{what} {str(path)!r} is a folder; give the .safetensors file inside it{hint}")
     if not path.is_file():
-        raise FileNotFoundError(f"residual file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+            return dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({err})") from err
+
+
+def read_metadata(path) -> dict:
+    """The header of a residual file, with ``layers`` and ``config`` parsed."""
+    meta = safetensors_header(path, "residual file")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a prkit residual file (format={meta.get('format')!r}); "
                          "LoRA files load with pipe.load_lora_weights instead")

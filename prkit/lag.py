@@ -111,9 +111,11 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                              "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
         for p, prompt in enumerate(prompts):
             encoded = convert(prompt)
-            if token_positions(tokenizer, encoded, [convert(concept.token)]):
-                words = [concept.token] + ([concept.class_word] if include_class and concept.class_word else [])
-                weights[p, token_positions(tokenizer, encoded, [convert(word) for word in words]), s] = 1.0
+            found = token_positions(tokenizer, encoded, [convert(concept.token)])
+            if found:
+                if include_class and concept.class_word:
+                    found += token_positions(tokenizer, encoded, [convert(concept.class_word)])
+                weights[p, found, s] = 1.0
             elif require:
                 full = tokenizer(encoded, add_special_tokens=True).input_ids
                 if len(full) > length and _starts(full, _word_ids(tokenizer, convert(concept.token))):

@@ -134,10 +134,14 @@ class ResidualProjection(nn.Module):
             return self._conv_forward(x, weight, self.bias)
         return F.linear(x, weight, self.bias)
 
+    def _set_dtype(self) -> torch.dtype:
+        """The dtype of new sets and of laid-out masks: the weight's, but fp32 where it is stored in a 1-byte dtype
+        (diffusers' layerwise casting keeps it in float8 between calls)."""
+        dtype = self.weight.dtype
+        return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
+
     def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:
-        weight = self.weight
-        dtype = weight.dtype if weight.dtype.is_floating_point and weight.dtype.itemsize >= 2 else torch.float32
-        self.sets[name] = LowRank(self.channels, rank, generator, device=weight.device, dtype=dtype)  # fp8 storage: fp32
+        self.sets[name] = LowRank(self.channels, rank, generator, device=self.weight.device, dtype=self._set_dtype())
         self.scales[name] = 1.0
         self.active[name] = True
         return self.sets[name]
@@ -156,8 +160,7 @@ class ResidualProjection(nn.Module):
         (a broadcast bool mask takes a strided one, measured ~3x slower on an H100)."""
         rows, tokens = mask.shape
         rank = self.sets[name].rank
-        dtype = self.weight.dtype if self.weight.dtype.itemsize >= 2 else torch.float32  # not layerwise casting's fp8
-        full = mask.to(dtype).repeat(batch // rows, 1)  # (B, N)
+        full = mask.to(self._set_dtype()).repeat(batch // rows, 1)  # (B, N)
         if self.is_conv:
             return full[:, None, :].expand(batch, rank, tokens).contiguous()
         return full[:, :, None].expand(batch, tokens, rank).contiguous()
@@ -254,19 +257,16 @@ class ResidualProjection(nn.Module):
                      for p in (self.sets[name].down, self.sets[name].up))
 
 
-
 class ResidualConv2d(ResidualProjection, nn.Conv2d):
     """A 1x1 ``Conv2d`` proj_out with residual sets (SD1.x); see ``ResidualProjection``."""
 
     is_conv, plain = True, nn.Conv2d
-    forward = ResidualProjection.forward
 
 
 class ResidualLinear(ResidualProjection, nn.Linear):
     """A ``Linear`` proj_out with residual sets (SD2.x, SDXL); see ``ResidualProjection``."""
 
     is_conv, plain = False, nn.Linear
-    forward = ResidualProjection.forward
 
 
 def _mask_rows(middle: torch.Tensor, mask: torch.Tensor, is_conv: bool) -> torch.Tensor:

@@ -8,6 +8,7 @@ named residual sets on one UNet. It does not know about attention maps (``lag.py
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -16,6 +17,8 @@ from torch import nn
 
 # re-exported: the layer classes have always been importable from here
 from .residual_layer import LowRank, ResidualProjection  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "default"
 
@@ -383,9 +386,7 @@ def adapters_off(modules: list[nn.Module]):
               if isinstance(getattr(type(m), "disable_adapters", None), property) and hasattr(m, "enable_adapters")]
     switched = [m for m in layers if not m.disable_adapters and getattr(m, "active_adapters", None)]
     if switched:
-        import logging
-
-        logging.getLogger(__name__).warning(
+        log.warning(
             "the LoRA adapters loaded on this pipeline are off while the residuals train (they train against the "
             "base model) and back on afterwards")
     try:

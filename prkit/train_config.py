@@ -114,9 +114,9 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if mode == "no" or (mode == "auto" and device.type != "cuda"):
         return None
     if mode == "auto":
-        from .pipeline import native_bf16
+        from .pipeline import resolve_dtype
 
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        return resolve_dtype(None, device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
