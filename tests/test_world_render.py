@@ -127,3 +127,26 @@ def test_pattern_scale_stretches_periods_and_defaults_to_the_shipped_world():
         assert np.allclose(two, 2 * one)  # the same pattern, twice as large
     face = R._sd_pattern("face", "heart", u, v, 10.0)
     assert np.array_equal(face, R._sd_pattern("face", "heart", u, v, 10.0, scale=2.0))  # faces follow the object
+
+
+def test_captions_drop_attributes():
+    """drop_attributes names an object by its class alone; patterned objects can have their own chance; zero
+    chances draw nothing from rng, so earlier recipes' captions are unchanged."""
+    two = Scene(PLAIN, [Obj("ball", "red", 20, 30, 9), Obj("box", "blue", 44, 30, 9, "dots", "yellow")])
+    assert caption(two, np.random.default_rng(0), drop_attributes=1.0).endswith("a ball next to a box")
+    assert caption(two, np.random.default_rng(0), drop_attributes=1.0, drop_attributes_patterned=0.0).endswith(
+        "a ball next to a blue and yellow dotted box")
+    assert caption(two, np.random.default_rng(0), identifier="sks", drop_attributes=1.0).endswith(
+        "a ball next to a sks box")
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [caption(two, a) for _ in range(20)] == [caption(two, b, drop_attributes=0.0) for _ in range(20)]
+    assert a.random() == b.random()
+    rng = np.random.default_rng(1)
+    bare = plain = 0
+    for _ in range(2000):
+        obj = Obj("ball", "red", 32, 32, 9, *(("dots", "yellow") if rng.random() < 0.5 else ()))
+        text = caption(Scene(PLAIN, [obj]), rng, drop_attributes=0.3, drop_attributes_patterned=0.2)
+        if text.split()[-2:] == ["a", "ball"]:
+            bare += 1
+            plain += obj.pattern is None
+    assert 0.2 < bare / 2000 < 0.3 and 0.55 < plain / bare < 0.65  # 'a ball': 60% plain, 40% patterned

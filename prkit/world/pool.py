@@ -27,7 +27,7 @@ def _render_chunk(args: tuple) -> tuple[np.ndarray, list[str]]:
     float p: each object patterned with probability p, never as one of the example concepts (captions
     name the pattern: "a red and white striped ball").
     """
-    seed, kind, index, n, patterns, drop_colors = args
+    seed, kind, index, n, patterns, drop_colors, drop_attributes, drop_attributes_patterned = args
     rng = np.random.default_rng([seed, kind, index])
     images = np.zeros((n, 64, 64, 3), np.uint8)
     captions = []
@@ -45,7 +45,8 @@ def _render_chunk(args: tuple) -> tuple[np.ndarray, list[str]]:
                     obj.pattern = PATTERNS[rng.integers(len(PATTERNS))]
                     others = [c for c in COLOR_NAMES if c != obj.color]
                     obj.color2 = others[rng.integers(len(others))]
-        captions.append(caption(scene, rng, drop_colors=drop_colors))
+        captions.append(caption(scene, rng, drop_colors=drop_colors, drop_attributes=drop_attributes,
+                                drop_attributes_patterned=drop_attributes_patterned))
         images[i] = render(scene, seed=int(rng.integers(2**31)))[0]
     return images, captions
 
@@ -69,9 +70,11 @@ def _random_pattern(obj, rng: np.random.Generator) -> None:
 
 
 def render_pool(seed: int, kind: int, n: int, chunk: int, patterns: bool | str, workers: int,
-                drop_colors: float = 0.0) -> tuple[np.ndarray, list[str]]:
+                drop_colors: float = 0.0, drop_attributes: float = 0.0,
+                drop_attributes_patterned: float | None = None) -> tuple[np.ndarray, list[str]]:
     """Render a pool of n captioned scenes (chunked so that the result does not depend on workers)."""
-    jobs = [(seed, kind, i, min(chunk, n - i * chunk), patterns, drop_colors) for i in range(math.ceil(n / chunk))]
+    jobs = [(seed, kind, i, min(chunk, n - i * chunk), patterns, drop_colors, drop_attributes, drop_attributes_patterned)
+            for i in range(math.ceil(n / chunk))]
     images = np.zeros((n, 64, 64, 3), np.uint8)
     captions: list[str] = []
     if workers > 1 and len(jobs) > 1:
@@ -95,7 +98,8 @@ def stage_data(cfg: RecipeConfig, out: Path) -> dict:
     d = out / "data"
     d.mkdir(parents=True, exist_ok=True)
     imgs, caps = render_pool(cfg.seed, 0, cfg.n_images, cfg.chunk, float(cfg.caption_patterns) or False, workers,
-                             cfg.caption_drop_colors)
+                             cfg.caption_drop_colors, cfg.caption_drop_attributes,
+                             cfg.caption_drop_attributes_patterned)
     np.save(d / "images.npy", imgs)
     (d / "captions.json").write_text(json.dumps(caps))
     pimgs, _ = render_pool(cfg.seed, 1, cfg.n_pattern_images, cfg.chunk, "all" if cfg.pattern_all else True, workers)

@@ -74,6 +74,10 @@ class RecipeConfig:
     # 0 gives the pattern-free world of run 1-2. The example concepts (class, pattern, colours) never occur.
     caption_drop_colors: float = 0.0  # chance that an object is captioned without its colours ('a ball', 'a striped
     # ball'); run 4 uses 0.3 so that a prompt with neither colour nor pattern ('a sks ball') asks for a plain object
+    caption_drop_attributes: float = 0.0  # chance that a plain object is captioned by its class alone ('a ball'), so
+    # that 'a ball' asks for any ball, plain or patterned (run 8)
+    caption_drop_attributes_patterned: float | None = None  # the same for a patterned object (None: as plain ones);
+    # the patterned share of 'a ball' sets how often the base model draws a given pattern for 'a sks ball'
     n_pattern_images: int = 100_000  # VAE-only pool rendered with patterns=True
     pattern_all: bool = True  # ... and then a pattern on every object (the first run had False: half of them)
     chunk: int = 2_000  # images per deterministic render chunk

@@ -276,14 +276,16 @@ def sample_scene(
     return Scene(bg, objs)
 
 
-def _noun_phrase(obj: Obj, identifier: str | None, colors: bool = True) -> str:
+def _noun_phrase(obj: Obj, identifier: str | None, colors: bool = True, attributes: bool = True) -> str:
     """'a red ball', 'a red and white striped ball' or, for the concept object, 'a sks ball'.
 
     colors=False leaves the colour words out ('a ball', 'a striped ball'): the pattern word, or its absence, is
-    still said.
+    still said. attributes=False names the class alone ('a ball'), whatever the object's colours and pattern.
     """
     if identifier:
         words = f"{identifier} {obj.cls}"
+    elif not attributes:
+        words = obj.cls
     elif obj.pattern:
         words = (f"{obj.color} and {obj.color2} " if colors else "") + f"{PATTERN_WORDS[obj.pattern]} {obj.cls}"
     else:
@@ -291,19 +293,29 @@ def _noun_phrase(obj: Obj, identifier: str | None, colors: bool = True) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
+def _drops_attributes(obj: Obj, rng: np.random.Generator | None, plain: float, patterned: float | None) -> bool:
+    chance = (plain if patterned is None else patterned) if obj.pattern else plain
+    return bool(chance) and rng is not None and rng.random() < chance
+
+
 def caption(scene: Scene, rng: np.random.Generator | None = None, identifier: str | None = None,
-            drop_colors: float = 0.0) -> str:
+            drop_colors: float = 0.0, drop_attributes: float = 0.0, drop_attributes_patterned: float | None = None) -> str:
     """Caption a scene ('a photo of a red ball on the grass', 'a blue and yellow dotted box').
 
     With rng=None the first template and scene phrase are used. With an identifier, the first
     patterned object (else the left one) is named '{identifier} {class}' without its colour.
     drop_colors: chance (needs rng) that an object is named without its colours ('a ball', 'a striped
     ball'), so that a prompt naming no colour and no pattern asks for a plain object of any colour.
+    drop_attributes: chance (needs rng) that a plain object is named by its class alone ('a ball');
+    drop_attributes_patterned the same for a patterned object (None: drop_attributes). So 'a ball' asks for a
+    ball of any colour, plain or patterned, as 'a dog' asks Stable Diffusion for any dog. Each option draws
+    from rng only when it is non-zero, so captions without it are unchanged.
     """
     objs = sorted(scene.objects, key=lambda o: o.x)
     concept = next((o for o in objs if o.pattern), objs[0] if objs else None) if identifier else None
     keep = [not (drop_colors and rng is not None and rng.random() < drop_colors) for _ in objs]
-    phrases = [_noun_phrase(o, identifier if o is concept else None, k) for o, k in zip(objs, keep)]
+    bare = [_drops_attributes(o, rng, drop_attributes, drop_attributes_patterned) for o in objs]
+    phrases = [_noun_phrase(o, identifier if o is concept else None, k, not b) for o, k, b in zip(objs, keep, bare)]
     pick = (lambda seq: seq[rng.integers(len(seq))]) if rng is not None else (lambda seq: seq[0])
     text = pick(CAPTION_TEMPLATES).format(objects=" next to ".join(phrases))
     where = pick(SCENE_PHRASES[scene.background])
