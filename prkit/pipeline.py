@@ -205,6 +205,18 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     return pipe
 
 
+def offloading(module: torch.nn.Module) -> str | None:
+    """How ``module`` is offloaded between calls, if it is: "accelerate" (``enable_model_cpu_offload``,
+    ``enable_sequential_cpu_offload``, accelerate's hooks) or "group" (diffusers' ``enable_group_offload``)."""
+    for sub in module.modules():
+        if hasattr(sub, "_hf_hook"):
+            return "accelerate"
+        registry = sub.__dict__.get("_diffusers_hook")
+        if registry is not None and registry.get_hook("group_offloading") is not None:
+            return "group"
+    return None
+
+
 def read_model_defaults(folder: str | os.PathLike) -> dict:
     """The training defaults a pipeline folder ships in ``prkit_defaults.json`` ({} when it has none).
 

@@ -34,6 +34,11 @@ class LowRank(nn.Module):
     def rank(self) -> int:
         return self.down.shape[0]
 
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) as a module call, so that hooks on this module run first: accelerate's sequential CPU offload
+        keeps the factors on the meta device between calls and brings them in through its hook."""
+        return self.down, self.up
+
     def delta_weight(self) -> torch.Tensor:
         """The dense (C, C) update this set adds to the base weight."""
         return self.up @ self.down
@@ -141,10 +146,21 @@ class ResidualProjection(nn.Module):
         return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
 
     def add_set(self, name: str, rank: int, generator: torch.Generator | None = None) -> LowRank:
-        self.sets[name] = LowRank(self.channels, rank, generator, device=self.weight.device, dtype=self._set_dtype())
+        self.sets[name] = LowRank(self.channels, rank, generator, device=self._set_device(), dtype=self._set_dtype())
         self.scales[name] = 1.0
         self.active[name] = True
         return self.sets[name]
+
+    def _set_device(self) -> torch.device:
+        """Where new sets live: the weight's device, or, where accelerate's sequential CPU offload keeps the weight on
+        the meta device between calls, the device its hook computes on (a set added then has no hook of its own)."""
+        if self.weight.device.type != "meta":
+            return self.weight.device
+        for module in (self, self.__dict__["original"]):
+            device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+        return torch.device("cpu")
 
     def remove_set(self, name: str) -> None:
         if name in self.merged:
@@ -167,7 +183,7 @@ class ResidualProjection(nn.Module):
 
     def _branch(self, x: torch.Tensor, lowrank: LowRank, mask: torch.Tensor | None = None) -> torch.Tensor:
         """up(mask * down(x)); mask: None, bool (rows, N), or laid out like the middle (``layout_mask``)."""
-        down, up = lowrank.down.to(x.dtype), lowrank.up.to(x.dtype)
+        down, up = (factor.to(x.device, x.dtype) for factor in lowrank())
         if self.is_conv:  # x: (B, C, H, W)
             middle = F.conv2d(x, down[:, :, None, None])  # (B, r, H, W)
             if mask is not None:
@@ -218,6 +234,7 @@ class ResidualProjection(nn.Module):
         """Fold the set into the base weight (no masks apply to a merged set)."""
         if name in self.merged:
             return
+        self._check_weight_here("merge")
         if self._unmerged_weight is None:
             self._unmerged_weight = self.weight.detach().clone()
         self.merged[name] = self.scales[name]
@@ -226,9 +243,18 @@ class ResidualProjection(nn.Module):
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         """Take the set out of the base weight; once no set is merged the base weight is bit-exact again."""
-        if self.merged.pop(name, None) is None:
+        if name not in self.merged:
             return
+        self._check_weight_here("unmerge")
+        del self.merged[name]
         self._write_merged()
+
+    def _check_weight_here(self, what: str) -> None:
+        if self.weight.device.type == "meta":
+            raise RuntimeError(
+                f"cannot {what} residual sets on {self.block_name}: its weight is offloaded (accelerate's sequential "
+                "CPU offload keeps it on the meta device between calls), so the write would be lost. Sample the sets "
+                f"unmerged (generate applies them as they are), or {what} before enabling offloading")
 
     def _write_merged(self) -> None:
         """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
@@ -253,6 +279,9 @@ class ResidualProjection(nn.Module):
 
     def _factor_versions(self) -> tuple:
         """What tells whether a merged set's factors changed: their storage and in-place version counters."""
+        factors = [p for name in self.merged for p in (self.sets[name].down, self.sets[name].up)]
+        if any(p.device.type == "meta" for p in factors):  # offloaded between calls (accelerate): the merged weight
+            return self._merged_from                        # it keeps was written before, and training refuses it
         return tuple((name, p.data_ptr(), p._version) for name in self.merged
                      for p in (self.sets[name].down, self.sets[name].up))
 

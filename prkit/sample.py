@@ -55,7 +55,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     for arg, value in (("steps", steps), ("num_images", num_images)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"generate: {arg} must be a whole number >= 1, got {value!r}")
-    device = pipe.unet.device
+    device = execution_device(pipe)
     generator = pipe_kwargs.pop("generator", None)  # the caller's own generator wins over seed
     if generator is None:
         generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
@@ -82,6 +82,13 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
     return out.images
+
+
+def execution_device(pipe) -> torch.device:
+    """Where ``pipe`` computes: its UNet's device, or under CPU offload (model, sequential or group) the device
+    its offload hooks run the models on, as diffusers' own ``_execution_device`` reports it."""
+    device = getattr(pipe, "_execution_device", None)
+    return device if isinstance(device, torch.device) and device.type != "meta" else pipe.unet.device
 
 
 def _diffusers_names(pipe_kwargs: dict, steps, num_images):

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .interrupts import deferred_interrupt
+from .pipeline import offloading
 from .residuals import Residuals, adapters_off, get_residuals, only_residuals, remove_residuals, residual_names
 from .targets import LORA_MODULES, TARGETS
 # the recipe's settings and results, re-exported: prkit.train stays their import path
@@ -127,6 +128,17 @@ def load_optimizer(optimizer, state: dict, learning_rate: float, source) -> None
             group["lr"] = learning_rate
 
 
+def _check_not_offloaded(unet) -> None:
+    mode = offloading(unet)
+    if mode is not None:
+        undo = ("pipe.remove_all_hooks(), then pipe.to('cuda')" if mode == "accelerate" else
+                "load the pipeline again without enable_group_offload")
+        raise ValueError(
+            f"train_residuals: the pipeline's UNet is offloaded to the CPU between calls ({mode} offloading), so it "
+            f"has no one device to train on. Train without offloading ({undo}), save the residuals, and offload "
+            "again for sampling: generate() works with residuals on an offloaded pipeline")
+
+
 def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: str = "default",
                     progress: bool = True, **overrides) -> TrainResult:
     """Personalize ``pipe`` on ``concept``: train a residual set (or another target), the base frozen.
@@ -144,6 +156,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     unet = pipe.unet
+    _check_not_offloaded(unet)
     unfinished = _unfinished(unet)
     left = unfinished.pop(name, None)
     if left is not None and name in residual_names(unet) and left() is _first_factor(get_residuals(unet, name)):
