@@ -230,10 +230,10 @@ class CaptureProcessor:
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
                 scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
-            probs = scores.float().softmax(dim=-1).to(value.dtype)
+            probs = scores.float().softmax(dim=-1)  # maps from fp32 probabilities: half-precision rounding ties
             side = tuple(shape4[2:]) if shape4 is not None else self.state.spatial(self.block, tokens_q)
-            self.state.record(self.block, self.layer, probs, side)
-            out = probs @ value
+            self.state.record(self.block, self.layer, probs, side)  # them at the median, and masks lose positions
+            out = probs.to(value.dtype) @ value
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])))
         if shape4 is not None:
             out = out.transpose(-1, -2).reshape(shape4)

@@ -266,6 +266,54 @@ def pipeline_cfg(pipe) -> Callable[[], bool]:
     return cfg
 
 
+def _as_list(prompts) -> list | None:
+    return None if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+@contextlib.contextmanager
+def watched_pipeline(pipe, prompts: list[str] | None, prompts_2: list[str] | str | None = None):
+    """Within the block, ``pipe.encode_prompt`` checks that the prompts the pipeline encodes are ``prompts`` (and
+    SDXL's ``prompt_2``, ``prompts_2``, where both are given), which the masks were made for; yields a callable
+    telling whether the running call uses classifier-free guidance, read live from ``pipe`` (a step callback may
+    switch it off mid-run), which refuses a UNet call that ``pipe`` did not prepare: another pipeline built from
+    the same components (``StableDiffusionImg2ImgPipeline(**pipe.components)``) has its own flag, which the
+    masks cannot see."""
+    import inspect
+
+    original = pipe.encode_prompt
+    signature = inspect.signature(original)
+    own = pipe.__dict__.get("encode_prompt")  # an instance attribute of the caller's own, put back afterwards
+    seen: list[bool] = []
+
+    def encode_prompt(*args, **kwargs):
+        given = signature.bind_partial(*args, **kwargs).arguments
+        for name, wanted in (("prompt", prompts), ("prompt_2", prompts_2)):
+            text = _as_list(given.get(name))
+            if wanted is not None and text is not None and text != _as_list(wanted):
+                raise ValueError(
+                    f"the pipeline is encoding {name}={text!r}, but LAG's masks were made for {_as_list(wanted)!r}: "
+                    f"pass the same prompts to lag_sampling as to the pipeline call (prkit.generate does both)")
+        seen.append(True)
+        return original(*args, **kwargs)
+
+    def cfg() -> bool:
+        if not seen:
+            raise RuntimeError(
+                "lag_sampling(pipe, ...): the UNet ran without pipe encoding a prompt, so LAG cannot tell whether "
+                "this call uses classifier-free guidance. Give lag_sampling the pipeline you call (a pipeline built "
+                "from the same components, such as an img2img one, is another object), or pass cfg=True/False")
+        return pipeline_cfg(pipe)()
+
+    pipe.encode_prompt = encode_prompt
+    try:
+        yield cfg
+    finally:
+        if own is not None:
+            pipe.encode_prompt = own
+        else:
+            del pipe.encode_prompt
+
+
 @contextlib.contextmanager
 def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], prompts: str | Sequence[str], *,
                  tokenizer=None, config: LAGConfig | None = None, cfg: bool | None = None,
@@ -301,8 +349,11 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     tokenizer = tokenizer or getattr(pipe_or_unet, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("lag_sampling on a bare UNet needs tokenizer=...")
-    if cfg is None:
-        cfg = pipeline_cfg(pipe_or_unet) if hasattr(pipe_or_unet, "unet") else False
+    watch = contextlib.nullcontext()
+    if hasattr(pipe_or_unet, "unet") and hasattr(pipe_or_unet, "encode_prompt"):
+        watch = watched_pipeline(pipe_or_unet, prompts, prompts_2)
+    elif cfg is None:
+        cfg = False
     weights = concept_weights(tokenizer, prompts, sets, config.include_class, encoded_text(pipe_or_unet, tokenizer))
     if prompts_2 is not None:
         second = second_prompt_weights(pipe_or_unet, prompts_2, len(prompts), sets, config.include_class)
@@ -311,22 +362,23 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
                              "text encoders must agree on the sequence length")
         weights = torch.maximum(weights, second)
     index = {r.name: s for s, r in enumerate(sets)}
-    state = CaptureState(weights, cfg, store)
     layers = wrapped_layers(unet)
     hooks = []
-    with capture_attention(unet, state):
-        try:
-            for block, layer in layers.items():
-                layer.mask_source = _MaskSource(state, block, index, config, layer if LAYOUT_MASKS else None)
-                state.on_block_ready[block] = layer.mask_source.prepare
-            # a block's side-stream work rejoins by the block's end at the latest (also when no set consumed its
-            # mask, or the block raised: an unjoined fork would fail a graph capture with a misleading error)
-            hooks = [unet.get_submodule(block).register_forward_hook(lambda *_: state.join(), always_call=True)
-                     for block in state.layer_counts]
-            yield state
-        finally:
-            for hook in hooks:
-                hook.remove()
-            state.on_block_ready.clear()
-            for layer in layers.values():
-                layer.mask_source = None
+    with watch as pipeline_flag:
+        state = CaptureState(weights, pipeline_flag if cfg is None else cfg, store)
+        with capture_attention(unet, state):
+            try:
+                for block, layer in layers.items():
+                    layer.mask_source = _MaskSource(state, block, index, config, layer if LAYOUT_MASKS else None)
+                    state.on_block_ready[block] = layer.mask_source.prepare
+                # a block's side-stream work rejoins by the block's end at the latest (also when no set consumed its
+                # mask, or the block raised: an unjoined fork would fail a graph capture with a misleading error)
+                hooks = [unet.get_submodule(block).register_forward_hook(lambda *_: state.join(), always_call=True)
+                         for block in state.layer_counts]
+                yield state
+            finally:
+                for hook in hooks:
+                    hook.remove()
+                state.on_block_ready.clear()
+                for layer in layers.values():
+                    layer.mask_source = None

@@ -50,6 +50,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     """
     config = config or SampleConfig()
     sets = [] if residuals is None else [residuals] if isinstance(residuals, Residuals) else list(residuals)
+    _check_prompt(prompt, pipe_kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     steps, num_images = _diffusers_names(pipe_kwargs, steps, num_images)
     for arg, value in (("steps", steps), ("num_images", num_images)):
@@ -82,6 +83,21 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
     return out.images
+
+
+def _check_prompt(prompt, pipe_kwargs: dict) -> None:
+    """generate samples prompts given as text: LAG and the store find the concept's tokens in it."""
+    embeds = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if pipe_kwargs.get(k) is not None]
+    if embeds:
+        raise ValueError(
+            f"generate takes the prompt as text, not {embeds[0]}= (LAG finds the concept's tokens in the text). With "
+            "precomputed embeddings (prompt weighting), call the pipeline yourself: inside "
+            "prkit.lag_sampling(pipe, sets, prompts) for LAG, where prompts are the texts the embeddings encode "
+            "token for token, or inside prkit.only_residuals(pipe.unet, sets) without it")
+    ok = isinstance(prompt, str) or (isinstance(prompt, Sequence) and len(prompt) > 0
+                                     and all(isinstance(p, str) for p in prompt))
+    if not ok:
+        raise ValueError(f"generate: prompt must be a string or a non-empty list of strings, got {prompt!r}")
 
 
 def execution_device(pipe) -> torch.device:

@@ -213,3 +213,69 @@ def test_non_square_maps_and_masks_keep_their_aspect(pipe):
     assert capped.aggregate().shape == (1, TOKENS, 2, 8)  # the long side at max_resolution, aspect kept
     assert capped.aggregate(size=16).shape == (1, TOKENS, 4, 16)
     assert capped.aggregate(size=(16, 64)).shape == (1, TOKENS, 16, 64)  # an image's own (h, w)
+
+
+# --- LAG follows the call that really runs ---------------------------------------------------------
+
+
+def test_lag_refuses_a_pipeline_call_with_other_prompts_than_its_masks(pipe):
+    """The masks are made from lag_sampling's prompts; a call encoding other text used them on the wrong tokens
+    (the identifier at other positions) without a word."""
+    dog = _dog(pipe.unet)
+    with lag_sampling(pipe, dog, PROMPT):
+        with pytest.raises(ValueError, match=r"encoding prompt=\['a sks dog on the beach'\].*made for \['a photo"):
+            pipe("a sks dog on the beach", num_inference_steps=2, output_type="np")
+    with lag_sampling(pipe, dog, [PROMPT]):
+        with pytest.raises(ValueError, match="LAG's masks were made for"):
+            pipe([PROMPT, "a sks dog"], num_inference_steps=2, output_type="np")
+    with lag_sampling(pipe, dog, PROMPT):  # the same text, as a string or a list, passes
+        want = pipe([PROMPT], num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert "encode_prompt" not in pipe.__dict__  # the watch is gone with the block
+    np.testing.assert_allclose(prkit.generate(pipe, PROMPT, dog, lag=True, **FAST), want.images, atol=1e-6)
+
+
+def test_lag_refuses_a_unet_call_from_another_pipeline_object(pipe):
+    """A pipeline built from the same components runs with its own guidance flag; read from the pipeline given to
+    lag_sampling (never called: no flag; called before: a stale one), it split the batch wrongly."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    dog = _dog(pipe.unet)
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16)
+    call = dict(image=image, strength=0.75, num_inference_steps=4, output_type="np")
+    with lag_sampling(pipe, dog, PROMPT):
+        with pytest.raises(RuntimeError, match=r"the UNet ran without pipe encoding a prompt.*Give lag_sampling the"):
+            i2i(PROMPT, **call)
+    with lag_sampling(i2i, dog, PROMPT):
+        got = i2i(PROMPT, generator=torch.Generator().manual_seed(0), **call).images
+    np.testing.assert_allclose(got, prkit.generate(i2i, PROMPT, dog, lag=True, seed=0, **{**call, "steps": 4,
+                                                                                        "num_inference_steps": 4}),
+                               atol=1e-6)
+    with lag_sampling(pipe, dog, PROMPT, cfg=True):  # told explicitly, it needs no pipeline's word
+        i2i(PROMPT, **call)
+
+
+def test_generate_takes_text_prompts_and_says_what_to_do_with_embeddings(pipe):
+    dog = _dog(pipe.unet)
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    for lag in (False, True):
+        with pytest.raises(ValueError, match=r"not prompt_embeds=.*prkit.lag_sampling\(pipe, sets, prompts\)"):
+            prkit.generate(pipe, None, dog, lag=lag, prompt_embeds=embeds, **FAST)
+    with pytest.raises(ValueError, match="prompt must be a string or a non-empty list of strings, got None"):
+        prkit.generate(pipe, None, dog, **FAST)
+    with pytest.raises(ValueError, match="got \\[\\]"):
+        prkit.generate(pipe, [], dog, **FAST)
+
+
+def test_half_precision_masks_keep_the_median_split(pipe):
+    """On the CPU path the maps came from probabilities rounded to the model's half precision; ties at the median
+    dropped positions from the masks, and fp16 LAG images moved far from fp32 ones while the base model's did not."""
+    dog = _dog(pipe.unet)
+    run = dict(num_images=2, **FAST)
+    base32, lag32 = prkit.generate(pipe, PROMPT, None, **run), prkit.generate(pipe, PROMPT, dog, lag=True, **run)
+    pipe.to(torch.float16)
+    base16, lag16 = prkit.generate(pipe, PROMPT, None, **run), prkit.generate(pipe, PROMPT, dog, lag=True, **run)
+    base_drift = np.abs(base16 - base32).max()
+    assert base_drift < 0.02
+    assert np.abs(lag16 - lag32).max() < 5 * base_drift + 0.01
