@@ -284,6 +284,7 @@ def watched_pipeline(pipe, prompts: list[str] | None, prompts_2: list[str] | str
     signature = inspect.signature(original)
     own = pipe.__dict__.get("encode_prompt")  # an instance attribute of the caller's own, put back afterwards
     seen: list[bool] = []
+    live = pipeline_cfg(pipe)
 
     def encode_prompt(*args, **kwargs):
         given = signature.bind_partial(*args, **kwargs).arguments
@@ -302,7 +303,7 @@ def watched_pipeline(pipe, prompts: list[str] | None, prompts_2: list[str] | str
                 "lag_sampling(pipe, ...): the UNet ran without pipe encoding a prompt, so LAG cannot tell whether "
                 "this call uses classifier-free guidance. Give lag_sampling the pipeline you call (a pipeline built "
                 "from the same components, such as an img2img one, is another object), or pass cfg=True/False")
-        return pipeline_cfg(pipe)()
+        return live()
 
     pipe.encode_prompt = encode_prompt
     try:
