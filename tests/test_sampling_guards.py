@@ -270,12 +270,12 @@ def test_generate_takes_text_prompts_and_says_what_to_do_with_embeddings(pipe):
 
 def test_half_precision_masks_keep_the_median_split(pipe):
     """On the CPU path the maps came from probabilities rounded to the model's half precision; ties at the median
-    dropped positions from the masks, and fp16 LAG images moved far from fp32 ones while the base model's did not."""
+    dropped positions from the masks (0.44 of the grid instead of half in some blocks, and fp16 LAG images far from
+    fp32 ones). The median mask splits every block's grid in half."""
     dog = _dog(pipe.unet)
-    run = dict(num_images=2, **FAST)
-    base32, lag32 = prkit.generate(pipe, PROMPT, None, **run), prkit.generate(pipe, PROMPT, dog, lag=True, **run)
     pipe.to(torch.float16)
-    base16, lag16 = prkit.generate(pipe, PROMPT, None, **run), prkit.generate(pipe, PROMPT, dog, lag=True, **run)
-    base_drift = np.abs(base16 - base32).max()
-    assert base_drift < 0.02
-    assert np.abs(lag16 - lag32).max() < 5 * base_drift + 0.01
+    store = AttentionStore()
+    prkit.generate(pipe, PROMPT, dog, lag=True, store=store, num_images=2, **FAST)
+    assert len(store.masks) == 2 * len(find_projections(pipe.unet))  # every block, both steps
+    for key, mask in store.masks.items():
+        assert mask.flatten(1, 2).mean(1).eq(0.5).all(), (key, mask.flatten(1, 2).mean(1))
