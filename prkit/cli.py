@@ -19,6 +19,9 @@ import warnings
 from pathlib import Path
 
 
+LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
+
+
 def _whole(minimum: int):
     """An argparse type: a whole number of at least ``minimum`` (the message names the flag)."""
     def parse(text: str) -> int:
@@ -123,7 +126,8 @@ def _train(args) -> int:
 
 def _sample(args) -> int:
     from .files import atomic_path, load_residuals, read_metadata
-    from .pipeline import load_pipeline
+    from .lag import LAGConfig
+    from .pipeline import check_available, load_pipeline, resolve_device, resolve_dtype
     from .sample import generate
 
     out = Path(args.out)
@@ -135,11 +139,26 @@ def _sample(args) -> int:
     for path in args.residuals:  # readable prkit files, checked before the model loads
         read_metadata(path)
     lora_scales = _check_loras(args.lora, args.lora_scale)
-    pipe = load_pipeline(args.model, device=args.device)
+    scales = _per_file(args.scale, args.residuals, "--scale", "--residuals")
+    device = resolve_device(args.device)
+    check_available(device)
+    if args.offload != "none" and device.type != "cuda":
+        raise ValueError(f"--offload {args.offload} moves the models between the CPU and a GPU; the device is "
+                         f"{device}: leave --offload out, or sample on a CUDA GPU")
+    dtype = resolve_dtype(args.dtype, device)  # the GPU's, also when the models wait on the CPU (--offload)
+    pipe = load_pipeline(args.model, device="cpu" if args.offload != "none" else device, dtype=dtype)
     sets = [load_residuals(pipe, path) for path in args.residuals]
+    for residuals, scale in zip(sets, scales):
+        residuals.scale = scale
     _load_loras(pipe, args.lora, lora_scales, args.model)
+    if args.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif args.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
     images = generate(pipe, args.prompt, sets or None, lag=args.lag, seed=args.seed, num_images=args.num_images,
-                      steps=args.steps, guidance_scale=args.guidance_scale)
+                      steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                      lag_config=LAGConfig(threshold=args.lag_threshold), **size)
     out.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"(\d+)\.png", p.name))]
     first = max(taken, default=-1) + 1  # earlier images in the folder stay: new ones are numbered after them
@@ -154,6 +173,20 @@ def _sample(args) -> int:
             raise OSError(err.errno, f"could not write {out / name} ({err.strerror or err}){kept}") from err
     print(f"wrote {len(images)} images to {out} ({names[0]}{f' to {names[-1]}' if len(names) > 1 else ''})")
     return 0
+
+
+def _per_file(values: list[float], files: list[str], flag: str, files_flag: str) -> list[float]:
+    """One value per file: none given is 1.0 each, one is used for all, else exactly one per file."""
+    if not values:
+        return [1.0] * len(files)
+    if not files:
+        raise ValueError(f"{flag} without {files_flag}: there is nothing to weigh")
+    if len(values) == 1:
+        return values * len(files)
+    if len(values) != len(files):
+        raise ValueError(f"{flag} has {len(values)} values for {len(files)} {files_flag} files; give one, or one "
+                         "per file in the same order")
+    return values
 
 
 def _check_loras(paths: list[str], scales: list[float]) -> list[float]:
@@ -268,13 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "everywhere: LAG localizes residuals only")
     sample.add_argument("--lora-scale", nargs="+", action="extend", type=_finite, default=[], help="one weight per "
                         "--lora file, in the same order (default 1.0 each)")
+    sample.add_argument("--scale", nargs="+", action="extend", type=_finite, default=[], help="the residuals' "
+                        "strength: one value for all --residuals files, or one per file in their order (default 1.0)")
     sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True)
+    sample.add_argument("--lag-threshold", default="median", choices=LAG_THRESHOLDS,
+                        help="how LAG cuts each concept's attention map into its mask (METHOD: median)")
+    sample.add_argument("--negative-prompt", default=None, help="one negative prompt for every --prompt")
     sample.add_argument("--num-images", type=_positive_int, default=4)
     sample.add_argument("--steps", type=_positive_int, default=25)
     sample.add_argument("--guidance-scale", type=_guidance, default=7.5)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--height", type=_positive_int, default=None, help="default: the model's native size")
+    sample.add_argument("--width", type=_positive_int, default=None, help="default: the model's native size")
     sample.add_argument("--out", default="samples", help="folder; images already there are kept")
     sample.add_argument("--device", default="auto")
+    sample.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="default: bf16 on GPUs that compute in it, fp16 on older ones, fp32 on the CPU")
+    sample.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                        help="small GPUs: keep the models on the CPU and move each (model) or each layer "
+                             "(sequential, slowest, least memory) to the GPU when it runs")
     sample.set_defaults(func=_sample)
 
     info = sub.add_parser("info", help="print a residual file's header")

@@ -278,3 +278,54 @@ def test_sample_with_a_lora_on_top_of_the_residuals(tmp_path, capsys):
     assert sample("x3", "--lora", str(tmp_path / "nope.safetensors"))[0] == 2
     assert "nope.safetensors' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x1").exists() and not (tmp_path / "x3").exists()  # refused before anything was written
+
+
+def test_sample_options_reach_the_pipeline(tmp_path, capsys, monkeypatch):
+    """--negative-prompt, --height/--width, --scale, --lag-threshold and --dtype are what generate receives;
+    --scale is checked against --residuals and --offload against the device before the model loads."""
+    import prkit.sample
+    from prkit.cli import LAG_THRESHOLDS
+    from prkit.lag import THRESHOLDS
+
+    assert LAG_THRESHOLDS == THRESHOLDS
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    out = tmp_path / "sks.safetensors"
+    assert main(["train", "--model", str(model), "--images", str(_concept(tmp_path / "images")), "--token", "sks",
+                 "--class-word", "dog", "--out", str(out), "--steps", "2", "--rank", "2", "--device", "cpu"]) == 0
+    seen = {}
+    real = prkit.sample.generate
+
+    def spy(pipe, prompt, residuals=None, **kwargs):
+        seen.update(kwargs, scales=[r.scale for r in residuals], dtype=pipe.unet.dtype)
+        return real(pipe, prompt, residuals, **kwargs)
+
+    monkeypatch.setattr(prkit.sample, "generate", spy)
+    base = ["sample", "--model", str(model), "--residuals", str(out), "--prompt", "a photo of a sks dog",
+            "--num-images", "1", "--steps", "2", "--device", "cpu"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--negative-prompt", "blurry", "--height", "24", "--width", "32",
+                        "--scale", "0.5", "--lag-threshold", "otsu", "--dtype", "bf16"]) == 0
+    assert seen["negative_prompt"] == "blurry" and (seen["height"], seen["width"]) == (24, 32)
+    assert seen["scales"] == [0.5] and seen["lag_config"].threshold == "otsu" and seen["dtype"] == torch.bfloat16
+    assert Image.open(tmp_path / "a" / "000.png").size == (32, 24)
+    assert main(base + ["--out", str(tmp_path / "b"), "--scale", "0.5", "2"]) == 2
+    assert "--scale has 2 values for 1 --residuals files" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "c"), "--offload", "model"]) == 2
+    assert "--offload model moves the models between the CPU and a GPU; the device is cpu" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading moves models to a GPU")
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_sample_offloaded_equals_sample_on_the_gpu(tmp_path, offload):
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    out = tmp_path / "sks.safetensors"
+    assert main(["train", "--model", str(model), "--images", str(_concept(tmp_path / "images")), "--token", "sks",
+                 "--class-word", "dog", "--out", str(out), "--steps", "2", "--rank", "2", "--device", "cpu"]) == 0
+    base = ["sample", "--model", str(model), "--residuals", str(out), "--prompt", "a photo of a sks dog",
+            "--num-images", "2", "--steps", "2", "--device", "cuda", "--dtype", "fp32"]
+    assert main(base + ["--out", str(tmp_path / "gpu")]) == 0
+    assert main(base + ["--out", str(tmp_path / "off"), "--offload", offload]) == 0
+    for name in ("000.png", "001.png"):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for d in ("gpu", "off"))
+        assert np.abs(a - b).max() <= 1
