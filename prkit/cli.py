@@ -116,7 +116,8 @@ def _train(args) -> int:
                            skip_bad=args.skip_bad)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                          rank=args.rank, checkpoint_dir=str(checkpoint_dir), resume=args.resume,
-                         checkpoint_every=args.checkpoint_every)
+                         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+                         gradient_checkpointing=args.gradient_checkpointing)
     result = train_residuals(pipe, concept, config)
     save_residuals(result.residuals, args.out, base_model=args.model)
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
@@ -286,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="continue from the checkpoint of an interrupted run of the same concept and recipe "
                             "(--no-resume: start over)")
+    train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                       help="auto: bf16 on GPUs that compute in it, fp16 with a loss scaler on older ones (T4, V100), "
+                            "fp32 on the CPU")
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="small GPUs: recompute activations in the backward pass (less memory, slower steps)")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     train.add_argument("--device", default="auto")
     train.set_defaults(func=_train)

@@ -329,3 +329,25 @@ def test_sample_offloaded_equals_sample_on_the_gpu(tmp_path, offload):
     for name in ("000.png", "001.png"):
         a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=np.int16) for d in ("gpu", "off"))
         assert np.abs(a - b).max() <= 1
+
+
+def test_train_memory_options_reach_the_recipe(tmp_path, monkeypatch):
+    import prkit.train
+
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    seen = []
+    real = prkit.train.train_residuals
+
+    def spy(pipe, concept, config=None, **kwargs):
+        seen.append(config)
+        return real(pipe, concept, config, **kwargs)
+
+    monkeypatch.setattr(prkit.train, "train_residuals", spy)
+    args = ["train", "--model", str(model), "--images", str(_concept(tmp_path / "images")), "--token", "sks",
+            "--class-word", "dog", "--steps", "2", "--rank", "2", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "a.safetensors")]) == 0
+    assert seen[-1].mixed_precision == "auto" and not seen[-1].gradient_checkpointing
+    assert main(args + ["--out", str(tmp_path / "b.safetensors"), "--mixed-precision", "no",
+                        "--gradient-checkpointing"]) == 0
+    assert seen[-1].mixed_precision == "no" and seen[-1].gradient_checkpointing
