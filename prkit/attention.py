@@ -50,8 +50,17 @@ class CaptureState:
         self.on_block_ready: dict[str, Callable[[], None]] = {}  # block -> run once its maps are complete (LAG)
         self._side: torch.cuda.Stream | None = None  # the second stream of the CUDA path
         self._pending: list[tuple[torch.Tensor, ...]] = []  # inputs the side stream reads, held until joined
+        self._cfg_now: bool | None = None  # is_cfg() of the current forward
 
     def is_cfg(self) -> bool:
+        """Whether this forward's batch is [unconditional; conditional]: read once per UNet forward (a step callback
+        may switch guidance off between steps), outside torch.compile's tracing (the flag lives on the pipeline)."""
+        if self._cfg_now is None:
+            self._cfg_now = self._read_cfg()
+        return self._cfg_now
+
+    @torch.compiler.disable
+    def _read_cfg(self) -> bool:
         return bool(self.cfg()) if callable(self.cfg) else bool(self.cfg)
 
     def spatial(self, block: str, tokens: int) -> tuple[int, int]:
@@ -70,6 +79,7 @@ class CaptureState:
 
     def begin_step(self) -> None:
         self.step += 1
+        self._cfg_now = None
         self.block_hw.clear()
         self.sums.clear()
         self.counts.clear()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .files import architecture, atomic_path, layer_table
+from .train_config import training_prompt
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def fingerprint(pipe, concept, config) -> dict:
         "images": _images_digest(concept),
         "token": concept.token,
         "class_word": concept.class_word,
-        "prompt": config.prompt_template.format(token=concept.token, class_word=concept.class_word),
+        "prompt": training_prompt(config, concept),
         "target": config.target,
         "rank": repr(config.rank),
         "seed": int(config.seed),

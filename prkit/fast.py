@@ -131,7 +131,7 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
         p.data = p.data.float()  # fp32 master weights even on a half-precision base
         p.requires_grad_(True)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prompt = config.prompt_template.format(token=concept.token, class_word=concept.class_word)
+    prompt = base.training_prompt(config, concept)
     warm_key = warmup.key(pipe, concept, config, params, fast, base._precision(config, device))
     warm = warmup.needed(warm_key, fast, device)
     triton_ready = warmup.prepare_triton(fast, device) if warm else None

@@ -8,6 +8,7 @@ named residual sets on one UNet. It does not know about attention maps (``lag.py
 from __future__ import annotations
 
 import contextlib
+import warnings
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,7 +39,10 @@ def rank_for(channels: int, rank: float | int) -> int:
         raise ValueError(f"rank must be a positive fraction (e.g. 0.05) or an int, got {rank!r}")
     if isinstance(rank, float) and rank < 1:
         return max(1, int(round(rank * channels)))
-    return min(int(rank), channels)
+    if rank != int(rank):
+        raise ValueError(f"rank {rank!r} is neither a fraction of the channels below 1 (e.g. 0.05) nor a whole rank "
+                         "(e.g. 16)")
+    return min(int(rank), channels)  # a rank above a layer's channels is its full rank (the file records each)
 
 
 def original_module(unet: nn.Module) -> nn.Module:
@@ -246,6 +250,7 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name or remove it")
     root = original_module(unet)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    clamped: list[str] = []
     try:
         for block, proj in projections.items():
             if layers[block] is not None:
@@ -262,6 +267,8 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
                 layer_rank = int(config.rank[block])
             else:
                 layer_rank = rank_for(proj.channels, config.rank)
+                if layer_rank < config.rank >= 1:
+                    clamped.append(f"{block} ({proj.channels})")
             proj.add_set(name, layer_rank, generator)
     except Exception:  # a failed add leaves the UNet as it was
         for block, layer in wrapped_layers(unet).items():
@@ -270,6 +277,9 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
             if not layer.sets:
                 _put_back(unet, block, layer)
         raise
+    if clamped:
+        warnings.warn(f"rank {config.rank} exceeds the channels of {len(clamped)} block(s), which get their full "
+                      f"rank instead: {', '.join(clamped[:4])}{' ...' if len(clamped) > 4 else ''}", stacklevel=2)
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
     return residuals

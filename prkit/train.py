@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .interrupts import deferred_interrupt
+from .data import DEFAULT_PROMPT_TEMPLATE
 from .pipeline import offloading
 from .residuals import Residuals, adapters_off, get_residuals, only_residuals, remove_residuals, residual_names
 from .targets import LORA_MODULES, TARGETS
 # the recipe's settings and results, re-exported: prkit.train stays their import path
 from .train_config import (  # noqa: F401
-    TrainConfig, TrainingDiverged, TrainResult, _check_resolution, _precision, _public, default_learning_rate)
+    TrainConfig, TrainingDiverged, TrainResult, _check_resolution, _precision, _public, default_learning_rate,
+    training_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,17 @@ def _check_not_offloaded(unet) -> None:
             "again for sampling: generate() works with residuals on an offloaded pipeline")
 
 
+def _check_precision(config, unet) -> None:
+    wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    stored = unet.dtype
+    if wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted:
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        raise ValueError(
+            f"mixed_precision={config.mixed_precision!r} on a UNet stored in {names[stored]}: the two half precisions "
+            f"cannot mix in one step. Use mixed_precision='auto' or {names[stored]!r}, or load the pipeline in "
+            f"{config.mixed_precision} (prkit.load_pipeline(..., dtype={config.mixed_precision!r}))")
+
+
 def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: str = "default",
                     progress: bool = True, **overrides) -> TrainResult:
     """Personalize ``pipe`` on ``concept``: train a residual set (or another target), the base frozen.
@@ -153,10 +166,13 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = replace(config, **overrides) if overrides else config
+    if config.prompt_template is None:  # the concept's own (concept.json), else the default: the file records it
+        config = replace(config, prompt_template=getattr(concept, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE)
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     unet = pipe.unet
     _check_not_offloaded(unet)
+    _check_precision(config, unet)
     unfinished = _unfinished(unet)
     left = unfinished.pop(name, None)
     if left is not None and name in residual_names(unet) and left() is _first_factor(get_residuals(unet, name)):
@@ -178,9 +194,13 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                 from .fast import FastConfig, train_fast
 
                 switches = config.fast if isinstance(config.fast, FastConfig) else None
-                return train_fast(pipe, concept, config, name=name, progress=progress, fast=switches,
-                                  register=made.append)
-            return _train_eager(pipe, concept, config, name, progress, made.append)
+                result = train_fast(pipe, concept, config, name=name, progress=progress, fast=switches,
+                                    register=made.append)
+            else:
+                result = _train_eager(pipe, concept, config, name, progress, made.append)
+        if getattr(result, "completed", True) is False and isinstance(result.residuals, Residuals):  # stopped early (stop_after): the next
+            unfinished[name] = weakref.ref(_first_factor(result.residuals))  # call with this name resumes it
+        return result
     except BaseException:
         for target in made:  # a residual set stays with its last good weights (nothing is lost) until the next call
             if isinstance(target, Residuals):  # with this name replaces it; other targets come off the model
@@ -233,7 +253,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
         p.data = p.data.float()  # fp32 master weights even on a half-precision base
         p.requires_grad_(True)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prompt = config.prompt_template.format(token=concept.token, class_word=concept.class_word)
+    prompt = training_prompt(config, concept)
     cache = _Cache(pipe, concept, prompt, config.flip)
     prior = _Cache(pipe, config.prior_images, f"a photo of a {concept.class_word}", config.flip) \
         if config.prior_images is not None else None

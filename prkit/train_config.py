@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .fast import FastConfig
 
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
 @dataclass
 class TrainConfig:
     """The recipe (METHOD.md section 1); every default is the paper's or ours where it is silent."""
@@ -28,7 +31,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     rank: float | int = 0.05  # fraction of channels or fixed rank
     seed: int = 0  # seeds init, batches, noise and timesteps
-    prompt_template: str = "a photo of a {token} {class_word}"
+    prompt_template: str | None = None  # None: the concept's (load_concept reads it from concept.json), whose own
+    # default is "a photo of a {token} {class_word}"
     flip: bool = True  # cache both horizontal flips of every image
     mixed_precision: str = "auto"  # auto (bf16 / fp16+scaler on GPUs, fp32 on CPU) | no | bf16 | fp16
     target: str = "residuals"  # what is trained (see TARGETS)
@@ -60,6 +64,44 @@ class TrainConfig:
         if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
             raise ValueError(f"TrainConfig.learning_rate must be a positive number (or None: the default), "
                              f"got {rate!r}")
+        self._check_more()
+
+    def _check_more(self) -> None:
+        template = self.prompt_template
+        if template is not None:
+            try:
+                ok = isinstance(template, str) and "{token}" in template and bool(
+                    template.format(token="sks", class_word="dog"))
+            except (KeyError, IndexError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"TrainConfig.prompt_template {template!r} must contain {{token}} and may use only "
+                                 "{token} and {class_word} (e.g. 'a photo of a {token} {class_word}')")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.mixed_precision!r}")
+        for name, low in (("max_grad_norm", 0.0), ("prior_weight", 0.0)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and math.isfinite(value) and value >= low):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= {low:g}"
+                                 f"{' (or None: no clipping)' if name == 'max_grad_norm' else ''}, got {value!r}")
+        prompts = self.validation_prompts
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("TrainConfig.validation_prompts must be a list of prompts (strings), not "
+                             f"{type(prompts).__name__} {prompts!r}: write ('a photo of a {{token}} {{class_word}}',)")
+        for prompt in prompts:
+            try:
+                prompt.format(token="sks", class_word="dog")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"TrainConfig.validation_prompts: {prompt!r} may use only {{token}} and "
+                                 f"{{class_word}} as placeholders ({type(err).__name__}: {err})") from None
+        if self.prior_images is not None and not hasattr(self.prior_images, "tensors"):
+            raise ValueError("TrainConfig.prior_images must be a prkit Concept of class images "
+                             f"(prkit.load_concept(folder, ...)), got {type(self.prior_images).__name__}")
+        if self.stop_after is not None and (isinstance(self.stop_after, bool) or not isinstance(self.stop_after, int)
+                                            or self.stop_after < 1):
+            raise ValueError(f"TrainConfig.stop_after must be a whole number >= 1 (or None), got {self.stop_after!r}")
 
 
 def default_learning_rate(pipe, target: str = "residuals", batch_size: int | None = None) -> float:
@@ -119,6 +161,15 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
         return resolve_dtype(None, device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
+
+
+def training_prompt(config: TrainConfig, concept) -> str:
+    """The prompt the concept's images are trained under: the recipe's template if it sets one, else the concept's
+    own (concept.json), else "a photo of a {token} {class_word}"."""
+    from .data import DEFAULT_PROMPT_TEMPLATE
+
+    template = config.prompt_template or getattr(concept, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE
+    return template.format(token=concept.token, class_word=concept.class_word)
 
 
 def _public(config: TrainConfig) -> dict:

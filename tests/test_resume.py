@@ -198,3 +198,20 @@ def test_held_signals_leave_handlers_set_outside_python_alone(monkeypatch):
             signal.raise_signal(signal.SIGINT)
             held = True  # reached: the SIGINT was held until the block ended
     assert held and real(signal.SIGTERM) is before and real(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_run_stopped_by_stop_after_resumes_on_the_same_pipeline(tmp_path, concept):
+    """stop_after is 'as if interrupted': the same call again, on the same pipeline, continues the set (it was
+    refused as a name already taken) and ends where an uninterrupted run ends."""
+    full = prkit.train_residuals(make_pipe(tmp_path / "full"), concept, steps=4, **FAST).residuals.state_dict()
+    for ckpt in (tmp_path / "ckpt", None):
+        pipe = make_pipe(tmp_path / f"p{ckpt is None}")
+        where = dict(checkpoint_dir=str(ckpt)) if ckpt else {}
+        first = prkit.train_residuals(pipe, concept, steps=4, stop_after=2, **where, **FAST)
+        assert not first.completed and first.steps_done == 2
+        second = prkit.train_residuals(pipe, concept, steps=4, **where, **FAST)
+        assert second.completed and residual_names(pipe.unet) == ["default"]
+        if ckpt:  # resumed from the checkpoint: exactly the uninterrupted run
+            assert second.steps_done == 4 and _equal_states(second.residuals.state_dict(), full)
+    with pytest.raises(ValueError, match="already on this UNet"):  # a finished set is never replaced silently
+        prkit.train_residuals(pipe, concept, steps=2, **FAST)

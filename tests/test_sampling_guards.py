@@ -279,3 +279,17 @@ def test_half_precision_masks_keep_the_median_split(pipe):
     assert len(store.masks) == 2 * len(find_projections(pipe.unet))  # every block, both steps
     for key, mask in store.masks.items():
         assert mask.flatten(1, 2).mean(1).eq(0.5).all(), (key, mask.flatten(1, 2).mean(1))
+
+
+def test_lag_on_a_compiled_unet_samples_as_eager(pipe):
+    """torch.compile(pipe.unet) and LAG: reading the pipeline's guidance flag inside dynamo's trace of the attention
+    processors crashed ("already tracked for mutation"); the flag is read once per forward, outside the trace."""
+    dog = _dog(pipe.unet)
+    want = {lag: prkit.generate(pipe, PROMPT, dog, lag=lag, **FAST) for lag in (False, True)}
+    torch._dynamo.reset()
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    try:
+        for lag in (False, True):
+            np.testing.assert_allclose(prkit.generate(pipe, PROMPT, dog, lag=lag, **FAST), want[lag], atol=1e-6)
+    finally:
+        torch._dynamo.reset()

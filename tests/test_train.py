@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -241,3 +242,38 @@ def test_a_peft_lora_target_trains_beside_a_loaded_lora(tmp_path, concept):
     assert result.completed and all(math.isfinite(v) for v in result.losses)
     state = result.residuals.state_dict()
     assert state and any(k.endswith("lora_B.default.weight") and v.abs().max() > 0 for k, v in state.items())
+
+
+def test_recipe_settings_are_checked_when_made_and_the_concepts_template_is_used(pipe, concept):
+    """Settings that failed deep in a run (KeyError, IndexError, a raw dtype error), trained something else
+    (a template without the identifier, a negative clipping norm flipping the gradients, a prompt string read
+    letter by letter) or were ignored (the concept's own prompt template) are refused or honoured up front."""
+    from dataclasses import replace
+
+    from prkit.train import TrainConfig
+
+    for bad, match in [(dict(prompt_template="a {token} {klass}"), "must contain {token}"),
+                       (dict(prompt_template="a photo of a {class_word}"), "must contain {token}"),
+                       (dict(mixed_precision="fp32"), "one of auto, no, bf16, fp16"),
+                       (dict(max_grad_norm=-1.0), "max_grad_norm must be a finite number >= 0"),
+                       (dict(prior_weight=-1), "prior_weight must be"),
+                       (dict(validation_prompts="a sks dog"), "must be a list of prompts"),
+                       (dict(validation_prompts=("a {sks} dog",)), "may use only {token} and {class_word}"),
+                       (dict(prior_images=[concept.images[0]]), "must be a prkit Concept"),
+                       (dict(stop_after=0), "stop_after must be a whole number >= 1")]:
+        with pytest.raises(ValueError, match=re.escape(match) if "{" in match else match):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match=r"rank 2.5 is neither a fraction"):
+        prkit.add_residuals(pipe.unet, rank=2.5)
+    with pytest.warns(UserWarning, match=r"rank 10000 exceeds the channels of \d+ block"):
+        prkit.remove_residuals(pipe.unet, prkit.add_residuals(pipe.unet, rank=10000).name)
+    pipe.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"mixed_precision='fp16' on a UNet stored in bf16.*dtype='fp16'"):
+        prkit.train_residuals(pipe, concept, steps=1, mixed_precision="fp16", progress=False)
+    assert prkit.residual_names(pipe.unet) == []
+    pipe.to(torch.float32)
+    own = replace(concept, prompt_template="a picture of {token} with grass")
+    runs = {name: prkit.train_residuals(pipe, c, steps=2, batch_size=2, name=name, progress=False, **kw).losses
+            for name, c, kw in [("own", own, {}), ("default", concept, {}),
+                                ("given", concept, dict(prompt_template="a picture of {token} with grass"))]}
+    assert runs["own"] == runs["given"] != runs["default"]
