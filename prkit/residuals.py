@@ -406,3 +406,26 @@ def adapters_off(modules: list[nn.Module]):
     finally:
         for layer in switched:
             layer.enable_adapters(True)
+
+
+FREEU_KEYS = ("s1", "s2", "b1", "b2")
+
+
+@contextlib.contextmanager
+def freeu_off(unet: nn.Module):
+    """Within the block diffusers' FreeU (``pipe.enable_freeu``: a sampling-time reweighting of the decoder's
+    features) is off, and back as it was after: residuals train against the base model, as their file says."""
+    blocks = list(getattr(original_module(unet), "up_blocks", []))
+    saved = [{key: getattr(block, key, None) for key in FREEU_KEYS} for block in blocks]
+    on = any(value is not None for values in saved for value in values.values())
+    if on:
+        log.warning("FreeU is off while the residuals train (they train against the base model) and back on afterwards")
+    try:
+        for block in blocks if on else []:
+            for key in FREEU_KEYS:
+                setattr(block, key, None)
+        yield
+    finally:
+        for block, values in zip(blocks if on else [], saved):
+            for key, value in values.items():
+                setattr(block, key, value)

@@ -22,7 +22,8 @@ from . import checkpoints
 from .interrupts import deferred_interrupt
 from .data import DEFAULT_PROMPT_TEMPLATE
 from .pipeline import offloading
-from .residuals import Residuals, adapters_off, get_residuals, only_residuals, remove_residuals, residual_names
+from .residuals import (Residuals, adapters_off, freeu_off, get_residuals, only_residuals, remove_residuals,
+                        residual_names)
 from .targets import LORA_MODULES, TARGETS
 # the recipe's settings and results, re-exported: prkit.train stays their import path
 from .train_config import (  # noqa: F401
@@ -186,7 +187,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     try:
         # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
         # one is refused here, before anything is added)
-        with torch.inference_mode(False), torch.enable_grad(), only_residuals(unet, [name]), \
+        with torch.inference_mode(False), torch.enable_grad(), only_residuals(unet, [name]), freeu_off(unet), \
                 adapters_off([m for m in modules if m is not pipe.vae] if config.target not in LORA_MODULES else []):
             # loaded LoRAs are off while training (not for a peft LoRA target: peft's switch is per layer, not per
             # adapter, and it would take the adapter being trained off too)
