@@ -181,6 +181,11 @@ class Concept:
         Returns:
             Tensor (N, 3, R, R).
         """
+        sizes = sorted({im.size for im in self.images})
+        if len(sizes) > 1:
+            raise ValueError(f"the concept's images come in {len(sizes)} sizes ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}"
+                             f"{', ...' if len(sizes) > 4 else ''}); they train as one batch: crop or resize them to one "
+                             "size (prkit.load_concept does, at its resolution=)")
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in self.images])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, R, R)
         return (x.flip(-1) if flip else x).contiguous()

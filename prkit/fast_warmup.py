@@ -41,11 +41,13 @@ def prepare_triton(fast, device: torch.device):
     return kernels.prepare() if uses else None
 
 
-def latent_shape(pipe, size: int) -> tuple[int, int, int]:
-    """(channels, height, width) of the VAE latents of ``size`` x ``size`` images, from the VAE's config."""
+def latent_shape(pipe, size: int | tuple[int, int]) -> tuple[int, int, int]:
+    """(channels, height, width) of the VAE latents of ``size`` (a side, or (height, width)) images, from the VAE's
+    config."""
     config = pipe.vae.config
     factor = getattr(pipe, "vae_scale_factor", None) or 2 ** (len(config.block_out_channels) - 1)
-    return (config.latent_channels, size // factor, size // factor)
+    height, width = (size, size) if isinstance(size, int) else size
+    return (config.latent_channels, height // factor, width // factor)
 
 
 def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple) -> None:

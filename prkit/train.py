@@ -55,7 +55,7 @@ def encode_images(pipe, images: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
     return (mean - shift) * scale, std * scale
 
 
-def encode_text(pipe, prompt: str, size: int, grad: bool = False) -> dict:
+def encode_text(pipe, prompt: str, size: int | tuple[int, int], grad: bool = False) -> dict:
     """UNet conditioning for one prompt: {'encoder_hidden_states': (1, T, D)[, 'added_cond_kwargs': ...]}.
 
     ``grad``: keep the graph (targets that train the identifier's token embedding).
@@ -66,7 +66,8 @@ def encode_text(pipe, prompt: str, size: int, grad: bool = False) -> dict:
             embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
             dim = pipe.text_encoder_2.config.projection_dim
-            time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
+            size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
+            time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
                                               text_encoder_projection_dim=dim).to(device)
             added = {"text_embeds": pooled, "time_ids": time_ids}
             return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
@@ -93,7 +94,7 @@ class _Cache:
         images = concept.tensors()
         if flip:
             images = torch.cat([images, torch.flip(images, dims=[3])])
-        self.size = images.shape[-1]
+        self.size = tuple(images.shape[-2:])  # (height, width): SDXL's size conditioning
         self.cond = encode_text(pipe, prompt, self.size)
         self.mean = self.std = None
         self._pending = (pipe, images, encode_batch)

@@ -315,3 +315,20 @@ def test_lag_looks_for_the_concept_in_sdxls_second_prompt_too(tmp_path, monkeypa
     monkeypatch.setattr(sample, "lag_sampling", lambda *a, **k: (seen.append(k.get("prompts_2")), real(*a, **k))[1])
     images = prkit.generate(pipe, prompt, dog, prompt_2=prompt_2, steps=2, output_type="np", height=32, width=32)
     assert seen == [prompt_2] and images.shape == (1, 32, 32, 3)
+
+
+def test_sdxl_size_conditioning_follows_non_square_images_and_mixed_sizes_are_refused(tmp_path):
+    """SDXL is told the training images' size; a hand-made Concept of 24-high, 16-wide images was conditioned as
+    16x16, and images of several sizes failed inside numpy."""
+    from PIL import Image
+
+    import prkit.train as train
+    from prkit.data import Concept
+
+    pipe = _tiny_sdxl(tmp_path)
+    tall = [Image.new("RGB", (16, 24), (40 * i, 90, 200)) for i in range(3)]
+    cache = train._Cache(pipe, Concept(tall, "sks", "dog", []), "a photo of a sks dog", flip=False)
+    assert cache.cond["added_cond_kwargs"]["time_ids"].flatten().tolist() == [24, 16, 0, 0, 24, 16]
+    mixed = Concept(tall[:2] + [Image.new("RGB", (16, 16))], "sks", "dog", [])
+    with pytest.raises(ValueError, match=r"2 sizes \(16x16, 16x24\).*crop or resize them to one size"):
+        mixed.tensors()
