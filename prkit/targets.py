@@ -55,8 +55,22 @@ class PeftTarget:
             p.copy_(state[n])
 
     def remove(self) -> None:
-        """Take the adapter off the UNet."""
+        """Take the adapter off the UNet, and peft's wrapper off every layer that holds no other adapter (peft's
+        ``delete_adapters`` leaves them: state-dict keys renamed to ``...base_layer.weight``)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.unet.delete_adapters(self.name)
+        root = original_module(self.unet)
+        for key, module in list(root.named_modules()):
+            if not isinstance(module, BaseTunerLayer) or not hasattr(module, "base_layer"):
+                continue
+            if any(len(getattr(module, attr, ())) for attr in module.adapter_layer_names):
+                continue  # another adapter (a LoRA the user loaded) still lives here
+            parent, _, child = key.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+        if not getattr(root, "peft_config", None) and hasattr(root, "peft_config"):
+            del root.peft_config
+            root._hf_peft_config_loaded = False
 
 
 def residual_target(pipe, concept, config, name: str):

@@ -180,3 +180,24 @@ def test_recipes():
     train.TrainConfig(**recipe("dreambooth"))  # every key is a TrainConfig field
     with pytest.raises(KeyError, match="no recipe"):
         recipe("vico")
+
+
+@pytest.mark.parametrize("target", ["lora", "attn_kv", "attn_out"])
+def test_a_removed_peft_target_leaves_the_unet_as_it_was(tmp_path, concept, target):
+    """peft's delete_adapters left its wrappers in place: module types changed and state-dict keys renamed
+    (...to_k.base_layer.weight), so save_pretrained wrote a UNet diffusers could not load back."""
+    pipe = make_pipe(tmp_path / "p")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    kinds = {k: type(m) for k, m in pipe.unet.named_modules()}
+    result = prkit.train_residuals(pipe, concept, target=target, steps=1, batch_size=2, progress=False)
+    assert any("lora" in k for k in pipe.unet.state_dict())
+    result.residuals.remove()
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert {k: type(m) for k, m in pipe.unet.named_modules()} == kinds
+    assert not hasattr(pipe.unet, "peft_config")
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    from diffusers import UNet2DConditionModel
+
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in before.items())
