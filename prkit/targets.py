@@ -282,9 +282,8 @@ class FullUNetTarget:
     @torch.no_grad()
     def remove(self) -> None:
         """Restore the original weights exactly."""
-        for n, p in self.params.items():
+        for n, p in self.params.items():  # requires_grad stays as train_residuals left it: the model's own flags
             p.data = self.saved[n].to(p.device, copy=True)
-            p.requires_grad_(False)
         self.saved, self.params = {}, {}
 
 

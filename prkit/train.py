@@ -328,7 +328,20 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     return TrainResult(target, losses, time.perf_counter() - start, step, completed, validation, ckpt)
 
 
+def _in_dtype(cond: dict, dtype: torch.dtype) -> dict:
+    """The conditioning's floating tensors in ``dtype`` (without autocast, a UNet trained in fp32 master weights
+    on a half-precision pipeline, DreamBooth's, gets text embeddings in the pipeline's dtype)."""
+    def cast(value):
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    return cast(cond)
+
+
 def _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, amp) -> torch.Tensor:
+    if amp is None:
+        cond = _in_dtype(cond, unet.dtype)
+        prior_cond = _in_dtype(prior_cond, unet.dtype) if prior_cond is not None else None
     noisy, steps, target = cache.batch(config.batch_size, gen, scheduler, device)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         pred = unet(noisy.to(unet.dtype), steps, **cond).sample

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -201,3 +203,17 @@ def test_a_removed_peft_target_leaves_the_unet_as_it_was(tmp_path, concept, targ
 
     again = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     assert all(torch.equal(again.state_dict()[k], v) for k, v in before.items())
+
+
+def test_dreambooth_trains_on_a_half_precision_pipeline_without_autocast(tmp_path, concept):
+    """Its fp32 master weights met the pipeline's bf16 text embeddings in the step: a dtype error."""
+    pipe = make_pipe(tmp_path / "p")
+    pipe.to(torch.bfloat16)
+    pipe.unet.conv_out.requires_grad_(False)  # the user's own flags: remove() leaves them as they were
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    result = prkit.train_residuals(pipe, concept, target="dreambooth", steps=1, batch_size=2, progress=False)
+    assert all(math.isfinite(x) for x in result.losses)
+    result.residuals.remove()
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
