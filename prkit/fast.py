@@ -136,11 +136,16 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     warm = warmup.needed(warm_key, fast, device)
     triton_ready = warmup.prepare_triton(fast, device) if warm else None
     cache = base._Cache(pipe, concept, prompt, config.flip, encode_batch=fast.encode_batch, latents_later=warm)
-    sources = [(cache, _contiguous(base._expand(cache.cond, config.batch_size)), 1.0)]
+
+    def conditioning(cond: dict) -> dict:  # without autocast in the UNet's dtype (DreamBooth's fp32 master weights)
+        cond = base._in_dtype(cond, pipe.unet.dtype) if base._precision(config, device) is None else cond
+        return _contiguous(base._expand(cond, config.batch_size))
+
+    sources = [(cache, conditioning(cache.cond), 1.0)]
     if config.prior_images is not None:
         prior = base._Cache(pipe, config.prior_images, f"a photo of a {concept.class_word}", config.flip,
                             encode_batch=fast.encode_batch, latents_later=warm)
-        sources.append((prior, _contiguous(base._expand(prior.cond, config.batch_size)), config.prior_weight))
+        sources.append((prior, conditioning(prior.cond), config.prior_weight))
 
     _sync(device)
     times["setup+cache" if not warm else "setup+text"] = time.perf_counter() - start

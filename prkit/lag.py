@@ -9,6 +9,7 @@ LAG adds no UNet evaluation. Works through any diffusers SD/SDXL pipeline call.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -270,6 +271,13 @@ def _as_list(prompts) -> list | None:
     return None if prompts is None else [prompts] if isinstance(prompts, str) else list(prompts)
 
 
+def _same_rows(given: list, wanted: list) -> bool:
+    """Whether two prompt lists give every batch row the same prompt once each is repeated per prompt (diffusers'
+    num_images_per_prompt order) to a common length: ['p'] and ['p', 'p'] do, ['p', 'q'] and ['q', 'p'] do not."""
+    n = math.lcm(len(given), len(wanted))
+    return [p for p in given for _ in range(n // len(given))] == [p for p in wanted for _ in range(n // len(wanted))]
+
+
 @contextlib.contextmanager
 def watched_pipeline(pipe, prompts: list[str] | None, prompts_2: list[str] | str | None = None):
     """Within the block, ``pipe.encode_prompt`` checks that the prompts the pipeline encodes are ``prompts`` (and
@@ -290,7 +298,7 @@ def watched_pipeline(pipe, prompts: list[str] | None, prompts_2: list[str] | str
         given = signature.bind_partial(*args, **kwargs).arguments
         for name, wanted in (("prompt", prompts), ("prompt_2", prompts_2)):
             text = _as_list(given.get(name))
-            if wanted is not None and text is not None and text != _as_list(wanted):
+            if wanted is not None and text is not None and not _same_rows(text, _as_list(wanted)):
                 raise ValueError(
                     f"the pipeline is encoding {name}={text!r}, but LAG's masks were made for {_as_list(wanted)!r}: "
                     f"pass the same prompts to lag_sampling as to the pipeline call (prkit.generate does both)")

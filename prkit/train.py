@@ -146,7 +146,8 @@ def _check_not_offloaded(unet) -> None:
 def _check_precision(config, unet) -> None:
     wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
     stored = unet.dtype
-    if wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted:
+    if (wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted
+            and config.target != "dreambooth"):  # DreamBooth trains fp32 master copies of every weight
         names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
         raise ValueError(
             f"mixed_precision={config.mixed_precision!r} on a UNet stored in {names[stored]}: the two half precisions "

@@ -215,5 +215,12 @@ def test_dreambooth_trains_on_a_half_precision_pipeline_without_autocast(tmp_pat
     result = prkit.train_residuals(pipe, concept, target="dreambooth", steps=1, batch_size=2, progress=False)
     assert all(math.isfinite(x) for x in result.losses)
     result.residuals.remove()
+    for kw in (dict(fast=True), dict(mixed_precision="fp16")):  # the fast loop; autocast in the other half precision
+        result = prkit.train_residuals(pipe, concept, target="dreambooth", steps=1, batch_size=2, progress=False,
+                                       **kw)
+        assert all(math.isfinite(x) for x in result.losses)
+        result.residuals.remove()
+    result = prkit.train_residuals(pipe, concept, target="dreambooth", steps=1, batch_size=2, progress=False)
+    result.residuals.remove()
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
     assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
