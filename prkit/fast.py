@@ -132,13 +132,14 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
         p.requires_grad_(True)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prompt = base.training_prompt(config, concept)
-    warm_key = warmup.key(pipe, concept, config, params, fast, base._precision(config, device))
+    amp = base._precision(config, device)
+    warm_key = warmup.key(pipe, concept, config, params, fast, amp)
     warm = warmup.needed(warm_key, fast, device)
     triton_ready = warmup.prepare_triton(fast, device) if warm else None
     cache = base._Cache(pipe, concept, prompt, config.flip, encode_batch=fast.encode_batch, latents_later=warm)
 
     def conditioning(cond: dict) -> dict:  # without autocast in the UNet's dtype (DreamBooth's fp32 master weights)
-        cond = base._in_dtype(cond, pipe.unet.dtype) if base._precision(config, device) is None else cond
+        cond = base._in_dtype(cond, pipe.unet.dtype) if amp is None else cond
         return _contiguous(base._expand(cond, config.batch_size))
 
     sources = [(cache, conditioning(cache.cond), 1.0)]
@@ -150,7 +151,6 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     _sync(device)
     times["setup+cache" if not warm else "setup+text"] = time.perf_counter() - start
     optimizer = make_optimizer(params, config.learning_rate, config.weight_decay, device)
-    amp = base._precision(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []

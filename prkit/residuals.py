@@ -8,8 +8,8 @@ named residual sets on one UNet. It does not know about attention maps (``lag.py
 from __future__ import annotations
 
 import contextlib
-import warnings
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -385,47 +385,3 @@ def only_residuals(unet: nn.Module, names: list[str | Residuals] | None):
         for (block, set_name), was in saved.items():
             if set_name in layers[block].active:
                 layers[block].active[set_name] = was
-
-
-@contextlib.contextmanager
-def adapters_off(modules: list[nn.Module]):
-    """Within the block, every active peft adapter (a LoRA loaded with ``pipe.load_lora_weights``) in ``modules`` is
-    switched off, and back on after: residuals train against the base model, as their file says. A LoRA fused into
-    the weights (``pipe.fuse_lora()``) is part of the base weights and stays."""
-    layers = [m for root in modules for m in root.modules()
-              if isinstance(getattr(type(m), "disable_adapters", None), property) and hasattr(m, "enable_adapters")]
-    switched = [m for m in layers if not m.disable_adapters and getattr(m, "active_adapters", None)]
-    if switched:
-        log.warning(
-            "the LoRA adapters loaded on this pipeline are off while the residuals train (they train against the "
-            "base model) and back on afterwards")
-    try:
-        for layer in switched:
-            layer.enable_adapters(False)
-        yield
-    finally:
-        for layer in switched:
-            layer.enable_adapters(True)
-
-
-FREEU_KEYS = ("s1", "s2", "b1", "b2")
-
-
-@contextlib.contextmanager
-def freeu_off(unet: nn.Module):
-    """Within the block diffusers' FreeU (``pipe.enable_freeu``: a sampling-time reweighting of the decoder's
-    features) is off, and back as it was after: residuals train against the base model, as their file says."""
-    blocks = list(getattr(original_module(unet), "up_blocks", []))
-    saved = [{key: getattr(block, key, None) for key in FREEU_KEYS} for block in blocks]
-    on = any(value is not None for values in saved for value in values.values())
-    if on:
-        log.warning("FreeU is off while the residuals train (they train against the base model) and back on afterwards")
-    try:
-        for block in blocks if on else []:
-            for key in FREEU_KEYS:
-                setattr(block, key, None)
-        yield
-    finally:
-        for block, values in zip(blocks if on else [], saved):
-            for key, value in values.items():
-                setattr(block, key, value)

@@ -248,6 +248,7 @@ class FullUNetTarget:
     sampling on a half-precision base, which casts them back to the base's dtypes."""
 
     needs_text_encoder = False
+    trains_whole_unet = True  # no frozen half-precision weight is left for another autocast dtype to clash with
 
     def __init__(self, pipe, concept, config, name: str):
         self.unet, self.name, self.token, self.class_word = pipe.unet, name, concept.token, concept.class_word

@@ -20,15 +20,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .interrupts import deferred_interrupt
-from .data import DEFAULT_PROMPT_TEMPLATE
 from .pipeline import offloading
-from .residuals import (Residuals, adapters_off, freeu_off, get_residuals, only_residuals, remove_residuals,
-                        residual_names)
+from .base_only import adapters_off, freeu_off
+from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
 from .targets import LORA_MODULES, TARGETS
 # the recipe's settings and results, re-exported: prkit.train stays their import path
 from .train_config import (  # noqa: F401
     TrainConfig, TrainingDiverged, TrainResult, _check_resolution, _precision, _public, default_learning_rate,
-    training_prompt)
+    training_prompt, training_template)
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +145,8 @@ def _check_not_offloaded(unet) -> None:
 def _check_precision(config, unet) -> None:
     wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
     stored = unet.dtype
-    if (wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted
-            and config.target != "dreambooth"):  # DreamBooth trains fp32 master copies of every weight
+    whole = getattr(TARGETS[config.target], "trains_whole_unet", False)  # fp32 master copies of every weight
+    if wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted and not whole:
         names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
         raise ValueError(
             f"mixed_precision={config.mixed_precision!r} on a UNet stored in {names[stored]}: the two half precisions "
@@ -169,8 +168,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = replace(config, **overrides) if overrides else config
-    if config.prompt_template is None:  # the concept's own (concept.json), else the default: the file records it
-        config = replace(config, prompt_template=getattr(concept, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE)
+    if config.prompt_template is None:  # resolved once, so that the file records it
+        config = replace(config, prompt_template=training_template(config, concept))
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     unet = pipe.unet

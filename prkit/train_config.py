@@ -163,13 +163,16 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 
-def training_prompt(config: TrainConfig, concept) -> str:
-    """The prompt the concept's images are trained under: the recipe's template if it sets one, else the concept's
-    own (concept.json), else "a photo of a {token} {class_word}"."""
+def training_template(config: TrainConfig, concept) -> str:
+    """The template the concept's images are trained under: the recipe's if it sets one, else the concept's own
+    (concept.json), else "a photo of a {token} {class_word}"."""
     from .data import DEFAULT_PROMPT_TEMPLATE
 
-    template = config.prompt_template or getattr(concept, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE
-    return template.format(token=concept.token, class_word=concept.class_word)
+    return config.prompt_template or getattr(concept, "prompt_template", None) or DEFAULT_PROMPT_TEMPLATE
+
+
+def training_prompt(config: TrainConfig, concept) -> str:
+    return training_template(config, concept).format(token=concept.token, class_word=concept.class_word)
 
 
 def _public(config: TrainConfig) -> dict:
