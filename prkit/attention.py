@@ -52,16 +52,20 @@ class CaptureState:
         self._pending: list[tuple[torch.Tensor, ...]] = []  # inputs the side stream reads, held until joined
         self._cfg_now: bool | None = None  # is_cfg() of the current forward
 
-    def is_cfg(self) -> bool:
+    def is_cfg(self, batch: int | None = None) -> bool:
         """Whether this forward's batch is [unconditional; conditional]: read once per UNet forward (a step callback
-        may switch guidance off between steps), outside torch.compile's tracing (the flag lives on the pipeline)."""
+        may switch guidance off between steps), outside torch.compile's tracing (the flag lives on the pipeline).
+        ``batch`` (the forward's rows) goes to a callable that checks it (``checks_batch``; LAG's watched
+        pipeline)."""
         if self._cfg_now is None:
-            self._cfg_now = self._read_cfg()
+            self._cfg_now = self._read_cfg(batch)
         return self._cfg_now
 
     @torch.compiler.disable
-    def _read_cfg(self) -> bool:
-        return bool(self.cfg()) if callable(self.cfg) else bool(self.cfg)
+    def _read_cfg(self, batch: int | None) -> bool:
+        if not callable(self.cfg):
+            return bool(self.cfg)
+        return bool(self.cfg(batch) if getattr(self.cfg, "checks_batch", False) else self.cfg())
 
     def spatial(self, block: str, tokens: int) -> tuple[int, int]:
         """(h, w) of ``block``'s grid, whose attention has ``tokens`` query positions.
@@ -116,7 +120,7 @@ class CaptureState:
     def record(self, block: str, layer: int, probs: torch.Tensor, spatial: tuple[int, int]) -> None:
         """Reduce probabilities (B, heads, N, T) of one attn2 call right away."""
         batch = probs.shape[0]
-        cond = probs[batch // 2:] if self.is_cfg() and batch % 2 == 0 else probs
+        cond = probs[batch // 2:] if self.is_cfg(batch) and batch % 2 == 0 else probs
         if self.concept_weights is not None:
             weights = self._rows(self.concept_weights, cond.shape[0]).to(cond)  # (Bc, T, S) on cond's device
             maps = torch.einsum("bhnt,bts->bns", cond, weights) / cond.shape[1]  # (Bc, N, S)
@@ -175,7 +179,7 @@ class CaptureState:
 
     def _record_fused(self, block: str, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         batch, heads, _, dim = query.shape
-        doubled = self.is_cfg() and batch % 2 == 0
+        doubled = self.is_cfg(batch) and batch % 2 == 0
         if doubled:
             query, key = query[batch // 2:], key[batch // 2:]
         rows, tokens, concepts = query.shape[0], key.shape[2], self.concept_weights.shape[-1]

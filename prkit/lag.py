@@ -285,13 +285,14 @@ def watched_pipeline(pipe, prompts: list[str] | None, prompts_2: list[str] | str
     telling whether the running call uses classifier-free guidance, read live from ``pipe`` (a step callback may
     switch it off mid-run), which refuses a UNet call that ``pipe`` did not prepare: another pipeline built from
     the same components (``StableDiffusionImg2ImgPipeline(**pipe.components)``) has its own flag, which the
-    masks cannot see."""
+    masks cannot see. Such a call is caught where ``pipe`` never encoded a prompt in the block, and after a call
+    of ``pipe`` where the UNet's batch does not fit ``pipe``'s last encoding (its rows, doubled under guidance)."""
     import inspect
 
     original = pipe.encode_prompt
     signature = inspect.signature(original)
     own = pipe.__dict__.get("encode_prompt")  # an instance attribute of the caller's own, put back afterwards
-    seen: list[bool] = []
+    seen: list[int | None] = []  # per encode_prompt call: the rows it returned (None when not a tensor)
     live = pipeline_cfg(pipe)
 
     def encode_prompt(*args, **kwargs):
@@ -302,16 +303,27 @@ def watched_pipeline(pipe, prompts: list[str] | None, prompts_2: list[str] | str
                 raise ValueError(
                     f"the pipeline is encoding {name}={text!r}, but LAG's masks were made for {_as_list(wanted)!r}: "
                     f"pass the same prompts to lag_sampling as to the pipeline call (prkit.generate does both)")
-        seen.append(True)
-        return original(*args, **kwargs)
+        out = original(*args, **kwargs)
+        first = out[0] if isinstance(out, tuple) and out else out
+        seen.append(first.shape[0] if isinstance(first, torch.Tensor) else None)
+        return out
 
-    def cfg() -> bool:
+    def cfg(batch: int | None = None) -> bool:
+        other = ("Give lag_sampling the pipeline you call (a pipeline built from the same components, such as an "
+                 "img2img one, is another object), or pass cfg=True/False")
         if not seen:
+            raise RuntimeError("lag_sampling(pipe, ...): the UNet ran without pipe encoding a prompt, so LAG cannot "
+                               f"tell whether this call uses classifier-free guidance. {other}")
+        guided, rows = live(), seen[-1]
+        if batch is not None and rows is not None and batch != rows * (2 if guided else 1):
             raise RuntimeError(
-                "lag_sampling(pipe, ...): the UNet ran without pipe encoding a prompt, so LAG cannot tell whether "
-                "this call uses classifier-free guidance. Give lag_sampling the pipeline you call (a pipeline built "
-                "from the same components, such as an img2img one, is another object), or pass cfg=True/False")
-        return live()
+                f"lag_sampling(pipe, ...): the UNet ran a batch of {batch} rows, but pipe's last call encoded {rows} "
+                f"prompt rows {'with' if guided else 'without'} classifier-free guidance ({rows * (2 if guided else 1)}"
+                f" rows): another pipeline object is running, or this pipeline batches its guidance otherwise "
+                f"(InstructPix2Pix, PAG), which LAG does not support. {other}")
+        return guided
+
+    cfg.checks_batch = True
 
     pipe.encode_prompt = encode_prompt
     try:

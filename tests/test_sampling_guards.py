@@ -239,8 +239,8 @@ def test_lag_refuses_a_pipeline_call_with_other_prompts_than_its_masks(pipe):
 
 def test_lag_refuses_a_unet_call_from_another_pipeline_object(pipe):
     """A pipeline built from the same components runs with its own guidance flag; read from a pipeline given to
-    lag_sampling that was never called in the block, it split the batch wrongly. (After a call of that pipeline in
-    the same block, its last flag is still read: a known limit.)"""
+    lag_sampling that was never called in the block, it split the batch wrongly; read after a call of that pipeline
+    in the block, it was that call's stale flag. (A stale flag whose batch happens to fit is a known limit.)"""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     dog = _dog(pipe.unet)
@@ -251,6 +251,11 @@ def test_lag_refuses_a_unet_call_from_another_pipeline_object(pipe):
     with lag_sampling(pipe, dog, PROMPT):
         with pytest.raises(RuntimeError, match=r"the UNet ran without pipe encoding a prompt.*Give lag_sampling the"):
             i2i(PROMPT, **call)
+    with lag_sampling(pipe, dog, PROMPT):
+        pipe(PROMPT, num_inference_steps=2, output_type="np")  # with guidance: pipe's flag stays True after it
+        with pytest.raises(RuntimeError, match=r"batch of 1 rows, but pipe's last call encoded 1 prompt rows with "
+                                               r"classifier-free guidance \(2 rows\)"):
+            i2i(PROMPT, guidance_scale=1.0, **call)  # without guidance: one row per image
     with lag_sampling(i2i, dog, PROMPT):
         got = i2i(PROMPT, generator=torch.Generator().manual_seed(0), **call).images
     np.testing.assert_allclose(got, prkit.generate(i2i, PROMPT, dog, lag=True, seed=0, **{**call, "steps": 4,
