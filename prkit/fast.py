@@ -107,8 +107,6 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     Returns:
         a ``TrainResult``; ``losses`` hold every step's loss, read from the device every ``check_every`` steps.
     """
-    from diffusers import DDPMScheduler
-
     from . import train as base
     from .residuals import Residuals
 
@@ -130,7 +128,7 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     for p in params:
         p.data = p.data.float()  # fp32 master weights even on a half-precision base
         p.requires_grad_(True)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = base.training_scheduler(pipe)
     prompt = base.training_prompt(config, concept)
     amp = base._precision(config, device)
     warm_key = warmup.key(pipe, concept, config, params, fast, amp)

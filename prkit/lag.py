@@ -367,16 +367,18 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     if merged:
         raise ValueError(f"residual set(s) {merged} are merged into the base weights, where no mask can reach them: "
                          "unmerge() them for LAG sampling (merge is for sampling without LAG)")
-    tokenizer = tokenizer or getattr(pipe_or_unet, "tokenizer", None)
+    # an SDXL refiner has only its second text encoder, which then reads the prompt
+    tokenizer = tokenizer or getattr(pipe_or_unet, "tokenizer", None) or getattr(pipe_or_unet, "tokenizer_2", None)
     if tokenizer is None:
-        raise ValueError("lag_sampling on a bare UNet needs tokenizer=...")
+        raise ValueError("lag_sampling needs a tokenizer: pass tokenizer=... (a bare UNet, or a pipeline without "
+                         "one)")
     watch = contextlib.nullcontext()
     if hasattr(pipe_or_unet, "unet") and hasattr(pipe_or_unet, "encode_prompt"):
         watch = watched_pipeline(pipe_or_unet, prompts, prompts_2)
     elif cfg is None:
         cfg = False
     weights = concept_weights(tokenizer, prompts, sets, config.include_class, encoded_text(pipe_or_unet, tokenizer))
-    if prompts_2 is not None:
+    if prompts_2 is not None and getattr(pipe_or_unet, "tokenizer", True) is not None:  # a refiner ignores prompt_2
         second = second_prompt_weights(pipe_or_unet, prompts_2, len(prompts), sets, config.include_class)
         if second.shape != weights.shape:
             raise ValueError(f"the two tokenizers give {weights.shape[1]} and {second.shape[1]} positions; SDXL's "

@@ -65,6 +65,9 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         negative = [negative] * len(prompts)
     elif negative is not None:  # and a list, as the prompts are (it refuses a tuple: "should be the same type")
         negative = list(negative)
+    for key in ("prompt_2", "negative_prompt_2"):  # SDXL's second texts: one per prompt, as the negative above
+        if isinstance(pipe_kwargs.get(key), str):
+            pipe_kwargs[key] = [pipe_kwargs[key]] * len(prompts)
     if lag and sets:
         context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store,
                                prompts_2=pipe_kwargs.get("prompt_2"))

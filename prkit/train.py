@@ -2,7 +2,8 @@
 
 Owns the loop, mixed precision and exact resume. What is trained is a pluggable choice (``TARGETS``) so baselines
 can reuse the loop; the recipe's settings live in ``train_config``, checkpoints in ``checkpoints``, signal holding
-in ``interrupts``; sampling and files elsewhere.
+in ``interrupts``, what a step is fed (conditioning, cached latents, targets) in ``train_inputs``; sampling and
+files elsewhere.
 """
 
 from __future__ import annotations
@@ -24,99 +25,15 @@ from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
 from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
 from .targets import LORA_MODULES, TARGETS
+# what a step is fed, re-exported: prkit.train stays their import path
+from .train_inputs import (  # noqa: F401
+    PREDICTION_TYPES, _Cache, _expand, encode_images, encode_text, sdxl_time_ids, training_scheduler)
 # the recipe's settings and results, re-exported: prkit.train stays their import path
 from .train_config import (  # noqa: F401
     TrainConfig, TrainingDiverged, TrainResult, _check_resolution, _precision, _public, default_learning_rate,
     training_prompt, training_template)
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def encode_images(pipe, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior mean and std of images (N, 3, H, W) in [-1, 1], scaled: each (N, 4, H/f, W/f)."""
-    vae = pipe.vae
-    means, stds = [], []
-    for chunk in images.split(batch):
-        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    mean, std = torch.cat(means), torch.cat(stds)
-    bad = (~torch.isfinite(mean).flatten(1).all(1) | ~torch.isfinite(std).flatten(1).all(1)).nonzero().flatten()
-    if len(bad):
-        why = ("a float16 VAE overflows on some images: run it in float32 (pipe.vae.to(torch.float32)) or use an "
-               "fp16-safe VAE" if vae.dtype == torch.float16 else "check those images (NaN or infinite pixels?)")
-        raise ValueError(f"the VAE encoded {len(bad)} of {len(mean)} training images (numbers "
-                         f"{bad.tolist()[:8]}, flips counted after the originals) to NaN or infinite latents, "
-                         f"which would make every loss NaN; {why}")
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (mean - shift) * scale, std * scale
-
-
-def encode_text(pipe, prompt: str, size: int | tuple[int, int], grad: bool = False) -> dict:
-    """UNet conditioning for one prompt: {'encoder_hidden_states': (1, T, D)[, 'added_cond_kwargs': ...]}.
-
-    ``grad``: keep the graph (targets that train the identifier's token embedding).
-    """
-    device = pipe.unet.device
-    with torch.set_grad_enabled(grad):
-        if hasattr(pipe, "text_encoder_2"):  # SDXL
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                      do_classifier_free_guidance=False)
-            dim = pipe.text_encoder_2.config.projection_dim
-            size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
-            time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                              text_encoder_projection_dim=dim).to(device)
-            added = {"text_embeds": pooled, "time_ids": time_ids}
-            return {"encoder_hidden_states": embeds, "added_cond_kwargs": added}
-        embeds, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                       do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": embeds}
-
-
-def _expand(cond: dict, batch: int) -> dict:
-    out = {"encoder_hidden_states": cond["encoder_hidden_states"].expand(batch, -1, -1)}
-    if "added_cond_kwargs" in cond:
-        out["added_cond_kwargs"] = {k: v.expand(batch, *v.shape[1:]) for k, v in cond["added_cond_kwargs"].items()}
-    return out
-
-
-class _Cache:
-    """Latents (mean/std of both flips) and conditioning of one image set, computed once.
-
-    ``latents_later``: encode the prompt now and the images at ``encode_latents()`` (the fast loop runs that in a
-    background thread while it warms up the UNet). Either way the numbers are the same.
-    """
-
-    def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8, latents_later: bool = False):
-        images = concept.tensors()
-        if flip:
-            images = torch.cat([images, torch.flip(images, dims=[3])])
-        self.size = tuple(images.shape[-2:])  # (height, width): SDXL's size conditioning
-        self.cond = encode_text(pipe, prompt, self.size)
-        self.mean = self.std = None
-        self._pending = (pipe, images, encode_batch)
-        if not latents_later:
-            self.encode_latents()
-
-    def encode_latents(self) -> "_Cache":
-        """Encode the images (once); returns the cache."""
-        if self._pending is not None:
-            pipe, images, batch = self._pending
-            means_stds = encode_images(pipe, images, batch=batch)
-            self.mean, self.std = (t.cpu() for t in means_stds)  # batches are drawn on the CPU
-            self._pending = None
-        return self
-
-    def batch(self, size: int, gen: torch.Generator, scheduler, device) -> tuple[torch.Tensor, ...]:
-        idx = torch.randint(len(self.mean), (size,), generator=gen)
-        latents = self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        steps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=gen)
-        noisy = scheduler.add_noise(latents, noise, steps)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, steps)
-        return noisy.to(device), steps.to(device), target.to(device)
 
 
 def load_optimizer(optimizer, state: dict, learning_rate: float, source) -> None:
@@ -239,8 +156,6 @@ def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) ->
 
 
 def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, register) -> TrainResult:
-    from diffusers import DDPMScheduler
-
     _check_resolution(pipe, concept)
     start = time.perf_counter()
     unet = pipe.unet
@@ -254,7 +169,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     for p in params:
         p.data = p.data.float()  # fp32 master weights even on a half-precision base
         p.requires_grad_(True)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = training_scheduler(pipe)
     prompt = training_prompt(config, concept)
     cache = _Cache(pipe, concept, prompt, config.flip)
     prior = _Cache(pipe, config.prior_images, f"a photo of a {concept.class_word}", config.flip) \

@@ -9,6 +9,7 @@ import torch
 
 import prkit
 import prkit.train as train
+import prkit.train_inputs as train_inputs
 from conftest import make_concept, make_pipe, run_unet, unet_inputs
 from prkit.targets import RECIPES, TARGETS, CustomDiffusionTarget, TokenEmbedding, recipe
 
@@ -159,7 +160,8 @@ def test_residual_path_encodes_the_prompt_once_token_targets_every_step(tmp_path
         calls.append(grad)
         return original(pipe, prompt, size, grad)
 
-    monkeypatch.setattr(train, "encode_text", counting)
+    monkeypatch.setattr(train, "encode_text", counting)  # the loop's own calls (token targets, every step)
+    monkeypatch.setattr(train_inputs, "encode_text", counting)  # the cache's, once
     prkit.train_residuals(make_pipe(tmp_path / "a"), make_concept(), **FAST)
     assert calls == [False]
     calls.clear()

@@ -11,6 +11,7 @@ from torch import nn
 import prkit
 import prkit.fast as fast
 import prkit.train as train
+import prkit.train_inputs as train_inputs
 from conftest import make_concept, make_pipe, randomize
 from prkit.attention import CaptureState
 from prkit.fast import FastConfig, patch_frozen_convs, patch_merged_lowrank, train_fast
@@ -319,7 +320,7 @@ def test_warm_up_overlaps_the_latents_and_changes_nothing(tmp_path, concept_modu
         return real_encode(*args, **kwargs)
 
     monkeypatch.setattr(fast.TrainStep, "warm_up", warm_up)
-    monkeypatch.setattr(train, "encode_images", encode_images)
+    monkeypatch.setattr(train_inputs, "encode_images", encode_images)
     loop = FastConfig(cuda_graph=False, check_every=3, warm_up=True)
     result = _fast(make_pipe(tmp_path), concept_module, loop=loop, steps=8)
     assert where["warm_up"] is threading.main_thread() and where["encode"] is not threading.main_thread()
@@ -333,7 +334,7 @@ def test_the_background_encoders_error_reaches_the_caller(tmp_path, concept, mon
     def broken(*args, **kwargs):
         raise RuntimeError("the VAE failed")
 
-    monkeypatch.setattr(train, "encode_images", broken)
+    monkeypatch.setattr(train_inputs, "encode_images", broken)
     pipe = make_pipe(tmp_path)
     with pytest.raises(RuntimeError, match="the VAE failed"):
         _fast(pipe, concept, loop=FastConfig(cuda_graph=False, warm_up=True), steps=2)

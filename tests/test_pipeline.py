@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,9 +179,11 @@ def _with_checker(pipe):
                                    feature_extractor=features)
 
 
-def _tiny_sdxl(folder):
-    """A tiny StableDiffusionXLPipeline (text_time embedding, two text encoders)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def _tiny_sdxl(folder, refiner: bool = False):
+    """A tiny StableDiffusionXLPipeline (text_time embedding, two text encoders); ``refiner``: a refiner-style
+    StableDiffusionXLImg2ImgPipeline (the second text encoder alone, aesthetic-score time ids)."""
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from tiny import tiny_tokenizer, tiny_vae
@@ -189,12 +193,17 @@ def _tiny_sdxl(folder):
     unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                                cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
-                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=32 + 6 * 8).eval()
+                                cross_attention_dim=32 if refiner else 64, attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=32 + (5 if refiner else 6) * 8).eval()
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
                             pad_token_id=1, projection_dim=32)
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
+                                                text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+                                                tokenizer_2=tokenizer_2, scheduler=EulerDiscreteScheduler(),
+                                                requires_aesthetics_score=True)
     return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(config).eval(),
                                      text_encoder_2=CLIPTextModelWithProjection(config).eval(), tokenizer=tokenizer,
                                      tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler())
@@ -314,7 +323,43 @@ def test_lag_looks_for_the_concept_in_sdxls_second_prompt_too(tmp_path, monkeypa
     real = sample.lag_sampling
     monkeypatch.setattr(sample, "lag_sampling", lambda *a, **k: (seen.append(k.get("prompts_2")), real(*a, **k))[1])
     images = prkit.generate(pipe, prompt, dog, prompt_2=prompt_2, steps=2, output_type="np", height=32, width=32)
-    assert seen == [prompt_2] and images.shape == (1, 32, 32, 3)
+    assert seen == [[prompt_2]] and images.shape == (1, 32, 32, 3)
+    # one prompt_2 (and negative_prompt_2) for several prompts, as generate takes one negative prompt: the pipeline
+    # itself wants one per prompt (a size mismatch inside diffusers before)
+    images = prkit.generate(pipe, [prompt, prompt], dog, prompt_2="a photo of the beach", negative_prompt_2="snow",
+                            steps=2, output_type="np", height=32, width=32)
+    assert seen[-1] == ["a photo of the beach"] * 2 and images.shape == (2, 32, 32, 3)
+
+
+def test_sdxl_img2img_and_a_refiner_train_and_sample_with_lag(tmp_path):
+    """Training asked the pipeline's private _get_add_time_ids, whose signature the img2img pipelines change
+    (TypeError for SDXL img2img, inpainting and refiners); LAG on a refiner (no first tokenizer) asked for a
+    tokenizer as if given a bare UNet."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    import prkit.train as train
+    from conftest import make_concept, randomize
+
+    config = prkit.TrainConfig(steps=2, batch_size=1, checkpoint_every=0, learning_rate=1e-2)
+    concept = make_concept(resolution=32)
+    base = _tiny_sdxl(tmp_path / "base")
+    want = prkit.train_residuals(base, concept, config, name="t", progress=False).losses
+    prkit.remove_residuals(base.unet, "t")
+    i2i = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
+    assert prkit.train_residuals(i2i, concept, config, name="t", progress=False).losses == want
+
+    refiner = _tiny_sdxl(tmp_path / "refiner", refiner=True)
+    assert train.sdxl_time_ids(refiner, (32, 24)).tolist() == [[32, 24, 0, 0, 6.0]]
+    result = prkit.train_residuals(refiner, concept, config, name="r", progress=False)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+    randomize(result.residuals)
+    call = dict(image=torch.rand(1, 3, 32, 32), strength=0.5, steps=4, output_type="np", seed=0)
+    with_lag = prkit.generate(refiner, "a photo of a sks dog", result.residuals, lag=True, **call)
+    without = prkit.generate(refiner, "a photo of a sks dog", result.residuals, lag=False, **call)
+    assert with_lag.shape == (1, 32, 32, 3) and 0 < np.abs(with_lag - without).max()
+    refiner.register_to_config(requires_aesthetics_score=False)  # time ids that do not fit this UNet: said so
+    with pytest.raises(ValueError, match="takes 72 added-condition features, but 6 time ids.*requires_aesthetics"):
+        train.sdxl_time_ids(refiner, 32)
 
 
 def test_sdxl_size_conditioning_follows_non_square_images_and_mixed_sizes_are_refused(tmp_path):

@@ -290,3 +290,34 @@ def test_freeu_is_off_while_training_and_back_after(tmp_path, concept):
     assert all(torch.equal(a, b) for a, b in zip(freeu.residuals.state_dict().values(),
                                                  plain.residuals.state_dict().values()))
     assert [(b.s1, b.s2, b.b1, b.b2) for b in pipe.unet.up_blocks] == [(0.9, 0.2, 1.2, 1.4)] * len(pipe.unet.up_blocks)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_the_loss_target_follows_the_schedulers_prediction_type(pipe, concept, kind):
+    """An x0-predicting model ("sample") was trained toward the velocity: every type but epsilon took v's target."""
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, prediction_type=kind)
+    scheduler = train.training_scheduler(pipe)
+    cache = train._Cache(pipe, concept, "a photo of a sks dog", flip=False)
+    noisy, steps, target = cache.batch(3, torch.Generator().manual_seed(0), scheduler, "cpu")
+    gen = torch.Generator().manual_seed(0)  # the same draws, in the same order
+    idx = torch.randint(len(cache.mean), (3,), generator=gen)
+    latents = cache.mean[idx] + cache.std[idx] * torch.randn(cache.mean[idx].shape, generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    want = {"epsilon": noise, "v_prediction": scheduler.get_velocity(latents, noise, steps), "sample": latents}[kind]
+    assert torch.equal(target, want) and not torch.equal(target, noise if kind != "epsilon" else latents)
+    pipe.scheduler = DDIMScheduler(prediction_type="flow")
+    with pytest.raises(ValueError, match="scheduler predicts 'flow'; training supports epsilon, v_prediction, sample"):
+        train.training_scheduler(pipe)
+
+
+def test_the_training_schedule_is_the_pipeline_schedulers_even_where_it_took_its_defaults(pipe):
+    """diffusers' from_config drops the settings a scheduler took from its own defaults, so an LCMScheduler()
+    (SD's scaled_linear 0.00085-0.012 by default) trained on DDPM's linear 0.0001-0.02 (alphas up to 0.23 off)."""
+    from diffusers import LCMScheduler
+
+    pipe.scheduler = LCMScheduler()
+    scheduler = train.training_scheduler(pipe)
+    assert (scheduler.config.beta_schedule, scheduler.config.beta_start) == ("scaled_linear", 0.00085)
+    assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
