@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -28,14 +29,16 @@ class CheckpointError(ValueError):
 
 
 def _images_digest(concept) -> str:
-    """The concept's source files' bytes where it has them (stable across Pillow versions), else its pixels; and
-    the crops' size."""
+    """The concept's source files' bytes where it has them (stable across Pillow versions) and how they were cropped,
+    else its pixels; and the crops' size."""
     digest = hashlib.blake2b(digest_size=12)
     images, paths = concept.images, [Path(p) for p in (getattr(concept, "paths", None) or [])]
     digest.update(f"{len(images)} {images[0].size if images else ''}".encode())
     if len(paths) == len(images) and all(p.is_file() for p in paths):
         for path in paths:
             digest.update(path.read_bytes())
+        if getattr(concept, "crop", ""):  # other crops of the same files (a default load adds nothing: old stamps hold)
+            digest.update(concept.crop.encode())
     else:
         for image in images:
             digest.update(f"{image.mode}{image.size}".encode())
@@ -78,6 +81,17 @@ def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generato
              "scaler": scaler.state_dict() if scaler is not None else None, "fingerprint": stamp}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename a diverged run's checkpoint to ``<name>.diverged.pt`` (replacing an older one) so that the next run
+    does not resume it; returns the new path, or None when there was none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    aside = path.with_name(f"{path.stem}.diverged{path.suffix}")
+    os.replace(path, aside)
+    return aside
 
 
 def _differences(saved: dict, stamp: dict) -> list[str]:

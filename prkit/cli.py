@@ -49,6 +49,14 @@ def _finite(text: str) -> float:
     return value
 
 
+def _learning_rate(text: str) -> float:
+    """--lr: a finite number > 0, checked before the model loads (minutes on SD)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 such as 1e-3, got {text!r}")
+    return value
+
+
 def _guidance(text: str) -> float:
     """--guidance-scale: a finite number >= 0 (inf paints black images; nan silently turns guidance off)."""
     try:
@@ -135,8 +143,6 @@ def _sample(args) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder for the images")
     _writable_folder(out, "--out")
-    args.residuals = [str(Path(path).expanduser()) for path in args.residuals]
-    args.lora = [str(Path(path).expanduser()) for path in args.lora]
     for path in args.residuals:  # readable prkit files, checked before the model loads
         read_metadata(path)
     lora_scales = _check_loras(args.lora, args.lora_scale)
@@ -276,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     train.add_argument("--steps", type=_positive_int, default=150)
     train.add_argument("--batch-size", type=_positive_int, default=4)
-    train.add_argument("--lr", type=float, default=None,
+    train.add_argument("--lr", type=_learning_rate, default=None,
                        help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else METHOD's 1e-3")
     train.add_argument("--rank", type=_rank, default=0.05, help="fraction of channels (0.05) or a whole rank (16)")
     train.add_argument("--seed", type=int, default=0)
@@ -351,8 +357,32 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt  # a job scheduler's SIGTERM: the training loop writes its checkpoint as on Ctrl-C
 
 
+PATH_ARGS = ("images", "out", "checkpoint_dir", "file", "residuals", "lora", "data")  # "~" expanded in each
+# the library's words for a setting, as the command line spells it (errors raised by the library name arguments)
+CLI_WORDS = (("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
+             ("skip_bad=True", "--skip-bad"), ("lag=False", "--no-lag"), ("checkpoint_dir", "--checkpoint-dir"),
+             ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "))
+
+
+def _expand_paths(args) -> None:
+    """``~`` in every path argument, also where the shell left it (quoted, or ``--out=~/x``)."""
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, str(Path(value).expanduser()))
+        elif isinstance(value, list):
+            setattr(args, name, [str(Path(v).expanduser()) if isinstance(v, str) else v for v in value])
+
+
+def _cli_words(message: str) -> str:
+    for library, flag in CLI_WORDS:
+        message = message.replace(library, flag)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     previous = None
     if args.command == "train" and threading.current_thread() is threading.main_thread():
@@ -360,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
-        print(f"prkit {args.command}: error: {err}", file=sys.stderr)
+        print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
         print(f"prkit {args.command}: interrupted" + ("; run the same command again to resume"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,24 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+_COMMON_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+# other raster formats, where this Pillow opens them (not its stubs for scientific data, or EPS/WMF that need
+# other programs: a .h5 file beside the photos is not an image)
+_MORE_EXTENSIONS = (".jfif", ".jpe", ".apng", ".avif", ".jp2", ".j2k", ".jpx", ".qoi", ".tga", ".ppm", ".pgm",
+                    ".pbm", ".pnm", ".psd", ".dib", ".pcx", ".ico", ".sgi")
+
+
+def _pillow_extensions() -> tuple[str, ...]:
+    """The common extensions, then those of ``_MORE_EXTENSIONS`` this Pillow opens."""
+    Image.init()
+    registered = Image.registered_extensions()
+    return _COMMON_EXTENSIONS + tuple(e for e in _MORE_EXTENSIONS if registered.get(e) in Image.OPEN)
+
+
+IMAGE_EXTENSIONS = _pillow_extensions()
+_NEEDS_PLUGIN = {".heic": "pillow-heif", ".heif": "pillow-heif"}  # phone photos Pillow reads only with a plugin
 DEFAULT_PROMPT_TEMPLATE = "a photo of a {token} {class_word}"
 _IGNORED_NAMES = frozenset({"concept.json", "thumbs.db", "desktop.ini"})
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -58,7 +76,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             full = 1.0 if top <= 1.0 else 255.0
         else:  # 16-bit: scale the 16-bit range, do not clip it; a 32-bit image holding 8-bit values stays as is
             full = 255.0 if img.mode == "I" and top <= 255 else 65535.0
+        clear = arr == img.info["transparency"] if isinstance(img.info.get("transparency"), int) else None
         arr = np.clip(np.nan_to_num(arr), 0, full) * (255.0 / full)
+        if clear is not None:  # a 16-bit grey PNG's transparent level (tRNS): white, as for 8-bit images
+            arr[clear] = 255.0
         return Image.fromarray(np.rint(arr).astype(np.uint8), "L").convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA")
@@ -86,7 +107,13 @@ def _decode(path: Path, max_side: int | None = None, resolution: int | None = No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # huge photos are downscaled below
-            with Image.open(path) as img:
+            try:
+                img = Image.open(path)
+            except Image.DecompressionBombError:
+                img = _open_huge_jpeg(path, max_side, resolution)
+                if img is None:
+                    raise
+            with img:
                 if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":  # MPO: a phone photo + its preview
                     warnings.warn(f"image '{path}' has {img.n_frames} frames; using the first", stacklevel=4)
                 if img.format in ("JPEG", "MPO"):
@@ -98,6 +125,30 @@ def _decode(path: Path, max_side: int | None = None, resolution: int | None = No
                                 "if you trust the file") from e
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
         raise _Unreadable(path, str(e).rstrip(".") or type(e).__name__) from e
+
+
+_LIMIT = threading.Lock()  # Pillow's pixel limit is process-wide: lifted for one header read at a time
+
+
+def _open_huge_jpeg(path: Path, max_side: int | None, resolution: int | None) -> Image.Image | None:
+    """A JPEG past Pillow's hard pixel limit (a 200-megapixel phone photo), opened with the limit lifted for its
+    header only and set to decode at a reduced scale; None when it is not a JPEG or the reduction does not bring it
+    under the limit (Pillow's error stands then)."""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return None
+    limit = Image.MAX_IMAGE_PIXELS
+    with _LIMIT:
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    _draft(img, max_side, resolution)
+    if limit and img.size[0] * img.size[1] > 2 * limit:
+        img.close()
+        return None
+    return img
 
 
 def _draft(img: Image.Image, max_side: int | None, resolution: int | None) -> None:
@@ -148,11 +199,12 @@ def load_image(path: str | Path, resolution: int = 512, center_crop: bool = True
     """
     if not isinstance(resolution, int) or resolution < 1:
         raise ConceptDataError(f"resolution must be a positive int, got {resolution!r}.")
+    path = Path(path).expanduser()
     try:
-        img = _decode(Path(path), max_side, resolution)
+        img = _decode(path, max_side, resolution)
     except _Unreadable as e:
         raise ConceptDataError(e.advice) from e
-    return _square(img, Path(path), resolution, center_crop, max_side)
+    return _square(img, path, resolution, center_crop, max_side)
 
 
 @dataclass
@@ -164,6 +216,7 @@ class Concept:
     class_word: str
     paths: list[Path]
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    crop: str = ""  # how the files were cut to crops when not the default (a checkpoint's stamp covers it)
 
     @property
     def prompt(self) -> str:
@@ -270,7 +323,7 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     if not isinstance(config.resolution, int) or isinstance(config.resolution, bool) or config.resolution < 1:
         raise ConceptDataError(f"resolution must be a positive int (the crops' side in pixels), "
                                f"got {config.resolution!r}.")
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.exists():
         raise ConceptDataError(f"concept folder '{folder}' does not exist; check the path.")
     if not folder.is_dir():
@@ -294,16 +347,21 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     entries = sorted(folder.iterdir(), key=lambda p: p.name)
     visible = [p for p in entries
                if not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES]
-    images = [p for p in visible if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    # by name: a broken link to an image is then named as one when it is read, not passed over
+    images = [p for p in visible if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS]
     others = [p.name + ("/" if p.is_dir() else "") for p in visible if p not in images]
-    accepted = ", ".join(IMAGE_EXTENSIONS)
+    plugins = sorted({_NEEDS_PLUGIN[p.suffix.lower()] for p in visible if p.suffix.lower() in _NEEDS_PLUGIN})
+    accepted = ", ".join(_COMMON_EXTENSIONS) + ", or any other format this Pillow opens"
+    if plugins:
+        accepted += (f"; {', '.join(o for o in others if Path(o).suffix.lower() in _NEEDS_PLUGIN)} need "
+                     f"{' and '.join(plugins)} (pip install it, then register_heif_opener()) or conversion to JPEG")
     if not images:
-        seen = (f"found {len(others)} non-image file(s) ({', '.join(others[:5])}"
+        seen = (f"found {len(others)} other file(s) or folder(s) ({', '.join(others[:5])}"
                 f"{', ...' if len(others) > 5 else ''})" if others else "the folder is empty")
         raise ConceptDataError(f"no images in concept folder '{folder}': {seen}. Accepted "
                                f"extensions: {accepted} (any case).")
     if others:
-        warnings.warn(f"ignoring {len(others)} non-image file(s) in '{folder}': "
+        warnings.warn(f"ignoring {len(others)} file(s) or folder(s) that are not images in '{folder}': "
                       f"{', '.join(others)} (accepted: {accepted}).", stacklevel=2)
 
     crops, paths = [], []
@@ -326,7 +384,9 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     if not 3 <= len(crops) <= 15:
         warnings.warn(f"concept folder '{folder}' has {len(crops)} usable image(s); the method "
                       "expects 3-15 reference images.", stacklevel=2)
-    return Concept(crops, token, class_word, paths, prompt_template)
+    crop = "" if (config.center_crop, config.max_side) == (True, 8192) else \
+        f"center_crop={config.center_crop} max_side={config.max_side}"
+    return Concept(crops, token, class_word, paths, prompt_template, crop)
 
 
 _DREAMBOOTH = ("LIVE_CLASSES", "DreamBoothDataset", "DreamBoothSubject", "load_dreambooth")

@@ -84,13 +84,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _sync(path) -> None:
+    """fsync a file or a folder; where the system cannot (a folder on Windows, some network mounts), skip it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path`` in one
     rename, so a crash or an interrupt never leaves half a file (and never loses the old one). The file ends with
     the mode any new file gets there (0666 through the umask and the folder's default ACL; mkstemp's are 0600),
     read from the temporary file as created, without changing the process's umask. Temporary files that killed
-    writers left beside ``path`` are removed first (``_remove_abandoned``)."""
+    writers left beside ``path`` are removed first (``_remove_abandoned``). The file is synced to disk before the
+    rename and the folder after it, so a power loss leaves the old file or the new one, whole."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
@@ -105,7 +120,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.chmod(tmp, mode)
         except OSError:  # a file system without modes (FAT, some network mounts): keep what it gave
             pass
+        _sync(tmp)  # the bytes are on disk before the name points at them (else a power loss can leave it empty)
         os.replace(tmp, path)
+        _sync(path.parent)  # and the rename itself
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -148,9 +148,13 @@ def _first_factor(residuals: Residuals):
 
 
 def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) -> str:
-    """What to say when the loss is NaN or infinite (both loops, word for word)."""
-    return (f"the loss became {value} at step {step}; the residuals were not updated with it"
-            f"{f' and the last checkpoint is in {ckpt}' if ckpt and ckpt.exists() else ''}. "
+    """What to say when the loss is NaN or infinite (both loops, word for word). The run's checkpoint, written on
+    the way to the divergence, is set aside first (``checkpoints.set_aside``): a rerun at a lower rate would
+    otherwise resume its weights and finish without a word."""
+    aside = checkpoints.set_aside(ckpt) if ckpt is not None else None
+    kept = (f" Its last checkpoint, trained on the way there, is set aside as {aside}, so a rerun starts over; to "
+            f"continue from it anyway, rename it back to {ckpt.name}." if aside is not None else "")
+    return (f"the loss became {value} at step {step}; the residuals were not updated with it.{kept} "
             f"Lower learning_rate (now {config.learning_rate})"
             f"{' or use mixed_precision=' + repr('no') if amp is not None else ''}.")
 

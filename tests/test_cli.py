@@ -95,7 +95,8 @@ def test_numbers_are_checked_by_the_parser(tmp_path, capsys):
     for flag, value, says in (("--steps", "0", "must be at least 1"), ("--batch-size", "-2", "must be at least 1"),
                               ("--rank", "abc", "a fraction in (0, 1)"), ("--rank", "1.5", "whole rank"),
                               ("--rank", "inf", "whole rank"), ("--rank", "0", "whole rank"),
-                              ("--resolution", "0", "must be at least 1")):
+                              ("--resolution", "0", "must be at least 1"), ("--lr", "nan", "finite number"),
+                              ("--lr", "0", "must be a number > 0")):
         with pytest.raises(SystemExit) as err:
             main(_train_args(tmp_path, tmp_path / "x.safetensors", flag, value))
         assert err.value.code == 2
@@ -351,3 +352,29 @@ def test_train_memory_options_reach_the_recipe(tmp_path, monkeypatch):
     assert main(args + ["--out", str(tmp_path / "b.safetensors"), "--mixed-precision", "no",
                         "--gradient-checkpointing"]) == 0
     assert seen[-1].mixed_precision == "no" and seen[-1].gradient_checkpointing
+
+
+def test_paths_expand_the_home_folder_and_errors_use_the_flags(tmp_path, capsys, monkeypatch):
+    """A quoted "~/imgs" (or --out=~/x, which the shell leaves) was read literally: the folder was not found, and
+    outputs went to a folder named "~" under the current one. Errors spoke of skip_bad=True, not --skip-bad."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    _concept(home / "imgs")
+    assert main(["train", "--model", str(model), "--images", "~/imgs", "--token", "sks", "--class-word", "dog",
+                 "--out=~/sks.safetensors", "--steps", "2", "--rank", "2", "--device", "cpu"]) == 0
+    assert (home / "sks.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert main(["sample", "--model", str(model), "--residuals", "~/sks.safetensors", "--prompt",
+                 "a photo of a sks dog", "--num-images", "1", "--steps", "2", "--out", "~/s", "--device", "cpu"]) == 0
+    assert (home / "s" / "000.png").is_file()
+    (home / "imgs" / "3.png").write_bytes(b"not a png")
+    assert main(["train", "--model", str(model), "--images", "~/imgs", "--token", "sks", "--class-word", "dog",
+                 "--out", "~/b.safetensors", "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "3.png" in err and "or pass --skip-bad to skip it" in err and "skip_bad" not in err
+    assert main(["sample", "--model", str(model), "--residuals", "~/sks.safetensors", "--prompt", "a photo of a dog",
+                 "--steps", "2", "--out", "~/s", "--device", "cpu"]) == 2
+    assert "or sample with --no-lag" in capsys.readouterr().err

@@ -232,7 +232,7 @@ def test_empty_folder(tmp_path):
 def test_folder_with_only_non_images(tmp_path):
     for i in range(7):
         (tmp_path / f"note{i}.txt").write_text("x")
-    match = r"found 7 non-image file\(s\) \(note0\.txt, .*note4\.txt, \.\.\.\)\. Accepted"
+    match = r"found 7 other file\(s\) or folder\(s\) \(note0\.txt, .*note4\.txt, \.\.\.\)\. Accepted"
     with pytest.raises(ConceptDataError, match=match + r" extensions: \.jpg"):
         load_concept(tmp_path, "sks", "dog")
 
@@ -432,3 +432,60 @@ def test_concept_save_writes_each_file_whole(tmp_path, monkeypatch):
         Concept([im.rotate(90) for im in images], "sks", "dog", []).save(tmp_path / "c")
     assert (tmp_path / "c" / "01.png").read_bytes() == good  # the old file survived whole
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["00.png", "01.png", "02.png", "concept.json"]
+
+
+def test_a_jpeg_past_pillows_hard_limit_is_read_at_a_reduced_scale(tmp_path, monkeypatch):
+    """A 200-megapixel phone JPEG (past twice Pillow's limit) was refused with advice a CLI user cannot follow,
+    although a reduced-scale decode reads it in a fraction of a second; a PNG that large still is refused."""
+    Image.new("RGB", (2000, 1600), (10, 200, 30)).save(tmp_path / "phone.jpg", quality=90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # 3.2 MP: past twice the limit
+    opened = _decoded_sizes(monkeypatch)
+    out = load_image(tmp_path / "phone.jpg", 64)
+    assert out.size == (64, 64) and close(out.getpixel((32, 32)), (10, 200, 30), tol=8)
+    assert opened[0] == (500, 400) and Image.MAX_IMAGE_PIXELS == 100_000  # 1/4 scale; the limit is back
+    with pytest.raises(ConceptDataError, match="decompression bomb"):
+        load_image(tmp_path / "phone.jpg", 512)  # a crop of 512 needs 2048 px a side: no reduction fits
+
+
+def test_a_broken_link_is_named_not_passed_over_and_more_pillow_formats_count(tmp_path):
+    """A dangling symlink to an image was counted as a non-image and training went on without it; .jfif (what
+    browsers save) and other formats Pillow opens were refused as non-images; .h5 beside the photos is not one."""
+    make_folder(tmp_path)
+    (tmp_path / "3.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(ConceptDataError, match=r"3\.png': no such file \(a broken link\)"):
+        load_concept(tmp_path, "sks", "dog", R)
+    (tmp_path / "3.png").unlink()
+    Image.new("RGB", (40, 40), RED).save(tmp_path / "4.jfif", format="JPEG")
+    (tmp_path / "data.h5").write_bytes(b"\x89HDF")
+    (tmp_path / "IMG_1.HEIC").write_bytes(b"\0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        concept = load_concept(tmp_path, "sks", "dog", R)
+    assert [p.name for p in concept.paths][-1] == "4.jfif" and len(concept) == 4
+    message = str(caught[0].message)
+    assert "IMG_1.HEIC, data.h5" in message and "IMG_1.HEIC need pillow-heif" in message
+
+
+def test_sixteen_bit_grey_transparency_is_white_as_in_eight_bit(tmp_path):
+    grey = np.full((32, 32), 30000, np.uint16)
+    grey[:, 16:] = 5  # the transparent level
+    Image.fromarray(grey).save(tmp_path / "g16.png", transparency=5)
+    eight = Image.fromarray(np.where(grey == 5, 0, 117).astype(np.uint8), "L")
+    eight.save(tmp_path / "g8.png", transparency=0)
+    for name in ("g16.png", "g8.png"):
+        out = load_image(tmp_path / name, R)
+        assert out.getpixel((28, 16)) == (255, 255, 255) and close(out.getpixel((4, 16)), (117, 117, 117), 2), name
+
+
+def test_other_crops_of_the_same_files_are_another_run_for_a_checkpoint(tmp_path):
+    """The checkpoint stamp hashed the files, not how they were cut: a run on whole-image crops resumed one made
+    on centre crops. A default load stamps as before (interrupted runs stay resumable across the update)."""
+    from prkit.checkpoints import _images_digest
+
+    for i in range(3):
+        halves(RED, BLUE, (80, 40)).save(tmp_path / f"{i}.png")
+    centre = load_concept(tmp_path, "sks", "dog", R)
+    whole = load_concept(tmp_path, "sks", "dog", config=DataConfig(resolution=R, center_crop=False))
+    assert centre.crop == "" and whole.crop == "center_crop=False max_side=8192"
+    assert _images_digest(centre) != _images_digest(whole)
+    assert _images_digest(centre) == _images_digest(Concept(centre.images, "sks", "dog", centre.paths))

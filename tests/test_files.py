@@ -194,6 +194,30 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         _trained(tiny_unet()).save(tmp_path)
 
 
+def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    """Only the rename was atomic: without an fsync of the file first, a power loss can leave the new name on an
+    empty file (and the old one gone); without one of the folder after, the rename itself may be lost."""
+    import os
+
+    import prkit.files as files
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    target = tmp_path / "out.bin"
+    with files.atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"data")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"] and events[0][1].endswith(".tmp")
+    assert events[2][1] == str(tmp_path) and target.read_bytes() == b"data"
+
+
 def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path, monkeypatch):
     import os
     import time

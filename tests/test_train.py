@@ -134,6 +134,31 @@ def test_nan_loss_raises_and_leaves_parameters_unchanged(tmp_path, concept, monk
     assert not any(p.requires_grad for p in get_residuals(pipe.unet).parameters())
 
 
+def test_a_diverged_runs_checkpoint_is_set_aside_so_the_rerun_starts_over(tmp_path, concept, monkeypatch):
+    """The error said to lower the learning rate; the rerun then resumed the checkpoint the diverging run had
+    written on its way (its weights already blown up), warned only of the new rate, and saved a useless set."""
+    ckpt = tmp_path / "ckpt"
+    real_step, calls = train._step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        return torch.tensor(float("nan"), requires_grad=True) if len(calls) == 4 else real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_step", step)
+    run = dict(steps=5, learning_rate=1e-3, checkpoint_dir=str(ckpt), checkpoint_every=2, **FAST)
+    with pytest.raises(TrainingDiverged) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "a"), concept, **run)
+    aside = ckpt / "checkpoint.diverged.pt"
+    assert f"set aside as {aside}, so a rerun starts over; to continue from it anyway, rename it back to " \
+           "checkpoint.pt" in str(err.value)
+    assert aside.is_file() and not (ckpt / "checkpoint.pt").exists()
+    assert torch.load(aside, weights_only=True)["step"] == 2  # kept, not lost
+    monkeypatch.setattr(train, "_step", real_step)
+    again = prkit.train_residuals(make_pipe(tmp_path / "b"), concept, **run)
+    fresh = prkit.train_residuals(make_pipe(tmp_path / "c"), concept, **{**run, "checkpoint_dir": None})
+    assert again.losses == fresh.losses and len(again.losses) == 5  # started over, not resumed at step 2
+
+
 def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
     ckpt = tmp_path / "ckpt"
     prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=6, checkpoint_dir=str(ckpt),
