@@ -54,28 +54,64 @@ def resolve_paths(parameters: dict, base: Path) -> dict:
     return out
 
 
-def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str = "python3") -> list[dict]:
-    """Execute each notebook into ``out`` with papermill; stop at the first failure. Returns one row per notebook."""
+INLINE = "module://matplotlib_inline.backend_inline"  # the kernels' figures go into the notebooks (and the HTML)
+
+
+def declared(notebooks: list[Path]) -> dict[Path, set[str]]:
+    """The parameters each notebook's ``parameters`` cell declares."""
     import papermill as pm
 
+    return {book: set(pm.inspect_notebook(str(book))) for book in notebooks}
+
+
+def unknown_parameters(parameters: dict, names: dict[Path, set[str]]) -> list[str]:
+    """Names in ``parameters`` that no notebook of the series declares (typos: papermill would only warn)."""
+    known = set().union(*names.values()) if names else set()
+    return sorted(set(parameters) - known)
+
+
+def _failure(err: Exception) -> str:
+    """What failed, as papermill reports a cell's error: the cell, the exception and its message."""
+    name, value = getattr(err, "ename", None), getattr(err, "evalue", None)
+    if name is None:
+        return f"failed: {type(err).__name__}: {err}"
+    cell = getattr(err, "exec_count", None)
+    return f"failed{f' in cell [{cell}]' if cell is not None else ''}: {name}: {value}"
+
+
+def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str = "python3") -> list[dict]:
+    """Execute each notebook into ``out`` with papermill, each given the parameters it declares; stop at the first
+    failure. Figures are drawn inline (a shell's MPLBACKEND=Agg would leave the report without them). Returns one
+    row per notebook."""
+    import os
+
+    import papermill as pm
+
+    names = declared(notebooks)
     rows = []
-    for i, book in enumerate(notebooks, 1):
-        start = time.perf_counter()
-        print(f"[{i}/{len(notebooks)}] {book.name} ...", end=" ", flush=True)
-        target = out / book.name
-        try:
-            headless = {k: v for k, v in HEADLESS.items() if k in pm.inspect_notebook(str(book))}
-            pm.execute_notebook(str(book), str(target), parameters={**headless, **parameters, "run_dir": str(out)},
-                                kernel_name=kernel, progress_bar=False, cwd=str(out))
-            status = "ok"
-        except Exception as err:  # papermill re-raises the cell's error; the executed notebook keeps it
-            status = f"failed: {type(err).__name__}"
-            print(status, flush=True)
-            rows.append({"notebook": book.name, "seconds": time.perf_counter() - start, "status": status})
-            break
-        seconds = time.perf_counter() - start
-        print(f"{status} ({seconds:.0f} s)", flush=True)
-        rows.append({"notebook": book.name, "seconds": seconds, "status": status})
+    backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = INLINE  # the kernels inherit it
+    try:
+        for i, book in enumerate(notebooks, 1):
+            start = time.perf_counter()
+            print(f"[{i}/{len(notebooks)}] {book.name} ...", flush=True)
+            given = {k: v for k, v in {**HEADLESS, **parameters}.items() if k in names[book]}
+            try:
+                pm.execute_notebook(str(book), str(out / book.name), parameters={**given, "run_dir": str(out)},
+                                    kernel_name=kernel, progress_bar=True, cwd=str(out))
+                status = "ok"
+            except Exception as err:  # papermill re-raises the cell's error; the executed notebook keeps it
+                status = _failure(err)
+            seconds = time.perf_counter() - start
+            print(f"[{i}/{len(notebooks)}] {book.name} {status} ({seconds:.0f} s)", flush=True)
+            rows.append({"notebook": book.name, "seconds": seconds, "status": status})
+            if status != "ok":
+                break
+    finally:
+        if backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = backend
     return rows
 
 
@@ -100,10 +136,27 @@ def render_html(out: Path, rows: list[dict]) -> Path:
     index = out / "index.html"
     index.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>prkit report</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}</style></head>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}"
+        "img{max-width:32%;margin:4px;vertical-align:top}</style></head>"
         f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
-        f"<th>time</th></tr>{''.join(items)}</table></body></html>", encoding="utf-8")
+        f"<th>time</th></tr>{''.join(items)}</table>{_outputs(out)}</body></html>", encoding="utf-8")
     return index
+
+
+def _outputs(out: Path) -> str:
+    """The figures (shown) and tables (linked) the notebooks wrote under the run folder, by subfolder."""
+    sections = []
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        files = sorted(f for f in folder.rglob("*") if f.suffix in (".png", ".csv", ".json") and f.is_file()
+                       and "images" not in f.relative_to(folder).parts[:-1])  # not every sample of save_images
+        if not files:
+            continue
+        links = "".join(f'<li><a href="{html.escape(f.relative_to(out).as_posix())}">'
+                        f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f.suffix != ".png")
+        figures = "".join(f'<a href="{html.escape(f.relative_to(out).as_posix())}"><img alt="{html.escape(f.name)}" '
+                          f'src="{html.escape(f.relative_to(out).as_posix())}"></a>' for f in files if f.suffix == ".png")
+        sections.append(f"<h2>{html.escape(folder.name)}/</h2>{figures}<ul>{links}</ul>")
+    return "".join(sections)
 
 
 def _new_run_folder(parent: Path) -> Path:
@@ -132,14 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.params:
         import yaml
 
-        parameters.update(yaml.safe_load(Path(args.params).read_text()) or {})
-    parameters.update({k: _literal(v) for k, v in args.parameter})
-    parameters = resolve_paths(parameters, Path.cwd())
+        params_file = Path(args.params).expanduser()
+        # a YAML file's relative paths are its own folder's (notebooks/params/sd15.yaml works from anywhere)
+        parameters.update(resolve_paths(yaml.safe_load(params_file.read_text()) or {}, params_file.resolve().parent))
+    parameters.update(resolve_paths({k: _literal(v) for k, v in args.parameter}, Path.cwd()))
     try:
         books = notebook_list(Path(args.notebooks), args.only)
     except FileNotFoundError as err:
         only = f" with the prefixes --only {' '.join(args.only)}" if args.only else ""
         parser.error(f"{err}{only}")
+    unknown = unknown_parameters(parameters, declared(notebook_list(Path(args.notebooks))))  # --only or not
+    if unknown:
+        parser.error(f"no notebook of this series has the parameter(s) {', '.join(unknown)}: check the spelling "
+                     f"against the notebooks' parameters cells")
     out = _new_run_folder(Path(args.out))
     start = time.perf_counter()
     rows = run_series(out, parameters, books, args.kernel)

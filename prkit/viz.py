@@ -176,13 +176,15 @@ def metric_scatter(rows: Sequence[dict], x: str, y: str, label: str, title: str 
     return fig
 
 
-def attention_explorer(store, image, labels: Sequence[str], interactive: bool = True, image_index: int = 0):
+def attention_explorer(store, image, labels: Sequence[str], interactive: bool = True, image_index: int = 0,
+                       token: int = 0):
     """Token / block / step sliders over an AttentionStore; a static all-blocks figure when not interactive.
 
     Args:
         store: a filled ``prkit.AttentionStore`` (tokens aligned with ``labels``).
         image: the generated image to overlay.
         interactive: False (e.g. under papermill) returns a static figure instead of widgets.
+        token: the index into ``labels`` shown first (the static view's token): the concept's, say.
     """
     blocks = store.blocks()
     if interactive:
@@ -191,11 +193,13 @@ def attention_explorer(store, image, labels: Sequence[str], interactive: bool = 
         except ImportError:
             interactive = False
     if not interactive:
-        return block_grid(image, {b: store.get(b)[image_index, 0].numpy() for b in blocks},
-                          title=f"'{labels[0]}' averaged over steps (static view)")
+        fig = block_grid(image, {b: store.get(b)[image_index, token].numpy() for b in blocks},
+                         title=f"'{labels[token]}' averaged over steps (static view)")
+        _plt().close(fig)  # shown once, as the cell's value (the inline backend would show an open one again)
+        return fig
     plt = _plt()
-    token = widgets.Dropdown(options=[(l, i) for i, l in enumerate(labels)],
-                             description="token")
+    first = token
+    token = widgets.Dropdown(options=[(l, i) for i, l in enumerate(labels)], value=first, description="token")
     block = widgets.SelectionSlider(options=blocks, description="block")
     step = widgets.IntSlider(min=-1, max=store.num_steps() - 1, value=-1, description="step (-1: all)")
 

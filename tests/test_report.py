@@ -11,9 +11,9 @@ import pytest
 from prkit.report import main
 
 
-def _write(folder, name, body):
+def _write(folder, name, body, params="x = 1"):
     book = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell("x = 1\nrun_dir = 'unused'")
+    params = nbformat.v4.new_code_cell(f"{params}\nrun_dir = 'unused'")
     params.metadata["tags"] = ["parameters"]
     book.cells = [nbformat.v4.new_markdown_cell(f"# {name}"), params, nbformat.v4.new_code_cell(body)]
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -33,18 +33,19 @@ def test_series_runs_with_parameters_and_renders(tmp_path, books, capsys):
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "-p", "x", "7"]) == 0
     run = next((tmp_path / "runs").iterdir())
     assert (run / "x.txt").read_text() == "7"
-    assert "[1/2] 01_write_value.ipynb ... ok" in capsys.readouterr().out
+    assert "[1/2] 01_write_value.ipynb ok (" in capsys.readouterr().out
     index = (run / "index.html").read_text()
     assert "01_write_value.html" in index and "02_check_value.html" in index
     assert "01_write_value.ipynb" in (run / "01_write_value.html").read_text()
 
 
-def test_failure_stops_the_series_and_is_reported(tmp_path, books):
+def test_failure_stops_the_series_and_is_reported(tmp_path, books, capsys):
     _write(books, "02_a_fail.ipynb", "raise ValueError('boom')")
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 1
     run = next((tmp_path / "runs").iterdir())
     index = (run / "index.html").read_text()
-    assert "failed: " in index
+    said = "02_a_fail.ipynb failed in cell [3]: ValueError: boom"  # the cause, not papermill's wrapper's name
+    assert said in capsys.readouterr().out and "failed in cell [3]: ValueError: boom" in index
     assert "02_check_value.ipynb</td><td>not run</td>" in index  # the notebooks after the failure are listed
     assert "boom" in (run / "02_a_fail.ipynb").read_text()
 
@@ -53,7 +54,8 @@ def test_relative_paths_are_the_callers_not_the_run_folders(tmp_path, books, mon
     from prkit.report import resolve_paths
 
     _write(books, "03_check_paths.ipynb", "from pathlib import Path\nassert Path(concept_folder, 'a.png').is_file()\n"
-                                         "assert Path(model, 'model_index.json').is_file()")
+                                         "assert Path(model, 'model_index.json').is_file()",
+           params="concept_folder = ''\nmodel = 'world'")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "a.png").write_bytes(b"x")
     (tmp_path / "sd15").mkdir()
@@ -98,3 +100,76 @@ def test_report_opens_in_headless_chromium(tmp_path, books):
     assert "prkit report" in subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
          "--dump-dom", (run / "index.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+
+
+def test_figures_reach_the_report_and_typos_are_refused(tmp_path, books, capsys, monkeypatch):
+    """Under the README's MPLBACKEND=Agg the kernels drew no inline figures (the report had none), the files the
+    notebooks wrote were not linked, and a misspelt -p name ran the defaults with only papermill's warning."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    _write(books, "03_plot.ipynb", "import matplotlib.pyplot as plt\nfrom pathlib import Path\n"
+                                   "fig = plt.figure(); plt.plot([1, 2])\nPath(run_dir, 'plots').mkdir()\n"
+                                   "fig.savefig(Path(run_dir, 'plots', 'line.png'))\n"
+                                   "Path(run_dir, 'plots', 'rows.csv').write_text('a')", params="steps = 1")
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "03"]) == 0
+    run = next((tmp_path / "runs").iterdir())
+    assert "image/png" in (run / "03_plot.ipynb").read_text()
+    index = (run / "index.html").read_text()
+    assert '<img alt="line.png" src="plots/line.png">' in index and 'href="plots/rows.csv"' in index
+    import os
+    assert os.environ["MPLBACKEND"] == "Agg"  # the caller's setting is back
+    with pytest.raises(SystemExit) as err:  # steps is 03's only: declared in the series, also with --only 01
+        main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "01", "-p", "step", "2"])
+    assert err.value.code == 2 and "no notebook of this series has the parameter(s) step" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "r2"), "--notebooks", str(books), "--only", "01", "-p", "steps", "2"]) == 0
+
+
+def test_a_params_files_relative_paths_are_its_own_folders(tmp_path, books, monkeypatch):
+    _write(books, "03_check.ipynb", "from pathlib import Path\nassert Path(concept_folder, 'a.png').is_file()",
+           params="concept_folder = ''")
+    (tmp_path / "data" / "dog").mkdir(parents=True)
+    (tmp_path / "data" / "dog" / "a.png").write_bytes(b"x")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "p.yaml").write_text("concept_folder: ../data/dog\n")
+    monkeypatch.chdir(books)  # anywhere else
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--params", str(tmp_path / "params" /
+                                                                                             "p.yaml")]) == 0
+
+
+def test_the_ablations_reference_run_takes_train_steps_and_the_static_explorer_its_token(monkeypatch):
+    """05's train_steps changed nothing (the reference variants took the steps sweep's last count); the static
+    explorer showed the prompt's first token ('a'), and twice under the inline backend (returned and still open)."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    import prkit.train
+    from prkit.viz import attention_explorer
+    from prkit.world import ablate
+
+    seen = []
+
+    class Handle:
+        name = "x"
+
+        def num_parameters(self):
+            return 1
+
+        def remove(self):
+            pass
+
+    monkeypatch.setattr(prkit.train, "train_residuals", lambda pipe, data, config, **kw: (
+        seen.append((config.target, config.steps)), SimpleNamespace(residuals=Handle()))[1])
+    monkeypatch.setattr(ablate, "score", lambda *a, **k: {"identity": 0.5, "prompt": 0.5})
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=8)), vae_scale_factor=4)
+    config = ablate.AblationConfig(steps=7, ranks=(0.05,), targets=("attn_kv",), step_counts=(3,), thresholds=())
+    ablate.run_ablations(pipe, config)
+    assert seen == [("residuals", 7), ("attn_kv", 7), ("residuals", 3)]
+
+    store = SimpleNamespace(blocks=lambda: ["down_blocks.0.attentions.0"],
+                            get=lambda block: torch.arange(3.0).reshape(1, 3, 1, 1).expand(1, 3, 4, 4))
+    before = set(plt.get_fignums())
+    fig = attention_explorer(store, torch.zeros(16, 16, 3).numpy(), ["a", "photo", "sks"], interactive=False,
+                             token=2)
+    assert fig._suptitle.get_text() == "'sks' averaged over steps (static view)"
+    assert set(plt.get_fignums()) == before  # closed: displayed once, as the cell's value

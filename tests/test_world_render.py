@@ -113,6 +113,26 @@ def test_concept_folders_and_prompts():
     assert all("{token} {class_word}" in p for p in BENCH_PROMPTS)
 
 
+def test_the_notebooks_grade_and_ablate_the_runs_own_concept(tmp_path, caplog):
+    """06 graded the images of a run made on dotted_box (01's concept_folder) against striped_ball's answer key, 05
+    ablated striped_ball whatever the run's concept, and 04 trained dotted_box twice as its second concept."""
+    from prkit.world.concepts import another_concept, concept_named, run_concept
+
+    assert concept_named("", "zwx", "box") == "dotted_box" and concept_named("dotted_box", "zwx", "box") == "dotted_box"
+    with pytest.raises(ValueError, match="concept_name='striped_ball' is 'sks ball', but the residuals are 'zwx box'"):
+        concept_named("striped_ball", "zwx", "box")
+    with pytest.raises(ValueError, match="'sks dog' is none of the world's shipped concepts.*prkit eval"):
+        concept_named("", "sks", "dog")
+    with pytest.raises(ValueError, match="'ball' is not a shipped world concept; these are: striped_ball"):
+        concept_named("ball")
+    assert run_concept(tmp_path) == "striped_ball"  # no run yet: the default
+    (tmp_path / "concept").mkdir()
+    (tmp_path / "concept" / "concept.json").write_text(json.dumps({"token": "qrv", "class_word": "star"}))
+    assert run_concept(tmp_path) == "checked_star" and run_concept(tmp_path, "face_heart") == "face_heart"
+    assert another_concept("dotted_box", "sks") == "dotted_box"
+    assert another_concept("dotted_box", "zwx") == "striped_ball" and "using striped_ball instead" in caplog.text
+
+
 def test_pattern_scale_stretches_periods_and_defaults_to_the_shipped_world():
     import importlib
 

@@ -20,7 +20,8 @@ from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder
 
 @dataclass
 class AblationConfig:
-    """The sweeps; the first entry of ``ranks`` and the last of ``step_counts`` are the reference settings."""
+    """The sweeps; the first entry of ``ranks`` and ``steps`` are the reference settings of the rank and target
+    sweeps, ``step_counts`` the steps sweep's."""
 
     concept: str = "striped_ball"
     steps: int = 60
@@ -61,7 +62,7 @@ def run_ablations(pipe, config: AblationConfig, oracle=None, progress: bool = Fa
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = load_concept(concept_folder(config.concept), resolution=size)
-    rank0, steps0 = config.ranks[0], config.step_counts[-1] if config.step_counts else config.steps
+    rank0, steps0 = config.ranks[0], config.steps
     variants = [("rank", r, "residuals", r, steps0) for r in config.ranks]
     variants += [("target", t, t, rank0, steps0) for t in config.targets]
     variants += [("steps", s, "residuals", rank0, s) for s in config.step_counts]

@@ -121,8 +121,9 @@ def train_concept(pipe, name: str, config: BenchConfig, progress: bool = False):
 
 
 def grade_residuals(pipe, residuals, concept_name: str, config: BenchConfig, oracle=None,
-                    prompts: list[str] | None = None) -> list[dict]:
-    """Sample base / residuals / residuals + LAG on the same seeds and grade every image with the oracle."""
+                    prompts: list[str] | None = None, seconds: float | None = None) -> list[dict]:
+    """Sample base / residuals / residuals + LAG on the same seeds and grade every image with the oracle.
+    ``seconds``: the training time to report (else the set's ``meta['seconds']``, which a loaded file lacks)."""
     from ..sample import generate
     from .oracle import read
 
@@ -136,7 +137,7 @@ def grade_residuals(pipe, residuals, concept_name: str, config: BenchConfig, ora
         "residuals+lag": generate(pipe, prompts, residuals, lag=True, lag_config=config.lag, **common),
     }
     readings = {m: read(imgs, oracle) for m, imgs in images.items()}
-    seconds = float(residuals.meta.get("seconds", float("nan")))
+    seconds = float(residuals.meta.get("seconds", float("nan")) if seconds is None else seconds)
     rows = []
     for method in METHODS:
         for row in grade(images[method], images["base"], readings[method], readings["base"], concept, prompts,

@@ -78,6 +78,45 @@ def concept_folder(name: str) -> Path:
     return CONCEPTS_DIR / name
 
 
+def concept_named(name: str = "", token: str | None = None, class_word: str | None = None) -> str:
+    """The shipped concept to grade residuals of ``token``/``class_word`` with: ``name`` when given (it must have
+    those words: the oracle's answer key is the concept's pattern), else the one with those words."""
+    shipped = ", ".join(f"{c.name} ({c.token} {c.class_word})" for c in EXAMPLE_CONCEPTS.values())
+    if name:
+        if name not in EXAMPLE_CONCEPTS:
+            raise ValueError(f"{name!r} is not a shipped world concept; these are: {shipped}")
+        concept = EXAMPLE_CONCEPTS[name]
+        if token is not None and (concept.token, concept.class_word) != (token, class_word):
+            raise ValueError(f"concept_name={name!r} is '{concept.token} {concept.class_word}', but the residuals are "
+                             f"'{token} {class_word}': leave concept_name empty to grade the concept they were "
+                             "trained on")
+        return name
+    for concept in EXAMPLE_CONCEPTS.values():
+        if (concept.token, concept.class_word) == (token, class_word):
+            return concept.name
+    raise ValueError(f"'{token} {class_word}' is none of the world's shipped concepts ({shipped}), which the oracle "
+                     "can grade; grade other concepts with prkit eval (CLIP and DINO metrics)")
+
+
+def run_concept(run_dir, name: str = "") -> str:
+    """The world concept of a notebook run: ``name`` when given, else the one 01 prepared in ``run_dir/concept``
+    (read from its concept.json), else the default striped_ball."""
+    meta = Path(run_dir) / "concept" / "concept.json"
+    if name or not meta.is_file():
+        return concept_named(name or "striped_ball")
+    words = json.loads(meta.read_text())
+    return concept_named("", words.get("token"), words.get("class_word"))
+
+
+def another_concept(name: str, token: str) -> str:
+    """``name``, or when its identifier is ``token`` (already in use) the first shipped concept with another."""
+    if EXAMPLE_CONCEPTS[name].token != token:
+        return name
+    other = next(c.name for c in EXAMPLE_CONCEPTS.values() if c.token != token)
+    log.warning("%s has the identifier %r of the run's own concept; using %s instead", name, token, other)
+    return other
+
+
 def write_concept_folder(concept: WorldConcept, folder: Path, n: int = 5, seed: int = 0) -> Path:
     """Write n reference PNGs (plain background) and concept.json into folder; returns folder."""
     folder = Path(folder)
