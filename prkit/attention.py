@@ -31,7 +31,8 @@ class CaptureState:
     """Shared state between the ``attn2`` processors and whoever reads the maps (LAG, the store).
 
     concept_weights: (P, T, S) weights over token positions for S concepts of P conditional prompts.
-    cfg: whether the batch is [unconditional; conditional] (a bool or a callable read at run time).
+    cfg: whether the batch is [unconditional; conditional] (a bool, or a callable of the forward's batch size read
+        at run time).
     """
 
     def __init__(self, concept_weights: torch.Tensor | None = None, cfg: bool | Callable[[], bool] = False,
@@ -55,17 +56,14 @@ class CaptureState:
     def is_cfg(self, batch: int | None = None) -> bool:
         """Whether this forward's batch is [unconditional; conditional]: read once per UNet forward (a step callback
         may switch guidance off between steps), outside torch.compile's tracing (the flag lives on the pipeline).
-        ``batch`` (the forward's rows) goes to a callable that checks it (``checks_batch``; LAG's watched
-        pipeline)."""
+        A callable flag is given ``batch`` (the forward's rows; LAG's watched pipeline checks it)."""
         if self._cfg_now is None:
             self._cfg_now = self._read_cfg(batch)
         return self._cfg_now
 
     @torch.compiler.disable
     def _read_cfg(self, batch: int | None) -> bool:
-        if not callable(self.cfg):
-            return bool(self.cfg)
-        return bool(self.cfg(batch) if getattr(self.cfg, "checks_batch", False) else self.cfg())
+        return bool(self.cfg(batch)) if callable(self.cfg) else bool(self.cfg)
 
     def spatial(self, block: str, tokens: int) -> tuple[int, int]:
         """(h, w) of ``block``'s grid, whose attention has ``tokens`` query positions.
