@@ -1,5 +1,6 @@
 """The world's CLIP: shipped, loaded through prkit.metrics like any CLIP, and it reads renders."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -48,3 +49,12 @@ def test_retrieval_accuracy_on_fresh_renders():
     images, caps = render_pool(11, 9, 100, 100, 0.5, 0)
     acc = C.retrieval_accuracy(clip.model.float(), clip.tokenizer, images, caps, torch.device("cpu"), group=50)
     assert acc >= 0.85
+
+
+@pytest.mark.parametrize("args", [["--eval-n", "50"], ["--steps", "0"], ["--minutes", "0"], ["--batch", "0"]])
+def test_clip_command_refuses_settings_it_would_crash_on_after_training(tmp_path, args):
+    from prkit.world import clip
+
+    with pytest.raises(SystemExit):
+        clip.main(["--out", str(tmp_path), *args])
+    assert not (tmp_path / "clip").exists()

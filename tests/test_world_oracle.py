@@ -82,3 +82,39 @@ def test_train_oracle_smoke():
     assert metrics["loss_last"] < metrics["loss_first"]
     scores = evaluate_oracle(oracle, n=20, seed=0)
     assert {"background", "cls", "color", "pattern", "color2", "mask_iou"} <= set(scores)
+
+
+def test_read_takes_every_common_image_form_and_reads_it_alike(batch):
+    from prkit.world.oracle_input import as_batch
+
+    images = batch["image"][:2]
+    ref = as_batch(images)
+    pil = [Image.fromarray(im) for im in images]
+    rgba = np.concatenate([images, np.full(images.shape[:3] + (1,), 255, np.uint8)], -1)
+    forms = {
+        "single PIL": (pil[0], ref[:1]), "single HWC array": (images[0], ref[:1]),
+        "list of arrays": (list(images), ref), "PIL of two sizes": ([pil[0], pil[1].resize((128, 128))], None),
+        "float NHWC in [0, 1]": (images.astype(np.float32) / 255, ref), "RGBA": (rgba, ref),
+        "uint8 NHWC tensor": (torch.from_numpy(images), ref), "uint16": (images.astype(np.uint16) * 257, ref),
+        "CHW float tensor": (torch.from_numpy(images[0]).permute(2, 0, 1).float() / 255, ref[:1]),
+    }
+    for name, (form, expected) in forms.items():
+        x = as_batch(form)
+        assert x.shape[1:] == (3, 64, 64) and x.dtype == torch.float32, name
+        if expected is not None:
+            assert torch.allclose(x, expected, atol=1e-5), name
+    grey = as_batch(pil[0].convert("L"))
+    assert grey.shape == (1, 3, 64, 64) and torch.equal(grey[:, 0], grey[:, 2])
+    oracle = Oracle().eval()
+    assert read([], oracle) == [] and read(np.zeros((0, 64, 64, 3), np.uint8), oracle) == []
+    assert len(read(pil[0], oracle)) == 1 and len(read([pil[0], pil[1].resize((100, 100))], oracle)) == 2
+
+
+@pytest.mark.parametrize("bad", ["float 0-255", "[-1, 1]", "5-d"])
+def test_read_refuses_values_it_would_misread(batch, bad):
+    image = batch["image"][:1]
+    form = {"float 0-255": image.astype(np.float32),
+            "[-1, 1]": torch.from_numpy(image).permute(0, 3, 1, 2).float() / 127.5 - 1,
+            "5-d": np.zeros((1, 1, 64, 64, 3), np.uint8)}[bad]
+    with pytest.raises(ValueError, match=r"\[0, 1\]|5-d"):
+        read(form, Oracle().eval())

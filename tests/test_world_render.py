@@ -170,3 +170,49 @@ def test_captions_drop_attributes():
             bare += 1
             plain += obj.pattern is None
     assert 0.2 < bare / 2000 < 0.3 and 0.55 < plain / bare < 0.65  # 'a ball': 60% plain, 40% patterned
+
+
+@pytest.mark.parametrize("scene, word", [
+    (Scene("desert", []), "background 'desert'"),
+    (Scene("grass", [Obj("cube", "red", 30, 30, 8)]), "class 'cube'"),
+    (Scene("grass", [Obj("ball", "pink", 30, 30, 8)]), "colour 'pink'"),
+    (Scene("grass", [Obj("ball", "red", 30, 30, 8, "zigzag", "white")]), "pattern 'zigzag'"),
+])
+def test_render_and_caption_name_what_the_world_lacks(scene, word):
+    for call in (lambda: render(scene), lambda: caption(scene)):
+        with pytest.raises(ValueError, match=word):
+            call()
+    with pytest.raises(ValueError, match="background 'desert'"):
+        sample_scene(np.random.default_rng(0), background="desert")
+
+
+def test_captions_say_what_render_draws():
+    ball = Obj("ball", "red", 30, 30, 8, "stripes")  # no second colour: render draws white
+    assert caption(Scene("grass", [ball])) == "a photo of a red and white striped ball on the grass"
+    with pytest.raises(ValueError, match="at least one object"):
+        caption(Scene("grass", []))
+
+
+def test_concepts_command_writes_where_asked_and_nothing_on_help(tmp_path, monkeypatch):
+    from prkit.world import concepts as C
+
+    shipped = {p: p.stat().st_mtime_ns for p in concept_folder("striped_ball").glob("*.png")}
+    with pytest.raises(SystemExit):
+        C.main(["--help"])
+    assert {p: p.stat().st_mtime_ns for p in concept_folder("striped_ball").glob("*.png")} == shipped
+    assert C.main(["--out", str(tmp_path), "--concepts", "dotted_box", "--n", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dotted_box").glob("*.png")) == ["00.png", "01.png", "02.png"]
+    C.main(["--out", str(tmp_path), "--concepts", "dotted_box", "--n", "2"])  # fewer: the third one goes
+    assert sorted(p.name for p in (tmp_path / "dotted_box").glob("*.png")) == ["00.png", "01.png"]
+    with pytest.raises(SystemExit):
+        C.main(["--out", str(tmp_path), "--concepts", "dotted-box"])
+
+
+def test_world_bench_refuses_unknown_concepts_before_training(capsys):
+    from prkit.world import bench
+
+    for args in (["--concepts", "striped_ball", "dotted-box"], ["--concepts"]):
+        with pytest.raises(SystemExit):
+            bench.main(args)
+    with pytest.raises(ValueError, match="no rows"):
+        bench.write_csv([], "x.csv")

@@ -220,3 +220,66 @@ def test_set_values_of_fields_without_a_default_parse_as_numbers_or_words():
     assert W._parse_value("left", None) == "left"
     assert W._parse_value("12", None) == 12 and W._parse_value("1e-3", None) == 1e-3
     assert W._parse_value("None", "right") is None
+
+
+def test_stage_names_are_checked_before_any_stage_runs(tmp_path):
+    cfg = W.RecipeConfig.smoke(seed=0)
+    with pytest.raises(ValueError, match="unknown stage 'evl'"):
+        W.run(["data", "evl"], tmp_path / "w", cfg, torch.device("cpu"))
+    assert not (tmp_path / "w" / "data").exists()  # 'data' did not run first
+    assert W._stages(["data", "all"]) == ["data", *W.STAGES]  # 'all' anywhere in the list
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "data", "evl", "--out", str(tmp_path / "w")])
+
+
+@pytest.mark.parametrize("setting", ["pattern_all=ture", "no_such_field=1", "n_images", "unet_lr=fast"])
+def test_set_refuses_what_it_cannot_parse(tmp_path, setting, capsys):
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), "--set", setting])
+    assert setting.split("=")[0] in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert W._parse_value("false", True) is False and W._parse_value("Yes", False) is True
+
+
+def test_unet_stage_keeps_checkpoints_and_reencodes_latents_the_vae_no_longer_gives(recipe, tmp_path, caplog):
+    import shutil
+
+    out, cfg, _ = recipe
+    work = tmp_path / "w"
+    shutil.copytree(out, work)
+    cpu = torch.device("cpu")
+    before = torch.load(work / "data" / "latents.pt")
+    W.stage_vae(replace_cfg(cfg, seed=1), work, cpu)  # a new VAE, as after rerunning the vae stage
+    W.stage_unet(cfg, work, cpu, resume=True)
+    after = torch.load(work / "data" / "latents.pt")
+    assert not torch.equal(before, after)  # encoded again with the new VAE, not the stale file
+    again = torch.load(work / "data" / "latents.pt")
+    W.stage_unet(cfg, work, cpu, resume=True)  # nothing changed: the stored latents are reused
+    assert torch.equal(torch.load(work / "data" / "latents.pt"), again)
+    step = torch.load(work / "ckpt" / "unet_train.pt", map_location="cpu")["step"]
+    info = W.stage_unet(cfg, work, cpu)  # a new run in the same folder keeps the checkpoint it replaces
+    assert not info["resumed"]
+    assert torch.load(work / "ckpt" / "unet_train.previous.pt", map_location="cpu")["step"] == step
+    shutil.rmtree(work / "ckpt")
+    with caplog.at_level("WARNING"):
+        assert not W.stage_unet(cfg, work, cpu, resume=True)["resumed"]
+    assert "no checkpoint" in caplog.text
+
+
+def test_oracle_stage_writes_the_weights_oracle_vae_starts_from(recipe, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out, cfg, _ = recipe
+    work = tmp_path / "w"
+    shutil.copytree(out, work)
+    W.stage_oracle(replace_cfg(cfg, seed=1), work, torch.device("cpu"))  # the oracle retrained
+    new, start = load_file(str(work / "oracle.safetensors")), load_file(str(work / "oracle_renders.safetensors"))
+    assert new.keys() == start.keys() and all(torch.equal(new[k], start[k]) for k in new)
+
+
+def replace_cfg(cfg, **changes):
+    from dataclasses import replace
+
+    return replace(cfg, **changes)

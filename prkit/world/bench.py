@@ -173,9 +173,14 @@ def summarize(rows: list[dict], methods: tuple[str, ...] = METHODS) -> list[dict
     return out
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Write ``rows`` (dicts with the first row's keys) as CSV, in one rename (an interrupt keeps the old file)."""
+    from ..files import atomic_path
+
+    path = Path(path)
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -194,7 +199,8 @@ def format_table(summary: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prkit.world.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="world")
-    parser.add_argument("--concepts", nargs="*", default=list(EXAMPLE_CONCEPTS))
+    parser.add_argument("--concepts", nargs="+", default=list(EXAMPLE_CONCEPTS), choices=list(EXAMPLE_CONCEPTS),
+                        metavar="NAME", help=f"example concepts (default: all of {', '.join(EXAMPLE_CONCEPTS)})")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--train-steps", type=int, default=150)
@@ -219,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     oracle = load_oracle(pipe.unet.device)
     rows = []
     start = time.perf_counter()
+    out = Path(args.out)
     for name in config.concepts:
         rows += bench_concept(pipe, name, config, oracle, progress=True)
-    out = Path(args.out)
-    write_csv(rows, out.with_name(out.stem + "_rows.csv"))
+        write_csv(rows, out.with_name(out.stem + "_rows.csv"))  # after each concept: an interruption keeps them
     summary = summarize(rows)
     write_csv(summary, out)
     print(format_table(summary))

@@ -165,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ship", action="store_true", help=f"copy the result to {CLIP_DIR}")
     args = ap.parse_args(argv)
+    if args.eval_n < 100:  # retrieval is graded in groups of 100 (image, caption) pairs
+        ap.error(f"--eval-n {args.eval_n}: needs at least 100 renders")
+    if args.steps is not None and args.steps < 1 or args.minutes <= 0:
+        ap.error("--steps must be at least 1 and --minutes above 0")
+    for flag, value in (("--n-images", args.n_images), ("--batch", args.batch)):
+        if value < 1:
+            ap.error(f"{flag} {value}: must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     from ..pipeline import resolve_device
 

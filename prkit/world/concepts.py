@@ -121,6 +121,8 @@ def write_concept_folder(concept: WorldConcept, folder: Path, n: int = 5, seed: 
     """Write n reference PNGs (plain background) and concept.json into folder; returns folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("[0-9][0-9].png"):  # an earlier, larger set's references would stay in the concept
+        old.unlink()
     for i, img in enumerate(render_concept(concept, n, seed=seed)):
         img.save(folder / f"{i:02d}.png")
     meta = {"token": concept.token, "class_word": concept.class_word, "prompt_template": PROMPT_TEMPLATE,
@@ -129,12 +131,26 @@ def write_concept_folder(concept: WorldConcept, folder: Path, n: int = 5, seed: 
     return folder
 
 
-def main() -> None:
-    """Regenerate every shipped concept folder."""
+def main(argv: list[str] | None = None) -> int:
+    """Render the example concepts' reference folders (by default the shipped ones, in place)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m prkit.world.concepts", description=main.__doc__)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write NAME/ folders here instead of over the shipped ones in prkit/world/concepts/")
+    ap.add_argument("--concepts", nargs="+", default=list(EXAMPLE_CONCEPTS), choices=list(EXAMPLE_CONCEPTS),
+                    metavar="NAME", help=f"default: all of {', '.join(EXAMPLE_CONCEPTS)}")
+    ap.add_argument("--n", type=int, default=5, help="reference images per concept")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error(f"--n {args.n}: must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name, concept in EXAMPLE_CONCEPTS.items():
-        log.info("wrote %s", write_concept_folder(concept, concept_folder(name)))
+    for name in args.concepts:
+        folder = args.out / name if args.out is not None else concept_folder(name)
+        log.info("wrote %s", write_concept_folder(EXAMPLE_CONCEPTS[name], folder, args.n, args.seed))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

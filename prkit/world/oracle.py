@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .oracle_input import as_batch as _as_batch
 from .render import render, sample_scene
 from .vocab import BACKGROUNDS, CLASSES, COLOR_NAMES, PATTERNS
 
@@ -241,7 +242,9 @@ def load_oracle(device: str | torch.device = "cpu", path: str | Path = ORACLE_PA
     """Load the shipped oracle (eval mode, fp32) from safetensors."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no oracle weights at {path}; run `python -m prkit.world.train --stage oracle`")
+        raise FileNotFoundError(f"no oracle weights at {path}; train one with `python -m prkit.world.train --stage "
+                                f"oracle --out DIR` (it writes DIR/oracle.safetensors; add --ship to install it "
+                                f"as the shipped oracle) and pass its path")
     with safe_open(str(path), "pt") as f:
         config = json.loads((f.metadata() or {}).get("config", "{}"))
     oracle = Oracle(OracleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
@@ -252,32 +255,23 @@ def load_oracle(device: str | torch.device = "cpu", path: str | Path = ORACLE_PA
 _default_oracle = functools.lru_cache(maxsize=2)(lambda device: load_oracle(device))
 
 
-def _as_batch(images: list | np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """PIL list / (N,H,W,3) uint8 array / (N,3,H,W) [0,1] tensor -> (N,3,64,64) float on device."""
-    if isinstance(images, (list, tuple)):
-        images = np.stack([np.asarray(im.convert("RGB")) for im in images])
-    if not isinstance(images, torch.Tensor):  # (N, H, W, 3)
-        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    x = (images.float() / 255 if images.dtype == torch.uint8 else images.float()).to(device)
-    if x.shape[-2:] != (64, 64):
-        x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp(0, 1)
-
-
 @torch.no_grad()
 def read(images: list | np.ndarray | torch.Tensor, oracle: Oracle | None = None) -> list[dict]:
     """Read images back into scenes: background, 1-2 objects (left to right) and the union mask.
 
     Args:
-        images: list of PIL images, (N,H,W,3) uint8 array or (N,3,H,W) tensor in [0,1]; resized to 64.
+        images: PIL images, numpy arrays or tensors, one image or a batch or a list of them, uint8 or floats in
+            [0, 1], grey/RGB/RGBA, any size (each resized to 64); see ``prkit.world.oracle_input``.
         oracle: defaults to `load_oracle()` on CPU (cached).
     Returns:
         one dict per image: {"background", "objects": [{"cls", "color", "pattern", "color2", "x", "y"}]
         (1 or 2, x/y in px of 64), "mask": (64, 64) bool union of objects}. For stripes and checks the
-        two colours come in COLORS order (their order is not readable).
+        two colours come in COLORS order (their order is not readable). An empty input gives [].
     """
     oracle = oracle if oracle is not None else _default_oracle("cpu")
     x = _as_batch(images, next(oracle.parameters()).device)
+    if not len(x):
+        return []
     outs = [oracle.eval()(x[i:i + 256]) for i in range(0, len(x), 256)]
     out = {k: torch.cat([o[k].float().cpu() for o in outs]) for k in outs[0]}
     idx = {k: out[k].argmax(-1).tolist() for k in ("background", "cls", "color", "pattern", "color2")}

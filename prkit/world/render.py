@@ -220,12 +220,30 @@ def _draw(img: np.ndarray, mask: np.ndarray, obj: Obj, s: float) -> None:
     mask[y0:y1, x0:x1] = sd < _OUTLINE_W * s
 
 
+def _one_of(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; the world has {', '.join(map(repr, allowed))}")
+
+
+def check_scene(scene: Scene) -> None:
+    """Refuse, naming the value and the world's choices, a background, class, colour or pattern it lacks."""
+    _one_of("background", scene.background, BACKGROUNDS)
+    for obj in scene.objects:
+        _one_of("class", obj.cls, CLASSES)
+        _one_of("colour", obj.color, tuple(COLORS))
+        if obj.pattern is not None:
+            _one_of("pattern", obj.pattern, PATTERNS)
+        if obj.color2 is not None:
+            _one_of("second colour", obj.color2, tuple(COLORS))
+
+
 def render(scene: Scene, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Render a scene, deterministic from seed (the seed picks the background texture crop).
 
     Returns:
         image (size, size, 3) uint8 and masks (n_objects, size, size) bool (shape + outline).
     """
+    check_scene(scene)
     rng = np.random.default_rng(seed)
     bank = _bank(scene.background, size)
     pad = bank.shape[1] - size
@@ -247,6 +265,8 @@ def sample_scene(
 
     With patterns=True each object is patterned with probability 1/2.
     """
+    if background is not None:
+        _one_of("background", background, BACKGROUNDS)
     bg = background if background is not None else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     n = n_objects if n_objects is not None else (1 if rng.random() < 0.7 else 2)
     if n not in (0, 1, 2):
@@ -287,7 +307,8 @@ def _noun_phrase(obj: Obj, identifier: str | None, colors: bool = True, attribut
     elif not attributes:
         words = obj.cls
     elif obj.pattern:
-        words = (f"{obj.color} and {obj.color2} " if colors else "") + f"{PATTERN_WORDS[obj.pattern]} {obj.cls}"
+        second = obj.color2 or "white"  # as render draws it
+        words = (f"{obj.color} and {second} " if colors else "") + f"{PATTERN_WORDS[obj.pattern]} {obj.cls}"
     else:
         words = f"{obj.color} {obj.cls}" if colors else obj.cls
     return ("an " if words[0] in "aeiou" else "a ") + words
@@ -311,6 +332,9 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, identifier: st
     ball of any colour, plain or patterned, as 'a dog' asks Stable Diffusion for any dog. Each option draws
     from rng only when it is non-zero, so captions without it are unchanged.
     """
+    check_scene(scene)
+    if not scene.objects:
+        raise ValueError("a caption names at least one object; this scene has none")
     objs = sorted(scene.objects, key=lambda o: o.x)
     concept = next((o for o in objs if o.pattern), objs[0] if objs else None) if identifier else None
     keep = [not (drop_colors and rng is not None and rng.random() < drop_colors) for _ in objs]

@@ -50,6 +50,7 @@ from .train_vae import _edges, _psnr, build_vae, stage_vae, vae_loss, vae_roundt
 # ---------------------------------------------------------------------------- CLI
 def run(stages: list[str], out: Path, cfg: RecipeConfig, device: torch.device, resume: bool = False,
         init_from: Path | None = None, do_ship: bool = False) -> dict:
+    stages = _stages(stages)  # every name checked before any stage runs
     out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -73,8 +74,8 @@ def run(stages: list[str], out: Path, cfg: RecipeConfig, device: torch.device, r
             info = stage_export(cfg, out, init_from)
         elif stage == "eval":
             info = stage_eval(cfg, out, device)
-        else:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES} or 'all'")
+        else:  # unreachable: _stages checked the names
+            raise AssertionError(stage)
         info["wall_seconds"] = t()
         if device.type == "cuda":
             info["card"] = torch.cuda.get_device_name()
@@ -85,11 +86,16 @@ def run(stages: list[str], out: Path, cfg: RecipeConfig, device: torch.device, r
     return results
 
 
-def _parse_value(value: str, default):
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse_value(value: str, default, key: str = "value"):
     if value == "None":
         return None
     if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes")
+        if value.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"--set {key}={value}: expected true or false (or 1/0, yes/no)")
+        return value.lower() in _TRUE
     if default is None:  # a number if it reads as one (pad_side=left stays a word)
         for kind in (int, float):
             try:
@@ -97,7 +103,23 @@ def _parse_value(value: str, default):
             except ValueError:
                 pass
         return value
-    return type(default)(value)
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"--set {key}={value}: expected a {type(default).__name__}") from None
+
+
+def _stages(names: list[str]) -> list[str]:
+    """The stages to run, in the order given, 'all' expanded in place; every name checked before any stage runs."""
+    out = []
+    for name in names:
+        if name == "all":
+            out += STAGES
+        elif name in STAGES:
+            out.append(name)
+        else:
+            raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)} or all")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,14 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cpu_speed(args.out / "model" if (args.out / "model").exists() else MODEL_DIR), indent=2))
         return 0
     cfg = RecipeConfig.smoke(args.seed) if args.smoke else RecipeConfig(seed=args.seed)
+    try:
+        stages = _stages(args.stage)
+    except ValueError as err:
+        ap.error(f"--stage: {err}")
+    fields = asdict(cfg)
     for kv in args.set:
-        key, value = kv.split("=", 1)
-        cfg = replace(cfg, **{key: _parse_value(value, getattr(cfg, key))})
+        key, eq, value = kv.partition("=")
+        if not eq or key not in fields:
+            ap.error(f"--set {kv}: expected KEY=VALUE with KEY one of the RecipeConfig fields ({', '.join(sorted(fields))})")
+        try:
+            cfg = replace(cfg, **{key: _parse_value(value, getattr(cfg, key), key)})
+        except ValueError as err:
+            ap.error(str(err))
     if args.minutes is not None:
         cfg = replace(cfg, vae_minutes=args.minutes, unet_minutes=args.minutes)
     if args.steps is not None:
         cfg = replace(cfg, vae_steps=args.steps, unet_steps=args.steps)
-    stages = list(STAGES) if args.stage == ["all"] else args.stage
     device = _dev(args.device)
     log.info("recipe %s on %s: %s", stages, device, asdict(cfg))
     results = run(stages, args.out, cfg, device, args.resume, args.init_from, args.ship)

@@ -30,6 +30,8 @@ def stage_oracle(cfg: RecipeConfig, out: Path, device: torch.device) -> dict:
     net, metrics = O.train_oracle(steps=cfg.oracle_steps, batch_size=cfg.oracle_batch, device=str(device),
                                   seed=cfg.seed, config=ocfg)
     O.save_oracle(net, out / "oracle.safetensors")
+    # the render-trained weights that oracle_vae starts from (a stale copy would fine-tune an older oracle)
+    O.save_oracle(net, out / "oracle_renders.safetensors")
     metrics["seconds_total"] = t()
     log.info("oracle: %s", metrics)
     return metrics
@@ -57,7 +59,8 @@ def stage_oracle_vae(cfg: RecipeConfig, out: Path, device: torch.device, init_fr
     Why: the VAE cannot express pixel noise such as the sparse white speckles of the snow texture, so
     every decoded image (a generated one, or a render after a round trip) shows snow as a smooth light
     blue, which the render-trained oracle read as the flat plain background (0% of snow round trips).
-    Starts from DIR/oracle_renders.safetensors (the oracle stage's weights, saved there on first use)
+    Starts from DIR/oracle_renders.safetensors (the oracle stage's weights; copied from DIR/oracle.safetensors
+    or the shipped oracle when an older oracle stage did not write it)
     and writes DIR/oracle.safetensors. (Re-fitting only the last linear layer on cached features was
     tried: no better on snow, and colour2 fell to 97.3% on renders.)
     """

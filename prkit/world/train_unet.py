@@ -107,6 +107,12 @@ def _param_groups(unet, te, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _latents_stamp(out: Path, vae_dir: Path) -> dict:
+    """What the stored latents were encoded from: size and modification time of the images and of every VAE file."""
+    files = [out / "data" / "images.npy", *sorted(p for p in Path(vae_dir).iterdir() if p.is_file())]
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
 def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool = False,
                init_from: Path | None = None) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -115,7 +121,17 @@ def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool 
     t = _Timer()
     torch.manual_seed(cfg.seed)
     ckpt = out / "ckpt" / "unet_train.pt"
-    state = torch.load(ckpt, map_location="cpu") if resume and ckpt.exists() else None
+    state = None
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu")
+    elif resume:
+        log.warning("unet: --resume but no checkpoint at %s; the UNet stage starts from %s", ckpt,
+                    init_from or "scratch")
+    elif ckpt.exists():  # a new run: keep the one it replaces
+        kept = ckpt.with_name("unet_train.previous.pt")
+        os.replace(ckpt, kept)
+        log.warning("unet: a checkpoint was in %s and this run was not asked to --resume it: moved to %s "
+                    "(rerun with --resume to continue a run)", ckpt.parent, kept.name)
     cfg = replace(cfg, pad_side=resolve_pad_side(cfg.pad_side, state, init_from))  # the checkpoint records it
     if cfg.eos_dropout and cfg.pad_side != "left":
         raise ValueError("eos_dropout needs pad_side='left' (with right padding the pads after the end token "
@@ -125,11 +141,16 @@ def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool 
     lat_path = out / "data" / "latents.pt"
     vae = AutoencoderKL.from_pretrained(_vae_dir(out, init_from), torch_dtype=torch.float32).to(device).eval()
     sf = float(vae.config.scaling_factor)
-    if lat_path.exists() and resume:
+    stamp = _latents_stamp(out, _vae_dir(out, init_from))
+    stamp_path = lat_path.with_suffix(".json")
+    if resume and lat_path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         post = torch.load(lat_path)
     else:
+        if resume and lat_path.exists():
+            log.info("unet: the images or the VAE changed since %s was encoded; encoding again", lat_path.name)
         post = encode_pool(vae, _load_images(out, "images.npy"), device)
         torch.save(post, lat_path)
+        stamp_path.write_text(json.dumps(stamp))
     del vae
     t_encode = t()
     log.info("unet: %d latents ready in %.1fs (scaling factor %.4f)", len(post), t_encode, sf)
@@ -299,12 +320,18 @@ def _canonical_text_encoder_keys(folder: Path) -> None:
 
 
 def ship(out: Path, model_dir: Path = MODEL_DIR, oracle_file: Path = ORACLE_FILE) -> None:
-    """Copy DIR/model and DIR/oracle.safetensors into the package."""
+    """Copy DIR/model and DIR/oracle.safetensors (whichever exist) into the package; logs what it copied."""
+    shipped = []
     if (out / "model" / "model_index.json").exists():
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.copytree(out / "model", model_dir)
+        shipped.append(str(model_dir))
     if (out / "oracle.safetensors").exists():
         oracle_file.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / "oracle.safetensors", oracle_file)
-    log.info("shipped to %s and %s", model_dir, oracle_file)
+        shipped.append(str(oracle_file))
+    if shipped:
+        log.info("shipped %s", " and ".join(shipped))
+    else:
+        log.warning("--ship: nothing to ship in %s (no model/ from the export stage, no oracle.safetensors)", out)

@@ -1,0 +1,84 @@
+"""What the oracle reads: any common image form turned into one (N, 3, 64, 64) float batch in [0, 1].
+
+Accepted: a PIL image, a numpy array or a torch tensor of one image ((H, W), (H, W, C) or (C, H, W)) or of a
+batch ((N, H, W, C) or (N, C, H, W)), or a list of any of these, each resized on its own. Channels: grey (1),
+RGB (3) or RGBA (4, alpha dropped). Values: uint8 0-255, uint16 0-65535, or floats in [0, 1]; floats outside
+[0, 1] (0-255 floats, [-1, 1] tensors) are refused rather than read as something else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SIZE = 64
+_CHANNELS = (1, 3, 4)
+_SLACK = 0.01  # float images a decoder left a hair outside [0, 1] are fine (clamped)
+
+
+def _channels_first(x: torch.Tensor, what: str) -> torch.Tensor:
+    """(N, C, H, W) from (N, H, W, C) or (N, C, H, W); C made 3."""
+    if x.shape[1] in _CHANNELS and x.shape[-1] not in _CHANNELS:
+        pass
+    elif x.shape[-1] in _CHANNELS:
+        x = x.permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"{what}: shape {tuple(x.shape)} has no channel axis of 1, 3 or 4 (expected images as "
+                         "(N, H, W, 3) or (N, 3, H, W))")
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    return x[:, :3]  # RGBA: alpha dropped, as PIL's convert("RGB") does
+
+
+def _unit(x: torch.Tensor, what: str) -> torch.Tensor:
+    """Values to float [0, 1] by dtype; floats must already be there."""
+    if x.numel() == 0:
+        return x.float()
+    if x.dtype == torch.uint8:
+        return x.float() / 255
+    if x.dtype in (torch.int16, torch.int32, torch.int64):
+        top = 65535 if int(x.max()) > 255 else 255
+        return x.float() / top
+    if x.dtype == torch.bool:
+        return x.float()
+    x = x.float()
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -_SLACK or hi > 1 + _SLACK:
+        raise ValueError(f"{what}: float values span [{lo:.3g}, {hi:.3g}]; the oracle reads floats in [0, 1] "
+                         "(divide 0-255 images by 255, map [-1, 1] ones with (x + 1) / 2, or pass uint8)")
+    return x
+
+
+def _tensor(image) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image.detach()
+    if hasattr(image, "convert"):  # PIL
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    array = np.asarray(image)
+    if array.dtype == np.uint16:  # torch's uint16 lacks most kernels
+        array = array.astype(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _batch(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.ndim == 2:
+        x = x[None, ..., None]
+    elif x.ndim == 3:
+        x = x[None]
+    elif x.ndim != 4:
+        raise ValueError(f"{what}: a {x.ndim}-d array is not an image or a batch of images")
+    x = _unit(_channels_first(x, what), what)
+    if x.shape[-2:] != (SIZE, SIZE):
+        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
+
+
+def as_batch(images, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Any accepted form (module docstring) -> (N, 3, 64, 64) float32 on ``device``; N may be 0."""
+    if isinstance(images, (list, tuple)):
+        parts = [_batch(_tensor(image), f"images[{i}]") for i, image in enumerate(images)]
+        x = torch.cat([p.to(device) for p in parts]) if parts else torch.zeros(0, 3, SIZE, SIZE)
+    else:
+        x = _batch(_tensor(images), "images")
+    return x.to(device)
