@@ -21,7 +21,8 @@ from .train_config import training_prompt
 
 log = logging.getLogger(__name__)
 
-START_OVER = "delete it, pass another checkpoint_dir, or pass resume=False (CLI: --no-resume) to start over"
+WAYS = "delete it, pass another checkpoint_dir, or pass resume=False (CLI: --no-resume)"
+START_OVER = f"to start over, {WAYS}"
 
 
 class CheckpointError(ValueError):
@@ -117,7 +118,7 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
             raise ValueError("the keys of a prkit checkpoint are missing")
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
         raise CheckpointError(f"cannot resume from {str(path)!r}: it is damaged or not a prkit training checkpoint "
-                              f"({type(err).__name__}). To {START_OVER}.") from err
+                              f"({type(err).__name__}). {START_OVER[0].upper()}{START_OVER[1:]}.") from err
     saved = state.get("fingerprint")
     if saved is None:
         log.warning("%s carries no fingerprint (written by an older prkit): resuming without checking that it "
@@ -127,10 +128,10 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
         if differ:
             raise CheckpointError(
                 f"{str(path)!r} belongs to another run (at step {state['step']}): it differs in "
-                f"{', '.join(differ)}. To keep both, pass another checkpoint_dir; to {START_OVER}.")
+                f"{', '.join(differ)}. To keep both, pass another checkpoint_dir; {START_OVER}.")
     if state["step"] > config.steps:
         raise CheckpointError(f"{str(path)!r} is at step {state['step']}, past this run's steps={config.steps}: ask "
-                              f"for at least {state['step']} steps to continue it, or {START_OVER}.")
+                              f"for at least {state['step']} steps to continue it; {START_OVER}.")
     trained_at = {float(g["lr"]) for g in state["optimizer"].get("param_groups", []) if "lr" in g}
     if (state["step"] == config.steps and config.learning_rate is not None and trained_at
             and trained_at != {float(config.learning_rate)}):  # nothing left to train: the new rate would never act
@@ -138,7 +139,7 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
         raise CheckpointError(
             f"{str(path)!r} already holds all {config.steps} steps, trained at learning rate {rates}: this run's "
             f"{config.learning_rate:g} would train nothing and its result would be that run's. To train at "
-            f"{config.learning_rate:g}, {START_OVER}; to continue at it, ask for more steps.")
+            f"{config.learning_rate:g}, start over ({WAYS}); to continue at it, ask for more steps.")
     try:
         target.load_state_dict(state["target"])
         train.load_optimizer(optimizer, state["optimizer"], config.learning_rate, path)

@@ -183,6 +183,17 @@ def _info(args) -> int:
     return 0
 
 
+def _recorded_model(meta: dict) -> str:
+    """The base model a residual file records, where this machine can load it from (an existing folder or a hub id),
+    else the embedded world."""
+    from .pipeline import _looks_like_path
+
+    recorded = str(meta.get("base_model") or "")
+    if recorded and (Path(recorded).expanduser().is_dir() or not _looks_like_path(recorded)):
+        return recorded
+    return "world"
+
+
 def _export(args) -> int:
     import torch
 
@@ -194,7 +205,10 @@ def _export(args) -> int:
     if out.resolve() == Path(args.file).resolve():
         raise ValueError(f"--out {str(out)!r} is the residual file itself; give the LoRA another name")
     meta = read_metadata(args.file)  # a prkit file, checked before the model loads
-    pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
+    model = args.model or _recorded_model(meta)
+    if args.model is None and model != "world":
+        print(f"base model: {model} (recorded in {args.file}; --model to choose another)", file=sys.stderr)
+    pipe = load_pipeline(model, device="cpu", dtype="fp32")
     residuals = load_residuals(pipe, args.file)
     export_lora(residuals, out, dtype={"fp16": torch.float16, "fp32": torch.float32}[args.dtype])
     print(f"wrote a kohya-style LoRA of {meta.get('name') or 'the set'} ({len(meta['layers'])} layers, "
@@ -209,7 +223,7 @@ def _eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="prkit", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -281,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a residual file as a LoRA that pipe.load_lora_weights loads")
     export.add_argument("file", help="a residual .safetensors written by prkit")
     export.add_argument("--out", required=True, help="the LoRA .safetensors to write")
-    export.add_argument("--model", default="world", help="the base model the residuals were trained on")
+    export.add_argument("--model", default=None, help="the base model the residuals were trained on (default: the "
+                        "one the file records, where it can be loaded from here; else 'world')")
     export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=_export)
@@ -301,7 +316,11 @@ PATH_ARGS = ("images", "out", "checkpoint_dir", "file", "residuals", "lora", "da
 # the library's words for a setting, as the command line spells it (errors raised by the library name arguments)
 CLI_WORDS = (("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
              ("skip_bad=True", "--skip-bad"), ("lag=False", "--no-lag"), ("checkpoint_dir", "--checkpoint-dir"),
-             ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "))
+             ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
+             ("pass token=...", "pass --token"), ("pass class_word=...", "pass --class-word"),
+             ("(e.g. token='sks', class_word='dog')", "(e.g. --token sks --class-word dog)"),
+             ("model='world'", "--model world"), ("(download=False)", "(add --download-backbones)"),
+             ("LoRA files load with pipe.load_lora_weights", "LoRA files load with --lora (pipe.load_lora_weights)"))
 
 
 def _expand_paths(args) -> None:

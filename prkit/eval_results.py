@@ -166,3 +166,36 @@ def format_table(summary: list[dict], unavailable: dict[str, str] | None = None,
     notes += [f"- {name} unavailable: {reason}" for name, reason in (unavailable or {}).items() if reason]
     return "\n".join(lines + notes) + "\n"
 
+
+
+SETTINGS = "settings.json"
+# what the rows of a run depend on; methods and subjects may grow between runs into one folder, the rest may not
+SETTING_FIELDS = ("protocol", "data", "model", "max_prompts", "images_per_prompt", "sample_steps", "guidance_scale",
+                  "seed", "token", "train", "clip", "dino", "dtype")
+
+
+def check_settings(out: str | Path, config, has_rows: bool) -> dict:
+    """The run's settings (``SETTING_FIELDS`` of ``config``), checked against those of the rows already in ``out``
+    (its settings.json): a rerun into the same folder with other settings would skip finished pairs and mix their
+    rows with new ones, so it is refused, naming the fields. Returns the settings (``write_settings`` stores them)."""
+    import json
+
+    settings = json.loads(json.dumps({k: getattr(config, k) for k in SETTING_FIELDS}, default=str))
+    path = Path(out) / SETTINGS
+    if has_rows and path.is_file():
+        saved = json.loads(path.read_text())
+        differ = [f"{k} ({saved.get(k)!r} there, {settings[k]!r} now)" for k in SETTING_FIELDS
+                  if saved.get(k) != settings[k]]
+        if differ:
+            raise ValueError(f"{str(out)!r} holds results of a run with other settings: {'; '.join(differ)}. "
+                             "Rerunning would mix them; pass another --out, or delete that folder to start over")
+    return settings
+
+
+def write_settings(out: str | Path, settings: dict) -> None:
+    import json
+
+    from .files import atomic_path
+
+    with atomic_path(Path(out) / SETTINGS) as tmp:
+        Path(tmp).write_text(json.dumps(settings, indent=2) + "\n")

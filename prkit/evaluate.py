@@ -27,7 +27,7 @@ from .eval_jobs import (  # noqa: F401
 )
 from .eval_results import (  # noqa: F401  (re-exported: prkit.evaluate is the harness's one public module)
     COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table, mean_ci,
-    merge, read_rows, summarize, t975, write_rows,
+    check_settings, merge, read_rows, summarize, t975, write_rows, write_settings,
 )
 from .eval_scorer import Scorer, strip_token  # noqa: F401
 from .eval_subjects import PROTOCOLS, Subject, load_customconcept101, load_subjects  # noqa: F401
@@ -164,8 +164,11 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     if rank == 0:
         clear_run_state(out)  # claims and timings of an interrupted run (its finished pairs are in the results)
     done = finished_pairs(out)
+    settings = check_settings(out, config, bool(done))  # every rank refuses a rerun with other settings
     if dist is not None:
-        dist.barrier()  # every rank has read the finished pairs, and the claims are clear, before any rank writes
+        dist.barrier()  # every rank has read the finished pairs and settings, and the claims are clear
+    if rank == 0:
+        write_settings(out, settings)
     todo = [j for j in jobs if j not in done]
     cost = lambda j: job_cost(j[0], config, len(subjects[j[1]].prompts))  # noqa: E731
     # one rank: every job in list order; several: each rank takes the next unclaimed job when it is free

@@ -83,16 +83,40 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def _dtype_kwarg() -> str:
+    """``dtype`` where diffusers takes it (0.42 on; its ``torch_dtype`` warns there), else ``torch_dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+_DTYPE_KWARG = _dtype_kwarg()
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def _looks_like_path(name: str) -> bool:
+    """A name no hub id can be: a path (starts with / . ~ or a drive, has a backslash) or not 'owner/name'."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or (len(name) > 1 and name[1] == ":")
+            or name.count("/") != 1)
+
+
 def _missing_message(name: str, err: Exception) -> str:
+    if _looks_like_path(name):
+        return (f"could not load model {name!r}: there is no such folder ({Path(name).expanduser().resolve()}), "
+                "and it is not a hub id ('owner/name'). Pass the folder that holds model_index.json, a hub id such "
+                "as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'world' (the embedded default; --model world "
+                "on the command line).")
     where = "this machine is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub could not be reached"
     return (f"could not load model {name!r}: {where} and its weights are not in the local cache "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). On a machine with internet access run "
-            f"`huggingface-cli download {name} --local-dir ./{name.split('/')[-1]}` (or `hf download`), copy that "
-            f"folder here and pass its path; or use the embedded default, model='world'.")
+            f"`hf download {name} --local-dir ./{name.split('/')[-1]}` (older huggingface_hub: `huggingface-cli "
+            f"download`), copy that folder here and pass its path; or use the embedded default, 'world' "
+            f"(--model world on the command line).")
 
 
 def read_model_index(folder: Path) -> dict:
@@ -192,7 +216,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
                 kwargs.setdefault("feature_extractor", None)  # it only feeds the safety checker
         if local:
             check_components(Path(source), index, kwargs)
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local_only, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(source, **{_DTYPE_KWARG: dtype}, local_files_only=local_only, **kwargs)
     except (OSError, ValueError) as err:
         if local:
             raise

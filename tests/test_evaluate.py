@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,12 @@ def test_end_to_end_two_methods_then_skip(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "run_job", lambda *a, **k: pytest.fail("a finished pair ran again"))
     ev.evaluate(config, tiny_pipeline(tmp_path / "pipe2"), progress=False)
     assert ev.read_rows(out / ev.RESULTS) == rows
+    # the same folder with other settings: refused before anything runs (it kept the old rows and recorded the new
+    # settings in run.json); more methods or subjects into it stay allowed
+    other = replace(config, images_per_prompt=3, train={"residuals": {"steps": 50}})
+    with pytest.raises(ValueError, match=r"other settings: images_per_prompt \(2 there, 3 now\); train"):
+        ev.evaluate(other, tiny_pipeline(tmp_path / "pipe3"), progress=False)
+    assert ev.read_rows(out / ev.RESULTS) == rows and json.loads((out / "settings.json").read_text())["images_per_prompt"] == 2
 
 
 def test_interrupted_run_loses_nothing(assets, tmp_path, monkeypatch):

@@ -77,3 +77,29 @@ def test_papermill_chain(tmp_path):
                  "attention/masks.png", "lag/grid.png", "lag/multi_concept.png", "ablations/ablations.csv",
                  "metrics/summary.csv", "index.html", "01_prepare_data.html", "06_metrics.ipynb"]:
         assert (run / name).is_file(), name
+
+
+def test_ablations_skip_a_real_models_concept_with_a_note(tmp_path):
+    """A run on a real checkpoint (sd15.yaml) stopped the whole report at 05: the oracle grades world concepts only.
+    05 now says so and skips; 06 does the same through concept_named."""
+    pytest.importorskip("papermill")
+    import json
+
+    import papermill
+
+    from prkit.world.concepts import concept_named, run_concept
+
+    (tmp_path / "concept").mkdir()
+    (tmp_path / "concept" / "concept.json").write_text(json.dumps({"token": "sks", "class_word": "dog"}))
+    assert run_concept(tmp_path, skip_unknown=True) is None
+    assert concept_named("", "sks", "dog", skip_unknown=True) is None
+    assert concept_named("", "sks", "ball", skip_unknown=True) == "striped_ball"
+    with pytest.raises(ValueError, match="none of the world's shipped concepts"):
+        run_concept(tmp_path)
+    with pytest.raises(ValueError, match="not a shipped world concept"):
+        concept_named("striped-ball", "sks", "dog", skip_unknown=True)  # a name given is still checked
+    out = tmp_path / "05.ipynb"
+    papermill.execute_notebook(str(next(p for p in NOTEBOOKS if p.name == "05_ablations.ipynb")), str(out), parameters={"run_dir": str(tmp_path)},
+                               kernel_name="python3", progress_bar=False)
+    assert not (tmp_path / "ablations").exists()
+    assert "The oracle's grading is skipped" in out.read_text()

@@ -78,9 +78,12 @@ def concept_folder(name: str) -> Path:
     return CONCEPTS_DIR / name
 
 
-def concept_named(name: str = "", token: str | None = None, class_word: str | None = None) -> str:
+def concept_named(name: str = "", token: str | None = None, class_word: str | None = None,
+                  skip_unknown: bool = False) -> str | None:
     """The shipped concept to grade residuals of ``token``/``class_word`` with: ``name`` when given (it must have
-    those words: the oracle's answer key is the concept's pattern), else the one with those words."""
+    those words: the oracle's answer key is the concept's pattern), else the one with those words.
+    ``skip_unknown``: words of none of them (a real model's concept) give None and a logged warning instead of the
+    error; a ``name`` given is still checked."""
     shipped = ", ".join(f"{c.name} ({c.token} {c.class_word})" for c in EXAMPLE_CONCEPTS.values())
     if name:
         if name not in EXAMPLE_CONCEPTS:
@@ -94,18 +97,22 @@ def concept_named(name: str = "", token: str | None = None, class_word: str | No
     for concept in EXAMPLE_CONCEPTS.values():
         if (concept.token, concept.class_word) == (token, class_word):
             return concept.name
-    raise ValueError(f"'{token} {class_word}' is none of the world's shipped concepts ({shipped}), which the oracle "
-                     "can grade; grade other concepts with prkit eval (CLIP and DINO metrics)")
+    message = (f"'{token} {class_word}' is none of the world's shipped concepts ({shipped}), which the oracle "
+               "can grade; grade other concepts with prkit eval (CLIP and DINO metrics)")
+    if skip_unknown:
+        log.warning("%s. The oracle's grading is skipped.", message)
+        return None
+    raise ValueError(message)
 
 
-def run_concept(run_dir, name: str = "") -> str:
+def run_concept(run_dir, name: str = "", skip_unknown: bool = False) -> str | None:
     """The world concept of a notebook run: ``name`` when given, else the one 01 prepared in ``run_dir/concept``
-    (read from its concept.json), else the default striped_ball."""
+    (read from its concept.json), else the default striped_ball. ``skip_unknown``: as for ``concept_named``."""
     meta = Path(run_dir) / "concept" / "concept.json"
     if name or not meta.is_file():
         return concept_named(name or "striped_ball")
     words = json.loads(meta.read_text())
-    return concept_named("", words.get("token"), words.get("class_word"))
+    return concept_named("", words.get("token"), words.get("class_word"), skip_unknown)
 
 
 def another_concept(name: str, token: str) -> str:
