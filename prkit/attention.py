@@ -204,6 +204,11 @@ class CaptureState:
         store = self.store
         maps = cond.mean(1)  # (Bc, N, T)
         if store.tokens is not None:
+            outside = [t for t in store.tokens if not -maps.shape[-1] <= t < maps.shape[-1]]
+            if outside:
+                raise ValueError(f"AttentionStore(tokens=...) has positions {outside} outside the prompt's "
+                                 f"{maps.shape[-1]} token positions (0-{maps.shape[-1] - 1}); take them from "
+                                 "prkit.prompt_tokens or token_positions")
             maps = maps[..., store.tokens]
         h, w = spatial
         maps = store.pooled(maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w).float())
@@ -310,14 +315,16 @@ def _record_grid(state: CaptureState, block: str) -> Callable:
 
 
 @contextlib.contextmanager
-def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
+def capture_attention(unet, state: CaptureState | None = None, *,
                       store: AttentionStore | None = None):
     """Install capturing processors on every ``attn2`` of ``unet`` for the duration of the block.
 
     The state's store, if any, is cleared as the capture begins (one capture, one run's maps).
 
     Args:
-        unet: a diffusers UNet2DConditionModel.
+        unet: a pipeline (its UNet is captured, and under classifier-free guidance the store keeps the conditional
+            rows only, read from the pipeline's call) or a diffusers UNet2DConditionModel alone (the store then keeps
+            every row of the UNet's batch: under guidance [unconditional; conditional]).
         state: the CaptureState to fill (created when None; ``store`` is attached to it).
         store: an AttentionStore to fill with per-token maps for visualisation.
     Yields:
@@ -325,9 +332,14 @@ def capture_attention(unet: nn.Module, state: CaptureState | None = None, *,
     Raises:
         ValueError: an ``attn2`` has a processor prkit cannot replace (IP-Adapter's), or there is no ``attn2``.
     """
+    cfg = False
+    if not isinstance(unet, nn.Module) and isinstance(getattr(unet, "unet", None), nn.Module):  # a pipeline
+        from .lag_watch import pipeline_cfg
+
+        cfg, unet = pipeline_cfg(unet), unet.unet
     if getattr(unet, "_prkit_capture", None) is not None:
         raise RuntimeError("attention capture is already installed on this UNet; nest nothing, exit the first one")
-    state = state or CaptureState(store=store)
+    state = state or CaptureState(cfg=cfg, store=store)
     if store is not None:
         state.store = store
     original = unet.attn_processors

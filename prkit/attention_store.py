@@ -29,7 +29,8 @@ class AttentionStore:
 
     tokens: list[int] | None = None  # token positions to keep (None: every position)
     max_resolution: int = 16  # the long side of stored maps and masks; larger grids are area-averaged down to it
-    steps: list[int] | None = None  # denoising steps to keep (None: all)
+    steps: list[int] | None = None  # UNet evaluations to keep (None: all): one per denoising step for first-order
+    # samplers (DDIM, DPM-Solver++, Euler), two for Heun's and KDPM2's second-order steps
     maps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # LAG masks (B, h, w, S), if LAG ran
     layers: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # layers averaged into maps[key]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -41,21 +39,15 @@ def _cell(value) -> str:
 
 
 def write_rows(path: Path, rows: list[dict], columns: Sequence[str] = COLUMNS) -> Path:
-    """Write rows atomically (temporary file, fsync, rename): readers see the old or the new file, never half."""
+    """Write rows atomically (``files.atomic_path``: temporary file, fsync, rename, a new file's usual mode):
+    readers see the old or the new file, never half."""
+    from .files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
     return path
 
 

@@ -19,7 +19,7 @@ log = logging.getLogger("prkit.evaluate")  # the harness's logger, as before the
 
 def strip_token(prompt: str, token: str) -> str:
     """The prompt without the identifier ("a photo of a sks dog" -> "a photo of a dog"), as CLIP-T reads it."""
-    return re.sub(rf"\s*\b{re.escape(token)}\b", "", prompt).strip()
+    return re.sub(rf"\s*(?<!\w){re.escape(token)}(?!\w)", "", prompt).strip()
 
 
 def _reference_images(concept) -> list:

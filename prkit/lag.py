@@ -85,6 +85,20 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     return positions, labels
 
 
+def word_index(labels: Sequence[str], word: str) -> int:
+    """The index in ``labels`` (``prompt_tokens``'s) of ``word``'s first piece: a word the tokenizer splits
+    ("zwxq" -> "zw", "x", "q") is found by its pieces. Raises ValueError naming the labels when it is not there."""
+    for i in range(len(labels)):
+        joined = ""
+        for label in labels[i:]:
+            joined += label
+            if joined == word:
+                return i
+            if not word.startswith(joined):
+                break
+    raise ValueError(f"{word!r} is not among the prompt's tokens {list(labels)}")
+
+
 def _starts(ids: list[int], sub: list[int]) -> list[int]:
     """Where the token sequence ``sub`` occurs in ``ids``."""
     return [i for i in range(len(ids) - len(sub) + 1) if sub and ids[i:i + len(sub)] == sub]

@@ -18,17 +18,26 @@ def _plt():
 
 
 def to_array(image) -> np.ndarray:
-    """PIL image, (H, W, 3) uint8/float array or (3, H, W) tensor in [-1, 1] / [0, 1] -> (H, W, 3) float [0, 1]."""
+    """PIL image (any mode), (H, W[, C]) uint8/float array or (C, H, W) tensor (uint8, or float in [-1, 1] /
+    [0, 1]) -> (H, W, 3) float [0, 1]; grey repeated to RGB, alpha dropped."""
+    if hasattr(image, "convert"):  # PIL: palette, grey, CMYK, RGBA -> RGB
+        image = np.asarray(image.convert("RGB"))
     if hasattr(image, "detach"):
-        image = image.detach().float().cpu().numpy()
-        if image.ndim == 3 and image.shape[0] in (1, 3):
+        tensor = image.detach().cpu()
+        image = tensor.numpy() if str(tensor.dtype) == "torch.uint8" else tensor.float().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
             image = image.transpose(1, 2, 0)
-        if image.min() < 0:
+        if image.dtype != np.uint8 and image.min() < 0:
             image = (image + 1) / 2
     image = np.asarray(image)
     if image.dtype == np.uint8:
         image = image / 255.0
-    return np.clip(image.astype(np.float32), 0, 1)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, -1)
+    return np.clip(image[..., :3].astype(np.float32), 0, 1)
+
 
 
 def image_grid(images: Sequence, ncols: int | None = None, titles: Sequence[str] | None = None,
@@ -75,25 +84,31 @@ def plot_losses(losses: Sequence[float], window: int = 10, title: str = "trainin
     return fig
 
 
-def _upsample(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _upsample(map_: np.ndarray, size: tuple[int, int], normalize: bool = True) -> np.ndarray:
+    """``map_`` resized to ``size``; min-max stretched when ``normalize``, else clipped to [0, 1] (masks)."""
     from PIL import Image
 
     m = np.asarray(map_, dtype=np.float32)
-    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12) if normalize else np.clip(m, 0, 1)
     return np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize(size[::-1], Image.BILINEAR)) / 255.0
 
 
-def overlay(ax, image, map_, alpha: float = 0.55, cmap: str = "jet") -> None:
-    """Draw ``map_`` (h, w) upsampled over ``image`` on ``ax``."""
+def overlay(ax, image, map_, alpha: float = 0.55, cmap: str = "jet", normalize: bool = True) -> None:
+    """Draw ``map_`` (h, w) upsampled over ``image`` on ``ax``: min-max stretched, or as it is in [0, 1] when not
+    ``normalize`` (a mask: 1 is the colour map's top, 0 its bottom)."""
     base = to_array(image)
     ax.imshow(base, interpolation="nearest")
-    ax.imshow(_upsample(map_, base.shape[:2]), cmap=cmap, alpha=alpha, interpolation="bilinear")
+    ax.imshow(_upsample(map_, base.shape[:2], normalize), cmap=cmap, alpha=alpha, interpolation="bilinear",
+              vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
 def token_heatmaps(image, maps, labels: Sequence[str], size: float = 1.8, suptitle: str | None = None):
     """One overlay per token: ``maps`` (T, h, w) aligned with ``labels``."""
+    if len(maps) != len(labels):
+        raise ValueError(f"{len(maps)} maps for {len(labels)} labels: keep the labels' positions in the store, "
+                         "AttentionStore(tokens=positions) with positions, labels = prkit.prompt_tokens(...)")
     plt = _plt()
     n = len(labels) + 1
     fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
@@ -109,14 +124,18 @@ def token_heatmaps(image, maps, labels: Sequence[str], size: float = 1.8, suptit
     return fig
 
 
-def block_grid(image, maps_by_block: dict, size: float = 1.6, title: str = "", cmap: str = "jet"):
-    """One overlay per block (name -> (h, w) map), labelled with the block and its resolution."""
+def block_grid(image, maps_by_block: dict, size: float = 1.6, title: str = "", cmap: str = "jet",
+               normalize: bool = True):
+    """One overlay per block (name -> (h, w) map), labelled with the block and its resolution; ``normalize=False``
+    shows masks and fractions in [0, 1] as they are instead of stretching each map to its own range."""
     plt = _plt()
     names = list(maps_by_block)
+    if not names:
+        raise ValueError("no maps to draw: the store or mask dict is empty (was anything sampled with it?)")
     fig, axes = plt.subplots(1, len(names), figsize=(size * len(names), size + 0.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         m = np.asarray(maps_by_block[name])
-        overlay(ax, image, m, cmap=cmap)
+        overlay(ax, image, m, cmap=cmap, normalize=normalize)
         short = name.replace("_blocks.", "").replace(".attentions.", ".").replace("mid_block", "mid")
         ax.set_title(f"{short}\n{m.shape[0]}x{m.shape[1]}", fontsize=7)
     if title:
@@ -142,6 +161,9 @@ def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str]
 
 def mean_change(reference: Sequence, others: Sequence) -> float:
     """Mean absolute pixel change in [0, 1] between paired images."""
+    if len(reference) != len(others) or not len(reference):
+        raise ValueError(f"mean_change needs two equally long, non-empty lists of images, got {len(reference)} and "
+                         f"{len(others)}")
     return float(np.mean([np.abs(to_array(b) - to_array(a)).mean() for a, b in zip(reference, others)]))
 
 
@@ -176,37 +198,71 @@ def metric_scatter(rows: Sequence[dict], x: str, y: str, label: str, title: str 
     return fig
 
 
+def _in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (a notebook, Colab, papermill), where widgets can have a frontend."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _check_labels(store, labels: Sequence[str]) -> None:
+    """The store's maps must hold one map per label: titles name labels, the maps are indexed alike."""
+    blocks = store.blocks()
+    if not blocks:
+        raise ValueError("the attention store is empty: fill it by sampling with generate(..., store=store) or "
+                         "inside capture_attention(pipe, store=store)")
+    tokens = store.get(blocks[0]).shape[1]
+    if tokens != len(labels):
+        raise ValueError(f"the store holds maps of {tokens} token positions but {len(labels)} labels were given: "
+                         "fill it with AttentionStore(tokens=positions) for positions, labels = "
+                         "prkit.prompt_tokens(pipe.tokenizer, prompt)")
+
+
 def attention_explorer(store, image, labels: Sequence[str], interactive: bool = True, image_index: int = 0,
                        token: int = 0):
-    """Token / block / step sliders over an AttentionStore; a static all-blocks figure when not interactive.
+    """Token / block / step sliders over an AttentionStore, below a static all-blocks figure of ``token``.
 
     Args:
         store: a filled ``prkit.AttentionStore`` (tokens aligned with ``labels``).
         image: the generated image to overlay.
-        interactive: False (e.g. under papermill) returns a static figure instead of widgets.
+        interactive: add the widgets. Outside a Jupyter kernel (a script), or without ipywidgets, only the static
+            figure is returned; in a kernel the static figure is displayed first, so an executed notebook without a
+            widget frontend (papermill, nbconvert) still shows the maps.
         token: the index into ``labels`` shown first (the static view's token): the concept's, say.
     """
+    _check_labels(store, labels)
     blocks = store.blocks()
-    if interactive:
+    if interactive and _in_kernel():
         try:
             import ipywidgets as widgets
         except ImportError:
             interactive = False
-    if not interactive:
-        fig = block_grid(image, {b: store.get(b)[image_index, token].numpy() for b in blocks},
-                         title=f"'{labels[token]}' averaged over steps (static view)")
-        _plt().close(fig)  # shown once, as the cell's value (the inline backend would show an open one again)
-        return fig
+    else:
+        interactive = False
     plt = _plt()
+    fig = block_grid(image, {b: store.get(b)[image_index, token].numpy() for b in blocks},
+                     title=f"'{labels[token]}' averaged over steps (static view)")
+    plt.close(fig)  # shown once (the inline backend would show an open one again)
+    if not interactive:
+        return fig
+    from IPython.display import display
+
+    display(fig)
+    steps = sorted({s for _, s in store.maps})
     first = token
     token = widgets.Dropdown(options=[(l, i) for i, l in enumerate(labels)], value=first, description="token")
     block = widgets.SelectionSlider(options=blocks, description="block")
-    step = widgets.IntSlider(min=-1, max=store.num_steps() - 1, value=-1, description="step (-1: all)")
+    step = widgets.SelectionSlider(options=[("all", -1)] + [(str(s), s) for s in steps], value=-1,
+                                   description="step")
 
     def show(token, block, step):
         fig, ax = plt.subplots(figsize=(3, 3))
         overlay(ax, image, store.get(block, None if step < 0 else step)[image_index, token].numpy())
-        ax.set_title(f"{labels[token]} @ {block}", fontsize=8)
+        ax.set_title(f"{labels[token]} @ {block}" + ("" if step < 0 else f", step {step}"), fontsize=8)
         plt.show()
+        plt.close(fig)
 
     return widgets.interactive(show, token=token, block=block, step=step)

@@ -123,3 +123,35 @@ def test_attention_store_keeps_chosen_tokens_steps_and_resolution(unet):
     assert shapes["mid_block.attentions.0"] == (1, 2, 4, 4)
     with pytest.raises(KeyError, match="no maps"):
         store.get("nowhere")
+
+
+def test_capture_on_a_pipeline_keeps_the_conditional_rows_as_generate_does(pipe):
+    """Given the UNet alone the store keeps the guided batch's two halves ([unconditional; conditional]), and the
+    README's pipeline call read row 0, the empty prompt's map; given the pipeline it keeps the prompt's rows."""
+    import prkit
+
+    text = "a photo of a dog"
+    kw = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
+    via_generate = AttentionStore()
+    prkit.generate(pipe, text, None, seed=0, steps=2, store=via_generate, output_type="np")
+    on_unet, on_pipe = AttentionStore(), AttentionStore()
+    with capture_attention(pipe.unet, store=on_unet):
+        pipe(text, generator=torch.Generator().manual_seed(0), **kw)
+    with capture_attention(pipe, store=on_pipe):
+        pipe(text, generator=torch.Generator().manual_seed(0), **kw)
+    block = on_pipe.blocks()[0]
+    assert on_unet.get(block, 0).shape[0] == 2 and on_pipe.get(block, 0).shape[0] == 1
+    assert torch.allclose(on_pipe.get(block, 0), via_generate.get(block, 0))
+    assert torch.allclose(on_unet.get(block, 0)[1:], on_pipe.get(block, 0))
+    assert not torch.allclose(on_unet.get(block, 0)[:1], on_pipe.get(block, 0))
+    with capture_attention(pipe, store=on_pipe):  # no guidance: every row is the prompt's
+        pipe(text, num_inference_steps=1, guidance_scale=1.0, output_type="np")
+    assert on_pipe.get(block, 0).shape[0] == 1
+
+
+def test_store_token_positions_outside_the_prompt_are_named(pipe):
+    import prkit
+
+    with pytest.raises(ValueError, match=r"positions \[400\] outside the prompt's"):
+        prkit.generate(pipe, "a photo of a dog", None, steps=1, store=AttentionStore(tokens=[1, 400]),
+                       output_type="np")

@@ -175,6 +175,9 @@ def test_export_writes_a_lora_diffusers_loads_with_the_same_effect(tmp_path, cap
     assert main(export) == 2 and "pass --overwrite" in capsys.readouterr().err  # never replaced silently
     assert main(export[:3] + [str(out)] + export[4:] + ["--overwrite"]) == 2  # not over its own input
     assert "is the residual file itself" in capsys.readouterr().err
+    recorded = tmp_path / "recorded.safetensors"  # no --model: the base model the file records (was: the world)
+    assert main(["export", str(out), "--out", str(recorded), "--dtype", "fp32"]) == 0
+    assert f"base model: {tmp_path / 'model'}" in capsys.readouterr().err
     pipe = prkit.load_pipeline(tmp_path / "model", device="cpu")
     args = dict(prompt="a photo of a sks dog", num_inference_steps=2, generator=None, output_type="np")
     base = pipe(**{**args, "generator": torch.Generator().manual_seed(0)}).images
@@ -378,3 +381,20 @@ def test_paths_expand_the_home_folder_and_errors_use_the_flags(tmp_path, capsys,
     assert main(["sample", "--model", str(model), "--residuals", "~/sks.safetensors", "--prompt", "a photo of a dog",
                  "--steps", "2", "--out", "~/s", "--device", "cpu"]) == 2
     assert "or sample with --no-lag" in capsys.readouterr().err
+
+
+def test_messages_name_flags_and_missing_folders(tmp_path, capsys):
+    """The CLI's errors named Python arguments (token=..., model='world'), a missing local folder was sent to the
+    hub with a download command for it, and --help cut its description mid-sentence."""
+    args = ["sample", "--model", str(tmp_path / "no_such_model"), "--prompt", "a photo"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "there is no such folder" in err and "--model world" in err and "download" not in err
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    assert main(["train", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "pass --token" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``prkit eval`` (also ``python -m prkit``)" in capsys.readouterr().out.replace("\n", " ")

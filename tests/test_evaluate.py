@@ -121,6 +121,17 @@ def _row(target, subject, prompt_index=0, seed=0, method=None, **metrics):
             "train_seconds": 1.5, "train_steps": 3, **metrics}
 
 
+def test_results_files_get_a_new_files_usual_mode(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = ev.write_rows(tmp_path / "results.csv", [])
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # was 0600 (mkstemp's), unreadable to others on a shared folder
+
+
 def test_atomic_rows_finished_pairs_and_merge(tmp_path):
     out = tmp_path / "out"
     ev.append_rows(out / ev.RESULTS, [_row("lora", "dog", clip_i=0.5, identity=True)])
@@ -169,6 +180,8 @@ def test_customconcept101_layout(tmp_path):
     assert len(subject.load(16).images) == 3
     assert ev.strip_token(subject.prompts[1], "sks") == "dog swimming in a pool."
     assert ev.strip_token("a photo of a sks dog", "sks") == "a photo of a dog"
+    assert ev.strip_token("a photo of a <new1> dog", "<new1>") == "a photo of a dog"  # CustomConcept101's own
+    assert ev.strip_token("a V* dog", "V*") == "a dog" and ev.strip_token("asks dog", "sks") == "asks dog"
 
 
 def test_unknown_names_are_clear(assets, tmp_path):

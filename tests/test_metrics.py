@@ -97,3 +97,8 @@ def test_missing_backbones_give_reasons(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "world_clip_path", lambda: tmp_path / "nothing")
     with pytest.raises(MetricUnavailable, match="world CLIP"):
         metrics.load_clip("world")
+
+
+def test_a_missing_local_backbone_folder_is_named_not_sent_to_the_hub(tmp_path):
+    model, reason = metrics.try_load_clip(str(tmp_path / "my_clip_folder"))
+    assert model is None and "there is no folder" in reason and "hf download" not in reason

@@ -1,0 +1,75 @@
+"""Figures and their inputs: images of any mode, maps aligned with their labels, masks drawn as they are, the
+attention explorer outside a widget frontend."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prkit.attention import AttentionStore
+from prkit.lag import word_index
+from prkit.viz import _upsample, attention_explorer, block_grid, mean_change, to_array, token_heatmaps
+
+matplotlib.use("Agg")
+
+
+def _store(tokens: int = 3, steps=(0, 1)) -> AttentionStore:
+    store = AttentionStore()
+    for s in steps:
+        store.maps[("down_blocks.0.attentions.0", s)] = torch.rand(1, tokens, 4, 4)
+        store.maps[("up_blocks.1.attentions.0", s)] = torch.rand(1, tokens, 2, 2)
+    return store
+
+
+def test_to_array_reads_every_image_mode_as_rgb():
+    rgb = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    ref = to_array(rgb)
+    image = Image.fromarray(rgb)
+    assert np.allclose(to_array(image.convert("RGBA")), ref)
+    assert np.allclose(to_array(image.convert("P", palette=Image.ADAPTIVE, colors=256)), ref, atol=0.1)
+    grey = to_array(image.convert("L"))
+    assert grey.shape == (8, 8, 3) and np.array_equal(grey[..., 0], grey[..., 2])
+    assert np.allclose(to_array(torch.from_numpy(rgb).permute(2, 0, 1)), ref)  # uint8 (3, H, W) tensor
+    assert np.allclose(to_array(torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1), ref, atol=1e-6)
+    assert mean_change([image], [image.convert("RGBA")]) == 0.0
+    with pytest.raises(ValueError, match="equally long"):
+        mean_change([image, image], [image])
+
+
+def test_maps_must_match_their_labels():
+    store = _store(tokens=3)
+    with pytest.raises(ValueError, match="3 token positions but 2 labels"):
+        attention_explorer(store, np.zeros((8, 8, 3)), ["a", "sks"], interactive=False)
+    with pytest.raises(ValueError, match="2 maps for 3 labels"):
+        token_heatmaps(np.zeros((8, 8, 3)), np.zeros((2, 4, 4)), ["a", "sks", "ball"])
+    with pytest.raises(ValueError, match="store is empty"):
+        attention_explorer(AttentionStore(), np.zeros((8, 8, 3)), ["a"])
+
+
+def test_explorer_outside_a_kernel_gives_the_static_figure_and_leaves_none_open():
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    fig = attention_explorer(_store(), np.zeros((8, 8, 3)), ["a", "sks", "ball"], interactive=True, token=1)
+    assert isinstance(fig, matplotlib.figure.Figure) and "'sks'" in fig._suptitle.get_text()
+    assert plt.get_fignums() == []
+
+
+def test_masks_are_drawn_as_they_are():
+    ones = np.ones((4, 4))
+    assert _upsample(ones, (8, 8), normalize=False).min() == 1.0  # stretched, an all-ones mask was drawn black
+    assert _upsample(np.full((4, 4), 0.5), (8, 8), normalize=False).max() == pytest.approx(0.5, abs=0.01)
+    fig = block_grid(np.zeros((8, 8, 3)), {"down_blocks.0.attentions.0": ones}, cmap="gray", normalize=False)
+    assert fig.axes[0].images[-1].get_array().min() == 1.0
+    with pytest.raises(ValueError, match="no maps"):
+        block_grid(np.zeros((8, 8, 3)), {})
+
+
+def test_word_index_finds_split_identifiers():
+    labels = ["a", "photo", "of", "a", "zw", "x", "q", "ball"]
+    assert word_index(labels, "zwxq") == 4 and word_index(labels, "ball") == 7 and word_index(labels, "a") == 0
+    with pytest.raises(ValueError, match="'sks' is not among"):
+        word_index(labels, "sks")
