@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the notebook series -> HTML report) and `make test`.
-# Each creates/refreshes .venv with the CPU build of torch and everything else it needs.
+# Each creates/refreshes .venv with torch $(TORCH) (the CPU wheel where pip finds one; for PyPI's CPU build pass
+# TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu") and everything else it needs.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -11,7 +12,7 @@ export MPLBACKEND ?= Agg
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 > /dev/null
 	touch $@

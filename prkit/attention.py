@@ -336,6 +336,11 @@ def capture_attention(unet, state: CaptureState | None = None, *,
     if not isinstance(unet, nn.Module) and isinstance(getattr(unet, "unet", None), nn.Module):  # a pipeline
         from .lag_watch import pipeline_cfg
 
+        if not hasattr(type(unet), "do_classifier_free_guidance"):
+            raise ValueError(f"{type(unet).__name__} does not say whether it runs classifier-free guidance (no "
+                             "do_classifier_free_guidance), so the store could not keep the prompt's rows only: "
+                             "capture its UNet, capture_attention(pipe.unet, ...), whose store keeps every row "
+                             "([unconditional; conditional] under guidance)")
         cfg, unet = pipeline_cfg(unet), unet.unet
     if getattr(unet, "_prkit_capture", None) is not None:
         raise RuntimeError("attention capture is already installed on this UNet; nest nothing, exit the first one")

@@ -317,7 +317,8 @@ PATH_ARGS = ("images", "out", "checkpoint_dir", "file", "residuals", "lora", "da
 CLI_WORDS = (("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
              ("skip_bad=True", "--skip-bad"), ("lag=False", "--no-lag"), ("checkpoint_dir", "--checkpoint-dir"),
              ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
-             ("pass token=...", "pass --token"), ("pass class_word=...", "pass --class-word"),
+             ("token is required: pass token=...", "--token is required: pass --token"),
+             ("class_word is required: pass class_word=...", "--class-word is required: pass --class-word"),
              ("(e.g. token='sks', class_word='dog')", "(e.g. --token sks --class-word dog)"),
              ("model='world'", "--model world"), ("(download=False)", "(add --download-backbones)"),
              ("LoRA files load with pipe.load_lora_weights", "LoRA files load with --lora (pipe.load_lora_weights)"))

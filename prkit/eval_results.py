@@ -166,21 +166,45 @@ SETTING_FIELDS = ("protocol", "data", "model", "max_prompts", "images_per_prompt
                   "seed", "token", "train", "clip", "dino", "dtype")
 
 
-def check_settings(out: str | Path, config, has_rows: bool) -> dict:
+def _comparable(settings: dict) -> dict:
+    """Settings as they are compared: local paths resolved (``./sd15`` and ``sd15`` are one folder), the token left
+    out on the world protocol (each world concept brings its own)."""
+    out = dict(settings)
+    for key in ("model", "data"):
+        value = out.get(key)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    if out.get("protocol") == "world":
+        out.pop("token", None)
+    return out
+
+
+def check_settings(out: str | Path, config, done: set) -> dict:
     """The run's settings (``SETTING_FIELDS`` of ``config``), checked against those of the rows already in ``out``
-    (its settings.json): a rerun into the same folder with other settings would skip finished pairs and mix their
-    rows with new ones, so it is refused, naming the fields. Returns the settings (``write_settings`` stores them)."""
+    (its settings.json, else an older version's run.json): a rerun into the same folder with other settings would
+    skip finished pairs and mix their rows with new ones, so it is refused, naming the fields. ``done``: the
+    finished (method, subject) pairs; recipe overrides (``train``) are compared for their methods only, so a rerun
+    may add methods, with their own overrides, and subjects. Returns the settings (``write_settings`` stores them)."""
     import json
 
     settings = json.loads(json.dumps({k: getattr(config, k) for k in SETTING_FIELDS}, default=str))
-    path = Path(out) / SETTINGS
-    if has_rows and path.is_file():
+    path, old_run = Path(out) / SETTINGS, Path(out) / "run.json"
+    saved = None
+    if done and path.is_file():
         saved = json.loads(path.read_text())
-        differ = [f"{k} ({saved.get(k)!r} there, {settings[k]!r} now)" for k in SETTING_FIELDS
-                  if saved.get(k) != settings[k]]
-        if differ:
-            raise ValueError(f"{str(out)!r} holds results of a run with other settings: {'; '.join(differ)}. "
-                             "Rerunning would mix them; pass another --out, or delete that folder to start over")
+    elif done and old_run.is_file():
+        saved = (json.loads(old_run.read_text()) or {}).get("config")
+    if not saved:
+        return settings
+    ran = {method for method, _ in done}
+    now, then = _comparable(settings), _comparable({k: saved.get(k) for k in SETTING_FIELDS})
+    now["train"] = {m: v for m, v in (now.get("train") or {}).items() if m in ran}
+    then["train"] = {m: v for m, v in (then.get("train") or {}).items() if m in ran}
+    differ = [f"{k} ({then.get(k)!r} there, {now.get(k)!r} now)" for k in SETTING_FIELDS
+              if k in now and then.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"{str(out)!r} holds results of a run with other settings: {'; '.join(differ)}. "
+                         "Rerunning would mix them; pass another --out, or delete that folder to start over")
     return settings
 
 

@@ -145,6 +145,9 @@ def run_job(pipe, subject: Subject, method: str, config: EvalConfig, scorer: Sco
 def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = True) -> list[dict]:
     """Run this process's share of the evaluation; the only or rank-0 process then merges and summarizes.
 
+    A rerun into the same ``out`` skips the finished (method, subject) pairs; it may add methods and subjects, but
+    other settings than the rows there were made with (settings.json) are refused (``check_settings``).
+
     Args:
         config: what to run; its ``out`` folder collects results.csv, summary.csv, summary.md and run.json.
         pipe: a loaded pipeline (default: ``load_pipeline(config.model)`` on this rank's device).
@@ -164,7 +167,7 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     if rank == 0:
         clear_run_state(out)  # claims and timings of an interrupted run (its finished pairs are in the results)
     done = finished_pairs(out)
-    settings = check_settings(out, config, bool(done))  # every rank refuses a rerun with other settings
+    settings = check_settings(out, config, done)  # every rank refuses a rerun with other settings
     if dist is not None:
         dist.barrier()  # every rank has read the finished pairs and settings, and the claims are clear
     if rank == 0:

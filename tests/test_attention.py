@@ -155,3 +155,12 @@ def test_store_token_positions_outside_the_prompt_are_named(pipe):
     with pytest.raises(ValueError, match=r"positions \[400\] outside the prompt's"):
         prkit.generate(pipe, "a photo of a dog", None, steps=1, store=AttentionStore(tokens=[1, 400]),
                        output_type="np")
+
+
+def test_capture_on_a_pipeline_that_does_not_say_whether_it_guides_is_refused(pipe):
+    class Upscaler:  # as diffusers' upscale pipelines: guidance decided inside __call__, no property
+        unet = pipe.unet
+
+    with pytest.raises(ValueError, match="does not say whether it runs classifier-free guidance"):
+        with capture_attention(Upscaler(), store=AttentionStore()):
+            pass

@@ -215,12 +215,23 @@ def test_end_to_end_two_methods_then_skip(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "run_job", lambda *a, **k: pytest.fail("a finished pair ran again"))
     ev.evaluate(config, tiny_pipeline(tmp_path / "pipe2"), progress=False)
     assert ev.read_rows(out / ev.RESULTS) == rows
-    # the same folder with other settings: refused before anything runs (it kept the old rows and recorded the new
-    # settings in run.json); more methods or subjects into it stay allowed
-    other = replace(config, images_per_prompt=3, train={"residuals": {"steps": 50}})
+    # the same folder with other settings: refused before anything runs (before, it kept the old rows, printed their
+    # table and wrote the new settings into run.json)
+    other = replace(config, images_per_prompt=3, train={**config.train, "residuals": {"steps": 50}})
     with pytest.raises(ValueError, match=r"other settings: images_per_prompt \(2 there, 3 now\); train"):
         ev.evaluate(other, tiny_pipeline(tmp_path / "pipe3"), progress=False)
     assert ev.read_rows(out / ev.RESULTS) == rows and json.loads((out / "settings.json").read_text())["images_per_prompt"] == 2
+    done = ev.finished_pairs(out)
+    # what a rerun may change: methods not run yet (with their own overrides), the model folder's spelling
+    more = replace(config, methods=(*config.methods, "lora"), train={**config.train, "lora": {"steps": 7}})
+    ev.check_settings(out, more, done)
+    (tmp_path / "m").mkdir()
+    ev.write_settings(out, ev.check_settings(out, replace(config, model=str(tmp_path / "m")), set()))
+    ev.check_settings(out, replace(config, model=str(tmp_path / "m" / ".." / "m")), done)
+    (out / "settings.json").unlink()  # an older version's folder: its run.json says what it ran
+    (out / "run.json").write_text(json.dumps({"config": {**vars(config), "model": str(tmp_path / "m")}}))
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        ev.check_settings(out, replace(config, model=str(tmp_path / "m"), images_per_prompt=4), done)
 
 
 def test_interrupted_run_loses_nothing(assets, tmp_path, monkeypatch):

@@ -103,6 +103,9 @@ def test_read_takes_every_common_image_form_and_reads_it_alike(batch):
         assert x.shape[1:] == (3, 64, 64) and x.dtype == torch.float32, name
         if expected is not None:
             assert torch.allclose(x, expected, atol=1e-5), name
+    dark = np.full((1, 8, 8, 3), 200, np.uint16)  # 16-bit values are read on 16 bits, however dark
+    assert torch.allclose(as_batch(dark), torch.full((1, 3, 64, 64), 200 / 65535))
+    assert torch.allclose(as_batch(torch.from_numpy(dark.astype(np.int32)).to(torch.uint16)), as_batch(dark))
     grey = as_batch(pil[0].convert("L"))
     assert grey.shape == (1, 3, 64, 64) and torch.equal(grey[:, 0], grey[:, 2])
     oracle = Oracle().eval()

@@ -241,21 +241,29 @@ def test_set_refuses_what_it_cannot_parse(tmp_path, setting, capsys):
     assert W._parse_value("false", True) is False and W._parse_value("Yes", False) is True
 
 
-def test_unet_stage_keeps_checkpoints_and_reencodes_latents_the_vae_no_longer_gives(recipe, tmp_path, caplog):
+def test_unet_stage_keeps_checkpoints_and_reencodes_latents_the_vae_no_longer_gives(recipe, tmp_path, caplog,
+                                                                                    monkeypatch):
     import shutil
+
+    from prkit.world import train_unet
 
     out, cfg, _ = recipe
     work = tmp_path / "w"
     shutil.copytree(out, work)
     cpu = torch.device("cpu")
+    encodes = []
+    real_encode = train_unet.encode_pool
+    monkeypatch.setattr(train_unet, "encode_pool", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
     before = torch.load(work / "data" / "latents.pt")
     W.stage_vae(replace_cfg(cfg, seed=1), work, cpu)  # a new VAE, as after rerunning the vae stage
     W.stage_unet(cfg, work, cpu, resume=True)
     after = torch.load(work / "data" / "latents.pt")
-    assert not torch.equal(before, after)  # encoded again with the new VAE, not the stale file
-    again = torch.load(work / "data" / "latents.pt")
-    W.stage_unet(cfg, work, cpu, resume=True)  # nothing changed: the stored latents are reused
-    assert torch.equal(torch.load(work / "data" / "latents.pt"), again)
+    assert not torch.equal(before, after) and len(encodes) == 1  # encoded again with the new VAE, not the stale file
+    moved = tmp_path / "moved"
+    shutil.move(str(work), str(moved))  # nothing changed but the folder's name: the stored latents are reused
+    work = moved
+    W.stage_unet(cfg, work, cpu, resume=True)
+    assert len(encodes) == 1 and torch.equal(torch.load(work / "data" / "latents.pt"), after)
     step = torch.load(work / "ckpt" / "unet_train.pt", map_location="cpu")["step"]
     info = W.stage_unet(cfg, work, cpu)  # a new run in the same folder keeps the checkpoint it replaces
     assert not info["resumed"]

@@ -167,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.eval_n < 100:  # retrieval is graded in groups of 100 (image, caption) pairs
         ap.error(f"--eval-n {args.eval_n}: needs at least 100 renders")
-    if args.steps is not None and args.steps < 1 or args.minutes <= 0:
-        ap.error("--steps must be at least 1 and --minutes above 0")
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps {args.steps}: must be at least 1")
+    if args.steps is None and args.minutes <= 0:
+        ap.error(f"--minutes {args.minutes}: must be above 0 (or give --steps)")
     for flag, value in (("--n-images", args.n_images), ("--batch", args.batch)):
         if value < 1:
             ap.error(f"{flag} {value}: must be at least 1")

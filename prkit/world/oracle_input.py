@@ -2,7 +2,8 @@
 
 Accepted: a PIL image, a numpy array or a torch tensor of one image ((H, W), (H, W, C) or (C, H, W)) or of a
 batch ((N, H, W, C) or (N, C, H, W)), or a list of any of these, each resized on its own. Channels: grey (1),
-RGB (3) or RGBA (4, alpha dropped). Values: uint8 0-255, uint16 0-65535, or floats in [0, 1]; floats outside
+RGB (3) or RGBA (4, alpha dropped). Values: uint8 0-255, uint16 0-65535 (numpy or torch), other integers
+0-255 (0-65535 where larger), or floats in [0, 1]; floats outside
 [0, 1] (0-255 floats, [-1, 1] tensors) are refused rather than read as something else.
 """
 
@@ -37,7 +38,7 @@ def _unit(x: torch.Tensor, what: str) -> torch.Tensor:
         return x.float()
     if x.dtype == torch.uint8:
         return x.float() / 255
-    if x.dtype in (torch.int16, torch.int32, torch.int64):
+    if x.dtype in (torch.int16, torch.int32, torch.int64):  # integers of unknown depth: 8-bit when they fit
         top = 65535 if int(x.max()) > 255 else 255
         return x.float() / top
     if x.dtype == torch.bool:
@@ -51,13 +52,17 @@ def _unit(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _tensor(image) -> torch.Tensor:
+    """A tensor of the image; 16-bit unsigned ones already as floats in [0, 1] (their depth is their dtype's)."""
     if isinstance(image, torch.Tensor):
-        return image.detach()
+        image = image.detach()
+        if image.dtype == torch.uint16:  # few kernels take it
+            return image.to(torch.int32).float() / 65535
+        return image
     if hasattr(image, "convert"):  # PIL
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
     array = np.asarray(image)
-    if array.dtype == np.uint16:  # torch's uint16 lacks most kernels
-        array = array.astype(np.int32)
+    if array.dtype == np.uint16:
+        return torch.from_numpy(array.astype(np.float32) / 65535)
     return torch.from_numpy(np.ascontiguousarray(array))
 
 

@@ -109,8 +109,10 @@ def _param_groups(unet, te, wd: float) -> list[dict]:
 
 def _latents_stamp(out: Path, vae_dir: Path) -> dict:
     """What the stored latents were encoded from: size and modification time of the images and of every VAE file."""
-    files = [out / "data" / "images.npy", *sorted(p for p in Path(vae_dir).iterdir() if p.is_file())]
-    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    files = {"images.npy": out / "data" / "images.npy",
+             **{f"vae/{p.name}": p for p in sorted(Path(vae_dir).iterdir()) if p.is_file()}}
+    return {role: [p.stat().st_size, p.stat().st_mtime_ns] for role, p in files.items()}  # keyed by role: a moved
+    # or differently spelt --out keeps its latents
 
 
 def stage_unet(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool = False,
