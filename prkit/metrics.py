@@ -37,7 +37,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of ``a`` (N, D) with every row of ``b`` (M, D): (N, M), on ``a``'s device."""
+    """Cosine similarity of every row of ``a`` (N, D) with every row of ``b`` (M, D): (N, M), on ``a``'s device.
+    A single embedding (D,) counts as one row."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    a, b = (a[None] if a.ndim == 1 else a), (b[None] if b.ndim == 1 else b)
+    if not len(a) or not len(b):
+        raise ValueError(f"no embeddings to compare ({len(a)} generated, {len(b)} reference)")
     return _unit(a) @ _unit(b).to(a.device).T
 
 
@@ -127,6 +132,8 @@ class ClipBackbone:
     @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
         """Projected image embeddings (N, D) of PIL images, on the model's device."""
+        if not len(images):
+            raise ValueError("no images to embed")
         size = self.model.config.vision_config.image_size
         feats = []
         for i in range(0, len(images), self.batch_size):
@@ -138,6 +145,8 @@ class ClipBackbone:
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Projected text embeddings (N, D), on the model's device (texts truncated to the model's length)."""
+        if not len(texts):
+            raise ValueError("no texts to embed")
         feats = []
         for i in range(0, len(texts), self.batch_size):
             tok = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
@@ -163,6 +172,8 @@ class DinoBackbone:
     @torch.no_grad()
     def embed_images(self, images: Sequence) -> torch.Tensor:
         """CLS features (N, D) of the last layer (after its norm), on the model's device."""
+        if not len(images):
+            raise ValueError("no images to embed")
         crop = self.model.config.image_size
         resize = round(crop * 256 / 224)  # 224 -> 256, as the DINO evaluation transform
         feats = []

@@ -39,12 +39,13 @@ def to_array(image) -> np.ndarray:
     return np.clip(image[..., :3].astype(np.float32), 0, 1)
 
 
-
 def image_grid(images: Sequence, ncols: int | None = None, titles: Sequence[str] | None = None,
                row_labels: Sequence[str] | None = None, size: float = 1.8, suptitle: str | None = None):
     """Images in a grid; ``row_labels`` name the rows (e.g. base / residuals / LAG)."""
-    plt = _plt()
     n = len(images)
+    if not n:
+        raise ValueError("image_grid needs at least one image")
+    plt = _plt()
     ncols = ncols or min(n, 8)
     nrows = max(1, -(-n // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)),

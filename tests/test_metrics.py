@@ -73,6 +73,9 @@ def test_tiny_clip_end_to_end(tiny_clip_folder):
     clip.batch_size = 1
     assert torch.allclose(clip.embed_images(_images(3)), gen, atol=1e-5)
     assert metrics.clip_i(gen[:1], gen[:1]) == pytest.approx(1.0, abs=1e-6)
+    for empty in (lambda: clip.embed_images([]), lambda: clip.embed_texts([])):
+        with pytest.raises(ValueError, match="no (images|texts) to embed"):  # was torch.cat's "non-empty list"
+            empty()
 
 
 def test_tiny_dino_end_to_end(tiny_vit_folder):

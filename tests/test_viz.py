@@ -73,3 +73,15 @@ def test_word_index_finds_split_identifiers():
     assert word_index(labels, "zwxq") == 4 and word_index(labels, "ball") == 7 and word_index(labels, "a") == 0
     with pytest.raises(ValueError, match="'sks' is not among"):
         word_index(labels, "sks")
+
+
+def test_empty_inputs_say_so():
+    from prkit import metrics
+    from prkit.viz import image_grid
+
+    with pytest.raises(ValueError, match="at least one image"):
+        image_grid([])
+    one, refs = torch.randn(8), torch.randn(3, 8)
+    assert metrics.clip_i(one, refs) == pytest.approx(metrics.clip_i(one[None], refs))  # (D,) is one embedding
+    with pytest.raises(ValueError, match="no embeddings"):
+        metrics.clip_i(torch.zeros(0, 8), refs)
