@@ -159,7 +159,6 @@ def format_table(summary: list[dict], unavailable: dict[str, str] | None = None,
     return "\n".join(lines + notes) + "\n"
 
 
-
 SETTINGS = "settings.json"
 # what the rows of a run depend on; methods and subjects may grow between runs into one folder, the rest may not
 SETTING_FIELDS = ("protocol", "data", "model", "max_prompts", "images_per_prompt", "sample_steps", "guidance_scale",

@@ -103,3 +103,35 @@ def test_ablations_skip_a_real_models_concept_with_a_note(tmp_path):
                                kernel_name="python3", progress_bar=False)
     assert not (tmp_path / "ablations").exists()
     assert "The oracle's grading is skipped" in out.read_text()
+
+
+def test_metrics_notebook_scores_a_real_models_concept_with_clip_and_dino(tmp_path):
+    """06 on a model the oracle does not know: CLIP-I / CLIP-T / DINO of base / residuals / LAG against the run's
+    photos (here tiny backbones), instead of stopping the report."""
+    pytest.importorskip("papermill")
+    import csv
+
+    import papermill
+    from conftest import make_concept, randomize
+
+    import prkit
+    from tiny import tiny_clip, tiny_pipeline, tiny_vit
+
+    pipe = tiny_pipeline(tmp_path / "model")
+    pipe.save_pretrained(tmp_path / "model")
+    residuals = prkit.add_residuals(pipe.unet, token="sks", class_word="dog")
+    randomize(residuals)
+    run = tmp_path / "run"
+    residuals.save(run / "residuals.safetensors")
+    make_concept().save(run / "concept")
+    papermill.execute_notebook(
+        str(next(p for p in NOTEBOOKS if p.name == "06_metrics.ipynb")), str(tmp_path / "06.ipynb"),
+        parameters={"run_dir": str(run), "model": str(tmp_path / "model"), "device": "cpu", "sample_steps": 2,
+                    "images_per_prompt": 1, "clip_backbone": str(tiny_clip(tmp_path / "clip")),
+                    "dino_backbone": str(tiny_vit(tmp_path / "dino"))},
+        kernel_name="python3", progress_bar=False)
+    with open(run / "metrics" / "summary.csv") as f:
+        summary = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(summary) == {"base", "residuals", "residuals+lag"}
+    assert all(float(summary[m]["clip_i"]) == float(summary[m]["clip_i"]) for m in summary)  # numbers, not NaN
+    assert (run / "metrics" / "clip_i_vs_clip_t.png").is_file()
