@@ -5,6 +5,7 @@ summary (mean and 95% interval per method label). No training, sampling or scori
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -184,8 +185,6 @@ def check_settings(out: str | Path, config, done: set) -> dict:
     skip finished pairs and mix their rows with new ones, so it is refused, naming the fields. ``done``: the
     finished (method, subject) pairs; recipe overrides (``train``) are compared for their methods only, so a rerun
     may add methods, with their own overrides, and subjects. Returns the settings (``write_settings`` stores them)."""
-    import json
-
     settings = json.loads(json.dumps({k: getattr(config, k) for k in SETTING_FIELDS}, default=str))
     path, old_run = Path(out) / SETTINGS, Path(out) / "run.json"
     saved = None
@@ -208,8 +207,6 @@ def check_settings(out: str | Path, config, done: set) -> dict:
 
 
 def write_settings(out: str | Path, settings: dict) -> None:
-    import json
-
     from .files import atomic_path
 
     with atomic_path(Path(out) / SETTINGS) as tmp:

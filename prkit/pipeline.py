@@ -6,6 +6,7 @@ downloads on its own when the hub is offline and never changes global torch stat
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -83,16 +84,15 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+@functools.cache
 def _dtype_kwarg() -> str:
-    """``dtype`` where diffusers takes it (0.42 on; its ``torch_dtype`` warns there), else ``torch_dtype``."""
+    """``dtype`` where diffusers takes it (0.42 on; its ``torch_dtype`` warns there), else ``torch_dtype``. Asked
+    when a pipeline loads, not at import (importing diffusers takes seconds)."""
     try:
         from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
     except ImportError:
         return "torch_dtype"
     return "dtype"
-
-
-_DTYPE_KWARG = _dtype_kwarg()
 
 
 def _offline() -> bool:
@@ -109,14 +109,12 @@ def _missing_message(name: str, err: Exception) -> str:
     if _looks_like_path(name):
         return (f"could not load model {name!r}: there is no such folder ({Path(name).expanduser().resolve()}), "
                 "and it is not a hub id ('owner/name'). Pass the folder that holds model_index.json, a hub id such "
-                "as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'world' (the embedded default; --model world "
-                "on the command line).")
+                "as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or the embedded default, model='world'.")
     where = "this machine is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub could not be reached"
     return (f"could not load model {name!r}: {where} and its weights are not in the local cache "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). On a machine with internet access run "
             f"`hf download {name} --local-dir ./{name.split('/')[-1]}` (older huggingface_hub: `huggingface-cli "
-            f"download`), copy that folder here and pass its path; or use the embedded default, 'world' "
-            f"(--model world on the command line).")
+            f"download`), copy that folder here and pass its path; or use the embedded default, model='world'.")
 
 
 def read_model_index(folder: Path) -> dict:
@@ -216,7 +214,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
                 kwargs.setdefault("feature_extractor", None)  # it only feeds the safety checker
         if local:
             check_components(Path(source), index, kwargs)
-        pipe = DiffusionPipeline.from_pretrained(source, **{_DTYPE_KWARG: dtype}, local_files_only=local_only, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): dtype}, local_files_only=local_only, **kwargs)
     except (OSError, ValueError) as err:
         if local:
             raise

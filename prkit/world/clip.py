@@ -154,26 +154,22 @@ def save_clip(model, tokenizer, folder: Path, info: dict | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli_args import _positive_int, _whole
+
     ap = argparse.ArgumentParser(prog="python -m prkit.world.clip", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--minutes", type=float, default=ClipRecipe.minutes)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--n-images", type=int, default=ClipRecipe.n_images)
-    ap.add_argument("--batch", type=int, default=ClipRecipe.batch)
+    ap.add_argument("--steps", type=_positive_int, default=None)
+    ap.add_argument("--n-images", type=_positive_int, default=ClipRecipe.n_images)
+    ap.add_argument("--batch", type=_positive_int, default=ClipRecipe.batch)
     ap.add_argument("--workers", type=int, default=ClipRecipe.workers)
-    ap.add_argument("--eval-n", type=int, default=ClipRecipe.eval_n)
+    ap.add_argument("--eval-n", type=_whole(100), default=ClipRecipe.eval_n,
+                    help="fresh renders to grade retrieval on, in groups of 100 (at least 100)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ship", action="store_true", help=f"copy the result to {CLIP_DIR}")
     args = ap.parse_args(argv)
-    if args.eval_n < 100:  # retrieval is graded in groups of 100 (image, caption) pairs
-        ap.error(f"--eval-n {args.eval_n}: needs at least 100 renders")
-    if args.steps is not None and args.steps < 1:
-        ap.error(f"--steps {args.steps}: must be at least 1")
     if args.steps is None and args.minutes <= 0:
         ap.error(f"--minutes {args.minutes}: must be above 0 (or give --steps)")
-    for flag, value in (("--n-images", args.n_images), ("--batch", args.batch)):
-        if value < 1:
-            ap.error(f"{flag} {value}: must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     from ..pipeline import resolve_device
 

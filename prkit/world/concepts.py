@@ -142,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     """Render the example concepts' reference folders (by default the shipped ones, in place)."""
     import argparse
 
+    from ..cli_args import _positive_int
+
     ap = argparse.ArgumentParser(prog="python -m prkit.world.concepts", description=main.__doc__)
     ap.add_argument("--out", type=Path, default=None,
                     help="write NAME/ folders here instead of over the shipped ones in prkit/world/concepts/")
     ap.add_argument("--concepts", nargs="+", default=list(EXAMPLE_CONCEPTS), choices=list(EXAMPLE_CONCEPTS),
                     metavar="NAME", help=f"default: all of {', '.join(EXAMPLE_CONCEPTS)}")
-    ap.add_argument("--n", type=int, default=5, help="reference images per concept")
+    ap.add_argument("--n", type=_positive_int, default=5, help="reference images per concept")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.n < 1:
-        ap.error(f"--n {args.n}: must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in args.concepts:
         folder = args.out / name if args.out is not None else concept_folder(name)
