@@ -75,10 +75,12 @@ def fingerprint(pipe, concept, config) -> dict:
 
 
 def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator, step: int,
-         losses: list[float]) -> None:
-    """Write the run's state at ``step`` to ``path`` in one rename (an interrupt never leaves half a file)."""
+         losses: list[float], seconds: float = 0.0) -> None:
+    """Write the run's state at ``step`` to ``path`` in one rename (an interrupt never leaves half a file).
+    ``seconds``: the run's wall time so far, its earlier calls included (a resumed run reports the whole)."""
     state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
              "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),
+             "seconds": float(seconds),
              "scaler": scaler.state_dict() if scaler is not None else None, "fingerprint": stamp}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -106,8 +108,9 @@ def _differences(saved: dict, stamp: dict) -> list[str]:
 
 
 def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator,
-            config) -> tuple[int, list[float]]:
-    """Load the checkpoint at ``path`` into this run's state (``config``: its TrainConfig); returns (step, losses).
+            config) -> tuple[int, list[float], float]:
+    """Load the checkpoint at ``path`` into this run's state (``config``: its TrainConfig); returns (step, losses,
+    seconds): the seconds the run had taken when it was saved (0.0 from a checkpoint of an older prkit).
     Raises CheckpointError, naming the file and the way out, when it is unreadable, was written by another run
     or is past this run's last step."""
     from . import train  # the loop's optimizer loading (it says when the learning rate changed)
@@ -147,7 +150,8 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, losses = int(state["step"]), [float(v) for v in state["losses"]]
+        seconds = float(state.get("seconds", 0.0))
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{str(path)!r} does not fit this run ({err}); {START_OVER}.") from err
     log.warning("resuming from %s at step %d", path, step)
-    return step, losses
+    return step, losses, seconds

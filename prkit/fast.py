@@ -156,7 +156,8 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
     stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
     if ckpt is not None and config.resume and ckpt.is_file():
-        step, losses = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
+        step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
+        start -= before  # the run's seconds count its earlier calls too (times[] keeps this call's own)
         _make_capturable(optimizer, device)
 
     gen_states = {step: gen.get_state()}  # generator state once `k` steps' batches are drawn
@@ -250,13 +251,15 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
                 bar.update(b - a)
                 bar.set_postfix(loss=f"{values[-1]:.4f}")
                 if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                    checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses)
+                    checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
+                                     time.perf_counter() - start)
                 if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
                     validation[step] = base._validate(pipe, target, concept, config)
                     unet.train()
                 if stops:
                     if ckpt is not None:
-                        checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses)
+                        checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
+                                         time.perf_counter() - start)
                     completed = False
                     break
     except KeyboardInterrupt:
@@ -268,7 +271,8 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
             losses.extend(done)
             step = a + len(done)
         if ckpt is not None:
-            checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses)
+            checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
+                             time.perf_counter() - start)
             log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
         else:
             log.warning("interrupted at step %d; without a checkpoint_dir the partial run is not kept "
@@ -288,6 +292,8 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
         for p in params:
             p.requires_grad_(False)
     _sync(device)
+    seconds = time.perf_counter() - start
     if isinstance(target, Residuals):
-        target.meta.update(config=base._public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""))
-    return base.TrainResult(target, losses, time.perf_counter() - start, step, completed, validation, ckpt)
+        target.meta.update(config=base._public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
+                           seconds=seconds)
+    return base.TrainResult(target, losses, seconds, step, completed, validation, ckpt)

@@ -191,7 +191,8 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
     stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
     if ckpt is not None and config.resume and ckpt.is_file():
-        step, losses = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
+        step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
+        start -= before  # the run's seconds count its earlier calls too
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     was_training = unet.training
@@ -216,19 +217,22 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-                checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses)
+                checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
+                                 time.perf_counter() - start)
             if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
                 validation[step] = _validate(pipe, target, concept, config)
                 unet.train()
             if config.stop_after is not None and step >= config.stop_after and step < config.steps:
                 if ckpt is not None:
-                    checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses)
+                    checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
+                                     time.perf_counter() - start)
                 completed = False
                 break
     except KeyboardInterrupt:
         if ckpt is not None:
             gen.set_state(step_start)  # undo the unfinished step's draws: exact resume
-            checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses)
+            checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
+                             time.perf_counter() - start)
             log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
         else:
             log.warning("interrupted at step %d; without a checkpoint_dir the partial run is not kept "
@@ -241,10 +245,11 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
             unet.disable_gradient_checkpointing()
         for p in params:
             p.requires_grad_(False)
+    seconds = time.perf_counter() - start
     if isinstance(target, Residuals):
         target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
-                           seconds=time.perf_counter() - start)
-    return TrainResult(target, losses, time.perf_counter() - start, step, completed, validation, ckpt)
+                           seconds=seconds)
+    return TrainResult(target, losses, seconds, step, completed, validation, ckpt)
 
 
 def _in_dtype(cond: dict, dtype: torch.dtype) -> dict:

@@ -144,7 +144,7 @@ class TrainResult:
 
     residuals: Residuals
     losses: list[float]
-    seconds: float
+    seconds: float  # the run's wall time, the calls before a resume from its checkpoint included
     steps_done: int
     completed: bool
     validation: dict[int, list] = field(default_factory=dict)

@@ -215,3 +215,26 @@ def test_a_run_stopped_by_stop_after_resumes_on_the_same_pipeline(tmp_path, conc
             assert second.steps_done == 4 and _equal_states(second.residuals.state_dict(), full)
     with pytest.raises(ValueError, match="already on this UNet"):  # a finished set is never replaced silently
         prkit.train_residuals(pipe, concept, steps=2, **FAST)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_resumed_run_reports_the_seconds_of_all_its_calls(tmp_path, concept, fast):
+    """result.seconds (and the file's meta) count the calls before the resume: a notebook rerun on a finished
+    checkpoint reports the run's training time, not the fraction of a second the rerun took."""
+    import time
+
+    where = dict(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2, fast=fast, **FAST)
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, stop_after=2, **where)
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["seconds"]
+    assert 0 < saved <= first.seconds
+    pipe = make_pipe(tmp_path / "p2")
+    began = time.perf_counter()
+    second = prkit.train_residuals(pipe, concept, steps=4, **where)
+    own = time.perf_counter() - began
+    assert second.completed and own + 0.5 * saved < second.seconds <= own + saved
+    assert second.residuals.meta["seconds"] == second.seconds
+    pipe = make_pipe(tmp_path / "p3")
+    began = time.perf_counter()
+    third = prkit.train_residuals(pipe, concept, steps=4, **where)  # nothing left to train
+    own = time.perf_counter() - began
+    assert third.steps_done == 4 and own + 0.5 * saved < third.seconds <= own + second.seconds
