@@ -170,6 +170,8 @@ def _comparable(settings: dict) -> dict:
     """Settings as they are compared: local paths resolved (``./sd15`` and ``sd15`` are one folder), the token left
     out on the world protocol (each world concept brings its own)."""
     out = dict(settings)
+    if isinstance(out.get("train"), dict):
+        out["train"] = {method: _effective(method, fields) for method, fields in out["train"].items()}
     for key in ("model", "data"):
         value = out.get(key)
         if isinstance(value, str) and value and Path(value).expanduser().exists():
@@ -177,6 +179,24 @@ def _comparable(settings: dict) -> dict:
     if out.get("protocol") == "world":
         out.pop("token", None)
     return out
+
+
+def _effective(method: str, overrides) -> dict:
+    """A method's ``--set`` overrides less those that restate its recipe (or TrainConfig's default where the recipe
+    is silent): ``residuals.steps=150`` is the run without it. learning_rate stays: an explicit rate beats the
+    model folder's own default, so restating the recipe's changes the run where the folder has one."""
+    from dataclasses import MISSING, fields as dc_fields
+
+    from .targets import RECIPES
+    from .train_config import TrainConfig
+
+    if not isinstance(overrides, dict):
+        return overrides
+    recipe = RECIPES.get(method, {})
+    defaults = {f.name: f.default for f in dc_fields(TrainConfig) if f.default is not MISSING}
+    same = {k for k, v in overrides.items() if k != "learning_rate"
+            and (recipe[k] if k in recipe else defaults.get(k, MISSING)) == v}
+    return {k: v for k, v in overrides.items() if k not in same}
 
 
 def check_settings(out: str | Path, config, done: set) -> dict:

@@ -225,6 +225,14 @@ def test_end_to_end_two_methods_then_skip(assets, tmp_path, monkeypatch):
     # what a rerun may change: methods not run yet (with their own overrides), the model folder's spelling
     more = replace(config, methods=(*config.methods, "lora"), train={**config.train, "lora": {"steps": 7}})
     ev.check_settings(out, more, done)
+    # overrides that restate the recipe or TrainConfig's default are the run without them (learning_rate is not:
+    # an explicit rate beats the model folder's own)
+    restated = {m: {**v, "mixed_precision": "auto"} for m, v in config.train.items()}
+    restated["residuals"] = {**restated["residuals"], "rank": 0.05}
+    ev.check_settings(out, replace(config, train=restated), done)
+    with pytest.raises(ValueError, match="train"):
+        ev.check_settings(out, replace(config, train={**restated, "residuals": {**restated["residuals"],
+                                                                              "rank": 0.1}}), done)
     (tmp_path / "m").mkdir()
     ev.write_settings(out, ev.check_settings(out, replace(config, model=str(tmp_path / "m")), set()))
     ev.check_settings(out, replace(config, model=str(tmp_path / "m" / ".." / "m")), done)
