@@ -2,7 +2,9 @@
 
 A checkpoint left in a run's folder must never continue another run: the stamp (``fingerprint``) covers the
 concept's images and words, the prompt, what is trained and how (target, rank, seed, batch size, flips, prior
-images) and the UNet's architecture; a resume whose stamp differs is refused with the way out. Both training
+images and their weight, gradient clipping), the UNet's architecture and weights (a cheap digest) and the training
+objective (the scheduler's prediction type and noise schedule); a resume whose stamp differs is refused with the way
+out. Both training
 loops (``train``, ``fast``) save and restore through here; the loops themselves live there.
 """
 
@@ -56,8 +58,30 @@ def _architecture(unet) -> str:
     return hashlib.blake2b(json.dumps(shape, default=str).encode(), digest_size=12).hexdigest()
 
 
+WEIGHTS = ("conv_in.weight", "conv_out.weight")  # the frozen weights whose spread tells one base model from another
+WEIGHTS_TOLERANCE = 1e-3  # relative: the same model in fp32, fp16 or bf16 agrees far closer; another one does not
+
+
+def _weights(unet) -> list[float]:
+    """The standard deviations of a few frozen UNet weights (and of the mid block's first one), in float32: a
+    cheap check that a checkpoint continues on the base model it was trained on, whatever its dtype."""
+    params = dict(unet.named_parameters())
+    names = [n for n in WEIGHTS if n in params]
+    names += [n for n, p in params.items() if n.startswith("mid_block.") and p.dim() > 1][:1]
+    return [round(float(params[n].detach().float().std()), 8) for n in names]
+
+
+def _scheduler(pipe) -> str:
+    """The training objective: what the UNet predicts and the noise schedule it is trained over."""
+    config = getattr(getattr(pipe, "scheduler", None), "config", {}) or {}
+    keys = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+            "rescale_betas_zero_snr")
+    return json.dumps({k: config.get(k) for k in keys}, default=str, sort_keys=True)
+
+
 def fingerprint(pipe, concept, config) -> dict:
-    """What decides a run's trajectory besides the learning rate and step count (which a resume may change)."""
+    """What decides a run's trajectory besides the learning rate, weight decay and step count (which a resume may
+    change, and says so)."""
     prior = config.prior_images
     return {
         "images": _images_digest(concept),
@@ -71,6 +95,10 @@ def fingerprint(pipe, concept, config) -> dict:
         "flip": bool(config.flip),
         "prior_images": _images_digest(prior) if prior is not None else None,
         "unet": _architecture(pipe.unet),
+        "weights": _weights(pipe.unet),
+        "scheduler": _scheduler(pipe),
+        "prior_weight": float(config.prior_weight) if prior is not None else None,
+        "max_grad_norm": None if config.max_grad_norm is None else float(config.max_grad_norm),
     }
 
 
@@ -97,12 +125,18 @@ def set_aside(path: Path) -> Path | None:
     return aside
 
 
+def _same(key: str, saved, value) -> bool:
+    if key == "weights" and isinstance(saved, list) and len(saved) == len(value):
+        return all(abs(a - b) <= WEIGHTS_TOLERANCE * max(abs(a), abs(b)) for a, b in zip(saved, value))
+    return saved == value
+
+
 def _differences(saved: dict, stamp: dict) -> list[str]:
     out = []
     for key, value in stamp.items():
-        if saved.get(key) == value:
+        if key not in saved or _same(key, saved[key], value):  # a key an older prkit did not stamp: not checked
             continue
-        hashed = key in ("images", "prior_images", "unet")
+        hashed = key in ("images", "prior_images", "unet", "weights", "scheduler")
         out.append(f"{key} ({'another one' if hashed else f'{saved.get(key)!r} there, {value!r} here'})")
     return out
 
@@ -145,7 +179,7 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
             f"{config.learning_rate:g}, start over ({WAYS}); to continue at it, ask for more steps.")
     try:
         target.load_state_dict(state["target"])
-        train.load_optimizer(optimizer, state["optimizer"], config.learning_rate, path)
+        train.load_optimizer(optimizer, state["optimizer"], config.learning_rate, path, config.weight_decay)
         gen.set_state(state["generator"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

@@ -10,6 +10,7 @@ The model patches live in ``fast_patches``, the captured step in ``fast_step``; 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 # re-exported: prkit.fast stays the one import for the fast path (tests and benchmarks/bench.py use these)
 from .fast_patches import (  # noqa: F401
-    fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
+    SDPA_BACKENDS, fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
 from . import checkpoints, fast_warmup as warmup
 from .interrupts import deferred_interrupt
 from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer
@@ -53,6 +54,22 @@ class FastConfig:
     # before the first step, a throwaway forward + backward pays the process's one-time kernel costs while a
     # background thread encodes the latents (same numbers); None: on CUDA. Once per thread, UNet and shapes.
     warm_up: bool | None = None
+
+    def __post_init__(self):
+        for name in ("check_every", "encode_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FastConfig.{name} must be a whole number >= 1, got {value!r}")
+        value = self.cudnn_attention_from
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"FastConfig.cudnn_attention_from must be a whole number >= 1 or None, got {value!r}")
+        if self.sdpa_backends is not None:
+            if isinstance(self.sdpa_backends, str):
+                self.sdpa_backends = tuple(self.sdpa_backends.split(","))
+            unknown = [n for n in self.sdpa_backends if n not in SDPA_BACKENDS]
+            if unknown or not self.sdpa_backends:
+                raise ValueError(f"FastConfig.sdpa_backends: {unknown or 'nothing'} is not a backend; name some of "
+                                 f"{', '.join(SDPA_BACKENDS)} in priority order, or None for torch's choice")
 
 
 def _draw(sources, size: int, gen: torch.Generator, scheduler) -> list[tuple[torch.Tensor, ...]]:
@@ -107,6 +124,14 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     Returns:
         a ``TrainResult``; ``losses`` hold every step's loss, read from the device every ``check_every`` steps.
     """
+    device = pipe.unet.device
+    # the graph capture, its streams and the Triton launches work on the current device: make it the UNet's (a
+    # UNet on cuda:1 with cuda:0 current captured an empty graph, whose replays trained nothing)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _train_fast(pipe, concept, config, name=name, progress=progress, fast=fast, register=register)
+
+
+def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastConfig | None, register):
     from . import train as base
     from .residuals import Residuals
 
@@ -130,7 +155,7 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
         p.requires_grad_(True)
     scheduler = base.training_scheduler(pipe)
     prompt = base.training_prompt(config, concept)
-    amp = base._precision(config, device)
+    amp = base._precision(config, device, unet.dtype)
     warm_key = warmup.key(pipe, concept, config, params, fast, amp)
     warm = warmup.needed(warm_key, fast, device)
     triton_ready = warmup.prepare_triton(fast, device) if warm else None
@@ -149,7 +174,8 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     _sync(device)
     times["setup+cache" if not warm else "setup+text"] = time.perf_counter() - start
     optimizer = make_optimizer(params, config.learning_rate, config.weight_decay, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    # GradScaler("cuda") turns itself off elsewhere (fp16 autocast on a CPU): no scaler then, as in effect eagerly
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     step = 0
@@ -200,24 +226,27 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
 
     try:
         with fast_modules(unet, fast, config.gradient_checkpointing):
-            def make_stepper(shape):
+            def make_stepper(shapes):  # one latent shape per source: class images may have their own size
                 slots = [_Slot((config.batch_size, *shape), cond, weight, unet.dtype, device,
                                uses_channels_last(fast, device))
-                         for _, cond, weight in sources]
+                         for shape, (_, cond, weight) in zip(shapes, sources)]
                 return TrainStep(unet, params, optimizer, slots, amp=amp, scaler=scaler,
                                  max_grad_norm=config.max_grad_norm, cuda_graph=fast.cuda_graph)
 
+            def encoded_shapes():
+                return [tuple(source.mean.shape[1:]) for source, _, _ in sources]
+
             if warm:
                 began = time.perf_counter()
-                shape = warmup.latent_shape(pipe, cache.size)
-                stepper = make_stepper(shape)
+                shapes = [warmup.latent_shape(pipe, source.size) for source, _, _ in sources]
+                stepper = make_stepper(shapes)
                 warmup.warm_up_while_encoding(stepper, [source[0] for source in sources], triton_ready, warm_key)
-                if tuple(cache.mean.shape[1:]) != shape:  # a VAE unlike its config: warm-up wasted, no harm
-                    stepper = make_stepper(tuple(cache.mean.shape[1:]))
+                if encoded_shapes() != shapes:  # a VAE unlike its config: warm-up wasted, no harm
+                    stepper = make_stepper(encoded_shapes())
                 _sync(device)
                 times["warm-up+latents"] = time.perf_counter() - began
             else:
-                stepper = make_stepper(tuple(cache.mean.shape[1:]))
+                stepper = make_stepper(encoded_shapes())
             pending = draw_window(step) if step < config.steps else None
             while pending is not None:
                 a, b, drawn = pending

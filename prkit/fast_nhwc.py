@@ -151,8 +151,11 @@ def patch_channels_last(unet: nn.Module):
     the memory format changes. Returns the undo."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+    spatial = next((p for p in unet.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
+    before = torch.channels_last if spatial is not None and not spatial.is_contiguous() \
+        and spatial.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     unet.to(memory_format=torch.channels_last)
-    undo = [lambda: unet.to(memory_format=torch.contiguous_format)]
+    undo = [lambda: unet.to(memory_format=before)]  # as the caller had it (diffusers' tip: channels-last)
     if nhwc.triton is not None:  # without it only the memory format changes (slower: torch's norms convert back)
         undo.append(_set_forward([m for m in plain_resnets(unet) if type(m.nonlinearity) is nn.SiLU],
                                  lean_resnet_forward))

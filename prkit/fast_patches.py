@@ -137,14 +137,16 @@ def _checkpoint(module, *args):
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
 
 
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}  # FastConfig.sdpa_backends' names -> torch's SDPBackend members
+
+
 def _sdpa_order(names) -> contextlib.AbstractContextManager:
     """torch's SDPA backends in this priority order (names: cudnn, flash, efficient, math) within the block."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    members = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-               "math": "MATH"}
     try:
-        return sdpa_kernel([getattr(SDPBackend, members[n]) for n in names], set_priority=True)
+        return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names], set_priority=True)
     except TypeError:  # torch < 2.6 has no priority order: keep torch's own choice
         return contextlib.nullcontext()
 

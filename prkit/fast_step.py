@@ -149,7 +149,7 @@ class TrainStep:
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side_stream(self.device)):  # the UNet's device, not the current
                 self._body()
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
             self.want_graph = False

@@ -28,7 +28,7 @@ def key(pipe, concept, config, params, fast, amp) -> tuple:
     unet = pipe.unet
     return (threading.get_ident(), id(unet), config.batch_size, concept.images[0].size, unet.dtype, amp,
             tuple(p.shape for p in params), repr(fast), config.gradient_checkpointing,
-            config.prior_images is not None)
+            config.prior_images.images[0].size if config.prior_images is not None else None)
 
 
 def needed(warm_key: tuple, fast, device: torch.device) -> bool:

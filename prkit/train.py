@@ -36,16 +36,20 @@ from .train_config import (  # noqa: F401
 log = logging.getLogger(__name__)
 
 
-def load_optimizer(optimizer, state: dict, learning_rate: float, source) -> None:
-    """Restore the optimizer of a checkpoint at this run's learning rate (the checkpoint's may be another: a
-    changed default or ``--lr``); says so when it differs."""
+def load_optimizer(optimizer, state: dict, learning_rate: float, source, weight_decay: float | None = None) -> None:
+    """Restore the optimizer of a checkpoint at this run's learning rate and weight decay (the checkpoint's may be
+    others: a changed default or ``--lr``); says so when they differ."""
     optimizer.load_state_dict(state)
-    saved = {float(g["lr"]) for g in optimizer.param_groups}
-    if saved != {float(learning_rate)}:
-        log.warning("%s was trained at learning rate %s; resuming at this run's %s", source,
-                    ", ".join(f"{v:g}" for v in sorted(saved)), f"{learning_rate:g}")
+    for key, value in (("lr", learning_rate), ("weight_decay", weight_decay)):
+        if value is None:
+            continue
+        saved = {float(g[key]) for g in optimizer.param_groups if key in g}
+        if saved and saved != {float(value)}:
+            log.warning("%s was trained at %s %s; resuming at this run's %s", source,
+                        "learning rate" if key == "lr" else "weight decay",
+                        ", ".join(f"{v:g}" for v in sorted(saved)), f"{value:g}")
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate
+            group[key] = value
 
 
 def _check_not_offloaded(unet) -> None:
@@ -102,6 +106,13 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     checkpointing = getattr(unet, "is_gradient_checkpointing", False)
     wants_fast = config.fast or (config.fast is None and unet.device.type == "cuda")
+    text_grad = getattr(TARGETS[config.target], "needs_text_encoder", False)
+    if config.fast and text_grad:
+        log.warning("fast=%r is ignored for target=%r: its text encoder trains, and the fast loop keeps the text "
+                    "encoded once; training with the eager loop", config.fast, config.target)
+    if config.stop_after is not None and config.stop_after < config.steps and not config.checkpoint_dir:
+        log.warning("stop_after=%d without checkpoint_dir: the stopped run cannot be continued (the next call "
+                    "starts over); pass checkpoint_dir=... to resume it later", config.stop_after)
     try:
         # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
         # one is refused here, before anything is added)
@@ -109,7 +120,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                 adapters_off([m for m in modules if m is not pipe.vae] if config.target not in LORA_MODULES else []):
             # loaded LoRAs are off while training (not for a peft LoRA target: peft's switch is per layer, not per
             # adapter, and it would take the adapter being trained off too)
-            if wants_fast and not getattr(TARGETS[config.target], "needs_text_encoder", False):  # cached text only
+            if wants_fast and not text_grad:  # the fast loop encodes the text once
                 from .fast import FastConfig, train_fast
 
                 switches = config.fast if isinstance(config.fast, FastConfig) else None
@@ -183,7 +194,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     prior_cond = _expand(prior.cond, config.batch_size) if prior else None
 
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    amp = _precision(config, device)
+    amp = _precision(config, device, unet.dtype)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []

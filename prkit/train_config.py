@@ -34,7 +34,8 @@ class TrainConfig:
     prompt_template: str | None = None  # None: the concept's (load_concept reads it from concept.json), whose own
     # default is "a photo of a {token} {class_word}"
     flip: bool = True  # cache both horizontal flips of every image
-    mixed_precision: str = "auto"  # auto (bf16 / fp16+scaler on GPUs, fp32 on CPU) | no | bf16 | fp16
+    # auto (on GPUs the UNet's own half precision, else bf16 / fp16+scaler where bf16 is not native; fp32 on CPU)
+    mixed_precision: str = "auto"  # | no | bf16 | fp16
     target: str = "residuals"  # what is trained (see TARGETS)
     checkpoint_every: int = 50  # steps between checkpoints (0: none)
     checkpoint_dir: str | None = None  # where checkpoint.pt lives; resume reads it
@@ -151,16 +152,19 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+def _precision(config: TrainConfig, device: torch.device, stored: torch.dtype | None = None) -> torch.dtype | None:
+    """The autocast dtype of training (None: none). "auto": off on CPUs; on GPUs the UNet's own half precision
+    when it is stored in one (the two halves cannot mix in a step), else bf16 where native, fp16 otherwise."""
     mode = config.mixed_precision
     if mode == "no" or (mode == "auto" and device.type != "cuda"):
         return None
     if mode == "auto":
+        if stored in (torch.bfloat16, torch.float16):
+            return stored
         from .pipeline import resolve_dtype
 
         return resolve_dtype(None, device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
 
 
 def training_template(config: TrainConfig, concept) -> str:

@@ -386,3 +386,71 @@ def test_side_streams_are_created_once_per_device_and_role(monkeypatch):
     assert streams.side_stream("cuda") is first and streams.side_stream(0) is first
     assert streams.side_stream("cuda:0", "lag") is not first and streams.side_stream("cuda:1") is not first
     assert made == [torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def test_class_images_of_another_size_train_as_in_the_eager_loop(tmp_path, concept_module):
+    """Each source gets a step slot of its own latent shape: prior images at another resolution than the concept's
+    (load_concept's default 512 beside an SDXL concept at 1024) stopped the fast loop with a size mismatch."""
+    prior = make_concept(token="zwx", resolution=32)  # the concept's images are 16 px
+    kw = dict(steps=3, batch_size=2, prior_images=prior, seed=1)
+    eager = prkit.train_residuals(make_pipe(tmp_path / "e"), concept_module, progress=False, fast=False, **kw)
+    for loop in (LOOP, FastConfig(cuda_graph=False, warm_up=True)):
+        got = train_fast(make_pipe(tmp_path / f"f{loop.warm_up}"), concept_module, TrainConfig(**kw),
+                         progress=False, fast=loop)
+        assert got.losses == pytest.approx(eager.losses, rel=1e-5)
+        assert _close_states(got.residuals.state_dict(), eager.residuals.state_dict())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_the_fast_loop_trains_on_a_gpu_that_is_not_the_current_one(tmp_path, concept_module):
+    """The capture, its streams and the Triton kernels follow the UNet's device: on cuda:1 with cuda:0 current the
+    step was captured into an empty graph, whose replays trained nothing (the loss stayed at its first value)."""
+    runs = {}
+    for device in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        pipe = make_pipe(tmp_path / device.replace(":", "")).to(device)
+        result = train_fast(pipe, concept_module, TrainConfig(batch_size=4, steps=6), progress=False,
+                            fast=FastConfig(check_every=3))
+        runs[device] = result.losses, {k: v.cpu() for k, v in result.residuals.state_dict().items()}
+    (losses0, state0), (losses1, state1) = runs["cuda:0"], runs["cuda:1"]
+    assert len(set(losses0)) == 6 and losses1 == pytest.approx(losses0, rel=1e-4)
+    assert all(torch.allclose(state1[k], state0[k], rtol=1e-4, atol=1e-6) for k in state0)
+
+
+@pytest.mark.parametrize("field, value", [("check_every", 0), ("check_every", -3), ("encode_batch", 0),
+                                          ("cudnn_attention_from", 0), ("sdpa_backends", ("flash", "Efficient")),
+                                          ("sdpa_backends", ())])
+def test_bad_fast_switches_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"FastConfig.{field}"):
+        FastConfig(**{field: value})
+    assert FastConfig(sdpa_backends="cudnn,flash").sdpa_backends == ("cudnn", "flash")
+
+
+def test_fp16_with_the_fast_loop_off_cuda_trains_as_the_eager_loop(tmp_path, concept_module):
+    """GradScaler("cuda") turns itself off on a CPU; the fast loop touched its internals and stopped."""
+    kw = dict(steps=3, batch_size=2, mixed_precision="fp16")
+    eager = prkit.train_residuals(make_pipe(tmp_path / "e"), concept_module, progress=False, fast=False, **kw)
+    got = train_fast(make_pipe(tmp_path / "f"), concept_module, TrainConfig(**kw), progress=False, fast=LOOP)
+    assert got.losses == pytest.approx(eager.losses, rel=1e-4)
+
+
+def test_channels_last_comes_off_as_the_caller_had_it():
+    from prkit.fast_nhwc import patch_channels_last
+    from tiny import tiny_unet
+
+    for layout in (torch.channels_last, torch.contiguous_format):
+        unet = tiny_unet().to(memory_format=layout)
+        weight = unet.conv_in.weight
+        patch_channels_last(unet)()
+        assert weight.is_contiguous(memory_format=layout) and weight.is_contiguous() == (
+            layout == torch.contiguous_format)
+
+
+def test_switches_that_cannot_act_are_said(tmp_path, concept_module, caplog):
+    with caplog.at_level("WARNING", logger="prkit.train"):
+        prkit.train_residuals(make_pipe(tmp_path / "ti"), concept_module, target="textual_inversion", steps=1,
+                              fast=LOOP, progress=False, batch_size=2)
+        prkit.train_residuals(make_pipe(tmp_path / "s"), concept_module, steps=2, stop_after=1, progress=False,
+                              batch_size=2)
+    assert "is ignored for target='textual_inversion'" in caplog.text
+    assert "stop_after=1 without checkpoint_dir" in caplog.text

@@ -72,6 +72,9 @@ def test_resolve_dtype(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert resolve_dtype(None, cuda) == dtype
         assert _precision(TrainConfig(), cuda) == dtype  # the training's "auto" too
+        assert _precision(TrainConfig(), cuda, torch.float32) == dtype
+        for stored in (torch.float16, torch.bfloat16):  # a UNet stored in a half precision trains in that one
+            assert _precision(TrainConfig(), cuda, stored) == stored
     with pytest.raises(ValueError, match="fp8"):
         resolve_dtype("fp8", cpu)
 

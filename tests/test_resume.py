@@ -3,6 +3,7 @@ an interrupt during an update still resumes exactly, and training is independent
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -238,3 +239,43 @@ def test_a_resumed_run_reports_the_seconds_of_all_its_calls(tmp_path, concept, f
     third = prkit.train_residuals(pipe, concept, steps=4, **where)  # nothing left to train
     own = time.perf_counter() - began
     assert third.steps_done == 4 and own + 0.5 * saved < third.seconds <= own + second.seconds
+
+
+def test_a_checkpoint_continues_only_on_its_base_model_objective_and_recipe(tmp_path, concept, caplog):
+    """Other weights of the same architecture, another prediction type, clipping or class-image weight: refused
+    (they resumed silently and the loss jumped). The same model in another dtype still resumes."""
+    from diffusers import DDIMScheduler
+    from tiny import tiny_unet
+
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, concept, ckpt)
+    cases = {"weights (another one)": lambda p: setattr(p, "unet", tiny_unet(seed=123)),
+             "scheduler (another one)": lambda p: setattr(p, "scheduler", DDIMScheduler.from_config(
+                 p.scheduler.config, prediction_type="v_prediction"))}
+    for expected, change in cases.items():
+        pipe = make_pipe(tmp_path / "other")
+        change(pipe)
+        with pytest.raises(CheckpointError, match=re.escape(expected)):
+            prkit.train_residuals(pipe, concept, steps=6, checkpoint_dir=str(ckpt), **FAST)
+    with pytest.raises(CheckpointError, match=r"max_grad_norm \(None there, 0.1 here\)"):
+        prkit.train_residuals(make_pipe(tmp_path / "c"), concept, steps=6, checkpoint_dir=str(ckpt),
+                              max_grad_norm=0.1, **FAST)
+    half = make_pipe(tmp_path / "h")
+    half.unet.to(torch.bfloat16)
+    with caplog.at_level("WARNING", logger="prkit.train"):
+        resumed = prkit.train_residuals(half, concept, steps=6, checkpoint_dir=str(ckpt), weight_decay=0.5,
+                                        mixed_precision="no", **FAST)
+    assert resumed.completed and resumed.steps_done == 6
+    assert "weight decay 0.01; resuming at this run's 0.5" in caplog.text  # and it trains at 0.5, not the file's
+
+
+def test_a_resume_trains_at_this_runs_weight_decay(tmp_path, concept):
+    state = {}
+    for decay in (0.0, 0.9):
+        ckpt = tmp_path / f"ckpt{decay}"
+        prkit.train_residuals(make_pipe(tmp_path / f"a{decay}"), concept, steps=4, stop_after=2,
+                              checkpoint_dir=str(ckpt), weight_decay=0.9, **FAST)
+        resumed = prkit.train_residuals(make_pipe(tmp_path / f"b{decay}"), concept, steps=4,
+                                        checkpoint_dir=str(ckpt), weight_decay=decay, **FAST)
+        state[decay] = resumed.residuals.state_dict()
+    assert not _equal_states(state[0.0], state[0.9])

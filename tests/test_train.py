@@ -202,8 +202,8 @@ def test_resume_at_another_learning_rate_says_so_and_uses_this_runs(tmp_path, co
     seen = []
     real = train.load_optimizer
 
-    def spy(optimizer, state, learning_rate, source):
-        real(optimizer, state, learning_rate, source)
+    def spy(optimizer, state, learning_rate, source, *rest):
+        real(optimizer, state, learning_rate, source, *rest)
         seen.append({g["lr"] for g in optimizer.param_groups})
 
     monkeypatch.setattr(train, "load_optimizer", spy)
