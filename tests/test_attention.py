@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_unet, unet_inputs
+import prkit
+from conftest import randomize, run_unet, unet_inputs
 from prkit.attention import AttentionStore, CaptureProcessor, CaptureState, capture_attention
+from prkit.lag import lag_sampling
+from tiny import tiny_unet
 
 
 def _same_processors(unet, original: dict) -> None:
@@ -164,3 +167,78 @@ def test_capture_on_a_pipeline_that_does_not_say_whether_it_guides_is_refused(pi
     with pytest.raises(ValueError, match="does not say whether it runs classifier-free guidance"):
         with capture_attention(Upscaler(), store=AttentionStore()):
             pass
+
+
+PROMPT = "a photo of a sks dog"
+
+
+def _hooks(module):
+    return {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in module.named_modules()
+            if m._forward_pre_hooks or m._forward_hooks}
+
+
+def test_capture_and_lag_leave_no_hook_on_any_module(tokenizer):
+    unet = tiny_unet(linear=True, sdxl_like=True)
+    residuals = prkit.add_residuals(unet, name="dog", token="sks", class_word="dog")
+    randomize(residuals)
+    before = _hooks(unet)
+    assert before == {}
+    with capture_attention(unet, store=AttentionStore()):
+        run_unet(unet, unet_inputs())
+    assert _hooks(unet) == before
+    with lag_sampling(unet, residuals, [PROMPT] * 2, tokenizer=tokenizer, cfg=False):
+        run_unet(unet, unet_inputs())
+    assert _hooks(unet) == before
+
+
+def test_generate_with_a_store_and_lag_leaves_no_hooks(pipe):
+    residuals = prkit.add_residuals(pipe.unet, name="dog", token="sks", class_word="dog")
+    randomize(residuals)
+    for lag in (False, True):
+        prkit.generate(pipe, PROMPT, residuals, lag=lag, steps=2, output_type="np", store=AttentionStore())
+        assert _hooks(pipe.unet) == {}, lag
+
+
+def _inputs(seed=0, batch=2, heads=4, n=16, tokens=8, dim=8):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, dim, generator=gen) * 2  # peaked softmax: heads really differ
+    k = torch.randn(batch, heads, tokens, dim, generator=gen) * 2
+    return q, k
+
+
+@pytest.mark.parametrize("path", ["explicit", "fused"])
+def test_concept_map_is_the_head_and_layer_mean_of_the_tokens_probability_mass(path):
+    tokens, dim = 8, 8
+    weights = torch.zeros(2, tokens, 1)
+    weights[:, [2, 3], 0] = 1  # the concept's two token positions, in both prompts
+    state = CaptureState(weights, cfg=False)
+    want = []
+    for layer in range(2):  # two transformer layers in one block, as SDXL's
+        q, k = _inputs(seed=layer)
+        probs = (q @ k.transpose(-1, -2) * dim ** -0.5).softmax(-1)  # (B, h, N, T)
+        want.append(probs[..., [2, 3]].sum(-1).mean(1))  # (B, N): token mass, averaged over heads
+        if path == "explicit":
+            state.record("blk", layer, probs, (4, 4))
+        else:
+            state.record_fused("blk", layer, q, k, dim ** -0.5)
+    expected = torch.stack(want).mean(0)
+    per_head = torch.stack(want).std(0)
+    assert per_head.max() > 1e-3  # the two layers differ: a single layer would not pass
+    torch.testing.assert_close(state.concept_map("blk")[..., 0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_maps_average_the_blocks_layers_and_aggregate_averages_blocks():
+    store = AttentionStore(max_resolution=8)
+    state = CaptureState(cfg=False, store=store)
+    state.step = 0
+    layers = [torch.rand(1, 2, 16, 8, generator=torch.Generator().manual_seed(s)).softmax(-1) for s in range(3)]
+    for probs in layers:  # three layers of one block
+        state._store("blk", probs, (4, 4))
+    head_mean = torch.stack([p.mean(1) for p in layers]).mean(0)  # (1, N, T)
+    expected = head_mean.transpose(1, 2).reshape(1, 8, 4, 4)
+    torch.testing.assert_close(store.get("blk", 0), expected, rtol=1e-5, atol=1e-6)
+    store.maps[("other", 0)] = torch.zeros(1, 8, 2, 2)
+    agg = store.aggregate(size=4)
+    torch.testing.assert_close(agg, expected / 2, rtol=1e-5, atol=1e-6)  # the mean of the block and a zero block
+    store.maps[("blk", 1)] = 3 * expected
+    torch.testing.assert_close(store.get("blk"), 2 * expected)  # averaged over the kept steps

@@ -12,7 +12,8 @@ import prkit
 import prkit.fast as fast
 import prkit.train as train
 import prkit.train_inputs as train_inputs
-from conftest import make_concept, make_pipe, randomize
+from conftest import make_concept, make_pipe, randomize, run_unet, unet_inputs
+from tiny import tiny_unet
 from prkit.attention import CaptureState
 from prkit.fast import FastConfig, patch_frozen_convs, patch_merged_lowrank, train_fast
 from prkit.graphs import graphed_unet
@@ -454,3 +455,26 @@ def test_switches_that_cannot_act_are_said(tmp_path, concept_module, caplog):
                               batch_size=2)
     assert "is ignored for target='textual_inversion'" in caplog.text
     assert "stop_after=1 without checkpoint_dir" in caplog.text
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_merged_lowrank_honours_scales_and_disabled_sets(linear):
+    unet = tiny_unet(linear=linear)
+    a = prkit.add_residuals(unet, rank=4, name="a", seed=0)
+    b = prkit.add_residuals(unet, rank=4, name="b", seed=1)
+    randomize(a, seed=1)
+    randomize(b, seed=2)
+    a.scale = 0.5
+    inputs = unet_inputs()
+    full_a = run_unet(unet, inputs)  # both on, a at 0.5
+    b.disable()
+    reference = run_unet(unet, inputs)  # a alone at 0.5
+    a.scale = 1.0
+    unit_a = run_unet(unet, inputs)
+    a.scale = 0.5
+    assert (reference - unit_a).abs().max() > 1e-3 and (reference - full_a).abs().max() > 1e-3
+    undo = patch_merged_lowrank(unet)
+    try:
+        torch.testing.assert_close(run_unet(unet, inputs), reference, rtol=1e-4, atol=1e-5)
+    finally:
+        undo()

@@ -9,7 +9,7 @@ import torch
 import prkit
 from conftest import make_pipe, randomize, run_unet, unet_inputs
 from prkit.lag import THRESHOLDS, LAGConfig, concept_weights, lag_sampling, make_mask, token_positions
-from prkit.residuals import wrapped_layers
+from prkit.residuals import find_projections, wrapped_layers
 
 PROMPT = "a photo of a sks dog"
 ONES = LAGConfig(threshold=lambda m: torch.ones_like(m))
@@ -386,3 +386,23 @@ def _dog_set():
     from types import SimpleNamespace
 
     return SimpleNamespace(name="dog", token="sks", class_word="dog")
+
+
+PROMPT = "a photo of a sks dog"
+
+
+def test_lag_adds_no_unet_evaluation_counted_inside_the_unet(pipe):
+    residuals = prkit.add_residuals(pipe.unet, name="dog", token="sks", class_word="dog")
+    randomize(residuals)
+    calls = {"conv_in": 0, "blocks": 0}
+    pipe.unet.conv_in.register_forward_hook(lambda *_: calls.__setitem__("conv_in", calls["conv_in"] + 1))
+    for block in find_projections(pipe.unet):
+        pipe.unet.get_submodule(block).register_forward_hook(
+            lambda *_: calls.__setitem__("blocks", calls["blocks"] + 1))
+    seen = {}
+    for lag in (False, True):
+        calls.update(conv_in=0, blocks=0)
+        prkit.generate(pipe, PROMPT, residuals, lag=lag, guidance_scale=7.5, steps=3, output_type="np")
+        seen[lag] = dict(calls)
+    assert seen[False] == {"conv_in": 3, "blocks": 3 * 7}
+    assert seen[True] == seen[False]

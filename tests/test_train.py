@@ -7,12 +7,16 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 import prkit
 import prkit.train as train
+import prkit.train_inputs as train_inputs
 from conftest import interrupt_backward, make_concept, make_pipe
+from prkit.data import Concept
+from prkit.fast import FastConfig, train_fast
 from prkit.residuals import get_residuals
-from prkit.train import TrainingDiverged
+from prkit.train import TrainConfig, TrainingDiverged
 
 FAST = dict(progress=False, batch_size=4)
 
@@ -346,3 +350,66 @@ def test_the_training_schedule_is_the_pipeline_schedulers_even_where_it_took_its
     scheduler = train.training_scheduler(pipe)
     assert (scheduler.config.beta_schedule, scheduler.config.beta_start) == ("scaled_linear", 0.00085)
     assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+
+
+def _asymmetric_concept():
+    images = []
+    for i in range(3):
+        img = Image.new("RGB", (16, 16), (40 * i, 100, 200))
+        img.paste((250, 30, 10), (1, 2, 6, 9))  # off-centre in both axes
+        images.append(img)
+    return Concept(images=images, token="sks", class_word="dog", paths=[])
+
+
+def test_the_cache_encodes_each_image_and_its_horizontal_mirror(pipe, monkeypatch):
+    concept = _asymmetric_concept()
+    seen = []
+    real = train_inputs.encode_images
+    monkeypatch.setattr(train_inputs, "encode_images", lambda p, images, **kw: seen.append(images) or real(p, images, **kw))
+    cache = train_inputs._Cache(pipe, concept, "a photo of a sks dog", flip=True)
+    originals = concept.tensors()
+    assert not torch.equal(originals, originals.flip(-1)) and not torch.equal(originals, originals.flip(-2))
+    assert torch.equal(seen[-1], torch.cat([originals, originals.flip(-1)]))
+    assert len(cache.mean) == 6
+    plain = train_inputs._Cache(pipe, concept, "a photo of a sks dog", flip=False)
+    assert torch.equal(seen[-1], originals) and len(plain.mean) == 3
+    torch.testing.assert_close(cache.mean[:3], plain.mean)
+
+
+LOOP = FastConfig(cuda_graph=False, check_every=3)
+
+
+def _first_loss(tmp_path, concept, prior, weight, loop):
+    kw = dict(steps=1, batch_size=2, prior_images=prior, prior_weight=weight, seed=1, learning_rate=1e-3)
+    pipe = make_pipe(tmp_path / f"{loop}{weight}")
+    if loop == "eager":
+        return prkit.train_residuals(pipe, concept, progress=False, fast=False, **kw).losses[0]
+    return train_fast(pipe, concept, TrainConfig(**kw), progress=False, fast=LOOP).losses[0]
+
+
+@pytest.mark.parametrize("loop", ["eager", "fast"])
+def test_the_prior_term_is_weighted_by_prior_weight(tmp_path, concept, loop):
+    prior = make_concept(token="zwx", class_word="dog")
+    # the first step's loss is L_concept + w * L_prior (same draws, same initial weights for every w)
+    half, one, two = (_first_loss(tmp_path, concept, prior, w, loop) for w in (0.5, 1.0, 2.0))
+    assert two - one == pytest.approx(2 * (one - half), rel=1e-4)
+    assert abs(two - one) > 1e-4
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_the_fast_loop_uses_the_configured_weight_decay(tmp_path, concept, decay):
+    kw = dict(steps=3, batch_size=2, weight_decay=decay, learning_rate=1e-2, seed=0)
+    eager = prkit.train_residuals(make_pipe(tmp_path / "e"), concept, progress=False, fast=False, **kw)
+    fast = train_fast(make_pipe(tmp_path / "f"), concept, TrainConfig(**kw), progress=False, fast=LOOP)
+    a, b = eager.residuals.state_dict(), fast.residuals.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=2e-6) for k in a)
+
+
+def test_timesteps_are_drawn_over_the_whole_schedule(pipe, concept):
+    scheduler = train.training_scheduler(pipe)
+    cache = train._Cache(pipe, concept, "a photo of a sks dog", flip=False)
+    gen = torch.Generator().manual_seed(0)
+    drawn = torch.cat([cache.batch(8, gen, scheduler, "cpu")[1] for _ in range(100)])
+    total = scheduler.config.num_train_timesteps
+    assert drawn.min() < total * 0.05 and drawn.max() >= total * 0.95
+    assert abs(drawn.float().mean().item() - (total - 1) / 2) < total * 0.05  # uniform: no end favoured
