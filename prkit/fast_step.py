@@ -171,7 +171,11 @@ class TrainStep:
 
 
 class _Snapshot:
-    """Device copies of the trainable state (parameters, AdamW moments and steps, loss scale) for rollback."""
+    """Copies of the trainable state (parameters, AdamW moments and steps, loss scale) for rollback: on the device
+    for a residual set (a few MB), in host memory past ``HOST_FROM`` bytes (a whole UNet's weights and moments,
+    ~10 GB for SD1.5's DreamBooth target, would not fit beside the run on a 24 GB card)."""
+
+    HOST_FROM = 1 << 30
 
     def __init__(self, params, optimizer, scaler):
         self.params, self.optimizer, self.scaler = list(params), optimizer, scaler
@@ -187,7 +191,15 @@ class _Snapshot:
 
     @torch.no_grad()
     def take(self) -> None:
-        self.saved = [(t, t.detach().clone()) for t in self._tensors()]
+        tensors = self._tensors()
+        host = sum(t.numel() * t.element_size() for t in tensors) >= self.HOST_FROM
+        if not host:
+            self.saved = [(t, t.detach().clone()) for t in tensors]
+            return
+        if len(self.saved) != len(tensors) or any(a is not t for (a, _), t in zip(self.saved, tensors)):
+            self.saved = [(t, torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)) for t in tensors]
+        for tensor, copy in self.saved:  # reused buffers, one allocation for the run; enqueued on the step's stream,
+            copy.copy_(tensor, non_blocking=True)  # so read back (restore) only after the window's sync
 
     @torch.no_grad()
     def restore(self) -> None:

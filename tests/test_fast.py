@@ -478,3 +478,24 @@ def test_merged_lowrank_honours_scales_and_disabled_sets(linear):
         torch.testing.assert_close(run_unet(unet, inputs), reference, rtol=1e-4, atol=1e-5)
     finally:
         undo()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_a_large_trainable_state_is_snapshotted_in_host_memory(device, monkeypatch):
+    """Rollback copies of a whole UNet's weights and moments (~10 GB on SD1.5) stay off the GPU; a rollback still
+    restores the exact state, and state made after the snapshot starts fresh."""
+    params = [nn.Parameter(torch.randn(64, 64, device=device)) for _ in range(3)]
+    optimizer = torch.optim.AdamW(params, lr=1e-1)
+    monkeypatch.setattr(fast._Snapshot, "HOST_FROM", 1)
+    snap = fast._Snapshot(params, optimizer, None)
+    before = [p.detach().clone() for p in params]
+    snap.take()
+    assert all(copy.device.type == "cpu" for _, copy in snap.saved)
+    for _ in range(2):
+        sum(p.square().sum() for p in params).backward()
+        optimizer.step()
+    assert not torch.equal(params[0], before[0])
+    snap.restore()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.count_nonzero(v) == 0 for p in params for v in optimizer.state[p].values() if v.dim())
