@@ -6,6 +6,7 @@ A thin layer over the standard pipeline call; LAG itself lives in ``lag.py``.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,7 +29,7 @@ class SampleConfig:
 
 
 def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[Residuals] | None = None, *,
-             lag: bool = True, seed: int = 0, num_images: int = 1, steps: int | None = None,
+             lag: bool = True, seed: int | None = 0, num_images: int = 1, steps: int | None = None,
              guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
              lag_config: LAGConfig | None = None, store: AttentionStore | None = None,
              config: SampleConfig | None = None, fast: bool | None = None, **pipe_kwargs):
@@ -40,7 +41,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         residuals: a set, several sets (multi-concept), or None for the base model; each must live on
             ``pipe.unet`` (a removed set, or one on another pipeline, is refused: it would sample something else).
         lag: apply each set only under its concept's attention mask (no extra UNet evaluations).
-        seed: seeds the generator, so the same call gives the same images.
+        seed: seeds the generator, so the same call gives the same images (None: other images each call).
         store: an AttentionStore to fill with per-token maps (works with lag on or off); cleared first.
         fast: replay the UNet as a CUDA graph within the call (``prkit.graphs``); None: on for CUDA unless
             a store or step callbacks need Python at every step.
@@ -53,13 +54,21 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
     _check_prompt(prompt, pipe_kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     steps, num_images = _diffusers_names(pipe_kwargs, steps, num_images)
+    sides = [pipe_kwargs.get(k) for k in ("height", "width")]
+    if sides.count(None) == 1:  # diffusers drops a lone side (both become native): the other side is native
+        from .pipeline import native_resolution
+
+        side = "width" if sides[0] is not None else "height"
+        pipe_kwargs[side] = native_resolution(pipe)
     for arg, value in (("steps", steps), ("num_images", num_images)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"generate: {arg} must be a whole number >= 1, got {value!r}")
     device = execution_device(pipe)
     generator = pipe_kwargs.pop("generator", None)  # the caller's own generator wins over seed
-    if generator is None:
-        generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"generate: seed must be a whole number (or None: new images each call), got {seed!r}")
+    if generator is None and seed is not None:  # None: diffusers draws from torch's global generator
+        generator = torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(int(seed))
     negative = negative_prompt if negative_prompt is not None else config.negative_prompt
     if isinstance(negative, str):  # diffusers wants one per prompt when the prompts are a list
         negative = [negative] * len(prompts)

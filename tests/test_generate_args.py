@@ -72,3 +72,20 @@ def test_a_store_with_graph_replays_is_refused(pipe):
     store = AttentionStore()
     prkit.generate(pipe, "a photo of a dog", None, steps=2, store=store, fast=None)
     assert len({step for _, step in store.maps}) == 2  # a map for every step
+
+
+def test_a_lone_height_or_width_keeps_the_other_side_native(pipe):
+    """diffusers resets both sides to the native size when one is missing; generate fills the missing one instead."""
+    tall = prkit.generate(pipe, PROMPT, None, steps=1, height=24, **FAST)
+    wide = prkit.generate(pipe, PROMPT, None, steps=1, width=24, **FAST)
+    assert tall.shape == (1, 24, 16, 3) and wide.shape == (1, 16, 24, 3)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        prkit.generate(pipe, PROMPT, None, steps=1, height=20, **FAST)
+
+
+def test_seed_none_gives_new_images_and_a_bad_seed_is_named(pipe):
+    first = prkit.generate(pipe, PROMPT, None, steps=1, seed=None, **FAST)
+    second = prkit.generate(pipe, PROMPT, None, steps=1, seed=None, **FAST)
+    assert np.abs(first - second).max() > 1e-3
+    with pytest.raises(ValueError, match="seed must be a whole number"):
+        prkit.generate(pipe, PROMPT, None, steps=1, seed="7", **FAST)
