@@ -107,5 +107,5 @@ def load_subjects(config: EvalConfig) -> list[Subject]:
             raise ValueError(f"unknown subjects {missing}; this protocol has: {', '.join(sorted(known))}")
         subjects = [s for s in subjects if s.name in config.subjects]
     for s in subjects:
-        s.prompts = s.prompts[:config.max_prompts] if config.max_prompts else s.prompts
+        s.prompts = s.prompts[:config.max_prompts] if config.max_prompts is not None else s.prompts
     return subjects

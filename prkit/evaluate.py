@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .cli_args import _guidance, _positive_int, _whole
 from .eval_jobs import (  # noqa: F401
     JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
     write_timing,
@@ -61,6 +62,18 @@ class EvalConfig:
     dtype: str | None = None  # pipeline dtype (None: bf16/fp16 on GPUs, fp32 elsewhere)
     save_images: bool = False  # PNGs under out/images/<method>/<subject>/
     ci_over: str = "image"  # 95% interval over images or over per-subject means ("subject")
+
+    def __post_init__(self):
+        counts = [("images_per_prompt", self.images_per_prompt, 1), ("sample_steps", self.sample_steps, 1),
+                  ("seed", self.seed, 0)] + ([("max_prompts", self.max_prompts, 1)] if self.max_prompts is not None
+                                             else [])
+        for name, value, low in counts:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EvalConfig.{name} must be a whole number >= {low}, got {value!r}")
+        if not (isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale < float("inf")):
+            raise ValueError(f"EvalConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        if self.dtype not in (None, "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"):
+            raise ValueError(f"EvalConfig.dtype must be None, 'fp32', 'fp16' or 'bf16', got {self.dtype!r}")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -248,12 +261,26 @@ def _parse_set(items: Sequence[str]) -> dict:
         method, dot, field_name = key.partition(".")
         if not sep or not dot:
             raise ValueError(f"--set wants METHOD.FIELD=VALUE (e.g. textual_inversion.steps=500), got {item!r}")
+        if method not in METHODS:
+            raise ValueError(f"--set {item!r}: {method!r} is not a method; one of {', '.join(METHODS)}")
+        fields = _recipe_fields()
+        if field_name not in fields:
+            raise ValueError(f"--set {item!r}: {field_name!r} is not a recipe field; one of {', '.join(fields)}")
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed = value
         out.setdefault(method, {})[field_name] = parsed
     return out
+
+
+def _recipe_fields() -> list[str]:
+    """What ``--set METHOD.FIELD=`` may name: TrainConfig's fields and the recipes' own keys (scale_lr)."""
+    from dataclasses import fields
+
+    from .train_config import TrainConfig
+
+    return sorted({f.name for f in fields(TrainConfig)} | {"scale_lr"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -264,11 +291,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=d.model, help="'world', a diffusers folder or a hub id")
     parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS)
     parser.add_argument("--subjects", nargs="*", default=[], help="default: all of the protocol's")
-    parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt)
-    parser.add_argument("--sample-steps", type=int, default=d.sample_steps)
-    parser.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--max-prompts", type=_positive_int, default=None,
+                        help="only each subject's first N prompts (smoke runs); default: all")
+    parser.add_argument("--images-per-prompt", type=_positive_int, default=d.images_per_prompt,
+                        help=f"seeds 0..N-1 per prompt (default {d.images_per_prompt})")
+    parser.add_argument("--sample-steps", type=_positive_int, default=d.sample_steps,
+                        help=f"denoising steps (default {d.sample_steps})")
+    parser.add_argument("--guidance-scale", type=_guidance, default=d.guidance_scale,
+                        help=f"classifier-free guidance (default {d.guidance_scale})")
+    parser.add_argument("--seed", type=_whole(0), default=d.seed, help="training and sampling seed (default 0)")
     parser.add_argument("--token", default=d.token)
     parser.add_argument("--set", dest="train", nargs="*", default=[], metavar="METHOD.FIELD=VALUE",
                         help="recipe overrides, e.g. textual_inversion.steps=500 "
@@ -279,7 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="fetch CLIP/DINO hub ids missing from the local cache")
     parser.add_argument("--out", default=d.out)
     parser.add_argument("--device", default=d.device)
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="pipeline dtype (default: bf16/fp16 on GPUs, fp32 elsewhere)")
     parser.add_argument("--save-images", action="store_true")
     parser.add_argument("--ci-over", choices=("image", "subject"), default=d.ci_over)
     return parser

@@ -311,6 +311,18 @@ def test_cli_arguments_make_the_config():
     assert config.train == {"dreambooth": {"steps": 200, "prior_images": "cls/{subject}"}} and config.max_prompts == 3
     with pytest.raises(ValueError, match="METHOD.FIELD=VALUE"):
         ev._parse_set(["steps=3"])
+    with pytest.raises(ValueError, match="'stepz' is not a recipe field"):
+        ev._parse_set(["residuals.stepz=3"])
+    with pytest.raises(ValueError, match="'residual' is not a method"):
+        ev._parse_set(["residual.steps=3"])
+    # numbers are checked by the parser (before any model loads), naming the flag; the config checks them too
+    for flag, value in [("--max-prompts", "0"), ("--max-prompts", "-1"), ("--images-per-prompt", "0"),
+                        ("--sample-steps", "0"), ("--guidance-scale", "nan"), ("--dtype", "float64")]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["eval", flag, value])
+    for field_name, value in [("max_prompts", 0), ("images_per_prompt", 0), ("sample_steps", -2), ("dtype", "fp8")]:
+        with pytest.raises(ValueError, match=f"EvalConfig.{field_name}"):
+            ev.EvalConfig(**{field_name: value})
 
 
 def test_recipe_overrides_and_prior_folder(assets, tmp_path):
