@@ -94,6 +94,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     unet = pipe.unet
+    _check_resolution(pipe, concept)  # both loops (the fast one too), pointing at the caller's line
     _check_not_offloaded(unet)
     _check_precision(config, unet)
     unfinished = _unfinished(unet)
@@ -171,7 +172,6 @@ def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) ->
 
 
 def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, register) -> TrainResult:
-    _check_resolution(pipe, concept)
     start = time.perf_counter()
     unet = pipe.unet
     device = unet.device

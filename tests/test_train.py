@@ -189,8 +189,11 @@ def test_images_far_from_the_native_resolution_warn_with_the_fix(tmp_path):
     pipe = make_pipe(tmp_path)
     native = prkit.native_resolution(pipe)
     big = make_concept(resolution=native * 4)
-    with pytest.warns(UserWarning, match=rf"native resolution is {native}px.*resolution={native}"):
+    with pytest.warns(UserWarning, match=rf"native resolution is {native}px.*resolution={native}") as said:
         prkit.train_residuals(pipe, big, steps=1, **FAST)
+    assert [w.filename for w in said] == [__file__]  # the caller's line, not prkit's
+    with pytest.warns(UserWarning, match="native resolution"):  # the fast loop warns as well
+        prkit.train_residuals(make_pipe(tmp_path / "f"), big, steps=1, fast=True, **FAST)
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
