@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 
-from .cli_args import _finite, _guidance, _learning_rate, _positive_int, _rank, _whole  # noqa: F401
+from .cli_args import _finite, _guidance, _learning_rate, _positive_int, _rank, _whole, bars_wanted  # noqa: F401
 
 LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
 
@@ -35,6 +35,10 @@ def _writable_folder(folder: Path, what: str) -> None:
 
 
 def _check_output_file(path: Path, overwrite: bool) -> None:
+    """--out of train/export: a new *.safetensors file ("newdir/" arrives as "newdir": refused for its suffix)."""
+    if path.suffix.lower() != ".safetensors" and not path.is_dir():
+        raise ValueError(f"--out {str(path)!r}: the file is written as safetensors; name it *.safetensors, e.g. "
+                         f"{str(path.with_suffix('.safetensors'))!r}")
     if path.is_dir():
         raise ValueError(f"--out {str(path)!r} is a folder; give a file name, e.g. {str(path / 'concept.safetensors')!r}")
     if path.exists() and not overwrite:
@@ -66,7 +70,7 @@ def _train(args) -> int:
                          rank=args.rank, checkpoint_dir=str(checkpoint_dir), resume=args.resume,
                          checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing)
-    result = train_residuals(pipe, concept, config)
+    result = train_residuals(pipe, concept, config, progress=bars_wanted())
     save_residuals(result.residuals, args.out, base_model=args.model)
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, final loss {result.losses[-1]:.4f})")
@@ -98,6 +102,8 @@ def _sample(args) -> int:
     for residuals, scale in zip(sets, scales):
         residuals.scale = scale
     _load_loras(pipe, args.lora, lora_scales, args.model)
+    if not bars_wanted():
+        pipe.set_progress_bar_config(disable=True)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif args.offload == "sequential":
@@ -340,10 +346,22 @@ def _cli_words(message: str) -> str:
     return message
 
 
+def _library_bars_off():
+    """diffusers' and transformers' loading bars off (no terminal to draw them on); returns the undo."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in was:
+        module.disable_progress_bar()
+    return lambda: [module.enable_progress_bar() for module, on in was if on]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    restore = _library_bars_off() if args.command != "info" and not bars_wanted() else None
     previous = None
     if args.command == "train" and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
@@ -359,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if restore is not None:
+            restore()
 
 
 if __name__ == "__main__":

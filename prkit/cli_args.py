@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 
 
 def _whole(minimum: int):
@@ -65,3 +67,9 @@ def _rank(text: str) -> float | int:
         return int(value)
     raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.05 or a whole rank >= 1 such as 16, "
                                      f"got {text!r}")
+
+
+def bars_wanted() -> bool:
+    """Progress bars only on a terminal (a log file of `prkit train ... 2>&1 > log` got every redraw) and never
+    under TQDM_DISABLE=1, which tqdm itself honours only where a bar is not switched on explicitly."""
+    return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")

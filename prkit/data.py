@@ -193,7 +193,7 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
         warnings.warn(f"ignoring {len(others)} file(s) or folder(s) that are not images in '{folder}': "
                       f"{', '.join(others)} (accepted: {accepted}).", stacklevel=2)
 
-    crops, paths = [], []
+    crops, paths, skipped = [], [], []
     for p in images:
         try:
             img = _decode(p, config.max_side, config.resolution)
@@ -201,12 +201,13 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
             if not config.skip_bad:
                 raise ConceptDataError(e.advice) from e
             warnings.warn(f"skipping unreadable image '{p}': {e.reason}.", stacklevel=2)
+            skipped.append(f"{p.name} ({e.reason})")
             continue
         crops.append(_square(img, p, config.resolution, config.center_crop, config.max_side))
         paths.append(p)
     if not crops:
-        raise ConceptDataError(f"none of the {len(images)} image file(s) in '{folder}' could be "
-                               "read (see the warnings); add readable images.")
+        raise ConceptDataError(f"none of the {len(images)} image file(s) in '{folder}' could be read: "
+                               f"{'; '.join(skipped[:5])}{'; ...' if len(skipped) > 5 else ''}. Add readable images.")
     if len(crops) < config.min_images:
         raise ConceptDataError(f"concept folder '{folder}' has {len(crops)} usable image(s), "
                                f"fewer than min_images={config.min_images}.")

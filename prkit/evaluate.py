@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .cli_args import _guidance, _positive_int, _whole
+from .cli_args import _guidance, _positive_int, _whole, bars_wanted
 from .eval_jobs import (  # noqa: F401
     JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
     write_timing,
@@ -331,7 +331,7 @@ def config_from_args(args) -> EvalConfig:
 def run_from_args(args) -> int:
     """Run an evaluation from parsed arguments; rank 0 prints the summary table."""
     config = config_from_args(args)
-    summary = evaluate(config)
+    summary = evaluate(config, progress=bars_wanted())
     if dist_env()[0] == 0:
         print((Path(config.out) / "summary.md").read_text() if summary else "no results")
         print(f"wrote {Path(config.out) / RESULTS} and {Path(config.out) / SUMMARY}")

@@ -277,8 +277,8 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                 with deferred_interrupt():  # the window's losses and its end: both or neither
                     losses.extend(values)
                     step, window = b, None
+                bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)  # drawn by the update: one write per window
                 bar.update(b - a)
-                bar.set_postfix(loss=f"{values[-1]:.4f}")
                 if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
                     checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
                                      time.perf_counter() - start)

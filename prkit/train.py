@@ -225,8 +225,8 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
                 step += 1
                 step_start = gen.get_state()
                 losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)  # drawn by the update: one write per step
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
             if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
                                  time.perf_counter() - start)

@@ -398,3 +398,27 @@ def test_messages_name_flags_and_missing_folders(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "``prkit eval`` (also ``python -m prkit``)" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_outputs_are_safetensors_files_and_piped_runs_draw_no_bars(tmp_path, capsys, monkeypatch):
+    """--out newdir/ wrote a file named newdir; a run piped to a log wrote every progress redraw (27 KB for 150
+    steps) and TQDM_DISABLE could not stop it."""
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    images = _concept(tmp_path / "images")
+    base = ["train", "--model", str(model), "--images", str(images), "--token", "sks", "--class-word", "dog",
+            "--steps", "3", "--rank", "2", "--device", "cpu"]
+    for out in (str(tmp_path / "newdir") + "/", str(tmp_path / "x.pt")):
+        assert main(base + ["--out", out]) == 2
+        assert "name it *.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "newdir").exists() and not (tmp_path / "x.pt").exists()
+    assert main(base + ["--out", str(tmp_path / "ok.safetensors")]) == 0  # stderr is not a terminal here
+    err = capsys.readouterr().err
+    assert "personalizing" not in err and "Loading pipeline components" not in err
+    import diffusers.utils.logging as diffusers_logging
+
+    assert diffusers_logging.is_progress_bar_enabled()  # off for the command only
+    samples = tmp_path / "samples"
+    assert main(["sample", "--model", str(model), "--residuals", str(tmp_path / "ok.safetensors"), "--prompt",
+                 "a photo of a sks dog", "--steps", "2", "--out", str(samples), "--device", "cpu"]) == 0
+    assert "it/s" not in capsys.readouterr().err
