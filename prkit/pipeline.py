@@ -105,7 +105,9 @@ def _looks_like_path(name: str) -> bool:
             or name.count("/") != 1)
 
 
-def _missing_message(name: str, err: Exception) -> str:
+def _missing_message(name: str, err: Exception | None) -> str:
+    if name.strip().lower() == WORLD:
+        return f"could not load model {name!r}: the embedded default is spelt {WORLD!r}"
     if _looks_like_path(name):
         return (f"could not load model {name!r}: there is no such folder ({Path(name).expanduser().resolve()}), "
                 "and it is not a hub id ('owner/name'). Pass the folder that holds model_index.json, a hub id such "
@@ -198,6 +200,8 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         if local and not (Path(source) / "model_index.json").is_file():
             raise FileNotFoundError(f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
                                     "convert single-file checkpoints with diffusers' from_single_file first")
+        if not local and _looks_like_path(name):  # no hub id either: said now, not after the hub's retries (~30 s)
+            raise RuntimeError(_missing_message(name, None))
     local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
     try:
         if local:

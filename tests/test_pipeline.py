@@ -380,3 +380,15 @@ def test_sdxl_size_conditioning_follows_non_square_images_and_mixed_sizes_are_re
     mixed = Concept(tall[:2] + [Image.new("RGB", (16, 16))], "sks", "dog", [])
     with pytest.raises(ValueError, match=r"2 sizes \(16x16, 16x24\).*crop or resize them to one size"):
         mixed.tensors()
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_before_the_hub(monkeypatch, tmp_path):
+    """'sd15' (no folder here) went to the hub first: ~30 s of retries before the message on a connected machine."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(RuntimeError, match="there is no such folder"):
+        prkit.load_pipeline("sd15", device="cpu")
+    with pytest.raises(RuntimeError, match="spelt 'world'"):
+        prkit.load_pipeline("World", device="cpu")
