@@ -197,6 +197,9 @@ def _recorded_model(meta: dict) -> str:
     recorded = str(meta.get("base_model") or "")
     if recorded and (Path(recorded).expanduser().is_dir() or not _looks_like_path(recorded)):
         return recorded
+    if recorded and recorded != "world":
+        raise ValueError(f"the file was trained on {recorded!r}, which is not a folder on this machine; pass "
+                         "--model with that model's folder or hub id")
     return "world"
 
 

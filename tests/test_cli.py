@@ -178,6 +178,10 @@ def test_export_writes_a_lora_diffusers_loads_with_the_same_effect(tmp_path, cap
     recorded = tmp_path / "recorded.safetensors"  # no --model: the base model the file records (was: the world)
     assert main(["export", str(out), "--out", str(recorded), "--dtype", "fp32"]) == 0
     assert f"base model: {tmp_path / 'model'}" in capsys.readouterr().err
+    (tmp_path / "model").rename(tmp_path / "moved")  # the recorded folder is gone: said, not the world tried
+    assert main(["export", str(out), "--out", str(tmp_path / "gone.safetensors"), "--dtype", "fp32"]) == 2
+    assert "which is not a folder on this machine; pass --model" in capsys.readouterr().err
+    (tmp_path / "moved").rename(tmp_path / "model")
     pipe = prkit.load_pipeline(tmp_path / "model", device="cpu")
     args = dict(prompt="a photo of a sks dog", num_inference_steps=2, generator=None, output_type="np")
     base = pipe(**{**args, "generator": torch.Generator().manual_seed(0)}).images
