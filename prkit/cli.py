@@ -89,6 +89,11 @@ def _sample(args) -> int:
     _writable_folder(out, "--out")
     for path in args.residuals:  # readable prkit files, checked before the model loads
         read_metadata(path)
+    resolved = [Path(p).resolve() for p in args.residuals]
+    twice = sorted({str(p) for p, r in zip(args.residuals, resolved) if resolved.count(r) > 1})
+    if twice:
+        raise ValueError(f"--residuals names {', '.join(twice)} more than once, which would apply it twice; for a "
+                         "stronger effect pass --scale (e.g. --scale 2)")
     lora_scales = _check_loras(args.lora, args.lora_scale)
     scales = _per_file(args.scale, args.residuals, "--scale", "--residuals")
     device = resolve_device(args.device)
@@ -98,7 +103,10 @@ def _sample(args) -> int:
                          f"{device}: leave --offload out, or sample on a CUDA GPU")
     dtype = resolve_dtype(args.dtype, device)  # the GPU's, also when the models wait on the CPU (--offload)
     pipe = load_pipeline(args.model, device="cpu" if args.offload != "none" else device, dtype=dtype)
-    sets = [load_residuals(pipe, path) for path in args.residuals]
+    # each set named after its file, so that an error about a set says which file it is
+    names = [re.sub(r"[^0-9A-Za-z_]", "_", Path(path).stem) or "residuals" for path in args.residuals]
+    names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    sets = [load_residuals(pipe, path, name) for path, name in zip(args.residuals, names)]
     for residuals, scale in zip(sets, scales):
         residuals.scale = scale
     _load_loras(pipe, args.lora, lora_scales, args.model)

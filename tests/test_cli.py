@@ -426,3 +426,18 @@ def test_outputs_are_safetensors_files_and_piped_runs_draw_no_bars(tmp_path, cap
     assert main(["sample", "--model", str(model), "--residuals", str(tmp_path / "ok.safetensors"), "--prompt",
                  "a photo of a sks dog", "--steps", "2", "--out", str(samples), "--device", "cpu"]) == 0
     assert "it/s" not in capsys.readouterr().err
+
+
+def test_several_residual_files_are_named_after_their_files_and_one_file_twice_is_refused(tmp_path, capsys):
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    images = _concept(tmp_path / "images")
+    dog, cat = tmp_path / "my-dog.safetensors", tmp_path / "cat.safetensors"
+    for out, token in ((dog, "sks"), (cat, "zwx")):
+        assert main(["train", "--model", str(model), "--images", str(images), "--token", token, "--class-word", "dog",
+                     "--out", str(out), "--steps", "2", "--rank", "2", "--device", "cpu"]) == 0
+    base = ["sample", "--model", str(model), "--steps", "2", "--out", str(tmp_path / "s"), "--device", "cpu"]
+    assert main(base + ["--residuals", str(dog), str(cat), "--prompt", "a photo of a sks dog"]) == 2
+    assert "of residual set 'cat'" in capsys.readouterr().err  # was 'default_2'
+    assert main(base + ["--residuals", str(dog), str(dog), "--prompt", "a photo of a sks dog"]) == 2
+    assert "more than once" in capsys.readouterr().err
