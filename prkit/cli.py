@@ -21,6 +21,7 @@ from pathlib import Path
 from .cli_args import _finite, _guidance, _learning_rate, _positive_int, _rank, _whole, bars_wanted  # noqa: F401
 
 LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
+DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else the CPU), cpu, cuda, cuda:1, mps"
 
 
 def _writable_folder(folder: Path, what: str) -> None:
@@ -94,6 +95,8 @@ def _sample(args) -> int:
     if twice:
         raise ValueError(f"--residuals names {', '.join(twice)} more than once, which would apply it twice; for a "
                          "stronger effect pass --scale (e.g. --scale 2)")
+    if not args.lag and args.lag_threshold != "median":
+        print(f"prkit sample: note: --lag-threshold {args.lag_threshold} has no effect with --no-lag", file=sys.stderr)
     lora_scales = _check_loras(args.lora, args.lora_scale)
     scales = _per_file(args.scale, args.residuals, "--scale", "--residuals")
     device = resolve_device(args.device)
@@ -251,14 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--class-word", dest="class_word", help="the concept's class, e.g. dog")
     train.add_argument("--out", required=True, help="output .safetensors")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    train.add_argument("--steps", type=_positive_int, default=150)
-    train.add_argument("--batch-size", type=_positive_int, default=4)
+    train.add_argument("--steps", type=_positive_int, default=150, help="training steps (default 150)")
+    train.add_argument("--batch-size", type=_positive_int, default=4, help="images per step (default 4)")
     train.add_argument("--lr", type=_learning_rate, default=None,
                        help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else METHOD's 1e-3")
     train.add_argument("--rank", type=_rank, default=0.05, help="fraction of channels (0.05) or a whole rank (16)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_whole(0), default=0, help="default 0")
     train.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
-    train.add_argument("--checkpoint-dir", default=None, help="default: <out>.ckpt; rerun to resume")
+    train.add_argument("--checkpoint-dir", default=None,
+                       help="default: --out without .safetensors, plus .ckpt (sks.safetensors: sks.ckpt); rerun the "
+                            "same command to resume")
     train.add_argument("--checkpoint-every", type=_whole(0), default=50,
                        help="steps between checkpoints (also written on Ctrl-C and SIGTERM); 0: only then")
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -270,11 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true",
                        help="small GPUs: recompute activations in the backward pass (less memory, slower steps)")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
-    train.add_argument("--device", default="auto")
+    train.add_argument("--device", default="auto", help=DEVICE_HELP)
     train.set_defaults(func=_train)
 
     sample = sub.add_parser("sample", help="generate images, optionally with residuals and LAG")
-    sample.add_argument("--model", default="world")
+    sample.add_argument("--model", default="world", help="'world' (default), a diffusers folder or a hub id")
     # repeated options add up (--lora a --lora b: both), as a list after one does
     sample.add_argument("--residuals", nargs="+", action="extend", default=[], help="one or more residual files")
     sample.add_argument("--prompt", required=True, nargs="+", action="extend", help="one or more prompts, each in "
@@ -286,18 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "--lora file, in the same order (default 1.0 each)")
     sample.add_argument("--scale", nargs="+", action="extend", type=_finite, default=[], help="the residuals' "
                         "strength: one value for all --residuals files, or one per file in their order (default 1.0)")
-    sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True)
+    sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True,
+                        help="apply each residual set only where its concept's attention puts it (default: on; "
+                             "--no-lag: everywhere)")
     sample.add_argument("--lag-threshold", default="median", choices=LAG_THRESHOLDS,
-                        help="how LAG cuts each concept's attention map into its mask (METHOD: median)")
+                        help="how LAG cuts each concept's attention map into its mask (default and METHOD: median; "
+                             "fixed: 0.5 on the min-max normalized map)")
     sample.add_argument("--negative-prompt", default=None, help="one negative prompt for every --prompt")
-    sample.add_argument("--num-images", type=_positive_int, default=4)
-    sample.add_argument("--steps", type=_positive_int, default=25)
-    sample.add_argument("--guidance-scale", type=_guidance, default=7.5)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
+    sample.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
+    sample.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance (default 7.5)")
+    sample.add_argument("--seed", type=_whole(0), default=0, help="default 0: the same command gives the same images")
     sample.add_argument("--height", type=_positive_int, default=None, help="default: the model's native size")
     sample.add_argument("--width", type=_positive_int, default=None, help="default: the model's native size")
     sample.add_argument("--out", default="samples", help="folder; images already there are kept")
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--device", default="auto", help=DEVICE_HELP)
     sample.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                         help="default: bf16 on GPUs that compute in it, fp16 on older ones, fp32 on the CPU")
     sample.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
