@@ -130,13 +130,30 @@ def _sample(args) -> int:
     for done, (image, name) in enumerate(zip(images, names)):
         try:
             with atomic_path(out / name) as tmp:  # an interrupt or a full disk leaves whole images only
-                image.save(tmp, format="PNG")
+                image.save(tmp, format="PNG", pnginfo=_png_text(args, done))
         except OSError as err:
             kept = "" if not done else f"; {names[0]} was written" if done == 1 else \
                 f"; {names[0]} to {names[done - 1]} were written"
             raise OSError(err.errno, f"could not write {out / name} ({err.strerror or err}){kept}") from err
     print(f"wrote {len(images)} images to {out} ({names[0]}{f' to {names[-1]}' if len(names) > 1 else ''})")
     return 0
+
+
+def _png_text(args, index: int):
+    """What made image ``index`` of the call, as PNG text chunks: its prompt and the command's settings."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", args.prompt[index // args.num_images])
+    info.add_text("prkit", json.dumps({
+        "model": args.model, "residuals": args.residuals, "scale": args.scale, "lora": args.lora,
+        "lora_scale": args.lora_scale, "lag": args.lag, "lag_threshold": args.lag_threshold,
+        "negative_prompt": args.negative_prompt, "steps": args.steps, "guidance_scale": args.guidance_scale,
+        "seed": args.seed, "num_images": args.num_images, "image_of_call": index,
+        "height": args.height, "width": args.width, "dtype": args.dtype}))
+    return info
 
 
 def _per_file(values: list[float], files: list[str], flag: str, files_flag: str) -> list[float]:

@@ -38,6 +38,9 @@ def test_train_sample_info(tmp_path, capsys):
     assert main(["sample", "--model", str(model), "--residuals", str(out), "--prompt", "a photo of a sks dog",
                  "--num-images", "2", "--steps", "2", "--out", str(samples), "--device", "cpu"]) == 0
     assert sorted(p.name for p in samples.iterdir()) == ["000.png", "001.png"]
+    made = Image.open(samples / "001.png").info  # what made each image travels with it
+    assert made["prompt"] == "a photo of a sks dog" and '"image_of_call": 1' in made["prkit"]
+    assert str(out) in made["prkit"] and '"seed": 0' in made["prkit"]
     # a prompt without the identifier cannot be localized: a clear error, exit code 2
     assert main(["sample", "--model", str(model), "--residuals", str(out), "--prompt", "a photo of a dog",
                  "--steps", "2", "--out", str(samples), "--device", "cpu"]) == 2
