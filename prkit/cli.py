@@ -356,7 +356,13 @@ def _terminated(signum, frame):
 
 PATH_ARGS = ("images", "out", "checkpoint_dir", "file", "residuals", "lora", "data")  # "~" expanded in each
 # the library's words for a setting, as the command line spells it (errors raised by the library name arguments)
-CLI_WORDS = (("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
+CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
+              "(train it again with --token, or sample with --no-lag)"),
+             ("or load a folder written by Concept.save() whose concept.json holds it.",
+              'or put a concept.json holding "token" and "class_word" in the images folder.'),
+             ("use device='cpu', 'cuda' or 'auto'", "use --device cpu, cuda or auto"),
+             ("use device='cpu' or 'auto'", "use --device cpu or auto"),
+             ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
              ("skip_bad=True", "--skip-bad"), ("lag=False", "--no-lag"), ("checkpoint_dir", "--checkpoint-dir"),
              ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
              ("token is required: pass token=...", "--token is required: pass --token"),
@@ -382,6 +388,30 @@ def _cli_words(message: str) -> str:
     return message
 
 
+class _CliWordsFilter(logging.Filter):
+    """Log records in the command line's words (the library's name arguments: download=False, checkpoint_dir)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _cli_words(record.getMessage()), None
+        return True
+
+
+def _in_cli_words(command: str):
+    """Warnings as one line, "prkit <command>: warning: ...", and log records, in the command line's words (a
+    warning printed cli.py's path and source line); returns the undo."""
+    format_before, handlers = warnings.formatwarning, logging.getLogger().handlers
+    warnings.formatwarning = lambda message, *args, **kwargs: f"prkit {command}: warning: {_cli_words(str(message))}\n"
+    words = _CliWordsFilter()
+    for handler in handlers:
+        handler.addFilter(words)
+
+    def undo():
+        warnings.formatwarning = format_before
+        for handler in handlers:
+            handler.removeFilter(words)
+    return undo
+
+
 def _library_bars_off():
     """diffusers' and transformers' loading bars off (no terminal to draw them on); returns the undo."""
     import diffusers.utils.logging as diffusers_logging
@@ -398,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     restore = _library_bars_off() if args.command != "info" and not bars_wanted() else None
+    said = _in_cli_words(args.command)
     previous = None
     if args.command == "train" and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
@@ -415,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
         if restore is not None:
             restore()
+        said()
 
 
 if __name__ == "__main__":

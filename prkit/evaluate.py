@@ -173,6 +173,8 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     start = time.perf_counter()
     rank, world_size, local_rank = dist_env()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file; the evaluation writes a folder there: choose another path")
     out.mkdir(parents=True, exist_ok=True)
     subjects = {s.name: s for s in load_subjects(config)}
     jobs = job_list(config.methods, list(subjects))

@@ -444,3 +444,31 @@ def test_several_residual_files_are_named_after_their_files_and_one_file_twice_i
     assert "of residual set 'cat'" in capsys.readouterr().err  # was 'default_2'
     assert main(base + ["--residuals", str(dog), str(dog), "--prompt", "a photo of a sks dog"]) == 2
     assert "more than once" in capsys.readouterr().err
+
+
+def test_warnings_and_messages_speak_the_command_lines_words(tmp_path, capsys):
+    """A warning printed prkit's source path and line; errors named Python arguments (device=, token=) and a file
+    given as eval's --out failed with [Errno 17]."""
+    import warnings
+
+    images = _concept(tmp_path / "images")
+    assert main(["train", "--images", str(images), "--class-word", "dog", "--out", str(tmp_path / "x.safetensors"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--token is required: pass --token" in err and 'put a concept.json holding "token"' in err
+    before = warnings.formatwarning
+    assert main(["train", "--images", str(images), "--token", "sks", "--class-word", "dog", "--steps", "1",
+                 "--rank", "2", "--resolution", "512", "--model", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "y.safetensors"), "--device", "cpu"]) == 2
+    assert warnings.formatwarning is before  # put back after the command
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", "--out", str(tmp_path / "file"), "--device", "cpu"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        undo = __import__("prkit.cli", fromlist=["_in_cli_words"])._in_cli_words("sample")
+        try:
+            assert warnings.formatwarning("see (download=False)", UserWarning, "f.py", 3) == \
+                "prkit sample: warning: see (add --download-backbones)\n"
+        finally:
+            undo()
