@@ -208,12 +208,32 @@ def _load_loras(pipe, paths: list[str], scales: list[float], model: str) -> None
 
 
 def _info(args) -> int:
+    import json
+
     from .files import read_metadata
 
-    meta = read_metadata(args.file)
-    for key in ("name", "token", "class_word", "base_model", "architecture", "prkit_version", "scale"):
-        print(f"{key:>14}: {meta.get(key)}")
-    print(f"{'layers':>14}: {len(meta['layers'])} ({sum(2 * v['channels'] * v['rank'] for v in meta['layers'].values()):,} parameters)")
+    files = []
+    for given in args.file:  # files, or folders of them
+        path = Path(given)
+        files += sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"no .safetensors files in {', '.join(args.file)}")
+    headers = len(files) > 1 or any(Path(given).is_dir() for given in args.file)
+    for number, path in enumerate(files):
+        meta = read_metadata(path)
+        if headers:
+            print(("\n" if number else "") + f"{path}:")
+        for key in ("name", "token", "class_word", "base_model", "architecture", "prkit_version", "scale"):
+            print(f"{key:>14}: {meta.get(key)}")
+        print(f"{'layers':>14}: {len(meta['layers'])} "
+              f"({sum(2 * v['channels'] * v['rank'] for v in meta['layers'].values()):,} parameters)")
+        recipe = meta.get("config")
+        if recipe:  # how it was trained (TrainConfig's fields as saved)
+            shown = {k: recipe.get(k) for k in ("steps", "batch_size", "learning_rate", "rank", "seed",
+                                                "prompt_template", "mixed_precision") if k in recipe}
+            print(f"{'trained':>14}: {json.dumps(shown)}")
+        if meta.get("seconds") is not None:
+            print(f"{'seconds':>14}: {float(meta['seconds']):.1f}")
     return 0
 
 
@@ -330,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(sequential, slowest, least memory) to the GPU when it runs")
     sample.set_defaults(func=_sample)
 
-    info = sub.add_parser("info", help="print a residual file's header")
-    info.add_argument("file")
+    info = sub.add_parser("info", help="print residual files' headers (words, base model, layers, recipe)")
+    info.add_argument("file", nargs="+", help="residual .safetensors files, or folders of them")
     info.set_defaults(func=_info)
 
     export = sub.add_parser("export", help="write a residual file as a LoRA that pipe.load_lora_weights loads")

@@ -34,6 +34,9 @@ def test_train_sample_info(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "sks" in info and "dog" in info and "sd1" in info
+    assert '"steps": 4' in info and '"rank": 2' in info  # how it was trained
+    assert main(["info", str(tmp_path)]) == 0  # a folder: each file in it
+    assert f"{out}:" in capsys.readouterr().out
     samples = tmp_path / "samples"
     assert main(["sample", "--model", str(model), "--residuals", str(out), "--prompt", "a photo of a sks dog",
                  "--num-images", "2", "--steps", "2", "--out", str(samples), "--device", "cpu"]) == 0
