@@ -195,7 +195,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
 
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     amp = _precision(config, device, unet.dtype)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None  # on: CUDA only
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     step = 0
