@@ -388,9 +388,6 @@ def _dog_set():
     return SimpleNamespace(name="dog", token="sks", class_word="dog")
 
 
-PROMPT = "a photo of a sks dog"
-
-
 def test_lag_adds_no_unet_evaluation_counted_inside_the_unet(pipe):
     residuals = prkit.add_residuals(pipe.unet, name="dog", token="sks", class_word="dog")
     randomize(residuals)

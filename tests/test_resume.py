@@ -282,7 +282,7 @@ def test_a_resume_trains_at_this_runs_weight_decay(tmp_path, concept):
     assert not _equal_states(state[0.0], state[0.9])
 
 
-FAST = dict(progress=False, steps=4, checkpoint_every=2)
+CKPT4 = dict(progress=False, steps=4, checkpoint_every=2)
 
 
 @pytest.mark.parametrize("field, change", [
@@ -293,15 +293,15 @@ FAST = dict(progress=False, steps=4, checkpoint_every=2)
 ])
 def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path, concept, field, change):
     ckpt = str(tmp_path / "ckpt")
-    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, batch_size=4, checkpoint_dir=ckpt, stop_after=2, **FAST)
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, batch_size=4, checkpoint_dir=ckpt, stop_after=2, **CKPT4)
     kw = {"batch_size": 4, **change}
     with pytest.raises(CheckpointError, match=rf"belongs to another run.*\b{field} \("):
-        prkit.train_residuals(make_pipe(tmp_path / "b"), concept, checkpoint_dir=ckpt, **kw, **FAST)
+        prkit.train_residuals(make_pipe(tmp_path / "b"), concept, checkpoint_dir=ckpt, **kw, **CKPT4)
 
 
 def test_a_checkpoint_of_another_class_word_is_refused_naming_it(tmp_path, concept):
     ckpt = str(tmp_path / "ckpt")
-    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, batch_size=4, checkpoint_dir=ckpt, stop_after=2, **FAST)
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, batch_size=4, checkpoint_dir=ckpt, stop_after=2, **CKPT4)
     with pytest.raises(CheckpointError, match=r"belongs to another run.*class_word \('dog' there, 'cat' here\)"):
         prkit.train_residuals(make_pipe(tmp_path / "b"), replace(concept, class_word="cat"), batch_size=4,
-                              checkpoint_dir=ckpt, **FAST)
+                              checkpoint_dir=ckpt, **CKPT4)
