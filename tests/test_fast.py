@@ -437,7 +437,9 @@ def test_fp16_with_the_fast_loop_off_cuda_trains_as_the_eager_loop(tmp_path, con
         eager = prkit.train_residuals(make_pipe(tmp_path / "e"), concept_module, progress=False, fast=False, **kw)
     assert not [w for w in caught if "GradScaler" in str(w.message)]  # torch's warning about a scaler off CUDA
     got = train_fast(make_pipe(tmp_path / "f"), concept_module, TrainConfig(**kw), progress=False, fast=LOOP)
-    assert got.losses == pytest.approx(eager.losses, rel=1e-4)
+    # fp16 rounding over other CPU kernels (the frozen-conv backward): 1.2e-4 apart on a 16-core Xeon; a wrong batch
+    # or update moves the loss by ~10%
+    assert got.losses == pytest.approx(eager.losses, rel=2e-3)
 
 
 def test_channels_last_comes_off_as_the_caller_had_it():
