@@ -72,16 +72,21 @@ def _weights(unet) -> list[float]:
 
 
 def _scheduler(pipe) -> str:
-    """The training objective: what the UNet predicts and the noise schedule it is trained over."""
-    config = getattr(getattr(pipe, "scheduler", None), "config", {}) or {}
+    """The training objective: what the UNet predicts and the noise schedule it is trained over, as the training
+    scheduler reads them (a sampler swapped in for validation, DPM-Solver for PNDM, changes neither)."""
+    from .train_inputs import training_scheduler
+
+    config = training_scheduler(pipe).config
     keys = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-            "rescale_betas_zero_snr")
+            "rescale_betas_zero_snr", "trained_betas")
     return json.dumps({k: config.get(k) for k in keys}, default=str, sort_keys=True)
 
 
 def fingerprint(pipe, concept, config) -> dict:
     """What decides a run's trajectory besides the learning rate, weight decay and step count (which a resume may
     change, and says so)."""
+    from .targets import TARGETS
+
     prior = config.prior_images
     return {
         "images": _images_digest(concept),
@@ -95,10 +100,11 @@ def fingerprint(pipe, concept, config) -> dict:
         "flip": bool(config.flip),
         "prior_images": _images_digest(prior) if prior is not None else None,
         "unet": _architecture(pipe.unet),
-        "weights": _weights(pipe.unet),
+        # a target that trains the whole UNet changes these weights itself (its resume would look like another model)
+        "weights": None if getattr(TARGETS[config.target], "trains_whole_unet", False) else _weights(pipe.unet),
         "scheduler": _scheduler(pipe),
         "prior_weight": float(config.prior_weight) if prior is not None else None,
-        "max_grad_norm": None if config.max_grad_norm is None else float(config.max_grad_norm),
+        "max_grad_norm": float(config.max_grad_norm) if config.max_grad_norm else None,  # 0 and None: no clipping
     }
 
 
@@ -126,7 +132,7 @@ def set_aside(path: Path) -> Path | None:
 
 
 def _same(key: str, saved, value) -> bool:
-    if key == "weights" and isinstance(saved, list) and len(saved) == len(value):
+    if key == "weights" and isinstance(saved, list) and isinstance(value, list) and len(saved) == len(value):
         return all(abs(a - b) <= WEIGHTS_TOLERANCE * max(abs(a), abs(b)) for a, b in zip(saved, value))
     return saved == value
 
@@ -169,6 +175,12 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
     if state["step"] > config.steps:
         raise CheckpointError(f"{str(path)!r} is at step {state['step']}, past this run's steps={config.steps}: ask "
                               f"for at least {state['step']} steps to continue it; {START_OVER}.")
+    decays = {float(g["weight_decay"]) for g in state["optimizer"].get("param_groups", []) if "weight_decay" in g}
+    if state["step"] == config.steps and decays and decays != {float(config.weight_decay)}:
+        raise CheckpointError(
+            f"{str(path)!r} already holds all {config.steps} steps, trained at weight decay "
+            f"{', '.join(f'{v:g}' for v in sorted(decays))}: this run's {config.weight_decay:g} would train nothing. "
+            f"To train at it, start over ({WAYS}); to continue at it, ask for more steps.")
     trained_at = {float(g["lr"]) for g in state["optimizer"].get("param_groups", []) if "lr" in g}
     if (state["step"] == config.steps and config.learning_rate is not None and trained_at
             and trained_at != {float(config.learning_rate)}):  # nothing left to train: the new rate would never act

@@ -107,8 +107,14 @@ def _sample(args) -> int:
     dtype = resolve_dtype(args.dtype, device)  # the GPU's, also when the models wait on the CPU (--offload)
     pipe = load_pipeline(args.model, device="cpu" if args.offload != "none" else device, dtype=dtype)
     # each set named after its file, so that an error about a set says which file it is
-    names = [re.sub(r"[^0-9A-Za-z_]", "_", Path(path).stem) or "residuals" for path in args.residuals]
-    names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    names: list[str] = []
+    for path in args.residuals:
+        stem = re.sub(r"[^0-9A-Za-z_]", "_", Path(path).stem) or "residuals"
+        name, n = stem, 1
+        while name in names:  # x/a and y/a: a, a_2 (and a_3 if a file is named a_2)
+            n += 1
+            name = f"{stem}_{n}"
+        names.append(name)
     sets = [load_residuals(pipe, path, name) for path, name in zip(args.residuals, names)]
     for residuals, scale in zip(sets, scales):
         residuals.scale = scale
@@ -220,7 +226,13 @@ def _info(args) -> int:
         raise ValueError(f"no .safetensors files in {', '.join(args.file)}")
     headers = len(files) > 1 or any(Path(given).is_dir() for given in args.file)
     for number, path in enumerate(files):
-        meta = read_metadata(path)
+        try:
+            meta = read_metadata(path)
+        except ValueError as err:
+            if len(files) == 1 or Path(path) in [Path(f) for f in args.file]:
+                raise
+            print(("\n" if number else "") + f"{path}: not a prkit residual file, skipped ({err})")
+            continue
         if headers:
             print(("\n" if number else "") + f"{path}:")
         for key in ("name", "token", "class_word", "base_model", "architecture", "prkit_version", "scale"):
@@ -408,51 +420,73 @@ def _cli_words(message: str) -> str:
     return message
 
 
-class _CliWordsFilter(logging.Filter):
-    """Log records in the command line's words (the library's name arguments: download=False, checkpoint_dir)."""
+class _CliWordsFormatter(logging.Formatter):
+    """Log lines in the command line's words (the library's name arguments: download=False, checkpoint_dir); the
+    record itself is left as it is for other handlers."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = _cli_words(record.getMessage()), None
-        return True
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _cli_words(self.inner.format(record))
 
 
 def _in_cli_words(command: str):
-    """Warnings as one line, "prkit <command>: warning: ...", and log records, in the command line's words (a
-    warning printed cli.py's path and source line); returns the undo."""
-    format_before, handlers = warnings.formatwarning, logging.getLogger().handlers
-    warnings.formatwarning = lambda message, *args, **kwargs: f"prkit {command}: warning: {_cli_words(str(message))}\n"
-    words = _CliWordsFilter()
-    for handler in handlers:
-        handler.addFilter(words)
+    """prkit's own warnings as one line, "prkit <command>: warning: ..." (they printed cli.py's path and source
+    line), other libraries' with their category; log lines in the command line's words. Returns the undo."""
+    format_before, handlers = warnings.formatwarning, list(logging.getLogger().handlers)
+
+    def one_line(message, category, filename, lineno, line=None):
+        if category is UserWarning or "prkit" in str(filename):
+            return f"prkit {command}: warning: {_cli_words(str(message))}\n"
+        return format_before(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    formatters = [(handler, handler.formatter) for handler in handlers]
+    for handler, formatter in formatters:
+        handler.setFormatter(_CliWordsFormatter(formatter))
 
     def undo():
         warnings.formatwarning = format_before
-        for handler in handlers:
-            handler.removeFilter(words)
+        for handler, formatter in formatters:
+            handler.setFormatter(formatter)
     return undo
 
 
 def _library_bars_off():
-    """diffusers' and transformers' loading bars off (no terminal to draw them on); returns the undo."""
+    """diffusers' and transformers' loading bars off (no terminal to draw them on); returns the undo, which puts
+    back each switch as it was (transformers' also switches huggingface_hub's)."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
+    import huggingface_hub.utils as hub
+
+    hub_off = hub.are_progress_bars_disabled()
     was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
     for module, _ in was:
         module.disable_progress_bar()
-    return lambda: [module.enable_progress_bar() for module, on in was if on]
+
+    def undo():
+        for module, on in was:
+            if on:
+                module.enable_progress_bar()
+        if hub_off and not hub.are_progress_bars_disabled():  # transformers' switch turned the hub's back on
+            hub.disable_progress_bars()
+    return undo
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    restore = _library_bars_off() if args.command != "info" and not bars_wanted() else None
     said = _in_cli_words(args.command)
-    previous = None
+    restore = previous = None
     if args.command == "train" and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
+        if args.command != "info" and not bars_wanted():
+            restore = _library_bars_off()
         return args.func(args)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)

@@ -171,7 +171,8 @@ def _comparable(settings: dict) -> dict:
     out on the world protocol (each world concept brings its own)."""
     out = dict(settings)
     if isinstance(out.get("train"), dict):
-        out["train"] = {method: _effective(method, fields) for method, fields in out["train"].items()}
+        effective = {method: _effective(method, fields) for method, fields in out["train"].items()}
+        out["train"] = {method: fields for method, fields in effective.items() if fields}  # {} is no override
     for key in ("model", "data"):
         value = out.get(key)
         if isinstance(value, str) and value and Path(value).expanduser().exists():
@@ -184,7 +185,8 @@ def _comparable(settings: dict) -> dict:
 def _effective(method: str, overrides) -> dict:
     """A method's ``--set`` overrides less those that restate its recipe (or TrainConfig's default where the recipe
     is silent): ``residuals.steps=150`` is the run without it. learning_rate stays: an explicit rate beats the
-    model folder's own default, so restating the recipe's changes the run where the folder has one."""
+    model folder's own default, so restating the recipe's changes the run where the folder has one; so does seed
+    (the harness trains at its own --seed, not TrainConfig's default)."""
     from dataclasses import MISSING, fields as dc_fields
 
     from .targets import RECIPES
@@ -194,7 +196,7 @@ def _effective(method: str, overrides) -> dict:
         return overrides
     recipe = RECIPES.get(method, {})
     defaults = {f.name: f.default for f in dc_fields(TrainConfig) if f.default is not MISSING}
-    same = {k for k, v in overrides.items() if k != "learning_rate"
+    same = {k for k, v in overrides.items() if k not in ("learning_rate", "seed")  # eval trains at its own seed
             and (recipe[k] if k in recipe else defaults.get(k, MISSING)) == v}
     return {k: v for k, v in overrides.items() if k not in same}
 

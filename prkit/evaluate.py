@@ -72,7 +72,10 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.{name} must be a whole number >= {low}, got {value!r}")
         if not (isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale < float("inf")):
             raise ValueError(f"EvalConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
-        if self.dtype not in (None, "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"):
+        import torch
+
+        if not isinstance(self.dtype, torch.dtype) and self.dtype not in (None, "fp32", "float32", "fp16", "float16",
+                                                                          "bf16", "bfloat16"):
             raise ValueError(f"EvalConfig.dtype must be None, 'fp32', 'fp16' or 'bf16', got {self.dtype!r}")
 
 

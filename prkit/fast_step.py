@@ -196,10 +196,21 @@ class _Snapshot:
         if not host:
             self.saved = [(t, t.detach().clone()) for t in tensors]
             return
-        if len(self.saved) != len(tensors) or any(a is not t for (a, _), t in zip(self.saved, tensors)):
-            self.saved = [(t, torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)) for t in tensors]
-        for tensor, copy in self.saved:  # reused buffers, one allocation for the run; enqueued on the step's stream,
-            copy.copy_(tensor, non_blocking=True)  # so read back (restore) only after the window's sync
+        buffers = {id(t): copy for t, copy in self.saved}  # each tensor's buffer, kept: only new state gets one
+        kept = [buffers.get(id(t)) for t in tensors]
+        self.saved = [(t, copy if copy is not None else self._host_buffer(t)) for t, copy in zip(tensors, kept)]
+        for tensor, copy in self.saved:  # enqueued on the step's stream, so read back (restore) only after the
+            copy.copy_(tensor, non_blocking=copy.is_pinned())  # window's sync
+
+    @staticmethod
+    def _host_buffer(t: torch.Tensor) -> torch.Tensor:
+        """Pinned host memory for ``t`` (asynchronous copies), pageable where pinning fails (a host short of it)."""
+        if t.is_cuda:
+            try:
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            except RuntimeError:
+                pass
+        return torch.empty(t.shape, dtype=t.dtype)
 
     @torch.no_grad()
     def restore(self) -> None:

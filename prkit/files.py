@@ -155,6 +155,8 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
         "architecture": architecture(unet), "layers": json.dumps(layers),
         "scale": str(residuals.scale), "config": json.dumps(config or residuals.meta.get("config", {}), default=str),
     }
+    if residuals.meta.get("seconds") is not None:  # the training's wall time (prkit info shows it)
+        meta["seconds"] = f"{float(residuals.meta['seconds']):.3f}"
     tensors = {k: v.to(dtype) for k, v in residuals.state_dict().items()}
     return atomic_save(tensors, path, meta)
 

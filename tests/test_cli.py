@@ -34,7 +34,7 @@ def test_train_sample_info(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "sks" in info and "dog" in info and "sd1" in info
-    assert '"steps": 4' in info and '"rank": 2' in info  # how it was trained
+    assert '"steps": 4' in info and '"rank": 2' in info and "seconds:" in info  # how it was trained
     assert main(["info", str(tmp_path)]) == 0  # a folder: each file in it
     assert f"{out}:" in capsys.readouterr().out
     samples = tmp_path / "samples"
@@ -178,6 +178,9 @@ def test_export_writes_a_lora_diffusers_loads_with_the_same_effect(tmp_path, cap
     export = ["export", str(out), "--out", str(lora), "--model", str(tmp_path / "model"), "--dtype", "fp32"]
     assert main(export) == 0
     assert "load it with pipe.load_lora_weights" in capsys.readouterr().out
+    assert main(["info", str(tmp_path)]) == 0  # a folder with the LoRA beside the residuals: skipped, named
+    listed = capsys.readouterr().out
+    assert f"{lora}: not a prkit residual file, skipped" in listed and f"{out}:" in listed
     assert main(export) == 2 and "pass --overwrite" in capsys.readouterr().err  # never replaced silently
     assert main(export[:3] + [str(out)] + export[4:] + ["--overwrite"]) == 2  # not over its own input
     assert "is the residual file itself" in capsys.readouterr().err
@@ -473,5 +476,19 @@ def test_warnings_and_messages_speak_the_command_lines_words(tmp_path, capsys):
         try:
             assert warnings.formatwarning("see (download=False)", UserWarning, "f.py", 3) == \
                 "prkit sample: warning: see (add --download-backbones)\n"
+            assert "DeprecationWarning" in warnings.formatwarning("old", DeprecationWarning, "lib.py", 3)
         finally:
             undo()
+    import logging
+
+    handler = logging.StreamHandler(__import__("io").StringIO())
+    logging.getLogger().addHandler(handler)
+    try:
+        undo = __import__("prkit.cli", fromlist=["_in_cli_words"])._in_cli_words("eval")
+        record = logging.LogRecord("prkit.x", logging.WARNING, "f.py", 1, "unavailable (%s)", ("download=False",), None)
+        handler.handle(record)
+        undo()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert handler.stream.getvalue() == "unavailable (add --download-backbones)\n"
+    assert record.getMessage() == "unavailable (download=False)"  # other handlers see the record as it was

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import prkit.evaluate as ev
@@ -340,3 +341,15 @@ def test_recipe_overrides_and_prior_folder(assets, tmp_path):
     config = _config(assets, tmp_path, train={"residuals": {"learning_rate": 3e-3}})
     assert ev._train_config("residuals", subject, config, 16, own).learning_rate == 3e-3
     assert ev._train_config("residuals", subject, config, 16, {}).learning_rate == 3e-3
+
+
+def test_overrides_that_restate_the_recipe_are_no_overrides_but_seed_is(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = {("residuals", "dog")}
+    config = ev.EvalConfig(protocol="world", out=str(out), seed=5)
+    ev.write_settings(out, ev.check_settings(out, config, set()))
+    ev.check_settings(out, replace(config, train={"residuals": {"steps": 150}}), done)  # the recipe's own: same run
+    with pytest.raises(ValueError, match="train"):  # the harness trains at --seed 5: seed=0 is another run
+        ev.check_settings(out, replace(config, train={"residuals": {"seed": 0}}), done)
+    assert ev.EvalConfig(dtype=torch.float16).dtype == torch.float16  # a torch dtype, as load_pipeline takes

@@ -506,3 +506,15 @@ def test_a_large_trainable_state_is_snapshotted_in_host_memory(device, monkeypat
     snap.restore()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.count_nonzero(v) == 0 for p in params for v in optimizer.state[p].values() if v.dim())
+    # the next window: the parameters keep their buffers, AdamW's new state gets its own, and a rollback is exact
+    first = [copy for _, copy in snap.saved]
+    sum(p.square().sum() for p in params).backward()
+    optimizer.step()
+    snap.take()
+    middle = [p.detach().clone() for p in params] + [v.clone() for p in params for v in optimizer.state[p].values()]
+    assert [copy for _, copy in snap.saved][:3] == first and len(snap.saved) == 3 + 3 * 3
+    sum(p.square().sum() for p in params).backward()
+    optimizer.step()
+    snap.restore()
+    now = [p.detach() for p in params] + [v for p in params for v in optimizer.state[p].values()]
+    assert all(torch.equal(a, b) for a, b in zip(now, middle))

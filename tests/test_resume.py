@@ -220,26 +220,28 @@ def test_a_run_stopped_by_stop_after_resumes_on_the_same_pipeline(tmp_path, conc
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_a_resumed_run_reports_the_seconds_of_all_its_calls(tmp_path, concept, fast):
+def test_a_resumed_run_reports_the_seconds_of_all_its_calls(tmp_path, concept, fast, monkeypatch):
     """result.seconds (and the file's meta) count the calls before the resume: a notebook rerun on a finished
     checkpoint reports the run's training time, not the fraction of a second the rerun took."""
     import time
 
+    import prkit.checkpoints as checkpoints
+
+    stamp = checkpoints.fingerprint
+    monkeypatch.setattr(checkpoints, "fingerprint", lambda *a: time.sleep(2.0) or stamp(*a))  # a long first call
     where = dict(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2, fast=fast, **FAST)
     first = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, stop_after=2, **where)
+    monkeypatch.setattr(checkpoints, "fingerprint", stamp)
     saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["seconds"]
-    assert 0 < saved <= first.seconds
-    pipe = make_pipe(tmp_path / "p2")
-    began = time.perf_counter()
-    second = prkit.train_residuals(pipe, concept, steps=4, **where)
-    own = time.perf_counter() - began
-    assert second.completed and own + 0.5 * saved < second.seconds <= own + saved
-    assert second.residuals.meta["seconds"] == second.seconds
-    pipe = make_pipe(tmp_path / "p3")
-    began = time.perf_counter()
-    third = prkit.train_residuals(pipe, concept, steps=4, **where)  # nothing left to train
-    own = time.perf_counter() - began
-    assert third.steps_done == 4 and own + 0.5 * saved < third.seconds <= own + second.seconds
+    assert 2.0 <= saved <= first.seconds
+    for name in ("p2", "p3"):  # the rest of the run, then a rerun on the finished checkpoint (nothing to train)
+        pipe = make_pipe(tmp_path / name)
+        began = time.perf_counter()
+        result = prkit.train_residuals(pipe, concept, steps=4, **where)
+        own = time.perf_counter() - began
+        assert result.completed and saved <= result.seconds <= own + saved + 1.0
+        assert result.residuals.meta["seconds"] == result.seconds
+        saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["seconds"]
 
 
 def test_a_checkpoint_continues_only_on_its_base_model_objective_and_recipe(tmp_path, concept, caplog):
@@ -305,3 +307,20 @@ def test_a_checkpoint_of_another_class_word_is_refused_naming_it(tmp_path, conce
     with pytest.raises(CheckpointError, match=r"belongs to another run.*class_word \('dog' there, 'cat' here\)"):
         prkit.train_residuals(make_pipe(tmp_path / "b"), replace(concept, class_word="cat"), batch_size=4,
                               checkpoint_dir=ckpt, **CKPT4)
+
+
+def test_a_sampler_swapped_in_or_clipping_spelt_zero_is_the_same_run(tmp_path, concept):
+    """The stamp reads the training scheduler (a DPM-Solver set for sampling trains as the PNDM/DDIM it came from) and
+    max_grad_norm 0 is no clipping, as None is; a finished checkpoint at another weight decay is refused."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, concept, ckpt)
+    pipe = make_pipe(tmp_path / "p2")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    done = prkit.train_residuals(pipe, concept, steps=6, checkpoint_dir=str(ckpt), checkpoint_every=2,
+                                 max_grad_norm=0.0, **FAST)
+    assert done.completed and done.steps_done == 6
+    with pytest.raises(CheckpointError, match="weight decay 0.01: this run's 0.5 would train nothing"):
+        prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=6, checkpoint_dir=str(ckpt),
+                              weight_decay=0.5, **FAST)
