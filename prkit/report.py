@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         only = f" with the prefixes --only {' '.join(args.only)}" if args.only else ""
         parser.error(f"{err}{only}")
+    if "run_dir" in parameters:  # every notebook of a report runs in the report's own timestamped folder
+        parser.error("run_dir is set by the report (a new folder under --out per run); pass --out instead")
     unknown = unknown_parameters(parameters, declared(notebook_list(Path(args.notebooks))))  # --only or not
     if unknown:
         parser.error(f"no notebook of this series has the parameter(s) {', '.join(unknown)}: check the spelling "

@@ -121,6 +121,9 @@ def test_figures_reach_the_report_and_typos_are_refused(tmp_path, books, capsys,
         main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "01", "-p", "step", "2"])
     assert err.value.code == 2 and "no notebook of this series has the parameter(s) step" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "r2"), "--notebooks", str(books), "--only", "01", "-p", "steps", "2"]) == 0
+    with pytest.raises(SystemExit) as err:  # was overwritten by the report's folder without a word
+        main(["--out", str(tmp_path / "r3"), "--notebooks", str(books), "-p", "run_dir", "mine"])
+    assert err.value.code == 2 and "pass --out instead" in capsys.readouterr().err
 
 
 def test_a_params_files_relative_paths_are_its_own_folders(tmp_path, books, monkeypatch):
