@@ -7,9 +7,7 @@ Parses arguments and calls the library; no logic of its own beyond wiring.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import os
 import re
 import signal
 import sys
@@ -18,33 +16,13 @@ import warnings
 from pathlib import Path
 
 
-from .cli_args import _finite, _guidance, _learning_rate, _positive_int, _rank, _whole, bars_wanted  # noqa: F401
+from .cli_args import (  # noqa: F401
+    _check_loras, _check_output_file, _finite, _guidance, _learning_rate, _per_file, _positive_int, _rank,
+    _whole, _writable_folder, bars_wanted)
+from .cli_output import _cli_words, _in_cli_words, _library_bars_off  # noqa: F401
 
 LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
 DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else the CPU), cpu, cuda, cuda:1, mps"
-
-
-def _writable_folder(folder: Path, what: str) -> None:
-    """Fail before any work when ``folder`` cannot be created or written (a file in the way, no permission)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}: cannot write in {str(probe)!r} (permission denied); choose another path")
-
-
-def _check_output_file(path: Path, overwrite: bool) -> None:
-    """--out of train/export: a new *.safetensors file ("newdir/" arrives as "newdir": refused for its suffix)."""
-    if path.suffix.lower() != ".safetensors" and not path.is_dir():
-        raise ValueError(f"--out {str(path)!r}: the file is written as safetensors; name it *.safetensors, e.g. "
-                         f"{str(path.with_suffix('.safetensors'))!r}")
-    if path.is_dir():
-        raise ValueError(f"--out {str(path)!r} is a folder; give a file name, e.g. {str(path / 'concept.safetensors')!r}")
-    if path.exists() and not overwrite:
-        raise ValueError(f"--out {str(path)!r} exists; pass --overwrite to replace it, or choose another name")
-    _writable_folder(path.parent, "--out")
 
 
 def _train(args) -> int:
@@ -160,36 +138,6 @@ def _png_text(args, index: int):
         "seed": args.seed, "num_images": args.num_images, "image_of_call": index,
         "height": args.height, "width": args.width, "dtype": args.dtype}))
     return info
-
-
-def _per_file(values: list[float], files: list[str], flag: str, files_flag: str) -> list[float]:
-    """One value per file: none given is 1.0 each, one is used for all, else exactly one per file."""
-    if not values:
-        return [1.0] * len(files)
-    if not files:
-        raise ValueError(f"{flag} without {files_flag}: there is nothing to weigh")
-    if len(values) == 1:
-        return values * len(files)
-    if len(values) != len(files):
-        raise ValueError(f"{flag} has {len(values)} values for {len(files)} {files_flag} files; give one, or one "
-                         "per file in the same order")
-    return values
-
-
-def _check_loras(paths: list[str], scales: list[float]) -> list[float]:
-    """``prkit sample --lora``'s files, checked before the model loads; returns one scale per file."""
-    if scales and len(scales) != len(paths):
-        raise ValueError(f"--lora-scale gives {len(scales)} value(s) for {len(paths)} --lora file(s); give one per "
-                         "file, in the same order")
-    if paths and importlib.util.find_spec("peft") is None:
-        raise ValueError("--lora needs peft (diffusers loads LoRAs through it): pip install 'prkit[peft]'")
-    from .files import FORMAT, safetensors_header
-
-    for path in paths:  # (already expanded: ~ and relative paths, by _sample)
-        if safetensors_header(path, "--lora").get("format") == FORMAT:
-            raise ValueError(f"--lora {path!r} is a prkit residual file; pass it with --residuals (LAG then keeps it "
-                             "to its concept)")
-    return list(scales) if scales else [1.0] * len(paths)
 
 
 def _load_loras(pipe, paths: list[str], scales: list[float], model: str) -> None:
@@ -387,23 +335,6 @@ def _terminated(signum, frame):
 
 
 PATH_ARGS = ("images", "out", "checkpoint_dir", "file", "residuals", "lora", "data")  # "~" expanded in each
-# the library's words for a setting, as the command line spells it (errors raised by the library name arguments)
-CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
-              "(train it again with --token, or sample with --no-lag)"),
-             ("or load a folder written by Concept.save() whose concept.json holds it.",
-              'or put a concept.json holding "token" and "class_word" in the images folder.'),
-             ("use device='cpu', 'cuda' or 'auto'", "use --device cpu, cuda or auto"),
-             ("use device='cpu' or 'auto'", "use --device cpu or auto"),
-             ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
-             ("skip_bad=True", "--skip-bad"), ("lag=False", "--no-lag"), ("checkpoint_dir", "--checkpoint-dir"),
-             ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
-             ("token is required: pass token=...", "--token is required: pass --token"),
-             ("class_word is required: pass class_word=...", "--class-word is required: pass --class-word"),
-             ("(e.g. token='sks', class_word='dog')", "(e.g. --token sks --class-word dog)"),
-             ("model='world'", "--model world"), ("(download=False)", "(add --download-backbones)"),
-             ("LoRA files load with pipe.load_lora_weights", "LoRA files load with --lora (pipe.load_lora_weights)"))
-
-
 def _expand_paths(args) -> None:
     """``~`` in every path argument, also where the shell left it (quoted, or ``--out=~/x``)."""
     for name in PATH_ARGS:
@@ -412,68 +343,6 @@ def _expand_paths(args) -> None:
             setattr(args, name, str(Path(value).expanduser()))
         elif isinstance(value, list):
             setattr(args, name, [str(Path(v).expanduser()) if isinstance(v, str) else v for v in value])
-
-
-def _cli_words(message: str) -> str:
-    for library, flag in CLI_WORDS:
-        message = message.replace(library, flag)
-    return message
-
-
-class _CliWordsFormatter(logging.Formatter):
-    """Log lines in the command line's words (the library's name arguments: download=False, checkpoint_dir); the
-    record itself is left as it is for other handlers."""
-
-    def __init__(self, inner: logging.Formatter | None):
-        super().__init__()
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        return _cli_words(self.inner.format(record))
-
-
-def _in_cli_words(command: str):
-    """prkit's own warnings as one line, "prkit <command>: warning: ..." (they printed cli.py's path and source
-    line), other libraries' with their category; log lines in the command line's words. Returns the undo."""
-    format_before, handlers = warnings.formatwarning, list(logging.getLogger().handlers)
-
-    def one_line(message, category, filename, lineno, line=None):
-        if category is UserWarning or "prkit" in str(filename):
-            return f"prkit {command}: warning: {_cli_words(str(message))}\n"
-        return format_before(message, category, filename, lineno, line)
-
-    warnings.formatwarning = one_line
-    formatters = [(handler, handler.formatter) for handler in handlers]
-    for handler, formatter in formatters:
-        handler.setFormatter(_CliWordsFormatter(formatter))
-
-    def undo():
-        warnings.formatwarning = format_before
-        for handler, formatter in formatters:
-            handler.setFormatter(formatter)
-    return undo
-
-
-def _library_bars_off():
-    """diffusers' and transformers' loading bars off (no terminal to draw them on); returns the undo, which puts
-    back each switch as it was (transformers' also switches huggingface_hub's)."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    import huggingface_hub.utils as hub
-
-    hub_off = hub.are_progress_bars_disabled()
-    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
-    for module, _ in was:
-        module.disable_progress_bar()
-
-    def undo():
-        for module, on in was:
-            if on:
-                module.enable_progress_bar()
-        if hub_off and not hub.are_progress_bars_disabled():  # transformers' switch turned the hub's back on
-            hub.disable_progress_bars()
-    return undo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,14 @@
-"""The command line's argument types: numbers checked by the parser, before any model loads (minutes on SD)."""
+"""The command line's argument types and checks: numbers checked by the parser, paths and per-file lists checked
+before any model loads (minutes on SD)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
+from pathlib import Path
 
 
 def _whole(minimum: int):
@@ -73,3 +76,56 @@ def bars_wanted() -> bool:
     """Progress bars only on a terminal (a log file of `prkit train ... 2>&1 > log` got every redraw) and never
     under TQDM_DISABLE=1, which tqdm itself honours only where a bar is not switched on explicitly."""
     return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
+
+
+def _writable_folder(folder: Path, what: str) -> None:
+    """Fail before any work when ``folder`` cannot be created or written (a file in the way, no permission)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in {str(probe)!r} (permission denied); choose another path")
+
+
+def _check_output_file(path: Path, overwrite: bool) -> None:
+    """--out of train/export: a new *.safetensors file ("newdir/" arrives as "newdir": refused for its suffix)."""
+    if path.suffix.lower() != ".safetensors" and not path.is_dir():
+        raise ValueError(f"--out {str(path)!r}: the file is written as safetensors; name it *.safetensors, e.g. "
+                         f"{str(path.with_suffix('.safetensors'))!r}")
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder; give a file name, e.g. {str(path / 'concept.safetensors')!r}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {str(path)!r} exists; pass --overwrite to replace it, or choose another name")
+    _writable_folder(path.parent, "--out")
+
+
+def _per_file(values: list[float], files: list[str], flag: str, files_flag: str) -> list[float]:
+    """One value per file: none given is 1.0 each, one is used for all, else exactly one per file."""
+    if not values:
+        return [1.0] * len(files)
+    if not files:
+        raise ValueError(f"{flag} without {files_flag}: there is nothing to weigh")
+    if len(values) == 1:
+        return values * len(files)
+    if len(values) != len(files):
+        raise ValueError(f"{flag} has {len(values)} values for {len(files)} {files_flag} files; give one, or one "
+                         "per file in the same order")
+    return values
+
+
+def _check_loras(paths: list[str], scales: list[float]) -> list[float]:
+    """``prkit sample --lora``'s files, checked before the model loads; returns one scale per file."""
+    if scales and len(scales) != len(paths):
+        raise ValueError(f"--lora-scale gives {len(scales)} value(s) for {len(paths)} --lora file(s); give one per "
+                         "file, in the same order")
+    if paths and importlib.util.find_spec("peft") is None:
+        raise ValueError("--lora needs peft (diffusers loads LoRAs through it): pip install 'prkit[peft]'")
+    from .files import FORMAT, safetensors_header
+
+    for path in paths:  # (already expanded: ~ and relative paths, by _sample)
+        if safetensors_header(path, "--lora").get("format") == FORMAT:
+            raise ValueError(f"--lora {path!r} is a prkit residual file; pass it with --residuals (LAG then keeps it "
+                             "to its concept)")
+    return list(scales) if scales else [1.0] * len(paths)

@@ -1,0 +1,85 @@
+"""How the command line speaks: the library's messages, warnings and log lines in the flags' words, and
+third-party progress bars off where there is no terminal to draw them on."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# the library's words for a setting, as the command line spells it (errors raised by the library name arguments)
+CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
+              "(train it again with --token, or sample with --no-lag)"),
+             ("or load a folder written by Concept.save() whose concept.json holds it.",
+              'or put a concept.json holding "token" and "class_word" in the images folder.'),
+             ("use device='cpu', 'cuda' or 'auto'", "use --device cpu, cuda or auto"),
+             ("use device='cpu' or 'auto'", "use --device cpu or auto"),
+             ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
+             ("skip_bad=True", "--skip-bad"), ("lag=False", "--no-lag"), ("checkpoint_dir", "--checkpoint-dir"),
+             ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
+             ("token is required: pass token=...", "--token is required: pass --token"),
+             ("class_word is required: pass class_word=...", "--class-word is required: pass --class-word"),
+             ("(e.g. token='sks', class_word='dog')", "(e.g. --token sks --class-word dog)"),
+             ("model='world'", "--model world"), ("(download=False)", "(add --download-backbones)"),
+             ("LoRA files load with pipe.load_lora_weights", "LoRA files load with --lora (pipe.load_lora_weights)"))
+
+
+def _cli_words(message: str) -> str:
+    for library, flag in CLI_WORDS:
+        message = message.replace(library, flag)
+    return message
+
+
+class _CliWordsFormatter(logging.Formatter):
+    """Log lines in the command line's words (the library's name arguments: download=False, checkpoint_dir); the
+    record itself is left as it is for other handlers."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _cli_words(self.inner.format(record))
+
+
+def _in_cli_words(command: str):
+    """prkit's own warnings as one line, "prkit <command>: warning: ..." (they printed cli.py's path and source
+    line), other libraries' with their category; log lines in the command line's words. Returns the undo."""
+    format_before, handlers = warnings.formatwarning, list(logging.getLogger().handlers)
+
+    def one_line(message, category, filename, lineno, line=None):
+        if category is UserWarning or "prkit" in str(filename):
+            return f"prkit {command}: warning: {_cli_words(str(message))}\n"
+        return format_before(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    formatters = [(handler, handler.formatter) for handler in handlers]
+    for handler, formatter in formatters:
+        handler.setFormatter(_CliWordsFormatter(formatter))
+
+    def undo():
+        warnings.formatwarning = format_before
+        for handler, formatter in formatters:
+            handler.setFormatter(formatter)
+    return undo
+
+
+def _library_bars_off():
+    """diffusers' and transformers' loading bars off (no terminal to draw them on); returns the undo, which puts
+    back each switch as it was (transformers' also switches huggingface_hub's)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    import huggingface_hub.utils as hub
+
+    hub_off = hub.are_progress_bars_disabled()
+    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in was:
+        module.disable_progress_bar()
+
+    def undo():
+        for module, on in was:
+            if on:
+                module.enable_progress_bar()
+        if hub_off and not hub.are_progress_bars_disabled():  # transformers' switch turned the hub's back on
+            hub.disable_progress_bars()
+    return undo
