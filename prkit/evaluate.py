@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .checks import check_whole
 from .cli_args import _guidance, _positive_int, _whole, bars_wanted
 from .eval_jobs import (  # noqa: F401
     JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
@@ -64,12 +65,9 @@ class EvalConfig:
     ci_over: str = "image"  # 95% interval over images or over per-subject means ("subject")
 
     def __post_init__(self):
-        counts = [("images_per_prompt", self.images_per_prompt, 1), ("sample_steps", self.sample_steps, 1),
-                  ("seed", self.seed, 0)] + ([("max_prompts", self.max_prompts, 1)] if self.max_prompts is not None
-                                             else [])
-        for name, value, low in counts:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"EvalConfig.{name} must be a whole number >= {low}, got {value!r}")
+        check_whole(self, ("images_per_prompt", "sample_steps"), 1)
+        check_whole(self, ("seed",), 0)
+        check_whole(self, ("max_prompts",), 1, " (or None: all)")
         if not (isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale < float("inf")):
             raise ValueError(f"EvalConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
         import torch

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_whole
 # re-exported: prkit.fast stays the one import for the fast path (tests and benchmarks/bench.py use these)
 from .fast_patches import (  # noqa: F401
     SDPA_BACKENDS, fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
@@ -56,13 +57,8 @@ class FastConfig:
     warm_up: bool | None = None
 
     def __post_init__(self):
-        for name in ("check_every", "encode_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FastConfig.{name} must be a whole number >= 1, got {value!r}")
-        value = self.cudnn_attention_from
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"FastConfig.cudnn_attention_from must be a whole number >= 1 or None, got {value!r}")
+        check_whole(self, ("check_every", "encode_batch"), 1)
+        check_whole(self, ("cudnn_attention_from",), 1, " or None")
         if self.sdpa_backends is not None:
             if isinstance(self.sdpa_backends, str):
                 self.sdpa_backends = tuple(self.sdpa_backends.split(","))

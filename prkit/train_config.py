@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checks import check_whole
 from .residuals import Residuals
 
 if TYPE_CHECKING:
@@ -53,14 +54,8 @@ class TrainConfig:
     fast: bool | None | FastConfig = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a whole number >= 1, got {value!r}")
-        for name in ("checkpoint_every", "validate_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{name} must be a whole number >= 0 (0: never), got {value!r}")
+        check_whole(self, ("steps", "batch_size"), 1)
+        check_whole(self, ("checkpoint_every", "validate_every"), 0, " (0: never)")
         rate = self.learning_rate
         if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
             raise ValueError(f"TrainConfig.learning_rate must be a positive number (or None: the default), "

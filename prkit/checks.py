@@ -1,0 +1,14 @@
+"""Field checks the configs share (TrainConfig, FastConfig, EvalConfig): a bad value is named with its owner."""
+
+from __future__ import annotations
+
+
+def check_whole(config, names: tuple[str, ...], low: int, note: str = "") -> None:
+    """Each field ``names`` of ``config`` is a whole number >= ``low`` (bools refused); ``note`` follows the bound
+    in the message, e.g. " (0: never)". None passes only where ``note`` says so (" or None")."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None and "None" in note:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{type(config).__name__}.{name} must be a whole number >= {low}{note}, got {value!r}")
