@@ -135,6 +135,9 @@ class TrainStep:
         current = torch.cuda.current_stream(self.device)
         side = side_stream(self.device)
         side.wait_stream(current)
+        # the caching allocator keeps blocks per stream: what the warm-up and the latents' encoding left cached on
+        # this stream could not serve the side stream's step, and both would count in the card's footprint
+        torch.cuda.empty_cache()
         with torch.cuda.stream(side):  # the warm-up is a real step, run on a side stream as capture wants
             self._body()
         current.wait_stream(side)
