@@ -120,13 +120,14 @@ def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generato
         torch.save(state, tmp)
 
 
-def set_aside(path: Path) -> Path | None:
-    """Rename a diverged run's checkpoint to ``<name>.diverged.pt`` (replacing an older one) so that the next run
-    does not resume it; returns the new path, or None when there was none."""
+def set_aside(path: Path, why: str = "diverged") -> Path | None:
+    """Rename a run's checkpoint to ``<name>.<why>.pt`` (replacing an older one) so that the next run does not
+    resume it (a diverged run; one a ``resume=False`` run replaces); returns the new path, or None when there was
+    none."""
     path = Path(path)
     if not path.is_file():
         return None
-    aside = path.with_name(f"{path.stem}.diverged{path.suffix}")
+    aside = path.with_name(f"{path.stem}.{why}{path.suffix}")
     os.replace(path, aside)
     return aside
 

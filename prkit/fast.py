@@ -275,7 +275,8 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                     step, window = b, None
                 bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)  # drawn by the update: one write per window
                 bar.update(b - a)
-                if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                if ckpt is not None and config.checkpoint_every and (step % config.checkpoint_every == 0
+                                                                      or step == config.steps):
                     checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
                                      time.perf_counter() - start)
                 if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:

@@ -114,6 +114,11 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     if config.stop_after is not None and config.stop_after < config.steps and not config.checkpoint_dir:
         log.warning("stop_after=%d without checkpoint_dir: the stopped run cannot be continued (the next call "
                     "starts over); pass checkpoint_dir=... to resume it later", config.stop_after)
+    if config.checkpoint_dir and not config.resume:  # starting over: the earlier run's state must not be resumed
+        aside = checkpoints.set_aside(Path(config.checkpoint_dir) / "checkpoint.pt", "replaced")  # by a later call
+        if aside is not None:
+            log.warning("resume=False: the earlier checkpoint in %s is kept as %s and this run starts over",
+                        config.checkpoint_dir, aside.name)
     try:
         # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
         # one is refused here, before anything is added)
@@ -227,7 +232,8 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
                 losses.append(value)
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)  # drawn by the update: one write per step
             bar.update(1)
-            if ckpt is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+            if ckpt is not None and config.checkpoint_every and (step % config.checkpoint_every == 0
+                                                                 or step == config.steps):
                 checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
                                  time.perf_counter() - start)
             if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:

@@ -324,3 +324,17 @@ def test_a_sampler_swapped_in_or_clipping_spelt_zero_is_the_same_run(tmp_path, c
     with pytest.raises(CheckpointError, match="weight decay 0.01: this run's 0.5 would train nothing"):
         prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=6, checkpoint_dir=str(ckpt),
                               weight_decay=0.5, **FAST)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_resume_false_sets_the_earlier_run_aside_and_every_finished_run_is_checkpointed(tmp_path, concept, fast):
+    """Starting over must not leave the earlier run resumable: a later call with resume on would otherwise continue
+    the run before it (a notebook's `resume=False` rerun with fewer steps than checkpoint_every wrote nothing)."""
+    where = dict(checkpoint_dir=str(tmp_path / "ckpt"), fast=fast, **FAST)
+    prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, checkpoint_every=2, **where)
+    again = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=3, seed=5, checkpoint_every=50,
+                                  resume=False, **where)
+    assert torch.load(tmp_path / "ckpt" / "checkpoint.replaced.pt", weights_only=True)["step"] == 4
+    assert torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["step"] == 3  # its last step
+    more = prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=5, seed=5, checkpoint_every=50, **where)
+    assert more.losses[:3] == again.losses and more.steps_done == 5  # continues the run that started over
