@@ -38,9 +38,9 @@ class TrainConfig:
     # auto (on GPUs the UNet's own half precision, else bf16 / fp16+scaler where bf16 is not native; fp32 on CPU)
     mixed_precision: str = "auto"  # | no | bf16 | fp16
     target: str = "residuals"  # what is trained (see TARGETS)
-    checkpoint_every: int = 50  # steps between checkpoints (0: none)
+    checkpoint_every: int = 50  # steps between checkpoints, the last step always one (0: none)
     checkpoint_dir: str | None = None  # where checkpoint.pt lives; resume reads it
-    resume: bool = True  # continue from checkpoint_dir/checkpoint.pt when it exists
+    resume: bool = True  # continue from checkpoint_dir/checkpoint.pt (False: start over, keeping it aside)
     validate_every: int = 0  # steps between validation images (0: none)
     validation_prompts: tuple[str, ...] = ()  # "{token}"/"{class_word}" placeholders allowed
     validation_steps: int = 25
@@ -73,6 +73,14 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.prompt_template {template!r} must contain {{token}} and may use only "
                                  "{token} and {class_word} (e.g. 'a photo of a {token} {class_word}')")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
+            raise ValueError(f"TrainConfig.seed must be a whole number (a 64-bit seed), got {seed!r}")
+        from .targets import TARGETS
+
+        if self.target not in TARGETS:
+            raise ValueError(f"TrainConfig.target {self.target!r} is not a training target; use one of "
+                             f"{', '.join(TARGETS)}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")

@@ -220,10 +220,10 @@ def test_resume_at_another_learning_rate_says_so_and_uses_this_runs(tmp_path, co
     assert done.completed and seen == [{1e-2}]
     assert "trained at learning rate 0.001; resuming at this run's 0.01" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="prkit.train"):  # the checkpoint's own rate: silent
-        prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=4, learning_rate=1e-3,
+    with caplog.at_level("WARNING", logger="prkit.train"):  # the checkpoint's own rate (the finished run's): silent
+        prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=6, learning_rate=1e-2,
                               checkpoint_dir=str(ckpt), **FAST)
-    assert "resuming at" not in caplog.text and seen[-1] == {1e-3}
+    assert "resuming at" not in caplog.text and seen[-1] == {1e-2} and len(seen) == 2
 
 
 def test_a_loaded_lora_is_off_while_the_residuals_train_and_back_on_after(tmp_path, concept):
@@ -292,7 +292,10 @@ def test_recipe_settings_are_checked_when_made_and_the_concepts_template_is_used
                        (dict(validation_prompts="a sks dog"), "must be a list of prompts"),
                        (dict(validation_prompts=("a {sks} dog",)), "may use only {token} and {class_word}"),
                        (dict(prior_images=[concept.images[0]]), "must be a prkit Concept"),
-                       (dict(stop_after=0), "stop_after must be a whole number >= 1")]:
+                       (dict(stop_after=0), "stop_after must be a whole number >= 1"),
+                       (dict(seed="10"), "seed must be a whole number"), (dict(seed=1.5), "seed must be a whole"),
+                       (dict(seed=2 ** 70), "seed must be a whole number"),
+                       (dict(target="bogus"), "target 'bogus' is not a training target; use one of residuals")]:
         with pytest.raises(ValueError, match=re.escape(match) if "{" in match else match):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match=r"rank 2.5 is neither a fraction"):
