@@ -39,10 +39,10 @@ def rank_for(channels: int, rank: float | int) -> int:
         raise ValueError(f"rank must be a positive fraction (e.g. 0.05) or an int, got {rank!r}")
     if isinstance(rank, float) and rank < 1:
         return max(1, int(round(rank * channels)))
-    if rank != int(rank):
-        raise ValueError(f"rank {rank!r} is neither a fraction of the channels below 1 (e.g. 0.05) nor a whole rank "
-                         "(e.g. 16)")
-    return min(int(rank), channels)  # a rank above a layer's channels is its full rank (the file records each)
+    if isinstance(rank, float):  # 1.0 reads as "all the channels" as easily as "rank 1": neither is guessed
+        raise ValueError(f"rank {rank!r} is neither a fraction of the channels below 1 (e.g. 0.05) nor a whole rank, "
+                         f"which is an int (e.g. 16; {int(rank) if rank == int(rank) else 'none'} here)")
+    return min(rank, channels)  # a rank above a layer's channels is its full rank (the file records each)
 
 
 def original_module(unet: nn.Module) -> nn.Module:

@@ -450,3 +450,12 @@ def test_removal_puts_back_the_layer_in_the_model_s_mode(unet):
     unet.eval()
     prkit.remove_residuals(unet)
     assert all(find_projections(unet)[block] is proj and not proj.training for block, proj in originals.items())
+
+
+@pytest.mark.parametrize("bad", [1.0, 2.5, 16.0])
+def test_a_float_rank_of_one_or_more_is_refused_not_guessed(bad):
+    """rank=1.0 could mean all the channels or rank 1 (it gave rank 1); a whole rank is an int."""
+    from tiny import tiny_unet
+
+    with pytest.raises(ValueError, match=rf"rank {bad!r} is neither a fraction .* nor a whole rank, which is an int"):
+        prkit.add_residuals(tiny_unet(), rank=bad)
