@@ -35,6 +35,33 @@ class AblationConfig:
     seed: int = 0
     learning_rate: float = 1e-3  # one rate for every variant, so that targets and ranks compare like for like
 
+    def __post_init__(self):
+        """Every sweep is checked before the first variant trains (a bad last entry failed minutes in)."""
+        from ..lag import THRESHOLDS
+        from ..residuals import rank_for
+        from ..targets import TARGETS
+
+        if self.concept not in EXAMPLE_CONCEPTS:
+            raise ValueError(f"AblationConfig.concept {self.concept!r} is not an example concept; use one of "
+                             f"{', '.join(EXAMPLE_CONCEPTS)}")
+        for name in ("ranks", "targets", "step_counts", "thresholds", "prompts"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or (
+                    not value and name in ("ranks", "prompts")):
+                raise ValueError(f"AblationConfig.{name} must be a non-empty list, got {value!r} (papermill: "
+                                 f"-y '{name}: [a, b]', not -p {name} ...)")
+            setattr(self, name, tuple(value))
+        for rank in self.ranks:
+            rank_for(64, rank)  # raises naming the bad rank
+        unknown = [t for t in self.targets if t not in TARGETS]
+        unknown += [t for t in self.thresholds if not callable(t) and t not in THRESHOLDS]
+        if unknown:
+            raise ValueError(f"AblationConfig: unknown target or LAG threshold {unknown}; targets: "
+                             f"{', '.join(TARGETS)}; thresholds: {', '.join(THRESHOLDS)}")
+        TrainConfig(steps=self.steps, seed=self.seed, learning_rate=self.learning_rate)  # names a bad number
+        for count in self.step_counts:
+            TrainConfig(steps=count)
+
 
 def score(pipe, handle, config: AblationConfig, lag: bool = False, lag_config: LAGConfig | None = None,
           oracle=None) -> dict:

@@ -74,7 +74,10 @@ def render_concept(
 
 
 def concept_folder(name: str) -> Path:
-    """Path of the shipped reference folder prkit/world/concepts/<name>/."""
+    """Path of the shipped reference folder prkit/world/concepts/<name>/ (a name of ``EXAMPLE_CONCEPTS``)."""
+    if name not in EXAMPLE_CONCEPTS:
+        raise ValueError(f"{name!r} is not a shipped world concept; these are: {', '.join(EXAMPLE_CONCEPTS)} "
+                         "(or give a folder of your own images)")
     return CONCEPTS_DIR / name
 
 

@@ -1,0 +1,31 @@
+"""What notebook parameters meet before anything runs: the ablation sweeps (05), a shipped concept's name (01)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(ranks="[0.05]"),
+     r"AblationConfig\.ranks must be a non-empty list, got '\[0\.05\]' \(papermill: -y 'ranks: \[a, b\]'"),
+    (dict(ranks=()), r"AblationConfig\.ranks must be a non-empty list"),
+    (dict(ranks=(0.05, 1.0)), r"rank 1\.0 is neither a fraction"),
+    (dict(targets=("residuals", "bogus")), r"unknown target or LAG threshold \['bogus'\]; targets: residuals"),
+    (dict(thresholds=("median", "bogus")), r"unknown target or LAG threshold \['bogus'\]"),
+    (dict(concept="bogus"), r"AblationConfig\.concept 'bogus' is not an example concept; use one of striped_ball"),
+    (dict(step_counts=(30, 0)), r"TrainConfig\.steps must be a whole number >= 1"),
+    (dict(seed="1"), r"TrainConfig\.seed must be a whole number")])
+def test_an_ablation_sweep_is_checked_before_anything_trains(bad, match):
+    from prkit.world import ablate
+
+    with pytest.raises(ValueError, match=match):
+        ablate.AblationConfig(**bad)
+    assert ablate.AblationConfig(ranks=[0.05, 4], thresholds=[]).ranks == (0.05, 4)  # lists become tuples
+
+
+def test_an_unknown_shipped_concept_name_lists_the_shipped_ones():
+    from prkit.world.concepts import EXAMPLE_CONCEPTS, concept_folder
+
+    with pytest.raises(ValueError, match=r"'bogus' is not a shipped world concept; these are: striped_ball, .*own"):
+        concept_folder("bogus")
+    assert all((concept_folder(name) / "concept.json").is_file() for name in EXAMPLE_CONCEPTS)
