@@ -35,6 +35,12 @@ class AttentionStore:
     masks: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # LAG masks (B, h, w, S), if LAG ran
     layers: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # layers averaged into maps[key]
 
+    def __post_init__(self):
+        size = self.max_resolution
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # 0 pooled every map to one number
+            raise ValueError(f"AttentionStore.max_resolution must be a whole number >= 1 (the long side of stored "
+                             f"maps, e.g. 16), got {size!r}")
+
     def clear(self) -> None:
         """Forget every map, mask and layer count (a new capture begins)."""
         self.maps.clear()

@@ -242,3 +242,9 @@ def test_stored_maps_average_the_blocks_layers_and_aggregate_averages_blocks():
     torch.testing.assert_close(agg, expected / 2, rtol=1e-5, atol=1e-6)  # the mean of the block and a zero block
     store.maps[("blk", 1)] = 3 * expected
     torch.testing.assert_close(store.get("blk"), 2 * expected)  # averaged over the kept steps
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True, "16"])
+def test_a_store_refuses_a_cap_that_would_pool_every_map_to_nothing(bad):
+    with pytest.raises(ValueError, match=r"AttentionStore\.max_resolution must be a whole number >= 1"):
+        AttentionStore(max_resolution=bad)
