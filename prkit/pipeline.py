@@ -6,9 +6,12 @@ downloads on its own when the hub is offline and never changes global torch stat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,6 +88,31 @@ def native_bf16(device: torch.device) -> bool:
 
 
 @functools.cache
+class _Drop(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _library_notes_off():
+    """Two library messages that do not apply to a prkit load: transformers' note that its image processors want
+    torchvision (prkit loads none; twice per process), and diffusers' claim that a half-precision pipeline on the CPU
+    will fail (it runs; once per module, three times per load). ``load_pipeline`` says what matters in its words."""
+    drops = [(logging.getLogger("transformers.utils.import_utils"), _Drop("requires torchvision (not installed)")),
+             (logging.getLogger("diffusers.pipelines.pipeline_utils"), _Drop("cannot run with `cpu` device"))]
+    for logger, drop in drops:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger, drop in drops:
+            logger.removeFilter(drop)
+
+
 def _dtype_kwarg() -> str:
     """``dtype`` where diffusers takes it (0.42 on; its ``torch_dtype`` warns there), else ``torch_dtype``. Asked
     when a pipeline loads, not at import (importing diffusers takes seconds)."""
@@ -203,29 +231,35 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         if not local and _looks_like_path(name):  # no hub id either: said now, not after the hub's retries (~30 s)
             raise RuntimeError(_missing_message(name, None))
     local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
-    try:
-        if local:
-            index = read_model_index(Path(source))
-        else:  # the hub's model_index.json alone, to know the pipeline class before loading any weights
-            from huggingface_hub import hf_hub_download
+    with _library_notes_off():  # the index, the class and its components import diffusers and transformers parts
+        try:
+            if local:
+                index = read_model_index(Path(source))
+            else:  # the hub's model_index.json alone, to know the pipeline class before loading any weights
+                from huggingface_hub import hf_hub_download
 
-            hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-            index = json.loads(Path(hf_hub_download(source, "model_index.json", local_files_only=local_only,
-                                                    **hub)).read_text())
-        if takes_safety_checker(index.get("_class_name")):
-            kwargs.setdefault("safety_checker", None)  # SD1.x folders ship one; personalization research needs none
-            if kwargs["safety_checker"] is None and local and not (Path(source) / "feature_extractor").is_dir():
-                kwargs.setdefault("feature_extractor", None)  # it only feeds the safety checker
-        if local:
-            check_components(Path(source), index, kwargs)
-        pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): dtype}, local_files_only=local_only, **kwargs)
-    except (OSError, ValueError) as err:
-        if local:
-            raise
-        raise RuntimeError(_missing_message(name, err)) from err
+                hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+                index = json.loads(Path(hf_hub_download(source, "model_index.json", local_files_only=local_only,
+                                                        **hub)).read_text())
+            if takes_safety_checker(index.get("_class_name")):
+                kwargs.setdefault("safety_checker", None)  # SD1.x folders ship one; personalization needs none
+                if kwargs["safety_checker"] is None and local and not (Path(source) / "feature_extractor").is_dir():
+                    kwargs.setdefault("feature_extractor", None)  # it only feeds the safety checker
+            if local:
+                check_components(Path(source), index, kwargs)
+            pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): dtype}, local_files_only=local_only,
+                                                     **kwargs)
+        except (OSError, ValueError) as err:
+            if local:
+                raise
+            raise RuntimeError(_missing_message(name, err)) from err
     if type(pipe).__name__ not in SUPPORTED or not hasattr(pipe, "unet"):
         raise TypeError(f"{name!r} loaded as {type(pipe).__name__}; prkit supports {', '.join(SUPPORTED)}")
-    pipe = pipe.to(device)
+    if device.type == "cpu" and dtype != torch.float32:
+        warnings.warn(f"{str(dtype).replace('torch.', '')} on the CPU: it runs, but most CPUs compute it slower than "
+                      "fp32 (the CPU default, dtype=None)", UserWarning, stacklevel=2)
+    with _library_notes_off():
+        pipe = pipe.to(device)
     pipe.register_to_config(_name_or_path=name)
     pipe.prkit_defaults = read_model_defaults(source) if local else {}
     return pipe

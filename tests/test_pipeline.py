@@ -392,3 +392,42 @@ def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_before_the_hub(
         prkit.load_pipeline("sd15", device="cpu")
     with pytest.raises(RuntimeError, match="spelt 'world'"):
         prkit.load_pipeline("World", device="cpu")
+
+
+def test_a_half_precision_cpu_load_says_so_once_in_prkits_words(pipe, tmp_path):
+    """diffusers claimed three times per load that a half-precision pipeline on the CPU will fail (it runs), and
+    transformers that its image processors want torchvision (prkit loads none)."""
+    import logging
+    import warnings
+
+    names = ("transformers.utils.import_utils", "diffusers.pipelines.pipeline_utils")
+    heard: list[str] = []
+    catch = logging.Handler()
+    catch.emit = lambda record: heard.append(record.getMessage())
+    for name in names:  # on the loggers themselves: the libraries' roots do not propagate
+        logging.getLogger(name).addHandler(catch)
+    folder = tmp_path / "model"
+    pipe.save_pretrained(str(folder))
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            half = prkit.load_pipeline(folder, device="cpu", dtype="fp16")
+        assert half.unet.dtype == torch.float16
+        ours = [w for w in seen if "on the CPU" in str(w.message)]
+        assert len(ours) == 1 and str(ours[0].message).startswith("float16 on the CPU: it runs")
+        assert ours[0].filename == __file__  # pointed at the caller's line
+        assert not [m for m in heard if "cannot run with `cpu` device" in m or "requires torchvision" in m]
+        with prkit.pipeline._library_notes_off():
+            for name in names:
+                logging.getLogger(name).warning("x requires torchvision (not installed); cannot run with `cpu` device")
+            logging.getLogger(names[0]).warning("another note")
+        assert heard == ["another note"]
+        logging.getLogger(names[1]).warning("y cannot run with `cpu` device")  # outside a load: the library's own
+        assert heard[-1] == "y cannot run with `cpu` device"
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            prkit.load_pipeline(folder, device="cpu")
+        assert not [w for w in seen if "on the CPU" in str(w.message)]
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(catch)
