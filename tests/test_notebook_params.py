@@ -20,3 +20,16 @@ def test_as_list_refuses_a_string_and_names_the_parameter(value):
     said = str(err.value)
     assert said.startswith("parameter prompts must be a list") and repr(value) in said
     assert """-y 'prompts: ["first", "second"]'""" in said  # the papermill syntax that gives a list
+
+
+def test_04_checks_its_list_and_second_concept_before_sampling():
+    """04 split a prompts string into characters (or failed formatting it), and met an unknown second_concept only
+    after all the sampling."""
+    import json
+    from pathlib import Path
+
+    book = Path(__file__).resolve().parent.parent / "notebooks" / "04_lag_sampling.ipynb"
+    cells = ["".join(c["source"]) for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code"]
+    first_sampling = next(i for i, c in enumerate(cells) if "prkit.generate(" in c)
+    before = "\n".join(cells[:first_sampling]) + cells[first_sampling].split("prkit.generate(")[0]
+    assert 'as_list(prompts, "prompts")' in before and "another_concept(second_concept" in before
