@@ -147,8 +147,9 @@ def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str =
     return rows
 
 
-def render_html(out: Path, rows: list[dict]) -> Path:
-    """Convert the executed notebooks to HTML and write index.html (rows of notebooks not run say so)."""
+def render_html(out: Path, rows: list[dict], parameters: dict | None = None) -> Path:
+    """Convert the executed notebooks to HTML and write index.html: the notebooks (rows of those not run say so),
+    the ``parameters`` the report gave them, and every file of the run folder."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -171,23 +172,37 @@ def render_html(out: Path, rows: list[dict]) -> Path:
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}"
         "img{max-width:32%;margin:4px;vertical-align:top}</style></head>"
         f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
-        f"<th>time</th></tr>{''.join(items)}</table>{_outputs(out)}</body></html>", encoding="utf-8")
+        f"<th>time</th></tr>{''.join(items)}</table>{_parameters(parameters or {})}{_outputs(out)}</body></html>",
+        encoding="utf-8")
     return index
 
 
+def _parameters(parameters: dict) -> str:
+    """The parameters given to the report (-p, --params), each notebook's own default for the rest."""
+    if not parameters:
+        return "<h2>parameters</h2><p>the notebooks' defaults</p>"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(repr(v))}</code></td></tr>"
+                   for k, v in sorted(parameters.items()))
+    return (f"<h2>parameters</h2><p>given to the notebooks that declare them; the others kept their defaults</p>"
+            f"<table><tr><th>name</th><th>value</th></tr>{rows}</table>")
+
+
 def _outputs(out: Path) -> str:
-    """The figures (shown) and tables (linked) the notebooks wrote under the run folder, by subfolder."""
+    """Every file of the run folder but index.html, by folder: figures shown (the samples under an ``images``
+    folder only linked), everything else linked."""
+    by_folder: dict[str, list[Path]] = {}
+    for f in sorted(out.rglob("*")):
+        if f.is_file() and f != out / "index.html":
+            by_folder.setdefault(f.parent.relative_to(out).as_posix(), []).append(f)
     sections = []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
-        files = sorted(f for f in folder.rglob("*") if f.suffix in (".png", ".csv", ".json") and f.is_file()
-                       and "images" not in f.relative_to(folder).parts[:-1])  # not every sample of save_images
-        if not files:
-            continue
-        links = "".join(f'<li><a href="{html.escape(f.relative_to(out).as_posix())}">'
-                        f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f.suffix != ".png")
+    for folder, files in sorted(by_folder.items(), key=lambda item: (item[0] != ".", item[0])):
+        shown = [f for f in files if f.suffix == ".png" and "images" not in f.relative_to(out).parts[:-1]]
         figures = "".join(f'<a href="{html.escape(f.relative_to(out).as_posix())}"><img alt="{html.escape(f.name)}" '
-                          f'src="{html.escape(f.relative_to(out).as_posix())}"></a>' for f in files if f.suffix == ".png")
-        sections.append(f"<h2>{html.escape(folder.name)}/</h2>{figures}<ul>{links}</ul>")
+                          f'src="{html.escape(f.relative_to(out).as_posix())}"></a>' for f in shown)
+        links = "".join(f'<li><a href="{html.escape(f.relative_to(out).as_posix())}">'
+                        f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f not in shown)
+        title = "run folder" if folder == "." else f"{folder}/"
+        sections.append(f"<h2>{html.escape(title)}</h2>{figures}{f'<ul>{links}</ul>' if links else ''}")
     return "".join(sections)
 
 
@@ -256,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = bool(rows) and all(r["status"] == "ok" for r in rows)
     earlier = [{"notebook": b.name, "seconds": 0.0, "status": "earlier run"} for b in series
                if b not in books and (out / b.name).is_file()]  # --run: what ran there before stays listed
-    index = render_html(out, sorted(rows + earlier, key=lambda r: r["notebook"]))
+    index = render_html(out, sorted(rows + earlier, key=lambda r: r["notebook"]), parameters)
     print(f"report: {index} ({time.perf_counter() - start:.0f} s, {'all ok' if ok else 'FAILED'})")
     return 0 if ok else 1
 

@@ -223,3 +223,22 @@ def test_the_series_own_dependencies_are_read_from_the_notebooks():
         "03_attention_maps.ipynb reads run_dir/residuals.safetensors, which 02_train_residuals.ipynb writes"]
     assert skipped_inputs(series, series) == [] and skipped_inputs(series, series[:2]) == []
 
+
+def test_the_index_links_every_file_of_the_run_and_shows_the_parameters(tmp_path):
+    """The index missed the run folder's own files (residuals, train stats, the executed notebooks), the samples
+    under lag/images/, and said nothing of the parameters."""
+    from prkit.report import render_html
+
+    run = tmp_path / "run"
+    (run / "lag" / "images").mkdir(parents=True)
+    for name in ("train_stats.json", "residuals.safetensors", "lag/grid.png", "lag/images/base_0.png"):
+        (run / name).write_bytes(b"x")
+    nbformat.write(nbformat.v4.new_notebook(), run / "01_a.ipynb")
+    index = render_html(run, [{"notebook": "01_a.ipynb", "seconds": 2.0, "status": "ok"}],
+                        {"train_steps": 20, "prompts": ["a {token}"]}).read_text()
+    for name in ("train_stats.json", "residuals.safetensors", "01_a.ipynb", "01_a.html", "lag/images/base_0.png"):
+        assert f'<li><a href="{name}">' in index, name
+    assert '<img alt="grid.png" src="lag/grid.png">' in index and 'src="lag/images/base_0.png"' not in index
+    assert "<td>train_steps</td><td><code>20</code>" in index and "[&#x27;a {token}&#x27;]" in index
+    assert 'href="index.html"' not in index
+    assert "the notebooks' defaults" in (render_html(run, [], {})).read_text()
