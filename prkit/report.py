@@ -1,7 +1,7 @@
 """Headless report: run the notebook series with papermill into ``runs/<timestamp>/`` and render HTML.
 
-``python -m prkit.report [--out runs] [-p name value ...] [--params file.yaml] [--only 01 02]``.
-Owns orchestration only: every computation lives in the notebooks and the package.
+``python -m prkit.report [--out runs | --run runs/<timestamp>] [-p name value ...] [--params file.yaml]
+[--only 01 02]``. Owns orchestration only: every computation lives in the notebooks and the package.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import html
+import re
 import sys
 import time
 from datetime import datetime
@@ -32,6 +33,37 @@ def notebook_list(folder: Path, only: list[str] | None = None) -> list[Path]:
     if not books:
         raise FileNotFoundError(f"no notebooks NN_*.ipynb found in {folder}")
     return books
+
+
+RUN_PATH = re.compile(r"`run_dir/([^`]*)`")  # a run file named in a notebook's first cell: `run_dir/concept/`
+
+
+def run_paths(book: Path) -> tuple[set[str], set[str]]:
+    """The run-folder paths a notebook's first (markdown) cell lists after ``* reads:`` and ``* writes:``."""
+    import nbformat
+
+    cells = nbformat.read(book, as_version=4).cells
+    text = cells[0].source if cells and cells[0].cell_type == "markdown" else ""
+    found: dict[str, set[str]] = {"reads": set(), "writes": set()}
+    for item in re.split(r"\n\* ", "\n" + text):  # one bullet each, over as many lines as it takes
+        kind = item.split(":", 1)[0].strip()
+        if kind in found:
+            found[kind] = {p.rstrip("/") for p in RUN_PATH.findall(item)}
+    return found["reads"], found["writes"]
+
+
+def skipped_inputs(series: list[Path], chosen: list[Path]) -> list[str]:
+    """What the chosen notebooks read from the run folder that only an earlier notebook of the series left out of
+    ``chosen`` writes: ``"03_x.ipynb reads run_dir/residuals.safetensors, which 02_y.ipynb writes"``."""
+    paths = {book: run_paths(book) for book in series}
+    said = []
+    for book in chosen:
+        for read in sorted(paths[book][0]):
+            writers = [w for w in series[:series.index(book)] if any(
+                read == p or read.startswith(p + "/") or p.startswith(read + "/") for p in paths[w][1])]
+            if writers and not set(writers) & set(chosen):
+                said.append(f"{book.name} reads run_dir/{read}, which {writers[-1].name} writes")
+    return said
 
 
 HEADLESS = {"interactive": False}  # widgets fall back to static figures in a report
@@ -115,8 +147,9 @@ def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str =
     return rows
 
 
-def render_html(out: Path, rows: list[dict]) -> Path:
-    """Convert the executed notebooks to HTML and write index.html (rows of notebooks not run say so)."""
+def render_html(out: Path, rows: list[dict], parameters: dict | None = None) -> Path:
+    """Convert the executed notebooks to HTML and write index.html: the notebooks (rows of those not run say so),
+    the ``parameters`` the report gave them, and every file of the run folder."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -131,7 +164,7 @@ def render_html(out: Path, rows: list[dict]) -> Path:
             link = f'<a href="{html.escape(page.name)}">{html.escape(row["notebook"])}</a>'
         else:
             link = html.escape(row["notebook"])
-        took = "" if row["status"] == "not run" else f"{row['seconds']:.0f} s"
+        took = "" if row["status"] in ("not run", "earlier run") else f"{row['seconds']:.0f} s"
         items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{took}</td></tr>")
     index = out / "index.html"
     index.write_text(
@@ -139,23 +172,37 @@ def render_html(out: Path, rows: list[dict]) -> Path:
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}"
         "img{max-width:32%;margin:4px;vertical-align:top}</style></head>"
         f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
-        f"<th>time</th></tr>{''.join(items)}</table>{_outputs(out)}</body></html>", encoding="utf-8")
+        f"<th>time</th></tr>{''.join(items)}</table>{_parameters(parameters or {})}{_outputs(out)}</body></html>",
+        encoding="utf-8")
     return index
 
 
+def _parameters(parameters: dict) -> str:
+    """The parameters given to the report (-p, --params), each notebook's own default for the rest."""
+    if not parameters:
+        return "<h2>parameters</h2><p>the notebooks' defaults</p>"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(repr(v))}</code></td></tr>"
+                   for k, v in sorted(parameters.items()))
+    return (f"<h2>parameters</h2><p>given to the notebooks that declare them; the others kept their defaults</p>"
+            f"<table><tr><th>name</th><th>value</th></tr>{rows}</table>")
+
+
 def _outputs(out: Path) -> str:
-    """The figures (shown) and tables (linked) the notebooks wrote under the run folder, by subfolder."""
+    """Every file of the run folder but index.html, by folder: figures shown (the samples under an ``images``
+    folder only linked), everything else linked."""
+    by_folder: dict[str, list[Path]] = {}
+    for f in sorted(out.rglob("*")):
+        if f.is_file() and f != out / "index.html":
+            by_folder.setdefault(f.parent.relative_to(out).as_posix(), []).append(f)
     sections = []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
-        files = sorted(f for f in folder.rglob("*") if f.suffix in (".png", ".csv", ".json") and f.is_file()
-                       and "images" not in f.relative_to(folder).parts[:-1])  # not every sample of save_images
-        if not files:
-            continue
-        links = "".join(f'<li><a href="{html.escape(f.relative_to(out).as_posix())}">'
-                        f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f.suffix != ".png")
+    for folder, files in sorted(by_folder.items(), key=lambda item: (item[0] != ".", item[0])):
+        shown = [f for f in files if f.suffix == ".png" and "images" not in f.relative_to(out).parts[:-1]]
         figures = "".join(f'<a href="{html.escape(f.relative_to(out).as_posix())}"><img alt="{html.escape(f.name)}" '
-                          f'src="{html.escape(f.relative_to(out).as_posix())}"></a>' for f in files if f.suffix == ".png")
-        sections.append(f"<h2>{html.escape(folder.name)}/</h2>{figures}<ul>{links}</ul>")
+                          f'src="{html.escape(f.relative_to(out).as_posix())}"></a>' for f in shown)
+        links = "".join(f'<li><a href="{html.escape(f.relative_to(out).as_posix())}">'
+                        f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f not in shown)
+        title = "run folder" if folder == "." else f"{folder}/"
+        sections.append(f"<h2>{html.escape(title)}</h2>{figures}{f'<ul>{links}</ul>' if links else ''}")
     return "".join(sections)
 
 
@@ -174,7 +221,9 @@ def _new_run_folder(parent: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prkit.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs", help="parent folder of the run folder")
+    parser.add_argument("--out", help="parent folder of the new run folder (default: runs)")
+    parser.add_argument("--run", help="run the notebooks in this existing run folder (e.g. runs/<timestamp>, where "
+                                      "earlier notebooks ran) instead of a new one; with --only, a subset")
     parser.add_argument("--notebooks", default=str(NOTEBOOKS))
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--params", help="YAML file of parameters (e.g. notebooks/params/sd15.yaml)")
@@ -195,17 +244,34 @@ def main(argv: list[str] | None = None) -> int:
         only = f" with the prefixes --only {' '.join(args.only)}" if args.only else ""
         parser.error(f"{err}{only}")
     if "run_dir" in parameters:  # every notebook of a report runs in the report's own timestamped folder
-        parser.error("run_dir is set by the report (a new folder under --out per run); pass --out instead")
-    unknown = unknown_parameters(parameters, declared(notebook_list(Path(args.notebooks))))  # --only or not
+        parser.error("run_dir is set by the report (a new folder under --out per run); pass --out instead, or "
+                     "--run runs/<timestamp> to run in an existing run folder")
+    series = notebook_list(Path(args.notebooks))
+    unknown = unknown_parameters(parameters, declared(series))  # --only or not
     if unknown:
         parser.error(f"no notebook of this series has the parameter(s) {', '.join(unknown)}: check the spelling "
                      f"against the notebooks' parameters cells")
-    out = _new_run_folder(Path(args.out))
+    if args.run is not None and args.out is not None:
+        parser.error("--out makes a new run folder and --run reuses one: pass one of them")
+    if args.run is None:
+        skipped = skipped_inputs(series, books)
+        if skipped:
+            parser.error(f"--only {' '.join(args.only)} skips notebooks whose files the rest need, and a new run "
+                         f"folder has none: {'; '.join(skipped)}. Pass --run runs/<timestamp> (a run folder where "
+                         f"those ran) or add them to --only")
+        out = _new_run_folder(Path(args.out or "runs"))
+    else:
+        out = Path(args.run).expanduser().resolve()
+        if not out.is_dir():
+            parser.error(f"--run {args.run}: no such folder; give a run folder of an earlier report "
+                         f"(runs/<timestamp>), or --out to make a new one")
     start = time.perf_counter()
     rows = run_series(out, parameters, books, args.kernel)
     rows += [{"notebook": b.name, "seconds": 0.0, "status": "not run"} for b in books[len(rows):]]
-    index = render_html(out, rows)
-    ok = all(r["status"] == "ok" for r in rows)
+    ok = bool(rows) and all(r["status"] == "ok" for r in rows)
+    earlier = [{"notebook": b.name, "seconds": 0.0, "status": "earlier run"} for b in series
+               if b not in books and (out / b.name).is_file()]  # --run: what ran there before stays listed
+    index = render_html(out, sorted(rows + earlier, key=lambda r: r["notebook"]), parameters)
     print(f"report: {index} ({time.perf_counter() - start:.0f} s, {'all ok' if ok else 'FAILED'})")
     return 0 if ok else 1
 

@@ -41,12 +41,19 @@ def to_array(image) -> np.ndarray:
 
 def image_grid(images: Sequence, ncols: int | None = None, titles: Sequence[str] | None = None,
                row_labels: Sequence[str] | None = None, size: float = 1.8, suptitle: str | None = None):
-    """Images in a grid; ``row_labels`` name the rows (e.g. base / residuals / LAG)."""
+    """Images in a grid; ``row_labels`` name the rows (e.g. base / residuals / LAG).
+
+    ``titles``: one per image, in the images' order, or one per column (drawn over the top row only); any other
+    count is refused (images of ``num_images`` per prompt come grouped by prompt: p0, p0, p1, p1, ...).
+    """
     n = len(images)
     if not n:
         raise ValueError("image_grid needs at least one image")
     plt = _plt()
     ncols = ncols or min(n, 8)
+    if titles is not None and len(titles) not in (n, ncols):
+        raise ValueError(f"image_grid got {len(titles)} titles for {n} images in {ncols} columns: give one title "
+                         f"per image ({n}, in the images' order) or one per column ({ncols})")
     nrows = max(1, -(-n // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)),
                              squeeze=False)

@@ -176,3 +176,69 @@ def test_the_ablations_reference_run_takes_train_steps_and_the_static_explorer_i
                              token=2)
     assert fig._suptitle.get_text() == "'sks' averaged over steps (static view)"
     assert set(plt.get_fignums()) == before  # closed: displayed once, as the cell's value
+
+
+def _header(folder, name, reads="", writes=""):
+    """Give the notebook ``name`` a first cell that lists the run files it reads and writes, as the series' do."""
+    book = nbformat.read(folder / name, as_version=4)
+    book.cells[0].source = f"# {name}\n\n* reads: {reads}\n* writes: {writes}\n"
+    nbformat.write(book, folder / name)
+
+
+def test_only_a_later_notebook_runs_in_an_existing_run_folder(tmp_path, books, monkeypatch, capsys):
+    """--only 03 made a fresh folder, where 03 could not find the residuals 02 had written elsewhere."""
+    from prkit import report
+
+    _header(books, "01_write_value.ipynb", writes="`run_dir/x.txt`, `run_dir/plots/`")
+    _header(books, "02_check_value.ipynb", reads="`run_dir/x.txt`", writes="`run_dir/checked/`")
+    seen = []
+    monkeypatch.setattr(report, "run_series", lambda out, parameters, chosen, kernel: (
+        seen.append((out, [b.name for b in chosen])),
+        [{"notebook": b.name, "seconds": 1.0, "status": "ok"} for b in chosen])[1])
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "02"])
+    said = capsys.readouterr().err
+    assert err.value.code == 2 and "02_check_value.ipynb reads run_dir/x.txt, which 01_write_value.ipynb writes" in said
+    assert "Pass --run runs/<timestamp>" in said and not (tmp_path / "runs").exists() and not seen
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "01"]) == 0  # needs nothing
+    run = next((tmp_path / "runs").iterdir())
+    nbformat.write(nbformat.read(books / "01_write_value.ipynb", as_version=4), run / "01_write_value.ipynb")
+    assert main(["--run", str(run), "--notebooks", str(books), "--only", "02"]) == 0
+    assert seen[-1] == (run.resolve(), ["02_check_value.ipynb"]) and len(list((tmp_path / "runs").iterdir())) == 1
+    index = (run / "index.html").read_text()
+    assert "01_write_value.ipynb</a></td><td>earlier run</td>" in index and "02_check_value.ipynb</td><td>ok" in index
+    for argv, said in ((["--run", str(tmp_path / "nowhere")], "no such folder"),
+                       (["--run", str(run), "--out", str(tmp_path / "runs")], "pass one of them")):
+        with pytest.raises(SystemExit) as err:
+            main([*argv, "--notebooks", str(books)])
+        assert err.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_the_series_own_dependencies_are_read_from_the_notebooks():
+    from prkit.report import NOTEBOOKS, notebook_list, skipped_inputs
+
+    series = notebook_list(NOTEBOOKS)
+    only = [b for b in series if b.name.startswith("03")]
+    assert skipped_inputs(series, only) == [
+        "03_attention_maps.ipynb reads run_dir/residuals.safetensors, which 02_train_residuals.ipynb writes"]
+    assert skipped_inputs(series, series) == [] and skipped_inputs(series, series[:2]) == []
+
+
+def test_the_index_links_every_file_of_the_run_and_shows_the_parameters(tmp_path):
+    """The index missed the run folder's own files (residuals, train stats, the executed notebooks), the samples
+    under lag/images/, and said nothing of the parameters."""
+    from prkit.report import render_html
+
+    run = tmp_path / "run"
+    (run / "lag" / "images").mkdir(parents=True)
+    for name in ("train_stats.json", "residuals.safetensors", "lag/grid.png", "lag/images/base_0.png"):
+        (run / name).write_bytes(b"x")
+    nbformat.write(nbformat.v4.new_notebook(), run / "01_a.ipynb")
+    index = render_html(run, [{"notebook": "01_a.ipynb", "seconds": 2.0, "status": "ok"}],
+                        {"train_steps": 20, "prompts": ["a {token}"]}).read_text()
+    for name in ("train_stats.json", "residuals.safetensors", "01_a.ipynb", "01_a.html", "lag/images/base_0.png"):
+        assert f'<li><a href="{name}">' in index, name
+    assert '<img alt="grid.png" src="lag/grid.png">' in index and 'src="lag/images/base_0.png"' not in index
+    assert "<td>train_steps</td><td><code>20</code>" in index and "[&#x27;a {token}&#x27;]" in index
+    assert 'href="index.html"' not in index
+    assert "the notebooks' defaults" in (render_html(run, [], {})).read_text()

@@ -85,3 +85,19 @@ def test_empty_inputs_say_so():
     assert metrics.clip_i(one, refs) == pytest.approx(metrics.clip_i(one[None], refs))  # (D,) is one embedding
     with pytest.raises(ValueError, match="no embeddings"):
         metrics.clip_i(torch.zeros(0, 8), refs)
+
+
+def test_image_grid_titles_are_one_per_image_or_one_per_column():
+    """04 gave one title per prompt, repeated for its rows: with 2 images per prompt (grouped p0, p0, p1, p1) the
+    titles went to the wrong images, without a word."""
+    from prkit.viz import image_grid
+
+    images = [np.full((4, 4, 3), i / 8) for i in range(8)]
+    fig = image_grid(images, ncols=4, titles=list("abcdefgh"))
+    assert [ax.get_title() for ax in fig.axes] == list("abcdefgh")
+    fig = image_grid(images, ncols=4, titles=list("abcd"))  # column titles: over the top row
+    assert [ax.get_title() for ax in fig.axes] == list("abcd") + [""] * 4
+    with pytest.raises(ValueError, match="got 2 titles for 8 images in 4 columns"):
+        image_grid(images, ncols=4, titles=["p0", "p1"])
+    with pytest.raises(ValueError, match="got 6 titles for 8 images in 4 columns"):
+        image_grid(images, ncols=4, titles=["p0", "p1"] * 3)

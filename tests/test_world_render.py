@@ -216,3 +216,12 @@ def test_world_bench_refuses_unknown_concepts_before_training(capsys):
             bench.main(args)
     with pytest.raises(ValueError, match="no rows"):
         bench.write_csv([], "x.csv")
+
+
+def test_another_concept_names_the_shipped_ones_for_an_unknown_name():
+    """04's second_concept="bogus" ended in a raw KeyError: 'bogus', after all the sampling."""
+    from prkit.world.concepts import another_concept
+
+    with pytest.raises(ValueError, match="'bogus' is not a shipped world concept; these are: striped_ball, "
+                                         "dotted_box, checked_star"):
+        another_concept("bogus", "sks")

@@ -119,7 +119,10 @@ def run_concept(run_dir, name: str = "", skip_unknown: bool = False) -> str | No
 
 
 def another_concept(name: str, token: str) -> str:
-    """``name``, or when its identifier is ``token`` (already in use) the first shipped concept with another."""
+    """``name``, or when its identifier is ``token`` (already in use) the first shipped concept with another.
+    A ``name`` that is no shipped concept raises ValueError listing them."""
+    if name not in EXAMPLE_CONCEPTS:
+        raise ValueError(f"{name!r} is not a shipped world concept; these are: {', '.join(EXAMPLE_CONCEPTS)}")
     if EXAMPLE_CONCEPTS[name].token != token:
         return name
     other = next(c.name for c in EXAMPLE_CONCEPTS.values() if c.token != token)

@@ -1,0 +1,35 @@
+"""Notebook parameter checks: a list parameter given as one string (papermill's -p) is refused with the list syntax."""
+
+from __future__ import annotations
+
+import pytest
+
+from prkit.notebook_params import as_list
+
+
+def test_as_list_takes_lists_and_tuples():
+    assert as_list(["a", "b"], "prompts") == ["a", "b"]
+    assert as_list(("a",), "prompts") == ["a"]
+    assert as_list([], "prompts") == []
+
+
+@pytest.mark.parametrize("value", ["a photo of a {token} {class_word} in the snow", b"ab", 3, None])
+def test_as_list_refuses_a_string_and_names_the_parameter(value):
+    with pytest.raises(TypeError) as err:
+        as_list(value, "prompts")
+    said = str(err.value)
+    assert said.startswith("parameter prompts must be a list") and repr(value) in said
+    assert """-y 'prompts: ["first", "second"]'""" in said  # the papermill syntax that gives a list
+
+
+def test_04_checks_its_list_and_second_concept_before_sampling():
+    """04 split a prompts string into characters (or failed formatting it), and met an unknown second_concept only
+    after all the sampling."""
+    import json
+    from pathlib import Path
+
+    book = Path(__file__).resolve().parent.parent / "notebooks" / "04_lag_sampling.ipynb"
+    cells = ["".join(c["source"]) for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code"]
+    first_sampling = next(i for i, c in enumerate(cells) if "prkit.generate(" in c)
+    before = "\n".join(cells[:first_sampling]) + cells[first_sampling].split("prkit.generate(")[0]
+    assert 'as_list(prompts, "prompts")' in before and "another_concept(second_concept" in before
