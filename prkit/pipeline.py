@@ -87,8 +87,9 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-@functools.cache
 class _Drop(logging.Filter):
+    """Drops a logger's records whose message contains ``text``."""
+
     def __init__(self, text: str):
         super().__init__()
         self.text = text
@@ -113,6 +114,7 @@ def _library_notes_off():
             logger.removeFilter(drop)
 
 
+@functools.cache
 def _dtype_kwarg() -> str:
     """``dtype`` where diffusers takes it (0.42 on; its ``torch_dtype`` warns there), else ``torch_dtype``. Asked
     when a pipeline loads, not at import (importing diffusers takes seconds)."""

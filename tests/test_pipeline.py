@@ -431,3 +431,19 @@ def test_a_half_precision_cpu_load_says_so_once_in_prkits_words(pipe, tmp_path):
     finally:
         for name in names:
             logging.getLogger(name).removeHandler(catch)
+
+
+def test_the_library_note_filters_nest_and_come_off_after_an_error():
+    import logging
+
+    from prkit.pipeline import _library_notes_off
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    before = list(logger.filters)
+    with _library_notes_off():
+        with _library_notes_off():
+            pass
+        assert len(logger.filters) == len(before) + 1  # the outer load's filter stays on
+    with pytest.raises(RuntimeError), _library_notes_off():
+        raise RuntimeError("a load failed")
+    assert logger.filters == before
