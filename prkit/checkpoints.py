@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -121,15 +122,31 @@ def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generato
 
 
 def set_aside(path: Path, why: str = "diverged") -> Path | None:
-    """Rename a run's checkpoint to ``<name>.<why>.pt`` (replacing an older one) so that the next run does not
-    resume it (a diverged run; one a ``resume=False`` run replaces); returns the new path, or None when there was
-    none."""
+    """Rename a run's checkpoint so that the next run does not resume it; returns the new path, or None when there
+    was none. A diverged run's goes to ``<name>.diverged.pt`` (replacing an older one); a run that ``resume=False``
+    starts over replaces is kept as ``<name>.replaced-<UTC time>.pt``, every one of them (a notebook rerun with
+    resume off sets one aside per call)."""
     path = Path(path)
     if not path.is_file():
         return None
     aside = path.with_name(f"{path.stem}.{why}{path.suffix}")
+    if why == "replaced":
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        aside = path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.stem}.replaced-{stamp}-{n}{path.suffix}")
     os.replace(path, aside)
     return aside
+
+
+def resume_hint(config) -> str:
+    """How to continue an interrupted run, in the log's words: a ``resume=False`` run would set its checkpoint aside
+    on the next call."""
+    if config.resume:
+        return "call again to resume"
+    return "call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over again"
 
 
 def _same(key: str, saved, value) -> bool:

@@ -361,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
-        print(f"prkit {args.command}: interrupted" + ("; run the same command again to resume"
-                                                      if args.command == "train" else ""), file=sys.stderr)
+        again = "; run the same command again to resume" if getattr(args, "resume", True) else \
+            "; run the command again without --no-resume to resume"
+        print(f"prkit {args.command}: interrupted" + (again if args.command == "train" else ""), file=sys.stderr)
         return 130
     finally:
         if previous is not None:

@@ -299,7 +299,8 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
         if ckpt is not None:
             checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
                              time.perf_counter() - start)
-            log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
+            log.warning("interrupted at step %d; checkpoint saved to %s, %s", step, ckpt,
+                        checkpoints.resume_hint(config))
         else:
             log.warning("interrupted at step %d; without a checkpoint_dir the partial run is not kept "
                         "(pass checkpoint_dir=... to be able to resume)", step)

@@ -114,11 +114,14 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     if config.stop_after is not None and config.stop_after < config.steps and not config.checkpoint_dir:
         log.warning("stop_after=%d without checkpoint_dir: the stopped run cannot be continued (the next call "
                     "starts over); pass checkpoint_dir=... to resume it later", config.stop_after)
+    if config.stop_after is not None and config.stop_after < config.steps and not config.resume:
+        log.warning("stop_after=%d with resume=False: every call starts over and stops at step %d; continue the "
+                    "stopped run with resume=True", config.stop_after, config.stop_after)
     if config.checkpoint_dir and not config.resume:  # starting over: the earlier run's state must not be resumed
         aside = checkpoints.set_aside(Path(config.checkpoint_dir) / "checkpoint.pt", "replaced")  # by a later call
         if aside is not None:
-            log.warning("resume=False: the earlier checkpoint in %s is kept as %s and this run starts over",
-                        config.checkpoint_dir, aside.name)
+            log.warning("resume=False: this run starts over; the checkpoint it would have resumed is kept as %s",
+                        aside)
     try:
         # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
         # one is refused here, before anything is added)
@@ -250,7 +253,8 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
             gen.set_state(step_start)  # undo the unfinished step's draws: exact resume
             checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
                              time.perf_counter() - start)
-            log.warning("interrupted at step %d; checkpoint saved to %s, call again to resume", step, ckpt)
+            log.warning("interrupted at step %d; checkpoint saved to %s, %s", step, ckpt,
+                        checkpoints.resume_hint(config))
         else:
             log.warning("interrupted at step %d; without a checkpoint_dir the partial run is not kept "
                         "(pass checkpoint_dir=... to be able to resume)", step)

@@ -334,7 +334,21 @@ def test_resume_false_sets_the_earlier_run_aside_and_every_finished_run_is_check
     prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, checkpoint_every=2, **where)
     again = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=3, seed=5, checkpoint_every=50,
                                   resume=False, **where)
-    assert torch.load(tmp_path / "ckpt" / "checkpoint.replaced.pt", weights_only=True)["step"] == 4
+    aside = sorted((tmp_path / "ckpt").glob("checkpoint.replaced-*.pt"))
+    assert [torch.load(p, weights_only=True)["step"] for p in aside] == [4]
     assert torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["step"] == 3  # its last step
     more = prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, steps=5, seed=5, checkpoint_every=50, **where)
     assert more.losses[:3] == again.losses and more.steps_done == 5  # continues the run that started over
+    prkit.train_residuals(make_pipe(tmp_path / "p4"), concept, steps=2, seed=5, resume=False, **where)
+    kept = sorted(torch.load(p, weights_only=True)["step"] for p in (tmp_path / "ckpt").glob("checkpoint.replaced-*"))
+    assert kept == [4, 5]  # a second start-over keeps the first one's set-aside file too
+
+
+def test_an_interrupted_start_over_says_how_to_resume_it(tmp_path, concept, monkeypatch, caplog):
+    """With resume=False the next identical call would set the interrupted run aside, not continue it."""
+    interrupt_backward(monkeypatch, at=2)
+    with caplog.at_level("WARNING", logger="prkit"), pytest.raises(KeyboardInterrupt):
+        prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=6, checkpoint_dir=str(tmp_path / "c"),
+                              resume=False, stop_after=4, fast=False, **FAST)
+    assert "stop_after=4 with resume=False: every call starts over" in caplog.text
+    assert "call again with resume=True (CLI: without --no-resume) to resume" in caplog.text
