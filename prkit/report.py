@@ -12,6 +12,7 @@ import html
 import re
 import sys
 import time
+import urllib.parse
 from datetime import datetime
 from pathlib import Path
 
@@ -157,22 +158,27 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None) -> 
     items = []
     for row in rows:
         book = out / row["notebook"]
-        if book.exists():
-            body, _ = exporter.from_notebook_node(nbformat.read(book, as_version=4))
+        given = ""
+        if book.exists() and row["status"] != "not run":  # a page left by an earlier report is not this run's
+            node = nbformat.read(book, as_version=4)
+            body, _ = exporter.from_notebook_node(node)
             page = book.with_suffix(".html")
             page.write_text(body, encoding="utf-8")
-            link = f'<a href="{html.escape(page.name)}">{html.escape(row["notebook"])}</a>'
+            link = f'<a href="{_href(page.name)}">{html.escape(row["notebook"])}</a>'
+            ran_with = node.metadata.get("papermill", {}).get("parameters") or {}
+            given = ", ".join(f"{k}={v!r}" for k, v in sorted(ran_with.items()))
         else:
             link = html.escape(row["notebook"])
         took = "" if row["status"] in ("not run", "earlier run") else f"{row['seconds']:.0f} s"
-        items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{took}</td></tr>")
+        items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{took}</td>"
+                     f"<td><code>{html.escape(given)}</code></td></tr>")
     index = out / "index.html"
     index.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>prkit report</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}"
         "img{max-width:32%;margin:4px;vertical-align:top}</style></head>"
         f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
-        f"<th>time</th></tr>{''.join(items)}</table>{_parameters(parameters or {})}{_outputs(out)}</body></html>",
+        f"<th>time</th><th>run with</th></tr>{''.join(items)}</table>{_parameters(parameters or {})}{_outputs(out)}</body></html>",
         encoding="utf-8")
     return index
 
@@ -187,6 +193,11 @@ def _parameters(parameters: dict) -> str:
             f"<table><tr><th>name</th><th>value</th></tr>{rows}</table>")
 
 
+def _href(relative: str) -> str:
+    """A link target for a path relative to the index: URL-quoted (a '#' or '?' in a file name), then escaped."""
+    return html.escape(urllib.parse.quote(relative))
+
+
 def _outputs(out: Path) -> str:
     """Every file of the run folder but index.html, by folder: figures shown (the samples under an ``images``
     folder only linked), everything else linked."""
@@ -197,9 +208,9 @@ def _outputs(out: Path) -> str:
     sections = []
     for folder, files in sorted(by_folder.items(), key=lambda item: (item[0] != ".", item[0])):
         shown = [f for f in files if f.suffix == ".png" and "images" not in f.relative_to(out).parts[:-1]]
-        figures = "".join(f'<a href="{html.escape(f.relative_to(out).as_posix())}"><img alt="{html.escape(f.name)}" '
-                          f'src="{html.escape(f.relative_to(out).as_posix())}"></a>' for f in shown)
-        links = "".join(f'<li><a href="{html.escape(f.relative_to(out).as_posix())}">'
+        figures = "".join(f'<a href="{_href(f.relative_to(out).as_posix())}"><img alt="{html.escape(f.name)}" '
+                          f'src="{_href(f.relative_to(out).as_posix())}"></a>' for f in shown)
+        links = "".join(f'<li><a href="{_href(f.relative_to(out).as_posix())}">'
                         f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f not in shown)
         title = "run folder" if folder == "." else f"{folder}/"
         sections.append(f"<h2>{html.escape(title)}</h2>{figures}{f'<ul>{links}</ul>' if links else ''}")
@@ -265,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         if not out.is_dir():
             parser.error(f"--run {args.run}: no such folder; give a run folder of an earlier report "
                          f"(runs/<timestamp>), or --out to make a new one")
+        if any((out / b.name).resolve() == b.resolve() for b in series):  # executed copies would overwrite them
+            parser.error(f"--run {args.run} is the folder of the notebooks themselves; give a run folder of an "
+                         f"earlier report (runs/<timestamp>)")
     start = time.perf_counter()
     rows = run_series(out, parameters, books, args.kernel)
     rows += [{"notebook": b.name, "seconds": 0.0, "status": "not run"} for b in books[len(rows):]]

@@ -208,7 +208,8 @@ def test_only_a_later_notebook_runs_in_an_existing_run_folder(tmp_path, books, m
     index = (run / "index.html").read_text()
     assert "01_write_value.ipynb</a></td><td>earlier run</td>" in index and "02_check_value.ipynb</td><td>ok" in index
     for argv, said in ((["--run", str(tmp_path / "nowhere")], "no such folder"),
-                       (["--run", str(run), "--out", str(tmp_path / "runs")], "pass one of them")):
+                       (["--run", str(run), "--out", str(tmp_path / "runs")], "pass one of them"),
+                       (["--run", str(books)], "is the folder of the notebooks themselves")):
         with pytest.raises(SystemExit) as err:
             main([*argv, "--notebooks", str(books)])
         assert err.value.code == 2 and said in capsys.readouterr().err
@@ -242,3 +243,22 @@ def test_the_index_links_every_file_of_the_run_and_shows_the_parameters(tmp_path
     assert "<td>train_steps</td><td><code>20</code>" in index and "[&#x27;a {token}&#x27;]" in index
     assert 'href="index.html"' not in index
     assert "the notebooks' defaults" in (render_html(run, [], {})).read_text()
+
+
+def test_the_index_quotes_links_and_links_only_this_runs_pages(tmp_path):
+    """A '#' in a file name cut the link at it; a notebook not run this time linked the page an earlier report left;
+    each notebook's row says what it ran with (papermill's record), not only this call's parameters."""
+    from prkit.report import render_html
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "a#b <i>.csv").write_text("x")
+    ran = nbformat.v4.new_notebook()
+    ran.metadata["papermill"] = {"parameters": {"train_steps": 20}}
+    nbformat.write(ran, run / "01_a.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(), run / "02_b.ipynb")  # left by an earlier report
+    index = render_html(run, [{"notebook": "01_a.ipynb", "seconds": 2.0, "status": "ok"},
+                              {"notebook": "02_b.ipynb", "seconds": 0.0, "status": "not run"}], {}).read_text()
+    assert '<a href="a%23b%20%3Ci%3E.csv">a#b &lt;i&gt;.csv</a>' in index
+    assert '<a href="01_a.html">01_a.ipynb</a>' in index and "<td><code>train_steps=20</code></td>" in index
+    assert "<tr><td>02_b.ipynb</td><td>not run</td>" in index and not (run / "02_b.html").exists()
