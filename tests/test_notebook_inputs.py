@@ -9,11 +9,12 @@ import pytest
     (dict(ranks="[0.05]"),
      r"AblationConfig\.ranks must be a non-empty list, got '\[0\.05\]' \(papermill: -y 'ranks: \[a, b\]'"),
     (dict(ranks=()), r"AblationConfig\.ranks must be a non-empty list"),
-    (dict(ranks=(0.05, 1.0)), r"rank 1\.0 is neither a fraction"),
-    (dict(targets=("residuals", "bogus")), r"unknown target or LAG threshold \['bogus'\]; targets: residuals"),
-    (dict(thresholds=("median", "bogus")), r"unknown target or LAG threshold \['bogus'\]"),
+    (dict(ranks=(0.05, 1.0)), r"AblationConfig\.ranks\[1\]: rank 1\.0 is neither a fraction"),
+    (dict(targets=("residuals", "bogus")), r"AblationConfig\.targets: \['bogus'\] unknown; use some of residuals"),
+    (dict(thresholds=("median", "bogus")), r"AblationConfig\.thresholds: \['bogus'\] unknown; use some of median"),
     (dict(concept="bogus"), r"AblationConfig\.concept 'bogus' is not an example concept; use one of striped_ball"),
-    (dict(step_counts=(30, 0)), r"TrainConfig\.steps must be a whole number >= 1"),
+    (dict(step_counts=(30, 0)), r"AblationConfig\.step_counts\[1\] must be a whole number >= 1, got 0"),
+    (dict(steps="60"), r"AblationConfig\.steps must be a whole number >= 1, got '60'"),
     (dict(seed="1"), r"TrainConfig\.seed must be a whole number")])
 def test_an_ablation_sweep_is_checked_before_anything_trains(bad, match):
     from prkit.world import ablate

@@ -33,3 +33,12 @@ def test_04_checks_its_list_and_second_concept_before_sampling():
     first_sampling = next(i for i, c in enumerate(cells) if "prkit.generate(" in c)
     before = "\n".join(cells[:first_sampling]) + cells[first_sampling].split("prkit.generate(")[0]
     assert 'as_list(prompts, "prompts")' in before and "another_concept(second_concept" in before
+
+
+def test_02_checks_its_validation_prompts_list():
+    import json
+    from pathlib import Path
+
+    book = Path(__file__).resolve().parent.parent / "notebooks" / "02_train_residuals.ipynb"
+    code = "\n".join("".join(c["source"]) for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code")
+    assert 'as_list(validation_prompts, "validation_prompts")' in code and "tuple(validation_prompts)" not in code

@@ -51,16 +51,21 @@ class AblationConfig:
                 raise ValueError(f"AblationConfig.{name} must be a non-empty list, got {value!r} (papermill: "
                                  f"-y '{name}: [a, b]', not -p {name} ...)")
             setattr(self, name, tuple(value))
-        for rank in self.ranks:
-            rank_for(64, rank)  # raises naming the bad rank
-        unknown = [t for t in self.targets if t not in TARGETS]
-        unknown += [t for t in self.thresholds if not callable(t) and t not in THRESHOLDS]
-        if unknown:
-            raise ValueError(f"AblationConfig: unknown target or LAG threshold {unknown}; targets: "
-                             f"{', '.join(TARGETS)}; thresholds: {', '.join(THRESHOLDS)}")
-        TrainConfig(steps=self.steps, seed=self.seed, learning_rate=self.learning_rate)  # names a bad number
-        for count in self.step_counts:
-            TrainConfig(steps=count)
+        for i, rank in enumerate(self.ranks):
+            try:
+                rank_for(64, rank)
+            except ValueError as err:
+                raise ValueError(f"AblationConfig.ranks[{i}]: {err}") from None
+        for name, known in (("targets", TARGETS), ("thresholds", THRESHOLDS)):
+            unknown = [v for v in getattr(self, name) if not callable(v) and v not in known]
+            if unknown:
+                raise ValueError(f"AblationConfig.{name}: {unknown} unknown; use some of {', '.join(known)}")
+        for name, values in (("steps", [self.steps]), ("step_counts", self.step_counts)):
+            for i, steps in enumerate(values):
+                if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                    where = name if name == "steps" else f"{name}[{i}]"
+                    raise ValueError(f"AblationConfig.{where} must be a whole number >= 1, got {steps!r}")
+        TrainConfig(seed=self.seed, learning_rate=self.learning_rate)  # names a bad seed or rate
 
 
 def score(pipe, handle, config: AblationConfig, lag: bool = False, lag_config: LAGConfig | None = None,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_args import _rank
 from ..lag import THRESHOLDS, LAGConfig
 from ..train import TrainConfig
 from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, WorldConcept, concept_folder
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--train-steps", type=int, default=150)
-    parser.add_argument("--rank", type=float, default=WORLD_RANK)
+    parser.add_argument("--rank", type=_rank, default=WORLD_RANK,
+                        help="fraction of each block's channels (0 < r < 1) or a whole rank (e.g. 16)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else 1e-3")
     parser.add_argument("--lag-threshold", default="median", choices=THRESHOLDS, help="LAG's cut (METHOD: median)")
@@ -218,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    rank = int(args.rank) if args.rank >= 1 else args.rank
     config = BenchConfig(concepts=tuple(args.concepts), images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         train=TrainConfig(steps=args.train_steps, rank=rank, learning_rate=args.learning_rate),
+                         train=TrainConfig(steps=args.train_steps, rank=args.rank, learning_rate=args.learning_rate),
                          lag=LAGConfig(threshold=args.lag_threshold, value=args.lag_value))
     oracle = load_oracle(pipe.unet.device)
     rows = []
