@@ -166,7 +166,8 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None) -> 
             page.write_text(body, encoding="utf-8")
             link = f'<a href="{_href(page.name)}">{html.escape(row["notebook"])}</a>'
             ran_with = node.metadata.get("papermill", {}).get("parameters") or {}
-            given = ", ".join(f"{k}={v!r}" for k, v in sorted(ran_with.items()))
+            given = ", ".join(f"{k}={v!r}" for k, v in sorted(ran_with.items())
+                              if k != "run_dir" and k not in HEADLESS)  # the report's own: the same for every row
         else:
             link = html.escape(row["notebook"])
         took = "" if row["status"] in ("not run", "earlier run") else f"{row['seconds']:.0f} s"

@@ -254,7 +254,7 @@ def test_the_index_quotes_links_and_links_only_this_runs_pages(tmp_path):
     run.mkdir()
     (run / "a#b <i>.csv").write_text("x")
     ran = nbformat.v4.new_notebook()
-    ran.metadata["papermill"] = {"parameters": {"train_steps": 20}}
+    ran.metadata["papermill"] = {"parameters": {"train_steps": 20, "run_dir": str(run), "interactive": False}}
     nbformat.write(ran, run / "01_a.ipynb")
     nbformat.write(nbformat.v4.new_notebook(), run / "02_b.ipynb")  # left by an earlier report
     index = render_html(run, [{"notebook": "01_a.ipynb", "seconds": 2.0, "status": "ok"},
