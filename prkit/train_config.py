@@ -76,6 +76,11 @@ class TrainConfig:
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
             raise ValueError(f"TrainConfig.seed must be a whole number (a 64-bit seed), got {seed!r}")
+        for name in ("resume", "flip", "gradient_checkpointing"):  # papermill's -p gives 'false', which is truthy
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, got {value!r}"
+                                 f"{' (papermill: -p ' + name + ' False)' if isinstance(value, str) else ''}")
         from .targets import TARGETS
 
         if self.target not in TARGETS:

@@ -42,3 +42,17 @@ def test_02_checks_its_validation_prompts_list():
     book = Path(__file__).resolve().parent.parent / "notebooks" / "02_train_residuals.ipynb"
     code = "\n".join("".join(c["source"]) for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code")
     assert 'as_list(validation_prompts, "validation_prompts")' in code and "tuple(validation_prompts)" not in code
+
+
+@pytest.mark.parametrize("name", ["resume", "flip", "gradient_checkpointing"])
+@pytest.mark.parametrize("value", ["false", "False", 0, None])
+def test_train_config_refuses_a_switch_that_is_no_bool(name, value):
+    """02's resume from `-p resume false` (the report and papermill both hand over the string 'false') is truthy: the
+    run resumed the checkpoint it was told to start over from."""
+    import prkit
+
+    with pytest.raises(ValueError) as err:
+        prkit.TrainConfig(**{name: value})
+    said = str(err.value)
+    assert said.startswith(f"TrainConfig.{name} must be True or False, got {value!r}")
+    assert prkit.TrainConfig(resume=False, flip=False, gradient_checkpointing=True).resume is False
