@@ -247,8 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         params_file = Path(args.params).expanduser()
+        try:
+            given = yaml.safe_load(params_file.read_text()) or {}
+        except OSError as err:
+            parser.error(f"--params {args.params}: {err.strerror or err}")
+        except yaml.YAMLError as err:
+            parser.error(f"--params {args.params} is no valid YAML: {err}")
+        if not isinstance(given, dict):
+            parser.error(f"--params {args.params} must hold 'name: value' lines (a mapping), not a "
+                         f"{type(given).__name__}: e.g. 'train_steps: 300'")
         # a YAML file's relative paths are its own folder's (notebooks/params/sd15.yaml works from anywhere)
-        parameters.update(resolve_paths(yaml.safe_load(params_file.read_text()) or {}, params_file.resolve().parent))
+        parameters.update(resolve_paths(given, params_file.resolve().parent))
     parameters.update(resolve_paths({k: _literal(v) for k, v in args.parameter}, Path.cwd()))
     try:
         books = notebook_list(Path(args.notebooks), args.only)
@@ -265,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"against the notebooks' parameters cells")
     if args.run is not None and args.out is not None:
         parser.error("--out makes a new run folder and --run reuses one: pass one of them")
+    if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
+        parser.error(f"--out {args.out} is a file; give the folder to make the run folder in (default: runs)")
     if args.run is None:
         skipped = skipped_inputs(series, books)
         if skipped:

@@ -262,3 +262,27 @@ def test_the_index_quotes_links_and_links_only_this_runs_pages(tmp_path):
     assert '<a href="a%23b%20%3Ci%3E.csv">a#b &lt;i&gt;.csv</a>' in index
     assert '<a href="01_a.html">01_a.ipynb</a>' in index and "<td><code>train_steps=20</code></td>" in index
     assert "<tr><td>02_b.ipynb</td><td>not run</td>" in index and not (run / "02_b.html").exists()
+
+
+@pytest.mark.parametrize("content, said", [
+    (None, "--params {path}: No such file or directory"),
+    ("- train_steps: 3\n", "--params {path} must hold 'name: value' lines (a mapping), not a list"),
+    ("train_steps: [1\n", "--params {path} is no valid YAML: "),
+    ("5\n", "--params {path} must hold 'name: value' lines (a mapping), not a int"),
+])
+def test_a_params_file_that_is_missing_or_no_mapping_is_a_usage_error(tmp_path, books, capsys, content, said):
+    """A YAML list gave 'ValueError: dictionary update sequence element #0 has length 1; 2 is required'."""
+    path = tmp_path / "my params.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--params", str(path)])
+    assert err.value.code == 2 and said.format(path=path) in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_that_is_a_file_is_a_usage_error(tmp_path, books, capsys):
+    (tmp_path / "runs").write_text("")
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)])
+    assert err.value.code == 2 and f"--out {tmp_path / 'runs'} is a file" in capsys.readouterr().err
