@@ -114,8 +114,8 @@ def _failure(err: Exception) -> str:
 
 def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str = "python3") -> list[dict]:
     """Execute each notebook into ``out`` with papermill, each given the parameters it declares; stop at the first
-    failure. Figures are drawn inline (a shell's MPLBACKEND=Agg would leave the report without them). Returns one
-    row per notebook."""
+    failure or Ctrl-C. Figures are drawn inline (a shell's MPLBACKEND=Agg would leave the report without them).
+    Returns one row per notebook run."""
     import os
 
     import papermill as pm
@@ -135,6 +135,8 @@ def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str =
                 status = "ok"
             except Exception as err:  # papermill re-raises the cell's error; the executed notebook keeps it
                 status = _failure(err)
+            except KeyboardInterrupt:  # Ctrl-C: papermill has saved the notebook as far as it ran; the index follows
+                status = "interrupted (Ctrl-C)"
             seconds = time.perf_counter() - start
             print(f"[{i}/{len(notebooks)}] {book.name} {status} ({seconds:.0f} s)", flush=True)
             rows.append({"notebook": book.name, "seconds": seconds, "status": status})

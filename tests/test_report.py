@@ -286,3 +286,18 @@ def test_out_that_is_a_file_is_a_usage_error(tmp_path, books, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)])
     assert err.value.code == 2 and f"--out {tmp_path / 'runs'} is a file" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_notebook_still_writes_the_index(tmp_path, books, capsys):
+    """Ctrl-C during a long notebook left the run folder without index.html or the pages of the notebooks that had
+    finished."""
+    _write(books, "02_a_stop.ipynb", "import os, signal, time\nprint('started')\nos.kill(os.getppid(), signal.SIGINT)\n"
+                                     "time.sleep(60)")  # the kernel's parent: the report, as a terminal's Ctrl-C
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 1
+    run = next((tmp_path / "runs").iterdir())
+    index = (run / "index.html").read_text()
+    assert '<a href="01_write_value.html">01_write_value.ipynb</a></td><td>ok</td>' in index
+    assert '<a href="02_a_stop.html">02_a_stop.ipynb</a></td><td>interrupted (Ctrl-C)</td>' in index
+    assert "02_check_value.ipynb</td><td>not run</td>" in index
+    assert "started" in (run / "02_a_stop.html").read_text()  # as far as it ran
+    assert "02_a_stop.ipynb interrupted (Ctrl-C)" in capsys.readouterr().out
