@@ -150,9 +150,10 @@ def run_series(out: Path, parameters: dict, notebooks: list[Path], kernel: str =
     return rows
 
 
-def render_html(out: Path, rows: list[dict], parameters: dict | None = None) -> Path:
+def render_html(out: Path, rows: list[dict], parameters: dict | None = None, since: float | None = None) -> Path:
     """Convert the executed notebooks to HTML and write index.html: the notebooks (rows of those not run say so),
-    the ``parameters`` the report gave them, and every file of the run folder."""
+    the ``parameters`` the report gave them, and every file of the run folder; with ``since`` (a ``time.time()``),
+    those last written before it are listed apart as an earlier run's (``--run``: this one did not write them)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -181,7 +182,7 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None) -> 
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}"
         "img{max-width:32%;margin:4px;vertical-align:top}</style></head>"
         f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
-        f"<th>time</th><th>run with</th></tr>{''.join(items)}</table>{_parameters(parameters or {})}{_outputs(out)}</body></html>",
+        f"<th>time</th><th>run with</th></tr>{''.join(items)}</table>{_parameters(parameters or {})}{_outputs(out, since)}</body></html>",
         encoding="utf-8")
     return index
 
@@ -201,21 +202,24 @@ def _href(relative: str) -> str:
     return html.escape(urllib.parse.quote(relative))
 
 
-def _outputs(out: Path) -> str:
+def _outputs(out: Path, since: float | None = None) -> str:
     """Every file of the run folder but index.html, by folder: figures shown (the samples under an ``images``
-    folder only linked), everything else linked."""
-    by_folder: dict[str, list[Path]] = {}
+    folder only linked), everything else linked; files last written before ``since`` under their own headings."""
+    by_folder: dict[tuple[bool, str], list[Path]] = {}
     for f in sorted(out.rglob("*")):
         if f.is_file() and f != out / "index.html":
-            by_folder.setdefault(f.parent.relative_to(out).as_posix(), []).append(f)
+            earlier = since is not None and f.stat().st_mtime < since
+            by_folder.setdefault((earlier, f.parent.relative_to(out).as_posix()), []).append(f)
     sections = []
-    for folder, files in sorted(by_folder.items(), key=lambda item: (item[0] != ".", item[0])):
+    for (earlier, folder), files in sorted(by_folder.items(), key=lambda item: (item[0][0], item[0][1] != ".",
+                                                                               item[0][1])):
         shown = [f for f in files if f.suffix == ".png" and "images" not in f.relative_to(out).parts[:-1]]
         figures = "".join(f'<a href="{_href(f.relative_to(out).as_posix())}"><img alt="{html.escape(f.name)}" '
                           f'src="{_href(f.relative_to(out).as_posix())}"></a>' for f in shown)
         links = "".join(f'<li><a href="{_href(f.relative_to(out).as_posix())}">'
                         f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f not in shown)
-        title = "run folder" if folder == "." else f"{folder}/"
+        title = ("run folder" if folder == "." else f"{folder}/") + (" (an earlier run's, not written by this "
+                                                                     "one)" if earlier else "")
         sections.append(f"<h2>{html.escape(title)}</h2>{figures}{f'<ul>{links}</ul>' if links else ''}")
     return "".join(sections)
 
@@ -293,13 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         if any((out / b.name).resolve() == b.resolve() for b in series):  # executed copies would overwrite them
             parser.error(f"--run {args.run} is the folder of the notebooks themselves; give a run folder of an "
                          f"earlier report (runs/<timestamp>)")
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time() - 2  # 2 s: file systems that keep whole or even seconds
     rows = run_series(out, parameters, books, args.kernel)
     rows += [{"notebook": b.name, "seconds": 0.0, "status": "not run"} for b in books[len(rows):]]
     ok = bool(rows) and all(r["status"] == "ok" for r in rows)
     earlier = [{"notebook": b.name, "seconds": 0.0, "status": "earlier run"} for b in series
                if b not in books and (out / b.name).is_file()]  # --run: what ran there before stays listed
-    index = render_html(out, sorted(rows + earlier, key=lambda r: r["notebook"]), parameters)
+    index = render_html(out, sorted(rows + earlier, key=lambda r: r["notebook"]), parameters, since=started)
     print(f"report: {index} ({time.perf_counter() - start:.0f} s, {'all ok' if ok else 'FAILED'})")
     return 0 if ok else 1
 

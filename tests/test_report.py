@@ -301,3 +301,26 @@ def test_ctrl_c_in_a_notebook_still_writes_the_index(tmp_path, books, capsys):
     assert "02_check_value.ipynb</td><td>not run</td>" in index
     assert "started" in (run / "02_a_stop.html").read_text()  # as far as it ran
     assert "02_a_stop.ipynb interrupted (Ctrl-C)" in capsys.readouterr().out
+
+
+def test_a_rerun_into_a_run_folder_lists_the_files_it_did_not_write_apart(tmp_path):
+    """--run R --only 04 -p second_concept '' showed the earlier run's lag/multi_concept.png beside this run's
+    figures, as if this run had drawn it."""
+    import os
+    import time
+
+    from prkit.report import render_html
+
+    run = tmp_path / "run"
+    (run / "lag").mkdir(parents=True)
+    for name in ("lag/grid.png", "lag/multi_concept.png", "residuals.safetensors"):
+        (run / name).write_bytes(b"x")
+    now = time.time()
+    for name in ("lag/multi_concept.png", "residuals.safetensors"):
+        os.utime(run / name, (now - 3600, now - 3600))
+    index = render_html(run, [], {}, since=now - 2).read_text()
+    fresh, _, old = index.partition("<h2>lag/ (an earlier run&#x27;s, not written by this one)</h2>")
+    assert 'src="lag/grid.png"' in fresh and 'src="lag/multi_concept.png"' not in fresh
+    assert 'src="lag/multi_concept.png"' in old and 'src="lag/grid.png"' not in old
+    assert "<h2>run folder (an earlier run&#x27;s, not written by this one)</h2><ul><li><a href=\"residuals" in index
+    assert "earlier run" not in render_html(run, [], {}).read_text()  # without since: one list, as before
