@@ -30,3 +30,18 @@ def test_an_unknown_shipped_concept_name_lists_the_shipped_ones():
     with pytest.raises(ValueError, match=r"'bogus' is not a shipped world concept; these are: striped_ball, .*own"):
         concept_folder("bogus")
     assert all((concept_folder(name) / "concept.json").is_file() for name in EXAMPLE_CONCEPTS)
+
+
+def test_05_says_what_its_identity_counts():
+    """05's header said identity was 'the concept's pattern and colours read back'; the ablations count the pattern
+    alone (prkit.world.bench.identity(...)[0]), as prkit/world/ablate.py's docstring says."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    from prkit.world import ablate
+
+    book = Path(__file__).resolve().parent.parent / "notebooks" / "05_ablations.ipynb"
+    header = "".join(json.loads(book.read_text())["cells"][0]["source"])
+    assert "identity(r, concept)[0]" in inspect.getsource(ablate.score)  # (pattern, pattern + colours)[0]
+    assert "pattern and colours" not in header and "pattern read on an object, its colours not checked" in header
