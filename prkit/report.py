@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--notebooks", default=str(NOTEBOOKS))
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--params", help="YAML file of parameters (e.g. notebooks/params/sd15.yaml)")
-    parser.add_argument("--only", nargs="*", help="run only notebooks with these prefixes (e.g. 01 02)")
+    parser.add_argument("--only", nargs="+", help="run only notebooks with these prefixes (e.g. 01 02)")
     parser.add_argument("--kernel", default="python3")
     args = parser.parse_args(argv)
     parameters: dict = {}

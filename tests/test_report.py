@@ -85,6 +85,14 @@ def test_only_without_a_match_is_a_usage_error(tmp_path, books, capsys):
     assert err.value.code == 2 and "with the prefixes --only 09" in capsys.readouterr().err
 
 
+def test_only_without_a_prefix_is_a_usage_error(tmp_path, books, capsys):
+    # it ran every notebook, the opposite of what a forgotten prefix meant
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only"])
+    assert err.value.code == 2 and "--only: expected at least one argument" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_opens_in_headless_chromium(tmp_path, books):
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 0
