@@ -19,7 +19,8 @@ from PIL import Image
 
 # reading one image, re-exported: prkit.data stays their import path
 from .images import (  # noqa: F401
-    _COMMON_EXTENSIONS, _NEEDS_PLUGIN, IMAGE_EXTENSIONS, ConceptDataError, _decode, _square, _Unreadable, load_image)
+    _COMMON_EXTENSIONS, _NEEDS_PLUGIN, IMAGE_EXTENSIONS, ConceptDataError, _decode, _plugin_opens, _square, _Unreadable,
+    load_image)
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of a {token} {class_word}"
 _IGNORED_NAMES = frozenset({"concept.json", "thumbs.db", "desktop.ini"})
@@ -177,13 +178,14 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     visible = [p for p in entries
                if not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES]
     # by name: a broken link to an image is then named as one when it is read, not passed over
-    images = [p for p in visible if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = [p for p in visible if not p.is_dir()
+              and (p.suffix.lower() in IMAGE_EXTENSIONS or _plugin_opens(p.suffix.lower()))]
     others = [p.name + ("/" if p.is_dir() else "") for p in visible if p not in images]
-    plugins = sorted({_NEEDS_PLUGIN[p.suffix.lower()] for p in visible if p.suffix.lower() in _NEEDS_PLUGIN})
+    plugins = sorted({_NEEDS_PLUGIN[Path(o).suffix.lower()] for o in others if Path(o).suffix.lower() in _NEEDS_PLUGIN})
     accepted = ", ".join(_COMMON_EXTENSIONS) + ", or any other format this Pillow opens"
     if plugins:
         accepted += (f"; {', '.join(o for o in others if Path(o).suffix.lower() in _NEEDS_PLUGIN)} need "
-                     f"{' and '.join(plugins)} (pip install it, then register_heif_opener()) or conversion to JPEG")
+                     f"{' and '.join(plugins)} (pip install it) or conversion to JPEG")
     if not images:
         seen = (f"found {len(others)} other file(s) or folder(s) ({', '.join(others[:5])}"
                 f"{', ...' if len(others) > 5 else ''})" if others else "the folder is empty")
