@@ -154,13 +154,19 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
         raise ConceptDataError(f"resolution must be a positive int (the crops' side in pixels), "
                                f"got {config.resolution!r}.")
     folder = Path(folder).expanduser()
-    if not folder.exists():
+    meta_path = folder / "concept.json"
+    try:  # a folder this user may not read is named as such, not by a concept.json that may not be there
+        entries = sorted(folder.iterdir(), key=lambda p: p.name) if folder.is_dir() else None
+        has_meta = entries is not None and meta_path.is_file()
+    except PermissionError as e:
+        raise ConceptDataError(f"cannot read concept folder '{folder}' (permission denied); ask for read access "
+                               "to it, or copy the images to a folder of yours.") from e
+    if entries is None and not folder.exists():
         raise ConceptDataError(f"concept folder '{folder}' does not exist; check the path.")
-    if not folder.is_dir():
+    if entries is None:
         raise ConceptDataError(f"concept folder '{folder}' is not a directory; pass the folder "
                                "that holds the reference images.")
-    meta_path = folder / "concept.json"
-    if meta_path.is_file() and (token is None or class_word is None or prompt_template is None):
+    if has_meta and (token is None or class_word is None or prompt_template is None):
         try:
             meta = json.loads(meta_path.read_text())
             if not isinstance(meta, dict):
@@ -174,7 +180,6 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     prompt_template = prompt_template or DEFAULT_PROMPT_TEMPLATE
     token, class_word = _check_words(token, class_word, prompt_template)
 
-    entries = sorted(folder.iterdir(), key=lambda p: p.name)
     visible = [p for p in entries
                if not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES]
     # by name: a broken link to an image is then named as one when it is read, not passed over

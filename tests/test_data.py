@@ -224,6 +224,23 @@ def test_folder_is_a_file(tmp_path):
         load_concept(tmp_path / "f.png", "sks", "dog")
 
 
+def test_a_folder_this_user_cannot_read_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """A concept folder without read (or search) permission raised a bare PermissionError naming
+    '<folder>/concept.json', a file the user never had, and saying nothing of what to do (`prkit train` printed
+    just that). Simulated with patched stats: root reads any folder."""
+    folder = make_folder(tmp_path / "photos")
+    stat = Path.stat
+
+    def denied(self, *args, **kwargs):
+        if self.parent == folder:  # a folder with r but not x: its entries cannot be reached
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    with pytest.raises(ConceptDataError, match=r"cannot read concept folder '.*photos' \(permission denied\); .*access"):
+        load_concept(folder, "sks", "dog", R)
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(ConceptDataError, match=r"no images .* the folder is empty.*\.webp"):
         load_concept(tmp_path, "sks", "dog")
