@@ -19,7 +19,8 @@ from PIL import Image
 
 # reading one image, re-exported: prkit.data stays their import path
 from .images import (  # noqa: F401
-    _COMMON_EXTENSIONS, _NEEDS_PLUGIN, IMAGE_EXTENSIONS, ConceptDataError, _decode, _square, _Unreadable, load_image)
+    _COMMON_EXTENSIONS, _NEEDS_PLUGIN, IMAGE_EXTENSIONS, ConceptDataError, _decode, _plugin_opens, _square, _Unreadable,
+    load_image)
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of a {token} {class_word}"
 _IGNORED_NAMES = frozenset({"concept.json", "thumbs.db", "desktop.ini"})
@@ -153,13 +154,19 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
         raise ConceptDataError(f"resolution must be a positive int (the crops' side in pixels), "
                                f"got {config.resolution!r}.")
     folder = Path(folder).expanduser()
-    if not folder.exists():
+    meta_path = folder / "concept.json"
+    try:  # a folder this user may not read is named as such, not by a concept.json that may not be there
+        entries = sorted(folder.iterdir(), key=lambda p: p.name) if folder.is_dir() else None
+        has_meta = entries is not None and meta_path.is_file()
+    except PermissionError as e:
+        raise ConceptDataError(f"cannot read concept folder '{folder}' (permission denied); ask for read access "
+                               "to it, or copy the images to a folder of yours.") from e
+    if entries is None and not folder.exists():
         raise ConceptDataError(f"concept folder '{folder}' does not exist; check the path.")
-    if not folder.is_dir():
+    if entries is None:
         raise ConceptDataError(f"concept folder '{folder}' is not a directory; pass the folder "
                                "that holds the reference images.")
-    meta_path = folder / "concept.json"
-    if meta_path.is_file() and (token is None or class_word is None or prompt_template is None):
+    if has_meta and (token is None or class_word is None or prompt_template is None):
         try:
             meta = json.loads(meta_path.read_text())
             if not isinstance(meta, dict):
@@ -173,17 +180,17 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     prompt_template = prompt_template or DEFAULT_PROMPT_TEMPLATE
     token, class_word = _check_words(token, class_word, prompt_template)
 
-    entries = sorted(folder.iterdir(), key=lambda p: p.name)
     visible = [p for p in entries
                if not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES]
     # by name: a broken link to an image is then named as one when it is read, not passed over
-    images = [p for p in visible if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = [p for p in visible if not p.is_dir()
+              and (p.suffix.lower() in IMAGE_EXTENSIONS or _plugin_opens(p.suffix.lower()))]
     others = [p.name + ("/" if p.is_dir() else "") for p in visible if p not in images]
-    plugins = sorted({_NEEDS_PLUGIN[p.suffix.lower()] for p in visible if p.suffix.lower() in _NEEDS_PLUGIN})
+    plugins = sorted({_NEEDS_PLUGIN[Path(o).suffix.lower()] for o in others if Path(o).suffix.lower() in _NEEDS_PLUGIN})
     accepted = ", ".join(_COMMON_EXTENSIONS) + ", or any other format this Pillow opens"
     if plugins:
         accepted += (f"; {', '.join(o for o in others if Path(o).suffix.lower() in _NEEDS_PLUGIN)} need "
-                     f"{' and '.join(plugins)} (pip install it, then register_heif_opener()) or conversion to JPEG")
+                     f"{' and '.join(plugins)} (pip install it) or conversion to JPEG")
     if not images:
         seen = (f"found {len(others)} other file(s) or folder(s) ({', '.join(others[:5])}"
                 f"{', ...' if len(others) > 5 else ''})" if others else "the folder is empty")

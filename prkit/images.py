@@ -28,6 +28,22 @@ def _pillow_extensions() -> tuple[str, ...]:
 
 IMAGE_EXTENSIONS = _pillow_extensions()
 _NEEDS_PLUGIN = {".heic": "pillow-heif", ".heif": "pillow-heif"}  # phone photos Pillow reads only with a plugin
+
+
+def _plugin_opens(suffix: str) -> bool:
+    """Whether a ``_NEEDS_PLUGIN`` extension opens now; pillow-heif's opener is registered here when the package is
+    installed (the command line has no other way to call its register_heif_opener())."""
+    if suffix not in _NEEDS_PLUGIN:
+        return False
+    if Image.registered_extensions().get(suffix) not in Image.OPEN:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            return False
+        register_heif_opener()
+    return Image.registered_extensions().get(suffix) in Image.OPEN
+
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 

@@ -492,3 +492,20 @@ def test_warnings_and_messages_speak_the_command_lines_words(tmp_path, capsys):
         logging.getLogger().removeHandler(handler)
     assert handler.stream.getvalue() == "unavailable (add --download-backbones)\n"
     assert record.getMessage() == "unavailable (download=False)"  # other handlers see the record as it was
+
+
+def test_info_on_a_folder_lists_the_files_train_writes_in_any_case(tmp_path, capsys):
+    """train and export take --out X.SAFETENSORS (the suffix in any case), but `prkit info FOLDER` looked for
+    *.safetensors only and said there were no files in it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from prkit.files import FORMAT
+
+    layers = {"mid_block.attentions.0": {"channels": 8, "rank": 2}}
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "DOG.SAFETENSORS"),
+              metadata={"format": FORMAT, "token": "sks", "class_word": "dog", "layers": json.dumps(layers)})
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'DOG.SAFETENSORS'}:" in out and "sks" in out and "32 parameters" in out

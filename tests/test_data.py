@@ -224,6 +224,23 @@ def test_folder_is_a_file(tmp_path):
         load_concept(tmp_path / "f.png", "sks", "dog")
 
 
+def test_a_folder_this_user_cannot_read_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """A concept folder without read (or search) permission raised a bare PermissionError naming
+    '<folder>/concept.json', a file the user never had, and saying nothing of what to do (`prkit train` printed
+    just that). Simulated with patched stats: root reads any folder."""
+    folder = make_folder(tmp_path / "photos")
+    stat = Path.stat
+
+    def denied(self, *args, **kwargs):
+        if self.parent == folder:  # a folder with r but not x: its entries cannot be reached
+            raise PermissionError(13, "Permission denied", str(self))
+        return stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    with pytest.raises(ConceptDataError, match=r"cannot read concept folder '.*photos' \(permission denied\); .*access"):
+        load_concept(folder, "sks", "dog", R)
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(ConceptDataError, match=r"no images .* the folder is empty.*\.webp"):
         load_concept(tmp_path, "sks", "dog")
@@ -489,3 +506,27 @@ def test_other_crops_of_the_same_files_are_another_run_for_a_checkpoint(tmp_path
     assert centre.crop == "" and whole.crop == "center_crop=False max_side=8192"
     assert _images_digest(centre) != _images_digest(whole)
     assert _images_digest(centre) == _images_digest(Concept(centre.images, "sks", "dog", centre.paths))
+
+
+def test_heic_photos_are_read_once_pillow_heif_is_installed(tmp_path, monkeypatch):
+    """The error said HEIC photos need pillow-heif (pip install it, then register_heif_opener()), but .heic was never
+    an image extension: with the plugin installed and registered they were still ignored as non-images. Installed,
+    it is now registered where a HEIC file is met (the command line cannot call register_heif_opener())."""
+    import sys
+    import types
+
+    make_folder(tmp_path)
+    Image.new("RGB", (40, 40), RED).save(tmp_path / "IMG_9.HEIC", format="PNG")  # Pillow opens by content
+    registered = []
+
+    def register_heif_opener():  # what pillow-heif's does: an opener for .heic/.heif (here: the PNG one)
+        registered.append(True)
+        monkeypatch.setitem(Image.EXTENSION, ".heic", "PNG")
+        monkeypatch.setitem(Image.EXTENSION, ".heif", "PNG")
+
+    monkeypatch.setitem(sys.modules, "pillow_heif", types.SimpleNamespace(register_heif_opener=register_heif_opener))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not "ignoring 1 file(s) ... that are not images"
+        concept = load_concept(tmp_path, "sks", "dog", R)
+    assert registered and len(concept) == 4 and concept.paths[-1].name == "IMG_9.HEIC"
+    assert concept.images[-1].getpixel((16, 16)) == RED
