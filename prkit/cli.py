@@ -38,11 +38,16 @@ def _train(args) -> int:
         raise ValueError(f"--out {str(out)!r} is also the checkpoint folder; name the output *.safetensors or pass "
                          "--checkpoint-dir")
     _writable_folder(checkpoint_dir, "--checkpoint-dir")
+    if not args.images.strip():  # Path("") is the current folder: an unset shell variable would train on it
+        raise ValueError("--images is empty; give the folder of the concept's images")
     with warnings.catch_warnings():  # the images, words and folder, checked before the model loads (minutes on SD);
         warnings.simplefilter("ignore")  # small crops decode fast; the real load below says what it skips
         load_concept(args.images, args.token, args.class_word, resolution=8, skip_bad=args.skip_bad)
     pipe = load_pipeline(args.model, device=args.device)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.resolution and args.resolution % pipe.vae_scale_factor:  # sampling refuses such sizes; the VAE would crop
+        raise ValueError(f"--resolution {args.resolution} is no multiple of {pipe.vae_scale_factor} (the VAE's factor); "
+                         f"use e.g. {args.resolution // pipe.vae_scale_factor * pipe.vae_scale_factor or size}")
     concept = load_concept(args.images, args.token, args.class_word, resolution=args.resolution or size,
                            skip_bad=args.skip_bad)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
@@ -65,7 +70,7 @@ def _sample(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a folder for the images")
-    _writable_folder(out, "--out")
+    _writable_folder(out, "--out", listed=True)
     for path in args.residuals:  # readable prkit files, checked before the model loads
         read_metadata(path)
     resolved = [Path(p).resolve() for p in args.residuals]
@@ -109,12 +114,20 @@ def _sample(args) -> int:
                       lag_config=LAGConfig(threshold=args.lag_threshold), **size)
     out.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"(\d+)\.png", p.name))]
-    first = max(taken, default=-1) + 1  # earlier images in the folder stay: new ones are numbered after them
-    names = [f"{first + i:03d}.png" for i in range(len(images))]
-    for done, (image, name) in enumerate(zip(images, names)):
+    number = max(taken, default=-1) + 1  # earlier images in the folder stay: new ones are numbered after them
+    names: list[str] = []
+    for done, image in enumerate(images):
         try:
-            with atomic_path(out / name) as tmp:  # an interrupt or a full disk leaves whole images only
-                image.save(tmp, format="PNG", pnginfo=_png_text(args, done))
+            while True:  # a number another process took meanwhile (two runs into one folder) is passed over
+                name = f"{number:03d}.png"
+                number += 1
+                try:
+                    with atomic_path(out / name, replace=False) as tmp:  # an interrupt or a full disk: whole images
+                        image.save(tmp, format="PNG", pnginfo=_png_text(args, done))
+                    break
+                except FileExistsError:
+                    continue
+            names.append(name)
         except OSError as err:
             kept = "" if not done else f"; {names[0]} was written" if done == 1 else \
                 f"; {names[0]} to {names[done - 1]} were written"
@@ -339,10 +352,10 @@ def _expand_paths(args) -> None:
     """``~`` in every path argument, also where the shell left it (quoted, or ``--out=~/x``)."""
     for name in PATH_ARGS:
         value = getattr(args, name, None)
-        if isinstance(value, str):
+        if isinstance(value, str) and value:  # "" stays "" (Path would make it ".", the current folder)
             setattr(args, name, str(Path(value).expanduser()))
         elif isinstance(value, list):
-            setattr(args, name, [str(Path(v).expanduser()) if isinstance(v, str) else v for v in value])
+            setattr(args, name, [str(Path(v).expanduser()) if isinstance(v, str) and v else v for v in value])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,8 +78,9 @@ def bars_wanted() -> bool:
     return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
 
 
-def _writable_folder(folder: Path, what: str) -> None:
-    """Fail before any work when ``folder`` cannot be created or written (a file in the way, no permission)."""
+def _writable_folder(folder: Path, what: str, listed: bool = False) -> None:
+    """Fail before any work when ``folder`` cannot be created or written (a file in the way, no permission), or,
+    with ``listed``, read (its files are numbered after the ones there)."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -87,6 +88,9 @@ def _writable_folder(folder: Path, what: str) -> None:
         raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: cannot write in {str(probe)!r} (permission denied); choose another path")
+    if listed and probe == folder and not os.access(probe, os.R_OK):
+        raise ValueError(f"{what}: cannot list {str(probe)!r} (no read permission) to number new files after the "
+                         "ones there; choose another path")
 
 
 def _check_output_file(path: Path, overwrite: bool) -> None:

@@ -99,9 +99,11 @@ def _sync(path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
     """A temporary path beside ``path`` to write to; when the block ends without error it replaces ``path`` in one
-    rename, so a crash or an interrupt never leaves half a file (and never loses the old one). The file ends with
+    rename, so a crash or an interrupt never leaves half a file (and never loses the old one). With
+    ``replace=False`` a ``path`` that exists by then (another process wrote it meanwhile) is left as it is and
+    FileExistsError is raised: the name is claimed (created exclusively) just before the rename. The file ends with
     the mode any new file gets there (0666 through the umask and the folder's default ACL; mkstemp's are 0600),
     read from the temporary file as created, without changing the process's umask. Temporary files that killed
     writers left beside ``path`` are removed first (``_remove_abandoned``). The file is synced to disk before the
@@ -121,6 +123,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         except OSError:  # a file system without modes (FAT, some network mounts): keep what it gave
             pass
         _sync(tmp)  # the bytes are on disk before the name points at them (else a power loss can leave it empty)
+        if not replace:  # raises FileExistsError for a file that is someone else's; the empty claim lasts a rename
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         os.replace(tmp, path)
         _sync(path.parent)  # and the rename itself
     finally:

@@ -228,8 +228,10 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         local = Path(name).expanduser().exists()
         source = str(Path(name).expanduser()) if local else name
         if local and not (Path(source) / "model_index.json").is_file():
-            raise FileNotFoundError(f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
-                                    "convert single-file checkpoints with diffusers' from_single_file first")
+            what = "is a file, not a diffusers pipeline folder" if Path(source).is_file() else \
+                "is not a diffusers pipeline folder (no model_index.json)"
+            raise FileNotFoundError(f"{source!r} {what}; give the folder that holds model_index.json, or convert "
+                                    "a single-file checkpoint with diffusers' from_single_file first")
         if not local and _looks_like_path(name):  # no hub id either: said now, not after the hub's retries (~30 s)
             raise RuntimeError(_missing_message(name, None))
     local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()

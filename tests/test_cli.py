@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +111,19 @@ def test_numbers_are_checked_by_the_parser(tmp_path, capsys):
         assert flag in message and says in message, (flag, message)
 
 
+def test_train_refuses_an_empty_images_path_and_a_resolution_the_vae_cannot_take(tmp_path, capsys):
+    # "" is the current folder to Path: an unset shell variable trained on whatever images were there
+    args = _train_args(tmp_path, tmp_path / "x.safetensors")
+    args[args.index("--images") + 1] = ""
+    assert main(args) == 2
+    assert "--images is empty" in capsys.readouterr().err
+    # sampling refuses sizes that are no multiple of the VAE's factor; training at one made crops the VAE cut down
+    assert main(_train_args(tmp_path, tmp_path / "x.safetensors", "--resolution", "33")) == 2
+    message = capsys.readouterr().err
+    assert "--resolution 33 is no multiple of" in message and "(the VAE's factor)" in message
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_samples_go_after_the_images_already_in_the_folder(tmp_path, capsys):
     out = tmp_path / "sks.safetensors"
     assert main(_train_args(tmp_path, out)) == 0
@@ -122,6 +136,48 @@ def test_samples_go_after_the_images_already_in_the_folder(tmp_path, capsys):
     (tmp_path / "taken").write_text("x")
     assert main(sample[:-4] + ["--out", str(tmp_path / "taken"), "--device", "cpu"]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_an_image_another_run_wrote_meanwhile_is_kept(tmp_path, capsys, monkeypatch):
+    """Two runs into one folder number their images from the same listing; the later writer replaced the
+    earlier one's image of the same number. Now a number taken meanwhile is passed over."""
+    out = tmp_path / "sks.safetensors"
+    assert main(_train_args(tmp_path, out)) == 0
+    samples = tmp_path / "samples"
+    real = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        if not (samples / "000.png").exists():  # the other run writes its 000.png while this one encodes
+            (samples / "000.png").write_bytes(b"the other run's image")
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert main(["sample", "--model", str(tmp_path / "model"), "--residuals", str(out), "--prompt", "a sks dog",
+                 "--num-images", "2", "--steps", "2", "--out", str(samples), "--device", "cpu"]) == 0
+    assert (samples / "000.png").read_bytes() == b"the other run's image"
+    assert sorted(p.name for p in samples.iterdir()) == ["000.png", "001.png", "002.png"]
+    assert Image.open(samples / "002.png").size == Image.open(samples / "001.png").size
+    assert "(001.png to 002.png)" in capsys.readouterr().out
+
+
+def test_sample_refuses_an_out_folder_it_cannot_list_before_sampling(tmp_path, capsys, monkeypatch):
+    """A write-only folder (mode 733) passed the check, and the images were lost after sampling, when the folder was
+    listed to number them. (Root reads any folder, so the permission is faked.)"""
+    import os
+
+    import prkit.cli_args as cli_args
+
+    out = tmp_path / "sks.safetensors"
+    assert main(_train_args(tmp_path, out)) == 0
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    real = os.access
+    monkeypatch.setattr(cli_args.os, "access", lambda p, mode: False if Path(p) == drop and mode & os.R_OK
+                        else real(p, mode))
+    monkeypatch.setattr("prkit.sample.generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    assert main(["sample", "--model", str(tmp_path / "model"), "--residuals", str(out), "--prompt", "a sks dog",
+                 "--steps", "2", "--out", str(drop), "--device", "cpu"]) == 2
+    assert "cannot list" in capsys.readouterr().err
 
 
 def test_a_failing_image_write_leaves_no_half_file(tmp_path, capsys, monkeypatch):

@@ -218,6 +218,24 @@ def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monk
     assert events[2][1] == str(tmp_path) and target.read_bytes() == b"data"
 
 
+def test_atomic_path_without_replace_keeps_a_file_that_appeared_meanwhile(tmp_path):
+    import os
+
+    from prkit import files
+
+    target = tmp_path / "000.png"
+    with pytest.raises(FileExistsError):
+        with files.atomic_path(target, replace=False) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"mine")
+            target.write_bytes(b"theirs")  # another process, between this one's listing and its rename
+    assert target.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["000.png"]  # no temporary file left
+    with files.atomic_path(tmp_path / "001.png", replace=False) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"mine")
+    assert (tmp_path / "001.png").read_bytes() == b"mine" and sorted(os.listdir(tmp_path)) == ["000.png", "001.png"]
+
+
 def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path, monkeypatch):
     import os
     import time

@@ -38,6 +38,13 @@ def test_offline_hub_id_says_how_to_get_the_weights(monkeypatch):
     assert name in message and "download" in message and "HF_HUB_OFFLINE" in message
 
 
+def test_a_file_given_as_the_model_is_named_as_a_file(tmp_path):
+    photo = tmp_path / "dog.png"
+    photo.write_bytes(b"not a pipeline")
+    with pytest.raises(FileNotFoundError, match=r"dog\.png' is a file, not a diffusers pipeline folder"):
+        prkit.load_pipeline(photo)
+
+
 def test_folder_without_model_index_raises(tmp_path):
     folder = tmp_path / "not_a_pipeline"
     folder.mkdir()
