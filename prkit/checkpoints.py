@@ -217,5 +217,9 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
         seconds = float(state.get("seconds", 0.0))
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{str(path)!r} does not fit this run ({err}); {START_OVER}.") from err
-    log.warning("resuming from %s at step %d", path, step)
+    if step == config.steps:  # a rerun of a finished run: say why nothing trains (no bar, no validation images)
+        log.warning("%s holds all %d steps of this run: nothing left to train, its residuals are returned; to train "
+                    "again, %s", path, step, WAYS)
+    else:
+        log.warning("resuming from %s at step %d", path, step)
     return step, losses, seconds

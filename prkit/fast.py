@@ -177,9 +177,11 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     step = 0
     ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
     stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
+    before, finished = 0.0, False
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
         start -= before  # the run's seconds count its earlier calls too (times[] keeps this call's own)
+        finished = step >= config.steps  # nothing left: the run's own seconds, not this call's set-up added
         _make_capturable(optimizer, device)
 
     gen_states = {step: gen.get_state()}  # generator state once `k` steps' batches are drawn
@@ -319,7 +321,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
         for p in params:
             p.requires_grad_(False)
     _sync(device)
-    seconds = time.perf_counter() - start
+    seconds = before if finished else time.perf_counter() - start
     if isinstance(target, Residuals):
         target.meta.update(config=base._public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
                            seconds=seconds)

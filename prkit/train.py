@@ -209,9 +209,11 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     step = 0
     ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
     stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
+    before, finished = 0.0, False
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
         start -= before  # the run's seconds count its earlier calls too
+        finished = step >= config.steps  # nothing left: the run's own seconds, not this call's set-up added
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     was_training = unet.training
@@ -266,7 +268,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
             unet.disable_gradient_checkpointing()
         for p in params:
             p.requires_grad_(False)
-    seconds = time.perf_counter() - start
+    seconds = before if finished else time.perf_counter() - start
     if isinstance(target, Residuals):
         target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
                            seconds=seconds)

@@ -352,3 +352,19 @@ def test_an_interrupted_start_over_says_how_to_resume_it(tmp_path, concept, monk
                               resume=False, stop_after=4, fast=False, **FAST)
     assert "stop_after=4 with resume=False: every call starts over" in caplog.text
     assert "call again with resume=True (CLI: without --no-resume) to resume" in caplog.text
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_rerun_of_a_finished_run_says_nothing_trains_and_keeps_its_seconds(tmp_path, concept, fast, caplog):
+    """A notebook rerun with the same settings resumed the finished checkpoint silently (its page lost the
+    validation images without a word) and reported the checkpoint's seconds plus this call's set-up."""
+    where = dict(steps=2, checkpoint_dir=str(tmp_path / "ckpt"), fast=fast, **FAST)
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, **where)
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)
+    with caplog.at_level("WARNING", logger="prkit"):
+        again = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, **where)
+    assert "holds all 2 steps of this run: nothing left to train" in caplog.text and "resume=False" in caplog.text
+    assert "resuming from" not in caplog.text
+    assert again.steps_done == 2 and again.losses == first.losses
+    assert again.seconds == pytest.approx(saved["seconds"], abs=0) and again.residuals.meta["seconds"] == again.seconds
+    assert _equal_states(again.residuals.state_dict(), first.residuals.state_dict())
