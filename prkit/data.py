@@ -125,6 +125,11 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     if not ok:
         raise ConceptDataError(f"prompt_template {template!r} must contain {{token}} and may "
                                "use only {token} and {class_word}.")
+    others = re.findall(r"\w+", template.replace("{token}", " ").replace("{class_word}", f" {class_word} ").lower())
+    if token.strip().lower() in others:  # its attention (and LAG's mask) would take the other occurrence too
+        raise ConceptDataError(f"token {token!r} is also another word of the training prompt "
+                               f"{template.format(token=token, class_word=class_word)!r}; choose a rare "
+                               "identifier such as 'sks'.")
     return token, class_word.strip()
 
 

@@ -260,6 +260,10 @@ def test_folder_with_only_non_images(tmp_path):
     ("sks", " ", "class_word must be a non-empty string"),
     ("dog", "dog", "token and class_word are both 'dog'"),
     (None, "dog", "token is required"),
+    # a prompt word as the token: its attention and LAG's mask took the other occurrence too
+    ("a", "dog", "token 'a' is also another word of the training prompt 'a photo of a a dog'"),
+    ("Photo", "dog", "token 'Photo' is also another word"),
+    ("hot", "hot dog", "token 'hot' is also another word of the training prompt 'a photo of a hot hot dog'"),
 ])
 def test_bad_token_or_class_word(tmp_path, token, class_word, match):
     make_folder(tmp_path)
