@@ -261,14 +261,18 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
             else:
                 proj = ResidualProjection(proj, block)
                 root.get_submodule(block).proj_out = proj
-            if isinstance(config.rank, dict):
+            rule = config.rank
+            if isinstance(config.rank, dict):  # each block's rank reads like rank= (a fraction or a whole rank)
                 if block not in config.rank:
                     raise ValueError(f"no rank given for block {block!r}")
-                layer_rank = int(config.rank[block])
-            else:
-                layer_rank = rank_for(proj.channels, config.rank)
-                if layer_rank < config.rank >= 1:
-                    clamped.append(f"{block} ({proj.channels})")
+                rule = config.rank[block]
+            try:
+                layer_rank = rank_for(proj.channels, rule)
+            except ValueError as err:
+                per_block = ValueError(f"{err} (the rank given for block {block!r})")
+                raise (err if rule is config.rank else per_block) from None
+            if layer_rank < rule >= 1:
+                clamped.append(f"{block} ({proj.channels})")
             proj.add_set(name, layer_rank, generator)
     except Exception:  # a failed add leaves the UNet as it was
         for block, layer in wrapped_layers(unet).items():
@@ -278,7 +282,8 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
                 _put_back(unet, block, layer)
         raise
     if clamped:
-        warnings.warn(f"rank {config.rank} exceeds the channels of {len(clamped)} block(s), which get their full "
+        given = "a rank given per block" if isinstance(config.rank, dict) else f"rank {config.rank}"
+        warnings.warn(f"{given} exceeds the channels of {len(clamped)} block(s), which get their full "
                       f"rank instead: {', '.join(clamped[:4])}{' ...' if len(clamped) > 4 else ''}", stacklevel=2)
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"

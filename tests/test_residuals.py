@@ -67,6 +67,22 @@ def test_rank_dict_missing_block_raises():
         prkit.add_residuals(unet, rank={"mid_block.attentions.0": 8})
 
 
+def test_rank_dict_entries_follow_the_rank_rule():
+    """A per-block rank is read like rank=: 0.05 a fraction of that block's channels (it gave rank 0, an empty set),
+    a whole rank capped at the channels; 0, -1 and 2.5 are refused and the error names the block."""
+    unet = tiny_unet()
+    channels = layer_table(unet)
+    frac = prkit.add_residuals(unet, rank={b: 0.25 for b in channels}, name="frac")
+    assert frac.ranks() == {b: round(0.25 * c) for b, c in channels.items()} and frac.num_parameters() > 0
+    with pytest.warns(UserWarning, match="exceeds the channels"):
+        big = prkit.add_residuals(unet, rank={b: 1000 for b in channels}, name="big")
+    assert big.ranks() == channels
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=r"rank .* for block 'down_blocks.0.attentions.0'"):
+            prkit.add_residuals(unet, rank={b: bad for b in channels}, name="bad")
+    assert residual_names(unet) == ["frac", "big"]
+
+
 def test_failed_add_leaves_the_unet_unchanged(unet):
     originals = find_projections(unet)
     ranks = {b: 2 for b in list(originals)[:-1]}  # the last block has no rank: fails late
