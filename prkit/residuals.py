@@ -295,9 +295,9 @@ def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
 
     The base layers put back are the very module objects that were wrapped.
     """
+    if name is not None:
+        _check_present(unet, name)
     layers = wrapped_layers(unet)
-    if name is not None and not any(name in layer.sets for layer in layers.values()):
-        raise KeyError(f"no residual set named {name!r} on this UNet; present: {residual_names(unet)}")
     for block, layer in layers.items():
         for set_name in list(layer.sets):
             if name is None or set_name == name:
@@ -320,14 +320,24 @@ def residual_names(unet: nn.Module) -> list[str]:
 
 def get_residuals(unet: nn.Module, name: str = DEFAULT_NAME) -> Residuals:
     """A handle on an existing set, with the words it was added, trained or loaded with."""
-    if name not in residual_names(unet):
-        raise KeyError(f"no residual set named {name!r} on this UNet; present: {residual_names(unet)}")
+    _check_present(unet, name)
     return Residuals(unet, name)
 
 
+def _check_present(unet: nn.Module, name: str) -> None:
+    if name not in residual_names(unet):
+        raise KeyError(f"no residual set named {name!r} on this UNet; present: {residual_names(unet)}")
+
+
 @contextlib.contextmanager
-def residuals_disabled(unet: nn.Module, name: str | None = None):
-    """Within the block, the set ``name`` (all sets when None) is switched off: the base model runs."""
+def residuals_disabled(unet: nn.Module, name: str | Residuals | None = None):
+    """Within the block, the set ``name`` (a name or a handle on ``unet``; all sets when None) is switched off: the
+    base model runs. A name that is not on ``unet`` raises KeyError (it would switch nothing off)."""
+    if isinstance(name, Residuals):
+        check_on_unet(unet, [name])
+        name = name.name
+    if name is not None:
+        _check_present(unet, name)
     layers = wrapped_layers(unet)
     saved = {(b, n): l.active[n] for b, l in layers.items() for n in l.sets if name is None or n == name}
     try:

@@ -154,6 +154,26 @@ def test_output_identical_when_disabled(unet):
     assert torch.equal(run_unet(unet, inputs), personal)
 
 
+def test_disabled_context_takes_a_handle_and_refuses_an_unknown_name(unet):
+    """residuals_disabled(unet, handle) or a misspelled name disabled nothing: the set kept painting inside."""
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    dog = prkit.add_residuals(unet, name="dog")
+    randomize(dog)
+    personal = run_unet(unet, inputs)
+    with prkit.residuals_disabled(unet, dog):
+        assert torch.equal(run_unet(unet, inputs), base)
+    assert dog.enabled and torch.equal(run_unet(unet, inputs), personal)
+    with pytest.raises(KeyError, match=r"no residual set named 'dgo' on this UNet; present: \['dog'\]"):
+        with prkit.residuals_disabled(unet, "dgo"):
+            pass
+    other = prkit.add_residuals(tiny_unet(), name="dog")
+    with pytest.raises(ValueError, match="lives on another UNet"):
+        with prkit.residuals_disabled(unet, other):
+            pass
+    assert dog.enabled
+
+
 def test_disabled_context_restores_state_on_error(unet):
     residuals = prkit.add_residuals(unet)
     with pytest.raises(KeyError):
