@@ -291,14 +291,48 @@ def test_merge_then_unmerge_restores_weights(unet):
     torch.testing.assert_close(run_unet(unet, inputs), personal, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="unmerge"):
         residuals.scale = 1.0
-    with prkit.residuals_disabled(unet):  # a merged set is in the weights: disabling does not remove it
-        torch.testing.assert_close(run_unet(unet, inputs), personal, atol=1e-5, rtol=1e-5)
     residuals.unmerge()
     assert not residuals.merged
     for block, layer in wrapped_layers(unet).items():
         torch.testing.assert_close(layer.weight, weights[block], atol=1e-6, rtol=0)
         assert torch.equal(layer.weight, weights[block])  # in fact bit-exact
     assert torch.equal(run_unet(unet, inputs), personal)
+
+
+def test_a_disabled_merged_set_is_out_of_the_weights(unet):
+    """disable() or residuals_disabled on a merged set kept it painting (its weights stayed merged) while enabled
+    said False; as in peft, a disabled set leaves the weights at the next forward and is back once enabled, and a
+    set merged while disabled waits until it is enabled."""
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    weights = {k: v.weight.detach().clone() for k, v in find_projections(unet).items()}
+    a, b = prkit.add_residuals(unet, name="a"), prkit.add_residuals(unet, name="b")
+    randomize(a, seed=1)
+    randomize(b, seed=2)
+    both = run_unet(unet, inputs)
+    with prkit.only_residuals(unet, ["b"]):
+        only_b = run_unet(unet, inputs)
+    a.merge()
+    b.merge()
+    a.disable()
+    assert not a.enabled and a.merged
+    torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
+    with prkit.residuals_disabled(unet):
+        assert torch.equal(run_unet(unet, inputs), base)
+        assert all(torch.equal(v.weight, weights[k]) for k, v in wrapped_layers(unet).items())
+    torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
+    a.enable()
+    torch.testing.assert_close(run_unet(unet, inputs), both, atol=1e-5, rtol=1e-5)
+    a.unmerge()
+    b.unmerge()
+    a.disable()
+    a.merge()  # merged while disabled: not in the weights until enabled
+    torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
+    a.enable()
+    torch.testing.assert_close(run_unet(unet, inputs), both, atol=1e-5, rtol=1e-5)
+    prkit.remove_residuals(unet)
+    assert torch.equal(run_unet(unet, inputs), base)
+    assert all(torch.equal(unet.get_submodule(k).proj_out.weight, w) for k, w in weights.items())
 
 
 def test_a_merged_set_whose_factors_change_is_merged_again(unet):
