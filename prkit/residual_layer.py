@@ -230,6 +230,13 @@ class ResidualProjection(nn.Module):
                 "loading residuals (the proj_out weights are cast then, the residual sets are not)")
 
     @torch.no_grad()
+    def set_active(self, name: str, active: bool) -> None:
+        """Switch set ``name`` on or off; a merged one is written into or out of the weight now (a forward would)."""
+        self.active[name] = active
+        if name in self.merged and self.weight.device.type != "meta":
+            self._write_merged()
+
+    @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold the set into the base weight (no masks apply to a merged set)."""
         if name in self.merged:

@@ -177,11 +177,11 @@ class Residuals:
 
     def enable(self) -> None:
         for layer in self.layers().values():
-            layer.active[self.name] = True
+            layer.set_active(self.name, True)
 
     def disable(self) -> None:
         for layer in self.layers().values():
-            layer.active[self.name] = False
+            layer.set_active(self.name, False)
 
     @property
     def enabled(self) -> bool:

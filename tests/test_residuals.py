@@ -301,8 +301,8 @@ def test_merge_then_unmerge_restores_weights(unet):
 
 def test_a_disabled_merged_set_is_out_of_the_weights(unet):
     """disable() or residuals_disabled on a merged set kept it painting (its weights stayed merged) while enabled
-    said False; as in peft, a disabled set leaves the weights at the next forward and is back once enabled, and a
-    set merged while disabled waits until it is enabled."""
+    said False; as in peft, a disabled set leaves the weights (at once with disable(), at the next forward inside
+    residuals_disabled) and is back once enabled, and a set merged while disabled waits until it is enabled."""
     inputs = unet_inputs()
     base = run_unet(unet, inputs)
     weights = {k: v.weight.detach().clone() for k, v in find_projections(unet).items()}
@@ -316,6 +316,9 @@ def test_a_disabled_merged_set_is_out_of_the_weights(unet):
     b.merge()
     a.disable()
     assert not a.enabled and a.merged
+    for block, layer in wrapped_layers(unet).items():  # at once, before a forward (pipe.save_pretrained writes them)
+        expected = weights[block] + layer.sets["b"].delta_weight().detach().view(layer.weight.shape)
+        torch.testing.assert_close(layer.weight, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
     with prkit.residuals_disabled(unet):
         assert torch.equal(run_unet(unet, inputs), base)
