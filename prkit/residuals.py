@@ -360,6 +360,9 @@ def check_on_unet(unet: nn.Module, sets: list[Residuals]) -> None:
         ValueError: a set lives on another UNet, or is no longer on this one.
     """
     for residuals in sets:
+        if not isinstance(residuals, Residuals):
+            raise ValueError(f"expected a Residuals handle, got {residuals!r}: prkit.get_residuals(unet, "
+                             f"{residuals!r}) gives the handle of a set on a UNet")
         # the same module, also where one side is its torch.compile wrapper (which keeps it as ``_orig_mod``)
         if original_module(residuals.unet) is not original_module(unet):
             own = residuals.name in residual_names(unet)
