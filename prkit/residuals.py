@@ -290,13 +290,13 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
     return residuals
 
 
-def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
-    """Remove the set ``name`` (all sets when None); a wrapper left with no set is replaced by its base layer.
+def remove_residuals(unet: nn.Module, name: str | Residuals | None = None) -> None:
+    """Remove the set ``name`` (a name or a handle on ``unet``; all sets when None); a wrapper left with no set is
+    replaced by its base layer.
 
     The base layers put back are the very module objects that were wrapped.
     """
-    if name is not None:
-        _check_present(unet, name)
+    name = _present(unet, name)
     layers = wrapped_layers(unet)
     for block, layer in layers.items():
         for set_name in list(layer.sets):
@@ -320,24 +320,24 @@ def residual_names(unet: nn.Module) -> list[str]:
 
 def get_residuals(unet: nn.Module, name: str = DEFAULT_NAME) -> Residuals:
     """A handle on an existing set, with the words it was added, trained or loaded with."""
-    _check_present(unet, name)
-    return Residuals(unet, name)
+    return Residuals(unet, _present(unet, name))
 
 
-def _check_present(unet: nn.Module, name: str) -> None:
-    if name not in residual_names(unet):
+def _present(unet: nn.Module, name: str | Residuals | None) -> str | None:
+    """The name of a set on ``unet`` given by name or by handle (None stays None); KeyError when it is not there."""
+    if isinstance(name, Residuals):
+        check_on_unet(unet, [name])
+        name = name.name
+    if name is not None and name not in residual_names(unet):
         raise KeyError(f"no residual set named {name!r} on this UNet; present: {residual_names(unet)}")
+    return name
 
 
 @contextlib.contextmanager
 def residuals_disabled(unet: nn.Module, name: str | Residuals | None = None):
     """Within the block, the set ``name`` (a name or a handle on ``unet``; all sets when None) is switched off: the
     base model runs. A name that is not on ``unet`` raises KeyError (it would switch nothing off)."""
-    if isinstance(name, Residuals):
-        check_on_unet(unet, [name])
-        name = name.name
-    if name is not None:
-        _check_present(unet, name)
+    name = _present(unet, name)
     layers = wrapped_layers(unet)
     saved = {(b, n): l.active[n] for b, l in layers.items() for n in l.sets if name is None or n == name}
     try:

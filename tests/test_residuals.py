@@ -155,7 +155,8 @@ def test_output_identical_when_disabled(unet):
 
 
 def test_disabled_context_takes_a_handle_and_refuses_an_unknown_name(unet):
-    """residuals_disabled(unet, handle) or a misspelled name disabled nothing: the set kept painting inside."""
+    """residuals_disabled(unet, handle) or a misspelled name disabled nothing: the set kept painting inside;
+    remove_residuals(unet, handle) raised a KeyError saying no such set."""
     inputs = unet_inputs()
     base = run_unet(unet, inputs)
     dog = prkit.add_residuals(unet, name="dog")
@@ -172,6 +173,8 @@ def test_disabled_context_takes_a_handle_and_refuses_an_unknown_name(unet):
         with prkit.residuals_disabled(unet, other):
             pass
     assert dog.enabled
+    prkit.remove_residuals(unet, dog)  # a handle there too (it said "no residual set named Residuals(...)")
+    assert residual_names(unet) == [] and torch.equal(run_unet(unet, inputs), base)
 
 
 def test_disabled_context_restores_state_on_error(unet):
