@@ -295,7 +295,7 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
             prompt; an attn2 processor cannot be replaced (IP-Adapter).
     """
     config = config or LAGConfig()
-    sets = [residuals] if isinstance(residuals, Residuals) else list(residuals)
+    sets = [residuals] if isinstance(residuals, (Residuals, str)) else list(residuals)  # a name: refused whole
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     check_on_unet(unet, sets)

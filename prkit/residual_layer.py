@@ -196,8 +196,8 @@ class ResidualProjection(nn.Module):
         return F.linear(middle, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a merged set whose factors changed since it was written is written again (not under torch.compile, which
-        # cannot trace data_ptr(): a compiled model keeps the weights merged before it was compiled)
+        # a merged set whose factors changed, or that was disabled or enabled, since it was written is written again
+        # (not under torch.compile, which cannot trace data_ptr(): a compiled model keeps the weights merged before)
         if self.merged and not torch.compiler.is_compiling() and self._factor_versions() != self._merged_from:
             with torch.no_grad():
                 self._write_merged()
@@ -230,6 +230,13 @@ class ResidualProjection(nn.Module):
                 "loading residuals (the proj_out weights are cast then, the residual sets are not)")
 
     @torch.no_grad()
+    def set_active(self, name: str, active: bool) -> None:
+        """Switch set ``name`` on or off; a merged one is written into or out of the weight now (a forward would)."""
+        self.active[name] = active
+        if name in self.merged and self.weight.device.type != "meta":
+            self._write_merged()
+
+    @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold the set into the base weight (no masks apply to a merged set)."""
         if name in self.merged:
@@ -258,7 +265,8 @@ class ResidualProjection(nn.Module):
 
     def _write_merged(self) -> None:
         """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
-        and unmerging several sets in any order never drifts from what a fresh merge gives."""
+        and unmerging several sets in any order never drifts from what a fresh merge gives. A disabled set is left
+        out (as peft does), until it is enabled again."""
         weight, original = self.weight, self._unmerged_weight
         written = self._written_weight
         if written is not None and not torch.equal(weight, written.to(weight.device)):
@@ -272,17 +280,18 @@ class ResidualProjection(nn.Module):
             self._unmerged_weight = self._written_weight = None
             return
         total = original.to(weight.device, torch.float32)  # the model may have moved since the first merge
-        for name, scale in self.merged.items():
+        for name, scale in ((n, s) for n, s in self.merged.items() if self.active[n]):
             total = total + scale * self.sets[name].delta_weight().to(torch.float32).view(weight.shape)
         weight.copy_(total.to(weight.dtype))
         self._written_weight = weight.detach().clone()
 
     def _factor_versions(self) -> tuple:
-        """What tells whether a merged set's factors changed: their storage and in-place version counters."""
+        """What tells whether a merged set's factors changed: their storage and in-place version counters, and
+        whether the set is enabled."""
         factors = [p for name in self.merged for p in (self.sets[name].down, self.sets[name].up)]
         if any(p.device.type == "meta" for p in factors):  # offloaded between calls (accelerate): the merged weight
             return self._merged_from                        # it keeps was written before, and training refuses it
-        return tuple((name, p.data_ptr(), p._version) for name in self.merged
+        return tuple((name, self.active[name], p.data_ptr(), p._version) for name in self.merged
                      for p in (self.sets[name].down, self.sets[name].up))
 
 

@@ -177,11 +177,11 @@ class Residuals:
 
     def enable(self) -> None:
         for layer in self.layers().values():
-            layer.active[self.name] = True
+            layer.set_active(self.name, True)
 
     def disable(self) -> None:
         for layer in self.layers().values():
-            layer.active[self.name] = False
+            layer.set_active(self.name, False)
 
     @property
     def enabled(self) -> bool:
@@ -261,14 +261,18 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
             else:
                 proj = ResidualProjection(proj, block)
                 root.get_submodule(block).proj_out = proj
-            if isinstance(config.rank, dict):
+            rule = config.rank
+            if isinstance(config.rank, dict):  # each block's rank reads like rank= (a fraction or a whole rank)
                 if block not in config.rank:
                     raise ValueError(f"no rank given for block {block!r}")
-                layer_rank = int(config.rank[block])
-            else:
-                layer_rank = rank_for(proj.channels, config.rank)
-                if layer_rank < config.rank >= 1:
-                    clamped.append(f"{block} ({proj.channels})")
+                rule = config.rank[block]
+            try:
+                layer_rank = rank_for(proj.channels, rule)
+            except ValueError as err:
+                per_block = ValueError(f"{err} (the rank given for block {block!r})")
+                raise (err if rule is config.rank else per_block) from None
+            if layer_rank < rule >= 1:
+                clamped.append(f"{block} ({proj.channels})")
             proj.add_set(name, layer_rank, generator)
     except Exception:  # a failed add leaves the UNet as it was
         for block, layer in wrapped_layers(unet).items():
@@ -278,21 +282,22 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
                 _put_back(unet, block, layer)
         raise
     if clamped:
-        warnings.warn(f"rank {config.rank} exceeds the channels of {len(clamped)} block(s), which get their full "
+        given = "a rank given per block" if isinstance(config.rank, dict) else f"rank {config.rank}"
+        warnings.warn(f"{given} exceeds the channels of {len(clamped)} block(s), which get their full "
                       f"rank instead: {', '.join(clamped[:4])}{' ...' if len(clamped) > 4 else ''}", stacklevel=2)
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
     return residuals
 
 
-def remove_residuals(unet: nn.Module, name: str | None = None) -> None:
-    """Remove the set ``name`` (all sets when None); a wrapper left with no set is replaced by its base layer.
+def remove_residuals(unet: nn.Module, name: str | Residuals | None = None) -> None:
+    """Remove the set ``name`` (a name or a handle on ``unet``; all sets when None); a wrapper left with no set is
+    replaced by its base layer.
 
     The base layers put back are the very module objects that were wrapped.
     """
+    name = _present(unet, name)
     layers = wrapped_layers(unet)
-    if name is not None and not any(name in layer.sets for layer in layers.values()):
-        raise KeyError(f"no residual set named {name!r} on this UNet; present: {residual_names(unet)}")
     for block, layer in layers.items():
         for set_name in list(layer.sets):
             if name is None or set_name == name:
@@ -315,14 +320,24 @@ def residual_names(unet: nn.Module) -> list[str]:
 
 def get_residuals(unet: nn.Module, name: str = DEFAULT_NAME) -> Residuals:
     """A handle on an existing set, with the words it was added, trained or loaded with."""
-    if name not in residual_names(unet):
+    return Residuals(unet, _present(unet, name))
+
+
+def _present(unet: nn.Module, name: str | Residuals | None) -> str | None:
+    """The name of a set on ``unet`` given by name or by handle (None stays None); KeyError when it is not there."""
+    if isinstance(name, Residuals):
+        check_on_unet(unet, [name])
+        name = name.name
+    if name is not None and name not in residual_names(unet):
         raise KeyError(f"no residual set named {name!r} on this UNet; present: {residual_names(unet)}")
-    return Residuals(unet, name)
+    return name
 
 
 @contextlib.contextmanager
-def residuals_disabled(unet: nn.Module, name: str | None = None):
-    """Within the block, the set ``name`` (all sets when None) is switched off: the base model runs."""
+def residuals_disabled(unet: nn.Module, name: str | Residuals | None = None):
+    """Within the block, the set ``name`` (a name or a handle on ``unet``; all sets when None) is switched off: the
+    base model runs. A name that is not on ``unet`` raises KeyError (it would switch nothing off)."""
+    name = _present(unet, name)
     layers = wrapped_layers(unet)
     saved = {(b, n): l.active[n] for b, l in layers.items() for n in l.sets if name is None or n == name}
     try:
@@ -345,6 +360,9 @@ def check_on_unet(unet: nn.Module, sets: list[Residuals]) -> None:
         ValueError: a set lives on another UNet, or is no longer on this one.
     """
     for residuals in sets:
+        if not isinstance(residuals, Residuals):
+            raise ValueError(f"expected a Residuals handle, got {residuals!r}: prkit.get_residuals(unet, "
+                             f"{residuals!r}) gives the handle of a set on a UNet")
         # the same module, also where one side is its torch.compile wrapper (which keeps it as ``_orig_mod``)
         if original_module(residuals.unet) is not original_module(unet):
             own = residuals.name in residual_names(unet)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, only_residuals
+from .residuals import Residuals, get_residuals, only_residuals
 
 
 @dataclass
@@ -28,8 +28,8 @@ class SampleConfig:
     negative_prompt: str | None = None
 
 
-def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[Residuals] | None = None, *,
-             lag: bool = True, seed: int | None = 0, num_images: int = 1, steps: int | None = None,
+def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Sequence[Residuals | str] | None = None,
+             *, lag: bool = True, seed: int | None = 0, num_images: int = 1, steps: int | None = None,
              guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
              lag_config: LAGConfig | None = None, store: AttentionStore | None = None,
              config: SampleConfig | None = None, fast: bool | None = None, **pipe_kwargs):
@@ -40,6 +40,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         prompt: one prompt or a list; each yields ``num_images`` images.
         residuals: a set, several sets (multi-concept), or None for the base model; each must live on
             ``pipe.unet`` (a removed set, or one on another pipeline, is refused: it would sample something else).
+            A set's name stands for the set of that name on ``pipe.unet``.
         lag: apply each set only under its concept's attention mask (no extra UNet evaluations).
         seed: seeds the generator, so the same call gives the same images (None: other images each call).
         store: an AttentionStore to fill with per-token maps (works with lag on or off); cleared first.
@@ -50,7 +51,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
         the list of images (PIL unless ``output_type`` says otherwise).
     """
     config = config or SampleConfig()
-    sets = [] if residuals is None else [residuals] if isinstance(residuals, Residuals) else list(residuals)
+    sets = _sets(pipe, residuals)
     _check_prompt(prompt, pipe_kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     steps, num_images = _diffusers_names(pipe_kwargs, steps, num_images)
@@ -95,6 +96,17 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | Sequence[
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
     return out.images
+
+
+def _sets(pipe, residuals) -> list[Residuals]:
+    """The handles to sample: ``residuals`` as given, a name (not split into letters) the set of that name on
+    ``pipe.unet``."""
+    given = [] if residuals is None else [residuals] if isinstance(residuals, (Residuals, str)) else residuals
+    given = list(given) if isinstance(given, Iterable) else [given]
+    if not all(isinstance(r, (Residuals, str)) for r in given):
+        raise ValueError("generate: residuals= takes a Residuals handle (result.residuals, prkit.load_residuals(...)), "
+                         f"a set's name, a list of them, or None, got {type(residuals).__name__}")
+    return [get_residuals(pipe.unet, r) if isinstance(r, str) else r for r in given]
 
 
 def _check_prompt(prompt, pipe_kwargs: dict) -> None:

@@ -89,3 +89,20 @@ def test_seed_none_gives_new_images_and_a_bad_seed_is_named(pipe):
     assert np.abs(first - second).max() > 1e-3
     with pytest.raises(ValueError, match="seed must be a whole number"):
         prkit.generate(pipe, PROMPT, None, steps=1, seed="7", **FAST)
+
+
+def test_sets_given_by_name_are_the_sets_of_that_name(pipe):
+    """residuals="dog" was split into letters: without LAG the base model was sampled in its place, with LAG an
+    AttributeError; a name now selects the set of that name on pipe.unet, anything else is refused by name."""
+    dog = _dog(pipe.unet)
+    for lag in (False, True):
+        by_handle = prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, **FAST)
+        np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, "dog", lag=lag, steps=2, **FAST), by_handle)
+        np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, ["dog"], lag=lag, steps=2, **FAST), by_handle)
+    with pytest.raises(KeyError, match=r"no residual set named 'cat' on this UNet; present: \['dog'\]"):
+        prkit.generate(pipe, PROMPT, "cat", steps=2, **FAST)
+    from prkit.train_config import TrainResult
+
+    result = TrainResult(dog, [], 0.0, 0, True)
+    with pytest.raises(ValueError, match=r"generate: residuals= takes .* got TrainResult"):
+        prkit.generate(pipe, PROMPT, result, steps=2, **FAST)

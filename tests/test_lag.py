@@ -184,6 +184,17 @@ def test_prompt_without_identifier_raises(pipe):
         prkit.generate(pipe, long, residuals, lag=True, **FAST)
 
 
+def test_lag_sampling_refuses_a_name_clearly(pipe):
+    """lag_sampling(pipe, "dog", ...) split the name into letters and failed with "'str' object has no attribute
+    'unet'"; it takes handles and says where to get one."""
+    _dog(pipe.unet)
+    for given in ("dog", ["dog"]):
+        with pytest.raises(ValueError, match=r"expected a Residuals handle, got 'dog'.*prkit.get_residuals\(unet, "
+                                             r"'dog'\)"):
+            with prkit.lag_sampling(pipe, given, PROMPT):
+                pass
+
+
 # --- through the pipeline --------------------------------------------------------------------------
 
 

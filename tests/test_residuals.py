@@ -67,6 +67,22 @@ def test_rank_dict_missing_block_raises():
         prkit.add_residuals(unet, rank={"mid_block.attentions.0": 8})
 
 
+def test_rank_dict_entries_follow_the_rank_rule():
+    """A per-block rank is read like rank=: 0.05 a fraction of that block's channels (it gave rank 0, an empty set),
+    a whole rank capped at the channels; 0, -1 and 2.5 are refused and the error names the block."""
+    unet = tiny_unet()
+    channels = layer_table(unet)
+    frac = prkit.add_residuals(unet, rank={b: 0.25 for b in channels}, name="frac")
+    assert frac.ranks() == {b: round(0.25 * c) for b, c in channels.items()} and frac.num_parameters() > 0
+    with pytest.warns(UserWarning, match="exceeds the channels"):
+        big = prkit.add_residuals(unet, rank={b: 1000 for b in channels}, name="big")
+    assert big.ranks() == channels
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=r"rank .* for block 'down_blocks.0.attentions.0'"):
+            prkit.add_residuals(unet, rank={b: bad for b in channels}, name="bad")
+    assert residual_names(unet) == ["frac", "big"]
+
+
 def test_failed_add_leaves_the_unet_unchanged(unet):
     originals = find_projections(unet)
     ranks = {b: 2 for b in list(originals)[:-1]}  # the last block has no rank: fails late
@@ -136,6 +152,29 @@ def test_output_identical_when_disabled(unet):
     assert torch.equal(run_unet(unet, inputs), base)
     residuals.enable()
     assert torch.equal(run_unet(unet, inputs), personal)
+
+
+def test_disabled_context_takes_a_handle_and_refuses_an_unknown_name(unet):
+    """residuals_disabled(unet, handle) or a misspelled name disabled nothing: the set kept painting inside;
+    remove_residuals(unet, handle) raised a KeyError saying no such set."""
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    dog = prkit.add_residuals(unet, name="dog")
+    randomize(dog)
+    personal = run_unet(unet, inputs)
+    with prkit.residuals_disabled(unet, dog):
+        assert torch.equal(run_unet(unet, inputs), base)
+    assert dog.enabled and torch.equal(run_unet(unet, inputs), personal)
+    with pytest.raises(KeyError, match=r"no residual set named 'dgo' on this UNet; present: \['dog'\]"):
+        with prkit.residuals_disabled(unet, "dgo"):
+            pass
+    other = prkit.add_residuals(tiny_unet(), name="dog")
+    with pytest.raises(ValueError, match="lives on another UNet"):
+        with prkit.residuals_disabled(unet, other):
+            pass
+    assert dog.enabled
+    prkit.remove_residuals(unet, dog)  # a handle there too (it said "no residual set named Residuals(...)")
+    assert residual_names(unet) == [] and torch.equal(run_unet(unet, inputs), base)
 
 
 def test_disabled_context_restores_state_on_error(unet):
@@ -255,14 +294,51 @@ def test_merge_then_unmerge_restores_weights(unet):
     torch.testing.assert_close(run_unet(unet, inputs), personal, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="unmerge"):
         residuals.scale = 1.0
-    with prkit.residuals_disabled(unet):  # a merged set is in the weights: disabling does not remove it
-        torch.testing.assert_close(run_unet(unet, inputs), personal, atol=1e-5, rtol=1e-5)
     residuals.unmerge()
     assert not residuals.merged
     for block, layer in wrapped_layers(unet).items():
         torch.testing.assert_close(layer.weight, weights[block], atol=1e-6, rtol=0)
         assert torch.equal(layer.weight, weights[block])  # in fact bit-exact
     assert torch.equal(run_unet(unet, inputs), personal)
+
+
+def test_a_disabled_merged_set_is_out_of_the_weights(unet):
+    """disable() or residuals_disabled on a merged set kept it painting (its weights stayed merged) while enabled
+    said False; as in peft, a disabled set leaves the weights (at once with disable(), at the next forward inside
+    residuals_disabled) and is back once enabled, and a set merged while disabled waits until it is enabled."""
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    weights = {k: v.weight.detach().clone() for k, v in find_projections(unet).items()}
+    a, b = prkit.add_residuals(unet, name="a"), prkit.add_residuals(unet, name="b")
+    randomize(a, seed=1)
+    randomize(b, seed=2)
+    both = run_unet(unet, inputs)
+    with prkit.only_residuals(unet, ["b"]):
+        only_b = run_unet(unet, inputs)
+    a.merge()
+    b.merge()
+    a.disable()
+    assert not a.enabled and a.merged
+    for block, layer in wrapped_layers(unet).items():  # at once, before a forward (pipe.save_pretrained writes them)
+        expected = weights[block] + layer.sets["b"].delta_weight().detach().view(layer.weight.shape)
+        torch.testing.assert_close(layer.weight, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
+    with prkit.residuals_disabled(unet):
+        assert torch.equal(run_unet(unet, inputs), base)
+        assert all(torch.equal(v.weight, weights[k]) for k, v in wrapped_layers(unet).items())
+    torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
+    a.enable()
+    torch.testing.assert_close(run_unet(unet, inputs), both, atol=1e-5, rtol=1e-5)
+    a.unmerge()
+    b.unmerge()
+    a.disable()
+    a.merge()  # merged while disabled: not in the weights until enabled
+    torch.testing.assert_close(run_unet(unet, inputs), only_b, atol=1e-5, rtol=1e-5)
+    a.enable()
+    torch.testing.assert_close(run_unet(unet, inputs), both, atol=1e-5, rtol=1e-5)
+    prkit.remove_residuals(unet)
+    assert torch.equal(run_unet(unet, inputs), base)
+    assert all(torch.equal(unet.get_submodule(k).proj_out.weight, w) for k, w in weights.items())
 
 
 def test_a_merged_set_whose_factors_change_is_merged_again(unet):
