@@ -29,7 +29,8 @@ def test_two_processes_under_torchrun_match_one(assets, tmp_path):
            "--set", "residuals.steps=3", "textual_inversion.steps=3",
            "--images-per-prompt", "2", "--sample-steps", "2", "--clip", str(assets["clip"]), "--dino", "none",
            "--device", "cpu", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(  # this checkout first, the caller's path kept
+        [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
