@@ -32,6 +32,17 @@ class LAGConfig:
     value: float = 0.5  # the cut for "fixed", on the per-image min-max normalized map
     include_class: bool = True  # sum the class word's map with the identifier's (METHOD default)
 
+    def __post_init__(self):  # said when the config is made, not at the first UNet forward of a sampling call
+        if not callable(self.threshold) and self.threshold not in THRESHOLDS:
+            raise ValueError(f"LAGConfig.threshold {self.threshold!r} is unknown; use one of {', '.join(THRESHOLDS)} "
+                             "or a callable (B, N) maps -> (B, N) masks")
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"LAGConfig.value must be a number in [0, 1] (the cut on the min-max normalized map), "
+                             f"got {value!r}")
+        if not isinstance(self.include_class, bool):
+            raise ValueError(f"LAGConfig.include_class must be True or False, got {self.include_class!r}")
+
 
 def _word_ids(tokenizer, word: str) -> list[int]:
     return tokenizer(word, add_special_tokens=False).input_ids

@@ -81,8 +81,14 @@ class TrainConfig:
             if not isinstance(value, bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {value!r}"
                                  f"{' (papermill: -p ' + name + ' False)' if isinstance(value, str) else ''}")
+        from .residuals import rank_for
         from .targets import TARGETS
 
+        if not isinstance(self.rank, dict):  # a per-block dict is checked per block when the residuals are added
+            try:
+                rank_for(1, self.rank)
+            except ValueError as err:
+                raise ValueError(f"TrainConfig.{err}") from None
         if self.target not in TARGETS:
             raise ValueError(f"TrainConfig.target {self.target!r} is not a training target; use one of "
                              f"{', '.join(TARGETS)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -123,8 +125,24 @@ def test_otsu_and_fixed_split_two_clusters():
     assert torch.equal(make_mask(maps, LAGConfig(threshold="otsu"))[0], expected)
     assert torch.equal(make_mask(maps, LAGConfig(threshold="fixed", value=0.5))[0], expected)
     assert torch.equal(make_mask(maps, LAGConfig(threshold="mean"))[0], expected)
+    config = LAGConfig()
+    config.threshold = "nope"  # set after the config was made
     with pytest.raises(ValueError, match="unknown LAG threshold"):
-        make_mask(maps, LAGConfig(threshold="nope"))
+        make_mask(maps, config)
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    (dict(threshold="Median"), "LAGConfig.threshold 'Median' is unknown; use one of median, mean, otsu"),
+    (dict(threshold=None), "LAGConfig.threshold None is unknown"),
+    (dict(value=2), "LAGConfig.value must be a number in [0, 1]"),
+    (dict(value=float("nan")), "LAGConfig.value must be a number in [0, 1]"),
+    (dict(value="0.5"), "LAGConfig.value must be a number in [0, 1]"),
+    (dict(include_class="false"), "LAGConfig.include_class must be True or False"),
+])
+def test_lag_config_is_checked_when_made(kwargs, says):
+    """A misspelt threshold failed only at the first UNet forward of a sampling call (minutes in on a CPU)."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        LAGConfig(**kwargs)
 
 
 # --- tokens --------------------------------------------------------------------------------------

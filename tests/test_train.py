@@ -295,7 +295,11 @@ def test_recipe_settings_are_checked_when_made_and_the_concepts_template_is_used
                        (dict(stop_after=0), "stop_after must be a whole number >= 1"),
                        (dict(seed="10"), "seed must be a whole number"), (dict(seed=1.5), "seed must be a whole"),
                        (dict(seed=2 ** 70), "seed must be a whole number"),
-                       (dict(target="bogus"), "target 'bogus' is not a training target; use one of residuals")]:
+                       (dict(target="bogus"), "target 'bogus' is not a training target; use one of residuals"),
+                       # the rank failed only once training started
+                       (dict(rank=1.0), "TrainConfig.rank 1.0 is neither a fraction of the channels below 1"),
+                       (dict(rank=0), r"TrainConfig.rank must be a positive fraction \(e.g. 0.05\) or an int, got 0"),
+                       (dict(rank="0.05"), "TrainConfig.rank must be a positive fraction")]:
         with pytest.raises(ValueError, match=re.escape(match) if "{" in match else match):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match=r"rank 2.5 is neither a fraction"):
