@@ -346,8 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    from .cli import _expand_paths
+
+    _expand_paths(args)  # "~" in --out/--data, as `prkit eval` does
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return run_from_args(args)
+    try:
+        return run_from_args(args)
+    except (OSError, ValueError) as err:  # a message, as `prkit eval` gives it, not a traceback
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -353,3 +353,24 @@ def test_overrides_that_restate_the_recipe_are_no_overrides_but_seed_is(tmp_path
     with pytest.raises(ValueError, match="train"):  # the harness trains at --seed 5: seed=0 is another run
         ev.check_settings(out, replace(config, train={"residuals": {"seed": 0}}), done)
     assert ev.EvalConfig(dtype=torch.float16).dtype == torch.float16  # a torch dtype, as load_pipeline takes
+
+
+def test_module_command_line_errors_are_messages_and_expands_home(tmp_path, monkeypatch, capsys):
+    """``python -m prkit.evaluate`` ended a --set typo, an unknown subject or a file as --out in a traceback (``prkit
+    eval`` said them in one line), and made a folder named '~' of ``--out=~/x``."""
+    tiny = ["--protocol", "world", "--methods", "base", "--max-prompts", "1", "--images-per-prompt", "1",
+            "--sample-steps", "1", "--device", "cpu", "--dino", "none"]
+    (tmp_path / "file").write_text("mine")
+    for extra, said in [(["--set", "residuals.steps"], "--set wants METHOD.FIELD=VALUE"),
+                        (["--subjects", "bogus"], "unknown subjects ['bogus']"),
+                        (["--out", str(tmp_path / "file")], "is a file")]:
+        assert ev.main([*tiny, "--out", str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("python -m prkit.evaluate: error: ") and said in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "mine"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(ev, "evaluate", lambda config, progress: seen.setdefault("out", config.out) and [])
+    assert ev.main([*tiny, "--out=~/runs"]) == 0
+    assert seen["out"] == str(tmp_path / "home" / "runs") and not (tmp_path / "~").exists()

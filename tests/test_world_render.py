@@ -218,6 +218,26 @@ def test_world_bench_refuses_unknown_concepts_before_training(capsys):
         bench.write_csv([], "x.csv")
 
 
+def test_world_bench_checks_out_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """--out was first written after every concept had trained: an existing CSV (the default is the shipped
+    benchmarks/world_bench.csv) was replaced silently, and a folder failed with a traceback at the end."""
+    from prkit import pipeline
+    from prkit.world import bench
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    mine = tmp_path / "mine.csv"
+    mine.write_text("concept,method\n")
+    (tmp_path / "old_rows.csv").write_text("rows\n")
+    for out, said in [(mine, "exists; pass --overwrite"), (tmp_path / "old.csv", "old_rows.csv' exists"),
+                      (tmp_path, "is a folder"), (mine / "x.csv", "is a file, not a folder")]:
+        with pytest.raises(SystemExit):
+            bench.main(["--concepts", "striped_ball", "--out", str(out)])
+        assert said in capsys.readouterr().err
+    assert mine.read_text() == "concept,method\n" and (tmp_path / "old_rows.csv").read_text() == "rows\n"
+    with pytest.raises(pytest.fail.Exception, match="the model loaded"):  # --overwrite: on to the model
+        bench.main(["--concepts", "striped_ball", "--out", str(mine), "--overwrite"])
+
+
 def test_another_concept_names_the_shipped_ones_for_an_unknown_name():
     """04's second_concept="bogus" ended in a raw KeyError: 'bogus', after all the sampling."""
     from prkit.world.concepts import another_concept

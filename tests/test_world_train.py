@@ -232,6 +232,20 @@ def test_stage_names_are_checked_before_any_stage_runs(tmp_path):
         W.main(["--stage", "data", "evl", "--out", str(tmp_path / "w")])
 
 
+def test_a_stage_without_what_an_earlier_one_writes_is_refused_before_any_stage_runs(tmp_path, capsys):
+    """--stage vae (or unet, export, eval) in a fresh --out ended in a FileNotFoundError traceback from numpy or
+    torch.load, after the stages listed before it had run."""
+    cfg = W.RecipeConfig.smoke(seed=0)
+    for stages, said in [(["vae"], "data/images.npy"), (["data", "unet"], "vae/config.json"),
+                         (["export"], "ckpt/unet_train.pt"), (["oracle", "eval"], "model/model_index.json")]:
+        with pytest.raises(ValueError, match=f"stage {stages[-1]} reads .*{said}.*: run --stage"):
+            W.run(stages, tmp_path / "w", cfg, torch.device("cpu"))
+        assert not (tmp_path / "w" / "data").exists() and not (tmp_path / "w" / "metrics").exists()
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "export", "--smoke", "--device", "cpu", "--out", str(tmp_path / "w")])
+    assert "stage export reads" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting", ["pattern_all=ture", "no_such_field=1", "n_images", "unet_lr=fast"])
 def test_set_refuses_what_it_cannot_parse(tmp_path, setting, capsys):
     with pytest.raises(SystemExit):

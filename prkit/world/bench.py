@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_args import _rank
+from ..cli_args import _rank, _writable_folder
 from ..lag import THRESHOLDS, LAGConfig
 from ..train import TrainConfig
 from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, WorldConcept, concept_folder
@@ -213,8 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lag-value", type=float, default=LAGConfig.value,
                         help="the cut of --lag-threshold fixed, on the min-max normalized map (default 0.5)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="benchmarks/world_bench.csv")
+    parser.add_argument("--out", default="benchmarks/world_bench.csv",
+                        help="the summary CSV (default: %(default)s); the per-image rows go beside it as "
+                             "NAME_rows.csv")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out and its rows file if they exist")
     args = parser.parse_args(argv)
+    out = Path(args.out).expanduser()
+    rows_out = out.with_name(out.stem + "_rows.csv")
+    try:  # before the model loads and every concept trains: nothing is lost at the end
+        if out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a folder; give a CSV file name, e.g. {str(out / 'bench.csv')!r}")
+        for path in (out, rows_out):
+            if path.exists() and not args.overwrite:
+                raise ValueError(f"--out: {str(path)!r} exists; pass --overwrite to replace it, or choose another name")
+        _writable_folder(out.parent, "--out")
+    except ValueError as err:
+        parser.error(str(err))
     from ..pipeline import load_pipeline
     from .oracle import load_oracle
 
@@ -226,10 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     oracle = load_oracle(pipe.unet.device)
     rows = []
     start = time.perf_counter()
-    out = Path(args.out)
     for name in config.concepts:
         rows += bench_concept(pipe, name, config, oracle, progress=True)
-        write_csv(rows, out.with_name(out.stem + "_rows.csv"))  # after each concept: an interruption keeps them
+        write_csv(rows, rows_out)  # after each concept: an interruption keeps them
     summary = summarize(rows)
     write_csv(summary, out)
     print(format_table(summary))

@@ -51,6 +51,7 @@ from .train_vae import _edges, _psnr, build_vae, stage_vae, vae_loss, vae_roundt
 def run(stages: list[str], out: Path, cfg: RecipeConfig, device: torch.device, resume: bool = False,
         init_from: Path | None = None, do_ship: bool = False) -> dict:
     stages = _stages(stages)  # every name checked before any stage runs
+    _check_inputs(stages, out, init_from)  # ... and what each reads, unless a stage before it writes it
     out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -122,6 +123,26 @@ def _stages(names: list[str]) -> list[str]:
     return out
 
 
+# stage -> (file under --out it reads, the stage that writes it); a VAE may come from --init-from instead
+_INPUTS = {
+    "vae": (("data/images.npy", "data"), ("data/pattern_images.npy", "data")),
+    "oracle_vae": (("vae/config.json", "vae"),),
+    "unet": (("data/captions.json", "data"), ("vae/config.json", "vae")),
+    "export": (("ckpt/unet_train.pt", "unet"), ("vae/config.json", "vae")),
+    "eval": (("model/model_index.json", "export"),),
+}
+
+
+def _check_inputs(stages: list[str], out: Path, init_from: Path | None = None) -> None:
+    """Refuse, before any stage runs, a stage whose input is neither in ``out`` nor written by a stage before it."""
+    for i, stage in enumerate(stages):
+        for name, writer in _INPUTS.get(stage, ()):
+            if writer in stages[:i] or (out / name).exists() or (name.startswith("vae/") and init_from is not None):
+                continue
+            raise ValueError(f"stage {stage} reads {str(out / name)!r}, which is not there: run --stage {writer} "
+                             f"with this --out first (or list it before {stage})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m prkit.world.train", description=__doc__.split("\n")[0])
     ap.add_argument("--stage", nargs="+", default=["all"], help=f"one or more of {', '.join(STAGES)}, or all")
@@ -162,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, vae_steps=args.steps, unet_steps=args.steps)
     device = _dev(args.device)
     log.info("recipe %s on %s: %s", stages, device, asdict(cfg))
+    try:
+        _check_inputs(stages, args.out, args.init_from)
+    except ValueError as err:
+        ap.error(str(err))
     results = run(stages, args.out, cfg, device, args.resume, args.init_from, args.ship)
     print(json.dumps(results, indent=2, default=float))
     return 0
