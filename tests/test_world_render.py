@@ -1,6 +1,7 @@
 """Tests of the world renderer, captions, tokenizer and shipped concept folders."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -245,3 +246,35 @@ def test_another_concept_names_the_shipped_ones_for_an_unknown_name():
     with pytest.raises(ValueError, match="'bogus' is not a shipped world concept; these are: striped_ball, "
                                          "dotted_box, checked_star"):
         another_concept("bogus", "sks")
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    (dict(size=0), "size must be a whole number of pixels >= 8"),  # was numpy's division by zero
+    (dict(size=32.0), "size must be a whole number of pixels >= 8 (the world is drawn at 64), got 32.0"),
+    (dict(seed=-1), "seed must be a whole number >= 0, got -1"),
+])
+def test_render_names_a_bad_size_or_seed(kwargs, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        render(Scene("grass", []), **kwargs)
+    assert render(Scene("grass", []), seed=np.int64(3), size=np.int64(32))[0].shape == (32, 32, 3)
+
+
+def test_render_concept_takes_a_shipped_name_and_refuses_no_images():
+    from prkit.world.concepts import EXAMPLE_CONCEPTS, render_concept
+
+    by_name = render_concept("striped_ball", 2, seed=1)  # an AttributeError before
+    by_concept = render_concept(EXAMPLE_CONCEPTS["striped_ball"], 2, seed=1)
+    assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(by_name, by_concept)] == [True, True]
+    with pytest.raises(ValueError, match="'bogus' is not a shipped world concept; these are: striped_ball"):
+        render_concept("bogus", 1)
+    with pytest.raises(ValueError, match="n must be a whole number of images >= 1, got -1"):
+        render_concept("striped_ball", -1)  # silently [] before
+
+
+def test_world_bench_refuses_no_images_or_steps(capsys):
+    from prkit.world import bench
+
+    for flag in ("--images-per-prompt", "--steps", "--train-steps"):
+        with pytest.raises(SystemExit):
+            bench.main([flag, "0"])
+        assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err

@@ -305,3 +305,17 @@ def replace_cfg(cfg, **changes):
     from dataclasses import replace
 
     return replace(cfg, **changes)
+
+
+def test_vae_stage_resumed_without_a_vae_says_it_starts_a_new_one(recipe, tmp_path, caplog):
+    """It built a new VAE without a word (the UNet stage warns in that case) and gave it a resumed run's warm-up."""
+    import shutil
+
+    out, cfg, _ = recipe
+    work = tmp_path / "w"
+    shutil.copytree(out, work)
+    shutil.rmtree(work / "vae")
+    with caplog.at_level("WARNING"):
+        W.stage_vae(cfg, work, torch.device("cpu"), resume=True)
+    assert f"vae: --resume but no VAE at {work / 'vae'}; the VAE stage starts from a new VAE" in caplog.text
+    assert (work / "vae" / "config.json").is_file()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli_args import _rank, _writable_folder
+from ..cli_args import _positive_int, _rank, _writable_folder
 from ..lag import THRESHOLDS, LAGConfig
 from ..train import TrainConfig
 from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, WorldConcept, concept_folder
@@ -199,12 +199,13 @@ def format_table(summary: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prkit.world.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="world")
+    parser.add_argument("--model", default="world", help="the embedded world (default) or a world pipeline folder")
     parser.add_argument("--concepts", nargs="+", default=list(EXAMPLE_CONCEPTS), choices=list(EXAMPLE_CONCEPTS),
                         metavar="NAME", help=f"example concepts (default: all of {', '.join(EXAMPLE_CONCEPTS)})")
-    parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--images-per-prompt", type=_positive_int, default=4, help="seeds per prompt (default 4)")
+    parser.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--train-steps", type=_positive_int, default=150,
+                        help="personalization steps per concept (default 150)")
     parser.add_argument("--rank", type=_rank, default=WORLD_RANK,
                         help="fraction of each block's channels (0 < r < 1) or a whole rank (e.g. 16)")
     parser.add_argument("--learning-rate", type=float, default=None,
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lag-threshold", default="median", choices=THRESHOLDS, help="LAG's cut (METHOD: median)")
     parser.add_argument("--lag-value", type=float, default=LAGConfig.value,
                         help="the cut of --lag-threshold fixed, on the min-max normalized map (default 0.5)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cpu, ...")
     parser.add_argument("--out", default="benchmarks/world_bench.csv",
                         help="the summary CSV (default: %(default)s); the per-image rows go beside it as "
                              "NAME_rows.csv")

@@ -62,9 +62,16 @@ def concept_object(concept: WorldConcept, rng: np.random.Generator) -> Obj:
 
 
 def render_concept(
-    concept: WorldConcept, n: int, seed: int = 0, background: str = PLAIN, size: int = 64
+    concept: WorldConcept | str, n: int, seed: int = 0, background: str = PLAIN, size: int = 64
 ) -> list[Image.Image]:
-    """Render n images of the concept (varied position and size) on one background."""
+    """Render n images of the concept (a WorldConcept, or a shipped one's name; varied position and size) on one
+    background."""
+    if isinstance(concept, str):
+        if concept not in EXAMPLE_CONCEPTS:
+            raise ValueError(f"{concept!r} is not a shipped world concept; these are: {', '.join(EXAMPLE_CONCEPTS)}")
+        concept = EXAMPLE_CONCEPTS[concept]
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a whole number of images >= 1, got {n!r}")
     rng = np.random.default_rng([seed, 7])
     images = []
     for i in range(n):

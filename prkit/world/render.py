@@ -237,6 +237,14 @@ def check_scene(scene: Scene) -> None:
             _one_of("second colour", obj.color2, tuple(COLORS))
 
 
+def _check_size_and_seed(size, seed) -> None:
+    """The side in pixels and the seed of a render, said in the world's words (numpy said 'division by zero')."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise ValueError(f"size must be a whole number of pixels >= 8 (the world is drawn at 64), got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+
+
 def render(scene: Scene, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Render a scene, deterministic from seed (the seed picks the background texture crop).
 
@@ -244,6 +252,7 @@ def render(scene: Scene, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.
         image (size, size, 3) uint8 and masks (n_objects, size, size) bool (shape + outline).
     """
     check_scene(scene)
+    _check_size_and_seed(size, seed)
     rng = np.random.default_rng(seed)
     bank = _bank(scene.background, size)
     pad = bank.shape[1] - size

@@ -61,13 +61,16 @@ def stage_vae(cfg: RecipeConfig, out: Path, device: torch.device, resume: bool =
     plain_tr, plain_ho, pat_tr, pat_ho = plain[:-hold], plain[-hold:], pat[:-hold], pat[-hold:]
     plain_tr, pat_tr = plain_tr.to(device), pat_tr.to(device)
     vdir = out / "vae"
-    if resume and (vdir / "config.json").exists():
+    loaded = resume and (vdir / "config.json").exists()
+    if loaded:
         vae = AutoencoderKL.from_pretrained(vdir, torch_dtype=torch.float32)
     elif init_from is not None:  # continue the VAE of a shipped pipeline (fp16 weights -> fp32)
         vae = AutoencoderKL.from_pretrained(Path(init_from) / "vae", torch_dtype=torch.float32)
     else:
+        if resume:  # as the UNet stage says it: nothing to resume, so a new VAE, with a new VAE's full warm-up
+            log.warning("vae: --resume but no VAE at %s; the VAE stage starts from a new VAE", vdir)
         vae = build_vae()
-    warm_start = resume or init_from is not None
+    warm_start = loaded or init_from is not None  # a new VAE gets the full warm-up, --resume or not
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
