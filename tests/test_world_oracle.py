@@ -113,11 +113,13 @@ def test_read_takes_every_common_image_form_and_reads_it_alike(batch):
     assert len(read(pil[0], oracle)) == 1 and len(read([pil[0], pil[1].resize((100, 100))], oracle)) == 2
 
 
-@pytest.mark.parametrize("bad", ["float 0-255", "[-1, 1]", "5-d"])
+@pytest.mark.parametrize("bad", ["float 0-255", "[-1, 1]", "5-d", "int8"])
 def test_read_refuses_values_it_would_misread(batch, bad):
     image = batch["image"][:1]
     form = {"float 0-255": image.astype(np.float32),
             "[-1, 1]": torch.from_numpy(image).permute(0, 3, 1, 2).float() / 127.5 - 1,
-            "5-d": np.zeros((1, 1, 64, 64, 3), np.uint8)}[bad]
-    with pytest.raises(ValueError, match=r"\[0, 1\]|5-d"):
+            "5-d": np.zeros((1, 1, 64, 64, 3), np.uint8),
+            "int8": (image // 2).astype(np.int8)}[bad]  # was refused as "float values"
+    says = "int8 values are no image depth the oracle knows" if bad == "int8" else r"\[0, 1\]|5-d"
+    with pytest.raises(ValueError, match=says):
         read(form, Oracle().eval())

@@ -43,6 +43,9 @@ def _unit(x: torch.Tensor, what: str) -> torch.Tensor:
         return x.float() / top
     if x.dtype == torch.bool:
         return x.float()
+    if not x.is_floating_point():  # int8 and the like: no image depth they could stand for
+        raise ValueError(f"{what}: {str(x.dtype).removeprefix('torch.')} values are no image depth the oracle "
+                         "knows; pass uint8 (0-255), uint16 or int16-int64 (0-255 or 0-65535), or floats in [0, 1]")
     x = x.float()
     lo, hi = float(x.min()), float(x.max())
     if lo < -_SLACK or hi > 1 + _SLACK:
