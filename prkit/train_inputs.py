@@ -121,6 +121,10 @@ def training_scheduler(pipe):
     """
     from diffusers import DDPMScheduler
 
+    if not any(key in pipe.scheduler.config for key in ("beta_schedule", "trained_betas")):
+        raise ValueError(f"the pipeline's scheduler, {type(pipe.scheduler).__name__}, describes no DDPM noise schedule "
+                         "(an EDM or flow-matching sampler): training supports models trained on a DDPM schedule "
+                         "(SD1.x, SD2.x, SDXL), whose pipelines' schedulers give their betas")
     config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
     scheduler = DDPMScheduler.from_config(config)
     kind = scheduler.config.prediction_type

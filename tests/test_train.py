@@ -362,6 +362,18 @@ def test_the_training_schedule_is_the_pipeline_schedulers_even_where_it_took_its
     assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
 
 
+@pytest.mark.parametrize("sampler", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+                                     "FlowMatchEulerDiscreteScheduler"])
+def test_a_sampler_without_a_ddpm_noise_schedule_is_refused_for_training(pipe, sampler):
+    """An EDM sampler (Playground v2.5's, CosXL's) or a flow-matching one describes no beta schedule: training took
+    DDPM's defaults (linear 0.0001-0.02, epsilon) and trained a model on noise levels and timesteps it never saw."""
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, sampler)()
+    with pytest.raises(ValueError, match=f"scheduler, {sampler}, describes no DDPM noise schedule"):
+        train.training_scheduler(pipe)
+
+
 def _asymmetric_concept():
     images = []
     for i in range(3):
