@@ -10,16 +10,25 @@ import torch
 def encode_images(pipe, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior mean and std of images (N, 3, H, W) in [-1, 1], scaled: each (N, 4, H/f, W/f)."""
     vae = pipe.vae
+    # a VAE whose config says it overflows in float16 (SDXL's) encodes in float32, as diffusers' pipelines run it
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     means, stds = [], []
-    for chunk in images.split(batch):
-        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        for chunk in images.split(batch):
+            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     mean, std = torch.cat(means), torch.cat(stds)
     bad = (~torch.isfinite(mean).flatten(1).all(1) | ~torch.isfinite(std).flatten(1).all(1)).nonzero().flatten()
     if len(bad):
         why = ("a float16 VAE overflows on some images: run it in float32 (pipe.vae.to(torch.float32)) or use an "
-               "fp16-safe VAE" if vae.dtype == torch.float16 else "check those images (NaN or infinite pixels?)")
+               "fp16-safe VAE" if vae.dtype == torch.float16 and not upcast else
+               "check those images (NaN or infinite pixels?)")
         raise ValueError(f"the VAE encoded {len(bad)} of {len(mean)} training images (numbers "
                          f"{bad.tolist()[:8]}, flips counted after the originals) to NaN or infinite latents, "
                          f"which would make every loss NaN; {why}")
@@ -121,6 +130,10 @@ def training_scheduler(pipe):
     """
     from diffusers import DDPMScheduler
 
+    if not any(key in pipe.scheduler.config for key in ("beta_schedule", "trained_betas")):
+        raise ValueError(f"the pipeline's scheduler, {type(pipe.scheduler).__name__}, describes no DDPM noise schedule "
+                         "(an EDM or flow-matching sampler): training supports models trained on a DDPM schedule "
+                         "(SD1.x, SD2.x, SDXL), whose pipelines' schedulers give their betas")
     config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
     scheduler = DDPMScheduler.from_config(config)
     kind = scheduler.config.prediction_type

@@ -80,6 +80,28 @@ def test_output_unchanged_by_capture(unet):
     assert (maps >= 0).all() and (maps <= 1 + 1e-6).all()
 
 
+def test_half_precision_capture_with_large_attention_logits_stays_finite():
+    """SD2.x asks for upcast attention (its half-precision logits overflow); the capture computed q k^T in float16
+    and scaled it after, so logits past 65504 before the scale became inf and the UNet's output NaN where diffusers'
+    own processors (scaled, or upcast) are finite."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, cross_attention_dim=32, heads=1, dim_head=64, upcast_attention=True).half()
+    hidden, text = torch.randn(1, 8, 64).half(), torch.randn(1, 4, 32).half()
+    with torch.no_grad():
+        for layer in (attn.to_q, attn.to_k):
+            layer.weight.mul_(110)  # q.k up to ~77000: float16 overflows before the 1/8 scale, not after it
+        plain = attn(hidden, text)
+        state = CaptureState(torch.ones(1, 4, 1))
+        state.block_hw["block"] = (2, 4)
+        attn.set_processor(CaptureProcessor(state, "block", 0))
+        captured = attn(hidden, text)
+    assert torch.isfinite(plain).all() and torch.isfinite(captured).all()
+    torch.testing.assert_close(captured, plain, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(state.concept_map("block"), torch.ones(1, 8, 1))  # every token: mass 1
+
+
 def test_capture_map_is_the_sum_of_token_probabilities(unet):
     """The concept map is the head-averaged softmax mass on the chosen tokens; all tokens sum to 1."""
     inputs = unet_inputs(batch=1)

@@ -362,6 +362,42 @@ def test_the_training_schedule_is_the_pipeline_schedulers_even_where_it_took_its
     assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
 
 
+@pytest.mark.parametrize("sampler", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+                                     "FlowMatchEulerDiscreteScheduler"])
+def test_a_sampler_without_a_ddpm_noise_schedule_is_refused_for_training(pipe, sampler):
+    """An EDM sampler (Playground v2.5's, CosXL's) or a flow-matching one describes no beta schedule: training took
+    DDPM's defaults (linear 0.0001-0.02, epsilon) and trained a model on noise levels and timesteps it never saw."""
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, sampler)()
+    with pytest.raises(ValueError, match=f"scheduler, {sampler}, describes no DDPM noise schedule"):
+        train.training_scheduler(pipe)
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_a_float16_vae_that_asks_for_upcasting_encodes_in_float32(force_upcast):
+    """SDXL's VAE says force_upcast (it overflows in float16), and diffusers' pipelines encode and decode with it in
+    float32; training encoded its images in float16 (NaN latents on SDXL's own VAE, refused as an error)."""
+    from types import SimpleNamespace
+
+    from tiny import tiny_vae
+
+    full = tiny_vae()
+    vae = tiny_vae().half()
+    vae.register_to_config(force_upcast=force_upcast)
+    full.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})  # the same weights, in float32
+    seen = []
+    vae.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = train_inputs.encode_images(SimpleNamespace(vae=vae), images)
+    assert seen == [torch.float32 if force_upcast else torch.float16] and vae.dtype == torch.float16
+    want = train_inputs.encode_images(SimpleNamespace(vae=full), images)
+    if force_upcast:
+        assert torch.equal(mean, want[0]) and torch.equal(std, want[1])
+    else:
+        assert not torch.equal(mean, want[0])
+
+
 def _asymmetric_concept():
     images = []
     for i in range(3):
