@@ -285,6 +285,36 @@ def test_world_protocol_grades_with_the_oracle(tmp_path):
     assert rows[0]["prompt"].startswith("a photo of a sks ball")
 
 
+def test_world_grading_by_hand_colours_in_the_order_the_oracle_reads_them():
+    """identity + colours: stripes and checks are read in COLORS order (their order is unreadable), but dots and a
+    face have a body and a pattern colour, which the oracle reads apart: a yellow box with blue dots is not the blue
+    box with yellow dots (it counted as the concept's colours when both were compared as a set)."""
+    from prkit.world.bench import grade, identity
+    from prkit.world.concepts import EXAMPLE_CONCEPTS
+
+    def reading(*objects, background="plain", mask=None):
+        return {"background": background, "mask": np.zeros((4, 4), bool) if mask is None else mask,
+                "objects": [dict(zip(("cls", "pattern", "color", "color2"), o)) for o in objects]}
+
+    box, ball = EXAMPLE_CONCEPTS["dotted_box"], EXAMPLE_CONCEPTS["striped_ball"]  # blue/yellow dots; red/white stripes
+    assert identity(reading(("box", "dots", "blue", "yellow")), box) == (True, True)
+    assert identity(reading(("box", "dots", "yellow", "blue")), box) == (True, False)  # swapped: was (True, True)
+    assert identity(reading(("box", "stripes", "blue", "yellow")), box) == (False, False)
+    assert identity(reading(("ball", "stripes", "red", "white")), ball) == (True, True)  # COLORS order: red, white
+    assert identity(reading(("ball", "stripes", "white", "red")), ball) == (True, True)  # symmetric either way
+    heart = EXAMPLE_CONCEPTS["face_heart"]
+    assert identity(reading(("heart", "face", "white", "purple"), ("heart", "face", "purple", "white")), heart) == \
+        (True, True)  # the second object is the concept
+    # scene, class and background change of one image by hand
+    image, base = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)
+    image[0, 0] = 255  # one changed pixel of 16, far from the mask
+    mask = np.zeros((4, 4), bool)
+    (row,) = grade([image], [base], [reading(("box", "dots", "blue", "yellow"), background="snow", mask=mask)],
+                   [reading(("box", None, "red", None), mask=mask)], box, ["a photo of a zwx box in the snow"], 1)
+    assert row["identity"] and row["identity_colors"] and row["scene"] and row["class"] and row["seed"] == 0
+    assert row["background_change"] == pytest.approx(1 / 16)
+
+
 @pytest.mark.skipif(not WORLD_MODEL.exists(), reason="the world model's weights are not trained yet")
 def test_world_model_end_to_end(tmp_path):
     config = EvalConfig(protocol="world", methods=("residuals", "lora"), subjects=("striped_ball",), max_prompts=2,

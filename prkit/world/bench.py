@@ -50,12 +50,18 @@ def prompt_scene(prompt: str) -> str:
 
 
 def identity(reading: dict, concept: WorldConcept) -> tuple[bool, bool]:
-    """(pattern read, pattern and both colours read) for the best-matching object of one oracle reading."""
+    """(pattern read, pattern and both colours read) for the best-matching object of one oracle reading.
+    Colours are (body, pattern) as the concept gives them; stripes and checks, whose order the oracle cannot read
+    (``oracle.SYMMETRIC_PATTERNS``), match in either order."""
+    from .oracle import SYMMETRIC_PATTERNS
+
     pattern_ok = full_ok = False
     for obj in reading["objects"]:
         if obj["pattern"] == concept.pattern:
             pattern_ok = True
-            full_ok |= {obj["color"], obj["color2"]} == set(concept.colors)
+            colors = (obj["color"], obj["color2"])
+            full_ok |= (set(colors) == set(concept.colors) if concept.pattern in SYMMETRIC_PATTERNS
+                        else colors == tuple(concept.colors))
     return pattern_ok, full_ok
 
 
