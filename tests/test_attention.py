@@ -270,3 +270,25 @@ def test_stored_maps_average_the_blocks_layers_and_aggregate_averages_blocks():
 def test_a_store_refuses_a_cap_that_would_pool_every_map_to_nothing(bad):
     with pytest.raises(ValueError, match=r"AttentionStore\.max_resolution must be a whole number >= 1"):
         AttentionStore(max_resolution=bad)
+
+
+@pytest.mark.parametrize("path", ["explicit", "fused"])
+def test_several_images_per_prompt_take_their_own_prompts_concept_tokens(path):
+    """diffusers orders a batch of 2 prompts x 2 images as [p0, p0, p1, p1]: each image's map must sum the
+    token positions of its own prompt (a tiled [p0, p1, p0, p1] pairing gave images 1 and 2 the other prompt's)."""
+    tokens, dim = 8, 8
+    weights = torch.zeros(2, tokens, 1)
+    weights[0, 2, 0] = 1  # prompt 0's concept at position 2
+    weights[1, 5, 0] = 1  # prompt 1's at position 5
+    state = CaptureState(weights, cfg=False)
+    q, k = _inputs(seed=3, batch=4)
+    probs = (q @ k.transpose(-1, -2) * dim ** -0.5).softmax(-1)  # (4, h, N, T)
+    if path == "explicit":
+        state.record("blk", 0, probs, (4, 4))
+    else:
+        state.record_fused("blk", 0, q, k, dim ** -0.5)
+    position = torch.tensor([2, 2, 5, 5])
+    expected = torch.stack([probs[i, :, :, position[i]].mean(0) for i in range(4)])  # (4, N)
+    got = state.concept_map("blk")[..., 0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got[1] - probs[1, :, :, 5].mean(0)).abs().max() > 1e-3  # the other prompt's token reads differently
