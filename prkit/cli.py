@@ -242,7 +242,8 @@ def _export(args) -> int:
     residuals = load_residuals(pipe, args.file)
     export_lora(residuals, out, dtype={"fp16": torch.float16, "fp32": torch.float32}[args.dtype])
     print(f"wrote a kohya-style LoRA of {meta.get('name') or 'the set'} ({len(meta['layers'])} layers, "
-          f"{args.dtype}) to {out}; load it with pipe.load_lora_weights({str(out)!r})")
+          f"{args.dtype}) to {out}; load it with pipe.load_lora_weights({str(out.parent)!r}, "
+          f"weight_name={out.name!r})")  # a folder and weight_name: diffusers < 0.40 refuses a bare file offline
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,6 +58,13 @@ def pipe(tmp_path):
 
 def make_pipe(folder, linear: bool = False):
     return tiny_pipeline(folder, linear=linear)
+
+
+def load_lora_file(pipe, path, **kwargs) -> None:
+    """``pipe.load_lora_weights`` on a LoRA file as the README and ``prkit export`` show it: its folder and
+    ``weight_name`` (under HF_HUB_OFFLINE=1, diffusers < 0.40 refuses a bare file path and a folder without it)."""
+    path = Path(path)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
 
 
 def unet_inputs(batch: int = 2, seed: int = 0, size: int = 8):

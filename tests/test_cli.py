@@ -233,7 +233,9 @@ def test_export_writes_a_lora_diffusers_loads_with_the_same_effect(tmp_path, cap
     lora = tmp_path / "lora.safetensors"
     export = ["export", str(out), "--out", str(lora), "--model", str(tmp_path / "model"), "--dtype", "fp32"]
     assert main(export) == 0
-    assert "load it with pipe.load_lora_weights" in capsys.readouterr().out
+    # its folder and weight_name: the form every supported diffusers loads offline (< 0.40 refuses a bare file path)
+    assert f"load it with pipe.load_lora_weights({str(tmp_path)!r}, weight_name='lora.safetensors')" in \
+        capsys.readouterr().out
     assert main(["info", str(tmp_path)]) == 0  # a folder with the LoRA beside the residuals: skipped, named
     listed = capsys.readouterr().out
     assert f"{lora}: not a prkit residual file, skipped" in listed and f"{out}:" in listed
@@ -253,7 +255,7 @@ def test_export_writes_a_lora_diffusers_loads_with_the_same_effect(tmp_path, cap
     with_residuals = prkit.generate(pipe, "a photo of a sks dog", prkit.load_residuals(pipe, out), lag=False,
                                     steps=2, seed=0, output_type="np")
     plain = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None)
-    plain.load_lora_weights(str(lora))
+    plain.load_lora_weights(str(lora.parent), weight_name=lora.name)  # as the hint says
     lora_images = plain(**{**args, "generator": torch.Generator().manual_seed(0)}).images
     assert abs(lora_images - base).max() > 1e-3  # the LoRA does something ...
     assert abs(lora_images - with_residuals).max() < 1e-4  # ... and it is what the residuals do

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import prkit
-from conftest import ARCHS, make_pipe, randomize, run_unet, unet_inputs
+from conftest import ARCHS, load_lora_file, make_pipe, randomize, run_unet, unet_inputs
 from prkit.files import FORMAT, export_lora, kohya_key, read_metadata
 from prkit.residual_layer import ResidualProjection
 from tiny import tiny_unet
@@ -130,7 +130,7 @@ def test_exported_lora_reproduces_residual_outputs_in_diffusers(tmp_path, linear
     fresh = make_pipe(tmp_path / "b", linear=linear)
     base = run_unet(fresh.unet, inputs)
     assert (ours - base).abs().max() > 1e-3
-    fresh.load_lora_weights(str(path))
+    load_lora_file(fresh, path)
     theirs = run_unet(fresh.unet, inputs)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
@@ -373,7 +373,7 @@ def test_a_lora_loaded_after_the_residuals_stacks_on_them(tmp_path, linear):
     dog = prkit.add_residuals(pipe.unet, rank=2, name="dog", token="sks", class_word="dog")
     randomize(dog, seed=3)
     with_dog = run_unet(pipe.unet, inputs)
-    pipe.load_lora_weights(str(lora), adapter_name="style")
+    load_lora_file(pipe, lora, adapter_name="style")
     both = run_unet(pipe.unet, inputs)
     torch.testing.assert_close(both, run_unet(reference.unet, inputs), atol=1e-5, rtol=1e-5)
     assert (both - with_dog).abs().max() > 1e-3 and prkit.residual_names(pipe.unet) == ["dog"]
@@ -383,7 +383,7 @@ def test_a_lora_loaded_after_the_residuals_stacks_on_them(tmp_path, linear):
     pipe.unload_lora_weights()
     assert prkit.residual_names(pipe.unet) == ["dog"]
     torch.testing.assert_close(run_unet(pipe.unet, inputs), with_dog, atol=0, rtol=0)  # the residuals stay
-    pipe.load_lora_weights(str(lora), adapter_name="style")
+    load_lora_file(pipe, lora, adapter_name="style")
     prkit.remove_residuals(pipe.unet, "dog")
     reference_style = make_pipe(tmp_path / "s", linear=linear)
     randomize(prkit.add_residuals(reference_style.unet, rank=2, name="style"), seed=5)
@@ -412,7 +412,7 @@ def test_residuals_loaded_under_a_lora_already_on_proj_out(tmp_path, linear):
     both = run_unet(reference.unet, inputs)
     pipe = make_pipe(tmp_path / "p", linear=linear)
     base = run_unet(pipe.unet, inputs)
-    pipe.load_lora_weights(str(lora), adapter_name="style")
+    load_lora_file(pipe, lora, adapter_name="style")
     with_lora = run_unet(pipe.unet, inputs)
     for _ in range(2):  # the second time: after the last set under the LoRA was removed
         residuals = prkit.load_residuals(pipe, path)
@@ -447,7 +447,7 @@ def test_lag_under_a_lora_replays_as_it_runs_eagerly_on_cuda(tmp_path):
     randomize(dog, seed=3)
     args = dict(steps=3, output_type="np", seed=0, num_images=2)
     without = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, fast=False, **args)
-    pipe.load_lora_weights(str(lora), adapter_name="style")
+    load_lora_file(pipe, lora, adapter_name="style")
     eager = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, fast=False, **args)
     graph = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, fast=True, **args)
     assert abs(eager - graph).max() < 1e-4 and abs(eager - without).max() > 1e-3

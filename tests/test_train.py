@@ -12,7 +12,7 @@ from PIL import Image
 import prkit
 import prkit.train as train
 import prkit.train_inputs as train_inputs
-from conftest import interrupt_backward, make_concept, make_pipe
+from conftest import interrupt_backward, load_lora_file, make_concept, make_pipe
 from prkit.data import Concept
 from prkit.fast import FastConfig, train_fast
 from prkit.residuals import get_residuals
@@ -239,7 +239,7 @@ def test_a_loaded_lora_is_off_while_the_residuals_train_and_back_on_after(tmp_pa
     lora = export_lora(style, tmp_path / "style.safetensors", dtype=torch.float32)
     plain = prkit.train_residuals(make_pipe(tmp_path / "plain"), concept, steps=3, **FAST).residuals
     pipe = make_pipe(tmp_path / "p")
-    pipe.load_lora_weights(str(lora), adapter_name="style")
+    load_lora_file(pipe, lora, adapter_name="style")
     inputs = unet_inputs()
     with_lora = run_unet(pipe.unet, inputs)
     adapter = {n: (p.detach().clone(), p.requires_grad) for n, p in pipe.unet.named_parameters() if "lora_" in n}
@@ -269,7 +269,7 @@ def test_a_peft_lora_target_trains_beside_a_loaded_lora(tmp_path, concept):
                 p.normal_(std=0.3)
     StableDiffusionPipeline.save_lora_weights(tmp_path / "style", unet_lora_layers=get_peft_model_state_dict(donor.unet))
     pipe = make_pipe(tmp_path / "p")
-    pipe.load_lora_weights(str(tmp_path / "style"), adapter_name="style")
+    load_lora_file(pipe, tmp_path / "style/pytorch_lora_weights.safetensors", adapter_name="style")
     result = prkit.train_residuals(pipe, concept, steps=3, target="lora", rank=2, learning_rate=1e-2, **FAST)
     assert result.completed and all(math.isfinite(v) for v in result.losses)
     state = result.residuals.state_dict()
