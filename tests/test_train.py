@@ -448,7 +448,10 @@ def test_the_fast_loop_uses_the_configured_weight_decay(tmp_path, concept, decay
     eager = prkit.train_residuals(make_pipe(tmp_path / "e"), concept, progress=False, fast=False, **kw)
     fast = train_fast(make_pipe(tmp_path / "f"), concept, TrainConfig(**kw), progress=False, fast=LOOP)
     a, b = eager.residuals.state_dict(), fast.residuals.state_dict()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=2e-6) for k in a)
+    # atol 5e-5: the two loops round differently, and Adam magnifies that where a gradient is near its eps (1e-8):
+    # at 0.5, one element of 1920 gets a step-2 gradient of 4.6e-8 whose rounding moves it 1.6e-5 (diffusers 0.35,
+    # transformers 4.45). A decay off by 10% moves the factors by 2.6e-4 or more, a missing one by 2.6e-3
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=5e-5) for k in a)
 
 
 def test_timesteps_are_drawn_over_the_whole_schedule(pipe, concept):
