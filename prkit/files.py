@@ -6,17 +6,19 @@ Owns the on-disk formats and atomic writing; it does not train or sample.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .residuals import Residuals, add_residuals, find_projections, residual_names
@@ -132,11 +134,77 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def _free_mib(path: Path) -> float | None:
+    """The MiB free on the file system of ``path`` (of its nearest existing folder), None where unknown."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free / 2 ** 20
+    except OSError:
+        return None
+
+
+def write_error(path: Path, exc: OSError) -> OSError:
+    """The error to raise when writing ``path`` failed with ``exc``: it names the file, the cause and the MiB free
+    on the file system, and what to do (the same errno, so a full disk still reads as ENOSPC)."""
+    free = _free_mib(path)
+    room = f"{free:.0f} MiB free there" if free is not None else "free space unknown"
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    todo = ("free some space or write to another disk, then try again" if full else
+            "check that the folder is writable and has room, then try again")
+    text = (f"could not write {path}: {exc.strerror or exc} ({room}); {todo}. "
+            f"{'The file that was there is unchanged' if path.exists() else 'Nothing was written'}")
+    return OSError(exc.errno, text) if exc.errno else OSError(text)
+
+
+class _Recording:
+    """A binary file that remembers the OSError its write raised: torch.save turns a full disk into a RuntimeError
+    (``unexpected pos``) that does not say so."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[_Recording]:
+    """An open binary file whose bytes replace ``path`` in one rename when the block ends (``atomic_path``). A
+    failed write (a full disk, a quota, a lost mount), also one the writer reports as its own error (torch.save's
+    RuntimeError), raises ``write_error``: the file and the space left named, the old file kept whole, no
+    temporary file left."""
+    path = Path(path).expanduser()
+    file = None
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+            file = _Recording(raw)
+            yield file
+    except IsADirectoryError:  # atomic_path's own, already clear
+        raise
+    except Exception as err:
+        cause = err if isinstance(err, OSError) else getattr(file, "error", None)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from err
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file through a temporary file and a rename: a crash never leaves half a file."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    return Path(path)
+    """Write a safetensors file through a temporary file and a rename: a crash never leaves half a file, a full
+    disk says so (``writing``). Serialized in memory first (residual sets and LoRAs are small): safetensors' own
+    writer reports a full disk as an error of its own."""
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with writing(path) as file:
+        file.write(data)
+    return Path(path).expanduser()
 
 
 def save_residuals(residuals: Residuals, path, *, base_model: str | None = None, config: dict | None = None,

@@ -451,3 +451,24 @@ def test_lag_under_a_lora_replays_as_it_runs_eagerly_on_cuda(tmp_path):
     eager = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, fast=False, **args)
     graph = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, fast=True, **args)
     assert abs(eager - graph).max() < 1e-4 and abs(eager - without).max() > 1e-3
+
+
+def test_a_full_disk_names_the_file_and_the_space_left_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from conftest import full_disk
+
+    path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
+    good = path.read_bytes()
+    full_disk(monkeypatch, free_mib=5)
+    with pytest.raises(OSError) as err:
+        _trained(tiny_unet(seed=1)).save(path)
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value) == (f"[Errno 28] could not write {path}: No space left on device (5 MiB free there); free "
+                              "some space or write to another disk, then try again. The file that was there is "
+                              "unchanged")
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["r.safetensors"]  # no half temporary file
+    with pytest.raises(OSError, match=r"new\.safetensors: No space left.*5 MiB free there.*Nothing was written"):
+        _trained(tiny_unet()).save(tmp_path / "new.safetensors")
+    assert os.listdir(tmp_path) == ["r.safetensors"]
