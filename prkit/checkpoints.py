@@ -109,6 +109,12 @@ def fingerprint(pipe, concept, config) -> dict:
     }
 
 
+def checkpoint_file(config) -> Path | None:
+    """Where a run keeps its checkpoint: ``checkpoint.pt`` in ``config.checkpoint_dir`` (``~`` expanded, not a
+    folder named "~"); None without one."""
+    return Path(config.checkpoint_dir).expanduser() / "checkpoint.pt" if config.checkpoint_dir else None
+
+
 def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator, step: int,
          losses: list[float], seconds: float = 0.0) -> None:
     """Write the run's state at ``step`` to ``path`` in one rename (an interrupt never leaves half a file).

@@ -109,8 +109,8 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
     the mode any new file gets there (0666 through the umask and the folder's default ACL; mkstemp's are 0600),
     read from the temporary file as created, without changing the process's umask. Temporary files that killed
     writers left beside ``path`` are removed first (``_remove_abandoned``). The file is synced to disk before the
-    rename and the folder after it, so a power loss leaves the old file or the new one, whole."""
-    path = Path(path)
+    rename and the folder after it, so a power loss leaves the old file or the new one, whole. ``~`` is expanded."""
+    path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,8 +235,8 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
 
 def safetensors_header(path, what: str) -> dict:
     """The metadata of the .safetensors file ``path`` (``what`` names it in the errors: a folder given instead of the
-    file, a missing file, one safetensors cannot read)."""
-    path = Path(path)
+    file, a missing file, one safetensors cannot read); ``~`` is expanded."""
+    path = Path(path).expanduser()
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.safetensors"))
         hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
@@ -306,7 +306,7 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
 
     Args:
         pipe_or_unet: the base model to extend.
-        path: a file written by ``Residuals.save``.
+        path: a file written by ``Residuals.save`` (``~`` is expanded).
         name: set name on the UNet (default: the name stored in the file, made unique); a given name that is
             already taken raises ValueError.
         scale: override the stored scale.
@@ -315,6 +315,7 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
         the ``Residuals`` handle, with token and class_word from the arguments, else from the file.
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    path = Path(path).expanduser()
     meta = read_metadata(path)
     check_compatible(meta, unet, path)
     taken = residual_names(unet)

@@ -118,7 +118,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         log.warning("stop_after=%d with resume=False: every call starts over and stops at step %d; continue the "
                     "stopped run with resume=True", config.stop_after, config.stop_after)
     if config.checkpoint_dir and not config.resume:  # starting over: the earlier run's state must not be resumed
-        aside = checkpoints.set_aside(Path(config.checkpoint_dir) / "checkpoint.pt", "replaced")  # by a later call
+        aside = checkpoints.set_aside(checkpoints.checkpoint_file(config), "replaced")  # by a later call
         if aside is not None:
             log.warning("resume=False: this run starts over; the checkpoint it would have resumed is kept as %s",
                         aside)
@@ -207,7 +207,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     step = 0
-    ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
+    ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
     before, finished = 0.0, False
     if ckpt is not None and config.resume and ckpt.is_file():

@@ -368,3 +368,27 @@ def test_a_rerun_of_a_finished_run_says_nothing_trains_and_keeps_its_seconds(tmp
     assert again.steps_done == 2 and again.losses == first.losses
     assert again.seconds == pytest.approx(saved["seconds"], abs=0) and again.residuals.meta["seconds"] == again.seconds
     assert _equal_states(again.residuals.state_dict(), first.residuals.state_dict())
+
+
+def test_a_tilde_in_checkpoint_dir_and_file_paths_is_the_home_folder(tmp_path, concept, monkeypatch):
+    """checkpoint_dir="~/x" made a folder named "~" in the current one (and a resume from "~/x" found nothing)."""
+    from prkit.files import safetensors_header
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    stopped = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, stop_after=2,
+                                    checkpoint_dir="~/ckpt", **FAST)
+    assert stopped.checkpoint == home / "ckpt" / "checkpoint.pt"
+    assert torch.load(home / "ckpt" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=4, checkpoint_dir="~/ckpt", **FAST)
+    assert resumed.steps_done == 4 and resumed.losses[:2] == stopped.losses
+    assert resumed.residuals.save("~/r.safetensors") == home / "r.safetensors"
+    assert safetensors_header("~/r.safetensors", "residual file")["token"] == "sks"
+    loaded = prkit.load_residuals(make_pipe(tmp_path / "p3"), "~/r.safetensors")
+    assert _equal_states(loaded.state_dict(), resumed.residuals.state_dict())
+    again = prkit.train_residuals(make_pipe(tmp_path / "p4"), concept, steps=2, checkpoint_dir="~/ckpt",
+                                  resume=False, **FAST)  # the earlier run set aside in the home folder too
+    assert again.steps_done == 2 and len(list((home / "ckpt").glob("checkpoint.replaced-*.pt"))) == 1
+    assert list(work.iterdir()) == []  # no folder named "~"
