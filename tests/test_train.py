@@ -170,9 +170,8 @@ def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
     good = (ckpt / "checkpoint.pt").read_bytes()
     real_save = torch.save
 
-    def crash(obj, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+    def crash(obj, file, *args, **kwargs):  # the open temporary file (prkit.files.writing)
+        file.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(train.torch, "save", crash)
@@ -183,6 +182,33 @@ def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
     assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]  # no .tmp left behind
     assert (ckpt / "checkpoint.pt").read_bytes() == good  # the old checkpoint survived
     assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_full_disk_at_a_checkpoint_names_it_and_the_space_left_and_keeps_the_previous_one(tmp_path, concept,
+                                                                                             monkeypatch, fast):
+    """torch.save reports a full disk as a RuntimeError ("unexpected pos 704 vs 598") that names neither the file
+    nor the cause."""
+    import errno
+    import os
+
+    from conftest import full_disk
+
+    ckpt = tmp_path / "ckpt"
+    prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=6, checkpoint_dir=str(ckpt),
+                          checkpoint_every=2, stop_after=2, fast=fast, **FAST)
+    good = (ckpt / "checkpoint.pt").read_bytes()
+    full_disk(monkeypatch, free_mib=3, after=1000)
+    with pytest.raises(OSError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=6, checkpoint_dir=str(ckpt),
+                              checkpoint_every=2, fast=fast, **FAST)
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value) == (f"[Errno 28] could not write {ckpt / 'checkpoint.pt'}: No space left on device (3 MiB "
+                              "free there); free some space or write to another disk, then try again. The file "
+                              "that was there is unchanged")
+    assert isinstance(err.value.__cause__, RuntimeError)  # what torch.save itself raised
+    assert os.listdir(ckpt) == ["checkpoint.pt"] and (ckpt / "checkpoint.pt").read_bytes() == good
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_images_far_from_the_native_resolution_warn_with_the_fix(tmp_path):
