@@ -7,11 +7,10 @@ Parses arguments and calls the library; no logic of its own beyond wiring.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from .cli_args import (  # noqa: F401
     _check_loras, _check_output_file, _finite, _guidance, _learning_rate, _per_file, _positive_int, _rank,
     _whole, _writable_folder, bars_wanted)
 from .cli_output import _cli_words, _in_cli_words, _library_bars_off  # noqa: F401
+from .interrupts import terminate_as_interrupt
 
 LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
 DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else the CPU), cpu, cuda, cuda:1, mps"
@@ -370,10 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt  # a job scheduler's SIGTERM: the training loop writes its checkpoint as on Ctrl-C
-
-
 PATH_ARGS = ("images", "out", "checkpoint_dir", "file", "residuals", "lora", "data")  # "~" expanded in each
 def _expand_paths(args) -> None:
     """``~`` in every path argument, also where the shell left it (quoted, or ``--out=~/x``)."""
@@ -390,13 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     said = _in_cli_words(args.command)
-    restore = previous = None
-    if args.command == "train" and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        if args.command != "info" and not bars_wanted():
-            restore = _library_bars_off()
-        return args.func(args)
+    restore = None
+    try:  # a job scheduler's SIGTERM checkpoints as Ctrl-C does, from the model's loading on
+        with terminate_as_interrupt() if args.command == "train" else contextlib.nullcontext():
+            if args.command != "info" and not bars_wanted():
+                restore = _library_bars_off()
+            return args.func(args)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
         return 2
@@ -405,8 +400,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prkit {args.command}: interrupted{again}", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if restore is not None:
             restore()
         said()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .interrupts import deferred_interrupt
+from .interrupts import deferred_interrupt, terminate_as_interrupt
 from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
 from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
@@ -124,8 +124,9 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                         aside)
     try:
         # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
-        # one is refused here, before anything is added)
-        with torch.inference_mode(False), torch.enable_grad(), only_residuals(unet, [name]), freeu_off(unet), \
+        # one is refused here, before anything is added); SIGTERM checkpoints as Ctrl-C does
+        with terminate_as_interrupt(), torch.inference_mode(False), torch.enable_grad(), \
+                only_residuals(unet, [name]), freeu_off(unet), \
                 adapters_off([m for m in modules if m is not pipe.vae] if config.target not in LORA_MODULES else []):
             # loaded LoRAs are off while training (not for a peft LoRA target: peft's switch is per layer, not per
             # adapter, and it would take the adapter being trained off too)

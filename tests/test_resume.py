@@ -392,3 +392,87 @@ def test_a_tilde_in_checkpoint_dir_and_file_paths_is_the_home_folder(tmp_path, c
                                   resume=False, **FAST)  # the earlier run set aside in the home folder too
     assert again.steps_done == 2 and len(list((home / "ckpt").glob("checkpoint.replaced-*.pt"))) == 1
     assert list(work.iterdir()) == []  # no folder named "~"
+
+
+SIGTERM_RUN = """
+import os, signal, sys
+from pathlib import Path
+
+import prkit
+import prkit.train as train
+from conftest import make_concept, make_pipe
+
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a scheduler starts a job
+real, calls = train._backward, []
+
+def terminated(*args, **kwargs):  # the scheduler's SIGTERM lands in the middle of step 3's update
+    refused = real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return refused
+
+train._backward = terminated
+folder = Path(sys.argv[1])
+try:
+    prkit.train_residuals(make_pipe(folder / "p"), make_concept(), steps=6, checkpoint_dir=str(folder / "ckpt"),
+                          checkpoint_every=0, progress=False, batch_size=4, fast=False)
+except KeyboardInterrupt:
+    print("interrupted; SIGTERM handler back:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+
+
+def test_sigterm_during_library_training_checkpoints_like_ctrl_c(tmp_path, concept):
+    """A script calling train_residuals died at a scheduler's SIGTERM without a checkpoint (only the CLI took it
+    as Ctrl-C). Run in a child process: before the fix the signal ends the process that receives it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, f"the child ended with {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip() == "interrupted; SIGTERM handler back: True"
+    assert "interrupted at step 3; checkpoint saved to" in done.stderr
+    state = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=6, checkpoint_dir=str(tmp_path / "ckpt"),
+                                    checkpoint_every=0, fast=False, **FAST)
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=6, fast=False, **FAST)
+    assert resumed.losses[:3] == state["losses"] and resumed.losses == reference.losses
+
+
+def test_sigterm_is_taken_as_ctrl_c_only_over_the_default_handler_and_in_the_main_thread():
+    import os
+    import threading
+
+    from prkit.interrupts import terminate_as_interrupt
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with terminate_as_interrupt():
+                assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # else the kill below ends pytest
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+        own = []
+        signal.signal(signal.SIGTERM, lambda number, frame: own.append(number))
+        with terminate_as_interrupt():  # the caller's own handler stays in charge
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert own == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        seen = []
+
+        def in_a_thread():
+            with terminate_as_interrupt():  # signals are the main thread's: nothing installed, nothing raised
+                seen.append(signal.getsignal(signal.SIGTERM))
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join()
+        assert seen == [signal.SIG_DFL]
+    finally:
+        signal.signal(signal.SIGTERM, before)
