@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__
-from .residuals import Residuals, add_residuals, find_projections, residual_names
+from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names
 
 FORMAT = "prkit.residuals/1"
 
@@ -247,7 +247,31 @@ def safetensors_header(path, what: str) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types
+        need = _cut_short(path)
+        if need is not None:
+            raise ValueError(f"{what} {str(path)!r} is incomplete: it holds {path.stat().st_size:,} bytes where its "
+                             f"header needs {need:,} (an interrupted copy, download or save leaves such a file); "
+                             "copy, download or write it again") from err
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({err})") from err
+
+
+def _cut_short(path: Path) -> int | None:
+    """The bytes a .safetensors file needs by its own header (at least) where it holds fewer: it was cut short.
+    None where it holds them, or is no safetensors file at all (its first 8 bytes give no plausible header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < length <= 100_000_000:  # safetensors' own limit on the header
+            return None
+        header = f.read(length)
+    if len(header) < length:
+        return 8 + length
+    try:
+        entries = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    return 8 + length + end if path.stat().st_size < 8 + length + end else None
 
 
 def read_metadata(path) -> dict:
@@ -267,7 +291,7 @@ def read_metadata(path) -> dict:
                 value = info[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                     raise ValueError(f"'layers' gives {block} {key}={value!r}; expected a positive whole number")
-        float(meta.get("scale", 1.0))
+        finite_scale(meta.get("scale", 1.0), "the header")
     except (KeyError, ValueError) as err:
         raise ValueError(f"{str(path)!r} has a damaged prkit header ({type(err).__name__}: {err}); "
                          "save the residuals again") from err
@@ -316,6 +340,8 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     path = Path(path).expanduser()
+    if scale is not None:  # before anything is added to the UNet
+        finite_scale(scale, "load_residuals")
     meta = read_metadata(path)
     check_compatible(meta, unet, path)
     taken = residual_names(unet)
