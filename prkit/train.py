@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoints
+from .checks import writable_folder
 from .interrupts import deferred_interrupt, terminate_as_interrupt
 from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
@@ -91,6 +92,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     config = replace(config, **overrides) if overrides else config
     if config.prompt_template is None:  # resolved once, so that the file records it
         config = replace(config, prompt_template=training_template(config, concept))
+    if config.checkpoint_dir:  # before any work that its checkpoints would keep
+        writable_folder(checkpoints.checkpoint_file(config).parent, "checkpoint_dir")
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     unet = pipe.unet

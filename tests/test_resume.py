@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -428,7 +429,6 @@ def test_sigterm_during_library_training_checkpoints_like_ctrl_c(tmp_path, conce
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
@@ -476,3 +476,31 @@ def test_sigterm_is_taken_as_ctrl_c_only_over_the_default_handler_and_in_the_mai
         assert seen == [signal.SIG_DFL]
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_training(tmp_path, concept, monkeypatch):
+    """It failed at the first checkpoint, after that many steps' work (or at Ctrl-C, losing the run)."""
+    import os
+
+    import prkit.fast
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: fake the permission the folder would have
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked and mode & os.W_OK
+                            else real(p, mode))
+    for loop in (train, prkit.fast):
+        monkeypatch.setattr(loop, "_train_eager" if loop is train else "train_fast",
+                            lambda *a, **k: pytest.fail("trained before the check"))
+    pipe = make_pipe(tmp_path / "p")
+    try:
+        for fast in (False, True):
+            with pytest.raises(ValueError) as err:
+                prkit.train_residuals(pipe, concept, steps=2, checkpoint_dir=str(locked / "ckpt"), fast=fast, **FAST)
+            assert str(err.value) == (f"checkpoint_dir: cannot write in {str(locked)!r} (permission denied); choose "
+                                      "another path")
+        assert residual_names(pipe.unet) == [] and list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
