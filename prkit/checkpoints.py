@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .files import architecture, atomic_path, layer_table
+from .files import architecture, layer_table, writing
 from .train_config import training_prompt
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,23 @@ def fingerprint(pipe, concept, config) -> dict:
     }
 
 
+def checkpoint_file(config) -> Path | None:
+    """Where a run keeps its checkpoint: ``checkpoint.pt`` in ``config.checkpoint_dir`` (``~`` expanded, not a
+    folder named "~"); None without one."""
+    return Path(config.checkpoint_dir).expanduser() / "checkpoint.pt" if config.checkpoint_dir else None
+
+
 def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator, step: int,
          losses: list[float], seconds: float = 0.0) -> None:
-    """Write the run's state at ``step`` to ``path`` in one rename (an interrupt never leaves half a file).
+    """Write the run's state at ``step`` to ``path`` in one rename (an interrupt never leaves half a file; a full
+    disk raises an OSError naming the file and the space left, the previous checkpoint kept: ``files.writing``).
     ``seconds``: the run's wall time so far, its earlier calls included (a resumed run reports the whole)."""
     state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
              "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),
              "seconds": float(seconds),
              "scaler": scaler.state_dict() if scaler is not None else None, "fingerprint": stamp}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with writing(path) as file:
+        torch.save(state, file)
 
 
 def set_aside(path: Path, why: str = "diverged") -> Path | None:

@@ -1,6 +1,10 @@
-"""Field checks the configs share (TrainConfig, FastConfig, EvalConfig): a bad value is named with its owner."""
+"""Field checks the configs share (TrainConfig, FastConfig, EvalConfig): a bad value is named with its owner; and
+the check that a folder can be written before any work goes into what will be written there."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 def check_whole(config, names: tuple[str, ...], low: int, note: str = "") -> None:
@@ -12,3 +16,19 @@ def check_whole(config, names: tuple[str, ...], low: int, note: str = "") -> Non
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{type(config).__name__}.{name} must be a whole number >= {low}{note}, got {value!r}")
+
+
+def writable_folder(folder: str | os.PathLike, what: str, listed: bool = False) -> None:
+    """Fail before any work when ``folder`` (``~`` expanded) cannot be created or written (a file in the way, no
+    permission), or, with ``listed``, read (its files are numbered after the ones there); ``what`` names it."""
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in {str(probe)!r} (permission denied); choose another path")
+    if listed and probe == folder and not os.access(probe, os.R_OK):
+        raise ValueError(f"{what}: cannot list {str(probe)!r} (no read permission) to number new files after the "
+                         "ones there; choose another path")

@@ -7,11 +7,10 @@ Parses arguments and calls the library; no logic of its own beyond wiring.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from .cli_args import (  # noqa: F401
     _check_loras, _check_output_file, _finite, _guidance, _learning_rate, _per_file, _positive_int, _rank,
     _whole, _writable_folder, bars_wanted)
 from .cli_output import _cli_words, _in_cli_words, _library_bars_off  # noqa: F401
+from .interrupts import terminate_as_interrupt
 
 LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
 DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else the CPU), cpu, cuda, cuda:1, mps"
@@ -32,7 +32,7 @@ def _train(args) -> int:
     from .train import TrainConfig, train_residuals
 
     out = Path(args.out)
-    checkpoint_dir = Path(args.checkpoint_dir or str(out.with_suffix("")) + ".ckpt")
+    checkpoint_dir = _checkpoint_dir(args)
     _check_output_file(out, args.overwrite)  # before the model loads and trains: nothing is lost at the end
     if checkpoint_dir.resolve() == out.resolve():
         raise ValueError(f"--out {str(out)!r} is also the checkpoint folder; name the output *.safetensors or pass "
@@ -55,10 +55,37 @@ def _train(args) -> int:
                          checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing)
     result = train_residuals(pipe, concept, config, progress=bars_wanted())
-    save_residuals(result.residuals, args.out, base_model=args.model)
+    try:
+        save_residuals(result.residuals, args.out, base_model=args.model)
+    except OSError as err:  # a full disk: the training is not lost, its checkpoint holds it
+        kept = _kept(args)
+        if not kept:
+            raise
+        text = f"{err.strerror or err}; {kept}"
+        raise (OSError(err.errno, text) if err.errno else OSError(text)) from err
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, final loss {result.losses[-1]:.4f})")
     return 0
+
+
+def _checkpoint_dir(args) -> Path:
+    """Where `prkit train` keeps its checkpoint: --checkpoint-dir, else <name>.ckpt beside --out <name>.safetensors."""
+    return Path(args.checkpoint_dir or str(Path(args.out).with_suffix("")) + ".ckpt")
+
+
+def _again(args) -> str:
+    if getattr(args, "resume", True):
+        return "run the same command again to resume"
+    return "run the command again without --no-resume to resume"
+
+
+def _kept(args) -> str:
+    """How to continue an unfinished `prkit train` and where its training is kept; "" where no checkpoint keeps it
+    (interrupted before the first one, or a failed save after a run with --checkpoint-every 0)."""
+    folder = _checkpoint_dir(args)
+    if not (folder / "checkpoint.pt").is_file():
+        return ""
+    return f"{_again(args)} (the training is kept in {folder})"
 
 
 def _sample(args) -> int:
@@ -344,10 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt  # a job scheduler's SIGTERM: the training loop writes its checkpoint as on Ctrl-C
-
-
 PATH_ARGS = ("images", "out", "checkpoint_dir", "file", "residuals", "lora", "data")  # "~" expanded in each
 def _expand_paths(args) -> None:
     """``~`` in every path argument, also where the shell left it (quoted, or ``--out=~/x``)."""
@@ -364,24 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     said = _in_cli_words(args.command)
-    restore = previous = None
-    if args.command == "train" and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        if args.command != "info" and not bars_wanted():
-            restore = _library_bars_off()
-        return args.func(args)
+    restore = None
+    try:  # a job scheduler's SIGTERM checkpoints as Ctrl-C does, from the model's loading on
+        with terminate_as_interrupt() if args.command == "train" else contextlib.nullcontext():
+            if args.command != "info" and not bars_wanted():
+                restore = _library_bars_off()
+            return args.func(args)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
-        again = "; run the same command again to resume" if getattr(args, "resume", True) else \
-            "; run the command again without --no-resume to resume"
-        print(f"prkit {args.command}: interrupted" + (again if args.command == "train" else ""), file=sys.stderr)
+        again = f"; {_kept(args) or _again(args)}" if args.command == "train" else ""
+        print(f"prkit {args.command}: interrupted{again}", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if restore is not None:
             restore()
         said()

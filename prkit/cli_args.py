@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from .checks import writable_folder as _writable_folder  # noqa: F401 - cli and world.bench import it from here
+
 
 def _whole(minimum: int):
     """An argparse type: a whole number of at least ``minimum`` (the message names the flag)."""
@@ -76,21 +78,6 @@ def bars_wanted() -> bool:
     """Progress bars only on a terminal (a log file of `prkit train ... 2>&1 > log` got every redraw) and never
     under TQDM_DISABLE=1, which tqdm itself honours only where a bar is not switched on explicitly."""
     return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
-
-
-def _writable_folder(folder: Path, what: str, listed: bool = False) -> None:
-    """Fail before any work when ``folder`` cannot be created or written (a file in the way, no permission), or,
-    with ``listed``, read (its files are numbered after the ones there)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}: cannot write in {str(probe)!r} (permission denied); choose another path")
-    if listed and probe == folder and not os.access(probe, os.R_OK):
-        raise ValueError(f"{what}: cannot list {str(probe)!r} (no read permission) to number new files after the "
-                         "ones there; choose another path")
 
 
 def _check_output_file(path: Path, overwrite: bool) -> None:

@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace as _replace
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -175,7 +174,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     step = 0
-    ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
+    ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
     before, finished = 0.0, False
     if ckpt is not None and config.resume and ckpt.is_file():

@@ -6,20 +6,22 @@ Owns the on-disk formats and atomic writing; it does not train or sample.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
-from .residuals import Residuals, add_residuals, find_projections, residual_names
+from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names
 
 FORMAT = "prkit.residuals/1"
 
@@ -107,8 +109,8 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
     the mode any new file gets there (0666 through the umask and the folder's default ACL; mkstemp's are 0600),
     read from the temporary file as created, without changing the process's umask. Temporary files that killed
     writers left beside ``path`` are removed first (``_remove_abandoned``). The file is synced to disk before the
-    rename and the folder after it, so a power loss leaves the old file or the new one, whole."""
-    path = Path(path)
+    rename and the folder after it, so a power loss leaves the old file or the new one, whole. ``~`` is expanded."""
+    path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,11 +134,77 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def _free_mib(path: Path) -> float | None:
+    """The MiB free on the file system of ``path`` (of its nearest existing folder), None where unknown."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free / 2 ** 20
+    except OSError:
+        return None
+
+
+def write_error(path: Path, exc: OSError) -> OSError:
+    """The error to raise when writing ``path`` failed with ``exc``: it names the file, the cause and the MiB free
+    on the file system, and what to do (the same errno, so a full disk still reads as ENOSPC)."""
+    free = _free_mib(path)
+    room = f"{free:.0f} MiB free there" if free is not None else "free space unknown"
+    full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    todo = ("free some space or write to another disk, then try again" if full else
+            "check that the folder is writable and has room, then try again")
+    text = (f"could not write {path}: {exc.strerror or exc} ({room}); {todo}. "
+            f"{'The file that was there is unchanged' if path.exists() else 'Nothing was written'}")
+    return OSError(exc.errno, text) if exc.errno else OSError(text)
+
+
+class _Recording:
+    """A binary file that remembers the OSError its write raised: torch.save turns a full disk into a RuntimeError
+    (``unexpected pos``) that does not say so."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[_Recording]:
+    """An open binary file whose bytes replace ``path`` in one rename when the block ends (``atomic_path``). A
+    failed write (a full disk, a quota, a lost mount), also one the writer reports as its own error (torch.save's
+    RuntimeError), raises ``write_error``: the file and the space left named, the old file kept whole, no
+    temporary file left."""
+    path = Path(path).expanduser()
+    file = None
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+            file = _Recording(raw)
+            yield file
+    except IsADirectoryError:  # atomic_path's own, already clear
+        raise
+    except Exception as err:
+        cause = err if isinstance(err, OSError) else getattr(file, "error", None)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from err
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file through a temporary file and a rename: a crash never leaves half a file."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    return Path(path)
+    """Write a safetensors file through a temporary file and a rename: a crash never leaves half a file, a full
+    disk says so (``writing``). Serialized in memory first (residual sets and LoRAs are small): safetensors' own
+    writer reports a full disk as an error of its own."""
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with writing(path) as file:
+        file.write(data)
+    return Path(path).expanduser()
 
 
 def save_residuals(residuals: Residuals, path, *, base_model: str | None = None, config: dict | None = None,
@@ -167,8 +235,8 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
 
 def safetensors_header(path, what: str) -> dict:
     """The metadata of the .safetensors file ``path`` (``what`` names it in the errors: a folder given instead of the
-    file, a missing file, one safetensors cannot read)."""
-    path = Path(path)
+    file, a missing file, one safetensors cannot read); ``~`` is expanded."""
+    path = Path(path).expanduser()
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.safetensors"))
         hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
@@ -179,7 +247,31 @@ def safetensors_header(path, what: str) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own error types
+        need = _cut_short(path)
+        if need is not None:
+            raise ValueError(f"{what} {str(path)!r} is incomplete: it holds {path.stat().st_size:,} bytes where its "
+                             f"header needs {need:,} (an interrupted copy, download or save leaves such a file); "
+                             "copy, download or write it again") from err
         raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({err})") from err
+
+
+def _cut_short(path: Path) -> int | None:
+    """The bytes a .safetensors file needs by its own header (at least) where it holds fewer: it was cut short.
+    None where it holds them, or is no safetensors file at all (its first 8 bytes give no plausible header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < length <= 100_000_000:  # safetensors' own limit on the header
+            return None
+        header = f.read(length)
+    if len(header) < length:
+        return 8 + length
+    try:
+        entries = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    return 8 + length + end if path.stat().st_size < 8 + length + end else None
 
 
 def read_metadata(path) -> dict:
@@ -199,7 +291,7 @@ def read_metadata(path) -> dict:
                 value = info[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                     raise ValueError(f"'layers' gives {block} {key}={value!r}; expected a positive whole number")
-        float(meta.get("scale", 1.0))
+        finite_scale(meta.get("scale", 1.0), "the header")
     except (KeyError, ValueError) as err:
         raise ValueError(f"{str(path)!r} has a damaged prkit header ({type(err).__name__}: {err}); "
                          "save the residuals again") from err
@@ -238,7 +330,7 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
 
     Args:
         pipe_or_unet: the base model to extend.
-        path: a file written by ``Residuals.save``.
+        path: a file written by ``Residuals.save`` (``~`` is expanded).
         name: set name on the UNet (default: the name stored in the file, made unique); a given name that is
             already taken raises ValueError.
         scale: override the stored scale.
@@ -247,6 +339,9 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
         the ``Residuals`` handle, with token and class_word from the arguments, else from the file.
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    path = Path(path).expanduser()
+    if scale is not None:  # before anything is added to the UNet
+        finite_scale(scale, "load_residuals")
     meta = read_metadata(path)
     check_compatible(meta, unet, path)
     taken = residual_names(unet)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -43,6 +44,17 @@ def rank_for(channels: int, rank: float | int) -> int:
         raise ValueError(f"rank {rank!r} is neither a fraction of the channels below 1 (e.g. 0.05) nor a whole rank, "
                          f"which is an int (e.g. 16; {int(rank) if rank == int(rank) else 'none'} here)")
     return min(rank, channels)  # a rank above a layer's channels is its full rank (the file records each)
+
+
+def finite_scale(value, owner: str) -> float:
+    """``value`` as a residual set's scale; NaN or infinity (NaN images) raises a ValueError naming ``owner``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{owner}: scale must be a finite number (1.0: as trained, 0: off), got {value!r}")
+    return number
 
 
 def original_module(unet: nn.Module) -> nn.Module:
@@ -170,10 +182,11 @@ class Residuals:
 
     @scale.setter
     def scale(self, value: float) -> None:
+        value = finite_scale(value, f"residual set {self.name!r}")
         for layer in self.layers().values():
             if self.name in layer.merged:
                 raise RuntimeError(f"unmerge residual set {self.name!r} before changing its scale")
-            layer.scales[self.name] = float(value)
+            layer.scales[self.name] = value
 
     def enable(self) -> None:
         for layer in self.layers().values():

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .interrupts import deferred_interrupt
+from .checks import writable_folder
+from .interrupts import deferred_interrupt, terminate_as_interrupt
 from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
 from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
@@ -91,6 +92,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     config = replace(config, **overrides) if overrides else config
     if config.prompt_template is None:  # resolved once, so that the file records it
         config = replace(config, prompt_template=training_template(config, concept))
+    if config.checkpoint_dir:  # before any work that its checkpoints would keep
+        writable_folder(checkpoints.checkpoint_file(config).parent, "checkpoint_dir")
     if config.learning_rate is None:
         config = replace(config, learning_rate=default_learning_rate(pipe, config.target, config.batch_size))
     unet = pipe.unet
@@ -118,14 +121,15 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         log.warning("stop_after=%d with resume=False: every call starts over and stops at step %d; continue the "
                     "stopped run with resume=True", config.stop_after, config.stop_after)
     if config.checkpoint_dir and not config.resume:  # starting over: the earlier run's state must not be resumed
-        aside = checkpoints.set_aside(Path(config.checkpoint_dir) / "checkpoint.pt", "replaced")  # by a later call
+        aside = checkpoints.set_aside(checkpoints.checkpoint_file(config), "replaced")  # by a later call
         if aside is not None:
             log.warning("resume=False: this run starts over; the checkpoint it would have resumed is kept as %s",
                         aside)
     try:
         # grad on even inside the caller's no_grad/inference_mode; only this run's set active (others stay; a merged
-        # one is refused here, before anything is added)
-        with torch.inference_mode(False), torch.enable_grad(), only_residuals(unet, [name]), freeu_off(unet), \
+        # one is refused here, before anything is added); SIGTERM checkpoints as Ctrl-C does
+        with terminate_as_interrupt(), torch.inference_mode(False), torch.enable_grad(), \
+                only_residuals(unet, [name]), freeu_off(unet), \
                 adapters_off([m for m in modules if m is not pipe.vae] if config.target not in LORA_MODULES else []):
             # loaded LoRAs are off while training (not for a peft LoRA target: peft's switch is per layer, not per
             # adapter, and it would take the adapter being trained off too)
@@ -167,14 +171,15 @@ def _first_factor(residuals: Residuals):
     return next(iter(residuals.factors().values()), None)
 
 
-def diverged_message(value: float, step: int, ckpt: Path | None, config, amp) -> str:
-    """What to say when the loss is NaN or infinite (both loops, word for word). The run's checkpoint, written on
-    the way to the divergence, is set aside first (``checkpoints.set_aside``): a rerun at a lower rate would
-    otherwise resume its weights and finish without a word."""
+def diverged_message(value: float, step: int, ckpt: Path | None, config, amp, what: str = "the loss") -> str:
+    """What to say when the loss (or ``what``: the eager loop's gradients) is NaN or infinite (both loops, word for
+    word). The run's checkpoint, written on the way to the divergence, is set aside first
+    (``checkpoints.set_aside``): a rerun at a lower rate would otherwise resume its weights and finish without a
+    word."""
     aside = checkpoints.set_aside(ckpt) if ckpt is not None else None
     kept = (f" Its last checkpoint, trained on the way there, is set aside as {aside}, so a rerun starts over; to "
             f"continue from it anyway, rename it back to {ckpt.name}." if aside is not None else "")
-    return (f"the loss became {value} at step {step}; the residuals were not updated with it.{kept} "
+    return (f"{what} became {value} at step {step}; the residuals were not updated with it.{kept} "
             f"Lower learning_rate (now {config.learning_rate})"
             f"{' or use mixed_precision=' + repr('no') if amp is not None else ''}.")
 
@@ -207,7 +212,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     step = 0
-    ckpt = Path(config.checkpoint_dir) / "checkpoint.pt" if config.checkpoint_dir else None
+    ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
     before, finished = 0.0, False
     if ckpt is not None and config.resume and ckpt.is_file():
@@ -231,7 +236,10 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
             if not math.isfinite(value):
                 raise TrainingDiverged(diverged_message(value, step + 1, ckpt, config, amp))
             with deferred_interrupt():  # the update and the step count it belongs to: both or neither
-                _backward(loss, optimizer, scaler, params, config.max_grad_norm)
+                grad = _backward(loss, optimizer, scaler, params, config.max_grad_norm)
+                if grad is not None:  # refused, as a non-finite loss is: the next step's loss would be NaN
+                    raise TrainingDiverged(diverged_message(grad, step + 1, ckpt, config, amp,
+                                                            f"the gradient of a finite loss ({value:.4g})"))
                 step += 1
                 step_start = gen.get_state()
                 losses.append(value)
@@ -301,20 +309,35 @@ def _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, 
     return loss
 
 
-def _backward(loss, optimizer, scaler, params, max_grad_norm) -> None:
+def _backward(loss, optimizer, scaler, params, max_grad_norm) -> float | None:
+    """One update from ``loss``; returns None, or the gradients' norm where it is NaN or infinite without a grad
+    scaler (which skips such a step itself): the update is then refused, the parameters and AdamW's moments keep
+    their values."""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None  # before clipping
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
+        norm = float(norm if norm is not None else _grad_norm(params))
+        if not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            return norm
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return None
+
+
+def _grad_norm(params) -> torch.Tensor:
+    """The 2-norm of all of ``params``' gradients together (NaN or infinite where one of them is)."""
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def _validate(pipe, target, concept, config: TrainConfig) -> list:

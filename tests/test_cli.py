@@ -567,3 +567,36 @@ def test_info_on_a_folder_lists_the_files_train_writes_in_any_case(tmp_path, cap
     assert main(["info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"{tmp_path / 'DOG.SAFETENSORS'}:" in out and "sks" in out and "32 parameters" in out
+
+
+def test_a_failed_save_or_an_interrupt_says_where_the_training_is_kept(tmp_path, capsys, monkeypatch):
+    """A full disk at the final save printed only the write's error: the user could not tell that the training was
+    kept in the checkpoint folder and that the same command finishes it."""
+    import prkit.files
+    import prkit.train
+    from conftest import full_disk, interrupt_backward
+
+    out, kept = tmp_path / "x.safetensors", tmp_path / "x.ckpt"
+    real_save = prkit.files.save_residuals
+
+    def save_on_a_full_disk(*args, **kwargs):  # the disk fills after the last checkpoint
+        full_disk(monkeypatch, free_mib=2)
+        return real_save(*args, **kwargs)
+
+    args = _train_args(tmp_path, out, "--steps", "4")
+    capsys.readouterr()  # the model folder's writing
+    monkeypatch.setattr(prkit.files, "save_residuals", save_on_a_full_disk)
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"prkit train: error: [Errno 28] could not write {out}: No space left on device (2 MiB free there); free "
+        "some space or write to another disk, then try again. Nothing was written; run the same command again to "
+        f"resume (the training is kept in {kept})\n")
+    monkeypatch.undo()
+    assert main(args) == 0 and out.is_file()  # the kept run, saved
+    assert "(4 steps," in capsys.readouterr().out
+    interrupt_backward(monkeypatch, at=3)
+    other = tmp_path / "y.safetensors"
+    assert main(_train_args(tmp_path, other, "--steps", "4", "--no-resume")) == 130
+    assert capsys.readouterr().err.endswith(
+        "prkit train: interrupted; run the command again without --no-resume to resume (the training is kept in "
+        f"{tmp_path / 'y.ckpt'})\n")

@@ -451,3 +451,58 @@ def test_lag_under_a_lora_replays_as_it_runs_eagerly_on_cuda(tmp_path):
     eager = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, fast=False, **args)
     graph = prkit.generate(pipe, "a photo of a sks dog", dog, lag=True, fast=True, **args)
     assert abs(eager - graph).max() < 1e-4 and abs(eager - without).max() > 1e-3
+
+
+def test_a_full_disk_names_the_file_and_the_space_left_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from conftest import full_disk
+
+    path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
+    good = path.read_bytes()
+    full_disk(monkeypatch, free_mib=5)
+    with pytest.raises(OSError) as err:
+        _trained(tiny_unet(seed=1)).save(path)
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value) == (f"[Errno 28] could not write {path}: No space left on device (5 MiB free there); free "
+                              "some space or write to another disk, then try again. The file that was there is "
+                              "unchanged")
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["r.safetensors"]  # no half temporary file
+    with pytest.raises(OSError, match=r"new\.safetensors: No space left.*5 MiB free there.*Nothing was written"):
+        _trained(tiny_unet()).save(tmp_path / "new.safetensors")
+    assert os.listdir(tmp_path) == ["r.safetensors"]
+
+
+def test_a_file_cut_short_says_so_and_a_scale_that_is_not_finite_is_refused(tmp_path):
+    """A copy interrupted half way read as "not a readable .safetensors file (Error while deserializing header:
+    incomplete metadata, file not fully covered)"; scale=nan loaded and painted NaN images."""
+    path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
+    data = path.read_bytes()
+    short = tmp_path / "short.safetensors"
+    for cut in (len(data) - 1, len(data) // 2, 20):  # in the tensors, in the header
+        short.write_bytes(data[:cut])
+        with pytest.raises(ValueError) as err:
+            prkit.load_residuals(tiny_unet(), short)
+        need = f"{len(data):,}" if cut > 20 else ""  # (the header itself cut: at least its own length)
+        assert str(err.value).startswith(f"residual file {str(short)!r} is incomplete: it holds {cut:,} bytes where "
+                                         f"its header needs {need}")
+        assert str(err.value).endswith("(an interrupted copy, download or save leaves such a file); copy, download "
+                                       "or write it again")
+    target = tiny_unet()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^load_residuals: scale must be a finite number \(1\.0: as trained, "
+                                             rf"0: off\), got {bad}$"):
+            prkit.load_residuals(target, path, scale=bad)
+    assert prkit.residual_names(target) == []  # refused before anything was added
+    residuals = prkit.load_residuals(target, path, scale=0.5)
+    with pytest.raises(ValueError, match=r"^residual set 'default': scale must be a finite number .*got -inf$"):
+        residuals.scale = float("-inf")
+    assert residuals.scale == 0.5
+    stored = tmp_path / "stored.safetensors"
+    stored.write_bytes(data)
+    _rewrite(stored, lambda t, m: m.update(scale="nan"))
+    with pytest.raises(ValueError, match=r"stored\.safetensors' has a damaged prkit header \(ValueError: the header: "
+                                         r"scale must be a finite number"):
+        read_metadata(stored)
+

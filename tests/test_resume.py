@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -368,3 +369,138 @@ def test_a_rerun_of_a_finished_run_says_nothing_trains_and_keeps_its_seconds(tmp
     assert again.steps_done == 2 and again.losses == first.losses
     assert again.seconds == pytest.approx(saved["seconds"], abs=0) and again.residuals.meta["seconds"] == again.seconds
     assert _equal_states(again.residuals.state_dict(), first.residuals.state_dict())
+
+
+def test_a_tilde_in_checkpoint_dir_and_file_paths_is_the_home_folder(tmp_path, concept, monkeypatch):
+    """checkpoint_dir="~/x" made a folder named "~" in the current one (and a resume from "~/x" found nothing)."""
+    from prkit.files import safetensors_header
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    stopped = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, stop_after=2,
+                                    checkpoint_dir="~/ckpt", **FAST)
+    assert stopped.checkpoint == home / "ckpt" / "checkpoint.pt"
+    assert torch.load(home / "ckpt" / "checkpoint.pt", weights_only=True)["step"] == 2
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=4, checkpoint_dir="~/ckpt", **FAST)
+    assert resumed.steps_done == 4 and resumed.losses[:2] == stopped.losses
+    assert resumed.residuals.save("~/r.safetensors") == home / "r.safetensors"
+    assert safetensors_header("~/r.safetensors", "residual file")["token"] == "sks"
+    loaded = prkit.load_residuals(make_pipe(tmp_path / "p3"), "~/r.safetensors")
+    assert _equal_states(loaded.state_dict(), resumed.residuals.state_dict())
+    again = prkit.train_residuals(make_pipe(tmp_path / "p4"), concept, steps=2, checkpoint_dir="~/ckpt",
+                                  resume=False, **FAST)  # the earlier run set aside in the home folder too
+    assert again.steps_done == 2 and len(list((home / "ckpt").glob("checkpoint.replaced-*.pt"))) == 1
+    assert list(work.iterdir()) == []  # no folder named "~"
+
+
+SIGTERM_RUN = """
+import os, signal, sys
+from pathlib import Path
+
+import prkit
+import prkit.train as train
+from conftest import make_concept, make_pipe
+
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a scheduler starts a job
+real, calls = train._backward, []
+
+def terminated(*args, **kwargs):  # the scheduler's SIGTERM lands in the middle of step 3's update
+    refused = real(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return refused
+
+train._backward = terminated
+folder = Path(sys.argv[1])
+try:
+    prkit.train_residuals(make_pipe(folder / "p"), make_concept(), steps=6, checkpoint_dir=str(folder / "ckpt"),
+                          checkpoint_every=0, progress=False, batch_size=4, fast=False)
+except KeyboardInterrupt:
+    print("interrupted; SIGTERM handler back:", signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+"""
+
+
+def test_sigterm_during_library_training_checkpoints_like_ctrl_c(tmp_path, concept):
+    """A script calling train_residuals died at a scheduler's SIGTERM without a checkpoint (only the CLI took it
+    as Ctrl-C). Run in a child process: before the fix the signal ends the process that receives it."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, f"the child ended with {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip() == "interrupted; SIGTERM handler back: True"
+    assert "interrupted at step 3; checkpoint saved to" in done.stderr
+    state = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["losses"]) == 3
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=6, checkpoint_dir=str(tmp_path / "ckpt"),
+                                    checkpoint_every=0, fast=False, **FAST)
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=6, fast=False, **FAST)
+    assert resumed.losses[:3] == state["losses"] and resumed.losses == reference.losses
+
+
+def test_sigterm_is_taken_as_ctrl_c_only_over_the_default_handler_and_in_the_main_thread():
+    import os
+    import threading
+
+    from prkit.interrupts import terminate_as_interrupt
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with terminate_as_interrupt():
+                assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # else the kill below ends pytest
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+        own = []
+        signal.signal(signal.SIGTERM, lambda number, frame: own.append(number))
+        with terminate_as_interrupt():  # the caller's own handler stays in charge
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert own == [signal.SIGTERM]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        seen = []
+
+        def in_a_thread():
+            with terminate_as_interrupt():  # signals are the main thread's: nothing installed, nothing raised
+                seen.append(signal.getsignal(signal.SIGTERM))
+
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join()
+        assert seen == [signal.SIG_DFL]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_training(tmp_path, concept, monkeypatch):
+    """It failed at the first checkpoint, after that many steps' work (or at Ctrl-C, losing the run)."""
+    import os
+
+    import prkit.fast
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: fake the permission the folder would have
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked and mode & os.W_OK
+                            else real(p, mode))
+    for loop in (train, prkit.fast):
+        monkeypatch.setattr(loop, "_train_eager" if loop is train else "train_fast",
+                            lambda *a, **k: pytest.fail("trained before the check"))
+    pipe = make_pipe(tmp_path / "p")
+    try:
+        for fast in (False, True):
+            with pytest.raises(ValueError) as err:
+                prkit.train_residuals(pipe, concept, steps=2, checkpoint_dir=str(locked / "ckpt"), fast=fast, **FAST)
+            assert str(err.value) == (f"checkpoint_dir: cannot write in {str(locked)!r} (permission denied); choose "
+                                      "another path")
+        assert residual_names(pipe.unet) == [] and list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)

@@ -138,6 +138,40 @@ def test_nan_loss_raises_and_leaves_parameters_unchanged(tmp_path, concept, monk
     assert not any(p.requires_grad for p in get_residuals(pipe.unet).parameters())
 
 
+def test_an_infinite_gradient_of_a_finite_loss_is_refused_before_the_update(tmp_path, concept, monkeypatch):
+    """Without a grad scaler (CPU, bf16, fp32) an infinite gradient went into AdamW: the weights became NaN and the
+    error came a step later, blaming a NaN loss, with the checkpoint of the step before kept as resumable."""
+    pipe, ckpt = make_pipe(tmp_path / "p"), tmp_path / "ckpt"
+    real_step, real_backward, calls, states = train._step, train._backward, [], []
+
+    def step(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        calls.append(loss.item())
+        if len(calls) == 3:  # a finite loss whose backward pass overflows
+            loss.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        return loss
+
+    def backward(*args, **kwargs):
+        refused = real_backward(*args, **kwargs)
+        states.append({k: v.clone() for k, v in get_residuals(pipe.unet).state_dict().items()})
+        return refused
+
+    monkeypatch.setattr(train, "_step", step)
+    monkeypatch.setattr(train, "_backward", backward)
+    with pytest.raises(TrainingDiverged) as err:
+        prkit.train_residuals(pipe, concept, steps=5, learning_rate=1e-3, checkpoint_dir=str(ckpt),
+                              checkpoint_every=2, fast=False, **FAST)
+    assert len(calls) == 3 and all(map(math.isfinite, calls))
+    assert str(err.value).startswith(f"the gradient of a finite loss ({calls[2]:.4g}) became ")
+    assert "at step 3; the residuals were not updated with it" in str(err.value)
+    assert "Lower learning_rate (now 0.001)" in str(err.value)
+    assert _equal_states(states[2], states[1])  # the refused update changed nothing ...
+    assert _equal_states(get_residuals(pipe.unet).state_dict(), states[1])  # ... and the set keeps those weights
+    assert all(torch.isfinite(v).all() for v in states[1].values())
+    assert not (ckpt / "checkpoint.pt").exists()  # the run's checkpoint set aside, as for a NaN loss
+    assert torch.load(ckpt / "checkpoint.diverged.pt", weights_only=True)["step"] == 2
+
+
 def test_a_diverged_runs_checkpoint_is_set_aside_so_the_rerun_starts_over(tmp_path, concept, monkeypatch):
     """The error said to lower the learning rate; the rerun then resumed the checkpoint the diverging run had
     written on its way (its weights already blown up), warned only of the new rate, and saved a useless set."""
@@ -170,9 +204,8 @@ def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
     good = (ckpt / "checkpoint.pt").read_bytes()
     real_save = torch.save
 
-    def crash(obj, path, *args, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+    def crash(obj, file, *args, **kwargs):  # the open temporary file (prkit.files.writing)
+        file.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(train.torch, "save", crash)
@@ -183,6 +216,33 @@ def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
     assert [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]  # no .tmp left behind
     assert (ckpt / "checkpoint.pt").read_bytes() == good  # the old checkpoint survived
     assert torch.load(ckpt / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_full_disk_at_a_checkpoint_names_it_and_the_space_left_and_keeps_the_previous_one(tmp_path, concept,
+                                                                                             monkeypatch, fast):
+    """torch.save reports a full disk as a RuntimeError ("unexpected pos 704 vs 598") that names neither the file
+    nor the cause."""
+    import errno
+    import os
+
+    from conftest import full_disk
+
+    ckpt = tmp_path / "ckpt"
+    prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=6, checkpoint_dir=str(ckpt),
+                          checkpoint_every=2, stop_after=2, fast=fast, **FAST)
+    good = (ckpt / "checkpoint.pt").read_bytes()
+    full_disk(monkeypatch, free_mib=3, after=1000)
+    with pytest.raises(OSError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, steps=6, checkpoint_dir=str(ckpt),
+                              checkpoint_every=2, fast=fast, **FAST)
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value) == (f"[Errno 28] could not write {ckpt / 'checkpoint.pt'}: No space left on device (3 MiB "
+                              "free there); free some space or write to another disk, then try again. The file "
+                              "that was there is unchanged")
+    assert isinstance(err.value.__cause__, RuntimeError)  # what torch.save itself raised
+    assert os.listdir(ckpt) == ["checkpoint.pt"] and (ckpt / "checkpoint.pt").read_bytes() == good
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_images_far_from_the_native_resolution_warn_with_the_fix(tmp_path):
