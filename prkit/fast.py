@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checks import check_whole
+from .checks import check_flag, check_whole
 # re-exported: prkit.fast stays the one import for the fast path (tests and benchmarks/bench.py use these)
 from .fast_patches import (  # noqa: F401
     SDPA_BACKENDS, fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
@@ -57,6 +57,10 @@ class FastConfig:
     warm_up: bool | None = None
 
     def __post_init__(self):
+        for name in ("cuda_graph", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
+                     "lean_blocks"):
+            check_flag(getattr(self, name), f"FastConfig.{name}")
+        check_flag(self.warm_up, "FastConfig.warm_up", " or None")
         check_whole(self, ("check_every", "encode_batch"), 1)
         check_whole(self, ("cudnn_attention_from",), 1, " or None")
         if self.sdpa_backends is not None:

@@ -427,6 +427,33 @@ def test_bad_fast_switches_name_the_field(field, value):
     assert FastConfig(sdpa_backends="cudnn,flash").sdpa_backends == ("cudnn", "flash")
 
 
+FLAGS = ("cuda_graph", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
+         "lean_blocks", "warm_up")
+
+
+@pytest.mark.parametrize("value", ["false", 1, 0.0])
+@pytest.mark.parametrize("field", FLAGS)
+def test_fast_switches_that_are_no_bool_are_refused(field, value):
+    """FastConfig(channels_last="false") is truthy: it switched on what it was told to switch off."""
+    with pytest.raises(ValueError) as err:
+        FastConfig(**{field: value})
+    assert str(err.value).startswith(f"FastConfig.{field} must be True or False")
+    assert f"got {value!r}" in str(err.value)
+    assert getattr(FastConfig(**{field: False}), field) is False
+    assert FastConfig(warm_up=None).warm_up is None
+
+
+@pytest.mark.parametrize("value", ["false", "True", 1, 0])
+def test_train_config_fast_that_is_no_bool_is_refused(value):
+    """TrainConfig(fast="false") chose the fast loop (train_residuals reads it as truthy)."""
+    with pytest.raises(ValueError) as err:
+        TrainConfig(fast=value)
+    assert str(err.value).startswith(f"TrainConfig.fast must be True or False or None (or a prkit.fast.FastConfig), "
+                                     f"got {value!r}")
+    switches = FastConfig(cuda_graph=False)
+    assert [TrainConfig(fast=v).fast for v in (True, False, None, switches)] == [True, False, None, switches]
+
+
 def test_fp16_with_the_fast_loop_off_cuda_trains_as_the_eager_loop(tmp_path, concept_module):
     """GradScaler("cuda") turns itself off on a CPU; the fast loop touched its internals and stopped."""
     kw = dict(steps=3, batch_size=2, mixed_precision="fp16")
