@@ -51,6 +51,29 @@ def kernels() -> None:
     nhwc._PROGRAMS = 512
 
 
+def strided_affine() -> None:
+    """A weight and bias that are strided views (every other element of a larger tensor): the kernels index them
+    as dense, so they read the wrong elements unless the wrapper makes them contiguous."""
+    torch.manual_seed(0)
+    b, c, h, w, g = 2, 16, 5, 4, 4
+    x = (torch.randn(b, c, h, w) * 2 + 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight, bias = torch.randn(2 * c)[::2], torch.randn(3 * c)[1::3]
+    assert not weight.is_contiguous() and not bias.is_contiguous()
+    for silu in (False, True):
+        x.grad = None
+        y = nhwc.group_norm_nhwc(x, g, weight, bias, 1e-6, silu)
+        ref_x = x.detach().contiguous().requires_grad_(True)
+        ref = F.group_norm(ref_x, g, weight, bias, 1e-6)
+        ref = F.silu(ref) if silu else ref
+        grad = torch.randn_like(ref)
+        y.backward(grad)
+        ref.backward(grad)
+        err_y = (y - ref).abs().max().item()
+        err_g = ((x.grad - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
+        print(f"strided silu={silu}: |dy| {err_y:.2e}, grad rel {err_g:.2e}")
+        assert err_y < 1e-4 and err_g < 1e-4, (err_y, err_g)
+
+
 def geglu_kernel() -> None:
     """GEGLU forward and the projection's gradient against diffusers' chunk + exact GELU, odd sizes included."""
     torch.manual_seed(0)
