@@ -94,10 +94,22 @@ def patch_merged_lowrank(unet: nn.Module):
 
 
 class _LeanAttnProcessor:
-    """AttnProcessor2_0 for plain self/cross attention, without its no-op `/ 1.0` rescale."""
+    """AttnProcessor2_0 for plain self/cross attention, without its no-op `/ 1.0` rescale. A call with a mask or a
+    4-D (B, C, H, W) input goes to AttnProcessor2_0 itself (the lean path attends to every token of 3-D inputs)."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.standard = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
+        if (attention_mask is not None or kwargs.get("encoder_attention_mask") is not None
+                or hidden_states.dim() != 3):
+            # diffusers hands the encoder's mask in as attention_mask; AttnProcessor2_0 has no encoder_attention_mask
+            # argument (an unpatched layer drops one given by name, as here)
+            kwargs.pop("encoder_attention_mask", None)
+            return self.standard(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         batch = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)

@@ -302,6 +302,39 @@ def test_long_queries_prefer_cudnn_attention_and_undo(monkeypatch):
     assert all(unet.attn_processors[k] is v for k, v in original.items())
 
 
+def test_lean_blocks_keep_attention_masks_and_4d_inputs():
+    """lean_blocks' attention read neither attention_mask nor encoder_attention_mask (it attended to every token)
+    and took no 4-D input: such calls go to diffusers' AttnProcessor2_0 and compute what the unpatched UNet does."""
+    from prkit.fast_patches import _LeanAttnProcessor, patch_lean_blocks
+
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    sample, t, text = inputs
+    keep = torch.ones(2, text.shape[1], dtype=torch.bool)
+    keep[0, 5:], keep[1, 9:] = False, False  # each prompt's padding
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 16, attn.query_dim, generator=gen)
+    self_mask = torch.rand(2, 16, 16, generator=gen) > 0.3
+    image = torch.randn(2, attn.query_dim, 4, 4, generator=gen)  # (B, C, H, W): attention over the H*W positions
+    with torch.no_grad():
+        masked = unet(sample, t, encoder_hidden_states=text, encoder_attention_mask=keep).sample
+        plain = run_unet(unet, inputs)
+        ref_self, ref_image = attn(tokens, attention_mask=self_mask), attn(image)
+    assert (masked - plain).abs().max() > 1e-3 and (ref_self - attn(tokens)).abs().max() > 1e-3  # masks matter
+    undo = patch_lean_blocks(unet)
+    try:
+        assert type(attn.processor) is _LeanAttnProcessor
+        with torch.no_grad():
+            torch.testing.assert_close(unet(sample, t, encoder_hidden_states=text, encoder_attention_mask=keep).sample,
+                                       masked, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(run_unet(unet, inputs), plain, rtol=1e-5, atol=1e-6)  # the lean path itself
+            assert torch.equal(attn(tokens, attention_mask=self_mask), ref_self)
+            assert torch.equal(attn(image), ref_image) and ref_image.shape == image.shape
+    finally:
+        undo()
+
+
 def test_warm_up_overlaps_the_latents_and_changes_nothing(tmp_path, concept_module, eager_run, monkeypatch):
     import threading
 
