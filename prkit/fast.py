@@ -26,7 +26,7 @@ from .fast_patches import (  # noqa: F401
     SDPA_BACKENDS, fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
 from . import checkpoints, fast_warmup as warmup
 from .interrupts import deferred_interrupt
-from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer
+from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer, match_state_layouts
 
 log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
@@ -228,6 +228,9 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
 
     try:
         with fast_modules(unet, fast, config.gradient_checkpointing):
+            # a resumed state's moments as the parameters now are (channels-last: fused AdamW wants them alike)
+            match_state_layouts(optimizer.state, params)
+
             def make_stepper(shapes):  # one latent shape per source: class images may have their own size
                 slots = [_Slot((config.batch_size, *shape), cond, weight, unet.dtype, device,
                                uses_channels_last(fast, device))

@@ -578,3 +578,78 @@ def test_a_large_trainable_state_is_snapshotted_in_host_memory(device, monkeypat
     snap.restore()
     now = [p.detach() for p in params] + [v for p in params for v in optimizer.state[p].values()]
     assert all(torch.equal(a, b) for a, b in zip(now, middle))
+
+
+def test_match_state_layouts_lays_each_moment_out_like_its_parameter():
+    """An eager checkpoint's contiguous moments beside the fast loop's channels-last weights (and the reverse, and a
+    flattened moment): each moment takes its parameter's shape and strides with its values kept, so fused AdamW,
+    which reads them as laid out like the parameter, takes the step the plain AdamW takes."""
+    from prkit.fast_step import match_state_layouts
+
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(8, 3, 3, 3, generator=gen)
+    shapes = {"channels-last weight": (conv, torch.channels_last, torch.contiguous_format),
+              "contiguous weight": (conv, torch.contiguous_format, torch.channels_last),
+              "flattened moment": (torch.randn(6, 5, generator=gen), torch.contiguous_format, None)}
+    params, moments, states = [], [], {}
+    for weight, fmt, moment_fmt in shapes.values():
+        p = nn.Parameter(weight.clone().contiguous(memory_format=fmt))
+        avg, avg_sq = torch.randn(weight.shape, generator=gen), torch.rand(weight.shape, generator=gen)
+        laid = [m.contiguous(memory_format=moment_fmt) if moment_fmt else m.flatten() for m in (avg, avg_sq)]
+        states[p] = {"step": torch.tensor(3.0), "exp_avg": laid[0], "exp_avg_sq": laid[1]}
+        params.append(p)
+        moments.append((avg, avg_sq))
+    assert all(states[p]["exp_avg"].stride() != p.stride() for p in params)
+    steps = [states[p]["step"] for p in params]
+    match_state_layouts(states, params)
+    for p, (avg, avg_sq), step in zip(params, moments, steps):
+        assert states[p]["step"] is step  # the step counter is no moment
+        for key, want in (("exp_avg", avg), ("exp_avg_sq", avg_sq)):
+            got = states[p][key]
+            assert got.shape == p.shape and got.stride() == p.stride() and torch.equal(got, want)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+
+    def step(fused: bool, state: dict) -> list[torch.Tensor]:
+        copies = [nn.Parameter(p.detach().clone()) for p in params]
+        optimizer = torch.optim.AdamW(copies, lr=0.1, weight_decay=1e-2, fused=fused)
+        for copy, p, grad in zip(copies, params, grads):
+            copy.grad = torch.empty_like(copy).copy_(grad)  # laid out like its parameter, as autograd makes it
+            optimizer.state[copy] = {k: v.clone() for k, v in state[p].items()}
+        optimizer.step()
+        return [c.detach() for c in copies]
+
+    plain = step(False, {p: {"step": torch.tensor(3.0), "exp_avg": a, "exp_avg_sq": s} for p, (a, s) in
+                         zip(params, moments)})
+    fused = step(True, states)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(fused, plain))
+    assert all((a - p).abs().max() > 1e-2 for a, p in zip(plain, params))  # the step did move the weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fast loop's channels-last UNet, fused AdamW)")
+@pytest.mark.parametrize("fast_first", [False, True], ids=["eager-then-fast", "fast-then-eager"])
+def test_cuda_a_whole_unet_target_resumes_the_other_loops_checkpoint(tmp_path, concept_module, fast_first, monkeypatch):
+    """DreamBooth's whole UNet, stopped at step 3 by one loop and resumed by the other: the eager loop's AdamW moments
+    are contiguous, the fast loop's channels-last (its UNet runs so), and fused AdamW refused the mix. The resumed run
+    ends where an uninterrupted eager run does."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 in both loops
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    kw = dict(target="dreambooth", steps=6, batch_size=2, learning_rate=1e-4, mixed_precision="no", progress=False)
+    start = {k: v.clone() for k, v in make_pipe(tmp_path / "start").unet.state_dict().items()}
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref").to("cuda"), concept_module, fast=False, **kw)
+    want = {k: v.float().cpu() for k, v in reference.residuals.state_dict().items()}
+    loops = [False, FastConfig(check_every=3)]
+    ckpt = tmp_path / "ckpt"
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1").to("cuda"), concept_module, fast=loops[fast_first],
+                                  checkpoint_dir=str(ckpt), checkpoint_every=3, stop_after=3, **kw)
+    assert not first.completed and first.steps_done == 3
+    saved = torch.load(ckpt / "checkpoint.pt", weights_only=False)["optimizer"]["state"].values()
+    laid = [s["exp_avg"].is_contiguous() for s in saved if s["exp_avg"].dim() == 4 and s["exp_avg"].shape[-1] > 1]
+    assert laid and all(c != fast_first for c in laid)  # the fast loop's moments are channels-last, the eager one's not
+    second = prkit.train_residuals(make_pipe(tmp_path / "p2").to("cuda"), concept_module, fast=loops[not fast_first],
+                                   checkpoint_dir=str(ckpt), checkpoint_every=3, **kw)
+    assert second.completed and second.steps_done == 6 and second.losses[:3] == first.losses
+    assert second.losses == pytest.approx(reference.losses, rel=1e-3)
+    got = {k: v.float().cpu() for k, v in second.residuals.state_dict().items()}
+    moved = sum((want[k] - start[k].float()).square().sum() for k in want).sqrt()
+    apart = sum((got[k] - want[k]).square().sum() for k in want).sqrt()
+    assert moved > 0 and apart <= 0.05 * moved, (apart, moved)  # rounding apart, not a wrong step (~moved)
