@@ -227,7 +227,10 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
         return values, bad
 
     try:
-        with fast_modules(unet, fast, config.gradient_checkpointing):
+        # checkpointing the owner switched on (unet.enable_gradient_checkpointing()) too: diffusers' function saves
+        # RNG states, which a graph capture cannot; fast_modules' is RNG-free and puts the owner's back afterwards
+        checkpointing = config.gradient_checkpointing or getattr(unet, "is_gradient_checkpointing", False)
+        with fast_modules(unet, fast, checkpointing):
             # a resumed state's moments as the parameters now are (channels-last: fused AdamW wants them alike)
             match_state_layouts(optimizer.state, params)
 

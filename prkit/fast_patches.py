@@ -149,6 +149,24 @@ def _checkpoint(module, *args):
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
 
 
+def patch_gradient_checkpointing(unet: nn.Module):
+    """Checkpoint the UNet's blocks with ``_checkpoint`` (no RNG state: graph-capturable); returns the undo, which
+    gives each block back its own setting and function (an owner's ``enable_gradient_checkpointing(fn)`` stays on,
+    with ``fn``; diffusers' own disable would turn it off and its enable would swap the function)."""
+    blocks = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+    before = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func")) for m in blocks]
+    unet.enable_gradient_checkpointing(_checkpoint)
+
+    def undo():
+        for module, enabled, fn in before:
+            module.gradient_checkpointing = enabled
+            if fn is None:
+                module.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                module._gradient_checkpointing_func = fn
+    return undo
+
+
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}  # FastConfig.sdpa_backends' names -> torch's SDPBackend members
 
@@ -208,8 +226,7 @@ def fast_modules(unet: nn.Module, fast: FastConfig, gradient_checkpointing: bool
         if fast.lean_blocks:
             undo.append(patch_lean_blocks(unet))
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing(_checkpoint)
-            undo.append(unet.disable_gradient_checkpointing)
+            undo.append(patch_gradient_checkpointing(unet))
         if fast.sdpa_backends and unet.device.type == "cuda":
             context = _sdpa_order(fast.sdpa_backends)
             context.__enter__()

@@ -4,6 +4,8 @@ low-rank, the fused LAG maps and masks against the explicit ones. CUDA graphs th
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -653,3 +655,58 @@ def test_cuda_a_whole_unet_target_resumes_the_other_loops_checkpoint(tmp_path, c
     moved = sum((want[k] - start[k].float()).square().sum() for k in want).sqrt()
     apart = sum((got[k] - want[k]).square().sum() for k in want).sqrt()
     assert moved > 0 and apart <= 0.05 * moved, (apart, moved)  # rounding apart, not a wrong step (~moved)
+
+
+def _checkpointing(unet) -> dict:
+    return {name: (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
+            for name, m in unet.named_modules() if hasattr(m, "gradient_checkpointing")}
+
+
+def test_a_unet_checkpointed_by_its_owner_trains_with_the_loops_checkpointing_and_gets_its_own_back(
+        tmp_path, concept_module, eager_run, monkeypatch):
+    """unet.enable_gradient_checkpointing(fn) before training: the fast loop checkpoints with its RNG-free function
+    (the owner's, diffusers' by default, saves RNG states, which a CUDA graph capture refuses), trains as the eager
+    loop does, and leaves every block with the owner's setting and function (diffusers' disable dropped both)."""
+    from prkit import fast_patches
+
+    reference, state = eager_run
+    owner_calls, loop_calls = [], []
+
+    def owner_fn(module, *args):
+        owner_calls.append(1)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    real = fast_patches._checkpoint
+    monkeypatch.setattr(fast_patches, "_checkpoint", lambda module, *args: loop_calls.append(1) or real(module, *args))
+    pipe = make_pipe(tmp_path)
+    pipe.unet.enable_gradient_checkpointing(owner_fn)
+    pipe.unet.up_blocks[0].gradient_checkpointing = False  # the owner's own choice per block is kept too
+    before = _checkpointing(pipe.unet)
+    result = _fast(pipe, concept_module, steps=8)
+    assert loop_calls and not owner_calls
+    assert result.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert _close_states(result.residuals.state_dict(), state)
+    assert _checkpointing(pipe.unet) == before and pipe.unet.is_gradient_checkpointing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
+def test_cuda_a_unet_checkpointed_by_its_owner_still_trains_in_one_graph(tmp_path, concept_module, monkeypatch):
+    """A UNet on which the user called enable_gradient_checkpointing(): diffusers' checkpointing function saves RNG
+    states, which a graph capture refuses (the loop fell back to eager steps). The fast loop captures its step with
+    its own, trains as the eager loop does, and leaves the owner's checkpointing as it was."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 in both loops
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    kw = dict(steps=6, batch_size=2, mixed_precision="no", progress=False)
+    eager = prkit.train_residuals(make_pipe(tmp_path / "e").to("cuda"), concept_module, fast=False, **kw)
+    pipe = make_pipe(tmp_path / "f").to("cuda")
+    pipe.unet.enable_gradient_checkpointing()
+    before = _checkpointing(pipe.unet)
+    steppers = []
+    real_close = fast.TrainStep.close
+    monkeypatch.setattr(fast.TrainStep, "close", lambda self: steppers.append(
+        (self.graph is not None, self.capture_error, self.calls)) or real_close(self))
+    result = prkit.train_residuals(pipe, concept_module, fast=FastConfig(check_every=3), **kw)
+    assert steppers == [(True, None, 6)]  # captured at the first step, replayed for the other five
+    assert all(math.isfinite(v) for v in result.losses) and len(set(result.losses)) == 6
+    assert result.losses == pytest.approx(eager.losses, rel=1e-3)
+    assert _checkpointing(pipe.unet) == before and pipe.unet.is_gradient_checkpointing
