@@ -627,7 +627,7 @@ def test_match_state_layouts_lays_each_moment_out_like_its_parameter():
     assert all((a - p).abs().max() > 1e-2 for a, p in zip(plain, params))  # the step did move the weights
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fast loop's channels-last UNet, fused AdamW)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (channels-last UNet, fused AdamW)")
 @pytest.mark.parametrize("fast_first", [False, True], ids=["eager-then-fast", "fast-then-eager"])
 def test_cuda_a_whole_unet_target_resumes_the_other_loops_checkpoint(tmp_path, concept_module, fast_first, monkeypatch):
     """DreamBooth's whole UNet, stopped at step 3 by one loop and resumed by the other: the eager loop's AdamW moments
