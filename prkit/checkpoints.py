@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .fast_step import match_state_layouts
 from .files import architecture, layer_table, writing
 from .train_config import training_prompt
 
@@ -217,6 +218,8 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
     try:
         target.load_state_dict(state["target"])
         train.load_optimizer(optimizer, state["optimizer"], config.learning_rate, path, config.weight_decay)
+        # the other loop's moments may be laid out otherwise (the fast loop's channels-last): as this run's parameters
+        match_state_layouts(optimizer.state, [p for group in optimizer.param_groups for p in group["params"]])
         gen.set_state(state["generator"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

@@ -32,3 +32,13 @@ def writable_folder(folder: str | os.PathLike, what: str, listed: bool = False) 
     if listed and probe == folder and not os.access(probe, os.R_OK):
         raise ValueError(f"{what}: cannot list {str(probe)!r} (no read permission) to number new files after the "
                          "ones there; choose another path")
+
+
+def check_flag(value, name: str, note: str = "") -> None:
+    """``value`` is True or False (a string such as papermill's 'false', which is truthy, or 1 refused); ``name`` is
+    the field with its owner (``"TrainConfig.resume"``). None passes only where ``note`` says so (" or None")."""
+    if isinstance(value, bool) or (value is None and "None" in note):
+        return
+    field = name.rsplit(".", 1)[-1]
+    raise ValueError(f"{name} must be True or False{note}, got {value!r}"
+                     f"{' (papermill: -p ' + field + ' False)' if isinstance(value, str) else ''}")

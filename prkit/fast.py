@@ -19,13 +19,13 @@ from dataclasses import dataclass, replace as _replace
 import torch
 from tqdm.auto import tqdm
 
-from .checks import check_whole
+from .checks import check_flag, check_whole
 # re-exported: prkit.fast stays the one import for the fast path (tests and benchmarks/bench.py use these)
 from .fast_patches import (  # noqa: F401
     SDPA_BACKENDS, fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
 from . import checkpoints, fast_warmup as warmup
 from .interrupts import deferred_interrupt
-from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer
+from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer, match_state_layouts
 
 log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
@@ -56,6 +56,10 @@ class FastConfig:
     warm_up: bool | None = None
 
     def __post_init__(self):
+        for name in ("cuda_graph", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
+                     "lean_blocks"):
+            check_flag(getattr(self, name), f"FastConfig.{name}")
+        check_flag(self.warm_up, "FastConfig.warm_up", " or None")
         check_whole(self, ("check_every", "encode_batch"), 1)
         check_whole(self, ("cudnn_attention_from",), 1, " or None")
         if self.sdpa_backends is not None:
@@ -222,7 +226,13 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
         return values, bad
 
     try:
-        with fast_modules(unet, fast, config.gradient_checkpointing):
+        # checkpointing the owner switched on (unet.enable_gradient_checkpointing()) too: diffusers' function saves
+        # RNG states, which a graph capture cannot; fast_modules' is RNG-free and puts the owner's back afterwards
+        checkpointing = config.gradient_checkpointing or getattr(unet, "is_gradient_checkpointing", False)
+        with fast_modules(unet, fast, checkpointing):
+            # a resumed state's moments as the parameters now are (channels-last: fused AdamW wants them alike)
+            match_state_layouts(optimizer.state, params)
+
             def make_stepper(shapes):  # one latent shape per source: class images may have their own size
                 slots = [_Slot((config.batch_size, *shape), cond, weight, unet.dtype, device,
                                uses_channels_last(fast, device))

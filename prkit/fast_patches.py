@@ -94,10 +94,22 @@ def patch_merged_lowrank(unet: nn.Module):
 
 
 class _LeanAttnProcessor:
-    """AttnProcessor2_0 for plain self/cross attention, without its no-op `/ 1.0` rescale."""
+    """AttnProcessor2_0 for plain self/cross attention, without its no-op `/ 1.0` rescale. A call with a mask or a
+    4-D (B, C, H, W) input goes to AttnProcessor2_0 itself (the lean path attends to every token of 3-D inputs)."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.standard = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
+        if (attention_mask is not None or kwargs.get("encoder_attention_mask") is not None
+                or hidden_states.dim() != 3):
+            # diffusers hands the encoder's mask in as attention_mask; AttnProcessor2_0 has no encoder_attention_mask
+            # argument (an unpatched layer drops one given by name, as here)
+            kwargs.pop("encoder_attention_mask", None)
+            return self.standard(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         batch = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
@@ -135,6 +147,24 @@ def patch_lean_blocks(unet: nn.Module):
 def _checkpoint(module, *args):
     # the UNet draws no random numbers in training (dropout 0), so no RNG state is saved: graph-capturable
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def patch_gradient_checkpointing(unet: nn.Module):
+    """Checkpoint the UNet's blocks with ``_checkpoint`` (no RNG state: graph-capturable); returns the undo, which
+    gives each block back its own setting and function (an owner's ``enable_gradient_checkpointing(fn)`` stays on,
+    with ``fn``; diffusers' own disable would turn it off and its enable would swap the function)."""
+    blocks = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
+    before = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func")) for m in blocks]
+    unet.enable_gradient_checkpointing(_checkpoint)
+
+    def undo():
+        for module, enabled, fn in before:
+            module.gradient_checkpointing = enabled
+            if fn is None:
+                module.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                module._gradient_checkpointing_func = fn
+    return undo
 
 
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -196,8 +226,7 @@ def fast_modules(unet: nn.Module, fast: FastConfig, gradient_checkpointing: bool
         if fast.lean_blocks:
             undo.append(patch_lean_blocks(unet))
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing(_checkpoint)
-            undo.append(unet.disable_gradient_checkpointing)
+            undo.append(patch_gradient_checkpointing(unet))
         if fast.sdpa_backends and unet.device.type == "cuda":
             context = _sdpa_order(fast.sdpa_backends)
             context.__enter__()

@@ -33,6 +33,26 @@ def _make_capturable(optimizer, device: torch.device) -> None:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
 
 
+@torch.no_grad()
+def match_state_layouts(optimizer_state, params) -> None:
+    """Give each parameter's optimizer moments (AdamW's exp_avg, exp_avg_sq) the parameter's shape and strides.
+
+    A checkpoint's moments keep the layout of the loop that wrote them: the fast loop's are channels-last (its UNet
+    runs so), the eager loop's contiguous, and a flattened view has the parameter's elements in another shape. Fused
+    AdamW reads a moment as laid out like its parameter: on CUDA it refuses another layout, on the CPU it silently
+    pairs the wrong elements. Call it once the parameters have the layout they train in (after loading a state, and
+    again after a patch changes their memory format); a moment already laid out like its parameter is kept as is.
+    """
+    for p in params:
+        for key, value in optimizer_state.get(p, {}).items():
+            if (key == "step" or not torch.is_tensor(value) or value.dim() == 0 or value.numel() != p.numel()
+                    or (value.shape == p.shape and value.stride() == p.stride())):
+                continue
+            moment = torch.empty_like(p, dtype=value.dtype)  # the parameter's strides (dense parameters)
+            moment.copy_(value.reshape(p.shape))
+            optimizer_state[p][key] = moment
+
+
 class _Slot:
     """Static device buffers of one loss term: noisy latents, timesteps, target; its conditioning and weight."""
 

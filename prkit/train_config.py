@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import check_whole
+from .checks import check_flag, check_whole
 from .residuals import Residuals
 
 if TYPE_CHECKING:
@@ -77,10 +77,11 @@ class TrainConfig:
         if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
             raise ValueError(f"TrainConfig.seed must be a whole number (a 64-bit seed), got {seed!r}")
         for name in ("resume", "flip", "gradient_checkpointing"):  # papermill's -p gives 'false', which is truthy
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"TrainConfig.{name} must be True or False, got {value!r}"
-                                 f"{' (papermill: -p ' + name + ' False)' if isinstance(value, str) else ''}")
+            check_flag(getattr(self, name), f"TrainConfig.{name}")
+        from .fast import FastConfig
+
+        if not isinstance(self.fast, FastConfig):  # 'false' was truthy: it chose the fast loop
+            check_flag(self.fast, "TrainConfig.fast", " or None (or a prkit.fast.FastConfig)")
         from .residuals import rank_for
         from .targets import TARGETS
 

@@ -24,6 +24,21 @@ import prkit.kernels.group_norm_nhwc as nhwc  # noqa: E402
 from prkit.kernels.geglu import geglu  # noqa: E402
 
 
+def _against_torch(x: torch.Tensor, g: int, weight, bias, silu: bool) -> tuple[float, float]:
+    """(max |y - torch's y|, max |dx - torch's dx| / max |torch's dx|) of group_norm_nhwc on NHWC ``x``."""
+    x = x.detach().requires_grad_(True)
+    assert nhwc.usable(x, g, weight, bias)
+    y = nhwc.group_norm_nhwc(x, g, weight, bias, 1e-6, silu)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    ref_x = x.detach().contiguous().requires_grad_(True)
+    ref = F.group_norm(ref_x, g, weight, bias, 1e-6)
+    ref = F.silu(ref) if silu else ref
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    return (y - ref).abs().max().item(), ((x.grad - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
+
+
 def kernels() -> None:
     """Forward and input gradient against torch's GroupNorm (+ SiLU), with one and several splits of H*W."""
     torch.manual_seed(0)
@@ -32,23 +47,26 @@ def kernels() -> None:
     for (b, c, h, w, g), silu, programs in cases:
         nhwc._PROGRAMS = programs
         plan = nhwc._plan(b, c, g, h * w)
-        x = (torch.randn(b, c, h, w) * 3 + 50).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        weight, bias = torch.randn(c), torch.randn(c)
-        assert nhwc.usable(x, g, weight, bias)
-        y = nhwc.group_norm_nhwc(x, g, weight, bias, 1e-6, silu)
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        ref_x = x.detach().contiguous().requires_grad_(True)
-        ref = F.group_norm(ref_x, g, weight, bias, 1e-6)
-        ref = F.silu(ref) if silu else ref
-        grad = torch.randn_like(ref)
-        y.backward(grad)
-        ref.backward(grad)
-        err_y = (y - ref).abs().max().item()
-        err_g = ((x.grad - ref_x.grad).abs().max() / ref_x.grad.abs().max()).item()
+        x = (torch.randn(b, c, h, w) * 3 + 50).contiguous(memory_format=torch.channels_last)
+        err_y, err_g = _against_torch(x, g, torch.randn(c), torch.randn(c), silu)
         print(f"kernel {b, c, h, w, g} silu={silu} splits={plan['S']}: |dy| {err_y:.2e}, grad rel {err_g:.2e}")
         assert err_y < 1e-4 and err_g < 1e-4, (err_y, err_g)
     assert nhwc._plan(2, 64, 8, 24 * 20)["S"] == 2  # the several-splits cases did split
     nhwc._PROGRAMS = 512
+
+
+def strided_affine() -> None:
+    """A weight and bias that are strided views (every other element of a larger tensor): the kernels index them
+    as dense, so they read the wrong elements unless the wrapper makes them contiguous."""
+    torch.manual_seed(0)
+    b, c, h, w, g = 2, 16, 5, 4, 4
+    x = (torch.randn(b, c, h, w) * 2 + 3).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(2 * c)[::2], torch.randn(3 * c)[1::3]
+    assert not weight.is_contiguous() and not bias.is_contiguous()
+    for silu in (False, True):
+        err_y, err_g = _against_torch(x, g, weight, bias, silu)
+        print(f"strided silu={silu}: |dy| {err_y:.2e}, grad rel {err_g:.2e}")
+        assert err_y < 1e-4 and err_g < 1e-4, (err_y, err_g)
 
 
 def geglu_kernel() -> None:

@@ -4,6 +4,8 @@ low-rank, the fused LAG maps and masks against the explicit ones. CUDA graphs th
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -302,6 +304,39 @@ def test_long_queries_prefer_cudnn_attention_and_undo(monkeypatch):
     assert all(unet.attn_processors[k] is v for k, v in original.items())
 
 
+def test_lean_blocks_keep_attention_masks_and_4d_inputs():
+    """lean_blocks' attention read neither attention_mask nor encoder_attention_mask (it attended to every token)
+    and took no 4-D input: such calls go to diffusers' AttnProcessor2_0 and compute what the unpatched UNet does."""
+    from prkit.fast_patches import _LeanAttnProcessor, patch_lean_blocks
+
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    sample, t, text = inputs
+    keep = torch.ones(2, text.shape[1], dtype=torch.bool)
+    keep[0, 5:], keep[1, 9:] = False, False  # each prompt's padding
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 16, attn.query_dim, generator=gen)
+    self_mask = torch.rand(2, 16, 16, generator=gen) > 0.3
+    image = torch.randn(2, attn.query_dim, 4, 4, generator=gen)  # (B, C, H, W): attention over the H*W positions
+    with torch.no_grad():
+        masked = unet(sample, t, encoder_hidden_states=text, encoder_attention_mask=keep).sample
+        plain = run_unet(unet, inputs)
+        ref_self, ref_image = attn(tokens, attention_mask=self_mask), attn(image)
+    assert (masked - plain).abs().max() > 1e-3 and (ref_self - attn(tokens)).abs().max() > 1e-3  # masks matter
+    undo = patch_lean_blocks(unet)
+    try:
+        assert type(attn.processor) is _LeanAttnProcessor
+        with torch.no_grad():
+            torch.testing.assert_close(unet(sample, t, encoder_hidden_states=text, encoder_attention_mask=keep).sample,
+                                       masked, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(run_unet(unet, inputs), plain, rtol=1e-5, atol=1e-6)  # the lean path itself
+            assert torch.equal(attn(tokens, attention_mask=self_mask), ref_self)
+            assert torch.equal(attn(image), ref_image) and ref_image.shape == image.shape
+    finally:
+        undo()
+
+
 def test_warm_up_overlaps_the_latents_and_changes_nothing(tmp_path, concept_module, eager_run, monkeypatch):
     import threading
 
@@ -427,6 +462,33 @@ def test_bad_fast_switches_name_the_field(field, value):
     assert FastConfig(sdpa_backends="cudnn,flash").sdpa_backends == ("cudnn", "flash")
 
 
+FLAGS = ("cuda_graph", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
+         "lean_blocks", "warm_up")
+
+
+@pytest.mark.parametrize("value", ["false", 1, 0.0])
+@pytest.mark.parametrize("field", FLAGS)
+def test_fast_switches_that_are_no_bool_are_refused(field, value):
+    """FastConfig(channels_last="false") is truthy: it switched on what it was told to switch off."""
+    with pytest.raises(ValueError) as err:
+        FastConfig(**{field: value})
+    assert str(err.value).startswith(f"FastConfig.{field} must be True or False")
+    assert f"got {value!r}" in str(err.value)
+    assert getattr(FastConfig(**{field: False}), field) is False
+    assert FastConfig(warm_up=None).warm_up is None
+
+
+@pytest.mark.parametrize("value", ["false", "True", 1, 0])
+def test_train_config_fast_that_is_no_bool_is_refused(value):
+    """TrainConfig(fast="false") chose the fast loop (train_residuals reads it as truthy)."""
+    with pytest.raises(ValueError) as err:
+        TrainConfig(fast=value)
+    assert str(err.value).startswith(f"TrainConfig.fast must be True or False or None (or a prkit.fast.FastConfig), "
+                                     f"got {value!r}")
+    switches = FastConfig(cuda_graph=False)
+    assert [TrainConfig(fast=v).fast for v in (True, False, None, switches)] == [True, False, None, switches]
+
+
 def test_fp16_with_the_fast_loop_off_cuda_trains_as_the_eager_loop(tmp_path, concept_module):
     """GradScaler("cuda") turns itself off on a CPU; the fast loop touched its internals and stopped."""
     kw = dict(steps=3, batch_size=2, mixed_precision="fp16")
@@ -518,3 +580,133 @@ def test_a_large_trainable_state_is_snapshotted_in_host_memory(device, monkeypat
     snap.restore()
     now = [p.detach() for p in params] + [v for p in params for v in optimizer.state[p].values()]
     assert all(torch.equal(a, b) for a, b in zip(now, middle))
+
+
+def test_match_state_layouts_lays_each_moment_out_like_its_parameter():
+    """An eager checkpoint's contiguous moments beside the fast loop's channels-last weights (and the reverse, and a
+    flattened moment): each moment takes its parameter's shape and strides with its values kept, so fused AdamW,
+    which reads them as laid out like the parameter, takes the step the plain AdamW takes."""
+    from prkit.fast_step import match_state_layouts
+
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(8, 3, 3, 3, generator=gen)
+    shapes = {"channels-last weight": (conv, torch.channels_last, torch.contiguous_format),
+              "contiguous weight": (conv, torch.contiguous_format, torch.channels_last),
+              "flattened moment": (torch.randn(6, 5, generator=gen), torch.contiguous_format, None)}
+    params, moments, states = [], [], {}
+    for weight, fmt, moment_fmt in shapes.values():
+        p = nn.Parameter(weight.clone().contiguous(memory_format=fmt))
+        avg, avg_sq = torch.randn(weight.shape, generator=gen), torch.rand(weight.shape, generator=gen)
+        laid = [m.contiguous(memory_format=moment_fmt) if moment_fmt else m.flatten() for m in (avg, avg_sq)]
+        states[p] = {"step": torch.tensor(3.0), "exp_avg": laid[0], "exp_avg_sq": laid[1]}
+        params.append(p)
+        moments.append((avg, avg_sq))
+    assert all(states[p]["exp_avg"].stride() != p.stride() for p in params)
+    steps = [states[p]["step"] for p in params]
+    match_state_layouts(states, params)
+    for p, (avg, avg_sq), step in zip(params, moments, steps):
+        assert states[p]["step"] is step  # the step counter is no moment
+        for key, want in (("exp_avg", avg), ("exp_avg_sq", avg_sq)):
+            got = states[p][key]
+            assert got.shape == p.shape and got.stride() == p.stride() and torch.equal(got, want)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+
+    def step(fused: bool, state: dict) -> list[torch.Tensor]:
+        copies = [nn.Parameter(p.detach().clone()) for p in params]
+        optimizer = torch.optim.AdamW(copies, lr=0.1, weight_decay=1e-2, fused=fused)
+        for copy, p, grad in zip(copies, params, grads):
+            copy.grad = torch.empty_like(copy).copy_(grad)  # laid out like its parameter, as autograd makes it
+            optimizer.state[copy] = {k: v.clone() for k, v in state[p].items()}
+        optimizer.step()
+        return [c.detach() for c in copies]
+
+    plain = step(False, {p: {"step": torch.tensor(3.0), "exp_avg": a, "exp_avg_sq": s} for p, (a, s) in
+                         zip(params, moments)})
+    fused = step(True, states)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(fused, plain))
+    assert all((a - p).abs().max() > 1e-2 for a, p in zip(plain, params))  # the step did move the weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (channels-last UNet, fused AdamW)")
+@pytest.mark.parametrize("fast_first", [False, True], ids=["eager-then-fast", "fast-then-eager"])
+def test_cuda_a_whole_unet_target_resumes_the_other_loops_checkpoint(tmp_path, concept_module, fast_first, monkeypatch):
+    """DreamBooth's whole UNet, stopped at step 3 by one loop and resumed by the other: the eager loop's AdamW moments
+    are contiguous, the fast loop's channels-last (its UNet runs so), and fused AdamW refused the mix. The resumed run
+    ends where an uninterrupted eager run does."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 in both loops
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    kw = dict(target="dreambooth", steps=6, batch_size=2, learning_rate=1e-4, mixed_precision="no", progress=False)
+    start = {k: v.clone() for k, v in make_pipe(tmp_path / "start").unet.state_dict().items()}
+    reference = prkit.train_residuals(make_pipe(tmp_path / "ref").to("cuda"), concept_module, fast=False, **kw)
+    want = {k: v.float().cpu() for k, v in reference.residuals.state_dict().items()}
+    loops = [False, FastConfig(check_every=3)]
+    ckpt = tmp_path / "ckpt"
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1").to("cuda"), concept_module, fast=loops[fast_first],
+                                  checkpoint_dir=str(ckpt), checkpoint_every=3, stop_after=3, **kw)
+    assert not first.completed and first.steps_done == 3
+    saved = torch.load(ckpt / "checkpoint.pt", weights_only=False)["optimizer"]["state"].values()
+    laid = [s["exp_avg"].is_contiguous() for s in saved if s["exp_avg"].dim() == 4 and s["exp_avg"].shape[-1] > 1]
+    assert laid and all(c != fast_first for c in laid)  # the fast loop's moments are channels-last, the eager one's not
+    second = prkit.train_residuals(make_pipe(tmp_path / "p2").to("cuda"), concept_module, fast=loops[not fast_first],
+                                   checkpoint_dir=str(ckpt), checkpoint_every=3, **kw)
+    assert second.completed and second.steps_done == 6 and second.losses[:3] == first.losses
+    assert second.losses == pytest.approx(reference.losses, rel=1e-3)
+    got = {k: v.float().cpu() for k, v in second.residuals.state_dict().items()}
+    moved = sum((want[k] - start[k].float()).square().sum() for k in want).sqrt()
+    apart = sum((got[k] - want[k]).square().sum() for k in want).sqrt()
+    assert moved > 0 and apart <= 0.05 * moved, (apart, moved)  # rounding apart, not a wrong step (~moved)
+
+
+def _checkpointing(unet) -> dict:
+    return {name: (m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func"))
+            for name, m in unet.named_modules() if hasattr(m, "gradient_checkpointing")}
+
+
+def test_a_unet_checkpointed_by_its_owner_trains_with_the_loops_checkpointing_and_gets_its_own_back(
+        tmp_path, concept_module, eager_run, monkeypatch):
+    """unet.enable_gradient_checkpointing(fn) before training: the fast loop checkpoints with its RNG-free function
+    (the owner's, diffusers' by default, saves RNG states, which a CUDA graph capture refuses), trains as the eager
+    loop does, and leaves every block with the owner's setting and function (diffusers' disable dropped both)."""
+    from prkit import fast_patches
+
+    reference, state = eager_run
+    owner_calls, loop_calls = [], []
+
+    def owner_fn(module, *args):
+        owner_calls.append(1)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    real = fast_patches._checkpoint
+    monkeypatch.setattr(fast_patches, "_checkpoint", lambda module, *args: loop_calls.append(1) or real(module, *args))
+    pipe = make_pipe(tmp_path)
+    pipe.unet.enable_gradient_checkpointing(owner_fn)
+    pipe.unet.up_blocks[0].gradient_checkpointing = False  # the owner's own choice per block is kept too
+    before = _checkpointing(pipe.unet)
+    result = _fast(pipe, concept_module, steps=8)
+    assert loop_calls and not owner_calls
+    assert result.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert _close_states(result.residuals.state_dict(), state)
+    assert _checkpointing(pipe.unet) == before and pipe.unet.is_gradient_checkpointing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
+def test_cuda_a_unet_checkpointed_by_its_owner_still_trains_in_one_graph(tmp_path, concept_module, monkeypatch):
+    """A UNet on which the user called enable_gradient_checkpointing(): diffusers' checkpointing function saves RNG
+    states, which a graph capture refuses (the loop fell back to eager steps). The fast loop captures its step with
+    its own, trains as the eager loop does, and leaves the owner's checkpointing as it was."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 in both loops
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    kw = dict(steps=6, batch_size=2, mixed_precision="no", progress=False)
+    eager = prkit.train_residuals(make_pipe(tmp_path / "e").to("cuda"), concept_module, fast=False, **kw)
+    pipe = make_pipe(tmp_path / "f").to("cuda")
+    pipe.unet.enable_gradient_checkpointing()
+    before = _checkpointing(pipe.unet)
+    steppers = []
+    real_close = fast.TrainStep.close
+    monkeypatch.setattr(fast.TrainStep, "close", lambda self: steppers.append(
+        (self.graph is not None, self.capture_error, self.calls)) or real_close(self))
+    result = prkit.train_residuals(pipe, concept_module, fast=FastConfig(check_every=3), **kw)
+    assert steppers == [(True, None, 6)]  # captured at the first step, replayed for the other five
+    assert all(math.isfinite(v) for v in result.losses) and len(set(result.losses)) == 6
+    assert result.losses == pytest.approx(eager.losses, rel=1e-3)
+    assert _checkpointing(pipe.unet) == before and pipe.unet.is_gradient_checkpointing

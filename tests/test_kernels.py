@@ -34,6 +34,11 @@ def test_kernels_match_torch_group_norm_and_silu():
     assert out.count("kernel ") == 4 and out.rstrip().endswith("ok")
 
 
+def test_kernels_read_a_strided_weight_and_bias():
+    out = _interpreted("strided_affine")
+    assert out.count("strided ") == 2 and out.rstrip().endswith("ok")
+
+
 def test_geglu_kernel_matches_diffusers_geglu():
     out = _interpreted("geglu_kernel")
     assert out.count("geglu ") == 3 and out.rstrip().endswith("ok")

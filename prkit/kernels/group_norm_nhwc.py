@@ -222,4 +222,6 @@ def group_norm_nhwc(x: torch.Tensor, groups: int, weight=None, bias=None, eps: f
     channels = x.shape[1]
     weight = weight if weight is not None else torch.ones(channels, device=x.device, dtype=x.dtype)
     bias = bias if bias is not None else torch.zeros(channels, device=x.device, dtype=x.dtype)
-    return _GroupNormNHWC.apply(x, groups, weight.detach(), bias.detach(), float(eps), bool(silu))
+    # the kernels index weight and bias as dense vectors: a strided view (w[::2]) would be read wrongly
+    return _GroupNormNHWC.apply(x, groups, weight.detach().contiguous(), bias.detach().contiguous(), float(eps),
+                                bool(silu))
