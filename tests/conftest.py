@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,13 @@ def tokenizer(tmp_path_factory):
 def pipe(tmp_path):
     """A fresh SD1-style (conv proj_out) tiny StableDiffusionPipeline: 16x16 images, 8x8 latents."""
     return tiny_pipeline(tmp_path / "pipe")
+
+
+def child_env(*first: str | Path, **variables: str) -> dict:
+    """The environment of a child Python: this checkout (then ``first``) ahead on PYTHONPATH, the caller's own
+    PYTHONPATH kept after them (a GPU machine carries diffusers there), plus ``variables``."""
+    path = [str(Path(__file__).resolve().parents[1]), *map(str, first), os.environ.get("PYTHONPATH")]
+    return {**os.environ, **variables, "PYTHONPATH": os.pathsep.join(filter(None, path))}
 
 
 def make_pipe(folder, linear: bool = False):

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import prkit.evaluate as ev
 from test_evaluate import _config, assets  # noqa: F401 - the shared dataset/backbone fixture
+from conftest import child_env
 from tiny import tiny_pipeline
 
 
@@ -29,8 +29,7 @@ def test_two_processes_under_torchrun_match_one(assets, tmp_path):
            "--set", "residuals.steps=3", "textual_inversion.steps=3",
            "--images-per-prompt", "2", "--sample-steps", "2", "--clip", str(assets["clip"]), "--dino", "none",
            "--device", "cpu", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(  # this checkout first, the caller's path kept
-        [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = child_env(OMP_NUM_THREADS="1")  # this checkout first, the caller's path kept
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:

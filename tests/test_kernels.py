@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import prkit.kernels.group_norm_nhwc as nhwc
+from conftest import child_env
 from prkit.kernels.geglu import geglu
 
 triton = pytest.importorskip("triton", reason="the kernels need triton (a dev dependency on Linux)")
@@ -21,8 +22,7 @@ SCRIPT = Path(__file__).with_name("kernels_interpreted.py")
 
 def _interpreted(*checks: str) -> str:
     root = str(SCRIPT.parent.parent)  # prkit importable in the child also where it is not installed
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = child_env(TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, str(SCRIPT), *checks], capture_output=True, text=True, env=env,
                           cwd=root, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -14,7 +14,7 @@ from PIL import Image
 
 import prkit
 import prkit.train as train
-from conftest import interrupt_backward, make_pipe
+from conftest import child_env, interrupt_backward, make_pipe
 from prkit.checkpoints import CheckpointError
 from prkit.data import Concept
 from prkit.residuals import get_residuals, residual_names
@@ -426,12 +426,10 @@ except KeyboardInterrupt:
 def test_sigterm_during_library_training_checkpoints_like_ctrl_c(tmp_path, concept):
     """A script calling train_residuals died at a scheduler's SIGTERM without a checkpoint (only the CLI took it
     as Ctrl-C). Run in a child process: before the fix the signal ends the process that receives it."""
-    import os
     import subprocess
     import sys
 
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    env = child_env(Path(__file__).parent)  # the caller's PYTHONPATH kept: the GPU machine carries diffusers there
     done = subprocess.run([sys.executable, "-c", SIGTERM_RUN, str(tmp_path)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, f"the child ended with {done.returncode}: {done.stderr[-2000:]}"
