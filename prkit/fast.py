@@ -210,20 +210,24 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     stepper = None
     window = None  # (a, b, staged) in flight
     enqueued = step
-    losses_dev = torch.full((max(config.steps, 1),), float("nan"), device=device)
+    # each step's loss and (without a grad scaler) its gradients' norm, read once per window
+    record = torch.full((2, max(config.steps, 1)), float("nan"), device=device)
+    record[1].zero_()
     snapshot = _Snapshot(params, optimizer, scaler)
 
     def settle(a: int, b: int, staged) -> tuple[list[float], int | None]:
-        """Read the window's losses; on a non-finite one roll back and redo the good steps before it."""
-        values = losses_dev[a:b].tolist()
-        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        """Read the window's losses; on a non-finite one (or a non-finite gradient: ``record``) roll back and redo
+        the good steps before it."""
+        values, norms = record[:, a:b].tolist()
+        bad = next((i for i, (v, n) in enumerate(zip(values, norms)) if not (math.isfinite(v) and math.isfinite(n))),
+                   None)
         if bad is not None:
             snapshot.restore()
             for k in range(bad):
                 stepper.load([(s[0][k], s[1][k], s[2][k]) for s in staged])
                 stepper()
             _sync(device)
-        return values, bad
+        return values, norms, bad
 
     try:
         # checkpointing the owner switched on (unet.enable_gradient_checkpointing()) too: diffusers' function saves
@@ -273,13 +277,19 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                             loop_start = time.perf_counter()
                         else:
                             stepper()
-                        losses_dev[a + k].copy_(stepper.loss)
+                        record[0, a + k].copy_(stepper.loss)
+                        if stepper.grad_norm is not None:
+                            record[1, a + k].copy_(stepper.grad_norm)
                         enqueued = a + k + 1
                 stops = config.stop_after is not None and b >= config.stop_after and b < config.steps
                 pending = draw_window(b) if b < config.steps and not stops else None  # overlaps the GPU
-                values, bad = settle(a, b, staged)
+                values, norms, bad = settle(a, b, staged)
                 if bad is not None:
                     window = None
+                    if math.isfinite(values[bad]):  # the weights would be NaN from the next step on
+                        what = f"the gradient of a finite loss ({values[bad]:.4g})"
+                        raise base.TrainingDiverged(base.diverged_message(norms[bad], a + bad + 1, ckpt, config, amp,
+                                                                          what))
                     raise base.TrainingDiverged(base.diverged_message(values[bad], a + bad + 1, ckpt, config, amp))
                 with deferred_interrupt():  # the window's losses and its end: both or neither
                     losses.extend(values)
@@ -303,7 +313,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
         if window is not None and stepper is not None:
             _sync(device)
             a, _, staged = window
-            values, bad = settle(a, enqueued, staged)
+            values, _, bad = settle(a, enqueued, staged)
             done = values if bad is None else values[:bad]
             losses.extend(done)
             step = a + len(done)

@@ -85,6 +85,9 @@ class TrainStep:
         self.graph = None
         self.capture_error: str | None = None
         self.loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        # without a grad scaler (which skips such steps itself), the gradients' norm: a non-finite one with a finite
+        # loss would leave NaN weights; the loop reads it with the loss and refuses the step (as the eager loop does)
+        self.grad_norm = torch.zeros((), dtype=torch.float32, device=self.device) if scaler is None else None
         self.found_inf = None
         if scaler is not None:
             scaler._lazy_init_scale_growth_tracker(self.device)
@@ -117,8 +120,12 @@ class TrainStep:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, scale.double().reciprocal().float())
         else:
             total.backward()
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm) if self.max_grad_norm else None
+        if self.grad_norm is not None:
+            if norm is None:
+                grads = [p.grad for p in self.params if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else self.loss * 0
+            self.grad_norm.copy_(norm)
         self.optimizer.step()
         if self.scaler is not None:
             s = self.scaler

@@ -116,6 +116,36 @@ def test_nan_rolls_back_and_raises_like_the_eager_loop(tmp_path, concept, monkey
     assert not any(p.requires_grad for p in get_residuals(pipe.unet).parameters())
 
 
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no-clipping", "clipping"])
+def test_an_infinite_gradient_of_a_finite_loss_is_refused_like_the_eager_loop(tmp_path, concept, monkeypatch, clip):
+    """Without a grad scaler the fast loop fed an infinite gradient to AdamW: at the last step the run finished with
+    NaN weights and no error; earlier, the next step's NaN loss rolled back and the redo replayed the bad step."""
+    hooks = []
+
+    def overflow_at(step):
+        def forward_hook(module, args, output):
+            hooks.append(1)
+            if len(hooks) == step:  # a finite loss whose backward pass overflows
+                output.sample.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        return forward_hook
+
+    eager_pipe, pipe = make_pipe(tmp_path / "eager"), make_pipe(tmp_path / "fast")
+    handle = eager_pipe.unet.register_forward_hook(overflow_at(4))
+    with pytest.raises(TrainingDiverged) as eager_err:
+        prkit.train_residuals(eager_pipe, concept, steps=4, max_grad_norm=clip, **EAGER)
+    handle.remove()
+    hooks.clear()
+    pipe.unet.register_forward_hook(overflow_at(4))
+    with pytest.raises(TrainingDiverged) as err:  # the last step, in the second window of 3
+        _fast(pipe, concept, steps=4, max_grad_norm=clip)
+    assert len(hooks) == 4  # settled without replaying the bad step
+    assert str(err.value) == str(eager_err.value)
+    assert str(err.value).startswith("the gradient of a finite loss (") and "at step 4;" in str(err.value)
+    state = get_residuals(pipe.unet).state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert _close_states(state, get_residuals(eager_pipe.unet).state_dict())  # the weights of step 3
+
+
 def test_interrupt_checkpoints_the_finished_steps(tmp_path, concept_module, eager_run, monkeypatch):
     reference, state = eager_run
     real_body, bodies = fast.TrainStep._body, []
