@@ -149,13 +149,17 @@ def _checkpoint(module, *args):
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
 
 
-def patch_gradient_checkpointing(unet: nn.Module):
-    """Checkpoint the UNet's blocks with ``_checkpoint`` (no RNG state: graph-capturable); returns the undo, which
-    gives each block back its own setting and function (an owner's ``enable_gradient_checkpointing(fn)`` stays on,
-    with ``fn``; diffusers' own disable would turn it off and its enable would swap the function)."""
+def patch_gradient_checkpointing(unet: nn.Module, rng_free: bool = True):
+    """Checkpoint the UNet's blocks with ``_checkpoint`` (no RNG state: graph-capturable), or with ``rng_free=False``
+    diffusers' own function; returns the undo, which gives each block back its own setting and function (an owner's
+    ``enable_gradient_checkpointing(fn)`` stays on, with ``fn``; diffusers' own disable would turn it off and its
+    enable would swap the function)."""
     blocks = [m for m in unet.modules() if hasattr(m, "gradient_checkpointing")]
     before = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func")) for m in blocks]
-    unet.enable_gradient_checkpointing(_checkpoint)
+    if rng_free:
+        unet.enable_gradient_checkpointing(_checkpoint)
+    else:
+        unet.enable_gradient_checkpointing()
 
     def undo():
         for module, enabled, fn in before:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .checks import writable_folder
+from .fast_patches import patch_gradient_checkpointing
 from .interrupts import deferred_interrupt, terminate_as_interrupt
 from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
@@ -219,8 +220,9 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
         start -= before  # the run's seconds count its earlier calls too
         finished = step >= config.steps  # nothing left: the run's own seconds, not this call's set-up added
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    # on where asked, unless the owner already checkpoints (with a function of its own, kept); back as it was after
+    undo_checkpointing = (patch_gradient_checkpointing(unet, rng_free=False) if config.gradient_checkpointing
+                          and not getattr(unet, "is_gradient_checkpointing", False) else None)
     was_training = unet.training
     unet.train()
     validation: dict[int, list] = {}
@@ -272,8 +274,8 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     finally:
         bar.close()
         unet.train(was_training)
-        if config.gradient_checkpointing:
-            unet.disable_gradient_checkpointing()
+        if undo_checkpointing is not None:
+            undo_checkpointing()
         for p in params:
             p.requires_grad_(False)
     seconds = before if finished else time.perf_counter() - start

@@ -719,6 +719,32 @@ def test_a_unet_checkpointed_by_its_owner_trains_with_the_loops_checkpointing_an
     assert _checkpointing(pipe.unet) == before and pipe.unet.is_gradient_checkpointing
 
 
+def test_the_eager_loop_keeps_the_owners_checkpointing_function_and_checkpoints_only_while_asked(
+        tmp_path, concept_module, eager_run):
+    """gradient_checkpointing=True on a UNet its owner checkpoints with fn: the eager loop swapped in diffusers'
+    default function, switched checkpointing off at the end, and train_residuals switched it back on with the
+    default: the owner's fn was gone (and a block the owner left off came back on)."""
+    reference, state = eager_run
+    owner_calls = []
+
+    def owner_fn(module, *args):
+        owner_calls.append(1)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    pipe = make_pipe(tmp_path / "owned")
+    pipe.unet.enable_gradient_checkpointing(owner_fn)
+    pipe.unet.up_blocks[0].gradient_checkpointing = False
+    before = _checkpointing(pipe.unet)
+    result = prkit.train_residuals(pipe, concept_module, steps=8, gradient_checkpointing=True, fast=False, **EAGER)
+    assert owner_calls  # trained through the owner's function
+    assert result.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert _checkpointing(pipe.unet) == before
+    plain = make_pipe(tmp_path / "plain")
+    before = _checkpointing(plain.unet)
+    prkit.train_residuals(plain, concept_module, steps=2, gradient_checkpointing=True, fast=False, **EAGER)
+    assert _checkpointing(plain.unet) == before and not plain.unet.is_gradient_checkpointing
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
 def test_cuda_a_unet_checkpointed_by_its_owner_still_trains_in_one_graph(tmp_path, concept_module, monkeypatch):
     """A UNet on which the user called enable_gradient_checkpointing(): diffusers' checkpointing function saves RNG
