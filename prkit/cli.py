@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
-        again = f"; {_kept(args) or _again(args)}" if args.command == "train" else ""
+        again = (f"; {_kept(args) or 'nothing was kept yet: run the same command again to start'}"
+                 if args.command == "train" else "")
         print(f"prkit {args.command}: interrupted{again}", file=sys.stderr)
         return 130
     finally:

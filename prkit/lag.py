@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .checks import check_flag
 from .attention import AttentionStore, CaptureState, capture_attention
 from .lag_watch import pipeline_cfg, watched_pipeline  # noqa: F401 (pipeline_cfg: prkit.lag stays its import path)
 from .residual_layer import ResidualProjection
@@ -40,8 +41,7 @@ class LAGConfig:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"LAGConfig.value must be a number in [0, 1] (the cut on the min-max normalized map), "
                              f"got {value!r}")
-        if not isinstance(self.include_class, bool):
-            raise ValueError(f"LAGConfig.include_class must be True or False, got {self.include_class!r}")
+        check_flag(self.include_class, "LAGConfig.include_class")
 
 
 def _word_ids(tokenizer, word: str) -> list[int]:

@@ -205,7 +205,7 @@ def test_a_failing_image_write_leaves_no_half_file(tmp_path, capsys, monkeypatch
     assert Image.open(samples / "000.png").size == (16, 16)
 
 
-def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_before_any_checkpoint_says_nothing_is_kept_yet(tmp_path, capsys, monkeypatch):
     import prkit.train
 
     def interrupted(*args, **kwargs):
@@ -213,7 +213,8 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(prkit.train, "train_residuals", interrupted)
     assert main(_train_args(tmp_path, tmp_path / "x.safetensors")) == 130
-    assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+    # before any checkpoint (the model still loading): nothing to resume, and it says so
+    assert "interrupted; nothing was kept yet: run the same command again to start" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
