@@ -252,7 +252,8 @@ def safetensors_header(path, what: str) -> dict:
             raise ValueError(f"{what} {str(path)!r} is incomplete: it holds {path.stat().st_size:,} bytes where its "
                              f"header needs {need:,} (an interrupted copy, download or save leaves such a file); "
                              "copy, download or write it again") from err
-        raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({err})") from err
+        raise ValueError(f"{what} {str(path)!r} is not a readable .safetensors file ({err}); give the .safetensors "
+                         "file itself, or write it again") from err
 
 
 def _cut_short(path: Path) -> int | None:

@@ -93,7 +93,7 @@ def test_non_prkit_file_raises_clearly(tmp_path):
         prkit.load_residuals(tiny_unet(), lora)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match=r"junk\.safetensors.*not a readable \.safetensors"):
+    with pytest.raises(ValueError, match=r"^residual file '.*junk\.safetensors' is not a readable \.safetensors"):
         prkit.load_residuals(tiny_unet(), junk)
 
 
