@@ -18,13 +18,18 @@ def check_whole(config, names: tuple[str, ...], low: int, note: str = "") -> Non
             raise ValueError(f"{type(config).__name__}.{name} must be a whole number >= {low}{note}, got {value!r}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself where it exists, else its nearest existing parent (what a new file there would be made in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def writable_folder(folder: str | os.PathLike, what: str, listed: bool = False) -> None:
     """Fail before any work when ``folder`` (``~`` expanded) cannot be created or written (a file in the way, no
     permission), or, with ``listed``, read (its files are numbered after the ones there); ``what`` names it."""
     folder = Path(folder).expanduser()
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = nearest_existing(folder)
     if not probe.is_dir():
         raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):

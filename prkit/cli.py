@@ -27,7 +27,7 @@ DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else
 
 def _train(args) -> int:
     from .data import load_concept
-    from .files import save_residuals
+    from .files import reworded, save_residuals
     from .pipeline import load_pipeline
     from .train import TrainConfig, train_residuals
 
@@ -61,8 +61,7 @@ def _train(args) -> int:
         kept = _kept(args)
         if not kept:
             raise
-        text = f"{err.strerror or err}; {kept}"
-        raise (OSError(err.errno, text) if err.errno else OSError(text)) from err
+        raise reworded(err, f"{err.strerror or err}; {kept}") from err
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, final loss {result.losses[-1]:.4f})")
     return 0

@@ -33,6 +33,18 @@ def _make_capturable(optimizer, device: torch.device) -> None:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
 
 
+def clip_and_norm(params, max_grad_norm: float | None, want: bool = True) -> torch.Tensor | None:
+    """Clip ``params``' gradients to ``max_grad_norm`` (falsy: no clipping) and return their total 2-norm before
+    clipping, a device scalar that is NaN or infinite where a gradient is; None where nothing clips and ``want`` is
+    off, or there are no gradients. Both loops refuse a step whose norm is not finite unless a grad scaler skips it."""
+    if max_grad_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not want or not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
 @torch.no_grad()
 def match_state_layouts(optimizer_state, params) -> None:
     """Give each parameter's optimizer moments (AdamW's exp_avg, exp_avg_sq) the parameter's shape and strides.
@@ -120,11 +132,8 @@ class TrainStep:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, scale.double().reciprocal().float())
         else:
             total.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm) if self.max_grad_norm else None
-        if self.grad_norm is not None:
-            if norm is None:
-                grads = [p.grad for p in self.params if p.grad is not None]
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else self.loss * 0
+        norm = clip_and_norm(self.params, self.max_grad_norm, want=self.grad_norm is not None)
+        if self.grad_norm is not None and norm is not None:
             self.grad_norm.copy_(norm)
         self.optimizer.step()
         if self.scaler is not None:

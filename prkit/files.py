@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__
+from .checks import nearest_existing
 from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names
 
 FORMAT = "prkit.residuals/1"
@@ -136,11 +137,8 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
 
 def _free_mib(path: Path) -> float | None:
     """The MiB free on the file system of ``path`` (of its nearest existing folder), None where unknown."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     try:
-        return shutil.disk_usage(folder).free / 2 ** 20
+        return shutil.disk_usage(nearest_existing(path.parent)).free / 2 ** 20
     except OSError:
         return None
 
@@ -153,8 +151,12 @@ def write_error(path: Path, exc: OSError) -> OSError:
     full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
     todo = ("free some space or write to another disk, then try again" if full else
             "check that the folder is writable and has room, then try again")
-    text = (f"could not write {path}: {exc.strerror or exc} ({room}); {todo}. "
-            f"{'The file that was there is unchanged' if path.exists() else 'Nothing was written'}")
+    return reworded(exc, f"could not write {path}: {exc.strerror or exc} ({room}); {todo}. "
+                         f"{'The file that was there is unchanged' if path.exists() else 'Nothing was written'}")
+
+
+def reworded(exc: OSError, text: str) -> OSError:
+    """An OSError saying ``text`` with ``exc``'s errno (a full disk still reads as ENOSPC)."""
     return OSError(exc.errno, text) if exc.errno else OSError(text)
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints
 from .checks import writable_folder
-from .fast_patches import patch_gradient_checkpointing
+from .fast_step import clip_and_norm
 from .interrupts import deferred_interrupt, terminate_as_interrupt
 from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
@@ -221,8 +221,11 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
         start -= before  # the run's seconds count its earlier calls too
         finished = step >= config.steps  # nothing left: the run's own seconds, not this call's set-up added
     # on where asked, unless the owner already checkpoints (with a function of its own, kept); back as it was after
-    undo_checkpointing = (patch_gradient_checkpointing(unet, rng_free=False) if config.gradient_checkpointing
-                          and not getattr(unet, "is_gradient_checkpointing", False) else None)
+    undo_checkpointing = None
+    if config.gradient_checkpointing and not getattr(unet, "is_gradient_checkpointing", False):
+        from .fast_patches import patch_gradient_checkpointing  # here: it imports Triton, which prkit.train need not
+
+        undo_checkpointing = patch_gradient_checkpointing(unet, rng_free=False)
     was_training = unet.training
     unet.train()
     validation: dict[int, list] = {}
@@ -320,26 +323,17 @@ def _backward(loss, optimizer, scaler, params, max_grad_norm) -> float | None:
         scaler.unscale_(optimizer)
     else:
         loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None  # before clipping
+    norm = clip_and_norm(params, max_grad_norm, want=scaler is None)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
-        norm = float(norm if norm is not None else _grad_norm(params))
-        if not math.isfinite(norm):
+        if norm is not None and not math.isfinite(norm := float(norm)):
             optimizer.zero_grad(set_to_none=True)
             return norm
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return None
-
-
-def _grad_norm(params) -> torch.Tensor:
-    """The 2-norm of all of ``params``' gradients together (NaN or infinite where one of them is)."""
-    grads = [p.grad.detach().float() for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def _validate(pipe, target, concept, config: TrainConfig) -> list:

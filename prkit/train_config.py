@@ -78,10 +78,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.seed must be a whole number (a 64-bit seed), got {seed!r}")
         for name in ("resume", "flip", "gradient_checkpointing"):  # papermill's -p gives 'false', which is truthy
             check_flag(getattr(self, name), f"TrainConfig.{name}")
-        from .fast import FastConfig
+        if self.fast is not None and not isinstance(self.fast, bool):  # 'false' was truthy: it chose the fast loop
+            from .fast import FastConfig  # only here: prkit.fast imports Triton
 
-        if not isinstance(self.fast, FastConfig):  # 'false' was truthy: it chose the fast loop
-            check_flag(self.fast, "TrainConfig.fast", " or None (or a prkit.fast.FastConfig)")
+            if not isinstance(self.fast, FastConfig):
+                check_flag(self.fast, "TrainConfig.fast", " or None (or a prkit.fast.FastConfig)")
         from .residuals import rank_for
         from .targets import TARGETS
 
