@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .fast_step import match_state_layouts
-from .files import architecture, layer_table, writing
+from .atomic import writing
+from .files import architecture, layer_table
 from .train_config import training_prompt
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def checkpoint_file(config) -> Path | None:
 def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator, step: int,
          losses: list[float], seconds: float = 0.0) -> None:
     """Write the run's state at ``step`` to ``path`` in one rename (an interrupt never leaves half a file; a full
-    disk raises an OSError naming the file and the space left, the previous checkpoint kept: ``files.writing``).
+    disk raises an OSError naming the file and the space left, the previous checkpoint kept: ``atomic.writing``).
     ``seconds``: the run's wall time so far, its earlier calls included (a resumed run reports the whole)."""
     state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
              "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),

@@ -27,7 +27,8 @@ DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else
 
 def _train(args) -> int:
     from .data import load_concept
-    from .files import reworded, save_residuals
+    from .atomic import reworded
+    from .files import save_residuals
     from .pipeline import load_pipeline
     from .train import TrainConfig, train_residuals
 
@@ -88,7 +89,8 @@ def _kept(args) -> str:
 
 
 def _sample(args) -> int:
-    from .files import atomic_path, load_residuals, read_metadata
+    from .atomic import atomic_path
+    from .files import load_residuals, read_metadata
     from .lag import LAGConfig
     from .pipeline import check_available, load_pipeline, resolve_device, resolve_dtype
     from .sample import generate

@@ -90,7 +90,7 @@ class Concept:
         if stale:
             raise ConceptDataError(f"cannot save concept to '{folder}': it already holds other "
                                    f"images ({', '.join(stale[:5])}). Use an empty folder.")
-        from .files import atomic_path  # each file whole or not at all: an interrupt leaves no half a PNG
+        from .atomic import atomic_path  # each file whole or not at all: an interrupt leaves no half a PNG
 
         for im, name in zip(self.images, names):
             with atomic_path(folder / name) as tmp:

@@ -40,9 +40,9 @@ def _cell(value) -> str:
 
 
 def write_rows(path: Path, rows: list[dict], columns: Sequence[str] = COLUMNS) -> Path:
-    """Write rows atomically (``files.atomic_path``: temporary file, fsync, rename, a new file's usual mode):
+    """Write rows atomically (``atomic.atomic_path``: temporary file, fsync, rename, a new file's usual mode):
     readers see the old or the new file, never half."""
-    from .files import atomic_path
+    from .atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
@@ -229,7 +229,7 @@ def check_settings(out: str | Path, config, done: set) -> dict:
 
 
 def write_settings(out: str | Path, settings: dict) -> None:
-    from .files import atomic_path
+    from .atomic import atomic_path
 
     with atomic_path(Path(out) / SETTINGS) as tmp:
         Path(tmp).write_text(json.dumps(settings, indent=2) + "\n")

@@ -153,13 +153,13 @@ def interrupt_backward(monkeypatch, at: int):
 
 
 def full_disk(monkeypatch, free_mib: int = 5, after: int = 64) -> None:
-    """Make prkit's file writes (``prkit.files.writing``) fail as on a full disk: ``after`` bytes land, then
+    """Make prkit's file writes (``prkit.atomic.writing``) fail as on a full disk: ``after`` bytes land, then
     ENOSPC; the disk reports ``free_mib`` MiB free."""
     import errno
     import io
     import shutil
 
-    import prkit.files as files
+    import prkit.atomic as atomic
 
     class Full(io.FileIO):
         def write(self, data):
@@ -169,5 +169,5 @@ def full_disk(monkeypatch, free_mib: int = 5, after: int = 64) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super().write(data)
 
-    monkeypatch.setattr(files, "open", lambda path, mode="r": Full(path, mode), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda path, mode="r": Full(path, mode), raising=False)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 ** 40, 0, free_mib * 2 ** 20))

@@ -204,7 +204,7 @@ def test_checkpoint_write_is_atomic(tmp_path, concept, monkeypatch):
     good = (ckpt / "checkpoint.pt").read_bytes()
     real_save = torch.save
 
-    def crash(obj, file, *args, **kwargs):  # the open temporary file (prkit.files.writing)
+    def crash(obj, file, *args, **kwargs):  # the open temporary file (prkit.atomic.writing)
         file.write(b"half a checkpoint")
         raise OSError("disk full")
 

@@ -182,7 +182,7 @@ def summarize(rows: list[dict], methods: tuple[str, ...] = METHODS) -> list[dict
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
     """Write ``rows`` (dicts with the first row's keys) as CSV, in one rename (an interrupt keeps the old file)."""
-    from ..files import atomic_path
+    from ..atomic import atomic_path
 
     path = Path(path)
     if not rows:
