@@ -48,7 +48,7 @@ class FastConfig:
     # attention kernels in priority order (None: torch's). Flash first: cuDNN's is faster on an H100 but compiles
     # each shape at run time (~10 s at a machine's first run, ~1.2 s in each new process for all SD1.5 shapes)
     sdpa_backends: tuple[str, ...] | None = ("flash", "efficient", "cudnn", "math")
-    # query length from which attention prefers cuDNN's kernel anyway (SD1.5's 64x64 blocks: 4096); None: never
+    # query length from which self-attention prefers cuDNN's kernel anyway (SD1.5's 64x64 blocks: 4096); None: never
     cudnn_attention_from: int | None = 4096
     lean_blocks: bool = False  # resnets and attention without diffusers' no-op `/ 1.0` rescales (same numbers)
     # before the first step, a throwaway forward + backward pays the process's one-time kernel costs while a

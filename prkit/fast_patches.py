@@ -186,17 +186,22 @@ def _sdpa_order(names) -> contextlib.AbstractContextManager:
 
 
 class _LongQueryAttention:
-    """An attention processor whose calls with at least ``min_tokens`` query tokens prefer cuDNN's kernel.
+    """An attention processor whose self-attention calls with at least ``min_tokens`` query tokens prefer cuDNN's
+    kernel.
 
-    cuDNN's SDPA is the fastest here for the long sequences (SD1.5's 64x64 blocks) but compiles each shape at run
-    time; limiting it to the few longest shapes keeps that compile short while most of the gain stays.
+    cuDNN's SDPA is the fastest here for the long self-attention (SD1.5's 64x64 blocks: 1.2 vs 2.1 ms forward +
+    backward on an H200) but compiles each shape at run time, in each new process; limiting it to the few longest
+    shapes keeps that compile short while most of the gain stays. Cross-attention (77 keys) keeps flash: giving it
+    cuDNN too cost ~0.2 s more of a fresh process's first SD1.5 recipe for no measurable gain per step
+    (BENCHMARKS.md run 16).
     """
 
     def __init__(self, inner, min_tokens: int):
         self.inner, self.min_tokens = inner, min_tokens
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
-        if hidden_states.dim() == 3 and hidden_states.shape[1] >= self.min_tokens:
+        context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[0] if args else None)
+        if context is None and hidden_states.dim() == 3 and hidden_states.shape[1] >= self.min_tokens:
             with _sdpa_order(("cudnn", "flash", "efficient", "math")):
                 return self.inner(attn, hidden_states, *args, **kwargs)
         return self.inner(attn, hidden_states, *args, **kwargs)

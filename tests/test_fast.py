@@ -312,7 +312,7 @@ def test_graphs_are_a_no_op_off_cuda(pipe, concept):
     assert torch.isfinite(images).all()
 
 
-def test_long_queries_prefer_cudnn_attention_and_undo(monkeypatch):
+def test_long_self_attention_prefers_cudnn_attention_and_undo(monkeypatch):
     from conftest import run_unet, unet_inputs
     from tiny import tiny_unet
 
@@ -329,7 +329,19 @@ def test_long_queries_prefer_cudnn_attention_and_undo(monkeypatch):
     assert torch.allclose(run_unet(unet, inputs), reference, rtol=1e-5, atol=1e-6)
     calls = sum(1 for p in unet.attn_processors.values() if p.min_tokens == 64)
     assert calls == len(original) and orders and all(o[0] == "cudnn" for o in orders)
-    assert len(orders) == 6  # self + cross attention of the 3 transformer blocks at 8x8 (1 down, 2 up)
+    assert len(orders) == 3  # the self-attention of the 3 transformer blocks at 8x8 (1 down, 2 up); not cross
+    seen = []  # the context each wrapped call handed on, however it was passed
+    proc = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor
+    monkeypatch.setattr(proc, "inner", lambda attn, hidden, *a, **k: seen.append((a, k)) or hidden)
+    hidden, text = torch.zeros(1, 64, 4), torch.zeros(1, 77, 4)
+    orders.clear()
+    proc(None, hidden, text)
+    proc(None, hidden, encoder_hidden_states=text)
+    assert orders == [] and seen == [((text,), {}), ((), {"encoder_hidden_states": text})]
+    proc(None, hidden)
+    proc(None, hidden, None, None)
+    proc(None, hidden, encoder_hidden_states=None)
+    assert len(orders) == 3 and len(seen) == 5
     undo()
     assert all(unet.attn_processors[k] is v for k, v in original.items())
 
