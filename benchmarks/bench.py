@@ -1059,7 +1059,7 @@ def profile_step(bench, pipe, concept) -> dict:
                     "norm" if "norm" in low else "elementwise/other")
             groups[kind] = groups.get(kind, 0) + ms
         return {"kernel_ms_per_step": round(total, 2), "by_kind_ms": {k: round(v, 2) for k, v in groups.items()},
-                "top": [(round(ms, 3), count, name) for ms, count, name in rows[:25]], "copies": copies[:30]}
+                "top": [(round(ms, 3), count, name) for ms, count, name in rows[:70]], "copies": copies[:30]}
     finally:
         unet.eval()
         for p in params:

@@ -40,19 +40,28 @@ def _against_torch(x: torch.Tensor, g: int, weight, bias, silu: bool) -> tuple[f
 
 
 def kernels() -> None:
-    """Forward and input gradient against torch's GroupNorm (+ SiLU), with one and several splits of H*W."""
+    """Forward and input gradient against torch's GroupNorm (+ SiLU): one and several splits of H*W, tiles of
+    several groups with a partial last tile (C=320 in 32 groups: tiles of 6 groups, the last of 2), 128- and
+    256-lane tiles, and groups wider than any tile."""
     torch.manual_seed(0)
-    cases = [((2, 64, 8, 8, 32), True, 512), ((1, 40, 5, 3, 4), False, 512),  # one split
-             ((2, 64, 24, 20, 8), True, 10 ** 6), ((1, 40, 33, 7, 4), False, 10 ** 6)]  # several splits
+    cases = [((2, 64, 8, 8, 32), True, 1), ((1, 40, 5, 3, 4), False, 1),  # one split
+             ((2, 64, 24, 20, 8), True, 10 ** 6), ((1, 40, 33, 7, 4), False, 10 ** 6),  # several splits
+             ((2, 320, 6, 5, 32), True, 10 ** 6), ((1, 200, 9, 4, 5), False, 10 ** 6),  # partial last tile
+             ((1, 960, 3, 3, 12), True, 10 ** 6), ((1, 600, 3, 3, 2), False, 10 ** 6)]  # 256 lanes; one wide group
+    seen = set()
     for (b, c, h, w, g), silu, programs in cases:
         nhwc._PROGRAMS = programs
         plan = nhwc._plan(b, c, g, h * w)
+        seen.add((plan["CB"], plan["S"] > 1, plan["K"] * plan["NCB"] > g))
         x = (torch.randn(b, c, h, w) * 3 + 50).contiguous(memory_format=torch.channels_last)
         err_y, err_g = _against_torch(x, g, torch.randn(c), torch.randn(c), silu)
-        print(f"kernel {b, c, h, w, g} silu={silu} splits={plan['S']}: |dy| {err_y:.2e}, grad rel {err_g:.2e}")
+        print(f"kernel {b, c, h, w, g} silu={silu} plan={plan}: |dy| {err_y:.2e}, grad rel {err_g:.2e}")
         assert err_y < 1e-4 and err_g < 1e-4, (err_y, err_g)
-    assert nhwc._plan(2, 64, 8, 24 * 20)["S"] == 2  # the several-splits cases did split
     nhwc._PROGRAMS = 512
+    widths = {cb for cb, _, _ in seen}
+    assert {64, 128, 256, 512} <= widths, widths  # every tile width was exercised
+    assert any(split for _, split, _ in seen) and not all(split for _, split, _ in seen)
+    assert any(partial for _, _, partial in seen)  # a last tile with fewer groups than the others
 
 
 def strided_affine() -> None:

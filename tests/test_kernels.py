@@ -31,7 +31,7 @@ def _interpreted(*checks: str) -> str:
 
 def test_kernels_match_torch_group_norm_and_silu():
     out = _interpreted("kernels")
-    assert out.count("kernel ") == 4 and out.rstrip().endswith("ok")
+    assert out.count("kernel ") == 8 and out.rstrip().endswith("ok")
 
 
 def test_kernels_read_a_strided_weight_and_bias():
@@ -111,7 +111,8 @@ def test_trainable_norms_keep_torch_path():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 1280, 8, 8), (2, 960, 32, 32)])
+@pytest.mark.parametrize("shape", [(4, 320, 64, 64), (4, 1280, 8, 8), (2, 960, 32, 32), (4, 640, 32, 32),
+                                   (4, 2560, 8, 8), (4, 1920, 16, 16)])
 def test_cuda_kernels_match_torch(shape, dtype):
     torch.manual_seed(0)
     x = (torch.randn(shape, device="cuda") * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -206,17 +207,24 @@ def test_kernels_compile_for_an_h100():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the kernels are interpreted in this process")
     half, f32, i32 = "*bf16", "*fp32", "i32"
-    sizes = {k: i32 for k in ("HW", "C", "CG", "G", "SPAN", "S")}
-    kernels = [
-        (nhwc._stats, {"X": half, "PCNT": f32, "PMEAN": f32, "PM2": f32, **sizes}, {"BLOCK": 2048}),
-        (nhwc._apply, {"X": half, "Y": half, "W": half, "B_": half, "PCNT": f32, "PMEAN": f32, "PM2": f32,
-                       "MEAN": f32, "RSTD": f32, **sizes, "eps": "fp32", "SILU": i32}, {"S_P2": 64, "BLOCK": 2048}),
-        (nhwc._bwd_sums, {"X": half, "DY": half, "W": half, "B_": half, "MEAN": f32, "RSTD": f32, "P1": f32,
-                          "P2": f32, **sizes, "SILU": i32}, {"BLOCK": 2048}),
-        (nhwc._bwd_apply, {"X": half, "DY": half, "DX": half, "W": half, "B_": half, "MEAN": f32, "RSTD": f32,
-                           "P1": f32, "P2": f32, **sizes, "SILU": i32}, {"S_P2": 64, "BLOCK": 2048}),
-        (geglu_module._forward, {"P": half, "OUT": half, "N": i32, "C": i32}, {"BLOCK": 1024}),
-        (geglu_module._backward, {"P": half, "G": half, "DP": half, "N": i32, "C": i32}, {"BLOCK": 1024}),
+    sizes = {k: i32 for k in ("HW", "C", "CG", "G", "K", "NCB", "SPAN", "S")}
+    kernels = []
+    for cb in (64, 128, 256, 512):  # every tile width a plan can pick for groups of up to 256 channels (and one more)
+        tile = {"CB": cb, "KP": nhwc._KP, "ROWS": nhwc._BLOCK // cb}
+        merge = {**tile, "S_P2": nhwc._MAX_SPLITS}
+        kernels += [
+            (nhwc._stats, {"X": half, "PCNT": f32, "PMEAN": f32, "PM2": f32, **sizes}, tile),
+            (nhwc._apply, {"X": half, "Y": half, "W": half, "B_": half, "PCNT": f32, "PMEAN": f32, "PM2": f32,
+                           "MEAN": f32, "RSTD": f32, **sizes, "eps": "fp32", "SILU": i32}, merge),
+            (nhwc._bwd_sums, {"X": half, "DY": half, "W": half, "B_": half, "MEAN": f32, "RSTD": f32, "P1": f32,
+                              "P2": f32, **sizes, "SILU": i32}, tile),
+            (nhwc._bwd_apply, {"X": half, "DY": half, "DX": half, "W": half, "B_": half, "MEAN": f32, "RSTD": f32,
+                               "P1": f32, "P2": f32, **sizes, "SILU": i32}, merge),
+        ]
+    rows = {"ROWS": geglu_module._ROWS, "COLS": geglu_module._COLS}
+    kernels += [
+        (geglu_module._forward, {"P": half, "OUT": half, "R": i32, "C": i32}, rows),
+        (geglu_module._backward, {"P": half, "G": half, "DP": half, "R": i32, "C": i32}, rows),
     ]
     for fn, signature, constexprs in kernels:
         signature = {**signature, **{k: "constexpr" for k in constexprs}}
