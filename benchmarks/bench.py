@@ -1050,6 +1050,12 @@ def profile_step(bench, pipe, concept) -> dict:
                 t = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
                 copies.append((round(t / 3 / 1e3, 3), e.count // 3, e.key, str(e.input_shapes)[:120]))
         copies.sort(reverse=True)
+        by_shape = []  # every aten op with kernel time of its own, by input shapes: what the elementwise time is
+        for e in prof.key_averages(group_by_input_shape=True):
+            t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+            if e.key.startswith("aten::") and t > 0:
+                by_shape.append((round(t / 3 / 1e3, 3), e.count // 3, e.key, str(e.input_shapes)[:160]))
+        by_shape.sort(reverse=True)
         groups = {}
         for ms, _, name in rows:
             low = name.lower()
@@ -1059,7 +1065,8 @@ def profile_step(bench, pipe, concept) -> dict:
                     "norm" if "norm" in low else "elementwise/other")
             groups[kind] = groups.get(kind, 0) + ms
         return {"kernel_ms_per_step": round(total, 2), "by_kind_ms": {k: round(v, 2) for k, v in groups.items()},
-                "top": [(round(ms, 3), count, name) for ms, count, name in rows[:70]], "copies": copies[:30]}
+                "top": [(round(ms, 3), count, name) for ms, count, name in rows[:70]], "copies": copies[:30],
+                "ops_by_shape": by_shape[:80]}
     finally:
         unet.eval()
         for p in params:
