@@ -38,10 +38,24 @@ from .train_config import (  # noqa: F401
 log = logging.getLogger(__name__)
 
 
+_OWN_SETTINGS = ("fused", "capturable", "foreach", "differentiable")  # how this loop's AdamW runs, not what it learnt
+
+
 def load_optimizer(optimizer, state: dict, learning_rate: float, source, weight_decay: float | None = None) -> None:
     """Restore the optimizer of a checkpoint at this run's learning rate and weight decay (the checkpoint's may be
-    others: a changed default or ``--lr``); says so when they differ."""
+    others: a changed default or ``--lr``); says so when they differ. The optimizer keeps its own way of running
+    (a fast-loop checkpoint written on CUDA is fused and capturable; the eager loop, or a CPU, resumes it as plain
+    AdamW), with the step counters where that way wants them."""
+    own = [{k: g[k] for k in _OWN_SETTINGS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            saved = optimizer.state.get(p, {})
+            if "step" in saved:
+                saved["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).detach().to(
+                    p.device if on_device else "cpu")
     for key, value in (("lr", learning_rate), ("weight_decay", weight_decay)):
         if value is None:
             continue

@@ -502,3 +502,32 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_training(tmp_
         assert residual_names(pipe.unet) == [] and list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("direction", ["fast-then-eager", "eager-then-fast"])
+def test_a_resumed_optimizer_keeps_its_own_loops_way_of_running(direction):
+    """A checkpoint's AdamW settings of how it ran (the fast loop's fused + capturable on CUDA) used to come back with
+    its moments, so the eager loop, or a CPU, resumed a GPU run as fused capturable AdamW. Each loop now keeps its
+    own, with the step counter where its way wants it; the moments and the step count are the checkpoint's."""
+    from prkit.train import load_optimizer
+
+    def adam(fast: bool):
+        p = torch.nn.Parameter(torch.arange(12.0).reshape(3, 4))
+        extra = {"fused": True, "capturable": True} if fast else {}
+        return p, torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0, **extra)
+
+    written_fast = direction == "fast-then-eager"
+    p0, writer = adam(written_fast)
+    for _ in range(2):
+        p0.grad = torch.ones_like(p0)
+        writer.step()
+    p1, reader = adam(not written_fast)
+    load_optimizer(reader, writer.state_dict(), 1e-2, "checkpoint")
+    group, state = reader.param_groups[0], reader.state[p1]
+    assert bool(group.get("fused")) == bool(group["capturable"]) == (not written_fast)
+    assert state["step"].dtype == torch.float32 and float(state["step"]) == 2.0
+    assert state["step"].device == p1.device
+    assert torch.equal(state["exp_avg"], writer.state[p0]["exp_avg"])
+    p1.grad = torch.ones_like(p1)
+    reader.step()  # runs as its own loop runs, from the checkpoint's moments
+    assert float(reader.state[p1]["step"]) == 3.0
