@@ -154,25 +154,30 @@ def patch_channels_last(unet: nn.Module):
     spatial = next((p for p in unet.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
     before = torch.channels_last if spatial is not None and not spatial.is_contiguous() \
         and spatial.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    unet.to(memory_format=torch.channels_last)
     undo = [lambda: unet.to(memory_format=before)]  # as the caller had it (diffusers' tip: channels-last)
-    if nhwc.triton is not None:  # without it only the memory format changes (slower: torch's norms convert back)
-        undo.append(_set_forward([m for m in plain_resnets(unet) if type(m.nonlinearity) is nn.SiLU],
-                                 lean_resnet_forward))
-        undo.append(_set_forward(_up_blocks(unet), _lean_up_block_forward))
-        act = getattr(unet, "conv_act", None)
-        if type(act) is nn.SiLU and type(getattr(unet, "conv_norm_out", None)) is nn.GroupNorm:
-            undo.append(_set_forward([unet.conv_norm_out], _nhwc_norm_silu_forward))
-            unet.conv_act = nn.Identity()
-            undo.append(partial(setattr, unet, "conv_act", act))
-        undo.append(_set_forward([m for m in unet.modules() if type(m) is nn.GroupNorm], _nhwc_group_norm_forward))
-        blocks = [m for m in unet.modules() if isinstance(m, Transformer2DModel) and m.is_input_continuous
-                  and "_get_output_for_continuous_inputs" not in m.__dict__]
-        for module in blocks:
-            module._get_output_for_continuous_inputs = types.MethodType(_nhwc_transformer_output, module)
-        undo.append(lambda: [m.__dict__.pop("_get_output_for_continuous_inputs", None) for m in blocks])
 
     def undo_all():
         for fn in reversed(undo):
             fn()
+    try:  # a failure part-way (a weight that cannot change format, a patch that raises) leaves the UNet as it was
+        unet.to(memory_format=torch.channels_last)
+        if nhwc.triton is not None:  # without it only the memory format changes (slower: torch's norms convert back)
+            undo.append(_set_forward([m for m in plain_resnets(unet) if type(m.nonlinearity) is nn.SiLU],
+                                     lean_resnet_forward))
+            undo.append(_set_forward(_up_blocks(unet), _lean_up_block_forward))
+            act = getattr(unet, "conv_act", None)
+            if type(act) is nn.SiLU and type(getattr(unet, "conv_norm_out", None)) is nn.GroupNorm:
+                undo.append(_set_forward([unet.conv_norm_out], _nhwc_norm_silu_forward))
+                unet.conv_act = nn.Identity()
+                undo.append(partial(setattr, unet, "conv_act", act))
+            undo.append(_set_forward([m for m in unet.modules() if type(m) is nn.GroupNorm],
+                                     _nhwc_group_norm_forward))
+            blocks = [m for m in unet.modules() if isinstance(m, Transformer2DModel) and m.is_input_continuous
+                      and "_get_output_for_continuous_inputs" not in m.__dict__]
+            undo.append(lambda: [m.__dict__.pop("_get_output_for_continuous_inputs", None) for m in blocks])
+            for module in blocks:
+                module._get_output_for_continuous_inputs = types.MethodType(_nhwc_transformer_output, module)
+    except BaseException:
+        undo_all()
+        raise
     return undo_all

@@ -71,6 +71,39 @@ def test_cat_channels_hands_out_dense_gradients():
         memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("fail_at", [1, 3, 4])
+def test_channels_last_patching_that_fails_part_way_leaves_the_unet_as_it_was(fail_at, monkeypatch):
+    """A patch raising part-way used to leave the earlier ones applied (and the weights channels-last), with no undo
+    for the caller to run; now patch_channels_last puts back what it had done before raising."""
+    from conftest import run_unet, unet_inputs
+    from tiny import tiny_unet
+
+    from prkit import fast_nhwc
+
+    unet = tiny_unet().requires_grad_(False)
+    inputs = unet_inputs()
+    reference = run_unet(unet, inputs)
+    act = unet.conv_act
+    calls = []
+    real = fast_nhwc._set_forward
+
+    def failing(modules, forward):
+        calls.append(forward)
+        if len(calls) == fail_at:
+            raise RuntimeError("patch failed")
+        return real(modules, forward)
+    monkeypatch.setattr(fast_nhwc, "_set_forward", failing)
+    monkeypatch.setattr(fast_nhwc.nhwc, "triton", fast_nhwc.nhwc.triton or object())  # the kernel patches run
+    with pytest.raises(RuntimeError, match="patch failed"):
+        fast_nhwc.patch_channels_last(unet)
+    assert len(calls) == fail_at
+    assert not any("forward" in m.__dict__ or "_get_output_for_continuous_inputs" in m.__dict__
+                   for m in unet.modules())
+    assert unet.conv_act is act
+    assert all(p.is_contiguous() for p in unet.parameters())
+    assert torch.equal(run_unet(unet, inputs), reference)
+
+
 @pytest.mark.parametrize("freeu,sdxl_like", [(False, False), (True, False), (False, True)],
                          ids=["sd1", "freeu", "sdxl-like"])
 def test_channels_last_patches_on_the_cpu_fall_back_to_the_same_numbers(freeu, sdxl_like, monkeypatch):
