@@ -114,16 +114,18 @@ def _free_mib(path: Path) -> float | None:
         return None
 
 
-def write_error(path: Path, exc: OSError) -> OSError:
+def write_error(path: Path, exc: OSError, kept: str | None = None) -> OSError:
     """The error to raise when writing ``path`` failed with ``exc``: it names the file, the cause and the MiB free
-    on the file system, and what to do (the same errno, so a full disk still reads as ENOSPC)."""
+    on the file system, and what to do (the same errno, so a full disk still reads as ENOSPC). ``kept``: what was
+    written all the same, said last (default: whether the file that was there is unchanged)."""
     free = _free_mib(path)
     room = f"{free:.0f} MiB free there" if free is not None else "free space unknown"
     full = exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
     todo = ("free some space or write to another disk, then try again" if full else
             "check that the folder is writable and has room, then try again")
-    return reworded(exc, f"could not write {path}: {exc.strerror or exc} ({room}); {todo}. "
-                         f"{'The file that was there is unchanged' if path.exists() else 'Nothing was written'}")
+    if kept is None:
+        kept = "The file that was there is unchanged" if path.exists() else "Nothing was written"
+    return reworded(exc, f"could not write {path}: {exc.strerror or exc} ({room}); {todo}. {kept}")
 
 
 def reworded(exc: OSError, text: str) -> OSError:

@@ -12,7 +12,7 @@ from .cli_args import _check_loras, _per_file, _writable_folder, bars_wanted
 
 
 def _sample(args) -> int:
-    from .atomic import atomic_path
+    from .atomic import atomic_path, write_error
     from .files import load_residuals, read_metadata
     from .lag import LAGConfig
     from .pipeline import check_available, load_pipeline, resolve_device, resolve_dtype
@@ -80,9 +80,12 @@ def _sample(args) -> int:
                     continue
             names.append(name)
         except OSError as err:
-            kept = "" if not done else f"; {names[0]} was written" if done == 1 else \
-                f"; {names[0]} to {names[done - 1]} were written"
-            raise OSError(err.errno, f"could not write {out / name} ({err.strerror or err}){kept}") from err
+            left = len(images) - done
+            others = "the other image was not" if left == 1 else f"the other {left} images were not"
+            written = names[0] if done == 1 else f"{names[0]} to {names[done - 1]}"
+            kept = f"{written} {'was' if done == 1 else 'were'} written, {others}" if done else \
+                "No image of this call was written"
+            raise write_error(out / name, err, kept) from err
     print(f"wrote {len(images)} images to {out} ({names[0]}{f' to {names[-1]}' if len(names) > 1 else ''})")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,11 +197,13 @@ def test_a_failing_image_write_leaves_no_half_file(tmp_path, capsys, monkeypatch
         return real(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil._ntuple_diskusage(2 ** 30, 2 ** 30 - 2 ** 21, 2 ** 21))
     sample = ["sample", "--model", str(tmp_path / "model"), "--residuals", str(out), "--prompt", "a photo of a sks dog",
               "--num-images", "2", "--steps", "2", "--out", str(samples), "--device", "cpu"]
     assert main(sample) == 2
-    assert f"could not write {samples / '001.png'} (No space left on device); 000.png was written" in \
-        capsys.readouterr().err
+    assert (f"could not write {samples / '001.png'}: No space left on device (2 MiB free there); free some space or "
+            "write to another disk, then try again. 000.png was written, the other image was not\n"
+            ) in capsys.readouterr().err
     assert sorted(p.name for p in samples.iterdir()) == ["000.png"]  # no half 001.png, no temporary file
     assert Image.open(samples / "000.png").size == (16, 16)
 
