@@ -136,6 +136,15 @@ def test_channels_last_patches_on_the_cpu_fall_back_to_the_same_numbers(freeu, s
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads, ref_grads))
 
 
+def test_an_empty_input_keeps_torch_path(monkeypatch):
+    """An empty H*W used to reach the kernels' plan and divide by zero; torch returns an empty tensor."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 32, 0, 4).contiguous(memory_format=torch.channels_last)
+    assert not nhwc.usable(x, 8, None, None) and nhwc.usable(torch.randn(2, 32, 1, 4).contiguous(
+        memory_format=torch.channels_last), 8, None, None) == (nhwc.triton is not None)
+    assert nhwc.group_norm_nhwc(x, 8, silu=True).shape == x.shape
+
+
 def test_trainable_norms_keep_torch_path():
     x = torch.randn(1, 8, 2, 2, device="cuda" if torch.cuda.is_available() else "cpu")
     weight = torch.ones(8, device=x.device, requires_grad=True)

@@ -270,7 +270,7 @@ class _GroupNormNHWC(torch.autograd.Function):
 def usable(x: torch.Tensor, groups: int, weight, bias) -> bool:
     """Whether ``group_norm_nhwc`` takes the kernel path for these arguments (else it falls back to torch)."""
     frozen = all(t is None or not t.requires_grad for t in (weight, bias))
-    return (available(x) and frozen and x.dim() == 4 and x.shape[1] % groups == 0
+    return (available(x) and frozen and x.dim() == 4 and x.numel() > 0 and x.shape[1] % groups == 0
             and x.is_contiguous(memory_format=torch.channels_last) and x.dtype in (torch.float16, torch.bfloat16,
                                                                                    torch.float32))
 
