@@ -26,8 +26,9 @@ def wanted(fast, device: torch.device) -> bool:
 def key(pipe, concept, config, params, fast, amp) -> tuple:
     """What decides the kernels a training step launches: thread, UNet, shapes, precision and switches."""
     unet = pipe.unet
+    checkpointing = config.gradient_checkpointing or getattr(unet, "is_gradient_checkpointing", False)  # as run
     return (threading.get_ident(), id(unet), config.batch_size, concept.images[0].size, unet.dtype, amp,
-            tuple(p.shape for p in params), repr(fast), config.gradient_checkpointing,
+            tuple(p.shape for p in params), repr(fast), checkpointing,
             config.prior_images.images[0].size if config.prior_images is not None else None)
 
 

@@ -778,3 +778,21 @@ def test_cuda_a_unet_checkpointed_by_its_owner_still_trains_in_one_graph(tmp_pat
     assert all(math.isfinite(v) for v in result.losses) and len(set(result.losses)) == 6
     assert result.losses == pytest.approx(eager.losses, rel=1e-3)
     assert _checkpointing(pipe.unet) == before and pipe.unet.is_gradient_checkpointing
+
+
+def test_the_warm_up_key_follows_the_checkpointing_that_will_run(pipe, concept):
+    """The loop checkpoints a UNet whose owner enabled it even with gradient_checkpointing=False; a warm-up done
+    without checkpointing used to count for it (same key), and its first step paid the plans it had skipped."""
+    from prkit import fast_warmup
+    from prkit.fast import FastConfig
+    from prkit.train import TrainConfig
+
+    fast = FastConfig()
+    plain = fast_warmup.key(pipe, concept, TrainConfig(), [], fast, None)
+    asked = fast_warmup.key(pipe, concept, TrainConfig(gradient_checkpointing=True), [], fast, None)
+    pipe.unet.enable_gradient_checkpointing()
+    try:
+        owner = fast_warmup.key(pipe, concept, TrainConfig(), [], fast, None)
+    finally:
+        pipe.unet.disable_gradient_checkpointing()
+    assert plain != asked and owner == asked
