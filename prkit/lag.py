@@ -57,11 +57,34 @@ def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     ids = _padded(tokenizer, prompt).input_ids
     found: set[int] = set()
     for word in words:
-        sub = _word_ids(tokenizer, word)
-        for start in _starts(ids, sub):
-            if _begins_a_word(tokenizer, ids, start, sub):
-                found.update(range(start, start + len(sub)))
+        for start, end in _occurrences(tokenizer, ids, word):
+            found.update(range(start, end))
     return sorted(found)
+
+
+def _occurrences(tokenizer, ids: list[int], word: str) -> list[tuple[int, int]]:
+    """(start, end) of every whole-word occurrence of ``word``'s tokens in the token ids ``ids``."""
+    sub = _word_ids(tokenizer, word)
+    return [(start, start + len(sub)) for start in _starts(ids, sub) if _begins_a_word(tokenizer, ids, start, sub)]
+
+
+CLASS_WORD_REACH = 3  # tokens that may stand between an identifier and its class word ("sks dog", "sks red dog")
+
+
+def _own_class_word(tokenizer, ids: list[int], identifiers: list[tuple[int, int]], starts: list[int],
+                    class_word: str) -> list[int]:
+    """Positions of the class word that belongs to each of a concept's ``identifiers`` (start, end): its first
+    occurrence after the identifier, at most ``CLASS_WORD_REACH`` tokens on and before the next identifier of any
+    concept (``starts``). Another copy of the class word ("a sks dog next to a zwx dog", "... next to the dog") is
+    another subject's."""
+    found: list[int] = []
+    words = _occurrences(tokenizer, ids, class_word)
+    for _, end in identifiers:
+        stop = min([s for s in starts if s >= end] + [end + CLASS_WORD_REACH + 1])
+        own = next(((a, b) for a, b in words if end <= a < stop), None)
+        if own is not None:
+            found.extend(range(*own))
+    return found
 
 
 def _padded(tokenizer, prompt: str):
@@ -118,7 +141,9 @@ def _starts(ids: list[int], sub: list[int]) -> list[int]:
 def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residuals],
                     include_class: bool = True, convert: Callable[[str], str] | None = None,
                     require: bool = True) -> torch.Tensor:
-    """Token weights (P, T, S): 1 at the positions of concept s's words in prompt p.
+    """Token weights (P, T, S): 1 at the positions of concept s's words in prompt p: its identifier, and with
+    ``include_class`` the class word that follows it (``_own_class_word``: not a copy of the word naming another
+    subject).
 
     Args:
         convert: how the pipeline rewrites a text before it tokenizes it (``encoded_text``); applied to prompts
@@ -131,16 +156,21 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
     convert = convert or (lambda text: text)
     length = tokenizer.model_max_length
     weights = torch.zeros(len(prompts), length, len(concepts))
-    for s, concept in enumerate(concepts):
+    for concept in concepts:
         if not concept.token:
             raise ValueError(f"residual set {concept.name!r} has no token; LAG needs the concept's identifier "
                              "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
+    ids = [_padded(tokenizer, convert(prompt)).input_ids for prompt in prompts]
+    identifiers = [[_occurrences(tokenizer, row, convert(concept.token)) for concept in concepts] for row in ids]
+    starts = [sorted(a for occurrences in row for a, _ in occurrences) for row in identifiers]
+    for s, concept in enumerate(concepts):
         for p, prompt in enumerate(prompts):
             encoded = convert(prompt)
-            found = token_positions(tokenizer, encoded, [convert(concept.token)])
+            found = [i for a, b in identifiers[p][s] for i in range(a, b)]
             if found:
-                if include_class and concept.class_word:
-                    found += token_positions(tokenizer, encoded, [convert(concept.class_word)])
+                if include_class and concept.class_word:  # its own class word, not another subject's
+                    found += _own_class_word(tokenizer, ids[p], identifiers[p][s], starts[p],
+                                             convert(concept.class_word))
                 weights[p, found, s] = 1.0
             elif require:
                 full = tokenizer(encoded, add_special_tokens=True).input_ids

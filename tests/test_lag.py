@@ -432,3 +432,26 @@ def test_lag_adds_no_unet_evaluation_counted_inside_the_unet(pipe):
         seen[lag] = dict(calls)
     assert seen[False] == {"conv_in": 3, "blocks": 3 * 7}
     assert seen[True] == seen[False]
+
+
+def test_a_concepts_class_word_is_the_one_after_its_identifier(tokenizer):
+    """Every copy of the class word used to count for the concept: with two dogs, each set's mask took in the other
+    dog, and "... next to the dog" put the residual on an ordinary dog. Now the class word after the identifier
+    counts (up to CLASS_WORD_REACH tokens on, before the next identifier)."""
+    from tiny import tiny_unet
+
+    u = tiny_unet()
+    a = prkit.add_residuals(u, name="a", token="sks", class_word="dog")
+    b = prkit.add_residuals(u, name="b", token="zwx", class_word="dog")
+
+    def marked(prompt, sets):
+        weights = concept_weights(tokenizer, [prompt], sets)
+        return [weights[0, :, s].nonzero().flatten().tolist() for s in range(len(sets))]
+    # <bos> a sks dog next to a zwx dog <eos>
+    assert marked("a sks dog next to a zwx dog", [a, b]) == [[2, 3], [7, 8]]
+    assert marked("a sks dog next to a dog", [a]) == [[2, 3]]
+    assert marked("a dog next to a sks dog", [a]) == [[6, 7]]
+    assert marked("a sks photo of a dog", [a]) == [[2, 6]]  # three tokens on: still its own
+    assert marked("a sks photo of a a dog", [a]) == [[2]]  # farther: the identifier alone
+    assert marked("sks zwx dog", [a, b]) == [[1], [2, 3]]  # the next identifier comes first
+    assert marked("a sks dog next to a sks dog", [a]) == [[2, 3, 7, 8]]  # each identifier its own
