@@ -8,7 +8,9 @@ model work: no tokenizer, VAE or UNet is touched here.
 from __future__ import annotations
 
 import json
+import os
 import re
+import string
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +79,9 @@ class Concept:
         """Write the crops as 00.png, 01.png, ... plus concept.json; `load_concept` reads it back.
 
         Args:
-            folder: target folder, created if needed; must not hold other images.
+            folder: target folder, created if needed; must not hold other images, nor images of the names it
+                writes unless an earlier save wrote them (its concept.json is there): a concept's own photos are
+                never overwritten.
         Returns:
             The folder.
         """
@@ -90,6 +94,14 @@ class Concept:
         if stale:
             raise ConceptDataError(f"cannot save concept to '{folder}': it already holds other "
                                    f"images ({', '.join(stale[:5])}). Use an empty folder.")
+        taken = sorted(name for name in names if (folder / name).exists())
+        if taken and not (folder / "concept.json").is_file():  # not an earlier save's crops: someone's images
+            sources = {os.path.realpath(p) for p in self.paths}
+            own = any(os.path.realpath(folder / name) in sources for name in taken)
+            raise ConceptDataError(f"cannot save concept to '{folder}': it already holds "
+                                   f"{', '.join(taken[:5])}, which no earlier save wrote (no concept.json)"
+                                   f"{' and which are this concept' + chr(39) + 's own source photos' if own else ''}"
+                                   "; the crops would overwrite them. Save to an empty folder.")
         from .atomic import atomic_path  # each file whole or not at all: an interrupt leaves no half a PNG
 
         for im, name in zip(self.images, names):
@@ -118,13 +130,18 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     if token.strip().lower() == class_word.strip().lower():
         raise ConceptDataError(f"token and class_word are both {token!r}; the token must be a "
                                "rare identifier (e.g. 'sks') distinct from the class word.")
-    try:
-        ok = "{token}" in template and bool(template.format(token=token, class_word=class_word))
-    except (KeyError, IndexError, ValueError):
+    if not isinstance(template, str):
+        raise ConceptDataError(f"prompt_template must be a string with {{token}} (and {{class_word}}), got "
+                               f"{template!r}; fix it where it comes from (the argument or concept.json).")
+    try:  # plain fields only: "{{token}}" is a literal, "{class_word.x}" or "{token!r}" not the word itself
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        ok = ("token" in [f[0] for f in fields] and all(name in ("token", "class_word") and not spec and not conv
+                                                         for name, spec, conv in fields))
+    except ValueError:
         ok = False
     if not ok:
         raise ConceptDataError(f"prompt_template {template!r} must contain {{token}} and may "
-                               "use only {token} and {class_word}.")
+                               "use only {token} and {class_word}, as plain fields.")
     others = re.findall(r"\w+", template.replace("{token}", " ").replace("{class_word}", f" {class_word} ").lower())
     if token.strip().lower() in others:  # its attention (and LAG's mask) would take the other occurrence too
         raise ConceptDataError(f"token {token!r} is also another word of the training prompt "
@@ -177,8 +194,17 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
             if not isinstance(meta, dict):
                 raise ValueError(f"expected a JSON object, found a {type(meta).__name__}")
         except (OSError, ValueError) as e:
-            raise ConceptDataError(f"cannot read '{meta_path}': {e}. Fix or delete it, or pass "
-                                   "token and class_word explicitly.") from e
+            if token is None or class_word is None:
+                raise ConceptDataError(f"cannot read '{meta_path}': {e}. Fix or delete it, or pass "
+                                       "token and class_word explicitly.") from e
+            warnings.warn(f"cannot read '{meta_path}' ({e}); training with the token and class word given and "
+                          f"{'the prompt template given' if prompt_template else 'the default prompt template'} "
+                          "(fix or delete the file to silence this)", stacklevel=2)
+            meta = {}
+        if prompt_template is None and not isinstance(meta.get("prompt_template", ""), (str, type(None))):
+            raise ConceptDataError(f"'{meta_path}': prompt_template must be a string with {{token}} (and "
+                                   f"{{class_word}}), got {meta['prompt_template']!r}; fix or delete it there, or pass "
+                                   "prompt_template=...")
         token = meta.get("token") if token is None else token
         class_word = meta.get("class_word") if class_word is None else class_word
         prompt_template = prompt_template or meta.get("prompt_template")

@@ -534,3 +534,56 @@ def test_heic_photos_are_read_once_pillow_heif_is_installed(tmp_path, monkeypatc
         concept = load_concept(tmp_path, "sks", "dog", R)
     assert registered and len(concept) == 4 and concept.paths[-1].name == "IMG_9.HEIC"
     assert concept.images[-1].getpixel((16, 16)) == RED
+
+
+def test_save_refuses_to_overwrite_images_no_earlier_save_wrote(tmp_path):
+    """Saving a concept into the folder it was loaded from overwrote the user's photos (00.png, ...) with the crops;
+    images of those names that no earlier save wrote (no concept.json) are now kept and the save refused."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (120, 90), (60 * i, 80, 160)).save(src / f"{i:02d}.png")
+    before = [(src / f"{i:02d}.png").read_bytes() for i in range(3)]
+    c = load_concept(src, "sks", "dog", R)
+    with pytest.raises(ConceptDataError, match=r"00\.png, 01\.png, 02\.png.*own source photos.*empty folder"):
+        c.save(src)
+    assert [(src / f"{i:02d}.png").read_bytes() for i in range(3)] == before and not (src / "concept.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (8, 8)).save(other / "01.png")
+    with pytest.raises(ConceptDataError, match=r"01\.png, which no earlier save wrote"):
+        c.save(other)
+    out = c.save(tmp_path / "prepared")
+    load_concept(out, None, None, R).save(out)  # an earlier save's crops: written again
+
+
+def test_an_unreadable_concept_json_does_not_block_words_given_explicitly(tmp_path):
+    folder = make_folder(tmp_path)
+    (folder / "concept.json").write_text("{bad")
+    with pytest.raises(ConceptDataError, match=r"cannot read .*concept\.json.*pass token and class_word"):
+        load_concept(folder, None, None, R)
+    with pytest.warns(UserWarning, match=r"cannot read .*concept\.json.*default prompt template"):
+        c = load_concept(folder, "sks", "dog", R)
+    assert c.prompt == "a photo of a sks dog" and len(c.images) == 3
+
+
+@pytest.mark.parametrize("template, where", [
+    ("a photo of {{token}} {class_word}", "argument"),  # a literal "{token}": no identifier in the prompt
+    ("a {token} {class_word.upper}", "argument"),
+    ("a {token!r} {class_word}", "argument"),
+    ("a {token:>10} {class_word}", "argument"),
+    (5, "concept.json"),
+    (["a {token}"], "concept.json"),
+])
+def test_prompt_templates_are_plain_fields_and_strings(tmp_path, template, where):
+    """A number in concept.json raised a bare TypeError, "{{token}}" trained on the literal text '{token}', and
+    attribute access raised a bare AttributeError; each now names prompt_template (and the file it came from)."""
+    folder = make_folder(tmp_path)
+    if where == "argument":
+        with pytest.raises(ConceptDataError, match="prompt_template"):
+            load_concept(folder, "sks", "dog", R, prompt_template=template)
+    else:
+        (folder / "concept.json").write_text(json.dumps({"token": "sks", "class_word": "dog",
+                                                         "prompt_template": template}))
+        with pytest.raises(ConceptDataError, match=r"concept\.json.*prompt_template must be a string"):
+            load_concept(folder, None, None, R)
