@@ -175,6 +175,9 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     if not isinstance(config.resolution, int) or isinstance(config.resolution, bool) or config.resolution < 1:
         raise ConceptDataError(f"resolution must be a positive int (the crops' side in pixels), "
                                f"got {config.resolution!r}.")
+    if not isinstance(config.max_side, int) or isinstance(config.max_side, bool) or config.max_side < 1:
+        raise ConceptDataError(f"DataConfig.max_side must be a positive int (pixels; larger photos are downscaled "
+                               f"first), got {config.max_side!r}.")
     folder = Path(folder).expanduser()
     meta_path = folder / "concept.json"
     try:  # a folder this user may not read is named as such, not by a concept.json that may not be there

@@ -192,8 +192,9 @@ def load_image(path: str | Path, resolution: int = 512, center_crop: bool = True
     Returns:
         PIL image, mode RGB, size (resolution, resolution).
     """
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ConceptDataError(f"resolution must be a positive int, got {resolution!r}.")
+    for name, value in (("resolution", resolution), ("max_side", max_side)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConceptDataError(f"{name} must be a positive int (pixels), got {value!r}.")
     path = Path(path).expanduser()
     try:
         img = _decode(path, max_side, resolution)

@@ -587,3 +587,16 @@ def test_prompt_templates_are_plain_fields_and_strings(tmp_path, template, where
                                                          "prompt_template": template}))
         with pytest.raises(ConceptDataError, match=r"concept\.json.*prompt_template must be a string"):
             load_concept(folder, None, None, R)
+
+
+@pytest.mark.parametrize("field, value", [("max_side", 0), ("max_side", -1), ("max_side", None), ("max_side", "8192"),
+                                          ("max_side", True), ("resolution", True)])
+def test_sizes_given_wrongly_are_named(tmp_path, field, value):
+    """max_side=0 raised ZeroDivisionError, None or '8192' a TypeError, and load_image(path, True) returned a 1x1
+    image; each is now refused naming the argument."""
+    folder = make_folder(tmp_path)
+    with pytest.raises(ConceptDataError, match=f"{field} must be a positive int"):
+        load_image(folder / "00.png", **{"resolution": R, field: value})
+    if field == "max_side":
+        with pytest.raises(ConceptDataError, match="max_side must be a positive int"):
+            load_concept(folder, "sks", "dog", config=DataConfig(resolution=R, max_side=value))
