@@ -333,6 +333,8 @@ def capture_attention(unet, state: CaptureState | None = None, *,
     Raises:
         ValueError: an ``attn2`` has a processor prkit cannot replace (IP-Adapter's), or there is no ``attn2``.
     """
+    if store is not None and not isinstance(store, AttentionStore):
+        raise TypeError(f"store must be a prkit.AttentionStore to fill (store=AttentionStore()), got {store!r}")
     cfg = False
     if not isinstance(unet, nn.Module) and isinstance(getattr(unet, "unet", None), nn.Module):  # a pipeline
         from .lag_watch import pipeline_cfg

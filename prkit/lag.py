@@ -335,6 +335,8 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
         ValueError: a set is not on this UNet (removed, or on another one), is merged, or has no identifier in a
             prompt; an attn2 processor cannot be replaced (IP-Adapter).
     """
+    if config is not None and not isinstance(config, LAGConfig):
+        raise TypeError(f"config must be a prkit.LAGConfig (e.g. LAGConfig(threshold='otsu')), got {config!r}")
     config = config or LAGConfig()
     sets = [residuals] if isinstance(residuals, (Residuals, str)) else list(residuals)  # a name: refused whole
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -51,6 +51,10 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         the list of images (PIL unless ``output_type`` says otherwise).
     """
     config = config or SampleConfig()
+    if lag_config is not None and not isinstance(lag_config, LAGConfig):
+        raise TypeError(f"lag_config must be a prkit.LAGConfig (e.g. LAGConfig(threshold='otsu')), got {lag_config!r}")
+    if store is not None and not isinstance(store, AttentionStore):
+        raise TypeError(f"store must be a prkit.AttentionStore to fill (store=AttentionStore()), got {store!r}")
     sets = _sets(pipe, residuals)
     _check_prompt(prompt, pipe_kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -302,3 +302,23 @@ def test_lag_on_a_compiled_unet_samples_as_eager(pipe):
             np.testing.assert_allclose(prkit.generate(pipe, PROMPT, dog, lag=lag, **FAST), want[lag], atol=1e-6)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kwargs, named", [({"lag_config": "median"}, "lag_config must be a prkit.LAGConfig"),
+                                           ({"lag_config": {"threshold": "otsu"}}, "lag_config must be"),
+                                           ({"store": True}, "store must be a prkit.AttentionStore"),
+                                           ({"store": True, "lag": False}, "store must be a prkit.AttentionStore")])
+def test_sampling_arguments_of_the_wrong_type_are_named(pipe, kwargs, named):
+    """lag_config='median' failed with "'str' object has no attribute 'include_class'" and store=True with
+    "'bool' object has no attribute 'clear'"; both are now refused naming the argument, the UNet untouched."""
+    residuals = prkit.add_residuals(pipe.unet, token="sks", class_word="dog", seed=0)
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(TypeError, match=named):
+        prkit.generate(pipe, "a photo of a sks dog", residuals, steps=2, **kwargs)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    with pytest.raises(TypeError, match="store must be"):
+        with capture_attention(pipe.unet, store=[]):
+            pass
+    with pytest.raises(TypeError, match="config must be a prkit.LAGConfig"):
+        with lag_sampling(pipe, residuals, "a photo of a sks dog", config="median"):
+            pass
