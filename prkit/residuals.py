@@ -32,8 +32,15 @@ class ResidualConfig:
     """How residuals are shaped."""
 
     rank: float | int | dict[str, int] = 0.05  # fraction of channels (float < 1), fixed int, or block -> rank
-    init: str = "kaiming"  # the random factor's init; the other factor starts at zero
+    # the random factor's init, the only one: kaiming-uniform, as nn.Linear's and peft's lora_A; the other factor
+    # starts at zero (the output is unchanged until trained)
+    init: str = "kaiming"
     seed: int | None = None  # seeds the random factor (None: torch's global generator)
+
+    def __post_init__(self):
+        if self.init != "kaiming":
+            raise ValueError(f"ResidualConfig.init: {self.init!r} is not an init prkit has; 'kaiming' (kaiming-uniform "
+                             "for the random factor, zeros for the other) is the one")
 
 
 def rank_for(channels: int, rank: float | int) -> int:
@@ -213,6 +220,9 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
     Returns:
         a ``Residuals`` handle. The UNet's output is unchanged until the set is trained.
     """
+    if config is not None and ((rank != 0.05 and rank != config.rank) or (seed is not None and seed != config.seed)):
+        raise ValueError(f"add_residuals: rank={rank!r}, seed={seed!r} and config={config!r} disagree; pass rank and "
+                         "seed either directly or through config")
     config = config or ResidualConfig(rank=rank, seed=seed)
     projections = find_projections(unet)
     if not projections:

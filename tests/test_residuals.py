@@ -535,3 +535,20 @@ def test_a_float_rank_of_one_or_more_is_refused_not_guessed(bad):
 
     with pytest.raises(ValueError, match=rf"rank {bad!r} is neither a fraction .* nor a whole rank, which is an int"):
         prkit.add_residuals(tiny_unet(), rank=bad)
+
+
+def test_a_residual_config_is_not_silently_overridden_or_ignored():
+    """ResidualConfig.init accepted any name and was never read, and rank/seed passed beside a config were dropped
+    (add_residuals(unet, rank=8, config=ResidualConfig()) gave the config's 5%); both are now refused by name."""
+    from prkit.residuals import ResidualConfig
+    from tiny import tiny_unet
+
+    with pytest.raises(ValueError, match="ResidualConfig.init: 'normal'"):
+        ResidualConfig(init="normal")
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="rank=8, seed=3 and config=.* disagree"):
+        prkit.add_residuals(unet, rank=8, seed=3, config=ResidualConfig())
+    with pytest.raises(ValueError, match="disagree"):
+        prkit.add_residuals(unet, seed=3, config=ResidualConfig(seed=4))
+    agreed = prkit.add_residuals(unet, rank=2, seed=3, config=ResidualConfig(rank=2, seed=3))
+    assert set(agreed.ranks().values()) == {2}
