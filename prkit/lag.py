@@ -236,7 +236,13 @@ def make_mask(maps: torch.Tensor, config: LAGConfig) -> torch.Tensor:
     """Turn concept maps (B, N) into masks (B, N) in [0, 1] with the configured threshold."""
     method = config.threshold
     if callable(method):
-        return method(maps).float()
+        mask = method(maps)
+        if not isinstance(mask, torch.Tensor) or mask.shape != maps.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"LAGConfig.threshold {getattr(method, '__name__', method)!r} returned {got} for maps "
+                             f"of shape {tuple(maps.shape)} (images x positions); it must return a mask of that "
+                             "shape, values in [0, 1]")
+        return mask.float()
     if method == "median":
         return (maps > maps.median(dim=1, keepdim=True).values).float()
     if method == "mean":

@@ -455,3 +455,13 @@ def test_a_concepts_class_word_is_the_one_after_its_identifier(tokenizer):
     assert marked("a sks photo of a a dog", [a]) == [[2]]  # farther: the identifier alone
     assert marked("sks zwx dog", [a, b]) == [[1], [2, 3]]  # the next identifier comes first
     assert marked("a sks dog next to a sks dog", [a]) == [[2, 3, 7, 8]]  # each identifier its own
+
+
+@pytest.mark.parametrize("threshold, got", [(lambda m: m.mean(dim=1), "(2,)"), (lambda m: m.tolist(), "list")])
+def test_a_threshold_function_of_the_wrong_shape_is_named(threshold, got):
+    """A callable threshold returning another shape failed deep inside the residual layer ("shape '[2, 1, 8, 8]' is
+    invalid for input of size 2"); make_mask now names the threshold and the shape it must return."""
+    maps = torch.rand(2, 64)
+    with pytest.raises(ValueError, match=re.escape(f"returned {got} for maps of shape (2, 64)")):
+        make_mask(maps, LAGConfig(threshold=threshold))
+    assert torch.equal(make_mask(maps, ONES), torch.ones(2, 64))
