@@ -155,7 +155,8 @@ def _draft(img: Image.Image, max_side: int | None, resolution: int | None) -> No
     # either reduction loses nothing that would be kept: _square shrinks past max_side anyway, and a crop with 4x
     # the pixels it needs per side is resized down with a filter after this
     k = max(w, h) // max_side if max_side and max(w, h) > max_side else 1
-    if resolution:
+    if resolution:  # never below the crop's side (a panorama's short side): that would be upscaled again
+        k = min(k, max(1, min(w, h) // resolution))
         k = max(k, min(w, h) // (4 * resolution))
     if k > 1:
         img.draft(img.mode, (max(1, w // k), max(1, h // k)))
@@ -163,9 +164,12 @@ def _draft(img: Image.Image, max_side: int | None, resolution: int | None) -> No
 
 def _square(img: Image.Image, path: Path, resolution: int, center_crop: bool,
             max_side: int) -> Image.Image:
-    """Downscale oversized images, crop the central square (or not) and resize."""
+    """Downscale oversized images (never below ``resolution`` on the short side, which the crop keeps), crop the
+    central square (or not) and resize."""
     if max(img.size) > max_side:
-        img = img.reduce(-(-max(img.size) // max_side))  # ceil division
+        factor = min(-(-max(img.size) // max_side), max(1, min(img.size) // resolution))  # ceil division, capped
+        if factor > 1:
+            img = img.reduce(factor)
     w, h = img.size
     s = min(w, h)
     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if center_crop \

@@ -600,3 +600,17 @@ def test_sizes_given_wrongly_are_named(tmp_path, field, value):
     if field == "max_side":
         with pytest.raises(ConceptDataError, match="max_side must be a positive int"):
             load_concept(folder, "sks", "dog", config=DataConfig(resolution=R, max_side=value))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_a_wide_panorama_is_not_shrunk_below_the_crop(tmp_path, fmt):
+    """A 4000x400 panorama with max_side=2000 was halved by its long side first, so its 400 px square came out
+    200 px and was upscaled (with a warning to use larger originals); the reduction now stops at the crop's side."""
+    img = halves((200, 30, 30), (30, 30, 200), (4000, 400))
+    img.save(tmp_path / f"pano.{fmt}", quality=95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "upscaling it" warning
+        out = load_image(tmp_path / f"pano.{fmt}", 300, max_side=2000)
+    assert out.size == (300, 300)
+    tall = load_image(tmp_path / f"pano.{fmt}", 64, max_side=2000)  # room to reduce: still reduced, still square
+    assert tall.size == (64, 64)
