@@ -150,6 +150,15 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     return token, class_word.strip()
 
 
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where it cannot be asked (a link into a folder this user may not search): the entry
+    is then read as an image, and reading names it."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def load_concept(folder: str | Path, token: str | None = None, class_word: str | None = None,
                  resolution: int = 512, *, config: DataConfig | None = None,
                  skip_bad: bool = False, prompt_template: str | None = None) -> Concept:
@@ -217,9 +226,9 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     visible = [p for p in entries
                if not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES]
     # by name: a broken link to an image is then named as one when it is read, not passed over
-    images = [p for p in visible if not p.is_dir()
+    images = [p for p in visible if not _is_dir(p)
               and (p.suffix.lower() in IMAGE_EXTENSIONS or _plugin_opens(p.suffix.lower()))]
-    others = [p.name + ("/" if p.is_dir() else "") for p in visible if p not in images]
+    others = [p.name + ("/" if _is_dir(p) else "") for p in visible if p not in images]
     plugins = sorted({_NEEDS_PLUGIN[Path(o).suffix.lower()] for o in others if Path(o).suffix.lower() in _NEEDS_PLUGIN})
     accepted = ", ".join(_COMMON_EXTENSIONS) + ", or any other format this Pillow opens"
     if plugins:

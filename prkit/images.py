@@ -93,12 +93,17 @@ def _decode(path: Path, max_side: int | None = None, resolution: int | None = No
     four times `resolution`: a 108-megapixel phone photo then takes a fraction of the time and memory. Images
     between the bomb warning and Pillow's hard limit (twice it) are read; beyond it is an error.
     """
-    if path.is_dir():
-        raise _Unreadable(path, "it is a folder, not an image file")
-    if not path.is_file():
-        raise _Unreadable(path, "no such file" + (" (a broken link)" if path.is_symlink() else ""))
-    if path.stat().st_size == 0:
-        raise _Unreadable(path, "the file is empty (0 bytes)")
+    try:
+        if path.is_dir():
+            raise _Unreadable(path, "it is a folder, not an image file")
+        if not path.is_file():
+            raise _Unreadable(path, "no such file" + (" (a broken link)" if path.is_symlink() else "")
+                              if not path.exists() else "not a regular file (a pipe, socket or device)")
+        if path.stat().st_size == 0:
+            raise _Unreadable(path, "the file is empty (0 bytes)")
+    except PermissionError as e:  # a link into a folder this user may not search
+        raise _Unreadable(path, f"permission denied ({e.strerror}); make it and its folder readable, or copy it "
+                                "somewhere that is") from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # huge photos are downscaled below

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -614,3 +615,31 @@ def test_a_wide_panorama_is_not_shrunk_below_the_crop(tmp_path, fmt):
     assert out.size == (300, 300)
     tall = load_image(tmp_path / f"pano.{fmt}", 64, max_side=2000)  # room to reduce: still reduced, still square
     assert tall.size == (64, 64)
+
+
+def test_an_image_that_cannot_be_asked_about_is_named_and_skippable(tmp_path, monkeypatch):
+    """A link into a folder this user may not search made Path.is_dir() raise PermissionError: load_concept failed
+    with it even under skip_bad=True, and load_image with a bare traceback. A FIFO named like an image was reported
+    as "no such file"."""
+    folder = make_folder(tmp_path / "c")
+    locked = folder / "09.png"
+    locked.write_bytes(b"")
+    real_is_dir, real_is_file = Path.is_dir, Path.is_file
+
+    def denied(method):
+        def ask(self, *args, **kwargs):
+            if self.name == "09.png":
+                raise PermissionError(13, "Permission denied", str(self))
+            return method(self, *args, **kwargs)
+        return ask
+    monkeypatch.setattr(Path, "is_dir", denied(real_is_dir))
+    monkeypatch.setattr(Path, "is_file", denied(real_is_file))
+    with pytest.raises(ConceptDataError, match=r"09\.png.*permission denied.*make it and its folder readable"):
+        load_concept(folder, "sks", "dog", R)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*09\.png"):
+        assert len(load_concept(folder, "sks", "dog", R, skip_bad=True).images) == 3
+    monkeypatch.undo()
+    locked.unlink()
+    os.mkfifo(folder / "pipe.png")
+    with pytest.raises(ConceptDataError, match=r"pipe\.png.*not a regular file"):
+        load_image(folder / "pipe.png", R)
