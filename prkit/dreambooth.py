@@ -84,7 +84,12 @@ def load_dreambooth(root: str | Path) -> DreamBoothDataset:
     if not spec.is_file():
         raise ConceptDataError(f"'{spec}' not found; point load_dreambooth at the DreamBooth "
                                "dataset folder (the one holding prompts_and_classes.txt).")
-    text = spec.read_text(encoding="utf-8")
+    try:
+        text = spec.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = f"not UTF-8 text ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise ConceptDataError(f"cannot read '{spec}': {reason}; it should be the DreamBooth dataset's own "
+                               "prompts_and_classes.txt (UTF-8): restore it from the dataset") from e
     split = re.search(r"^[ \t]*Prompts[ \t]*$", text, re.M)  # the header between the two parts
     head, prompt_part = (text[: split.start()], text[split.end():]) if split else (text, "")
     listed: dict[str, str] = {}

@@ -643,3 +643,9 @@ def test_an_image_that_cannot_be_asked_about_is_named_and_skippable(tmp_path, mo
     os.mkfifo(folder / "pipe.png")
     with pytest.raises(ConceptDataError, match=r"pipe\.png.*not a regular file"):
         load_image(folder / "pipe.png", R)
+
+
+def test_a_dreambooth_list_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "prompts_and_classes.txt").write_bytes(b"subject_name,class\ndog,dog\n\xff\xfe\n")
+    with pytest.raises(ConceptDataError, match=r"prompts_and_classes\.txt': not UTF-8 text .* at byte"):
+        load_dreambooth(tmp_path)
