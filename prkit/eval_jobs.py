@@ -25,11 +25,11 @@ def variants(method: str) -> list[tuple[str, bool]]:
 
 
 def job_list(methods: Sequence[str], subjects: Sequence[str]) -> list[tuple[str, str]]:
-    """Every (method, subject) pair, method-major."""
+    """Every (method, subject) pair, method-major; a method or subject named twice runs once."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; known: {', '.join(METHODS)}")
-    return [(m, s) for m in methods for s in subjects]
+    return [(m, s) for m in dict.fromkeys(methods) for s in dict.fromkeys(subjects)]
 
 
 def job_cost(method: str, config: EvalConfig, prompts: int) -> float:

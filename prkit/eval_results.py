@@ -26,7 +26,7 @@ def read_rows(path: Path) -> list[dict]:
     """Rows of a results CSV (strings), [] when it does not exist."""
     if not Path(path).is_file():
         return []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -45,7 +45,7 @@ def write_rows(path: Path, rows: list[dict], columns: Sequence[str] = COLUMNS) -
     from .atomic import atomic_path
 
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
@@ -211,9 +211,9 @@ def check_settings(out: str | Path, config, done: set) -> dict:
     path, old_run = Path(out) / SETTINGS, Path(out) / "run.json"
     saved = None
     if done and path.is_file():
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     elif done and old_run.is_file():
-        saved = (json.loads(old_run.read_text()) or {}).get("config")
+        saved = (json.loads(old_run.read_text(encoding="utf-8")) or {}).get("config")
     if not saved:
         return settings
     ran = {method for method, _ in done}
@@ -232,4 +232,4 @@ def write_settings(out: str | Path, settings: dict) -> None:
     from .atomic import atomic_path
 
     with atomic_path(Path(out) / SETTINGS) as tmp:
-        Path(tmp).write_text(json.dumps(settings, indent=2) + "\n")
+        Path(tmp).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

@@ -43,15 +43,36 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     root = Path(root)
     spec = root / "dataset.json"
     entries = []
+
+    def read_json(path: Path):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConceptDataError(f"cannot read '{path}': {e}; fix it (CustomConcept101's layout) or restore it "
+                                   "from the dataset") from e
+
+    def field(item, key: str, path: Path, what: str):
+        value = item.get(key) if isinstance(item, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise ConceptDataError(f"'{path}': {what} has no {key!r} (a non-empty string); CustomConcept101's "
+                                   f"layout gives it for every concept")
+        return value
+
     if spec.is_file():
-        for item in json.loads(spec.read_text()):
-            entries.append((root / item["instance_data_dir"], item["class_prompt"], root / item["prompt_filename"]))
+        items = read_json(spec)
+        if not isinstance(items, list):
+            raise ConceptDataError(f"'{spec}' must hold a list of concepts (CustomConcept101's dataset.json), found "
+                                   f"a {type(items).__name__}")
+        for i, item in enumerate(items):
+            what = f"entry {i}"
+            folder, class_word = field(item, "instance_data_dir", spec, what), field(item, "class_prompt", spec, what)
+            entries.append((root / folder, class_word, root / field(item, "prompt_filename", spec, what)))
     elif root.is_dir():
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "prompts.txt").is_file()):
             meta = folder / "concept.json"
             if not meta.is_file():
                 raise ConceptDataError(f"'{meta}' is missing: it must give the concept's class_word")
-            entries.append((folder, json.loads(meta.read_text())["class_word"], folder / "prompts.txt"))
+            entries.append((folder, field(read_json(meta), "class_word", meta, "the concept"), folder / "prompts.txt"))
     if not entries:
         raise ConceptDataError(f"no CustomConcept101 concepts under '{root}': expected dataset.json or concept "
                                "folders each with prompts.txt and concept.json")
@@ -59,7 +80,10 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     for folder, class_word, prompt_file in entries:
         if not prompt_file.is_file():
             raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' is missing")
-        lines = [ln.strip() for ln in prompt_file.read_text().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in prompt_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' has no prompts; write "
+                                   "one per line, with {} where the concept goes")
         prompts = [ln.replace("{}", f"{token} {class_word}") for ln in lines]
 
         def load(resolution: int, folder=folder, class_word=class_word):

@@ -75,6 +75,8 @@ class EvalConfig:
         if not isinstance(self.dtype, torch.dtype) and self.dtype not in (None, "fp32", "float32", "fp16", "float16",
                                                                           "bf16", "bfloat16"):
             raise ValueError(f"EvalConfig.dtype must be None, 'fp32', 'fp16' or 'bf16', got {self.dtype!r}")
+        if self.ci_over not in ("image", "subject"):  # checked before any job runs, not at the summary
+            raise ValueError(f"EvalConfig.ci_over must be 'image' or 'subject', got {self.ci_over!r}")
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -234,14 +236,22 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     unavailable = (scorer or Scorer(config, "cpu", need_oracle=False)).unavailable
     summary = summarize(rows, config.ci_over)
     write_rows(out / SUMMARY, summary, columns=list(summary[0]) if summary else ["method"])
-    (out / "summary.md").write_text(format_table(summary, unavailable, config.ci_over))
+    _write_text(out / "summary.md", format_table(summary, unavailable, config.ci_over))
     run = {"config": asdict(config), "world_size": world_size, "seconds": time.perf_counter() - start,
            "unavailable": unavailable, "jobs": len(jobs), "ranks": ranks,
            "missing_jobs": [list(j) for j in missing],
            # the model folder's own defaults (prkit_defaults.json) this process trained with, when it trained
            "model_defaults": getattr(pipe, "prkit_defaults", None) if pipe is not None else None}
-    (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+    _write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     return summary
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``text`` as UTF-8 into ``path``, whole or not at all (an interrupt leaves the old file)."""
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def _free(pipe) -> None:
@@ -336,7 +346,7 @@ def run_from_args(args) -> int:
     config = config_from_args(args)
     summary = evaluate(config, progress=bars_wanted())
     if dist_env()[0] == 0:
-        print((Path(config.out) / "summary.md").read_text() if summary else "no results")
+        print((Path(config.out) / "summary.md").read_text(encoding="utf-8") if summary else "no results")
         print(f"wrote {Path(config.out) / RESULTS} and {Path(config.out) / SUMMARY}")
     return 0
 

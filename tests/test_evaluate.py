@@ -404,3 +404,57 @@ def test_module_command_line_errors_are_messages_and_expands_home(tmp_path, monk
     monkeypatch.setattr(ev, "evaluate", lambda config, progress: seen.setdefault("out", config.out) and [])
     assert ev.main([*tiny, "--out=~/runs"]) == 0
     assert seen["out"] == str(tmp_path / "home" / "runs") and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("spec, match", [
+    ('{"a": 1}', r"dataset\.json' must hold a list of concepts"),
+    ('[{"class_prompt": "dog", "prompt_filename": "prompts/dog.txt"}]', r"entry 0 has no 'instance_data_dir'"),
+    ('[{oops', r"cannot read .*dataset\.json"),
+    (None, r"concept\.json': the concept has no 'class_word'"),
+    ("empty prompts", r"dog\.txt' of concept 'pet_dog1' has no prompts"),
+])
+def test_a_customconcept101_folder_laid_out_wrongly_is_named(tmp_path, spec, match):
+    """A bare KeyError, 'string indices must be integers', an unnamed JSON error, and an IndexError after the model
+    had loaded (an empty prompts file): each now names the file and what is missing, before any work."""
+    root = tmp_path / "cc101"
+    _images(root / "benchmark_dataset" / "pet_dog1")
+    (root / "prompts").mkdir()
+    (root / "prompts" / "dog.txt").write_text("\n\n" if spec == "empty prompts" else "Photo of a {}.\n")
+    good = ('[{"class_prompt": "dog", "instance_data_dir": "./benchmark_dataset/pet_dog1", '
+            '"prompt_filename": "prompts/dog.txt"}]')
+    if spec is None:  # the folder layout: concept folders with prompts.txt and concept.json
+        folder = root / "benchmark_dataset" / "pet_dog1"
+        (folder / "prompts.txt").write_text("Photo of a {}.\n")
+        (folder / "concept.json").write_text('{"token": "sks"}')
+        root = root / "benchmark_dataset"
+    else:
+        (root / "dataset.json").write_text(good if spec == "empty prompts" else spec)
+    from prkit.data import ConceptDataError
+
+    with pytest.raises(ConceptDataError, match=match):
+        ev.load_customconcept101(root, token="sks")
+
+
+def test_a_method_or_subject_named_twice_runs_once_and_ci_over_is_checked_first():
+    assert ev.job_list(["lora", "residuals", "lora"], ["dog", "dog", "cat"]) == [
+        ("lora", "dog"), ("lora", "cat"), ("residuals", "dog"), ("residuals", "cat")]
+    with pytest.raises(ValueError, match="EvalConfig.ci_over must be 'image' or 'subject', got 'subjects'"):
+        EvalConfig(ci_over="subjects")
+
+
+def test_results_and_summaries_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """Under an ASCII locale a subject or prompt such as 'café' raised UnicodeEncodeError after the job had trained:
+    the CSVs were opened in the locale's encoding. (Here: every text open without an encoding reads as ASCII.)"""
+    import builtins
+
+    import prkit.eval_results as results
+
+    def ascii_open(file, mode="r", *args, **kwargs):
+        if "b" not in mode and len(args) < 2:
+            kwargs.setdefault("encoding", "ascii")
+        return builtins.open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(results, "open", ascii_open, raising=False)
+    path = tmp_path / "out" / ev.RESULTS
+    ev.append_rows(path, [_row("lora", "café", prompt="a sks dog in a café")])
+    assert ev.read_rows(path)[0]["subject"] == "café"
+    assert "café".encode("utf-8") in path.read_bytes()
