@@ -173,13 +173,18 @@ def _comparable(settings: dict) -> dict:
     if isinstance(out.get("train"), dict):
         effective = {method: _effective(method, fields) for method, fields in out["train"].items()}
         out["train"] = {method: fields for method, fields in effective.items() if fields}  # {} is no override
-    for key in ("model", "data"):
+    for key in ("model", "data", "clip", "dino"):
         value = out.get(key)
         if isinstance(value, str) and value and Path(value).expanduser().exists():
             out[key] = str(Path(value).expanduser().resolve())
+    out["dtype"] = _DTYPE_NAMES.get(out.get("dtype"), out.get("dtype"))
     if out.get("protocol") == "world":
         out.pop("token", None)
     return out
+
+
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "torch.float32": "float32",
+                "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 
 
 def _effective(method: str, overrides) -> dict:
@@ -201,13 +206,19 @@ def _effective(method: str, overrides) -> dict:
     return {k: v for k, v in overrides.items() if k not in same}
 
 
-def check_settings(out: str | Path, config, done: set) -> dict:
+def check_settings(out: str | Path, config, done: set, dtype: str | None = None) -> dict:
     """The run's settings (``SETTING_FIELDS`` of ``config``), checked against those of the rows already in ``out``
     (its settings.json, else an older version's run.json): a rerun into the same folder with other settings would
     skip finished pairs and mix their rows with new ones, so it is refused, naming the fields. ``done``: the
     finished (method, subject) pairs; recipe overrides (``train``) are compared for their methods only, so a rerun
-    may add methods, with their own overrides, and subjects. Returns the settings (``write_settings`` stores them)."""
+    may add methods, with their own overrides, and subjects. ``dtype``: the pipeline's dtype as it will run (the
+    config's None is fp32 on a CPU, bf16 on most GPUs). Local paths are stored resolved, so a rerun from another
+    folder compares the folders, not the words typed. Returns the settings (``write_settings`` stores them)."""
     settings = json.loads(json.dumps({k: getattr(config, k) for k in SETTING_FIELDS}, default=str))
+    if dtype is not None:
+        settings["dtype"] = dtype
+    stored = _comparable(settings)
+    settings.update({k: stored[k] for k in ("model", "data", "clip", "dino", "dtype") if k in stored})
     path, old_run = Path(out) / SETTINGS, Path(out) / "run.json"
     saved = None
     if done and path.is_file():
@@ -220,6 +231,8 @@ def check_settings(out: str | Path, config, done: set) -> dict:
     now, then = _comparable(settings), _comparable({k: saved.get(k) for k in SETTING_FIELDS})
     now["train"] = {m: v for m, v in (now.get("train") or {}).items() if m in ran}
     then["train"] = {m: v for m, v in (then.get("train") or {}).items() if m in ran}
+    if then.get("dtype") is None or now.get("dtype") is None:  # an older settings.json, or a caller that does not
+        now.pop("dtype", None)  # say: the dtype as it ran is not known
     differ = [f"{k} ({then.get(k)!r} there, {now.get(k)!r} now)" for k in SETTING_FIELDS
               if k in now and then.get(k) != now.get(k)]
     if differ:

@@ -185,7 +185,12 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     if rank == 0:
         clear_run_state(out)  # claims and timings of an interrupted run (its finished pairs are in the results)
     done = finished_pairs(out)
-    settings = check_settings(out, config, done)  # every rank refuses a rerun with other settings
+    import torch
+
+    from .pipeline import resolve_dtype
+
+    ran_in = str(resolve_dtype(config.dtype, torch.device(_device(config, local_rank, world_size)))).split(".")[-1]
+    settings = check_settings(out, config, done, ran_in)  # every rank refuses a rerun with other settings
     if dist is not None:
         dist.barrier()  # every rank has read the finished pairs and settings, and the claims are clear
     if rank == 0:

@@ -458,3 +458,24 @@ def test_results_and_summaries_are_utf8_whatever_the_locale(tmp_path, monkeypatc
     ev.append_rows(path, [_row("lora", "café", prompt="a sks dog in a café")])
     assert ev.read_rows(path)[0]["subject"] == "café"
     assert "café".encode("utf-8") in path.read_bytes()
+
+
+def test_settings_hold_the_folders_and_dtype_as_they_ran(tmp_path, monkeypatch):
+    """settings.json kept paths as typed and the dtype as None: the same '--model m' from another folder (another
+    model) was accepted into the same --out, and '--dtype fp32' against the default on a CPU refused as different."""
+    out, a, b = tmp_path / "out", tmp_path / "a", tmp_path / "b"
+    for folder in (a / "m", b / "m"):
+        folder.mkdir(parents=True)
+    done = {("residuals", "dog")}
+    monkeypatch.chdir(a)
+    first = ev.check_settings(out, EvalConfig(model="m", data="m"), set(), dtype="float32")
+    assert first["model"] == str(a / "m") and first["dtype"] == "float32"
+    out.mkdir()
+    ev.write_settings(out, first)
+    assert ev.check_settings(out, EvalConfig(model="m", data="m", dtype="fp32"), done, dtype="float32")
+    monkeypatch.chdir(b)
+    with pytest.raises(ValueError, match=r"model \(.*a/m.* there, .*b/m.* now\)"):
+        ev.check_settings(out, EvalConfig(model="m", data="m"), done, dtype="float32")
+    monkeypatch.chdir(a)
+    with pytest.raises(ValueError, match=r"dtype \('float32' there, 'bfloat16' now\)"):  # a CPU run resumed on a GPU
+        ev.check_settings(out, EvalConfig(model="m", data="m"), done, dtype="bfloat16")
