@@ -185,6 +185,38 @@ def _sdpa_order(names) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
+def _plain_attention(attn) -> bool:
+    """Whether ``attn`` computes plain attention: no spatial or group norm, no q/k norms, no cross norm (what
+    AttnProcessor2_0 then does is projections, SDPA, output projection, optional residual and rescale)."""
+    return (attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
+            and not attn.norm_cross)
+
+
+def _cudnn_device(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _cudnn_self_attention(attn, hidden_states: torch.Tensor) -> torch.Tensor:
+    """AttnProcessor2_0's self-attention with cuDNN's SDPA kernel called directly (torch's own choice where cuDNN
+    cannot take the call: the next in its order then, as with cuDNN first). Calling the kernel, not switching
+    torch's process-wide backend order around the call, keeps the order every other thread sees the same throughout
+    (the latents' encoding runs beside the warm-up; a caller may sample in another thread)."""
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if torch.backends.cuda.can_use_cudnn_attention(torch.backends.cuda.SDPAParams(query, key, value, None, 0.0,
+                                                                                  False, False)):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, grad, 0.0, False, False)[0]
+    else:
+        out = F.scaled_dot_product_attention(query, key, value)
+    out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)))
+    if attn.residual_connection:
+        out = out + hidden_states
+    return out / attn.rescale_output_factor if attn.rescale_output_factor != 1 else out
+
+
 class _LongQueryAttention:
     """An attention processor whose self-attention calls with at least ``min_tokens`` query tokens prefer cuDNN's
     kernel.
@@ -193,15 +225,23 @@ class _LongQueryAttention:
     backward on an H200) but compiles each shape at run time, in each new process; limiting it to the few longest
     shapes keeps that compile short while most of the gain stays. Cross-attention (77 keys) keeps flash: giving it
     cuDNN too cost ~0.2 s more of a fresh process's first SD1.5 recipe for no measurable gain per step
-    (BENCHMARKS.md run 16).
+    (BENCHMARKS.md run 16). diffusers' AttnProcessor2_0 (and the lean one) on plain attention layers is computed
+    here with cuDNN's kernel called directly; another processor runs under torch's order switched for the call.
     """
 
     def __init__(self, inner, min_tokens: int):
         self.inner, self.min_tokens = inner, min_tokens
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.direct = type(inner) in (AttnProcessor2_0, _LeanAttnProcessor)
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[0] if args else None)
         if context is None and hidden_states.dim() == 3 and hidden_states.shape[1] >= self.min_tokens:
+            plain_call = (not args[1:] or all(a is None for a in args[1:])) and all(
+                v is None for k, v in kwargs.items() if k != "encoder_hidden_states")
+            if self.direct and plain_call and _cudnn_device(hidden_states) and _plain_attention(attn):
+                return _cudnn_self_attention(attn, hidden_states)
             with _sdpa_order(("cudnn", "flash", "efficient", "math")):
                 return self.inner(attn, hidden_states, *args, **kwargs)
         return self.inner(attn, hidden_states, *args, **kwargs)

@@ -346,6 +346,127 @@ def test_long_self_attention_prefers_cudnn_attention_and_undo(monkeypatch):
     assert all(unet.attn_processors[k] is v for k, v in original.items())
 
 
+@pytest.mark.parametrize("residual_connection", [False, True])
+def test_direct_cudnn_self_attention_computes_what_the_processor_does(monkeypatch, residual_connection):
+    """The long self-attention calls cuDNN's kernel itself (torch's process-wide order is never switched): on the
+    CPU the kernel is stood in for by the math one, and the layer must give what AttnProcessor2_0 gives, rescale and
+    residual included; where cuDNN cannot take a call, torch's own choice runs."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from prkit import fast_patches
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2, dim_head=8, residual_connection=residual_connection,
+                     rescale_output_factor=2.0 if residual_connection else 1.0)
+    attn.set_processor(AttnProcessor2_0())
+    hidden = torch.randn(2, 64, 16, requires_grad=True)
+    reference = attn(hidden)
+    calls, orders = [], []
+
+    def kernel(q, k, v, bias, lse, dropout, causal, debug):
+        calls.append((lse, bias, dropout, causal))
+        return (F.scaled_dot_product_attention(q, k, v), None)
+
+    monkeypatch.setattr(fast_patches, "_cudnn_device", lambda t: True)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params: True)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", kernel)
+    real = fast_patches._sdpa_order
+    monkeypatch.setattr(fast_patches, "_sdpa_order", lambda names: orders.append(names) or real(names))
+    undo = fast_patches.patch_long_query_attention(_Holder(attn), 64)
+    try:
+        out = attn(hidden)
+        torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+        assert calls == [(True, None, 0.0, False)] and orders == []  # the kernel, asked for backward's logsumexp
+        with torch.no_grad():
+            attn(hidden)
+        assert calls[-1][0] is False
+        monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params: False)
+        torch.testing.assert_close(attn(hidden), reference, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 2 and orders == []
+        short = torch.randn(2, 63, 16)  # below min_tokens: the processor itself
+        torch.testing.assert_close(attn(short), AttnProcessor2_0()(attn, short))
+        assert len(calls) == 2
+    finally:
+        undo()
+    assert type(attn.processor) is AttnProcessor2_0
+
+
+class _Holder(nn.Module):
+    """One attention layer as a model with diffusers' attn_processors / set_attn_processor."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    @property
+    def attn_processors(self):
+        return {"attn.processor": self.attn.processor}
+
+    def set_attn_processor(self, procs):
+        self.attn.set_processor(procs["attn.processor"])
+
+
+def test_long_self_attention_leaves_torchs_order_alone_for_other_threads(monkeypatch):
+    """A UNet forward on the direct path never switches the process-wide SDPA order (a background thread encodes
+    the prompt meanwhile and must see one order throughout)."""
+    from prkit import fast_patches
+
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    reference = run_unet(unet, inputs)
+    switched = []
+    monkeypatch.setattr(fast_patches, "_cudnn_device", lambda t: True)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params: False)
+    monkeypatch.setattr(fast_patches, "_sdpa_order", lambda names: switched.append(names))
+    undo = fast_patches.patch_long_query_attention(unet, min_tokens=64)
+    try:
+        torch.testing.assert_close(run_unet(unet, inputs), reference, rtol=1e-5, atol=1e-6)
+    finally:
+        undo()
+    assert switched == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's attention)")
+def test_cuda_long_self_attention_calls_cudnn_itself_with_the_same_numbers():
+    """SD1.5's 64x64 self-attention shape: the direct call gives what AttnProcessor2_0 gives with cuDNN first in
+    torch's order (forward and gradients), and torch's order is the same before, during and after."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from prkit import fast_patches
+
+    torch.manual_seed(0)
+    attn = Attention(320, heads=8, dim_head=40).cuda().to(torch.bfloat16)
+    attn.set_processor(AttnProcessor2_0())
+    hidden = torch.randn(2, 4096, 320, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn_like(hidden)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        reference = attn(hidden)
+        (ref_grad,) = torch.autograd.grad(reference, hidden, grad_out)
+    order = torch._C._get_sdp_priority_order()
+    seen = []
+    real = torch.ops.aten._scaled_dot_product_cudnn_attention
+
+    def kernel(*args):
+        seen.append(torch._C._get_sdp_priority_order())
+        return real(*args)
+
+    undo = fast_patches.patch_long_query_attention(_Holder(attn), 4096)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", kernel)
+            out = attn(hidden)
+            (grad,) = torch.autograd.grad(out, hidden, grad_out)
+    finally:
+        undo()
+    assert seen == [order] and torch._C._get_sdp_priority_order() == order
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    # cuDNN's backward is not bitwise reproducible (its dQ sums in any order: 57-697 of 2.6M elements 1 ulp apart,
+    # up to 1.2e-4, in two H200 runs); the forward, equal bit for bit, shows the call went to cuDNN
+    torch.testing.assert_close(grad, ref_grad, rtol=1.6e-2, atol=2e-4)
+
+
 def test_lean_blocks_keep_attention_masks_and_4d_inputs():
     """lean_blocks' attention read neither attention_mask nor encoder_attention_mask (it attended to every token)
     and took no 4-D input: such calls go to diffusers' AttnProcessor2_0 and compute what the unpatched UNet does."""
