@@ -136,6 +136,42 @@ def test_channels_last_patches_on_the_cpu_fall_back_to_the_same_numbers(freeu, s
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads, ref_grads))
 
 
+def test_resnet_biases_fold_into_the_time_and_shortcut_projections_and_back():
+    """conv1's bias moves into time_emb_proj's and conv2's into conv_shortcut's (no bias pass after those
+    convolutions); the UNet computes the same, trainable biases stay put, and undo gives back the very tensors."""
+    from conftest import unet_inputs
+    from tiny import tiny_unet
+
+    from prkit.fast_nhwc import fold_resnet_biases, lean_resnet_forward, plain_resnets, _set_forward
+
+    unet = tiny_unet().requires_grad_(False)
+    for p in unet.parameters():  # biases that matter (diffusers zero-initializes some)
+        p.data.add_(torch.randn_like(p) * 0.05)
+    inputs = unet_inputs(batch=2)
+    with torch.no_grad():
+        reference = unet(*inputs).sample
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    params = dict(unet.named_parameters())
+    resnets = plain_resnets(unet)
+    trained = resnets[0]
+    trained.conv1.bias.requires_grad_(True)  # a bias that trains (a whole-UNet target) is not moved
+    undo = [_set_forward(resnets, lean_resnet_forward)]
+    undo.append(fold_resnet_biases(resnets))
+    try:
+        assert trained.conv1.bias is not None
+        moved = [r for r in resnets if r.conv1.bias is None]
+        shortcuts = [r for r in resnets if r.conv_shortcut is not None and r.conv2.bias is None]
+        assert len(moved) == len(resnets) - 1 and shortcuts  # the tiny UNet's up resnets have shortcuts
+        with torch.no_grad():
+            torch.testing.assert_close(unet(*inputs).sample, reference, rtol=1e-5, atol=1e-5)
+    finally:
+        for fn in reversed(undo):
+            fn()
+    assert dict(unet.named_parameters()).keys() == params.keys()
+    assert all(p is params[k] for k, p in unet.named_parameters())
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
 def test_an_empty_input_keeps_torch_path(monkeypatch):
     """An empty H*W used to reach the kernels' plan and divide by zero; torch returns an empty tensor."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
