@@ -78,8 +78,11 @@ def lean_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *a
 
 
 def _frozen(*modules) -> bool:
-    return all(type(m) in (nn.Conv2d, nn.Linear) and m.bias is not None and not any(
-        p.requires_grad for p in m.parameters()) for m in modules)
+    """Plain frozen Conv2d/Linear layers with a bias kept in 16 or 32 bits: no hooks (diffusers' layerwise casting
+    keeps weights in float8 between calls; the sum of two biases rounded there would not be the same sum)."""
+    return all(type(m) in (nn.Conv2d, nn.Linear) and m.bias is not None and m.bias.dtype.itemsize >= 2
+               and not any(p.requires_grad for p in m.parameters()) and not m._forward_hooks
+               and not m._forward_pre_hooks and "_diffusers_hook" not in m.__dict__ for m in modules)
 
 
 def fold_resnet_biases(resnets: list):

@@ -155,6 +155,8 @@ def test_resnet_biases_fold_into_the_time_and_shortcut_projections_and_back():
     resnets = plain_resnets(unet)
     trained = resnets[0]
     trained.conv1.bias.requires_grad_(True)  # a bias that trains (a whole-UNet target) is not moved
+    hooked = next(r for r in resnets[1:] if r.conv_shortcut is not None)
+    hooked.conv_shortcut.register_forward_pre_hook(lambda m, a: None)  # a hooked layer (layerwise casting): kept
     undo = [_set_forward(resnets, lean_resnet_forward)]
     undo.append(fold_resnet_biases(resnets))
     try:
@@ -162,6 +164,7 @@ def test_resnet_biases_fold_into_the_time_and_shortcut_projections_and_back():
         moved = [r for r in resnets if r.conv1.bias is None]
         shortcuts = [r for r in resnets if r.conv_shortcut is not None and r.conv2.bias is None]
         assert len(moved) == len(resnets) - 1 and shortcuts  # the tiny UNet's up resnets have shortcuts
+        assert hooked.conv2.bias is not None and hooked not in shortcuts
         with torch.no_grad():
             torch.testing.assert_close(unet(*inputs).sample, reference, rtol=1e-5, atol=1e-5)
     finally:
