@@ -105,6 +105,28 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path, mode, name):
     assert all(abs(c - 128) <= 1 for c in out.getpixel((R - 3, 2)))
 
 
+@pytest.mark.parametrize("name,maxval,sample,grey", [
+    ("dark.pgm", 4095, 15, 1),  # 15/4095 of white; Pillow rescales it to 240 of 65535
+    ("dark.pgm", 65535, 255, 1),
+    ("mid.pgm", 1023, 512, 128),
+    ("dark.png", 65535, 255, 1),  # a 16-bit PNG, opened as mode "I" as Pillow 10 does
+])
+def test_dark_sixteen_bit_pgm_and_png_keep_their_range(tmp_path, monkeypatch, name, maxval, sample, grey):
+    """A PGM's maxval (or a 16-bit PNG's 0..65535) is its white: values that all stay under 256 were read as 8-bit,
+    a dark picture 257x too bright (a pixel of 255/65535 came out as 255 of 255)."""
+    if name.endswith(".pgm"):
+        samples = np.full((8, 8), sample, ">u2" if maxval > 255 else "u1")
+        (tmp_path / name).write_bytes(f"P5\n8 8\n{maxval}\n".encode() + samples.tobytes())
+    else:
+        from PIL import PngImagePlugin
+
+        Image.fromarray(np.full((8, 8), sample, np.uint16)).save(tmp_path / name)
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+        with Image.open(tmp_path / name) as opened:
+            assert opened.mode == "I"
+    assert load_image(tmp_path / name, 8).getpixel((2, 2)) == (grey, grey, grey)
+
+
 def test_one_bit(tmp_path):
     halves(0, 1, (40, 40), "1").save(tmp_path / "b.png")
     out = load_image(tmp_path / "b.png", R)
