@@ -7,6 +7,7 @@ model work: no tokenizer, VAE or UNet is touched here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -159,6 +160,21 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _file_digest(path: Path) -> str | None:
+    """A hash of a regular file's bytes (exact copies share it); None where the file cannot be read, so reading it as
+    an image names the problem (a pipe is not opened here: that would wait for a writer)."""
+    try:
+        if not path.is_file():
+            return None
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
 def load_concept(folder: str | Path, token: str | None = None, class_word: str | None = None,
                  resolution: int = 512, *, config: DataConfig | None = None,
                  skip_bad: bool = False, prompt_template: str | None = None) -> Concept:
@@ -174,7 +190,8 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
         skip_bad: skip unreadable files with a warning instead of raising.
         prompt_template: format string with {token} and {class_word}.
     Returns:
-        Concept with images sorted by file name, each (resolution, resolution) RGB.
+        Concept with images sorted by file name, each (resolution, resolution) RGB; a file with the same bytes as
+        an earlier one (photo.jpg and 'photo (1).jpg') is left out with a warning naming both.
     """
     if config is None:
         config = DataConfig(resolution=resolution, skip_bad=skip_bad)
@@ -243,8 +260,13 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
         warnings.warn(f"ignoring {len(others)} file(s) or folder(s) that are not images in '{folder}': "
                       f"{', '.join(others)} (accepted: {accepted}).", stacklevel=2)
 
-    crops, paths, skipped = [], [], []
+    crops, paths, skipped, copies = [], [], [], []
+    kept: dict[str, Path] = {}  # file bytes' hash -> the first file read with them
     for p in images:
+        digest = _file_digest(p)
+        if digest in kept:  # an exact copy (a second download) would train that photo with double weight
+            copies.append(f"'{p.name}' (same bytes as '{kept[digest].name}')")
+            continue
         try:
             img = _decode(p, config.max_side, config.resolution)
         except _Unreadable as e:
@@ -255,6 +277,12 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
             continue
         crops.append(_square(img, p, config.resolution, config.center_crop, config.max_side))
         paths.append(p)
+        if digest is not None:
+            kept[digest] = p
+    if copies:
+        warnings.warn(f"concept folder '{folder}' holds exact copies of images; training on each image once, "
+                      f"leaving out {', '.join(copies)}. Delete the copies from the folder to silence this.",
+                      stacklevel=2)
     if not crops:
         raise ConceptDataError(f"none of the {len(images)} image file(s) in '{folder}' could be read: "
                                f"{'; '.join(skipped[:5])}{'; ...' if len(skipped) > 5 else ''}. Add readable images.")

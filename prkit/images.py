@@ -45,6 +45,9 @@ def _plugin_opens(suffix: str) -> bool:
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# formats whose mode "I" is 0..65535 whatever the values: a 16-bit PNG by definition (Pillow 10.0 opens its grey ones
+# as "I", 11.3 on as "I;16"), a PGM/PPM because Pillow rescales its declared maxval (above 255) to 65535
+_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
@@ -62,8 +65,9 @@ class _Unreadable(Exception):
                        "or pass skip_bad=True to skip it.")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+def _to_rgb(img: Image.Image, fmt: str | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white. `fmt` is the file's format (Pillow's
+    ``img.format``, which a transposed copy no longer has): it decides the range of a mode "I" image."""
     if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
         # one float32 working copy, changed in place (float64 copies took ~27 bytes a pixel: 3.9 GB for 144 MP)
         arr = np.asarray(img).astype(np.float32)
@@ -71,7 +75,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         if img.mode == "F":  # float images: 0..1 (scaled) or already 0..255
             full = 1.0 if top <= 1.0 else 255.0
         else:  # 16-bit: scale the 16-bit range, do not clip it; a 32-bit image holding 8-bit values stays as is
-            full = 255.0 if img.mode == "I" and top <= 255 else 65535.0
+            # (a TIFF of 32-bit integers declares no range); never guessed for a 16-bit format: a dark 16-bit PNG or
+            # PGM whose values stay under 256 is dark, not 8-bit (it came out up to 257x too bright)
+            full = 255.0 if img.mode == "I" and fmt not in _SIXTEEN_BIT_I_FORMATS and top <= 255 else 65535.0
         clear = arr == img.info["transparency"] if isinstance(img.info.get("transparency"), int) else None
         np.nan_to_num(arr, copy=False)
         np.clip(arr, 0, full, out=arr)
@@ -122,7 +128,7 @@ def _decode(path: Path, max_side: int | None = None, resolution: int | None = No
                 if img.format in ("JPEG", "MPO"):
                     _draft(img, max_side, resolution)
                 img.load()  # decode now, so truncated files fail here and not later
-                return _to_rgb(ImageOps.exif_transpose(img))
+                return _to_rgb(ImageOps.exif_transpose(img), img.format)
     except Image.DecompressionBombError as e:
         raise _Unreadable(path, f"{e} Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
                                 "if you trust the file") from e

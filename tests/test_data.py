@@ -105,6 +105,28 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path, mode, name):
     assert all(abs(c - 128) <= 1 for c in out.getpixel((R - 3, 2)))
 
 
+@pytest.mark.parametrize("name,maxval,sample,grey", [
+    ("dark.pgm", 4095, 15, 1),  # 15/4095 of white; Pillow rescales it to 240 of 65535
+    ("dark.pgm", 65535, 255, 1),
+    ("mid.pgm", 1023, 512, 128),
+    ("dark.png", 65535, 255, 1),  # a 16-bit PNG, opened as mode "I" as Pillow 10 does
+])
+def test_dark_sixteen_bit_pgm_and_png_keep_their_range(tmp_path, monkeypatch, name, maxval, sample, grey):
+    """A PGM's maxval (or a 16-bit PNG's 0..65535) is its white: values that all stay under 256 were read as 8-bit,
+    a dark picture 257x too bright (a pixel of 255/65535 came out as 255 of 255)."""
+    if name.endswith(".pgm"):
+        samples = np.full((8, 8), sample, ">u2" if maxval > 255 else "u1")
+        (tmp_path / name).write_bytes(f"P5\n8 8\n{maxval}\n".encode() + samples.tobytes())
+    else:
+        from PIL import PngImagePlugin
+
+        Image.fromarray(np.full((8, 8), sample, np.uint16)).save(tmp_path / name)
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+        with Image.open(tmp_path / name) as opened:
+            assert opened.mode == "I"
+    assert load_image(tmp_path / name, 8).getpixel((2, 2)) == (grey, grey, grey)
+
+
 def test_one_bit(tmp_path):
     halves(0, 1, (40, 40), "1").save(tmp_path / "b.png")
     out = load_image(tmp_path / "b.png", R)
@@ -324,6 +346,26 @@ def test_order_is_sorted_and_extensions_case_insensitive(tmp_path):
     assert ".bmp" in IMAGE_EXTENSIONS
 
 
+def test_exact_copies_in_a_concept_folder_train_once_and_are_named(tmp_path):
+    """Two files with the same bytes (photo.jpg and 'photo (1).jpg', a second download) trained that photo twice,
+    silently weighting it double: the first in name order is kept, and one warning names each copy and its original.
+    The same picture in other bytes (saved as PNG) is another file, kept as before."""
+    Image.new("RGB", (40, 40), RED).save(tmp_path / "photo.jpg")
+    for name in ("photo (1).jpg", "photo (2).jpg"):
+        (tmp_path / name).write_bytes((tmp_path / "photo.jpg").read_bytes())
+    Image.new("RGB", (40, 40), RED).save(tmp_path / "red.png")
+    Image.new("RGB", (40, 40), BLUE).save(tmp_path / "blue.png")
+    with pytest.warns(UserWarning) as caught:
+        c = load_concept(tmp_path, "sks", "dog", R)
+    assert [p.name for p in c.paths] == ["blue.png", "photo (1).jpg", "red.png"] and len(c) == 3
+    assert c.images[0].getpixel((2, 2)) == BLUE and close(c.images[1].getpixel((2, 2)), RED)
+    assert c.tensors().shape == (3, 3, R, R)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert ("leaving out 'photo (2).jpg' (same bytes as 'photo (1).jpg'), 'photo.jpg' (same bytes as "
+            "'photo (1).jpg'). Delete the copies from the folder") in messages[0]
+
+
 def test_too_few_images_warns(tmp_path):
     make_folder(tmp_path, n=2)
     with pytest.warns(UserWarning, match="has 2 usable image.*3-15"):
@@ -505,7 +547,7 @@ def test_other_crops_of_the_same_files_are_another_run_for_a_checkpoint(tmp_path
     from prkit.checkpoints import _images_digest
 
     for i in range(3):
-        halves(RED, BLUE, (80, 40)).save(tmp_path / f"{i}.png")
+        halves(RED, (0, 0, 255 - 40 * i), (80, 40)).save(tmp_path / f"{i}.png")  # three photos, not copies
     centre = load_concept(tmp_path, "sks", "dog", R)
     whole = load_concept(tmp_path, "sks", "dog", config=DataConfig(resolution=R, center_crop=False))
     assert centre.crop == "" and whole.crop == "center_crop=False max_side=8192"
