@@ -206,17 +206,22 @@ def _effective(method: str, overrides) -> dict:
     return {k: v for k, v in overrides.items() if k not in same}
 
 
-def check_settings(out: str | Path, config, done: set, dtype: str | None = None) -> dict:
+def check_settings(out: str | Path, config, done: set, dtype: str | None = None,
+                   backbones: dict | None = None) -> dict:
     """The run's settings (``SETTING_FIELDS`` of ``config``), checked against those of the rows already in ``out``
     (its settings.json, else an older version's run.json): a rerun into the same folder with other settings would
     skip finished pairs and mix their rows with new ones, so it is refused, naming the fields. ``done``: the
     finished (method, subject) pairs; recipe overrides (``train``) are compared for their methods only, so a rerun
     may add methods, with their own overrides, and subjects. ``dtype``: the pipeline's dtype as it will run (the
-    config's None is fp32 on a CPU, bf16 on most GPUs). Local paths are stored resolved, so a rerun from another
-    folder compares the folders, not the words typed. Returns the settings (``write_settings`` stores them)."""
+    config's None is fp32 on a CPU, bf16 on most GPUs). ``backbones``: the metric backbones that score
+    (``Scorer.backbones``, None where a metric is off or could not be loaded); rows scored with others, or without
+    them, are refused too. Local paths are stored resolved, so a rerun from another folder compares the folders, not
+    the words typed. Returns the settings (``write_settings`` stores them)."""
     settings = json.loads(json.dumps({k: getattr(config, k) for k in SETTING_FIELDS}, default=str))
     if dtype is not None:
         settings["dtype"] = dtype
+    if backbones is not None:
+        settings["backbones"] = dict(backbones)
     stored = _comparable(settings)
     settings.update({k: stored[k] for k in ("model", "data", "clip", "dino", "dtype") if k in stored})
     path, old_run = Path(out) / SETTINGS, Path(out) / "run.json"
@@ -238,7 +243,23 @@ def check_settings(out: str | Path, config, done: set, dtype: str | None = None)
     if differ:
         raise ValueError(f"{str(out)!r} holds results of a run with other settings: {'; '.join(differ)}. "
                          "Rerunning would mix them; pass another --out, or delete that folder to start over")
+    _check_backbones(out, saved.get("backbones"), settings.get("backbones"))
     return settings
+
+
+def _check_backbones(out, then: dict | None, now: dict | None) -> None:
+    """Refuse scoring into ``out`` with other metric backbones than its rows had (``None``: that metric not scored);
+    unknown on either side (an older settings.json, a caller that does not say): not compared."""
+    if not isinstance(then, dict) or not isinstance(now, dict):
+        return
+    said = lambda v: repr(v) if v else "none (off, or not loadable: see the warning above)"  # noqa: E731
+    differ = [f"{name.upper()} ({said(then.get(name))} there, {said(now.get(name))} now)"
+              for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name)]
+    if differ:
+        raise ValueError(f"{str(out)!r} holds rows scored with other metric backbones: {'; '.join(differ)}. Rerunning "
+                         "would mix rows scored with and without them (or with another model) in one table; give "
+                         "the same backbones (--clip / --dino the folder or hub id it ran with, --download-backbones "
+                         "for a hub id not in the cache, 'none' where it had none), or pass another --out")
 
 
 def write_settings(out: str | Path, settings: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -479,3 +480,53 @@ def test_settings_hold_the_folders_and_dtype_as_they_ran(tmp_path, monkeypatch):
     monkeypatch.chdir(a)
     with pytest.raises(ValueError, match=r"dtype \('float32' there, 'bfloat16' now\)"):  # a CPU run resumed on a GPU
         ev.check_settings(out, EvalConfig(model="m", data="m"), done, dtype="bfloat16")
+
+
+def test_a_rerun_scored_with_other_backbones_is_refused(assets, tmp_path):
+    """settings.json did not say which metric backbones scored: a rerun where DINO ('auto', or a folder) no longer
+    loaded added rows without DINO to rows with it, and the summary gave the one subject's DINO for both."""
+    import shutil
+
+    dino = Path(shutil.copytree(assets["dino"], tmp_path / "dino"))
+    out = tmp_path / "out"
+    config = _config(assets, out, methods=("base",), dino=str(dino))
+    ev.evaluate(config, tiny_pipeline(tmp_path / "pipe"), progress=False)
+    assert json.loads((out / "settings.json").read_text())["backbones"] == {
+        "clip": str(Path(assets["clip"]).resolve()), "dino": str(dino.resolve())}
+    rows, there = ev.read_rows(out / ev.RESULTS), re.escape(repr(str(dino.resolve())))
+    (dino / "config.json").rename(tmp_path / "config.json")  # DINO is no longer loadable here
+    more = replace(config, subjects=("dog", "teapot"))
+    with pytest.raises(ValueError, match=rf"other metric backbones: DINO \({there} there, none \(off, or "
+                                         r"not loadable: see the warning above\) now\).*or pass another --out"):
+        ev.evaluate(more, tiny_pipeline(tmp_path / "pipe"), progress=False)
+    assert ev.read_rows(out / ev.RESULTS) == rows  # nothing ran
+    (tmp_path / "config.json").rename(dino / "config.json")
+    ev.evaluate(more, tiny_pipeline(tmp_path / "pipe"), progress=False)
+    scored = {r["subject"] for r in ev.read_rows(out / ev.RESULTS) if math.isfinite(float(r["dino"]))}
+    assert scored == {"dog", "teapot"}
+    # the other way round: rows without a metric are not topped up with rows that have it
+    done, settings = ev.finished_pairs(out), json.loads((out / "settings.json").read_text())
+    ev.write_settings(out, {**settings, "backbones": {**settings["backbones"], "dino": None}})
+    with pytest.raises(ValueError, match=rf"DINO \(none \(off, .*\) there, {there} now\)"):
+        ev.check_settings(out, more, done, "float32", settings["backbones"])
+    assert ev.check_settings(out, more, done, "float32")  # a caller that does not say: not compared
+
+
+def test_ranks_with_other_backbones_are_refused():
+    """Each rank loaded its own backbones: a rank on a machine without the CLIP cache wrote rows without CLIP into
+    the same table as the others."""
+    class TwoRanks:
+        def __init__(self, other):
+            self.other = other
+
+        def get_world_size(self):
+            return 2
+
+        def all_gather_object(self, every, mine):
+            every[:] = [mine, self.other]
+
+    mine = {"clip": "/m/clip", "dino": None}
+    assert ev.same_backbones(None, mine) is mine and ev.same_backbones(TwoRanks(dict(mine)), mine) == mine
+    with pytest.raises(ValueError, match=r"rank 0 \{'clip': '/m/clip', 'dino': None\}, rank 1 \{'clip': None, "
+                                         r"'dino': None\}.*reachable from every rank"):
+        ev.same_backbones(TwoRanks({"clip": None, "dino": None}), mine)
