@@ -13,6 +13,7 @@ from typing import Sequence
 METHODS = ("base", "residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth", "attn_kv", "attn_out")
 METRICS = ("identity", "identity_colors", "scene", "class", "background_change",  # the world's oracle
            "clip_i", "clip_t_dreambooth", "clip_t_clipscore", "dino")
+BINARY = ("identity", "identity_colors", "scene", "class")  # 0 or 1 per image: their means are proportions
 COLUMNS = ["protocol", "target", "method", "subject", "prompt_index", "prompt", "seed", *METRICS,
            "parameters", "train_seconds", "train_steps"]
 KEY = ("target", "method", "subject", "prompt_index", "seed")  # one row per key
@@ -110,6 +111,40 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, t975(len(xs) - 1) * sd / math.sqrt(len(xs))
 
 
+Z975 = 1.959964  # two-sided 95% normal quantile
+
+
+def wilson_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """(proportion, low, high): the 95% Wilson score interval of the finite 0/1 values, inside [0, 1] (the
+    t-interval of 0/1 values runs past 1 near 100%, and past 0 near 0%); NaN where there are none."""
+    xs = [float(v) for v in values if v == v and not math.isinf(float(v))]
+    if not xs:
+        return float("nan"), float("nan"), float("nan")
+    odd = sorted({x for x in xs if x not in (0.0, 1.0)})
+    if odd:
+        raise ValueError(f"a proportion's values must be 0 or 1, got {odd[:3]}: these rows do not hold a 0/1 "
+                         "metric; summarize other values with mean_ci")
+    n, p, z2 = len(xs), sum(xs) / len(xs), Z975 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return p, 0.0 if p == 0 else max(0.0, centre - half), 1.0 if p == 1 else min(1.0, centre + half)
+
+
+def interval(metric: str, values: Sequence[float], ci_over: str = "image") -> tuple[float, float, float, float]:
+    """(mean, t half-width, low, high) of the 95% interval of ``metric`` over ``values``. Continuous metrics: the
+    t-interval, mean ± half-width. Proportions (``BINARY``): over images (0/1 each), the Wilson score interval; over
+    per-subject proportions, the t-interval clipped to [0, 1]; either is uneven about the mean, so their half-width
+    is NaN and ``low``/``high`` say it."""
+    if metric in BINARY and ci_over == "image":
+        mean, low, high = wilson_ci(values)
+        return mean, float("nan"), low, high
+    mean, half = mean_ci(values)
+    low, high = mean - half, mean + half
+    if metric in BINARY:
+        return mean, float("nan"), max(0.0, low), min(1.0, high)
+    return mean, half, low, high
+
+
 def _num(value) -> float:
     try:
         return float(value)
@@ -119,7 +154,9 @@ def _num(value) -> float:
 
 def summarize(rows: list[dict], ci_over: str = "image") -> list[dict]:
     """Per method: images, subjects, mean trainable parameters and training seconds, and mean and 95%
-    interval of every metric (over images, or over per-subject means with ``ci_over="subject"``)."""
+    interval of every metric (over images, or over per-subject means with ``ci_over="subject"``): ``<metric>_ci95``
+    the t-interval's half-width (NaN for proportions, whose interval is uneven), ``<metric>_ci95_low`` and
+    ``_high`` its ends (``interval``)."""
     if ci_over not in ("image", "subject"):
         raise ValueError(f"ci_over must be 'image' or 'subject', got {ci_over!r}")
     order = {m: i for i, m in enumerate(METHODS)}
@@ -137,7 +174,8 @@ def summarize(rows: list[dict], ci_over: str = "image") -> list[dict]:
                 values = [_num(r.get(m)) for r in sel]
             else:
                 values = [mean_ci([_num(r.get(m)) for r in sel if r["subject"] == s])[0] for s in subjects]
-            summary[m], summary[f"{m}_ci95"] = mean_ci(values)
+            summary[m], summary[f"{m}_ci95"], summary[f"{m}_ci95_low"], summary[f"{m}_ci95_high"] = \
+                interval(m, values, ci_over)
         out.append(summary)
     return out
 
@@ -150,12 +188,19 @@ def format_table(summary: list[dict], unavailable: dict[str, str] | None = None,
     for s in summary:
         cells = [s["method"], str(s["subjects"]), str(s["images"])]
         for m in shown:
-            ci = s[f"{m}_ci95"]
-            cells.append(f"{s[m]:.4f}" + (f" ± {ci:.4f}" if ci == ci else ""))
+            ci, low, high = s[f"{m}_ci95"], s[f"{m}_ci95_low"], s[f"{m}_ci95_high"]
+            if m in BINARY:
+                cells.append(f"{s[m]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low == low else ""))
+            else:
+                cells.append(f"{s[m]:.4f}" + (f" ± {ci:.4f}" if ci == ci else ""))
         cells += [f"{s['parameters']:,.0f}", f"{s['train_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"\n± : 95% t-interval over {'images' if ci_over == 'image' else 'per-subject means'}. "
-             "CLIP-T is given in both conventions, as labelled."]
+    over = "images" if ci_over == "image" else "per-subject means"
+    notes = [f"\n± : 95% t-interval over {over}. CLIP-T is given in both conventions, as labelled."]
+    if any(m in BINARY for m in shown):
+        notes[0] += (" [low, high] of a proportion (" + ", ".join(LABELS[m] for m in BINARY if m in shown) + "): "
+                     + ("95% Wilson score interval over images." if ci_over == "image" else
+                        "95% t-interval over per-subject proportions, clipped to [0, 1]."))
     notes += [f"- {name} unavailable: {reason}" for name, reason in (unavailable or {}).items() if reason]
     return "\n".join(lines + notes) + "\n"
 

@@ -28,8 +28,8 @@ from .eval_jobs import (  # noqa: F401
     write_timing,
 )
 from .eval_results import (  # noqa: F401  (re-exported: prkit.evaluate is the harness's one public module)
-    COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table, mean_ci,
-    check_settings, merge, read_rows, summarize, t975, write_rows, write_settings,
+    BINARY, COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table,
+    interval, mean_ci, check_settings, merge, read_rows, summarize, t975, wilson_ci, write_rows, write_settings,
 )
 from .eval_scorer import Scorer, strip_token  # noqa: F401
 from .eval_subjects import PROTOCOLS, Subject, load_customconcept101, load_subjects  # noqa: F401

@@ -168,6 +168,33 @@ def test_mean_ci_and_summary_by_hand():
     assert "CLIP-I" in table and "DINO unavailable: no weights here" in table and "| DINO |" not in table
 
 
+def test_proportions_get_a_wilson_interval_inside_0_1():
+    """identity, scene, class are 0/1 per image, but got the t-interval: 3 of 4 images right read 0.75 ± 0.7955,
+    [-0.05, 1.55], and 4 of 4 read 1.0 ± 0, as if certain."""
+    rows = [_row("lora", "a", seed=k, identity=v, scene="1", clip_i=str(c))
+            for k, (v, c) in enumerate([("1", .2), ("1", .4), ("1", .6), ("0", .8)])]
+    s = ev.summarize(rows)[0]
+    # Wilson, z = 1.96: 3/4 -> [0.3006, 0.9544], 4/4 -> [0.5101, 1] (the roots x of (p - x)^2 = z^2 x(1-x)/n)
+    assert (s["identity"], s["identity_ci95_low"], s["identity_ci95_high"]) == pytest.approx((0.75, 0.30064, 0.95441),
+                                                                                             abs=1e-5)
+    assert (s["scene"], s["scene_ci95_low"], s["scene_ci95_high"]) == pytest.approx((1.0, 0.51010, 1.0), abs=1e-5)
+    assert math.isnan(s["identity_ci95"]) and s["scene_ci95_high"] == 1.0  # no half-width: the interval is uneven
+    half = 3.182 * np.std([.2, .4, .6, .8], ddof=1) / 2  # a continuous metric keeps its t-interval
+    assert (s["clip_i_ci95"], s["clip_i_ci95_low"], s["clip_i_ci95_high"]) == pytest.approx((half, .5 - half,
+                                                                                              .5 + half))
+    assert ev.wilson_ci([0] * 10) == pytest.approx((0.0, 0.0, 0.27753), abs=1e-5) and ev.wilson_ci([])[0] != 0
+    with pytest.raises(ValueError, match=r"must be 0 or 1, got \[0.5\]"):
+        ev.wilson_ci([1, 0.5])
+    table = ev.format_table([s])
+    assert "| 0.7500 [0.3006, 0.9544] |" in table and "| 1.0000 [0.5101, 1.0000] |" in table
+    assert "| 0.5000 ± 0.4108 |" in table and "proportion (identity, prompt (scene)): 95% Wilson score" in table
+    # over subjects: the t-interval of per-subject proportions (0.75 and 0.5: 0.625 ± 1.588), clipped to [0, 1]
+    rows += [_row("lora", "b", seed=k, identity=v) for k, v in enumerate("10")]
+    s = ev.summarize(rows, ci_over="subject")[0]
+    assert (s["identity"], s["identity_ci95_low"], s["identity_ci95_high"]) == (0.625, 0.0, 1.0)
+    assert "clipped to [0, 1]" in ev.format_table([s], ci_over="subject")
+
+
 def test_customconcept101_layout(tmp_path):
     root = tmp_path / "cc101"
     _images(root / "benchmark_dataset" / "pet_dog1")
