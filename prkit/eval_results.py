@@ -13,6 +13,7 @@ from typing import Sequence
 METHODS = ("base", "residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth", "attn_kv", "attn_out")
 METRICS = ("identity", "identity_colors", "scene", "class", "background_change",  # the world's oracle
            "clip_i", "clip_t_dreambooth", "clip_t_clipscore", "dino")
+BINARY = ("identity", "identity_colors", "scene", "class")  # 0 or 1 per image: their means are proportions
 COLUMNS = ["protocol", "target", "method", "subject", "prompt_index", "prompt", "seed", *METRICS,
            "parameters", "train_seconds", "train_steps"]
 KEY = ("target", "method", "subject", "prompt_index", "seed")  # one row per key
@@ -110,6 +111,40 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, t975(len(xs) - 1) * sd / math.sqrt(len(xs))
 
 
+Z975 = 1.959964  # two-sided 95% normal quantile
+
+
+def wilson_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    """(proportion, low, high): the 95% Wilson score interval of the finite 0/1 values, inside [0, 1] (the
+    t-interval of 0/1 values runs past 1 near 100%, and past 0 near 0%); NaN where there are none."""
+    xs = [float(v) for v in values if v == v and not math.isinf(float(v))]
+    if not xs:
+        return float("nan"), float("nan"), float("nan")
+    odd = sorted({x for x in xs if x not in (0.0, 1.0)})
+    if odd:
+        raise ValueError(f"a proportion's values must be 0 or 1, got {odd[:3]}: these rows do not hold a 0/1 "
+                         "metric; summarize other values with mean_ci")
+    n, p, z2 = len(xs), sum(xs) / len(xs), Z975 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return p, 0.0 if p == 0 else max(0.0, centre - half), 1.0 if p == 1 else min(1.0, centre + half)
+
+
+def interval(metric: str, values: Sequence[float], ci_over: str = "image") -> tuple[float, float, float, float]:
+    """(mean, t half-width, low, high) of the 95% interval of ``metric`` over ``values``. Continuous metrics: the
+    t-interval, mean ± half-width. Proportions (``BINARY``): over images (0/1 each), the Wilson score interval; over
+    per-subject proportions, the t-interval clipped to [0, 1]; either is uneven about the mean, so their half-width
+    is NaN and ``low``/``high`` say it."""
+    if metric in BINARY and ci_over == "image":
+        mean, low, high = wilson_ci(values)
+        return mean, float("nan"), low, high
+    mean, half = mean_ci(values)
+    low, high = mean - half, mean + half
+    if metric in BINARY:
+        return mean, float("nan"), max(0.0, low), min(1.0, high)
+    return mean, half, low, high
+
+
 def _num(value) -> float:
     try:
         return float(value)
@@ -119,7 +154,9 @@ def _num(value) -> float:
 
 def summarize(rows: list[dict], ci_over: str = "image") -> list[dict]:
     """Per method: images, subjects, mean trainable parameters and training seconds, and mean and 95%
-    interval of every metric (over images, or over per-subject means with ``ci_over="subject"``)."""
+    interval of every metric (over images, or over per-subject means with ``ci_over="subject"``): ``<metric>_ci95``
+    the t-interval's half-width (NaN for proportions, whose interval is uneven), ``<metric>_ci95_low`` and
+    ``_high`` its ends (``interval``)."""
     if ci_over not in ("image", "subject"):
         raise ValueError(f"ci_over must be 'image' or 'subject', got {ci_over!r}")
     order = {m: i for i, m in enumerate(METHODS)}
@@ -137,7 +174,8 @@ def summarize(rows: list[dict], ci_over: str = "image") -> list[dict]:
                 values = [_num(r.get(m)) for r in sel]
             else:
                 values = [mean_ci([_num(r.get(m)) for r in sel if r["subject"] == s])[0] for s in subjects]
-            summary[m], summary[f"{m}_ci95"] = mean_ci(values)
+            summary[m], summary[f"{m}_ci95"], summary[f"{m}_ci95_low"], summary[f"{m}_ci95_high"] = \
+                interval(m, values, ci_over)
         out.append(summary)
     return out
 
@@ -150,12 +188,19 @@ def format_table(summary: list[dict], unavailable: dict[str, str] | None = None,
     for s in summary:
         cells = [s["method"], str(s["subjects"]), str(s["images"])]
         for m in shown:
-            ci = s[f"{m}_ci95"]
-            cells.append(f"{s[m]:.4f}" + (f" ± {ci:.4f}" if ci == ci else ""))
+            ci, low, high = s[f"{m}_ci95"], s[f"{m}_ci95_low"], s[f"{m}_ci95_high"]
+            if m in BINARY:
+                cells.append(f"{s[m]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low == low else ""))
+            else:
+                cells.append(f"{s[m]:.4f}" + (f" ± {ci:.4f}" if ci == ci else ""))
         cells += [f"{s['parameters']:,.0f}", f"{s['train_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"\n± : 95% t-interval over {'images' if ci_over == 'image' else 'per-subject means'}. "
-             "CLIP-T is given in both conventions, as labelled."]
+    over = "images" if ci_over == "image" else "per-subject means"
+    notes = [f"\n± : 95% t-interval over {over}. CLIP-T is given in both conventions, as labelled."]
+    if any(m in BINARY for m in shown):
+        notes[0] += (" [low, high] of a proportion (" + ", ".join(LABELS[m] for m in BINARY if m in shown) + "): "
+                     + ("95% Wilson score interval over images." if ci_over == "image" else
+                        "95% t-interval over per-subject proportions, clipped to [0, 1]."))
     notes += [f"- {name} unavailable: {reason}" for name, reason in (unavailable or {}).items() if reason]
     return "\n".join(lines + notes) + "\n"
 
@@ -206,17 +251,22 @@ def _effective(method: str, overrides) -> dict:
     return {k: v for k, v in overrides.items() if k not in same}
 
 
-def check_settings(out: str | Path, config, done: set, dtype: str | None = None) -> dict:
+def check_settings(out: str | Path, config, done: set, dtype: str | None = None,
+                   backbones: dict | None = None) -> dict:
     """The run's settings (``SETTING_FIELDS`` of ``config``), checked against those of the rows already in ``out``
     (its settings.json, else an older version's run.json): a rerun into the same folder with other settings would
     skip finished pairs and mix their rows with new ones, so it is refused, naming the fields. ``done``: the
     finished (method, subject) pairs; recipe overrides (``train``) are compared for their methods only, so a rerun
     may add methods, with their own overrides, and subjects. ``dtype``: the pipeline's dtype as it will run (the
-    config's None is fp32 on a CPU, bf16 on most GPUs). Local paths are stored resolved, so a rerun from another
-    folder compares the folders, not the words typed. Returns the settings (``write_settings`` stores them)."""
+    config's None is fp32 on a CPU, bf16 on most GPUs). ``backbones``: the metric backbones that score
+    (``Scorer.backbones``, None where a metric is off or could not be loaded); rows scored with others, or without
+    them, are refused too. Local paths are stored resolved, so a rerun from another folder compares the folders, not
+    the words typed. Returns the settings (``write_settings`` stores them)."""
     settings = json.loads(json.dumps({k: getattr(config, k) for k in SETTING_FIELDS}, default=str))
     if dtype is not None:
         settings["dtype"] = dtype
+    if backbones is not None:
+        settings["backbones"] = dict(backbones)
     stored = _comparable(settings)
     settings.update({k: stored[k] for k in ("model", "data", "clip", "dino", "dtype") if k in stored})
     path, old_run = Path(out) / SETTINGS, Path(out) / "run.json"
@@ -238,7 +288,23 @@ def check_settings(out: str | Path, config, done: set, dtype: str | None = None)
     if differ:
         raise ValueError(f"{str(out)!r} holds results of a run with other settings: {'; '.join(differ)}. "
                          "Rerunning would mix them; pass another --out, or delete that folder to start over")
+    _check_backbones(out, saved.get("backbones"), settings.get("backbones"))
     return settings
+
+
+def _check_backbones(out, then: dict | None, now: dict | None) -> None:
+    """Refuse scoring into ``out`` with other metric backbones than its rows had (``None``: that metric not scored);
+    unknown on either side (an older settings.json, a caller that does not say): not compared."""
+    if not isinstance(then, dict) or not isinstance(now, dict):
+        return
+    said = lambda v: repr(v) if v else "none (off, or not loadable: see the warning above)"  # noqa: E731
+    differ = [f"{name.upper()} ({said(then.get(name))} there, {said(now.get(name))} now)"
+              for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name)]
+    if differ:
+        raise ValueError(f"{str(out)!r} holds rows scored with other metric backbones: {'; '.join(differ)}. Rerunning "
+                         "would mix rows scored with and without them (or with another model) in one table; give "
+                         "the same backbones (--clip / --dino the folder or hub id it ran with, --download-backbones "
+                         "for a hub id not in the cache, 'none' where it had none), or pass another --out")
 
 
 def write_settings(out: str | Path, settings: dict) -> None:

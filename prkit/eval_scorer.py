@@ -36,6 +36,16 @@ def _reference_images(concept) -> list:
     return out
 
 
+def _identity(backbone) -> str | None:
+    """A loaded backbone as the settings record it: its hub id, "world", or its folder resolved; None: not loaded."""
+    from .metrics import WORLD
+
+    if backbone is None:
+        return None
+    path = Path(backbone.name).expanduser()
+    return str(path.resolve()) if backbone.name != WORLD and path.exists() else backbone.name
+
+
 class Scorer:
     """Holds the metric backbones (or why each is unavailable) and the oracle, and scores one job's images."""
 
@@ -48,6 +58,8 @@ class Scorer:
         self.clip, clip_reason = try_load_clip(clip, device, get) if clip else (None, "switched off")
         self.dino, dino_reason = try_load_dino(dino, device, get) if dino else (None, "switched off")
         self.unavailable = {"CLIP-I/CLIP-T": clip_reason, "DINO": dino_reason}
+        # which backbones score (None: that metric is not scored), as a rerun's settings compare them
+        self.backbones = {"clip": _identity(self.clip), "dino": _identity(self.dino)}
         for name, reason in self.unavailable.items():
             if reason:
                 log.warning("%s unavailable: %s", name, reason)

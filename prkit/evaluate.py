@@ -28,8 +28,8 @@ from .eval_jobs import (  # noqa: F401
     write_timing,
 )
 from .eval_results import (  # noqa: F401  (re-exported: prkit.evaluate is the harness's one public module)
-    COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table, mean_ci,
-    check_settings, merge, read_rows, summarize, t975, write_rows, write_settings,
+    BINARY, COLUMNS, KEY, LABELS, METHODS, METRICS, RESULTS, SUMMARY, append_rows, finished_pairs, format_table,
+    interval, mean_ci, check_settings, merge, read_rows, summarize, t975, wilson_ci, write_rows, write_settings,
 )
 from .eval_scorer import Scorer, strip_token  # noqa: F401
 from .eval_subjects import PROTOCOLS, Subject, load_customconcept101, load_subjects  # noqa: F401
@@ -162,7 +162,8 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     """Run this process's share of the evaluation; the only or rank-0 process then merges and summarizes.
 
     A rerun into the same ``out`` skips the finished (method, subject) pairs; it may add methods and subjects, but
-    other settings than the rows there were made with (settings.json) are refused (``check_settings``).
+    other settings than the rows there were made with (settings.json), the metric backbones that scored them
+    included, are refused (``check_settings``).
 
     Args:
         config: what to run; its ``out`` folder collects results.csv, summary.csv, summary.md and run.json.
@@ -189,34 +190,36 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
 
     from .pipeline import resolve_dtype
 
-    ran_in = str(resolve_dtype(config.dtype, torch.device(_device(config, local_rank, world_size)))).split(".")[-1]
-    settings = check_settings(out, config, done, ran_in)  # every rank refuses a rerun with other settings
+    device = torch.device(_device(config, local_rank, world_size))
+    ran_in = str(resolve_dtype(config.dtype, device)).split(".")[-1]
+    todo = [j for j in jobs if j not in done]
+    t0 = time.perf_counter()  # the metric backbones first: which of them score is part of the settings
+    scorer = Scorer(config, pipe.unet.device if pipe is not None else device, oracle, need_oracle=bool(todo))
+    scorer_seconds = time.perf_counter() - t0
+    # every rank refuses a rerun with other settings
+    settings = check_settings(out, config, done, ran_in, same_backbones(dist, scorer.backbones))
     if dist is not None:
         dist.barrier()  # every rank has read the finished pairs and settings, and the claims are clear
     if rank == 0:
         write_settings(out, settings)
-    todo = [j for j in jobs if j not in done]
     cost = lambda j: job_cost(j[0], config, len(subjects[j[1]].prompts))  # noqa: E731
     # one rank: every job in list order; several: each rank takes the next unclaimed job when it is free
     mine = JobQueue(out / "claims", todo, cost, rank) if world_size > 1 else todo
     part = out / RESULTS if world_size == 1 else out / "parts" / f"rank{rank:03d}-of-{world_size:03d}.csv"
     log.info("rank %d/%d: %d of %d jobs to run (%d done before)", rank, world_size, len(todo), len(jobs),
              len(done & set(jobs)))
-    scorer = None
-    timing = {"rank": rank, "load_seconds": 0.0, "jobs": []}
+    timing = {"rank": rank, "load_seconds": scorer_seconds, "jobs": []}
+    base_images: dict = {}
     # the bar counts the whole queue: with several ranks, jobs the other ranks took move it too
     bar = tqdm(total=len(todo), desc=f"eval rank {rank}", unit="job", disable=not progress)
     for method, name in mine:
-        if scorer is None:  # first job of this rank: load what every job needs
-            t0 = time.perf_counter()
-            if pipe is None:
-                from .pipeline import load_pipeline
+        if pipe is None:  # first job of this rank: load the pipeline every job needs
+            from .pipeline import load_pipeline
 
-                pipe = load_pipeline(config.model, device=_device(config, local_rank, world_size), dtype=config.dtype)
-                pipe.set_progress_bar_config(disable=True)
-            scorer = Scorer(config, pipe.unet.device, oracle)
-            base_images: dict = {}
-            timing["load_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            timing["load_seconds"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         rows = run_job(pipe, subjects[name], method, config, scorer, base_images)
         append_rows(part, rows)  # the pair is finished once its rows are in
@@ -238,7 +241,7 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     if missing:  # e.g. claims left behind that no rank could clear, or an out folder the ranks do not share
         log.warning("%d job(s) have no rows: %s; run the same command again to finish them", len(missing),
                     ", ".join(f"{m} on {s}" for m, s in missing))
-    unavailable = (scorer or Scorer(config, "cpu", need_oracle=False)).unavailable
+    unavailable = scorer.unavailable
     summary = summarize(rows, config.ci_over)
     write_rows(out / SUMMARY, summary, columns=list(summary[0]) if summary else ["method"])
     _write_text(out / "summary.md", format_table(summary, unavailable, config.ci_over))
@@ -249,6 +252,22 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
            "model_defaults": getattr(pipe, "prkit_defaults", None) if pipe is not None else None}
     _write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     return summary
+
+
+def same_backbones(dist, backbones: dict) -> dict:
+    """``backbones`` (``Scorer.backbones``) when every rank loaded the same, else refused: ranks on machines with
+    other caches or folders would write rows scored with and without a metric into one table."""
+    if dist is None:
+        return backbones
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, backbones)
+    other = [(r, b) for r, b in enumerate(every) if b != every[0]]
+    if other:
+        r, b = other[0]
+        raise ValueError(f"the ranks loaded other metric backbones: rank 0 {every[0]}, rank {r} {b} (None: not "
+                         "loadable there, see its warning); make the same --clip / --dino folders or cached hub ids "
+                         "reachable from every rank, or switch the metric off on all with 'none'")
+    return backbones
 
 
 def _write_text(path: Path, text: str) -> None:

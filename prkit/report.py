@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import html
+import os
 import re
 import sys
 import time
@@ -167,12 +168,12 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None, sin
             body, _ = exporter.from_notebook_node(node)
             page = book.with_suffix(".html")
             page.write_text(body, encoding="utf-8")
-            link = f'<a href="{_href(page.name)}">{html.escape(row["notebook"])}</a>'
+            link = f'<a href="{_href(page.name)}">{_shown(row["notebook"])}</a>'
             ran_with = node.metadata.get("papermill", {}).get("parameters") or {}
             given = ", ".join(f"{k}={v!r}" for k, v in sorted(ran_with.items())
                               if k != "run_dir" and k not in HEADLESS)  # the report's own: the same for every row
         else:
-            link = html.escape(row["notebook"])
+            link = _shown(row["notebook"])
         took = "" if row["status"] in ("not run", "earlier run") else f"{row['seconds']:.0f} s"
         items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{took}</td>"
                      f"<td><code>{html.escape(given)}</code></td></tr>")
@@ -181,7 +182,7 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None, sin
         "<!doctype html><html><head><meta charset='utf-8'><title>prkit report</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;text-align:left}"
         "img{max-width:32%;margin:4px;vertical-align:top}</style></head>"
-        f"<body><h1>prkit report</h1><p>{html.escape(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
+        f"<body><h1>prkit report</h1><p>{_shown(out.name)}</p><table><tr><th>notebook</th><th>status</th>"
         f"<th>time</th><th>run with</th></tr>{''.join(items)}</table>{_parameters(parameters or {})}{_outputs(out, since)}</body></html>",
         encoding="utf-8")
     return index
@@ -198,8 +199,15 @@ def _parameters(parameters: dict) -> str:
 
 
 def _href(relative: str) -> str:
-    """A link target for a path relative to the index: URL-quoted (a '#' or '?' in a file name), then escaped."""
-    return html.escape(urllib.parse.quote(relative))
+    """A link target for a path relative to the index: URL-quoted (a '#' or '?' in a file name), then escaped; the
+    name's own bytes are quoted (``os.fsencode``), so a name that is no UTF-8 still links to its file."""
+    return html.escape(urllib.parse.quote(os.fsencode(relative)))
+
+
+def _shown(name: str) -> str:
+    """A file name as the page shows it, escaped: bytes that are no UTF-8 (a Linux name such as b'\\xff.png', which
+    Python holds as a lone surrogate that no UTF-8 page can carry) as their \\xNN escapes."""
+    return html.escape(os.fsencode(name).decode("utf-8", "backslashreplace"))
 
 
 def _outputs(out: Path, since: float | None = None) -> str:
@@ -214,13 +222,13 @@ def _outputs(out: Path, since: float | None = None) -> str:
     for (earlier, folder), files in sorted(by_folder.items(), key=lambda item: (item[0][0], item[0][1] != ".",
                                                                                item[0][1])):
         shown = [f for f in files if f.suffix == ".png" and "images" not in f.relative_to(out).parts[:-1]]
-        figures = "".join(f'<a href="{_href(f.relative_to(out).as_posix())}"><img alt="{html.escape(f.name)}" '
+        figures = "".join(f'<a href="{_href(f.relative_to(out).as_posix())}"><img alt="{_shown(f.name)}" '
                           f'src="{_href(f.relative_to(out).as_posix())}"></a>' for f in shown)
         links = "".join(f'<li><a href="{_href(f.relative_to(out).as_posix())}">'
-                        f'{html.escape(f.relative_to(out).as_posix())}</a></li>' for f in files if f not in shown)
+                        f'{_shown(f.relative_to(out).as_posix())}</a></li>' for f in files if f not in shown)
         title = ("run folder" if folder == "." else f"{folder}/") + (" (an earlier run's, not written by this "
                                                                      "one)" if earlier else "")
-        sections.append(f"<h2>{html.escape(title)}</h2>{figures}{f'<ul>{links}</ul>' if links else ''}")
+        sections.append(f"<h2>{_shown(title)}</h2>{figures}{f'<ul>{links}</ul>' if links else ''}")
     return "".join(sections)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,6 +166,33 @@ def test_mean_ci_and_summary_by_hand():
     assert by_subject["residuals"]["clip_i_ci95"] == pytest.approx(12.706 * np.std([.3, .7], ddof=1) / math.sqrt(2))
     table = ev.format_table(list(by_image.values()), {"DINO": "no weights here"})
     assert "CLIP-I" in table and "DINO unavailable: no weights here" in table and "| DINO |" not in table
+
+
+def test_proportions_get_a_wilson_interval_inside_0_1():
+    """identity, scene, class are 0/1 per image, but got the t-interval: 3 of 4 images right read 0.75 ± 0.7955,
+    [-0.05, 1.55], and 4 of 4 read 1.0 ± 0, as if certain."""
+    rows = [_row("lora", "a", seed=k, identity=v, scene="1", clip_i=str(c))
+            for k, (v, c) in enumerate([("1", .2), ("1", .4), ("1", .6), ("0", .8)])]
+    s = ev.summarize(rows)[0]
+    # Wilson, z = 1.96: 3/4 -> [0.3006, 0.9544], 4/4 -> [0.5101, 1] (the roots x of (p - x)^2 = z^2 x(1-x)/n)
+    assert (s["identity"], s["identity_ci95_low"], s["identity_ci95_high"]) == pytest.approx((0.75, 0.30064, 0.95441),
+                                                                                             abs=1e-5)
+    assert (s["scene"], s["scene_ci95_low"], s["scene_ci95_high"]) == pytest.approx((1.0, 0.51010, 1.0), abs=1e-5)
+    assert math.isnan(s["identity_ci95"]) and s["scene_ci95_high"] == 1.0  # no half-width: the interval is uneven
+    half = 3.182 * np.std([.2, .4, .6, .8], ddof=1) / 2  # a continuous metric keeps its t-interval
+    assert (s["clip_i_ci95"], s["clip_i_ci95_low"], s["clip_i_ci95_high"]) == pytest.approx((half, .5 - half,
+                                                                                              .5 + half))
+    assert ev.wilson_ci([0] * 10) == pytest.approx((0.0, 0.0, 0.27753), abs=1e-5) and ev.wilson_ci([])[0] != 0
+    with pytest.raises(ValueError, match=r"must be 0 or 1, got \[0.5\]"):
+        ev.wilson_ci([1, 0.5])
+    table = ev.format_table([s])
+    assert "| 0.7500 [0.3006, 0.9544] |" in table and "| 1.0000 [0.5101, 1.0000] |" in table
+    assert "| 0.5000 ± 0.4108 |" in table and "proportion (identity, prompt (scene)): 95% Wilson score" in table
+    # over subjects: the t-interval of per-subject proportions (0.75 and 0.5: 0.625 ± 1.588), clipped to [0, 1]
+    rows += [_row("lora", "b", seed=k, identity=v) for k, v in enumerate("10")]
+    s = ev.summarize(rows, ci_over="subject")[0]
+    assert (s["identity"], s["identity_ci95_low"], s["identity_ci95_high"]) == (0.625, 0.0, 1.0)
+    assert "clipped to [0, 1]" in ev.format_table([s], ci_over="subject")
 
 
 def test_customconcept101_layout(tmp_path):
@@ -479,3 +507,53 @@ def test_settings_hold_the_folders_and_dtype_as_they_ran(tmp_path, monkeypatch):
     monkeypatch.chdir(a)
     with pytest.raises(ValueError, match=r"dtype \('float32' there, 'bfloat16' now\)"):  # a CPU run resumed on a GPU
         ev.check_settings(out, EvalConfig(model="m", data="m"), done, dtype="bfloat16")
+
+
+def test_a_rerun_scored_with_other_backbones_is_refused(assets, tmp_path):
+    """settings.json did not say which metric backbones scored: a rerun where DINO ('auto', or a folder) no longer
+    loaded added rows without DINO to rows with it, and the summary gave the one subject's DINO for both."""
+    import shutil
+
+    dino = Path(shutil.copytree(assets["dino"], tmp_path / "dino"))
+    out = tmp_path / "out"
+    config = _config(assets, out, methods=("base",), dino=str(dino))
+    ev.evaluate(config, tiny_pipeline(tmp_path / "pipe"), progress=False)
+    assert json.loads((out / "settings.json").read_text())["backbones"] == {
+        "clip": str(Path(assets["clip"]).resolve()), "dino": str(dino.resolve())}
+    rows, there = ev.read_rows(out / ev.RESULTS), re.escape(repr(str(dino.resolve())))
+    (dino / "config.json").rename(tmp_path / "config.json")  # DINO is no longer loadable here
+    more = replace(config, subjects=("dog", "teapot"))
+    with pytest.raises(ValueError, match=rf"other metric backbones: DINO \({there} there, none \(off, or "
+                                         r"not loadable: see the warning above\) now\).*or pass another --out"):
+        ev.evaluate(more, tiny_pipeline(tmp_path / "pipe"), progress=False)
+    assert ev.read_rows(out / ev.RESULTS) == rows  # nothing ran
+    (tmp_path / "config.json").rename(dino / "config.json")
+    ev.evaluate(more, tiny_pipeline(tmp_path / "pipe"), progress=False)
+    scored = {r["subject"] for r in ev.read_rows(out / ev.RESULTS) if math.isfinite(float(r["dino"]))}
+    assert scored == {"dog", "teapot"}
+    # the other way round: rows without a metric are not topped up with rows that have it
+    done, settings = ev.finished_pairs(out), json.loads((out / "settings.json").read_text())
+    ev.write_settings(out, {**settings, "backbones": {**settings["backbones"], "dino": None}})
+    with pytest.raises(ValueError, match=rf"DINO \(none \(off, .*\) there, {there} now\)"):
+        ev.check_settings(out, more, done, "float32", settings["backbones"])
+    assert ev.check_settings(out, more, done, "float32")  # a caller that does not say: not compared
+
+
+def test_ranks_with_other_backbones_are_refused():
+    """Each rank loaded its own backbones: a rank on a machine without the CLIP cache wrote rows without CLIP into
+    the same table as the others."""
+    class TwoRanks:
+        def __init__(self, other):
+            self.other = other
+
+        def get_world_size(self):
+            return 2
+
+        def all_gather_object(self, every, mine):
+            every[:] = [mine, self.other]
+
+    mine = {"clip": "/m/clip", "dino": None}
+    assert ev.same_backbones(None, mine) is mine and ev.same_backbones(TwoRanks(dict(mine)), mine) == mine
+    with pytest.raises(ValueError, match=r"rank 0 \{'clip': '/m/clip', 'dino': None\}, rank 1 \{'clip': None, "
+                                         r"'dino': None\}.*reachable from every rank"):
+        ev.same_backbones(TwoRanks({"clip": None, "dino": None}), mine)

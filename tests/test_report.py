@@ -332,3 +332,26 @@ def test_a_rerun_into_a_run_folder_lists_the_files_it_did_not_write_apart(tmp_pa
     assert 'src="lag/multi_concept.png"' in old and 'src="lag/grid.png"' not in old
     assert "<h2>run folder (an earlier run&#x27;s, not written by this one)</h2><ul><li><a href=\"residuals" in index
     assert "earlier run" not in render_html(run, [], {}).read_text()  # without since: one list, as before
+
+
+def test_file_names_that_are_no_utf8_are_shown_escaped_and_still_linked(tmp_path):
+    """A run file named b'\\xff.png' (Linux names are bytes; Python holds 0xff as a lone surrogate) stopped the index
+    with UnicodeEncodeError: the link was quoted as UTF-8 and the page written as UTF-8."""
+    import os
+    import urllib.parse
+
+    from prkit.report import render_html
+
+    run = tmp_path / "run"
+    try:
+        (run / os.fsdecode(b"d\xfe")).mkdir(parents=True)
+        for name in (b"\xff.png", b"d\xfe/a b\xe9.csv"):
+            (run / os.fsdecode(name)).write_bytes(b"x")
+    except (OSError, UnicodeError):  # a file system that takes only UTF-8 names (macOS): nothing to show
+        pytest.skip("this file system refuses names that are no UTF-8")
+    nbformat.write(nbformat.v4.new_notebook(), run / "01_a.ipynb")
+    index = render_html(run, [{"notebook": "01_a.ipynb", "seconds": 2.0, "status": "ok"}], {}).read_text("utf-8")
+    assert '<a href="%FF.png"><img alt="\\xff.png" src="%FF.png"></a>' in index
+    assert '<h2>d\\xfe/</h2><ul><li><a href="d%FE/a%20b%E9.csv">d\\xfe/a b\\xe9.csv</a></li></ul>' in index
+    for href, name in (("%FF.png", b"\xff.png"), ("d%FE/a%20b%E9.csv", b"d\xfe/a b\xe9.csv")):  # links open their file
+        assert urllib.parse.unquote_to_bytes(href) == name and os.path.isfile(os.fsencode(run) + b"/" + name)
