@@ -531,3 +531,43 @@ def test_a_resumed_optimizer_keeps_its_own_loops_way_of_running(direction):
     p1.grad = torch.ones_like(p1)
     reader.step()  # runs as its own loop runs, from the checkpoint's moments
     assert float(reader.state[p1]["step"]) == 3.0
+
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_checkpoint_of_another_precision_is_refused_with_the_setting_that_continues_it(tmp_path, concept, fast):
+    """A bf16 run resumed in fp32 or fp16 (or the reverse) mixed two precisions in one run without a word: the stamp
+    had no precision. It holds what the setting resolves to ('auto' on a CPU: none, as 'no'); an older checkpoint,
+    stamped without it, still resumes."""
+    import io
+
+    ckpt = tmp_path / "ckpt"
+    where = dict(steps=4, checkpoint_dir=str(ckpt), fast=fast, **FAST)
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, stop_after=2, mixed_precision="bf16", **where)
+    path = ckpt / "checkpoint.pt"
+    written = path.read_bytes()
+    for other, here in (("no", "no"), ("auto", "no"), ("fp16", "fp16")):
+        with pytest.raises(CheckpointError) as err:
+            prkit.train_residuals(make_pipe(tmp_path / other), concept, mixed_precision=other, **where)
+        auto = " (this run's 'auto' is 'no' on its device)" if other == "auto" else ""
+        assert str(err.value) == (
+            f"{str(path)!r} belongs to another run (at step 2): it differs in mixed_precision ('bf16' there, "
+            f"{here!r} here). To continue it, train at its precision: mixed_precision='bf16'{auto}. To keep both, "
+            "pass another checkpoint_dir; to start over, delete it, pass another checkpoint_dir, or pass resume=False "
+            "(CLI: --no-resume).")
+    assert path.read_bytes() == written  # refused before anything was loaded or written
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "b"), concept, mixed_precision="bf16", **where)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "c"), concept, mixed_precision="bf16",
+                                     **{**where, "checkpoint_dir": None})
+    assert resumed.steps_done == 4 and resumed.losses == straight.losses  # at its own precision: exact
+    assert torch.load(path, weights_only=True)["fingerprint"]["mixed_precision"] == "bf16"
+    # a CPU's 'auto' and 'no' are one run
+    auto = dict(where, checkpoint_dir=str(tmp_path / "auto"))
+    prkit.train_residuals(make_pipe(tmp_path / "d"), concept, stop_after=2, mixed_precision="auto", **auto)
+    assert prkit.train_residuals(make_pipe(tmp_path / "e"), concept, mixed_precision="no", **auto).steps_done == 4
+    # the bf16 checkpoint as an older prkit stamped it (no mixed_precision): not checked, resumed at its step 2
+    old = torch.load(io.BytesIO(written), weights_only=True)
+    del old["fingerprint"]["mixed_precision"]
+    torch.save(old, path)
+    again = prkit.train_residuals(make_pipe(tmp_path / "f"), concept, mixed_precision="no", **where)
+    assert again.steps_done == 4 and again.losses[:2] == straight.losses[:2] and again.losses != straight.losses
