@@ -571,3 +571,55 @@ def test_a_checkpoint_of_another_precision_is_refused_with_the_setting_that_cont
     torch.save(old, path)
     again = prkit.train_residuals(make_pipe(tmp_path / "f"), concept, mixed_precision="no", **where)
     assert again.steps_done == 4 and again.losses[:2] == straight.losses[:2] and again.losses != straight.losses
+
+
+@pytest.mark.parametrize("how", ["stop_after", "interrupt"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_checkpoint_the_disk_refuses_leaves_the_trained_set_on_the_model_and_says_so(tmp_path, concept,
+                                                                                        monkeypatch, fast, how):
+    """checkpoint_every=0: the only checkpoint, the stop's or the interrupt's, on a full disk raised the write's error
+    alone ("then try again"); the set it had trained stayed on the model unsaid, and the call again replaced it,
+    starting over. The error now says where the work is and how to keep it."""
+    import errno
+
+    from conftest import full_disk
+    from prkit.fast import FastConfig
+
+    loop = FastConfig(cuda_graph=False, check_every=1) if fast else False
+    two = prkit.train_residuals(make_pipe(tmp_path / "two"), concept, steps=2, fast=loop, **FAST)
+    if how == "interrupt" and fast:  # the third step, as Ctrl-C lands in it
+        import prkit.fast_step as fast_step
+
+        real, bodies = fast_step.TrainStep._body, []
+
+        def body(self):
+            bodies.append(1)
+            if len(bodies) == 3:
+                raise KeyboardInterrupt
+            real(self)
+        monkeypatch.setattr(fast_step.TrainStep, "_body", body)
+    elif how == "interrupt":
+        interrupt_backward(monkeypatch, at=3)
+    ckpt = tmp_path / "ckpt"
+    pipe = make_pipe(tmp_path / "p")
+    full_disk(monkeypatch, free_mib=3)
+    with pytest.raises(OSError) as err:
+        prkit.train_residuals(pipe, concept, steps=4, checkpoint_dir=str(ckpt), checkpoint_every=0, fast=loop,
+                              stop_after=2 if how == "stop_after" else None, **FAST)
+    assert err.value.errno == errno.ENOSPC and str(err.value) == (
+        f"[Errno 28] could not write {ckpt / 'checkpoint.pt'}: No space left on device (3 MiB free there); free some "
+        "space or write to another disk, then try again. Nothing was written. The residual set 'default' stays on "
+        "the model with the weights it had trained: save it where there is room (prkit.save_residuals("
+        "prkit.get_residuals(pipe.unet, 'default'), path)) before calling train_residuals again, which replaces it, "
+        "starting over: no checkpoint holds this run")
+    assert isinstance(err.value, train.TrainingWriteError)  # with the write's own error
+    assert str(err.value.error) == str(err.value).split(". The residual set")[0]
+    monkeypatch.undo()
+    assert residual_names(pipe.unet) == ["default"] and list(ckpt.iterdir()) == []
+    kept = get_residuals(pipe.unet, "default")
+    assert _equal_states(kept.state_dict(), two.residuals.state_dict())  # the two steps it had trained
+    prkit.save_residuals(kept, tmp_path / "kept.safetensors")  # as the message says
+    loaded = prkit.load_residuals(make_pipe(tmp_path / "q"), tmp_path / "kept.safetensors")
+    assert _equal_states(loaded.state_dict(), two.residuals.state_dict())
+    again = prkit.train_residuals(pipe, concept, steps=2, checkpoint_dir=str(ckpt), fast=loop, **FAST)
+    assert again.losses == two.losses and residual_names(pipe.unet) == ["default"]  # replaced it, starting over
