@@ -2,10 +2,10 @@
 
 A checkpoint left in a run's folder must never continue another run: the stamp (``fingerprint``) covers the
 concept's images and words, the prompt, what is trained and how (target, rank, seed, batch size, flips, prior
-images and their weight, gradient clipping), the UNet's architecture and weights (a cheap digest) and the training
-objective (the scheduler's prediction type and noise schedule); a resume whose stamp differs is refused with the way
-out. Both training
-loops (``train``, ``fast``) save and restore through here; the loops themselves live there.
+images and their weight, gradient clipping, mixed precision as it resolves on the device), the UNet's architecture and
+weights (a cheap digest) and the training objective (the scheduler's prediction type and noise schedule); a resume
+whose stamp differs is refused with the way out. Both training loops (``train``, ``fast``) save and restore through
+here; the loops themselves live there.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 WAYS = "delete it, pass another checkpoint_dir, or pass resume=False (CLI: --no-resume)"
 START_OVER = f"to start over, {WAYS}"
+PRECISION_WORDS = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype: TrainConfig's word
 
 
 class CheckpointError(ValueError):
@@ -85,9 +86,12 @@ def _scheduler(pipe) -> str:
     return json.dumps({k: config.get(k) for k in keys}, default=str, sort_keys=True)
 
 
-def fingerprint(pipe, concept, config) -> dict:
+def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> dict:
     """What decides a run's trajectory besides the learning rate, weight decay and step count (which a resume may
-    change, and says so)."""
+    change, and says so). ``amp``: the autocast dtype the loop trains in (None: none), stamped as the
+    ``mixed_precision`` it resolves to ('auto' is bf16 on one GPU, fp16 on another, none on a CPU): one run never
+    mixes two. Its grad scaler follows from it and the device (fp16 on CUDA): a scaler's state the run does not use
+    is left, a missing one starts afresh."""
     from .targets import TARGETS
 
     prior = config.prior_images
@@ -108,6 +112,7 @@ def fingerprint(pipe, concept, config) -> dict:
         "scheduler": _scheduler(pipe),
         "prior_weight": float(config.prior_weight) if prior is not None else None,
         "max_grad_norm": float(config.max_grad_norm) if config.max_grad_norm else None,  # 0 and None: no clipping
+        "mixed_precision": PRECISION_WORDS[amp],
     }
 
 
@@ -174,6 +179,16 @@ def _differences(saved: dict, stamp: dict) -> list[str]:
     return out
 
 
+def _continue_at_its_precision(saved: dict, stamp: dict, config) -> str:
+    """How to continue a checkpoint trained at another precision (empty where the precisions agree or the
+    checkpoint, an older prkit's, does not say): one run never mixes two."""
+    there, here = saved.get("mixed_precision"), stamp.get("mixed_precision")
+    if there is None or there == here:
+        return ""
+    auto = f" (this run's 'auto' is {here!r} on its device)" if config.mixed_precision == "auto" else ""
+    return f" To continue it, train at its precision: mixed_precision={there!r}{auto}."
+
+
 def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generator,
             config) -> tuple[int, list[float], float]:
     """Load the checkpoint at ``path`` into this run's state (``config``: its TrainConfig); returns (step, losses,
@@ -198,7 +213,8 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
         if differ:
             raise CheckpointError(
                 f"{str(path)!r} belongs to another run (at step {state['step']}): it differs in "
-                f"{', '.join(differ)}. To keep both, pass another checkpoint_dir; {START_OVER}.")
+                f"{', '.join(differ)}.{_continue_at_its_precision(saved, stamp, config)} To keep both, pass another "
+                f"checkpoint_dir; {START_OVER}.")
     if state["step"] > config.steps:
         raise CheckpointError(f"{str(path)!r} is at step {state['step']}, past this run's steps={config.steps}: ask "
                               f"for at least {state['step']} steps to continue it; {START_OVER}.")

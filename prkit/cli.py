@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +31,7 @@ def _train(args) -> int:
     from .atomic import reworded
     from .files import save_residuals
     from .pipeline import load_pipeline
-    from .train import TrainConfig, train_residuals
+    from .train import TrainConfig, TrainingWriteError, train_residuals
 
     out = Path(args.out)
     checkpoint_dir = _checkpoint_dir(args)
@@ -55,13 +56,14 @@ def _train(args) -> int:
                          rank=args.rank, checkpoint_dir=str(checkpoint_dir), resume=args.resume,
                          checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing)
-    result = train_residuals(pipe, concept, config, progress=bars_wanted())
+    try:
+        result = train_residuals(pipe, concept, config, progress=bars_wanted())
+    except TrainingWriteError as err:  # a checkpoint not written; the set on the model ends with this process
+        raise reworded(err.error, f"{err.error.strerror or err.error}; {_kept(args) or NOTHING_KEPT}") from err
     try:
         save_residuals(result.residuals, args.out, base_model=args.model)
-    except OSError as err:  # a full disk: the training is not lost, its checkpoint holds it
-        kept = _kept(args)
-        if not kept:
-            raise
+    except OSError as err:  # a full disk: the training is not lost, its last checkpoint or another file holds it
+        kept = (_kept(args) if args.checkpoint_every else "") or _saved_elsewhere(result.residuals, args)
         raise reworded(err, f"{err.strerror or err}; {kept}") from err
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, final loss {result.losses[-1]:.4f})")
@@ -81,11 +83,41 @@ def _again(args) -> str:
 
 def _kept(args) -> str:
     """How to continue an unfinished `prkit train` and where its training is kept; "" where no checkpoint keeps it
-    (interrupted before the first one, or a failed save after a run with --checkpoint-every 0)."""
+    (interrupted before the first one)."""
     folder = _checkpoint_dir(args)
     if not (folder / "checkpoint.pt").is_file():
         return ""
     return f"{_again(args)} (the training is kept in {folder})"
+
+
+NOTHING_KEPT = "no checkpoint keeps the training: the same command trains again from the start"
+
+
+def _saved_elsewhere(residuals, args) -> str:
+    """Where a finished run that no checkpoint holds (--checkpoint-every 0) keeps its residuals when --out cannot be
+    written: the same file in the checkpoint folder, else in a new folder of the system's temporary one (often
+    another disk); what to do, in words."""
+    import tempfile
+
+    from .files import save_residuals
+
+    failed = []
+    for temporary in (False, True):
+        folder = None if temporary else _checkpoint_dir(args)
+        try:
+            folder = folder or Path(tempfile.mkdtemp(prefix="prkit-"))
+            path = save_residuals(residuals, folder / Path(args.out).name, base_model=args.model)
+        except OSError as err:
+            failed.append(f"{tempfile.gettempdir() if temporary else folder}: "
+                          f"{os.strerror(err.errno) if err.errno else err}")
+            if temporary and folder is not None:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # the empty folder made for it
+            continue
+        return (f"the trained residuals are saved as {path} instead: move that file to {args.out} (no need to train "
+                "again)")
+    return (f"no checkpoint keeps the training and it could not be saved elsewhere either ({'; '.join(failed)}): "
+            "the same command trains again from the start")
 
 
 def _info(args) -> int:

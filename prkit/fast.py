@@ -179,7 +179,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     losses: list[float] = []
     step = 0
     ckpt = checkpoints.checkpoint_file(config)
-    stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
+    stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
     before, finished = 0.0, False
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)

@@ -32,8 +32,8 @@ from .train_inputs import (  # noqa: F401
     PREDICTION_TYPES, _Cache, _expand, encode_images, encode_text, sdxl_time_ids, training_scheduler)
 # the recipe's settings and results, re-exported: prkit.train stays their import path
 from .train_config import (  # noqa: F401
-    TrainConfig, TrainingDiverged, TrainResult, _check_resolution, _precision, _public, default_learning_rate,
-    training_prompt, training_template)
+    TrainConfig, TrainingDiverged, TrainingWriteError, TrainResult, _check_resolution, _precision, _public,
+    default_learning_rate, training_prompt, training_template)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         name: the residual set's name on the UNet.
     Returns:
         a TrainResult with the trained set, the per-step losses and the wall time.
+    Raises:
+        TrainingWriteError (an OSError) where a checkpoint cannot be written: the set trained so far stays on the
+        model under ``name`` and the message says how to save it before the next call replaces it.
     """
     config = config or TrainConfig()
     config = replace(config, **overrides) if overrides else config
@@ -159,18 +162,36 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         if getattr(result, "completed", True) is False and isinstance(result.residuals, Residuals):  # stopped early (stop_after): the next
             unfinished[name] = weakref.ref(_first_factor(result.residuals))  # call with this name resumes it
         return result
-    except BaseException:
+    except BaseException as err:
+        kept = None
         for target in made:  # a residual set stays with its last good weights (nothing is lost) until the next call
             if isinstance(target, Residuals):  # with this name replaces it; other targets come off the model
                 unfinished[target.name] = weakref.ref(_first_factor(target))
+                kept = target.name
             else:
                 target.remove()
+        if isinstance(err, OSError) and kept is not None:  # a checkpoint the disk refused: where the work is
+            raise _kept_on_the_model(err, kept, config) from err
         raise
     finally:
         for p, was in flags:
             p.requires_grad_(was)
         if checkpointing and not unet.is_gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+
+
+def _kept_on_the_model(err: OSError, name: str, config) -> TrainingWriteError:
+    """``err`` (a checkpoint that could not be written), saying that the set ``name`` stays on the model with the
+    weights it had trained and that the next call replaces it: the caller saves it first."""
+    ckpt = checkpoints.checkpoint_file(config)
+    again = (f"resuming from {ckpt}, the last checkpoint written" if ckpt is not None and config.resume
+             and ckpt.is_file() else "starting over: no checkpoint holds this run")
+    text = (f"{err.strerror or err}. The residual set {name!r} stays on the model with the weights it had trained: "
+            f"save it where there is room (prkit.save_residuals(prkit.get_residuals(pipe.unet, {name!r}), path)) "
+            f"before calling train_residuals again, which replaces it, {again}")
+    out = TrainingWriteError(err.errno, text) if err.errno else TrainingWriteError(text)
+    out.error = err
+    return out
 
 
 def _unfinished(unet) -> dict:
@@ -228,7 +249,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     losses: list[float] = []
     step = 0
     ckpt = checkpoints.checkpoint_file(config)
-    stamp = checkpoints.fingerprint(pipe, concept, config) if ckpt is not None else None
+    stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
     before, finished = 0.0, False
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)

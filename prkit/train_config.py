@@ -155,6 +155,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class TrainingWriteError(OSError):
+    """A write failed during training (a checkpoint on a full disk, in a folder no longer writable): the message adds
+    that the residual set trained until then stays on the model and how to keep it; ``error``: the write's own error
+    (the command line, whose model goes with its process, says the rest in its own words)."""
+
+    error: OSError
+
+
 @dataclass
 class TrainResult:
     """What a run returns."""

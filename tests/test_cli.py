@@ -604,3 +604,93 @@ def test_a_failed_save_or_an_interrupt_says_where_the_training_is_kept(tmp_path,
     assert capsys.readouterr().err.endswith(
         "prkit train: interrupted; run the command again without --no-resume to resume (the training is kept in "
         f"{tmp_path / 'y.ckpt'})\n")
+
+
+def test_a_failed_save_without_checkpoints_keeps_the_residuals_elsewhere(tmp_path, capsys, monkeypatch):
+    """--checkpoint-every 0: a run that could not write --out lost all its training (no checkpoint holds a finished
+    run) and said only "try again". The residuals go to the checkpoint folder, else to the system's temporary one,
+    and the error names the file; where neither takes them, it says the command trains again from the start."""
+    import errno
+    import tempfile
+
+    import prkit.atomic
+    import prkit.files
+    from conftest import full_disk
+    from safetensors.torch import load_file
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    reference = tmp_path / "ref.safetensors"
+    assert main(_train_args(tmp_path, reference, "--steps", "3")) == 0
+    real_save, refused = prkit.files.save_residuals, []
+
+    def save(residuals, path, **kwargs):  # --out's folder, then the checkpoint folder, refuses the file
+        if Path(path).parent in refused:
+            raise prkit.atomic.write_error(Path(path), PermissionError(errno.EACCES, "Permission denied"))
+        return real_save(residuals, path, **kwargs)
+
+    monkeypatch.setattr(prkit.files, "save_residuals", save)
+    out, kept = tmp_path / "x.safetensors", tmp_path / "x.ckpt"
+    args = _train_args(tmp_path, out, "--steps", "3", "--checkpoint-every", "0")
+    capsys.readouterr()
+    for refuse, rescued in (([tmp_path], kept / "x.safetensors"), ([tmp_path, kept], None)):
+        refused[:] = refuse
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"prkit train: error: [Errno 13] could not write {out}: Permission denied (")
+        rescued = rescued or next(temporary.glob("prkit-*/x.safetensors"))
+        assert err.endswith("then try again. Nothing was written; the trained residuals are saved as "
+                            f"{rescued} instead: move that file to {out} (no need to train again)\n")
+        assert not out.exists() and load_file(rescued).keys() == load_file(reference).keys()
+        assert all(torch.equal(load_file(rescued)[k], v) for k, v in load_file(reference).items())  # the run's
+        assert sorted(p.name for p in kept.iterdir()) == ["x.safetensors"]  # and no checkpoint
+    monkeypatch.setattr(prkit.files, "save_residuals", real_save)
+    (kept / "x.safetensors").unlink()
+    shutil.rmtree(rescued.parent)
+
+    def full(*args, **kwargs):  # the disk fills after training: every write fails
+        full_disk(monkeypatch, free_mib=2)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(prkit.files, "save_residuals", full)
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"prkit train: error: [Errno 28] could not write {out}: No space left on device (2 MiB free there); free "
+        "some space or write to another disk, then try again. Nothing was written; no checkpoint keeps the training "
+        f"and it could not be saved elsewhere either ({kept}: No space left on device; {temporary}: No space left "
+        "on device): the same command trains again from the start\n")
+    assert list(kept.iterdir()) == [] and list(temporary.glob("prkit-*")) == []  # no half file, no empty folder
+
+
+def test_a_checkpoint_the_disk_refuses_says_what_the_command_keeps(tmp_path, capsys, monkeypatch):
+    """The library's error says how to save the set it leaves on the model from Python; the command's model ends with
+    its process, so it says what a checkpoint keeps instead: the one before, or nothing (--checkpoint-every 0)."""
+    import prkit.checkpoints
+    from conftest import full_disk, interrupt_backward
+
+    real_save, saves = prkit.checkpoints.save, []
+
+    def save(*args, **kwargs):  # the disk fills after the first checkpoint of the run
+        saves.append(1)
+        if len(saves) == 2:
+            full_disk(monkeypatch, free_mib=2)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(prkit.checkpoints, "save", save)
+    out, kept = tmp_path / "x.safetensors", tmp_path / "x.ckpt"
+    assert main(_train_args(tmp_path, out, "--steps", "4", "--checkpoint-every", "2")) == 2
+    assert capsys.readouterr().err.endswith(
+        f"prkit train: error: [Errno 28] could not write {kept / 'checkpoint.pt'}: No space left on device (2 MiB "
+        "free there); free some space or write to another disk, then try again. The file that was there is "
+        f"unchanged; run the same command again to resume (the training is kept in {kept})\n")
+    monkeypatch.undo()
+    saves[:] = [1]  # the next save fills the disk: Ctrl-C's, the only one of a run without periodic checkpoints
+    monkeypatch.setattr(prkit.checkpoints, "save", save)
+    interrupt_backward(monkeypatch, at=2)
+    other, folder = tmp_path / "y.safetensors", tmp_path / "y.ckpt"
+    assert main(_train_args(tmp_path, other, "--steps", "4", "--checkpoint-every", "0")) == 2
+    assert capsys.readouterr().err.endswith(
+        f"prkit train: error: [Errno 28] could not write {folder / 'checkpoint.pt'}: No space left on device (2 MiB "
+        "free there); free some space or write to another disk, then try again. Nothing was written; no checkpoint "
+        "keeps the training: the same command trains again from the start\n")

@@ -531,3 +531,95 @@ def test_a_resumed_optimizer_keeps_its_own_loops_way_of_running(direction):
     p1.grad = torch.ones_like(p1)
     reader.step()  # runs as its own loop runs, from the checkpoint's moments
     assert float(reader.state[p1]["step"]) == 3.0
+
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_checkpoint_of_another_precision_is_refused_with_the_setting_that_continues_it(tmp_path, concept, fast):
+    """A bf16 run resumed in fp32 or fp16 (or the reverse) mixed two precisions in one run without a word: the stamp
+    had no precision. It holds what the setting resolves to ('auto' on a CPU: none, as 'no'); an older checkpoint,
+    stamped without it, still resumes."""
+    import io
+
+    ckpt = tmp_path / "ckpt"
+    where = dict(steps=4, checkpoint_dir=str(ckpt), fast=fast, **FAST)
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, stop_after=2, mixed_precision="bf16", **where)
+    path = ckpt / "checkpoint.pt"
+    written = path.read_bytes()
+    for other, here in (("no", "no"), ("auto", "no"), ("fp16", "fp16")):
+        with pytest.raises(CheckpointError) as err:
+            prkit.train_residuals(make_pipe(tmp_path / other), concept, mixed_precision=other, **where)
+        auto = " (this run's 'auto' is 'no' on its device)" if other == "auto" else ""
+        assert str(err.value) == (
+            f"{str(path)!r} belongs to another run (at step 2): it differs in mixed_precision ('bf16' there, "
+            f"{here!r} here). To continue it, train at its precision: mixed_precision='bf16'{auto}. To keep both, "
+            "pass another checkpoint_dir; to start over, delete it, pass another checkpoint_dir, or pass resume=False "
+            "(CLI: --no-resume).")
+    assert path.read_bytes() == written  # refused before anything was loaded or written
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "b"), concept, mixed_precision="bf16", **where)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "c"), concept, mixed_precision="bf16",
+                                     **{**where, "checkpoint_dir": None})
+    assert resumed.steps_done == 4 and resumed.losses == straight.losses  # at its own precision: exact
+    assert torch.load(path, weights_only=True)["fingerprint"]["mixed_precision"] == "bf16"
+    # a CPU's 'auto' and 'no' are one run
+    auto = dict(where, checkpoint_dir=str(tmp_path / "auto"))
+    prkit.train_residuals(make_pipe(tmp_path / "d"), concept, stop_after=2, mixed_precision="auto", **auto)
+    assert prkit.train_residuals(make_pipe(tmp_path / "e"), concept, mixed_precision="no", **auto).steps_done == 4
+    # the bf16 checkpoint as an older prkit stamped it (no mixed_precision): not checked, resumed at its step 2
+    old = torch.load(io.BytesIO(written), weights_only=True)
+    del old["fingerprint"]["mixed_precision"]
+    torch.save(old, path)
+    again = prkit.train_residuals(make_pipe(tmp_path / "f"), concept, mixed_precision="no", **where)
+    assert again.steps_done == 4 and again.losses[:2] == straight.losses[:2] and again.losses != straight.losses
+
+
+@pytest.mark.parametrize("how", ["stop_after", "interrupt"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_checkpoint_the_disk_refuses_leaves_the_trained_set_on_the_model_and_says_so(tmp_path, concept,
+                                                                                        monkeypatch, fast, how):
+    """checkpoint_every=0: the only checkpoint, the stop's or the interrupt's, on a full disk raised the write's error
+    alone ("then try again"); the set it had trained stayed on the model unsaid, and the call again replaced it,
+    starting over. The error now says where the work is and how to keep it."""
+    import errno
+
+    from conftest import full_disk
+    from prkit.fast import FastConfig
+
+    loop = FastConfig(cuda_graph=False, check_every=1) if fast else False
+    two = prkit.train_residuals(make_pipe(tmp_path / "two"), concept, steps=2, fast=loop, **FAST)
+    if how == "interrupt" and fast:  # the third step, as Ctrl-C lands in it
+        import prkit.fast_step as fast_step
+
+        real, bodies = fast_step.TrainStep._body, []
+
+        def body(self):
+            bodies.append(1)
+            if len(bodies) == 3:
+                raise KeyboardInterrupt
+            real(self)
+        monkeypatch.setattr(fast_step.TrainStep, "_body", body)
+    elif how == "interrupt":
+        interrupt_backward(monkeypatch, at=3)
+    ckpt = tmp_path / "ckpt"
+    pipe = make_pipe(tmp_path / "p")
+    full_disk(monkeypatch, free_mib=3)
+    with pytest.raises(OSError) as err:
+        prkit.train_residuals(pipe, concept, steps=4, checkpoint_dir=str(ckpt), checkpoint_every=0, fast=loop,
+                              stop_after=2 if how == "stop_after" else None, **FAST)
+    assert err.value.errno == errno.ENOSPC and str(err.value) == (
+        f"[Errno 28] could not write {ckpt / 'checkpoint.pt'}: No space left on device (3 MiB free there); free some "
+        "space or write to another disk, then try again. Nothing was written. The residual set 'default' stays on "
+        "the model with the weights it had trained: save it where there is room (prkit.save_residuals("
+        "prkit.get_residuals(pipe.unet, 'default'), path)) before calling train_residuals again, which replaces it, "
+        "starting over: no checkpoint holds this run")
+    assert isinstance(err.value, train.TrainingWriteError)  # with the write's own error
+    assert str(err.value.error) == str(err.value).split(". The residual set")[0]
+    monkeypatch.undo()
+    assert residual_names(pipe.unet) == ["default"] and list(ckpt.iterdir()) == []
+    kept = get_residuals(pipe.unet, "default")
+    assert _equal_states(kept.state_dict(), two.residuals.state_dict())  # the two steps it had trained
+    prkit.save_residuals(kept, tmp_path / "kept.safetensors")  # as the message says
+    loaded = prkit.load_residuals(make_pipe(tmp_path / "q"), tmp_path / "kept.safetensors")
+    assert _equal_states(loaded.state_dict(), two.residuals.state_dict())
+    again = prkit.train_residuals(pipe, concept, steps=2, checkpoint_dir=str(ckpt), fast=loop, **FAST)
+    assert again.losses == two.losses and residual_names(pipe.unet) == ["default"]  # replaced it, starting over

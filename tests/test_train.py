@@ -239,8 +239,12 @@ def test_a_full_disk_at_a_checkpoint_names_it_and_the_space_left_and_keeps_the_p
     assert err.value.errno == errno.ENOSPC
     assert str(err.value) == (f"[Errno 28] could not write {ckpt / 'checkpoint.pt'}: No space left on device (3 MiB "
                               "free there); free some space or write to another disk, then try again. The file "
-                              "that was there is unchanged")
-    assert isinstance(err.value.__cause__, RuntimeError)  # what torch.save itself raised
+                              "that was there is unchanged. The residual set 'default' stays on the model with the "
+                              "weights it had trained: save it where there is room (prkit.save_residuals("
+                              "prkit.get_residuals(pipe.unet, 'default'), path)) before calling train_residuals "
+                              f"again, which replaces it, resuming from {ckpt / 'checkpoint.pt'}, the last checkpoint "
+                              "written")
+    assert isinstance(err.value.error.__cause__, RuntimeError)  # what torch.save itself raised
     assert os.listdir(ckpt) == ["checkpoint.pt"] and (ckpt / "checkpoint.pt").read_bytes() == good
     assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 2
 
