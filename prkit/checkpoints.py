@@ -131,8 +131,12 @@ def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generato
              "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),
              "seconds": float(seconds),
              "scaler": scaler.state_dict() if scaler is not None else None, "fingerprint": stamp}
-    with writing(path) as file:
-        torch.save(state, file)
+    try:
+        with writing(path) as file:
+            torch.save(state, file)
+    except OSError as err:  # train_residuals tells the caller where the run's work is (the set on the model)
+        err.prkit_checkpoint = path
+        raise
 
 
 def set_aside(path: Path, why: str = "diverged") -> Path | None:

@@ -170,7 +170,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                 kept = target.name
             else:
                 target.remove()
-        if isinstance(err, OSError) and kept is not None:  # a checkpoint the disk refused: where the work is
+        if kept is not None and getattr(err, "prkit_checkpoint", None) is not None:  # a checkpoint not written
             raise _kept_on_the_model(err, kept, config) from err
         raise
     finally:
@@ -189,7 +189,7 @@ def _kept_on_the_model(err: OSError, name: str, config) -> TrainingWriteError:
     text = (f"{err.strerror or err}. The residual set {name!r} stays on the model with the weights it had trained: "
             f"save it where there is room (prkit.save_residuals(prkit.get_residuals(pipe.unet, {name!r}), path)) "
             f"before calling train_residuals again, which replaces it, {again}")
-    out = TrainingWriteError(err.errno, text) if err.errno else TrainingWriteError(text)
+    out = TrainingWriteError(err.errno, text, err.filename) if err.errno else TrainingWriteError(text)
     out.error = err
     return out
 

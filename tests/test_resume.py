@@ -14,6 +14,7 @@ from PIL import Image
 
 import prkit
 import prkit.train as train
+import prkit.train_inputs as train_inputs
 from conftest import child_env, interrupt_backward, make_pipe
 from prkit.checkpoints import CheckpointError
 from prkit.data import Concept
@@ -571,6 +572,24 @@ def test_a_checkpoint_of_another_precision_is_refused_with_the_setting_that_cont
     torch.save(old, path)
     again = prkit.train_residuals(make_pipe(tmp_path / "f"), concept, mixed_precision="no", **where)
     assert again.steps_done == 4 and again.losses[:2] == straight.losses[:2] and again.losses != straight.losses
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_os_error_that_is_no_checkpoint_write_reaches_the_caller_as_it_was(tmp_path, concept, monkeypatch, fast):
+    """Only a checkpoint the disk refused is reworded (the set on the model, how to keep it): any other OSError
+    raised once the set exists (a cache folder not writable, a broken pipe) keeps its type, errno and file name."""
+    from prkit.fast import FastConfig
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/home/u/.triton/cache/ab12")
+
+    monkeypatch.setattr(train_inputs, "encode_images", denied)
+    loop = FastConfig(cuda_graph=False) if fast else False
+    with pytest.raises(PermissionError) as err:
+        prkit.train_residuals(make_pipe(tmp_path), concept, steps=2, checkpoint_dir=str(tmp_path / "ckpt"),
+                              fast=loop, **FAST)
+    assert type(err.value) is PermissionError and err.value.filename == "/home/u/.triton/cache/ab12"
+    assert str(err.value) == "[Errno 13] Permission denied: '/home/u/.triton/cache/ab12'"
 
 
 @pytest.mark.parametrize("how", ["stop_after", "interrupt"])
