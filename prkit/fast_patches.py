@@ -196,11 +196,25 @@ def _cudnn_device(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def _direct_cudnn_supported() -> bool:
+    """Whether this torch has the cuDNN attention call ``_cudnn_self_attention`` makes (its 9-argument op and the
+    7-argument SDPAParams came with torch 2.5-2.6; older ones switch the order around the call instead)."""
+    import inspect
+
+    from torch.nn.attention import sdpa_kernel
+
+    return ("set_priority" in inspect.signature(sdpa_kernel).parameters
+            and hasattr(torch.backends.cuda, "can_use_cudnn_attention"))
+
+
+_DIRECT_CUDNN = _direct_cudnn_supported()
+
+
 def _cudnn_self_attention(attn, hidden_states: torch.Tensor) -> torch.Tensor:
     """AttnProcessor2_0's self-attention with cuDNN's SDPA kernel called directly (torch's own choice where cuDNN
     cannot take the call: the next in its order then, as with cuDNN first). Calling the kernel, not switching
-    torch's process-wide backend order around the call, keeps the order every other thread sees the same throughout
-    (the latents' encoding runs beside the warm-up; a caller may sample in another thread)."""
+    torch's process-wide backend order around each call, keeps the order the run set (``fast_modules``) the same for
+    other threads until the run ends (the latents' encoding runs beside the warm-up)."""
     batch = hidden_states.shape[0]
     query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     head_dim = key.shape[-1] // attn.heads
@@ -233,7 +247,7 @@ class _LongQueryAttention:
         self.inner, self.min_tokens = inner, min_tokens
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        self.direct = type(inner) in (AttnProcessor2_0, _LeanAttnProcessor)
+        self.direct = _DIRECT_CUDNN and type(inner) in (AttnProcessor2_0, _LeanAttnProcessor)
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[0] if args else None)
@@ -252,6 +266,16 @@ def patch_long_query_attention(unet: nn.Module, min_tokens: int):
     original = unet.attn_processors
     unet.set_attn_processor({key: _LongQueryAttention(proc, min_tokens) for key, proc in original.items()})
     return lambda: unet.set_attn_processor(original)
+
+
+def backend_order(fast: FastConfig) -> tuple[str, ...]:
+    """The SDPA backends a run enables, in priority order: ``sdpa_backends``, with cuDNN last where the long
+    self-attention prefers it (``cudnn_attention_from``) and the list leaves it out (it calls cuDNN's kernel only
+    where torch has it enabled; last, it serves no other call that an earlier backend can take)."""
+    names = tuple(fast.sdpa_backends)
+    if fast.cudnn_attention_from and "cudnn" not in names:
+        names += ("cudnn",)
+    return names
 
 
 def uses_channels_last(fast: FastConfig, device: torch.device) -> bool:
@@ -277,7 +301,7 @@ def fast_modules(unet: nn.Module, fast: FastConfig, gradient_checkpointing: bool
         if gradient_checkpointing:
             undo.append(patch_gradient_checkpointing(unet))
         if fast.sdpa_backends and unet.device.type == "cuda":
-            context = _sdpa_order(fast.sdpa_backends)
+            context = _sdpa_order(backend_order(fast))
             context.__enter__()
             undo.append(lambda: context.__exit__(None, None, None))
             if fast.cudnn_attention_from and fast.sdpa_backends[0] != "cudnn":

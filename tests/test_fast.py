@@ -427,6 +427,31 @@ def test_long_self_attention_leaves_torchs_order_alone_for_other_threads(monkeyp
     assert switched == []
 
 
+def test_the_long_self_attention_keeps_cudnn_enabled_and_older_torch_switches(monkeypatch):
+    """A backend list without cuDNN still lets the long self-attention reach it (cuDNN enabled, last); a torch
+    without the direct call's signatures takes the old way, the order switched around the call."""
+    from prkit import fast_patches
+
+    assert fast_patches.backend_order(FastConfig(sdpa_backends=("flash", "math"))) == ("flash", "math", "cudnn")
+    assert fast_patches.backend_order(FastConfig(sdpa_backends=("flash", "math"), cudnn_attention_from=None)) == \
+        ("flash", "math")
+    assert fast_patches.backend_order(FastConfig()) == ("flash", "efficient", "cudnn", "math")
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    reference = run_unet(unet, inputs)
+    switched = []
+    monkeypatch.setattr(fast_patches, "_DIRECT_CUDNN", False)
+    monkeypatch.setattr(fast_patches, "_cudnn_device", lambda t: True)
+    real = fast_patches._sdpa_order
+    monkeypatch.setattr(fast_patches, "_sdpa_order", lambda names: switched.append(names) or real(names))
+    undo = fast_patches.patch_long_query_attention(unet, min_tokens=64)
+    try:
+        torch.testing.assert_close(run_unet(unet, inputs), reference, rtol=1e-5, atol=1e-6)
+    finally:
+        undo()
+    assert len(switched) == 3 and all(names[0] == "cudnn" for names in switched)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's attention)")
 def test_cuda_long_self_attention_calls_cudnn_itself_with_the_same_numbers():
     """SD1.5's 64x64 self-attention shape: the direct call gives what AttnProcessor2_0 gives with cuDNN first in
