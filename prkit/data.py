@@ -261,11 +261,15 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
                       f"{', '.join(others)} (accepted: {accepted}).", stacklevel=2)
 
     crops, paths, skipped, copies = [], [], [], []
-    kept: dict[str, Path] = {}  # file bytes' hash -> the first file read with them
+    digests = {p: _file_digest(p) for p in images}
+    original: dict[str, Path] = {}  # file bytes' hash -> the file kept: the shortest name ('photo.jpg', not the
+    for p in sorted(images, key=lambda p: (len(p.name), p.name)):  # 'photo (1).jpg' that sorts before it)
+        if digests[p] is not None:
+            original.setdefault(digests[p], p)
     for p in images:
-        digest = _file_digest(p)
-        if digest in kept:  # an exact copy (a second download) would train that photo with double weight
-            copies.append(f"'{p.name}' (same bytes as '{kept[digest].name}')")
+        digest = digests[p]
+        if digest is not None and original[digest] != p:  # an exact copy would train that photo with double weight
+            copies.append(f"'{p.name}' (same bytes as '{original[digest].name}')")
             continue
         try:
             img = _decode(p, config.max_side, config.resolution)
@@ -277,8 +281,6 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
             continue
         crops.append(_square(img, p, config.resolution, config.center_crop, config.max_side))
         paths.append(p)
-        if digest is not None:
-            kept[digest] = p
     if copies:
         warnings.warn(f"concept folder '{folder}' holds exact copies of images; training on each image once, "
                       f"leaving out {', '.join(copies)}. Delete the copies from the folder to silence this.",

@@ -348,7 +348,8 @@ def test_order_is_sorted_and_extensions_case_insensitive(tmp_path):
 
 def test_exact_copies_in_a_concept_folder_train_once_and_are_named(tmp_path):
     """Two files with the same bytes (photo.jpg and 'photo (1).jpg', a second download) trained that photo twice,
-    silently weighting it double: the first in name order is kept, and one warning names each copy and its original.
+    silently weighting it double: the shortest name is kept ('photo.jpg', not 'photo (1).jpg', which sorts before
+    it), and one warning names each copy and its original.
     The same picture in other bytes (saved as PNG) is another file, kept as before."""
     Image.new("RGB", (40, 40), RED).save(tmp_path / "photo.jpg")
     for name in ("photo (1).jpg", "photo (2).jpg"):
@@ -357,13 +358,13 @@ def test_exact_copies_in_a_concept_folder_train_once_and_are_named(tmp_path):
     Image.new("RGB", (40, 40), BLUE).save(tmp_path / "blue.png")
     with pytest.warns(UserWarning) as caught:
         c = load_concept(tmp_path, "sks", "dog", R)
-    assert [p.name for p in c.paths] == ["blue.png", "photo (1).jpg", "red.png"] and len(c) == 3
+    assert [p.name for p in c.paths] == ["blue.png", "photo.jpg", "red.png"] and len(c) == 3
     assert c.images[0].getpixel((2, 2)) == BLUE and close(c.images[1].getpixel((2, 2)), RED)
     assert c.tensors().shape == (3, 3, R, R)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1, messages
-    assert ("leaving out 'photo (2).jpg' (same bytes as 'photo (1).jpg'), 'photo.jpg' (same bytes as "
-            "'photo (1).jpg'). Delete the copies from the folder") in messages[0]
+    assert ("leaving out 'photo (1).jpg' (same bytes as 'photo.jpg'), 'photo (2).jpg' (same bytes as "
+            "'photo.jpg'). Delete the copies from the folder") in messages[0]
 
 
 def test_too_few_images_warns(tmp_path):
