@@ -277,6 +277,8 @@ def check_settings(out: str | Path, config, done: set, dtype: str | None = None,
         saved = (json.loads(old_run.read_text(encoding="utf-8")) or {}).get("config")
     if not saved:
         return settings
+    if backbones is None and "backbones" in saved:  # not said (nothing left to score): the rows' own stay recorded
+        settings["backbones"] = saved["backbones"]
     ran = {method for method, _ in done}
     now, then = _comparable(settings), _comparable({k: saved.get(k) for k in SETTING_FIELDS})
     now["train"] = {m: v for m, v in (now.get("train") or {}).items() if m in ran}

@@ -196,8 +196,9 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     t0 = time.perf_counter()  # the metric backbones first: which of them score is part of the settings
     scorer = Scorer(config, pipe.unet.device if pipe is not None else device, oracle, need_oracle=bool(todo))
     scorer_seconds = time.perf_counter() - t0
-    # every rank refuses a rerun with other settings
-    settings = check_settings(out, config, done, ran_in, same_backbones(dist, scorer.backbones))
+    # every rank refuses a rerun with other settings; the backbones only where rows will be scored (a finished folder
+    # summarized again keeps the backbones its rows were scored with, whatever loads here now)
+    settings = check_settings(out, config, done, ran_in, same_backbones(dist, scorer.backbones) if todo else None)
     if dist is not None:
         dist.barrier()  # every rank has read the finished pairs and settings, and the claims are clear
     if rank == 0:

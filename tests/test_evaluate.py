@@ -522,6 +522,9 @@ def test_a_rerun_scored_with_other_backbones_is_refused(assets, tmp_path):
         "clip": str(Path(assets["clip"]).resolve()), "dino": str(dino.resolve())}
     rows, there = ev.read_rows(out / ev.RESULTS), re.escape(repr(str(dino.resolve())))
     (dino / "config.json").rename(tmp_path / "config.json")  # DINO is no longer loadable here
+    ev.evaluate(config, tiny_pipeline(tmp_path / "pipe"), progress=False)  # nothing left to score: summarized again
+    assert ev.read_rows(out / ev.RESULTS) == rows and json.loads((out / "settings.json").read_text())["backbones"] == {
+        "clip": str(Path(assets["clip"]).resolve()), "dino": str(dino.resolve())}  # the rows' backbones stay said
     more = replace(config, subjects=("dog", "teapot"))
     with pytest.raises(ValueError, match=rf"other metric backbones: DINO \({there} there, none \(off, or "
                                          r"not loadable: see the warning above\) now\).*or pass another --out"):
