@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -19,6 +20,15 @@ from .checks import nearest_existing
 
 ABANDONED_AFTER = 3600.0  # seconds without a change after which a dead writer's temporary file is removed
 _TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}\.tmp")  # atomic_path's names: .<target>.<pid>.<8 hex>.tmp
+_LONG_NAME = 200  # bytes of a target name past which its temporary files carry a hash of it (names end at 255)
+
+
+def _stem(name: str) -> str:
+    """What a temporary file beside ``name`` is called after: the name, or for a long one (the temporary's ~24 more
+    bytes would pass the file system's 255) a hash of it."""
+    if len(os.fsencode(name)) <= _LONG_NAME:
+        return name
+    return "~" + hashlib.blake2b(os.fsencode(name), digest_size=12).hexdigest()
 _ABANDONED: dict[Path, dict[str, list[Path]]] = {}  # folder -> target name -> its abandoned temporary files
 
 
@@ -41,7 +51,7 @@ def _remove_abandoned(path: Path) -> None:
                 continue
             found.setdefault(match.group(1), []).append(tmp)
         _ABANDONED[folder] = found
-    for tmp in _ABANDONED[folder].pop(path.name, []):
+    for tmp in _ABANDONED[folder].pop(_stem(path.name), []):
         try:
             tmp.unlink()
         except OSError:
@@ -81,13 +91,16 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
     the mode any new file gets there (0666 through the umask and the folder's default ACL; mkstemp's are 0600),
     read from the temporary file as created, without changing the process's umask. Temporary files that killed
     writers left beside ``path`` are removed first (``_remove_abandoned``). The file is synced to disk before the
-    rename and the folder after it, so a power loss leaves the old file or the new one, whole. ``~`` is expanded."""
+    rename and the folder after it, so a power loss leaves the old file or the new one, whole. ``~`` is expanded; a
+    symbolic link is written through (its target replaced, the link kept)."""
     path = Path(path).expanduser()
+    if path.is_symlink():  # replacing the link itself would leave it a plain file and its target as it was
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = str(path.parent / f".{_stem(path.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     mode = os.stat(tmp).st_mode  # what a new file gets here; a writer may replace the file with a 0600 one
     try:

@@ -262,6 +262,35 @@ def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path, monkeypatch)
         assert (tmp_path / name).exists() != removed, name
 
 
+def test_long_names_and_links_are_written_whole(tmp_path):
+    """A 242-byte file name failed (the temporary file's ~24 more bytes passed the file system's 255: "File name too
+    long"); a symbolic link was replaced by a plain file, its target left as it was. A long name's temporary files
+    carry a hash of it (and are still found when abandoned); a link is written through."""
+    import os
+    import time
+
+    from prkit import atomic, files
+
+    long = tmp_path / ("r" * 226 + ".safetensors")  # 238 bytes
+    assert len(long.name) > atomic._LONG_NAME
+    dead = subprocess_pid_that_exited()
+    left = tmp_path / f".{atomic._stem(long.name)}.{dead}.0a1b2c3d.tmp"  # a killed writer's
+    left.write_bytes(b"half")
+    old = time.time() - files.ABANDONED_AFTER - 10
+    os.utime(left, (old, old))
+    _trained(tiny_unet()).save(long)
+    assert long.is_file() and not left.exists() and os.listdir(tmp_path) == [long.name]
+    (tmp_path / "runs").mkdir()
+    real = tmp_path / "runs" / "v1.safetensors"
+    real.write_bytes(b"old")
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(real)
+    _trained(tiny_unet()).save(link)
+    assert link.is_symlink() and os.readlink(link) == str(real) and real.stat().st_size > 1000
+    with safe_open(str(real), "pt") as f:
+        assert len(list(f.keys())) > 0  # the link's target holds the new file
+
+
 def subprocess_pid_that_exited() -> int:
     import subprocess
     import sys
