@@ -211,8 +211,10 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
                          f"{', ...' if len(bad) > 3 else ''}): it would paint black images. Train again, at a lower "
                          "learning rate, or use an earlier checkpoint")
     ranks = {block: info["rank"] for block, info in meta["layers"].items()}
+    # seeded: the set's random start, which the file's tensors replace, must not draw from the caller's generator
+    # (torch.manual_seed(0); load_residuals(...); pipe(...) would give other images than seeding after the load)
     residuals = add_residuals(unet, rank=ranks, name=name, token=token or meta.get("token") or None,
-                              class_word=class_word or meta.get("class_word") or None)
+                              class_word=class_word or meta.get("class_word") or None, seed=0)
     try:
         residuals.load_state_dict(tensors)
     except (RuntimeError, KeyError, ValueError) as err:
