@@ -205,6 +205,14 @@ def _words(unet: nn.Module) -> dict[str, dict]:
     return unet.__dict__["_prkit_words"]
 
 
+def check_set_name(name) -> None:
+    """A set's name keys a module dict on every layer: a non-empty string without dots that is no attribute of one
+    (torch's own KeyError for 'my.concept' or 'items' named neither the argument nor what to do)."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"residual set name {name!r} cannot be used: give a non-empty string without dots that is "
+                         "no method name of a module dict ('items', 'keys', ...), e.g. 'my_concept'")
+
+
 def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, name: str = DEFAULT_NAME, *,
                   token: str | None = None, class_word: str | None = None, seed: int | None = None,
                   config: ResidualConfig | None = None) -> Residuals:
@@ -224,6 +232,7 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
         raise ValueError(f"add_residuals: rank={rank!r}, seed={seed!r} and config={config!r} disagree; pass rank and "
                          "seed either directly or through config")
     config = config or ResidualConfig(rank=rank, seed=seed)
+    check_set_name(name)
     projections = find_projections(unet)
     if not projections:
         raise ValueError("this model has no transformer blocks with a proj_out; is it a UNet2DConditionModel?")

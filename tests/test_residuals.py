@@ -103,6 +103,16 @@ def test_same_name_twice_raises(unet):
         prkit.add_residuals(unet, name="a")
 
 
+@pytest.mark.parametrize("name", ["my.concept", "items", "", 3])
+def test_a_name_no_module_dict_takes_is_refused_and_the_unet_left_alone(unet, name):
+    """torch's own KeyError ("module name can't contain '.'", "attribute 'items' already exists") came part-way."""
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"residual set name .* cannot be used: give a non-empty string"):
+        prkit.add_residuals(unet, name=name)
+    assert prkit.residual_names(unet) == [] and unet.state_dict().keys() == before.keys()
+    prkit.add_residuals(unet, name="my_concept")  # the suggestion works
+
+
 def test_seeded_init_is_reproducible(arch):
     from tiny import tiny_unet
     from conftest import ARCHS
