@@ -184,8 +184,17 @@ def _export(args) -> int:
     model = args.model or _recorded_model(meta)
     if args.model is None and model != "world":
         print(f"base model: {model} (recorded in {args.file}; --model to choose another)", file=sys.stderr)
+    elif args.model is None and not meta.get("base_model"):
+        print(f"base model: the embedded world ({args.file} records none; --model to choose another)",
+              file=sys.stderr)
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
-    residuals = load_residuals(pipe, args.file)
+    try:
+        residuals = load_residuals(pipe, args.file)
+    except ValueError as err:
+        if args.model is not None:
+            raise
+        raise ValueError(f"{err}. No --model was given, so {model!r} was used: pass --model with the model the file "
+                         "was trained on") from err
     export_lora(residuals, out, dtype={"fp16": torch.float16, "fp32": torch.float32}[args.dtype])
     print(f"wrote a kohya-style LoRA of {meta.get('name') or 'the set'} ({len(meta['layers'])} layers, "
           f"{args.dtype}) to {out}; load it with pipe.load_lora_weights({str(out.parent)!r}, "

@@ -57,7 +57,8 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
     Args:
         residuals: the set to save.
         path: destination ``.safetensors``.
-        base_model: name or path of the base model (recorded, checked loosely on load).
+        base_model: name or path of the base model (recorded; ``prkit export`` and ``prkit info`` read it; loading
+            checks the layers and channels, not the name: a file from another model of the same architecture loads).
         config: the training configuration (recorded as JSON).
     """
     unet = residuals.unet

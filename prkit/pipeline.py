@@ -204,7 +204,8 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         **kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``local_files_only=True`` is honoured; local
             folders and HF_HUB_OFFLINE=1 always load local files only).
     Returns:
-        the pipeline on ``device``; ``pipe.name_or_path`` records where it came from.
+        the pipeline on ``device``; ``pipe.name_or_path`` records where it came from ("world", a hub id, or a local
+        folder's absolute path).
     """
     from diffusers import DiffusionPipeline
 
@@ -264,7 +265,9 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
                       "fp32 (the CPU default, dtype=None)", UserWarning, stacklevel=2)
     with _library_notes_off():
         pipe = pipe.to(device)
-    pipe.register_to_config(_name_or_path=name)
+    # a local folder as an absolute path: residual files record it, and 'models/sd15' read from another folder
+    # would be taken for a hub id
+    pipe.register_to_config(_name_or_path=str(Path(source).resolve()) if local and name != WORLD else name)
     pipe.prkit_defaults = read_model_defaults(source) if local else {}
     return pipe
 

@@ -265,6 +265,20 @@ def test_export_writes_a_lora_diffusers_loads_with_the_same_effect(tmp_path, cap
     assert abs(lora_images - with_residuals).max() < 1e-4  # ... and it is what the residuals do
 
 
+def test_export_of_a_file_that_records_no_model_says_which_it_used(tmp_path, capsys):
+    """A file saved without a base model was exported against the world in silence, and a file that does not fit
+    it failed with a channel mismatch that did not say the model was a guess or that --model chooses it."""
+    import prkit
+    from tiny import tiny_unet
+
+    path = prkit.add_residuals(tiny_unet(), rank=2).save(tmp_path / "bare.safetensors")
+    assert main(["export", str(path), "--out", str(tmp_path / "lora.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"base model: the embedded world ({path} records none; --model to choose another)" in err
+    assert "No --model was given, so 'world' was used: pass --model with the model the file was trained on" in err
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
 def test_inputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import prkit.pipeline
 

@@ -16,13 +16,15 @@ from prkit.pipeline import resolve_device, resolve_dtype
 from prkit.train_config import TrainConfig, _precision
 
 
-def test_load_pipeline_from_a_saved_folder(pipe, tmp_path):
+def test_load_pipeline_from_a_saved_folder(pipe, tmp_path, monkeypatch):
     folder = tmp_path / "saved"
     pipe.save_pretrained(str(folder))
     loaded = prkit.load_pipeline(folder, device="cpu")
     assert type(loaded).__name__ == "StableDiffusionPipeline"
     assert loaded.unet.device.type == "cpu" and loaded.unet.dtype == torch.float32
     assert loaded.name_or_path == str(folder)
+    monkeypatch.chdir(tmp_path)  # a relative folder is recorded absolute: read from elsewhere it is no hub id
+    assert prkit.load_pipeline("saved", device="cpu").name_or_path == str(folder.resolve())
     inputs = unet_inputs()
     assert torch.equal(run_unet(loaded.unet, inputs), run_unet(pipe.unet, inputs))
     half = prkit.load_pipeline(str(folder), device="cpu", dtype="bf16")
