@@ -234,6 +234,7 @@ def kohya_key(block: str) -> str:
 
 def export_lora(residuals: Residuals, path, dtype: torch.dtype = torch.float16) -> Path:
     """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts."""
+    residuals._check_factors_here("read")
     tensors = {}
     for block, layer in residuals.layers().items():
         lowrank = layer.sets[residuals.name]

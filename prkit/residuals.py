@@ -124,8 +124,18 @@ class Residuals:
     def ranks(self) -> dict[str, int]:
         return {k: v.rank for k, v in self.factors().items()}
 
+    def _check_factors_here(self, what: str) -> None:
+        """Refuse reading or writing factors that accelerate's sequential CPU offload keeps on the meta device between
+        calls: a write would be lost, and a read has no data (saving failed with 'Cannot copy out of meta tensor')."""
+        if any(t.device.type == "meta" for lowrank in self.factors().values() for t in (lowrank.down, lowrank.up)):
+            raise RuntimeError(
+                f"cannot {what} residual set {self.name!r}: the UNet is offloaded (accelerate's sequential CPU offload "
+                f"keeps the set's factors on the meta device between calls); {what} it before enabling offloading, or "
+                "after pipe.remove_all_hooks()")
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{"<block>.down": (r, C), "<block>.up": (C, r)}`` detached tensors."""
+        self._check_factors_here("read")
         out = {}
         for block, lowrank in self.factors().items():
             out[f"{block}.down"] = lowrank.down.detach()
@@ -134,6 +144,7 @@ class Residuals:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._check_factors_here("write")
         for block, lowrank in self.factors().items():
             for part in ("down", "up"):
                 src = state[f"{block}.{part}"]

@@ -52,6 +52,24 @@ def test_sequential_offload_samples_as_without(pipe, tmp_path, order):
     np.testing.assert_allclose(_images(pipe, None, False), base, atol=1e-6)
 
 
+def test_a_set_offloaded_with_its_unet_is_not_read_or_written_in_silence(pipe, tmp_path):
+    """Sequential offload keeps a set added before it on the meta device between calls: new values written into it
+    were lost without a word, and saving or exporting it failed with 'Cannot copy out of meta tensor'."""
+    from accelerate import cpu_offload
+
+    from prkit.files import export_lora
+
+    residuals = _saved_set(pipe, tmp_path / "dog.safetensors")
+    cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    for call in (lambda: residuals.save(tmp_path / "again.safetensors"),
+                 lambda: residuals.load_state_dict({}),
+                 lambda: export_lora(residuals, tmp_path / "lora.safetensors")):
+        with pytest.raises(RuntimeError, match=r"cannot (read|write) residual set 'dog': the UNet is offloaded .*"
+                                               r"before enabling offloading, or after pipe.remove_all_hooks\(\)"):
+            call()
+    assert not (tmp_path / "again.safetensors").exists() and not (tmp_path / "lora.safetensors").exists()
+
+
 def test_training_refuses_an_offloaded_unet(pipe, concept):
     from accelerate import cpu_offload
 
@@ -90,6 +108,8 @@ def test_merging_under_offload_is_refused_and_a_set_merged_before_samples_as_mer
     """Merging writes the base weight, which sequential offload keeps on the meta device between calls: the
     write used to vanish and the set to drop out of the images silently. A set merged before offloading stays in."""
     from accelerate import cpu_offload
+
+    from prkit.files import export_lora
 
     residuals = _saved_set(pipe, tmp_path / "dog.safetensors")
     want = _images(pipe, residuals, False)
