@@ -224,6 +224,10 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
                          "save the residuals again") from err
     residuals.scale = float(scale if scale is not None else meta.get("scale", 1.0))
     residuals.meta.update(base_model=meta.get("base_model", ""), config=meta["config"], path=str(path))
+    try:  # the training's wall time: a set loaded and saved again keeps it
+        residuals.meta["seconds"] = float(meta["seconds"]) if meta.get("seconds") is not None else None
+    except ValueError:  # a header another tool edited: not worth refusing the file for
+        pass
     return residuals
 
 

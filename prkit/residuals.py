@@ -194,11 +194,12 @@ class Residuals:
         """Take this set off the UNet (``remove_residuals(unet, name)``), as every training target's handle can."""
         remove_residuals(self.unet, self.name)
 
-    def save(self, path, **metadata):
-        """Write this set to a ``.safetensors`` file with metadata (see ``prkit.files``); returns the path."""
+    def save(self, path, *, base_model: str | None = None, config: dict | None = None, dtype=torch.float32):
+        """Write this set to a ``.safetensors`` file (``prkit.files.save_residuals``: ``base_model`` and ``config``
+        recorded, ``dtype`` of the tensors); returns the path."""
         from .files import save_residuals
 
-        return save_residuals(self, path, **metadata)
+        return save_residuals(self, path, base_model=base_model, config=config, dtype=dtype)
 
     def __repr__(self) -> str:
         try:

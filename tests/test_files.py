@@ -39,6 +39,9 @@ def test_save_load_round_trip_is_exact(arch, tmp_path):
     assert torch.equal(run_unet(fresh, inputs), expected)
     again = prkit.load_residuals(fresh, path)  # a second copy gets a unique name
     assert again.name == "default_2"
+    residuals.meta["seconds"] = 12.5  # a trained set's wall time survives a load and a save again
+    resaved = prkit.load_residuals(tiny_unet(**ARCHS[arch]), residuals.save(tmp_path / "timed.safetensors"))
+    assert read_metadata(resaved.save(tmp_path / "again.safetensors"))["seconds"] == "12.500"
     state = torch.random.get_rng_state()
     prkit.load_residuals(tiny_unet(**ARCHS[arch]), path)  # the caller's generator is left as it was: seeding before
     assert torch.equal(torch.random.get_rng_state(), state)  # a load samples what seeding after it does
