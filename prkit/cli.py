@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .cli_args import (  # noqa: F401
     _check_loras, _check_output_file, _finite, _guidance, _learning_rate, _per_file, _positive_int, _rank,
-    _whole, _writable_folder, bars_wanted)
+    _seed, _side, _whole, _writable_folder, bars_wanted)
 from .cli_output import _cli_words, _in_cli_words, _library_bars_off  # noqa: F401
 from .cli_sample import _sample
 from .interrupts import terminate_as_interrupt
@@ -34,8 +34,8 @@ def _train(args) -> int:
     from .train import TrainConfig, TrainingWriteError, train_residuals
 
     out = Path(args.out)
-    checkpoint_dir = _checkpoint_dir(args)
     _check_output_file(out, args.overwrite)  # before the model loads and trains: nothing is lost at the end
+    checkpoint_dir = _checkpoint_dir(args)  # after: '--out .' has no name to put the folder beside
     if checkpoint_dir.resolve() == out.resolve():
         raise ValueError(f"--out {str(out)!r} is also the checkpoint folder; name the output *.safetensors or pass "
                          "--checkpoint-dir")
@@ -68,6 +68,23 @@ def _train(args) -> int:
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, final loss {result.losses[-1]:.4f})")
     return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output's reader has left (its pipe is broken); if so it is pointed at the null device, so
+    that Python's own flush at exit does not fail again (the way Python's documentation handles SIGPIPE)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(event & select.POLLERR for _, event in poll.poll(0))  # a pipe whose reader closed it
+    except (OSError, ValueError, AttributeError):  # closed, not a real file, or no poll (Windows)
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
 
 
 def _checkpoint_dir(args) -> Path:
@@ -225,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_learning_rate, default=None,
                        help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else METHOD's 1e-3")
     train.add_argument("--rank", type=_rank, default=0.05, help="fraction of channels (0.05) or a whole rank (16)")
-    train.add_argument("--seed", type=_whole(0), default=0, help="default 0")
+    train.add_argument("--seed", type=_seed, default=0, help="default 0")
     train.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     train.add_argument("--checkpoint-dir", default=None,
                        help="default: --out without .safetensors, plus .ckpt (sks.safetensors: sks.ckpt); rerun the "
@@ -256,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--lora-scale", nargs="+", action="extend", type=_finite, default=[], help="one weight per "
                         "--lora file, in the same order (default 1.0 each)")
     sample.add_argument("--scale", nargs="+", action="extend", type=_finite, default=[], help="the residuals' "
-                        "strength: one value for all --residuals files, or one per file in their order (default 1.0)")
+                        "strength: one value for all --residuals files, or one per file in their order (default: the "
+                        "strength each file records, 1.0 unless it was saved with another)")
     sample.add_argument("--lag", action=argparse.BooleanOptionalAction, default=True,
                         help="apply each residual set only where its concept's attention puts it (default: on; "
                              "--no-lag: everywhere)")
@@ -267,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
     sample.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
     sample.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance (default 7.5)")
-    sample.add_argument("--seed", type=_whole(0), default=0, help="default 0: the same command gives the same images")
-    sample.add_argument("--height", type=_positive_int, default=None, help="default: the model's native size")
-    sample.add_argument("--width", type=_positive_int, default=None, help="default: the model's native size")
+    sample.add_argument("--seed", type=_seed, default=0, help="default 0: the same command gives the same images")
+    sample.add_argument("--height", type=_side, default=None, help="a multiple of 8 (default: the model's native size)")
+    sample.add_argument("--width", type=_side, default=None, help="a multiple of 8 (default: the model's native size)")
     sample.add_argument("--out", default="samples", help="folder; images already there are kept")
     sample.add_argument("--device", default="auto", help=DEVICE_HELP)
     sample.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
@@ -321,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.command != "info" and not bars_wanted():
                 restore = _library_bars_off()
             return args.func(args)
+    except BrokenPipeError as err:
+        if not _stdout_gone():  # a pipe the command wrote a file into: an error like any other
+            print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
+            return 2
+        return 141  # `prkit info | head`: the reader has what it wanted (the shell's code for SIGPIPE)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
         return 2

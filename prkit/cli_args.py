@@ -13,8 +13,9 @@ from pathlib import Path
 from .checks import writable_folder as _writable_folder  # noqa: F401 - cli and world.bench import it from here
 
 
-def _whole(minimum: int):
-    """An argparse type: a whole number of at least ``minimum`` (the message names the flag)."""
+def _whole(minimum: int, maximum: int | None = None, multiple: int = 1):
+    """An argparse type: a whole number of at least ``minimum``, at most ``maximum``, a multiple of ``multiple``
+    (the message names the flag)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -22,11 +23,19 @@ def _whole(minimum: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        if value % multiple:
+            near = max(multiple, round(value / multiple) * multiple)
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple} (the pipelines' rule), got {value}; "
+                                             f"e.g. {near}")
         return value
     return parse
 
 
 _positive_int = _whole(1)
+_seed = _whole(0, 2 ** 64 - 1)  # what torch's generators take (a larger one failed after the model had loaded)
+_side = _whole(8, 16384, 8)  # an image side: diffusers' pipelines want multiples of 8 (said before the model loads)
 
 
 def _finite(text: str) -> float:

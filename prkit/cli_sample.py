@@ -15,6 +15,7 @@ def _sample(args) -> int:
     from .atomic import atomic_path, write_error
     from .files import load_residuals, read_metadata
     from .lag import LAGConfig
+    from .residuals import check_set_name
     from .pipeline import check_available, load_pipeline, resolve_device, resolve_dtype
     from .sample import generate
 
@@ -32,7 +33,9 @@ def _sample(args) -> int:
     if not args.lag and args.lag_threshold != "median":
         print(f"prkit sample: note: --lag-threshold {args.lag_threshold} has no effect with --no-lag", file=sys.stderr)
     lora_scales = _check_loras(args.lora, args.lora_scale)
-    scales = _per_file(args.scale, args.residuals, "--scale", "--residuals")
+    # without --scale each set keeps the strength its file records (as load_residuals gives it to the Python API)
+    scales = _per_file(args.scale, args.residuals, "--scale", "--residuals") if args.scale else [None] * len(
+        args.residuals)
     device = resolve_device(args.device)
     check_available(device)
     if args.offload != "none" and device.type != "cuda":
@@ -44,14 +47,17 @@ def _sample(args) -> int:
     names: list[str] = []
     for path in args.residuals:
         stem = re.sub(r"[^0-9A-Za-z_]", "_", Path(path).stem) or "residuals"
+        try:
+            check_set_name(stem)
+        except ValueError:  # a file named train.safetensors, to.safetensors, ...: the set gets a name that works
+            stem = f"residuals_{stem}"
         name, n = stem, 1
         while name in names:  # x/a and y/a: a, a_2 (and a_3 if a file is named a_2)
             n += 1
             name = f"{stem}_{n}"
         names.append(name)
-    sets = [load_residuals(pipe, path, name) for path, name in zip(args.residuals, names)]
-    for residuals, scale in zip(sets, scales):
-        residuals.scale = scale
+    sets = [load_residuals(pipe, path, name, scale=scale) for path, name, scale in zip(args.residuals, names, scales)]
+    args.scales_used = [residuals.scale for residuals in sets]  # recorded in every image
     _load_loras(pipe, args.lora, lora_scales, args.model)
     if not bars_wanted():
         pipe.set_progress_bar_config(disable=True)
@@ -86,7 +92,8 @@ def _sample(args) -> int:
             kept = f"{written} {'was' if done == 1 else 'were'} written, {others}" if done else \
                 "No image of this call was written"
             raise write_error(out / name, err, kept) from err
-    print(f"wrote {len(images)} images to {out} ({names[0]}{f' to {names[-1]}' if len(names) > 1 else ''})")
+    print(f"wrote {len(images)} image{'s' if len(images) != 1 else ''} to {out} ({names[0]}"
+          f"{f' to {names[-1]}' if len(names) > 1 else ''})")
     return 0
 
 
@@ -99,7 +106,8 @@ def _png_text(args, index: int):
     info = PngInfo()
     info.add_text("prompt", args.prompt[index // args.num_images])
     info.add_text("prkit", json.dumps({
-        "model": args.model, "residuals": args.residuals, "scale": args.scale, "lora": args.lora,
+        "model": args.model, "residuals": args.residuals, "scale": getattr(args, "scales_used", args.scale),
+        "lora": args.lora,
         "lora_scale": args.lora_scale, "lag": args.lag, "lag_threshold": args.lag_threshold,
         "negative_prompt": args.negative_prompt, "steps": args.steps, "guidance_scale": args.guidance_scale,
         "seed": args.seed, "num_images": args.num_images, "image_of_call": index,

@@ -52,6 +52,80 @@ def test_train_sample_info(tmp_path, capsys):
     assert "does not contain the identifier 'sks'" in capsys.readouterr().err
 
 
+def test_sample_keeps_each_files_strength_and_takes_any_file_name(tmp_path, capsys):
+    """Without --scale, prkit sample applied every set at 1.0 over the strength its file records (the Python API
+    keeps it); a file named like a method (train.safetensors) could not be sampled at all."""
+    import prkit
+    from prkit.files import load_residuals
+
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    pipe = prkit.load_pipeline(model, device="cpu")
+    residuals = prkit.add_residuals(pipe.unet, rank=2, token="sks", class_word="dog")
+    from conftest import randomize
+    randomize(residuals, seed=1, std=0.5)
+    residuals.scale = 0.5
+    path = residuals.save(tmp_path / "train.safetensors")
+    common = ["--model", str(model), "--residuals", str(path), "--prompt", "a photo of a sks dog", "--steps", "2",
+              "--device", "cpu", "--no-lag", "--num-images", "1"]
+
+    def sampled(name, *extra):
+        assert main(["sample", *common, "--out", str(tmp_path / name), *extra]) == 0, capsys.readouterr().err
+        return np.asarray(Image.open(tmp_path / name / "000.png")).astype(int), Image.open(tmp_path / name / "000.png")
+
+    own, image = sampled("own")
+    half, _ = sampled("half", "--scale", "0.5")
+    full, _ = sampled("full", "--scale", "1")
+    assert np.array_equal(own, half) and np.abs(own - full).max() > 0
+    assert '"scale": [0.5]' in image.info["prkit"]  # the strength used, not the flag as typed
+    pipe = prkit.load_pipeline(model, device="cpu")
+    api = prkit.generate(pipe, "a photo of a sks dog", load_residuals(pipe, path), lag=False, steps=2, seed=0)[0]
+    assert np.array_equal(np.asarray(api).astype(int), own)
+    assert "wrote 1 image to" in capsys.readouterr().out
+
+
+def test_out_of_range_numbers_and_a_folder_as_out_are_said_before_any_model_loads(tmp_path, capsys):
+    """A seed past 2**64 - 1 and a side that is no multiple of 8 passed the parser and failed after the model had
+    loaded, without naming the flag ('Overflow when unpacking long long', diffusers' 'divisible by 8'); train --out .
+    printed "PosixPath('.') has an empty name"."""
+    images = _concept(tmp_path / "images")
+    sample = ["sample", "--model", str(tmp_path / "never-loaded"), "--prompt", "a photo of a sks dog", "--out",
+              str(tmp_path / "s")]
+    for flag, value, said in (("--seed", str(2 ** 64), "must be at most 18446744073709551615"),
+                              ("--height", "30", "must be a multiple of 8 (the pipelines' rule), got 30; e.g. 32"),
+                              ("--width", "20000", "must be at most 16384")):
+        with pytest.raises(SystemExit) as err:
+            main(sample + [flag, value])
+        assert err.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--images", str(images), "--token", "sks", "--class-word", "dog", "--out", "x.safetensors",
+              "--seed", str(2 ** 64)])
+    assert "argument --seed: must be at most" in capsys.readouterr().err
+    assert main(["train", "--images", str(images), "--token", "sks", "--class-word", "dog", "--out", "."]) == 2
+    err = capsys.readouterr().err
+    assert "--out '.'" in err and "PosixPath" not in err
+
+
+def test_info_into_a_reader_that_leaves_is_no_error(tmp_path):
+    """`prkit info ... | head -1` reported '[Errno 32] Broken pipe' and exit code 2."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    import prkit
+    from tiny import tiny_unet
+
+    for i in range(40):
+        prkit.add_residuals(tiny_unet(), rank=2).save(tmp_path / f"r{i:02d}.safetensors")
+    reader = subprocess.Popen([sys.executable, "-m", "prkit", "info", str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=child_env(HF_HUB_OFFLINE="1"))
+    first = reader.stdout.readline()
+    reader.stdout.close()  # as head does after its line
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141 and first and "Broken pipe" not in err and "Traceback" not in err
+
+
 def test_errors_name_the_input(tmp_path, capsys):
     images = _concept(tmp_path / "images")
     assert main(["train", "--model", str(tmp_path / "nope"), "--images", str(images), "--token", "sks",
