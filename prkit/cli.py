@@ -328,8 +328,22 @@ def _expand_paths(args) -> None:
             setattr(args, name, [str(Path(v).expanduser()) if isinstance(v, str) and v else v for v in value])
 
 
+def _empty_path(args) -> str | None:
+    """The first path argument given as "" (an unset shell variable: Path("") is the current folder, which `prkit
+    info ""` listed and `sample --out ""` wrote into), as its flag; None where there is none."""
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            return name if name == "file" else "--" + name.replace("_", "-")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    empty = _empty_path(args)
+    if empty is not None:
+        print(f"prkit {args.command}: error: {empty} is empty; give a path (an unset shell variable?)", file=sys.stderr)
+        return 2
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     said = _in_cli_words(args.command)

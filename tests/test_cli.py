@@ -186,6 +186,18 @@ def test_numbers_are_checked_by_the_parser(tmp_path, capsys):
         assert flag in message and says in message, (flag, message)
 
 
+@pytest.mark.parametrize("args, flag", [(["info", ""], "file"), (["export", "", "--out", "x.safetensors"], "file"),
+                                        (["sample", "--prompt", "a sks dog", "--out", ""], "--out"),
+                                        (["sample", "--prompt", "a sks dog", "--residuals", ""], "--residuals"),
+                                        (["eval", "--data", "", "--out", "x"], "--data")])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch, args, flag):
+    """Path("") is the current folder: `prkit info ""` listed it and `sample --out ""` wrote images into it."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert f"error: {flag} is empty; give a path (an unset shell variable?)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_refuses_an_empty_images_path_and_a_resolution_the_vae_cannot_take(tmp_path, capsys):
     # "" is the current folder to Path: an unset shell variable trained on whatever images were there
     args = _train_args(tmp_path, tmp_path / "x.safetensors")
