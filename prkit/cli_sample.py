@@ -15,7 +15,7 @@ def _sample(args) -> int:
     from .atomic import atomic_path, write_error
     from .files import load_residuals, read_metadata
     from .lag import LAGConfig
-    from .residuals import check_set_name
+    from .residuals import usable_set_name
     from .pipeline import check_available, load_pipeline, resolve_device, resolve_dtype
     from .sample import generate
 
@@ -47,9 +47,7 @@ def _sample(args) -> int:
     names: list[str] = []
     for path in args.residuals:
         stem = re.sub(r"[^0-9A-Za-z_]", "_", Path(path).stem) or "residuals"
-        try:
-            check_set_name(stem)
-        except ValueError:  # a file named train.safetensors, to.safetensors, ...: the set gets a name that works
+        if not usable_set_name(stem):  # a file named train.safetensors, to.safetensors, ...: a name that works
             stem = f"residuals_{stem}"
         name, n = stem, 1
         while name in names:  # x/a and y/a: a, a_2 (and a_3 if a file is named a_2)
@@ -57,7 +55,6 @@ def _sample(args) -> int:
             name = f"{stem}_{n}"
         names.append(name)
     sets = [load_residuals(pipe, path, name, scale=scale) for path, name, scale in zip(args.residuals, names, scales)]
-    args.scales_used = [residuals.scale for residuals in sets]  # recorded in every image
     _load_loras(pipe, args.lora, lora_scales, args.model)
     if not bars_wanted():
         pipe.set_progress_bar_config(disable=True)
@@ -80,7 +77,7 @@ def _sample(args) -> int:
                 number += 1
                 try:
                     with atomic_path(out / name, replace=False) as tmp:  # an interrupt or a full disk: whole images
-                        image.save(tmp, format="PNG", pnginfo=_png_text(args, done))
+                        image.save(tmp, format="PNG", pnginfo=_png_text(args, done, sets))
                     break
                 except FileExistsError:
                     continue
@@ -97,8 +94,9 @@ def _sample(args) -> int:
     return 0
 
 
-def _png_text(args, index: int):
-    """What made image ``index`` of the call, as PNG text chunks: its prompt and the command's settings."""
+def _png_text(args, index: int, sets: list):
+    """What made image ``index`` of the call, as PNG text chunks: its prompt and the command's settings (the
+    residual ``sets``' strengths as applied)."""
     import json
 
     from PIL.PngImagePlugin import PngInfo
@@ -106,7 +104,7 @@ def _png_text(args, index: int):
     info = PngInfo()
     info.add_text("prompt", args.prompt[index // args.num_images])
     info.add_text("prkit", json.dumps({
-        "model": args.model, "residuals": args.residuals, "scale": getattr(args, "scales_used", args.scale),
+        "model": args.model, "residuals": args.residuals, "scale": [s.scale for s in sets],
         "lora": args.lora,
         "lora_scale": args.lora_scale, "lag": args.lag, "lag_threshold": args.lag_threshold,
         "negative_prompt": args.negative_prompt, "steps": args.steps, "guidance_scale": args.guidance_scale,

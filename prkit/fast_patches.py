@@ -93,6 +93,24 @@ def patch_merged_lowrank(unet: nn.Module):
     return _set_forward(list(wrapped_layers(unet).values()), _merged_forward)
 
 
+def _plain_attention(attn) -> bool:
+    """Whether ``attn`` computes plain attention: no spatial or group norm, no q/k norms, no cross norm (what
+    AttnProcessor2_0 then does is projections, SDPA, output projection, optional residual and rescale)."""
+    return (attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
+            and not attn.norm_cross)
+
+
+def _attend(attn, hidden_states: torch.Tensor, context: torch.Tensor, sdpa=None):
+    """AttnProcessor2_0's core on a plain attention layer and 3-D tokens: projections, ``sdpa`` (torch's when None)
+    over the heads ((B, h, N, d) each), output projection; without its residual and rescale (the caller's)."""
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    out = (sdpa or F.scaled_dot_product_attention)(query, key, value)
+    return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)))
+
+
 class _LeanAttnProcessor:
     """AttnProcessor2_0 for plain self/cross attention, without its no-op `/ 1.0` rescale. A call with a mask or a
     4-D (B, C, H, W) input goes to AttnProcessor2_0 itself (the lean path attends to every token of 3-D inputs)."""
@@ -110,16 +128,7 @@ class _LeanAttnProcessor:
             # argument (an unpatched layer drops one given by name, as here)
             kwargs.pop("encoder_attention_mask", None)
             return self.standard(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        batch = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, h, N, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        hidden_states = F.scaled_dot_product_attention(query, key, value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        return attn.to_out[1](attn.to_out[0](hidden_states))
+        return _attend(attn, hidden_states, hidden_states if encoder_hidden_states is None else encoder_hidden_states)
 
 
 def patch_lean_blocks(unet: nn.Module):
@@ -132,9 +141,8 @@ def patch_lean_blocks(unet: nn.Module):
     plain = {}
     for key, proc in original.items():
         attn = unet.get_submodule(key.rsplit(".", 1)[0])
-        simple = (type(proc) is AttnProcessor2_0 and attn.spatial_norm is None and attn.group_norm is None
-                  and attn.norm_q is None and attn.norm_k is None and not attn.norm_cross
-                  and not attn.residual_connection and attn.rescale_output_factor == 1 and attn.scale_qk)
+        simple = (type(proc) is AttnProcessor2_0 and _plain_attention(attn) and not attn.residual_connection
+                  and attn.rescale_output_factor == 1 and attn.scale_qk)
         plain[key] = lean if simple else proc
     unet.set_attn_processor(plain)
 
@@ -185,13 +193,6 @@ def _sdpa_order(names) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
 
-def _plain_attention(attn) -> bool:
-    """Whether ``attn`` computes plain attention: no spatial or group norm, no q/k norms, no cross norm (what
-    AttnProcessor2_0 then does is projections, SDPA, output projection, optional residual and rescale)."""
-    return (attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
-            and not attn.norm_cross)
-
-
 def _cudnn_device(t: torch.Tensor) -> bool:
     return t.is_cuda
 
@@ -210,22 +211,22 @@ def _direct_cudnn_supported() -> bool:
 _DIRECT_CUDNN = _direct_cudnn_supported()
 
 
+def _cudnn_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """SDPA through cuDNN's kernel called directly (torch's own choice where cuDNN cannot take the call: the next
+    in its order then, as with cuDNN first)."""
+    if not torch.backends.cuda.can_use_cudnn_attention(torch.backends.cuda.SDPAParams(query, key, value, None, 0.0,
+                                                                                      False, False)):
+        return F.scaled_dot_product_attention(query, key, value)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, grad, 0.0, False, False)[0]
+
+
 def _cudnn_self_attention(attn, hidden_states: torch.Tensor) -> torch.Tensor:
-    """AttnProcessor2_0's self-attention with cuDNN's SDPA kernel called directly (torch's own choice where cuDNN
-    cannot take the call: the next in its order then, as with cuDNN first). Calling the kernel, not switching
-    torch's process-wide backend order around each call, keeps the order the run set (``fast_modules``) the same for
-    other threads until the run ends (the latents' encoding runs beside the warm-up)."""
-    batch = hidden_states.shape[0]
-    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    if torch.backends.cuda.can_use_cudnn_attention(torch.backends.cuda.SDPAParams(query, key, value, None, 0.0,
-                                                                                  False, False)):
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, grad, 0.0, False, False)[0]
-    else:
-        out = F.scaled_dot_product_attention(query, key, value)
-    out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)))
+    """AttnProcessor2_0's self-attention with cuDNN's SDPA kernel called directly (``_cudnn_sdpa``). Calling the
+    kernel, not switching torch's process-wide backend order around each call, keeps the order the run set
+    (``fast_modules``) the same for other threads until the run ends (the latents' encoding runs beside the
+    warm-up)."""
+    out = _attend(attn, hidden_states, hidden_states, _cudnn_sdpa)
     if attn.residual_connection:
         out = out + hidden_states
     return out / attn.rescale_output_factor if attn.rescale_output_factor != 1 else out

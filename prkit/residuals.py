@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -20,50 +18,12 @@ from torch import nn
 # re-exported: the layer classes have always been importable from here
 from .residual_layer import LowRank, ResidualProjection  # noqa: F401
 # re-exported: prkit.residuals stays their import path
+from .residual_config import ResidualConfig, check_set_name, finite_scale, rank_for, usable_set_name  # noqa: F401
 from .residual_blocks import _put_back, find_projections, original_module, residual_layer, wrapped_layers  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "default"
-
-
-@dataclass
-class ResidualConfig:
-    """How residuals are shaped."""
-
-    rank: float | int | dict[str, int] = 0.05  # fraction of channels (float < 1), fixed int, or block -> rank
-    # the random factor's init, the only one: kaiming-uniform, as nn.Linear's and peft's lora_A; the other factor
-    # starts at zero (the output is unchanged until trained)
-    init: str = "kaiming"
-    seed: int | None = None  # seeds the random factor (None: torch's global generator)
-
-    def __post_init__(self):
-        if self.init != "kaiming":
-            raise ValueError(f"ResidualConfig.init: {self.init!r} is not an init prkit has; 'kaiming' (kaiming-uniform "
-                             "for the random factor, zeros for the other) is the one")
-
-
-def rank_for(channels: int, rank: float | int) -> int:
-    """Resolve a rank rule to an integer rank for a layer of ``channels`` channels."""
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0:
-        raise ValueError(f"rank must be a positive fraction (e.g. 0.05) or an int, got {rank!r}")
-    if isinstance(rank, float) and rank < 1:
-        return max(1, int(round(rank * channels)))
-    if isinstance(rank, float):  # 1.0 reads as "all the channels" as easily as "rank 1": neither is guessed
-        raise ValueError(f"rank {rank!r} is neither a fraction of the channels below 1 (e.g. 0.05) nor a whole rank, "
-                         f"which is an int (e.g. 16; {int(rank) if rank == int(rank) else 'none'} here)")
-    return min(rank, channels)  # a rank above a layer's channels is its full rank (the file records each)
-
-
-def finite_scale(value, owner: str) -> float:
-    """``value`` as a residual set's scale; NaN or infinity (NaN images) raises a ValueError naming ``owner``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise ValueError(f"{owner}: scale must be a finite number (1.0: as trained, 0: off), got {value!r}")
-    return number
 
 
 class _Word:
@@ -215,14 +175,6 @@ def _words(unet: nn.Module) -> dict[str, dict]:
     if "_prkit_words" not in unet.__dict__:
         unet.__dict__["_prkit_words"] = {}
     return unet.__dict__["_prkit_words"]
-
-
-def check_set_name(name) -> None:
-    """A set's name keys a module dict on every layer: a non-empty string without dots that is no attribute of one
-    (torch's own KeyError for 'my.concept' or 'items' named neither the argument nor what to do)."""
-    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
-        raise ValueError(f"residual set name {name!r} cannot be used: give a non-empty string without dots that is "
-                         "no method name of a module dict ('items', 'keys', ...), e.g. 'my_concept'")
 
 
 def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, name: str = DEFAULT_NAME, *,

@@ -152,6 +152,22 @@ def interrupt_backward(monkeypatch, at: int):
     return real
 
 
+def interrupt_fast_step(monkeypatch, at: int):
+    """Make the fast loop's ``at``-th step body raise KeyboardInterrupt before it runs; returns the real one."""
+    from prkit.fast_step import TrainStep
+
+    real, calls = TrainStep._body, []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(TrainStep, "_body", interrupted)
+    return real
+
+
 def full_disk(monkeypatch, free_mib: int = 5, after: int = 64) -> None:
     """Make prkit's file writes (``prkit.atomic.writing``) fail as on a full disk: ``after`` bytes land, then
     ENOSPC; the disk reports ``free_mib`` MiB free."""

@@ -14,7 +14,7 @@ import prkit
 import prkit.fast as fast
 import prkit.train as train
 import prkit.train_inputs as train_inputs
-from conftest import make_concept, make_pipe, randomize, run_unet, unet_inputs
+from conftest import interrupt_fast_step, make_concept, make_pipe, randomize, run_unet, unet_inputs
 from tiny import tiny_unet
 from prkit.attention import CaptureState
 from prkit.fast import FastConfig, patch_frozen_convs, patch_merged_lowrank, train_fast
@@ -148,15 +148,7 @@ def test_an_infinite_gradient_of_a_finite_loss_is_refused_like_the_eager_loop(tm
 
 def test_interrupt_checkpoints_the_finished_steps(tmp_path, concept_module, eager_run, monkeypatch):
     reference, state = eager_run
-    real_body, bodies = fast.TrainStep._body, []
-
-    def interrupted(self):
-        bodies.append(1)
-        if len(bodies) == 7:
-            raise KeyboardInterrupt
-        real_body(self)
-
-    monkeypatch.setattr(fast.TrainStep, "_body", interrupted)
+    real_body = interrupt_fast_step(monkeypatch, at=7)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
         _fast(make_pipe(tmp_path / "p1"), concept_module, steps=8, checkpoint_dir=str(ckpt), checkpoint_every=0)

@@ -15,7 +15,7 @@ from PIL import Image
 import prkit
 import prkit.train as train
 import prkit.train_inputs as train_inputs
-from conftest import child_env, interrupt_backward, make_pipe
+from conftest import child_env, interrupt_backward, interrupt_fast_step, make_pipe
 from prkit.checkpoints import CheckpointError
 from prkit.data import Concept
 from prkit.residuals import get_residuals, residual_names
@@ -607,16 +607,7 @@ def test_a_checkpoint_the_disk_refuses_leaves_the_trained_set_on_the_model_and_s
     loop = FastConfig(cuda_graph=False, check_every=1) if fast else False
     two = prkit.train_residuals(make_pipe(tmp_path / "two"), concept, steps=2, fast=loop, **FAST)
     if how == "interrupt" and fast:  # the third step, as Ctrl-C lands in it
-        import prkit.fast_step as fast_step
-
-        real, bodies = fast_step.TrainStep._body, []
-
-        def body(self):
-            bodies.append(1)
-            if len(bodies) == 3:
-                raise KeyboardInterrupt
-            real(self)
-        monkeypatch.setattr(fast_step.TrainStep, "_body", body)
+        interrupt_fast_step(monkeypatch, at=3)
     elif how == "interrupt":
         interrupt_backward(monkeypatch, at=3)
     ckpt = tmp_path / "ckpt"

@@ -1,0 +1,62 @@
+"""What a residual set may be, checked before any layer changes: its rank rule and init (``ResidualConfig``,
+``rank_for``), its scale (``finite_scale``) and its name (``check_set_name``). ``residuals`` re-exports them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class ResidualConfig:
+    """How residuals are shaped."""
+
+    rank: float | int | dict[str, int] = 0.05  # fraction of channels (float < 1), fixed int, or block -> rank
+    # the random factor's init, the only one: kaiming-uniform, as nn.Linear's and peft's lora_A; the other factor
+    # starts at zero (the output is unchanged until trained)
+    init: str = "kaiming"
+    seed: int | None = None  # seeds the random factor (None: torch's global generator)
+
+    def __post_init__(self):
+        if self.init != "kaiming":
+            raise ValueError(f"ResidualConfig.init: {self.init!r} is not an init prkit has; 'kaiming' (kaiming-uniform "
+                             "for the random factor, zeros for the other) is the one")
+
+
+def rank_for(channels: int, rank: float | int) -> int:
+    """Resolve a rank rule to an integer rank for a layer of ``channels`` channels."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0:
+        raise ValueError(f"rank must be a positive fraction (e.g. 0.05) or an int, got {rank!r}")
+    if isinstance(rank, float) and rank < 1:
+        return max(1, int(round(rank * channels)))
+    if isinstance(rank, float):  # 1.0 reads as "all the channels" as easily as "rank 1": neither is guessed
+        raise ValueError(f"rank {rank!r} is neither a fraction of the channels below 1 (e.g. 0.05) nor a whole rank, "
+                         f"which is an int (e.g. 16; {int(rank) if rank == int(rank) else 'none'} here)")
+    return min(rank, channels)  # a rank above a layer's channels is its full rank (the file records each)
+
+
+def finite_scale(value, owner: str) -> float:
+    """``value`` as a residual set's scale; NaN or infinity (NaN images) raises a ValueError naming ``owner``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{owner}: scale must be a finite number (1.0: as trained, 0: off), got {value!r}")
+    return number
+
+
+def usable_set_name(name) -> bool:
+    """Whether ``name`` can name a residual set: it keys a module dict on every layer, so a non-empty string without
+    dots that is no attribute of one ('items', 'keys', ...)."""
+    return isinstance(name, str) and bool(name) and "." not in name and not hasattr(nn.ModuleDict(), name)
+
+
+def check_set_name(name) -> None:
+    """Refuse a name ``usable_set_name`` refuses, naming the argument and a usable form (torch's own KeyError for
+    'my.concept' or 'items', part-way through adding a set, said neither)."""
+    if not usable_set_name(name):
+        raise ValueError(f"residual set name {name!r} cannot be used: give a non-empty string without dots that is "
+                         "no method name of a module dict ('items', 'keys', ...), e.g. 'my_concept'")
