@@ -876,6 +876,9 @@ def section_cold(bench):
     if bench.args.warm_up != "default":
         overrides["warm_up"] = bench.args.warm_up == "on"
         bench.record("cold", f"{tag}_warm_up", bench.args.warm_up)
+    if bench.args.capture_first != "default":
+        overrides["capture_first"] = bench.args.capture_first == "on"
+        bench.record("cold", f"{tag}_capture_first", bench.args.capture_first)
     if bench.args.channels_last != "default":
         overrides["channels_last"] = bench.args.channels_last == "on"
         bench.record("cold", f"{tag}_channels_last", bench.args.channels_last)
@@ -1217,6 +1220,8 @@ def main(argv=None) -> None:
                         help="cold: FastConfig.cudnn_attention_from (0: never; unset: the default)")
     parser.add_argument("--warm-up", choices=["default", "on", "off"], default="default",
                         help="cold: FastConfig.warm_up (a throwaway step overlapping the latents' encoding)")
+    parser.add_argument("--capture-first", choices=["default", "on", "off"], default="default",
+                        help="cold: FastConfig.capture_first (capture the step before any eager step)")
     parser.add_argument("--warm", action="store_true", help="cold: also run the recipe a second time (warm)")
     args = parser.parse_args(argv)
     if args.tiny:

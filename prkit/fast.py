@@ -36,6 +36,9 @@ class FastConfig:
     """Switches of the fast loop; the defaults are what measured fastest on an H100 (BENCHMARKS.md)."""
 
     cuda_graph: bool = True  # capture forward + backward + AdamW of a step once, replay it (eager if capture fails)
+    # capture before any eager step (the capture pays the one-time kernel costs, beside the latents' encoding);
+    # off, or where that capture fails: one eager step, then the capture. Off with cudnn_benchmark (it times kernels)
+    capture_first: bool = True
     check_every: int = 25  # steps between loss checks (one host sync each); progress updates at the same rate
     frozen_conv: bool = True  # frozen convolutions keep only their weight for backward (less memory, same math)
     # NHWC activations end to end, with prkit's NHWC GroupNorm + SiLU kernels (torch's convert NHWC back to NCHW);
@@ -51,12 +54,13 @@ class FastConfig:
     # query length from which self-attention prefers cuDNN's kernel anyway (SD1.5's 64x64 blocks: 4096); None: never
     cudnn_attention_from: int | None = 4096
     lean_blocks: bool = False  # resnets and attention without diffusers' no-op `/ 1.0` rescales (same numbers)
-    # before the first step, a throwaway forward + backward pays the process's one-time kernel costs while a
-    # background thread encodes the latents (same numbers); None: on CUDA. Once per thread, UNet and shapes.
+    # before the first step, the step's graph capture (capture_first; else a throwaway forward + backward) pays the
+    # process's one-time kernel costs while a background thread encodes the latents (same numbers); None: on CUDA.
+    # Once per thread, UNet and shapes.
     warm_up: bool | None = None
 
     def __post_init__(self):
-        for name in ("cuda_graph", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
+        for name in ("cuda_graph", "capture_first", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
                      "lean_blocks"):
             check_flag(getattr(self, name), f"FastConfig.{name}")
         check_flag(self.warm_up, "FastConfig.warm_up", " or None")
@@ -242,7 +246,8 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                                uses_channels_last(fast, device))
                          for shape, (_, cond, weight) in zip(shapes, sources)]
                 return TrainStep(unet, params, optimizer, slots, amp=amp, scaler=scaler,
-                                 max_grad_norm=config.max_grad_norm, cuda_graph=fast.cuda_graph)
+                                 max_grad_norm=config.max_grad_norm, cuda_graph=fast.cuda_graph,
+                                 capture_first=fast.capture_first and not fast.cudnn_benchmark)
 
             def encoded_shapes():
                 return [tuple(source.mean.shape[1:]) for source, _, _ in sources]
@@ -332,9 +337,11 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
         if stepper is not None:
             if stepper.calls > 1:
                 times[f"{stepper.calls - 1} more steps"] = time.perf_counter() - loop_start
-            log.info("fast loop: %d calls, graph %s, capture %.3f s%s; %s", stepper.calls,
+            log.info("fast loop: %d calls, graph %s, capture %.3f s%s%s; %s", stepper.calls,
                      "on" if stepper.graph is not None else "off", stepper.capture_seconds,
                      f", capture failed: {stepper.capture_error}" if stepper.capture_error else "",
+                     f", capture before an eager step failed: {stepper.first_capture_error}"
+                     if stepper.first_capture_error else "",
                      ", ".join(f"{k} {v:.3f} s" for k, v in times.items()))
             stepper.close()
         for p in params:

@@ -6,6 +6,7 @@ draw batches, sync with the host or decide when losses are checked (``fast.train
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .streams import side_stream
+
+log = logging.getLogger(__name__)
 
 
 def make_optimizer(params, learning_rate: float, weight_decay: float, device: torch.device):
@@ -43,6 +46,35 @@ def clip_and_norm(params, max_grad_norm: float | None, want: bool = True) -> tor
     if not want or not grads:
         return None
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer, params) -> None:
+    """Create ``optimizer``'s state for the parameters that have none, as its first step would, and leave it at its
+    start (all zeros: AdamW's step count and moments). A graph captured before any eager step must not hold the
+    state's creation, or every replay would zero the moments again. The parameters' values and gradients and any
+    existing state (a resumed run's) are kept."""
+    params = list(params)
+    fresh = [p for p in params if not optimizer.state.get(p)]
+    if not fresh:
+        return
+    fresh_ids = {id(p) for p in fresh}
+    grads = [p.grad for p in params]
+    saved = [p.detach().clone() for p in fresh]
+    for p in params:
+        p.grad = torch.zeros_like(p) if id(p) in fresh_ids else None
+    try:
+        with warnings.catch_warnings():  # a capturable AdamW's warning that this step runs outside a capture
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            optimizer.step()  # the optimizer's own state creation (dtypes, devices, layouts), then undone
+        for p, value in zip(fresh, saved):
+            p.copy_(value)
+            for tensor in optimizer.state[p].values():
+                if torch.is_tensor(tensor):
+                    tensor.zero_()
+    finally:
+        for p, grad in zip(params, grads):
+            p.grad = grad
 
 
 @torch.no_grad()
@@ -80,13 +112,15 @@ class _Slot:
 class TrainStep:
     """One training step on static buffers: forward, loss, backward, (unscale,) clip, AdamW, (scale update).
 
-    The first call runs eagerly (a real step that also warms up cuDNN/cuBLAS); on CUDA the step is then
-    captured as a CUDA graph and every later call replays it. If capture fails, steps stay eager.
+    On CUDA the step is captured as a CUDA graph before any eager step (``capture_first``: ``capture`` creates
+    AdamW's state first; the capture itself pays the process's one-time kernel costs) and every call replays it.
+    Where that capture fails, or without ``capture_first``, the first call runs eagerly and the step is captured
+    after it; where that capture fails too, steps stay eager.
     ``loss`` is a device scalar holding the last step's (unscaled) loss; nothing here syncs with the host.
     """
 
     def __init__(self, unet, params, optimizer, slots: list[_Slot], *, amp: torch.dtype | None,
-                 scaler=None, max_grad_norm: float | None = None, cuda_graph: bool = True):
+                 scaler=None, max_grad_norm: float | None = None, cuda_graph: bool = True, capture_first: bool = True):
         self.unet, self.params, self.optimizer, self.slots = unet, list(params), optimizer, slots
         self.device = slots[0].noisy.device
         # autocast only where the weights are not already in the compute dtype
@@ -94,8 +128,10 @@ class TrainStep:
         self.scaler = scaler
         self.max_grad_norm = max_grad_norm
         self.want_graph = cuda_graph and self.device.type == "cuda"
+        self.capture_first = capture_first and self.want_graph  # not tried yet
         self.graph = None
         self.capture_error: str | None = None
+        self.first_capture_error: str | None = None  # why capturing before any eager step failed, if it did
         self.loss = torch.zeros((), dtype=torch.float32, device=self.device)
         # without a grad scaler (which skips such steps itself), the gradients' norm: a non-finite one with a finite
         # loss would leave NaN weights; the loop reads it with the loss and refuses the step (as the eager loop does)
@@ -159,8 +195,34 @@ class TrainStep:
         loss = F.mse_loss(pred.float(), slot.target)
         torch.autograd.grad(loss, self.params, allow_unused=True)
 
+    def prepare(self) -> None:
+        """Before the first step, in the thread that runs the steps: capture the step now (``capture_first``), or
+        else (or where that capture fails) ``warm_up``. Either pays the process's one-time kernel costs."""
+        if not (self.capture_first and self.capture()):
+            self.warm_up()
+
+    def capture(self) -> bool:
+        """Capture the step as a CUDA graph before any eager step (AdamW's state created first); returns whether a
+        graph is ready. The capture pays the one-time costs of every kernel it records (cuDNN plans and attention
+        graphs, Triton and CUDA module loads); it runs in relaxed mode, so those set-up calls are allowed and
+        another thread may use the GPU meanwhile (the fast loop encodes the latents). Tried once: where it fails,
+        the first call runs eagerly and captures after it."""
+        self.capture_first = False
+        init_optimizer_state(self.optimizer, self.params)
+        current = torch.cuda.current_stream(self.device)
+        side_stream(self.device).wait_stream(current)
+        self._capture("relaxed")
+        if self.graph is None:
+            self.first_capture_error, self.capture_error = self.capture_error, None
+            self.want_graph = True
+            log.info("capturing the training step before an eager step failed (%s); one eager step first",
+                     self.first_capture_error)
+        return self.graph is not None
+
     def __call__(self) -> torch.Tensor:
         self.calls += 1
+        if self.capture_first:
+            self.capture()
         if self.graph is not None:
             self.graph.replay()
             return self.loss
@@ -180,7 +242,7 @@ class TrainStep:
         self._capture()
         return self.loss
 
-    def _capture(self) -> None:
+    def _capture(self, error_mode: str = "global") -> None:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         # memory cached by earlier work of the process (earlier runs' graph pools included) cannot be freed while
@@ -188,17 +250,19 @@ class TrainStep:
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=side_stream(self.device)):  # the UNet's device, not the current
+            # the UNet's device, not the current
+            with torch.cuda.graph(graph, stream=side_stream(self.device), capture_error_mode=error_mode):
                 self._body()
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
             self.want_graph = False
             self.capture_error = f"{type(err).__name__}: {err}"
             self.optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"CUDA graph capture of the training step failed ({self.capture_error}); "
-                          "continuing with eager steps", RuntimeWarning, stacklevel=3)
+            if error_mode == "global":  # the capture before any eager step tries again after one
+                warnings.warn(f"CUDA graph capture of the training step failed ({self.capture_error}); "
+                              "continuing with eager steps", RuntimeWarning, stacklevel=3)
             return
         finally:
-            self.capture_seconds = time.perf_counter() - start
+            self.capture_seconds += time.perf_counter() - start
         self.graph = graph
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The fast loop's warm-up: a process's first training step pays one-time costs for every kernel it launches
 (cuDNN plans and attention compiles, Triton's cache key and kernel loads, lazily loaded CUDA modules: ~1.5 s for
-SD1.5 on an H100). Before the first step, ``warm_up_while_encoding`` pays them with a throwaway forward + backward
-while a background thread encodes the latents, once per thread, UNet and shapes. The numbers of training are
+SD1.5 on an H100). Before the first step, ``warm_up_while_encoding`` pays them while a background thread encodes
+the latents, once per thread, UNet and shapes: by capturing the step's CUDA graph (which needs no data), or with a
+throwaway forward + backward where no graph is wanted or that capture fails. The numbers of training are
 unchanged; only when the costs are paid moves.
 """
 
@@ -54,13 +55,13 @@ def latent_shape(pipe, size: int | tuple[int, int]) -> tuple[int, int, int]:
 def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple) -> None:
     """Encode the caches' latents in a background thread while ``stepper`` warms up in this one.
 
-    The warm-up runs here because PyTorch keeps cuDNN plans per thread (the steps run here too); the encoder's
-    error, if any, is raised here. ``triton_ready``: the thread ``prepare_triton`` started, or None.
+    The warm-up (``stepper.prepare()``) runs here because PyTorch keeps cuDNN plans per thread (the steps run here
+    too); the encoder's error, if any, is raised here. ``triton_ready``: the thread ``prepare_triton`` started, or None.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="prkit-latents") as pool:
         latents = pool.submit(lambda: [cache.encode_latents() for cache in caches])
         if triton_ready is not None:
             triton_ready.join()
-        stepper.warm_up()
+        stepper.prepare()
         latents.result()
     _WARMED.add(warm_key)

@@ -546,6 +546,88 @@ def test_warm_up_overlaps_the_latents_and_changes_nothing(tmp_path, concept_modu
     assert _close_states(result.residuals.state_dict(), state)
 
 
+def test_the_optimizer_state_made_before_a_capture_is_what_a_first_step_makes():
+    """A step captured before any eager step needs AdamW's state made first (made inside the capture, every replay
+    would zero the moments again): made by AdamW itself, then put back to its start; the parameters, their gradients
+    and a resumed state are kept."""
+    from prkit.fast_step import init_optimizer_state, make_optimizer
+
+    torch.manual_seed(0)
+    first = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5))]
+    second = [nn.Parameter(p.detach().clone()) for p in first]
+    values = [p.detach().clone() for p in first]
+    grads = [[torch.randn_like(p) for p in first] for _ in range(2)]
+    lazy, made = (make_optimizer(ps, 1e-2, 1e-2, torch.device("cpu")) for ps in (first, second))
+    kept_grad = second[0].grad = torch.ones_like(second[0])
+    init_optimizer_state(made, second)
+    assert second[0].grad is kept_grad and second[1].grad is None
+    assert all(torch.equal(p, v) for p, v in zip(second, values))
+    assert all(float(made.state[p]["step"]) == 0 and not made.state[p]["exp_avg"].any()
+               and not made.state[p]["exp_avg_sq"].any() for p in second)
+    for step in range(2):
+        for ps, opt in ((first, lazy), (second, made)):
+            for p, g in zip(ps, grads[step]):
+                p.grad = g.clone()
+            opt.step()
+            if step == 0 and opt is made:  # a state that exists (a resumed run's) is left alone
+                before = {k: v.clone() for k, v in made.state[second[0]].items()}
+                init_optimizer_state(made, second)
+                assert all(torch.equal(before[k], v) for k, v in made.state[second[0]].items())
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not all(torch.equal(p, v) for p, v in zip(first, values))
+    for a, b in zip(first, second):
+        assert all(torch.equal(lazy.state[a][k], made.state[b][k]) for k in lazy.state[a])
+
+
+def _record_steppers(monkeypatch) -> list:
+    steppers = []
+    real_close = fast.TrainStep.close
+    monkeypatch.setattr(fast.TrainStep, "close", lambda self: steppers.append(
+        (self.graph is not None, self.capture_error, self.first_capture_error, self.calls)) or real_close(self))
+    return steppers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
+@pytest.mark.parametrize("warm_up", [False, True])
+def test_cuda_a_step_captured_before_any_eager_step_trains_as_one_captured_after(tmp_path, concept_module,
+                                                                                 monkeypatch, warm_up):
+    """The default captures the step before it ever ran (in the warm-up, beside the latents' encoding, where one
+    runs): AdamW's state is made first, and the run gives the losses and weights of one eager step then capture."""
+    steppers = _record_steppers(monkeypatch)
+    kw = dict(steps=6, batch_size=2, progress=False)
+    runs = []
+    for first in (False, True):
+        pipe = make_pipe(tmp_path / f"p{first}").to("cuda")
+        loop = FastConfig(check_every=3, capture_first=first, warm_up=warm_up)
+        result = prkit.train_residuals(pipe, concept_module, fast=loop, **kw)
+        runs.append((result.losses, {k: v.cpu() for k, v in result.residuals.state_dict().items()}))
+    assert steppers == [(True, None, None, 6)] * 2
+    (losses0, state0), (losses1, state1) = runs
+    assert len(set(losses0)) == 6 and losses1 == pytest.approx(losses0, rel=1e-5)
+    assert all(torch.allclose(state1[k], state0[k], rtol=1e-5, atol=1e-7) for k in state0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
+def test_cuda_a_failed_capture_before_any_eager_step_falls_back_to_one_eager_step(tmp_path, concept_module,
+                                                                                 monkeypatch):
+    steppers = _record_steppers(monkeypatch)
+    real_graph = torch.cuda.graph
+
+    def graph(*args, capture_error_mode="global", **kwargs):
+        if capture_error_mode == "relaxed":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_graph(*args, capture_error_mode=capture_error_mode, **kwargs)
+
+    kw = dict(steps=6, batch_size=2, progress=False)
+    reference = prkit.train_residuals(make_pipe(tmp_path / "r").to("cuda"), concept_module,
+                                      fast=FastConfig(check_every=3, capture_first=False), **kw)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    result = prkit.train_residuals(make_pipe(tmp_path / "f").to("cuda"), concept_module,
+                                   fast=FastConfig(check_every=3, warm_up=True), **kw)
+    assert steppers[1:] == [(True, None, "RuntimeError: operation not permitted when stream is capturing", 6)]
+    assert result.losses == pytest.approx(reference.losses, rel=1e-5)
+
+
 def test_the_background_encoders_error_reaches_the_caller(tmp_path, concept, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the VAE failed")
@@ -642,7 +724,7 @@ def test_bad_fast_switches_name_the_field(field, value):
     assert FastConfig(sdpa_backends="cudnn,flash").sdpa_backends == ("cudnn", "flash")
 
 
-FLAGS = ("cuda_graph", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
+FLAGS = ("cuda_graph", "capture_first", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
          "lean_blocks", "warm_up")
 
 
