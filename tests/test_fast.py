@@ -588,13 +588,16 @@ def _record_steppers(monkeypatch) -> list:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
-@pytest.mark.parametrize("warm_up", [False, True])
+@pytest.mark.parametrize("warm_up, precision, checkpointing", [(False, "auto", False), (True, "auto", False),
+                                                                (True, "fp16", False), (True, "auto", True)])
 def test_cuda_a_step_captured_before_any_eager_step_trains_as_one_captured_after(tmp_path, concept_module,
-                                                                                 monkeypatch, warm_up):
+                                                                                 monkeypatch, warm_up, precision,
+                                                                                 checkpointing):
     """The default captures the step before it ever ran (in the warm-up, beside the latents' encoding, where one
-    runs): AdamW's state is made first, and the run gives the losses and weights of one eager step then capture."""
+    runs): AdamW's state is made first, and the run gives the losses and weights of one eager step then capture
+    (fp16's grad scaler and gradient checkpointing included)."""
     steppers = _record_steppers(monkeypatch)
-    kw = dict(steps=6, batch_size=2, progress=False)
+    kw = dict(steps=6, batch_size=2, progress=False, mixed_precision=precision, gradient_checkpointing=checkpointing)
     runs = []
     for first in (False, True):
         pipe = make_pipe(tmp_path / f"p{first}").to("cuda")
