@@ -130,11 +130,12 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
     device = pipe.unet.device
     # the graph capture, its streams and the Triton launches work on the current device: make it the UNet's (a
     # UNet on cuda:1 with cuda:0 current captured an empty graph, whose replays trained nothing)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _train_fast(pipe, concept, config, name=name, progress=progress, fast=fast, register=register)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), warmup.Encoder() as enc:
+        return _train_fast(pipe, concept, config, name=name, progress=progress, fast=fast, register=register,
+                           encoder=enc)
 
 
-def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastConfig | None, register):
+def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastConfig | None, register, encoder):
     from . import train as base
     from .residuals import Residuals
 
@@ -162,7 +163,8 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     warm_key = warmup.key(pipe, concept, config, params, fast, amp)
     warm = warmup.needed(warm_key, fast, device)
     triton_ready = warmup.prepare_triton(fast, device) if warm else None
-    cache = base._Cache(pipe, concept, prompt, config.flip, encode_batch=fast.encode_batch, latents_later=warm)
+    latents_in = encoder.executor() if warm else None  # the latents encode beside the prompt and the warm-up
+    cache = base._Cache(pipe, concept, prompt, config.flip, encode_batch=fast.encode_batch, latents_in=latents_in)
 
     def conditioning(cond: dict) -> dict:  # without autocast in the UNet's dtype (DreamBooth's fp32 master weights)
         cond = base._in_dtype(cond, pipe.unet.dtype) if amp is None else cond
@@ -171,7 +173,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     sources = [(cache, conditioning(cache.cond), 1.0)]
     if config.prior_images is not None:
         prior = base._Cache(pipe, config.prior_images, f"a photo of a {concept.class_word}", config.flip,
-                            encode_batch=fast.encode_batch, latents_later=warm)
+                            encode_batch=fast.encode_batch, latents_in=latents_in)
         sources.append((prior, conditioning(prior.cond), config.prior_weight))
 
     _sync(device)

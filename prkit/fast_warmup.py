@@ -1,9 +1,10 @@
 """The fast loop's warm-up: a process's first training step pays one-time costs for every kernel it launches
 (cuDNN plans and attention compiles, Triton's cache key and kernel loads, lazily loaded CUDA modules: ~1.5 s for
-SD1.5 on an H100). Before the first step, ``warm_up_while_encoding`` pays them while a background thread encodes
-the latents, once per thread, UNet and shapes: by capturing the step's CUDA graph (which needs no data), or with a
-throwaway forward + backward where no graph is wanted or that capture fails. The numbers of training are
-unchanged; only when the costs are paid moves.
+SD1.5 on an H100). The latents are encoded in a background thread from the start (beside the prompt's encoding);
+before the first step, ``warm_up_while_encoding`` pays the costs once per thread, UNet and shapes: by capturing the
+step's CUDA graph (which needs no data; after the latents), or with a throwaway forward + backward beside the
+encoding where no graph is wanted or that capture fails. The numbers of training are unchanged; only when the
+costs are paid moves.
 """
 
 from __future__ import annotations
@@ -52,16 +53,43 @@ def latent_shape(pipe, size: int | tuple[int, int]) -> tuple[int, int, int]:
     return (config.latent_channels, height // factor, width // factor)
 
 
-def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple) -> None:
-    """Encode the caches' latents in a background thread while ``stepper`` warms up in this one.
+class Encoder:
+    """The fast loop's background thread for the latents' encoding (``_Cache(latents_in=...)``): made at first use,
+    joined when the run ends, also when it fails, so that no encoding outlives the call."""
 
-    The warm-up (``stepper.prepare()``) runs here because PyTorch keeps cuDNN plans per thread (the steps run here
-    too); the encoder's error, if any, is raised here. ``triton_ready``: the thread ``prepare_triton`` started, or None.
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
+
+    def executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="prkit-latents")
+        return self._pool
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple) -> None:
+    """Pay the process's one-time kernel costs before the first step (``stepper.prepare()``) while the caches'
+    latents are encoded in the background thread they were handed, which started before the prompt's encoding.
+
+    It runs in the thread that runs the steps (PyTorch keeps cuDNN plans per thread). A capture
+    (``stepper.capture_first``) waits for the latents first: beside another thread's encoding, that encoder's memory
+    sat beside the graph's pool (a first recipe reserved 5.43 GB against 5.03 GB, one H200), and a retry after an
+    out-of-memory error in that thread would empty the allocator's cache during the capture, which it refuses. The
+    eager warm-up runs beside the encoding. The encoder's error, if any, is raised here. ``triton_ready``: the thread
+    ``prepare_triton`` started, or None.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="prkit-latents") as pool:
-        latents = pool.submit(lambda: [cache.encode_latents() for cache in caches])
-        if triton_ready is not None:
-            triton_ready.join()
-        stepper.prepare()
-        latents.result()
+    if triton_ready is not None:
+        triton_ready.join()
+    if stepper.capture_first:
+        for cache in caches:
+            cache.encode_latents()
+    stepper.prepare()
+    for cache in caches:
+        cache.encode_latents()
     _WARMED.add(warm_key)

@@ -81,28 +81,36 @@ def _expand(cond: dict, batch: int) -> dict:
 class _Cache:
     """Latents (mean/std of both flips) and conditioning of one image set, computed once.
 
-    ``latents_later``: encode the prompt now and the images at ``encode_latents()`` (the fast loop runs that in a
-    background thread while it warms up the UNet). Either way the numbers are the same.
+    ``latents_in``: an executor (the fast loop's background thread) that encodes the images, handed them before the
+    prompt is encoded here, so that both run at once; ``encode_latents()`` waits for it and raises its error. None:
+    both here, now. Either way the numbers are the same.
     """
 
-    def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8, latents_later: bool = False):
+    def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8, latents_in=None):
         images = concept.tensors()
         if flip:
             images = torch.cat([images, torch.flip(images, dims=[3])])
         self.size = tuple(images.shape[-2:])  # (height, width): SDXL's size conditioning
-        self.cond = encode_text(pipe, prompt, self.size)
         self.mean = self.std = None
         self._pending = (pipe, images, encode_batch)
-        if not latents_later:
+        self._future = latents_in.submit(self._encode) if latents_in is not None else None
+        self.cond = encode_text(pipe, prompt, self.size)
+        if latents_in is None:
             self.encode_latents()
 
+    def _encode(self) -> None:
+        pipe, images, batch = self._pending
+        means_stds = encode_images(pipe, images, batch=batch)
+        self.mean, self.std = (t.cpu() for t in means_stds)  # batches are drawn on the CPU
+        self._pending = None
+
     def encode_latents(self) -> "_Cache":
-        """Encode the images (once); returns the cache."""
-        if self._pending is not None:
-            pipe, images, batch = self._pending
-            means_stds = encode_images(pipe, images, batch=batch)
-            self.mean, self.std = (t.cpu() for t in means_stds)  # batches are drawn on the CPU
-            self._pending = None
+        """Encode the images (once), or wait for the executor that does; returns the cache."""
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+        elif self._pending is not None:
+            self._encode()
         return self
 
     def batch(self, size: int, gen: torch.Generator, scheduler, device) -> tuple[torch.Tensor, ...]:

@@ -631,6 +631,48 @@ def test_cuda_a_failed_capture_before_any_eager_step_falls_back_to_one_eager_ste
     assert result.losses == pytest.approx(reference.losses, rel=1e-5)
 
 
+def test_the_latents_encode_beside_the_prompt_and_a_capture_waits_for_them(tmp_path, concept_module, eager_run,
+                                                                          monkeypatch):
+    """On a process's first run the images go to the background encoder before the prompt is encoded (both at
+    once); a step that will be captured is prepared only once the latents are done (a capture beside the encoder
+    kept both memories reserved, and an out-of-memory retry there would empty the allocator's cache mid-capture)."""
+    import threading
+
+    reference, state = eager_run
+    latents_started, seen = threading.Event(), {}
+    real_images, real_text = train_inputs.encode_images, train_inputs.encode_text
+    real_init, real_prepare = fast.TrainStep.__init__, fast.TrainStep.prepare
+
+    def encode_images(*args, **kwargs):
+        latents_started.set()
+        out = real_images(*args, **kwargs)
+        seen["latents_done"] = True
+        return out
+
+    def encode_text(*args, **kwargs):
+        seen.setdefault("latents_began_first", latents_started.wait(10))
+        return real_text(*args, **kwargs)
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.capture_first = True  # as on CUDA: a capture is tried first (it cannot on a CPU: eager warm-up then)
+
+    def prepare(self):
+        seen["latents_done_at_prepare"] = seen.get("latents_done", False)
+        real_prepare(self)
+
+    monkeypatch.setattr(train_inputs, "encode_images", encode_images)
+    monkeypatch.setattr(train_inputs, "encode_text", encode_text)
+    monkeypatch.setattr(fast.TrainStep, "__init__", init)
+    monkeypatch.setattr(fast.TrainStep, "prepare", prepare)
+    monkeypatch.setattr(fast.TrainStep, "capture", lambda self: setattr(self, "capture_first", False) or False)
+    result = _fast(make_pipe(tmp_path), concept_module, loop=FastConfig(cuda_graph=False, check_every=3,
+                                                                        warm_up=True), steps=8)
+    assert seen == {"latents_began_first": True, "latents_done": True, "latents_done_at_prepare": True}
+    assert result.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert _close_states(result.residuals.state_dict(), state)
+
+
 def test_the_background_encoders_error_reaches_the_caller(tmp_path, concept, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the VAE failed")
