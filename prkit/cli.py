@@ -23,6 +23,7 @@ from .cli_sample import _sample
 from .interrupts import terminate_as_interrupt
 
 LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
+VERBOSE_HELP = "log what the library does (INFO lines); before or after the command"
 DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else the CPU), cpu, cuda, cuda:1, mps"
 
 
@@ -227,7 +228,7 @@ def _eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prkit", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="personalize a model on a folder of images")
@@ -314,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="train, sample and score methods on a protocol (CSV + summary)")
     add_eval_arguments(evaluate).set_defaults(func=_eval)
+    for command in sub.choices.values():  # also after the command (prkit train ... -v); unset there, the one before
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
