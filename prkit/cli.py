@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 from .cli_args import (  # noqa: F401
-    _check_loras, _check_output_file, _finite, _guidance, _learning_rate, _per_file, _positive_int, _rank,
-    _seed, _side, _whole, _writable_folder, bars_wanted)
+    MAX_IMAGES, _check_loras, _check_output_file, _finite, _guidance, _image_count, _learning_rate, _per_file,
+    _positive_int, _rank, _seed, _side, _whole, _writable_folder, bars_wanted)
 from .cli_output import _cli_words, _in_cli_words, _library_bars_off  # noqa: F401
 from .cli_sample import _sample
 from .interrupts import terminate_as_interrupt
@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how LAG cuts each concept's attention map into its mask (default and METHOD: median; "
                              "fixed: 0.5 on the min-max normalized map)")
     sample.add_argument("--negative-prompt", default=None, help="one negative prompt for every --prompt")
-    sample.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
+    sample.add_argument("--num-images", type=_image_count, default=4,
+                        help=f"images per prompt, 1 to {MAX_IMAGES} (default 4)")
     sample.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
     sample.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance (default 7.5)")
     sample.add_argument("--seed", type=_seed, default=0, help="default 0: the same command gives the same images")

@@ -20,3 +20,26 @@ def test_verbose_goes_before_or_after_the_command(command):
         assert parser.parse_args([flag, *command]).verbose is True  # the existing form
         assert parser.parse_args([*command, flag]).verbose is True
         assert parser.parse_args([flag, *command, flag]).verbose is True
+
+
+def test_num_images_is_refused_past_its_bounds_before_any_model_loads(tmp_path, capsys):
+    """--num-images had no upper bound: 10**9 passed the parser, loaded the model, then asked for one batch of a
+    billion images."""
+    from prkit.cli import main
+
+    sample = ["sample", "--model", str(tmp_path / "never-loaded"), "--prompt", "a photo", "--out", str(tmp_path / "s")]
+    for value, said in (("10001", "must be at most 10000 images per prompt (one batch), got 10001; "),
+                        ("1000000000", "must be at most 10000 images per prompt (one batch), got 1000000000; "),
+                        ("0", "must be at least 1 image per prompt, got 0; e.g. 4"),
+                        ("-3", "must be at least 1 image per prompt, got -3; e.g. 4"),
+                        ("many", "expected a whole number of images per prompt such as 4, got 'many'")):
+        with pytest.raises(SystemExit) as err:
+            main(sample + ["--num-images", value])
+        message = capsys.readouterr().err
+        assert err.value.code == 2 and f"argument --num-images: {said}" in message, message
+    with pytest.raises(SystemExit):
+        main(sample + ["--num-images", "10001"])
+    assert "for more, run the command again with another --seed" in capsys.readouterr().err
+    for value in ("1", "4", "10000"):  # the valid range is as before
+        assert build_parser().parse_args(sample[:-2] + ["--num-images", value]).num_images == int(value)
+    assert build_parser().parse_args(sample).num_images == 4
