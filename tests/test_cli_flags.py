@@ -43,3 +43,26 @@ def test_num_images_is_refused_past_its_bounds_before_any_model_loads(tmp_path, 
     for value in ("1", "4", "10000"):  # the valid range is as before
         assert build_parser().parse_args(sample[:-2] + ["--num-images", value]).num_images == int(value)
     assert build_parser().parse_args(sample).num_images == 4
+
+
+def test_lag_threshold_without_residuals_is_said_to_do_nothing(tmp_path, capsys):
+    """--lag-threshold without --residuals samples the base model (LAG places residual sets only): the flag did
+    nothing, without a word. Said before the model loads, naming both flags; the run goes on, as with --no-lag."""
+    import prkit
+    from prkit.cli import main
+    from tiny import tiny_unet
+
+    sample = ["sample", "--model", str(tmp_path / "never-loaded"), "--prompt", "a photo of a sks dog", "--out",
+              str(tmp_path / "s")]
+    note = "prkit sample: note: --lag-threshold otsu has no effect without --residuals"
+    for extra in ([], ["--no-lag"], ["--lora", str(tmp_path / "style.safetensors")]):
+        assert main(sample + ["--lag-threshold", "otsu", *extra]) == 2  # (the model is missing: it goes on to that)
+        err = capsys.readouterr().err
+        assert err.count("note:") == 1 and note in err, err
+    residuals = prkit.add_residuals(tiny_unet(), rank=2, token="sks").save(tmp_path / "sks.safetensors")
+    assert main(sample + ["--lag-threshold", "otsu", "--residuals", str(residuals)]) == 2
+    assert "note:" not in capsys.readouterr().err
+    assert main(sample) == 2  # the default threshold: nothing to say
+    assert "note:" not in capsys.readouterr().err
+    assert main(sample + ["--lag-threshold", "otsu", "--residuals", str(residuals), "--no-lag"]) == 2
+    assert "note: --lag-threshold otsu has no effect with --no-lag" in capsys.readouterr().err  # as before
