@@ -359,11 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except BrokenPipeError as err:
         if not _stdout_gone():  # a pipe the command wrote a file into: an error like any other
-            print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
+            print(f"prkit {args.command}: error: {_cli_words(str(err), args.command)}", file=sys.stderr)
             return 2
         return 141  # `prkit info | head`: the reader has what it wanted (the shell's code for SIGPIPE)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
-        print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
+        print(f"prkit {args.command}: error: {_cli_words(str(err), args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
         again = (f"; {_kept(args) or 'nothing was kept yet: run the same command again to start'}"

@@ -66,3 +66,22 @@ def test_lag_threshold_without_residuals_is_said_to_do_nothing(tmp_path, capsys)
     assert "note:" not in capsys.readouterr().err
     assert main(sample + ["--lag-threshold", "otsu", "--residuals", str(residuals), "--no-lag"]) == 2
     assert "note: --lag-threshold otsu has no effect with --no-lag" in capsys.readouterr().err  # as before
+
+
+def test_eval_set_keeps_the_library_field_names_train_says_its_flags(tmp_path, capsys):
+    """The command line's rewording of library words (checkpoint_dir -> --checkpoint-dir) also hit eval's --set,
+    whose fields are the library's names: its list of fields said '--checkpoint-dir', which --set refuses."""
+    from prkit.cli import main
+    from prkit.cli_output import _cli_words
+    from prkit.evaluate import _recipe_fields
+
+    assert main(["eval", "--set", "dreambooth.nope=1", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "'nope' is not a recipe field; one of " in err
+    fields = err.split("one of ")[1].split()
+    assert [f.strip(",") for f in fields] == _recipe_fields()  # checkpoint_dir, mixed_precision, ... as --set takes
+    assert main(["eval", "--set", "nomethod.resume=False", "--out", str(tmp_path / "e")]) == 2
+    assert "--set 'nomethod.resume=False': 'nomethod' is not a method" in capsys.readouterr().err
+    # prkit train has these flags: its messages still name them
+    said = _cli_words("pass another checkpoint_dir, or pass resume=False (CLI: --no-resume)", "train")
+    assert said == "pass another --checkpoint-dir, or pass --no-resume"
