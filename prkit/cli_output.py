@@ -8,9 +8,15 @@ import warnings
 
 # the library's words for a setting that only `prkit train` has a flag for, as it spells them; other commands keep
 # the library's words (eval's --set takes them as they are: "checkpoint_dir" is a field there, not a flag)
-TRAIN_WORDS = (("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
+TRAIN_WORDS = (("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
+                "again", "run the command again without --no-resume to resume; with --no-resume it would start over "
+                "again"),
+               ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
                ("skip_bad=True", "--skip-bad"), ("checkpoint_dir", "--checkpoint-dir"),
-               ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "))
+               ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
+               ("past this run's steps=", "past this run's --steps "),
+               ("load them with load_concept(..., resolution=", "pass --resolution "),  # N, the model's side
+               (") (prkit.native_resolution(pipe))", ", the model's native size (or leave --resolution out)"))
 # the library's words for a setting, as every command spells it (errors raised by the library name arguments)
 CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
               "(train it again with --token, or sample with --no-lag)"),
@@ -18,6 +24,7 @@ CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with l
               'or put a concept.json holding "token" and "class_word" in the images folder.'),
              ("use device='cpu', 'cuda' or 'auto'", "use --device cpu, cuda or auto"),
              ("use device='cpu' or 'auto'", "use --device cpu or auto"),
+             ("(the CPU default, dtype=None)", "(the CPU default: leave --dtype out)"),
              ("lag=False", "--no-lag"), ("token is required: pass token=...", "--token is required: pass --token"),
              ("class_word is required: pass class_word=...", "--class-word is required: pass --class-word"),
              ("(e.g. token='sks', class_word='dog')", "(e.g. --token sks --class-word dog)"),

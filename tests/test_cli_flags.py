@@ -85,3 +85,47 @@ def test_eval_set_keeps_the_library_field_names_train_says_its_flags(tmp_path, c
     # prkit train has these flags: its messages still name them
     said = _cli_words("pass another checkpoint_dir, or pass resume=False (CLI: --no-resume)", "train")
     assert said == "pass another --checkpoint-dir, or pass --no-resume"
+
+
+def test_messages_from_the_library_name_the_flags_that_do_the_same(tmp_path, capsys):
+    """Messages the command line passes on from the library named Python calls where a flag does the same: train
+    --resolution far from the model's told to call load_concept(..., resolution=N), a checkpoint past the run's
+    steps said "steps=1", an interrupted --no-resume run "call again with resume=True", and sample --dtype bf16 on
+    the CPU "dtype=None". The library's own messages, for Python users, are left as they were."""
+    import numpy as np
+    from PIL import Image
+
+    import prkit
+    from prkit import checkpoints
+    from prkit.cli import main
+    from prkit.cli_output import _cli_words
+    from prkit.train_config import TrainConfig
+    from tiny import tiny_pipeline
+
+    model, images = tmp_path / "model", tmp_path / "images"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)  # 16px images
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    train = ["train", "--model", str(model), "--images", str(images), "--token", "sks", "--class-word", "dog",
+             "--out", str(tmp_path / "x.safetensors"), "--resolution", "32", "--rank", "2", "--device", "cpu"]
+    with pytest.warns(UserWarning, match="native resolution") as seen:
+        assert main(train + ["--steps", "2"]) == 0
+    warned = next(str(w.message) for w in seen if "native resolution" in str(w.message))
+    assert "load_concept(..., resolution=16) (prkit.native_resolution(pipe))" in warned
+    assert _cli_words(warned, "train").endswith("off the model's distribution; pass --resolution 16, the model's "
+                                                "native size (or leave --resolution out)")
+    capsys.readouterr()
+    assert main(train + ["--steps", "1", "--overwrite"]) == 2  # its checkpoint holds 2 steps
+    err = capsys.readouterr().err
+    assert "past this run's --steps 1: ask for at least 2 steps to continue it" in err and "steps=" not in err
+    hint = checkpoints.resume_hint(TrainConfig(resume=False))
+    assert "resume=True" in hint
+    assert _cli_words(hint, "train") == ("run the command again without --no-resume to resume; with --no-resume "
+                                         "it would start over again")  # as prkit train's own line says it
+    with pytest.warns(UserWarning, match="on the CPU") as seen:
+        prkit.load_pipeline(model, device="cpu", dtype="bf16")
+    warned = str(seen[0].message)
+    assert "(the CPU default, dtype=None)" in warned
+    for command in ("sample", "eval"):  # the commands with --dtype
+        assert _cli_words(warned, command).endswith("slower than fp32 (the CPU default: leave --dtype out)")
