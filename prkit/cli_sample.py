@@ -30,7 +30,7 @@ def _sample(args) -> int:
     if twice:
         raise ValueError(f"--residuals names {', '.join(twice)} more than once, which would apply it twice; for a "
                          "stronger effect pass --scale (e.g. --scale 2)")
-    if args.lag_threshold != "median" and not (args.lag and args.residuals):  # (median, the default, is not told from none)
+    if args.lag_threshold != "median" and not (args.lag and args.residuals):  # median: the default
         why = "with --no-lag" if args.residuals else (
             "without --residuals: LAG places residual sets, and this samples the base model"
             f"{' with --lora, which applies everywhere' if args.lora else ''}")
