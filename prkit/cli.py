@@ -16,13 +16,14 @@ from pathlib import Path
 
 
 from .cli_args import (  # noqa: F401
-    _check_loras, _check_output_file, _finite, _guidance, _learning_rate, _per_file, _positive_int, _rank,
-    _seed, _side, _whole, _writable_folder, bars_wanted)
+    MAX_IMAGES, _check_loras, _check_output_file, _finite, _guidance, _image_count, _learning_rate, _per_file,
+    _positive_int, _rank, _seed, _side, _whole, _writable_folder, bars_wanted)
 from .cli_output import _cli_words, _in_cli_words, _library_bars_off  # noqa: F401
 from .cli_sample import _sample
 from .interrupts import terminate_as_interrupt
 
 LAG_THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")  # prkit.lag.THRESHOLDS, without importing torch here
+VERBOSE_HELP = "log what the library does (INFO lines); before or after the command"
 DEVICE_HELP = "auto (default: a CUDA GPU or Apple's mps where there is one, else the CPU), cpu, cuda, cuda:1, mps"
 
 
@@ -227,7 +228,7 @@ def _eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prkit", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="personalize a model on a folder of images")
@@ -282,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how LAG cuts each concept's attention map into its mask (default and METHOD: median; "
                              "fixed: 0.5 on the min-max normalized map)")
     sample.add_argument("--negative-prompt", default=None, help="one negative prompt for every --prompt")
-    sample.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
+    sample.add_argument("--num-images", type=_image_count, default=4,
+                        help=f"images per prompt, 1 to {MAX_IMAGES} (default 4)")
     sample.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
     sample.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance (default 7.5)")
     sample.add_argument("--seed", type=_seed, default=0, help="default 0: the same command gives the same images")
@@ -314,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="train, sample and score methods on a protocol (CSV + summary)")
     add_eval_arguments(evaluate).set_defaults(func=_eval)
+    for command in sub.choices.values():  # also after the command (prkit train ... -v); unset there, the one before
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -355,11 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except BrokenPipeError as err:
         if not _stdout_gone():  # a pipe the command wrote a file into: an error like any other
-            print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
+            print(f"prkit {args.command}: error: {_cli_words(str(err), args.command)}", file=sys.stderr)
             return 2
         return 141  # `prkit info | head`: the reader has what it wanted (the shell's code for SIGPIPE)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
-        print(f"prkit {args.command}: error: {_cli_words(str(err))}", file=sys.stderr)
+        print(f"prkit {args.command}: error: {_cli_words(str(err), args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
         again = (f"; {_kept(args) or 'nothing was kept yet: run the same command again to start'}"

@@ -38,6 +38,26 @@ _seed = _whole(0, 2 ** 64 - 1)  # what torch's generators take (a larger one fai
 _side = _whole(8, 16384, 8)  # an image side: diffusers' pipelines want multiples of 8 (said before the model loads)
 
 
+MAX_IMAGES = 10000  # per prompt: prkit sample makes all of a call's images in one batch
+
+
+def _image_count(text: str) -> int:
+    """--num-images: 1 to MAX_IMAGES images per prompt (10**9 passed, loaded the model and then asked the pipeline
+    for one batch of a billion images)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images per prompt such as 4, got {text!r}") \
+            from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 image per prompt, got {value}; e.g. 4")
+    if value > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_IMAGES} images per prompt (one batch), got {value}; "
+                                         "for more, run the command again with another --seed (its images are "
+                                         "numbered after those already in --out)")
+    return value
+
+
 def _finite(text: str) -> float:
     """A finite number (--lora-scale)."""
     try:

@@ -6,25 +6,35 @@ from __future__ import annotations
 import logging
 import warnings
 
-# the library's words for a setting, as the command line spells it (errors raised by the library name arguments)
+# the library's words for a setting that only `prkit train` has a flag for, as it spells them; other commands keep
+# the library's words (eval's --set takes them as they are: "checkpoint_dir" is a field there, not a flag)
+TRAIN_WORDS = (("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
+                "again", "run the command again without --no-resume to resume; with --no-resume it would start over "
+                "again"),
+               ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
+               ("skip_bad=True", "--skip-bad"), ("checkpoint_dir", "--checkpoint-dir"),
+               ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
+               ("past this run's steps=", "past this run's --steps "),
+               ("load them with load_concept(..., resolution=", "pass --resolution "),  # N, the model's side
+               (") (prkit.native_resolution(pipe))", ", the model's native size (or leave --resolution out)"))
+# the library's words for a setting, as every command spells it (errors raised by the library name arguments)
 CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
               "(train it again with --token, or sample with --no-lag)"),
              ("or load a folder written by Concept.save() whose concept.json holds it.",
               'or put a concept.json holding "token" and "class_word" in the images folder.'),
              ("use device='cpu', 'cuda' or 'auto'", "use --device cpu, cuda or auto"),
              ("use device='cpu' or 'auto'", "use --device cpu or auto"),
-             ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
-             ("skip_bad=True", "--skip-bad"), ("lag=False", "--no-lag"), ("checkpoint_dir", "--checkpoint-dir"),
-             ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
-             ("token is required: pass token=...", "--token is required: pass --token"),
+             ("(the CPU default, dtype=None)", "(the CPU default: leave --dtype out)"),
+             ("lag=False", "--no-lag"), ("token is required: pass token=...", "--token is required: pass --token"),
              ("class_word is required: pass class_word=...", "--class-word is required: pass --class-word"),
              ("(e.g. token='sks', class_word='dog')", "(e.g. --token sks --class-word dog)"),
              ("model='world'", "--model world"), ("(download=False)", "(add --download-backbones)"),
              ("LoRA files load with pipe.load_lora_weights", "LoRA files load with --lora (pipe.load_lora_weights)"))
 
 
-def _cli_words(message: str) -> str:
-    for library, flag in CLI_WORDS:
+def _cli_words(message: str, command: str) -> str:
+    """``message`` in the words of ``prkit <command>``'s flags."""
+    for library, flag in (TRAIN_WORDS if command == "train" else ()) + CLI_WORDS:
         message = message.replace(library, flag)
     return message
 
@@ -33,12 +43,12 @@ class _CliWordsFormatter(logging.Formatter):
     """Log lines in the command line's words (the library's name arguments: download=False, checkpoint_dir); the
     record itself is left as it is for other handlers."""
 
-    def __init__(self, inner: logging.Formatter | None):
+    def __init__(self, inner: logging.Formatter | None, command: str):
         super().__init__()
-        self.inner = inner or logging.Formatter()
+        self.inner, self.command = inner or logging.Formatter(), command
 
     def format(self, record: logging.LogRecord) -> str:
-        return _cli_words(self.inner.format(record))
+        return _cli_words(self.inner.format(record), self.command)
 
 
 def _in_cli_words(command: str):
@@ -48,13 +58,13 @@ def _in_cli_words(command: str):
 
     def one_line(message, category, filename, lineno, line=None):
         if category is UserWarning or "prkit" in str(filename):
-            return f"prkit {command}: warning: {_cli_words(str(message))}\n"
+            return f"prkit {command}: warning: {_cli_words(str(message), command)}\n"
         return format_before(message, category, filename, lineno, line)
 
     warnings.formatwarning = one_line
     formatters = [(handler, handler.formatter) for handler in handlers]
     for handler, formatter in formatters:
-        handler.setFormatter(_CliWordsFormatter(formatter))
+        handler.setFormatter(_CliWordsFormatter(formatter, command))
 
     def undo():
         warnings.formatwarning = format_before

@@ -30,8 +30,11 @@ def _sample(args) -> int:
     if twice:
         raise ValueError(f"--residuals names {', '.join(twice)} more than once, which would apply it twice; for a "
                          "stronger effect pass --scale (e.g. --scale 2)")
-    if not args.lag and args.lag_threshold != "median":
-        print(f"prkit sample: note: --lag-threshold {args.lag_threshold} has no effect with --no-lag", file=sys.stderr)
+    if args.lag_threshold != "median" and not (args.lag and args.residuals):  # median: the default
+        why = "with --no-lag" if args.residuals else (
+            "without --residuals: LAG places residual sets, and this samples the base model"
+            f"{' with --lora, which applies everywhere' if args.lora else ''}")
+        print(f"prkit sample: note: --lag-threshold {args.lag_threshold} has no effect {why}", file=sys.stderr)
     lora_scales = _check_loras(args.lora, args.lora_scale)
     # without --scale each set keeps the strength its file records (as load_residuals gives it to the Python API)
     scales = _per_file(args.scale, args.residuals, "--scale", "--residuals") if args.scale else [None] * len(
