@@ -698,3 +698,47 @@ def test_a_training_write_error_of_an_os_error_subclass_of_its_own_kind():
     assert isinstance(odd.error, Odd)
     plain = TrainingWriteError.of(OSError("no errno"), "could not write w")
     assert type(plain) is TrainingWriteError and str(plain) == "could not write w" and plain.errno is None
+
+
+def test_a_checkpoint_written_before_exact_copies_were_left_out_is_refused_naming_them(tmp_path, concept):
+    """load_concept leaves out exact copies of images (photo.jpg and 'photo (1).jpg'), so a checkpoint a run wrote
+    when they still trained stamps other images: it was refused as "another run" without a word of the copies. The
+    message names them (the copies alone explain it: the stamp with them is the checkpoint's), and says it can only
+    start over; copies where the images differ otherwise as well are named as a possible reason."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(concept.images):
+        image.save(folder / f"photo{i}.png")
+    shutil.copyfile(folder / "photo1.png", folder / "photo1 (1).png")
+    with pytest.warns(UserWarning, match="exact copies"):
+        now = prkit.load_concept(folder, "sks", "dog", resolution=16)
+    assert [p.name for p in now.paths] == ["photo0.png", "photo1.png", "photo2.png"]
+    everything = sorted(folder.iterdir(), key=lambda p: p.name)  # as prkit loaded the folder before: copies too
+    before = Concept([prkit.data.load_image(p, 16) for p in everything], "sks", "dog", everything)
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, before, ckpt)
+    with pytest.raises(CheckpointError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p2"), now, steps=6, checkpoint_dir=str(ckpt), **FAST)
+    message = str(err.value)
+    assert message.startswith(f"{str(ckpt / 'checkpoint.pt')!r} belongs to another run (at step 2): it differs in "
+                              "images (another one). ")
+    assert ("It was written when exact copies of images still trained: 'photo1 (1).png' (same bytes as "
+            "'photo1.png') trained then and is left out now, so it cannot continue on these images. ") in message
+    assert message.endswith("To keep both, pass another checkpoint_dir; to start over, delete it, pass another "
+                            "checkpoint_dir, or pass resume=False (CLI: --no-resume).")
+    fresh = prkit.train_residuals(make_pipe(tmp_path / "p3"), now, steps=2, checkpoint_dir=str(ckpt), resume=False,
+                                  **FAST)
+    assert fresh.completed and fresh.steps_done == 2  # as the message says
+    other = tmp_path / "other"
+    _stopped(tmp_path, Concept(before.images[:2], "sks", "dog", everything[:2]), other)  # without photo2 as well
+    with pytest.raises(CheckpointError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p4"), now, steps=6, checkpoint_dir=str(other), **FAST)
+    assert ("images (another one). Part of it may be the exact copies of images in its folder, left out now but "
+            "trained by a checkpoint written before: 'photo1 (1).png' (same bytes as 'photo1.png'). To keep both") \
+        in str(err.value)
+    alone = Concept(now.images, "sks", "dog", [])  # no files: nothing said of copies
+    with pytest.raises(CheckpointError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p5"), alone, steps=6, checkpoint_dir=str(other), **FAST)
+    assert "copies" not in str(err.value)
