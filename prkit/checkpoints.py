@@ -4,8 +4,9 @@ A checkpoint left in a run's folder must never continue another run: the stamp (
 concept's images and words, the prompt, what is trained and how (target, rank, seed, batch size, flips, prior
 images and their weight, gradient clipping, mixed precision as it resolves on the device), the UNet's architecture and
 weights (a cheap digest) and the training objective (the scheduler's prediction type and noise schedule); a resume
-whose stamp differs is refused with the way out. Both training loops (``train``, ``fast``) save and restore through
-here; the loops themselves live there.
+whose stamp differs is refused with the way out (other images: the exact copies in the concept's folder, which
+``load_concept`` leaves out and a checkpoint written before trained, named). Both training loops (``train``,
+``fast``) save and restore through here; the loops themselves live there.
 """
 
 from __future__ import annotations
@@ -38,19 +39,69 @@ class CheckpointError(ValueError):
 def _images_digest(concept) -> str:
     """The concept's source files' bytes where it has them (stable across Pillow versions) and how they were cropped,
     else its pixels; and the crops' size."""
-    digest = hashlib.blake2b(digest_size=12)
     images, paths = concept.images, [Path(p) for p in (getattr(concept, "paths", None) or [])]
-    digest.update(f"{len(images)} {images[0].size if images else ''}".encode())
+    size = images[0].size if images else ""
     if len(paths) == len(images) and all(p.is_file() for p in paths):
-        for path in paths:
-            digest.update(path.read_bytes())
-        if getattr(concept, "crop", ""):  # other crops of the same files (a default load adds nothing: old stamps hold)
-            digest.update(concept.crop.encode())
-    else:
-        for image in images:
-            digest.update(f"{image.mode}{image.size}".encode())
-            digest.update(image.tobytes())
+        return _files_digest(paths, size, getattr(concept, "crop", ""))
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{len(images)} {size}".encode())
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def _files_digest(paths: list[Path], size, crop: str) -> str:
+    """``_images_digest`` of crops of ``size`` cut from the files ``paths`` (``crop``: how, where not the default)."""
+    digest = hashlib.blake2b(digest_size=12)
+    digest.update(f"{len(paths)} {size}".encode())
+    for path in paths:
+        digest.update(path.read_bytes())
+    if crop:  # other crops of the same files (a default load adds nothing: old stamps hold)
+        digest.update(crop.encode())
+    return digest.hexdigest()
+
+
+def _left_out_copies(concept) -> list[tuple[Path, Path]]:
+    """The exact copies of the concept's files that its folder holds beside them, as ``load_concept`` leaves them out
+    (each image trains once; a prkit before it trained them too): (copy, the concept's file with its bytes), in name
+    order. Empty for a concept not read from one folder's files."""
+    from .data import _IGNORED_NAMES, IMAGE_EXTENSIONS, _file_digest, _plugin_opens
+
+    paths = [Path(p) for p in (getattr(concept, "paths", None) or [])]
+    if not paths or len(paths) != len(concept.images) or len({p.parent for p in paths}) != 1:
+        return []
+    kept = {_file_digest(p): p for p in paths}
+    kept.pop(None, None)
+    try:
+        entries = sorted(paths[0].parent.iterdir(), key=lambda p: p.name)
+    except OSError:
+        return []
+    candidates = [p for p in entries if p not in paths and not p.name.startswith(".")
+                  and p.name.lower() not in _IGNORED_NAMES
+                  and (p.suffix.lower() in IMAGE_EXTENSIONS or _plugin_opens(p.suffix.lower()))]
+    return [(p, kept[digest]) for p in candidates if (digest := _file_digest(p)) in kept]
+
+
+def _copies_note(saved: dict, stamp: dict) -> str:
+    """Why a checkpoint's images differ where the concept's folder holds exact copies of them: ``load_concept``
+    leaves those out, a checkpoint written before it did trained them too. Said for sure where the stamp with the
+    copies back is the checkpoint's, as a possible reason otherwise; empty without copies."""
+    concept = getattr(stamp, "concept", None)
+    copies = _left_out_copies(concept) if concept is not None else []
+    if not copies:
+        return ""
+    names = ", ".join(f"'{copy.name}' (same bytes as '{original.name}')" for copy, original in copies)
+    files = sorted([*(Path(p) for p in concept.paths), *(copy for copy, _ in copies)], key=lambda p: p.name)
+    try:  # the folder as a prkit before loaded it: every file in name order
+        before = _files_digest(files, concept.images[0].size, getattr(concept, "crop", ""))
+    except OSError:
+        before = None
+    if before == saved.get("images"):
+        return (f" It was written when exact copies of images still trained: {names} trained then and "
+                f"{'is' if len(copies) == 1 else 'are'} left out now, so it cannot continue on these images.")
+    return (f" Part of it may be the exact copies of images in its folder, left out now but trained by a checkpoint "
+            f"written before: {names}.")
 
 
 def _architecture(unet) -> str:
@@ -86,7 +137,14 @@ def _scheduler(pipe) -> str:
     return json.dumps({k: config.get(k) for k in keys}, default=str, sort_keys=True)
 
 
-def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> dict:
+class Stamp(dict):
+    """A run's fingerprint: the dict its checkpoint keeps, plus the concept it was taken of (not kept: a resume
+    refused for its images names the exact copies its folder holds, ``_copies_note``)."""
+
+    concept = None
+
+
+def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> Stamp:
     """What decides a run's trajectory besides the learning rate, weight decay and step count (which a resume may
     change, and says so). ``amp``: the autocast dtype the loop trains in (None: none), stamped as the
     ``mixed_precision`` it resolves to ('auto' is bf16 on one GPU, fp16 on another, none on a CPU): one run never
@@ -95,7 +153,7 @@ def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> dict:
     from .targets import TARGETS
 
     prior = config.prior_images
-    return {
+    stamp = Stamp({
         "images": _images_digest(concept),
         "token": concept.token,
         "class_word": concept.class_word,
@@ -113,7 +171,9 @@ def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> dict:
         "prior_weight": float(config.prior_weight) if prior is not None else None,
         "max_grad_norm": float(config.max_grad_norm) if config.max_grad_norm else None,  # 0 and None: no clipping
         "mixed_precision": PRECISION_WORDS[amp],
-    }
+    })
+    stamp.concept = concept
+    return stamp
 
 
 def checkpoint_file(config) -> Path | None:
@@ -130,7 +190,7 @@ def save(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Generato
     state = {"step": step, "target": {k: v.cpu() for k, v in target.state_dict().items()},
              "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "losses": list(losses),
              "seconds": float(seconds),
-             "scaler": scaler.state_dict() if scaler is not None else None, "fingerprint": stamp}
+             "scaler": scaler.state_dict() if scaler is not None else None, "fingerprint": dict(stamp)}
     try:
         with writing(path) as file:
             torch.save(state, file)
@@ -215,10 +275,11 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
     else:
         differ = _differences(saved, stamp)
         if differ:
+            copies = _copies_note(saved, stamp) if "images" in saved and saved["images"] != stamp["images"] else ""
             raise CheckpointError(
                 f"{str(path)!r} belongs to another run (at step {state['step']}): it differs in "
-                f"{', '.join(differ)}.{_continue_at_its_precision(saved, stamp, config)} To keep both, pass another "
-                f"checkpoint_dir; {START_OVER}.")
+                f"{', '.join(differ)}.{copies}{_continue_at_its_precision(saved, stamp, config)} To keep both, pass "
+                f"another checkpoint_dir; {START_OVER}.")
     if state["step"] > config.steps:
         raise CheckpointError(f"{str(path)!r} is at step {state['step']}, past this run's steps={config.steps}: ask "
                               f"for at least {state['step']} steps to continue it; {START_OVER}.")

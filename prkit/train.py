@@ -189,9 +189,7 @@ def _kept_on_the_model(err: OSError, name: str, config) -> TrainingWriteError:
     text = (f"{err.strerror or err}. The residual set {name!r} stays on the model with the weights it had trained: "
             f"save it where there is room (prkit.save_residuals(prkit.get_residuals(pipe.unet, {name!r}), path)) "
             f"before calling train_residuals again, which replaces it, {again}")
-    out = TrainingWriteError(err.errno, text, err.filename) if err.errno else TrainingWriteError(text)
-    out.error = err
-    return out
+    return TrainingWriteError.of(err, text)
 
 
 def _unfinished(unet) -> dict:

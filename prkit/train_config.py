@@ -158,9 +158,53 @@ class TrainingDiverged(RuntimeError):
 class TrainingWriteError(OSError):
     """A write failed during training (a checkpoint on a full disk, in a folder no longer writable): the message adds
     that the residual set trained until then stays on the model and how to keep it; ``error``: the write's own error
-    (the command line, whose model goes with its process, says the rest in its own words)."""
+    (the command line, whose model goes with its process, says the rest in its own words). Made by ``of``, it is an
+    instance of the write's own class too (``except PermissionError`` still catches a folder no longer writable),
+    with its errno, file name and attributes."""
 
     error: OSError
+    _kind: type[OSError] = OSError  # the write's own class that this one is too (OSError: none more)
+
+    @classmethod
+    def of(cls, error: OSError, text: str) -> TrainingWriteError:
+        """``error`` (the write's) saying ``text``, as a TrainingWriteError that is also of ``type(error)``."""
+        kind = _write_error_class(type(error))
+        out = kind(error.errno, text, error.filename) if error.errno else kind(text)
+        out.__dict__.update(vars(error))  # its attributes (the checkpoint it did not write: prkit_checkpoint)
+        out.error = error
+        return out
+
+    def __reduce__(self):  # a class made per kind is not found by its name: unpickled through the kind
+        _, args, *state = super().__reduce__()
+        return (_training_write_error, (self._kind, args), *state)
+
+
+_WRITE_ERROR_CLASSES: dict[type, type] = {}  # the write's class -> TrainingWriteError's class that is also one
+
+
+def _write_error_class(kind: type[OSError]) -> type[TrainingWriteError]:
+    """The TrainingWriteError class that is also a ``kind`` (one per kind, cached). A kind with constructors of its
+    own, outside the built-in ones, could read the errno and message otherwise: TrainingWriteError alone."""
+    if issubclass(kind, TrainingWriteError):
+        return kind
+    if kind not in _WRITE_ERROR_CLASSES:
+        own = [c for c in kind.__mro__ if c.__module__ != "builtins" and {"__init__", "__new__"} & c.__dict__.keys()]
+        made = TrainingWriteError
+        if kind is not OSError and not own:
+            try:
+                made = type(f"TrainingWriteError[{kind.__name__}]", (TrainingWriteError, kind),
+                            {"__module__": __name__, "_kind": kind, "__doc__": TrainingWriteError.__doc__})
+            except TypeError:  # a layout that cannot be mixed in
+                pass
+        _WRITE_ERROR_CLASSES[kind] = made
+    return _WRITE_ERROR_CLASSES[kind]
+
+
+def _training_write_error(kind: type[OSError], args: tuple) -> TrainingWriteError:
+    """A pickled TrainingWriteError back: of its kind's class, from its arguments (its attributes follow). A kind
+    read back as OSError (pickle's protocols 0-2 write PermissionError and the others so) is the errno's, as OSError's
+    own constructor picks it."""
+    return _write_error_class(type(OSError(*args)) if kind is OSError else kind)(*args)
 
 
 @dataclass

@@ -633,3 +633,112 @@ def test_a_checkpoint_the_disk_refuses_leaves_the_trained_set_on_the_model_and_s
     assert _equal_states(loaded.state_dict(), two.residuals.state_dict())
     again = prkit.train_residuals(pipe, concept, steps=2, checkpoint_dir=str(ckpt), fast=loop, **FAST)
     assert again.losses == two.losses and residual_names(pipe.unet) == ["default"]  # replaced it, starting over
+
+
+@pytest.mark.parametrize("code, kind", [("EACCES", PermissionError), ("ENOENT", FileNotFoundError),
+                                        ("ENOSPC", OSError)])
+def test_a_checkpoint_write_error_is_still_caught_as_the_write_s_own_kind(tmp_path, concept, monkeypatch, code, kind):
+    """TrainingWriteError replaced the write's own class: a checkpoint folder no longer writable (PermissionError) or
+    gone (FileNotFoundError) was no longer caught by ``except PermissionError``. The error is both now, with the
+    write's errno and message, the file it did not write, and it pickles and prints as it reads."""
+    import errno
+    import os
+    import pickle
+
+    number = getattr(errno, code)
+
+    def refused(obj, file, *args, **kwargs):
+        raise OSError(number, os.strerror(number))  # OSError(EACCES, ...) is a PermissionError, as the system's
+
+    monkeypatch.setattr(torch, "save", refused)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(kind) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p"), concept, steps=4, checkpoint_dir=str(ckpt),
+                              checkpoint_every=0, stop_after=2, fast=False, **FAST)
+    monkeypatch.undo()
+    out = err.value
+    assert isinstance(out, train.TrainingWriteError) and isinstance(out, kind) and type(out.error) is kind
+    assert type(out) is train.TrainingWriteError if kind is OSError else type(out).__mro__[1:3] == (
+        train.TrainingWriteError, kind)
+    assert out.errno == number and out.strerror == str(out).split("] ", 1)[1]
+    assert str(out).startswith(f"[Errno {number}] could not write {ckpt / 'checkpoint.pt'}: {os.strerror(number)} (")
+    assert str(out.error) in str(out) and "The residual set 'default' stays on the model" in str(out)
+    assert out.prkit_checkpoint == ckpt / "checkpoint.pt"  # the file it did not write, as on the write's error
+    back = pickle.loads(pickle.dumps(out))
+    assert type(back) is type(out) and str(back) == str(out) and back.errno == out.errno
+    assert str(back.error) == str(out.error) and back.prkit_checkpoint == out.prkit_checkpoint
+    try:
+        raise out
+    except train.TrainingWriteError as caught:  # the command line's clause
+        assert caught is out
+
+
+def test_a_training_write_error_of_an_os_error_subclass_of_its_own_kind():
+    """One class per kind of write error (cached); a kind that cannot be mixed in (its own constructor) gives a
+    plain TrainingWriteError, still with the write's errno and error."""
+    import pickle
+
+    from prkit.train_config import TrainingWriteError
+
+    first = TrainingWriteError.of(PermissionError(13, "Permission denied"), "could not write x")
+    second = TrainingWriteError.of(PermissionError(13, "Permission denied", "y"), "could not write y")
+    assert type(first) is type(second) and isinstance(first, PermissionError)
+    assert second.filename == "y" and str(second) == "[Errno 13] could not write y: 'y'"
+    assert type(first).__name__ == "TrainingWriteError[PermissionError]" and "PermissionError" in repr(first)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # 0-2 write PermissionError as OSError: its errno says
+        back = pickle.loads(pickle.dumps(second, protocol))
+        assert type(back) is type(second) and str(back) == str(second) and back.filename == "y", protocol
+
+    class Odd(OSError):
+        def __init__(self, path):
+            super().__init__(5, "Input/output error", path)
+
+    odd = TrainingWriteError.of(Odd("z"), "could not write z")
+    assert isinstance(odd, TrainingWriteError) and odd.errno == 5 and str(odd) == "[Errno 5] could not write z: 'z'"
+    assert isinstance(odd.error, Odd)
+    plain = TrainingWriteError.of(OSError("no errno"), "could not write w")
+    assert type(plain) is TrainingWriteError and str(plain) == "could not write w" and plain.errno is None
+
+
+def test_a_checkpoint_written_before_exact_copies_were_left_out_is_refused_naming_them(tmp_path, concept):
+    """load_concept leaves out exact copies of images (photo.jpg and 'photo (1).jpg'), so a checkpoint a run wrote
+    when they still trained stamps other images: it was refused as "another run" without a word of the copies. The
+    message names them (the copies alone explain it: the stamp with them is the checkpoint's), and says it can only
+    start over; copies where the images differ otherwise as well are named as a possible reason."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(concept.images):
+        image.save(folder / f"photo{i}.png")
+    shutil.copyfile(folder / "photo1.png", folder / "photo1 (1).png")
+    with pytest.warns(UserWarning, match="exact copies"):
+        now = prkit.load_concept(folder, "sks", "dog", resolution=16)
+    assert [p.name for p in now.paths] == ["photo0.png", "photo1.png", "photo2.png"]
+    everything = sorted(folder.iterdir(), key=lambda p: p.name)  # as prkit loaded the folder before: copies too
+    before = Concept([prkit.data.load_image(p, 16) for p in everything], "sks", "dog", everything)
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, before, ckpt)
+    with pytest.raises(CheckpointError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p2"), now, steps=6, checkpoint_dir=str(ckpt), **FAST)
+    message = str(err.value)
+    assert message.startswith(f"{str(ckpt / 'checkpoint.pt')!r} belongs to another run (at step 2): it differs in "
+                              "images (another one). ")
+    assert ("It was written when exact copies of images still trained: 'photo1 (1).png' (same bytes as "
+            "'photo1.png') trained then and is left out now, so it cannot continue on these images. ") in message
+    assert message.endswith("To keep both, pass another checkpoint_dir; to start over, delete it, pass another "
+                            "checkpoint_dir, or pass resume=False (CLI: --no-resume).")
+    fresh = prkit.train_residuals(make_pipe(tmp_path / "p3"), now, steps=2, checkpoint_dir=str(ckpt), resume=False,
+                                  **FAST)
+    assert fresh.completed and fresh.steps_done == 2  # as the message says
+    other = tmp_path / "other"
+    _stopped(tmp_path, Concept(before.images[:2], "sks", "dog", everything[:2]), other)  # without photo2 as well
+    with pytest.raises(CheckpointError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p4"), now, steps=6, checkpoint_dir=str(other), **FAST)
+    assert ("images (another one). Part of it may be the exact copies of images in its folder, left out now but "
+            "trained by a checkpoint written before: 'photo1 (1).png' (same bytes as 'photo1.png'). To keep both") \
+        in str(err.value)
+    alone = Concept(now.images, "sks", "dog", [])  # no files: nothing said of copies
+    with pytest.raises(CheckpointError) as err:
+        prkit.train_residuals(make_pipe(tmp_path / "p5"), alone, steps=6, checkpoint_dir=str(other), **FAST)
+    assert "copies" not in str(err.value)
