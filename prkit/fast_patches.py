@@ -7,6 +7,7 @@ rounding) and undo must leave the model as it found it; no training state or loo
 from __future__ import annotations
 
 import contextlib
+import inspect
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -200,8 +201,6 @@ def _cudnn_device(t: torch.Tensor) -> bool:
 def _direct_cudnn_supported() -> bool:
     """Whether this torch has the cuDNN attention call ``_cudnn_self_attention`` makes (its 9-argument op and the
     7-argument SDPAParams came with torch 2.5-2.6; older ones switch the order around the call instead)."""
-    import inspect
-
     from torch.nn.attention import sdpa_kernel
 
     return ("set_priority" in inspect.signature(sdpa_kernel).parameters
@@ -242,6 +241,13 @@ class _LongQueryAttention:
     cuDNN too cost ~0.2 s more of a fresh process's first SD1.5 recipe for no measurable gain per step
     (BENCHMARKS.md run 16). diffusers' AttnProcessor2_0 (and the lean one) on plain attention layers is computed
     here with cuDNN's kernel called directly; another processor runs under torch's order switched for the call.
+
+    diffusers' ``Attention.forward`` hands on only the ``cross_attention_kwargs`` that
+    ``inspect.signature(processor.__call__)`` names (it drops the rest, with a warning), so the wrapper shows it the
+    inner processor's parameters, as if unwrapped: an instance ``__call__`` carrying the inner's signature (the
+    attribute read finds it before the class's; a bound method's signature would be its class function's, the same
+    for every inner). The call itself, ``processor(...)``, goes through the class's ``__call__`` as before: no cost
+    per call.
     """
 
     def __init__(self, inner, min_tokens: int):
@@ -249,6 +255,11 @@ class _LongQueryAttention:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.direct = _DIRECT_CUDNN and type(inner) in (AttnProcessor2_0, _LeanAttnProcessor)
+        self.__call__ = partial(type(self).__call__, self)
+        try:
+            self.__call__.__signature__ = inspect.signature(inner.__call__)
+        except (TypeError, ValueError):  # none to read (diffusers' own read fails too): the wrapper's own, as before
+            pass
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[0] if args else None)

@@ -338,6 +338,59 @@ def test_long_self_attention_prefers_cudnn_attention_and_undo(monkeypatch):
     assert all(unet.attn_processors[k] is v for k, v in original.items())
 
 
+class _GainProcessor:
+    """AttnProcessor2_0 with an extra keyword argument, ``gain`` (a custom processor's own cross_attention_kwargs)."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.standard, self.gains = AttnProcessor2_0(), []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, gain=1.0):
+        self.gains.append(gain)
+        return self.standard(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * gain
+
+
+def test_long_self_attention_hands_the_inner_processors_own_kwargs_on(monkeypatch):
+    """diffusers' Attention hands a processor only the cross_attention_kwargs its ``__call__``'s signature names: the
+    wrapper shows the inner processor's, so a custom processor's own argument reaches it, long self-attention
+    (torch's order switched) and cross-attention alike, and the UNet computes what it does unwrapped. diffusers'
+    AttnProcessor2_0 is shown as itself."""
+    import inspect
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from prkit import fast_patches
+
+    unet = tiny_unet()
+    sample, t, text = unet_inputs()
+    with torch.no_grad():
+        plain = unet(sample, t, encoder_hidden_states=text).sample
+    undo = fast_patches.patch_long_query_attention(unet, min_tokens=64)
+    proc = next(iter(unet.attn_processors.values()))
+    assert inspect.signature(proc.__call__) == inspect.signature(AttnProcessor2_0().__call__)
+    undo()
+    gain = _GainProcessor()
+    unet.set_attn_processor(gain)
+    with torch.no_grad():
+        reference = unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs={"gain": 0.5}).sample
+    assert gain.gains and set(gain.gains) == {0.5} and (reference - plain).abs().max() > 1e-3  # the kwarg matters
+    calls = len(gain.gains)
+    gain.gains.clear()
+    orders = []
+    real = fast_patches._sdpa_order
+    monkeypatch.setattr(fast_patches, "_sdpa_order", lambda names: orders.append(names) or real(names))
+    undo = fast_patches.patch_long_query_attention(unet, min_tokens=64)
+    try:
+        with torch.no_grad():
+            out = unet(sample, t, encoder_hidden_states=text, cross_attention_kwargs={"gain": 0.5}).sample
+    finally:
+        undo()
+    assert gain.gains == [0.5] * calls and len(orders) == 3  # every layer got it, the 3 long self-attentions too
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    assert all(p is gain for p in unet.attn_processors.values())
+
+
 @pytest.mark.parametrize("residual_connection", [False, True])
 def test_direct_cudnn_self_attention_computes_what_the_processor_does(monkeypatch, residual_connection):
     """The long self-attention calls cuDNN's kernel itself (torch's process-wide order is never switched): on the
