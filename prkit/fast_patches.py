@@ -255,11 +255,22 @@ class _LongQueryAttention:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.direct = _DIRECT_CUDNN and type(inner) in (AttnProcessor2_0, _LeanAttnProcessor)
+        self._show_inner_signature()
+
+    def _show_inner_signature(self) -> None:
         self.__call__ = partial(type(self).__call__, self)
         try:
-            self.__call__.__signature__ = inspect.signature(inner.__call__)
+            self.__call__.__signature__ = inspect.signature(self.inner.__call__)
         except (TypeError, ValueError):  # none to read (diffusers' own read fails too): the wrapper's own, as before
             pass
+
+    def __getstate__(self) -> dict:  # copies and pickles rebuild the instance __call__ for themselves: the partial
+        return {k: v for k, v in self.__dict__.items() if k != "__call__"}  # is bound to this wrapper, and its
+        # signature holds the inner's default values (which need not copy or pickle)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._show_inner_signature()
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[0] if args else None)

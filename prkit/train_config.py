@@ -175,8 +175,11 @@ class TrainingWriteError(OSError):
         return out
 
     def __reduce__(self):  # a class made per kind is not found by its name: unpickled through the kind
+        if not type(self).__dict__.get("_made"):  # TrainingWriteError itself, or a subclass of somebody's: as usual
+            return super().__reduce__()
         _, args, *state = super().__reduce__()
-        return (_training_write_error, (self._kind, args), *state)
+        kind = self._kind  # by name: pickle's protocols 0-2 write PermissionError and the others as OSError
+        return (_training_write_error, ((kind.__module__, kind.__qualname__), args), *state)
 
 
 _WRITE_ERROR_CLASSES: dict[type, type] = {}  # the write's class -> TrainingWriteError's class that is also one
@@ -192,18 +195,29 @@ def _write_error_class(kind: type[OSError]) -> type[TrainingWriteError]:
         made = TrainingWriteError
         if kind is not OSError and not own:
             try:
+                # OSError's str: a kind's own __str__ would replace the message (that the set stays on the model)
                 made = type(f"TrainingWriteError[{kind.__name__}]", (TrainingWriteError, kind),
-                            {"__module__": __name__, "_kind": kind, "__doc__": TrainingWriteError.__doc__})
+                            {"__module__": __name__, "_kind": kind, "_made": True, "__str__": OSError.__str__,
+                             "__doc__": TrainingWriteError.__doc__})
             except TypeError:  # a layout that cannot be mixed in
                 pass
         _WRITE_ERROR_CLASSES[kind] = made
     return _WRITE_ERROR_CLASSES[kind]
 
 
-def _training_write_error(kind: type[OSError], args: tuple) -> TrainingWriteError:
-    """A pickled TrainingWriteError back: of its kind's class, from its arguments (its attributes follow). A kind
-    read back as OSError (pickle's protocols 0-2 write PermissionError and the others so) is the errno's, as OSError's
-    own constructor picks it."""
+def _training_write_error(kind: tuple[str, str] | type, args: tuple) -> TrainingWriteError:
+    """A pickled TrainingWriteError back: of its kind's class (``kind``: its module and qualified name), from its
+    arguments (its attributes follow). A kind that cannot be found is the errno's, as OSError's constructor picks it."""
+    if isinstance(kind, tuple):
+        import importlib
+
+        try:
+            found = importlib.import_module(kind[0])
+            for part in kind[1].split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError):
+            found = None
+        kind = found if isinstance(found, type) and issubclass(found, OSError) else OSError
     return _write_error_class(type(OSError(*args)) if kind is OSError else kind)(*args)
 
 

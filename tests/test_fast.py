@@ -391,6 +391,32 @@ def test_long_self_attention_hands_the_inner_processors_own_kwargs_on(monkeypatc
     assert all(p is gain for p in unet.attn_processors.values())
 
 
+def test_a_long_query_wrapper_copies_and_pickles_as_its_inner_processor_does():
+    """The instance __call__ that shows diffusers the inner's signature was copied as is: a copy's __call__ ran the
+    original wrapper, and the signature's default values had to deep-copy and pickle (a processor holding a lock as
+    a default did not, though it copied and pickled alone)."""
+    import copy
+    import inspect
+    import pickle
+    import threading
+
+    from prkit import fast_patches
+
+    wrapper = fast_patches._LongQueryAttention(_LockedProcessor(), 64)
+    for made in (copy.copy(wrapper), copy.deepcopy(wrapper), pickle.loads(pickle.dumps(wrapper))):
+        assert made.__call__.args[0] is made and made.min_tokens == 64
+        assert list(inspect.signature(made.__call__).parameters) == ["attn", "hidden_states", "lock"]
+    assert isinstance(inspect.signature(wrapper.__call__).parameters["lock"].default, type(threading.Lock()))
+
+
+class _LockedProcessor:
+    def __call__(self, attn, hidden_states, lock=None):
+        return hidden_states
+
+
+_LockedProcessor.__call__.__defaults__ = (__import__("threading").Lock(),)
+
+
 @pytest.mark.parametrize("residual_connection", [False, True])
 def test_direct_cudnn_self_attention_computes_what_the_processor_does(monkeypatch, residual_connection):
     """The long self-attention calls cuDNN's kernel itself (torch's process-wide order is never switched): on the

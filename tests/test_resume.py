@@ -700,6 +700,34 @@ def test_a_training_write_error_of_an_os_error_subclass_of_its_own_kind():
     assert type(plain) is TrainingWriteError and str(plain) == "could not write w" and plain.errno is None
 
 
+class _MyWriteError(prkit.train_config.TrainingWriteError):
+    pass
+
+
+def test_a_training_write_error_keeps_its_message_kind_and_class_through_copies():
+    """A kind's own __str__ replaced the message (that the set stays on the model); a subclass of
+    TrainingWriteError came back from pickle/copy as TrainingWriteError; and pickle's protocols 0-2 lost a kind
+    without an errno (they write PermissionError as OSError)."""
+    import copy
+    import pickle
+
+    from prkit.train_config import TrainingWriteError
+
+    class DiskTrouble(OSError):
+        def __str__(self):
+            return f"disk trouble ({self.errno})"
+
+    trouble = TrainingWriteError.of(DiskTrouble(28, "No space left on device"), "could not write x")
+    assert isinstance(trouble, DiskTrouble) and str(trouble) == "[Errno 28] could not write x"
+
+    mine = _MyWriteError(28, "could not write m")
+    assert all(type(c) is _MyWriteError for c in (copy.copy(mine), copy.deepcopy(mine), pickle.loads(pickle.dumps(mine))))
+    quiet = TrainingWriteError.of(PermissionError("no errno"), "could not write q")
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        back = pickle.loads(pickle.dumps(quiet, protocol))
+        assert type(back) is type(quiet) and isinstance(back, PermissionError) and str(back) == str(quiet), protocol
+
+
 def test_a_checkpoint_written_before_exact_copies_were_left_out_is_refused_naming_them(tmp_path, concept):
     """load_concept leaves out exact copies of images (photo.jpg and 'photo (1).jpg'), so a checkpoint a run wrote
     when they still trained stamps other images: it was refused as "another run" without a word of the copies. The
