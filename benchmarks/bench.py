@@ -342,7 +342,8 @@ def time_fast(bench, pipe, concept, batch: int, n: int, fast=None, *, amp=None, 
         with fastmod.fast_modules(unet, fast, grad_ckpt):
             slot = fastmod._Slot((batch, *cache.mean.shape[1:]), cond, 1.0, unet.dtype, bench.device,
                                  fastmod.uses_channels_last(fast, bench.device))
-            step = fastmod.TrainStep(unet, params, opt, [slot], amp=amp, scaler=scaler, cuda_graph=fast.cuda_graph)
+            step = fastmod.TrainStep(unet, params, opt, [slot], amp=amp, scaler=scaler, cuda_graph=fast.cuda_graph,
+                                     capture_first=fast.capture_first and not torch.backends.cudnn.benchmark)
             step.load([(s[0][0], s[1][0], s[2][0]) for s in staged])
             first, _ = bench.timed(step)
             losses = torch.empty(n, device=bench.device)

@@ -36,8 +36,9 @@ class FastConfig:
     """Switches of the fast loop; the defaults are what measured fastest on an H100 (BENCHMARKS.md)."""
 
     cuda_graph: bool = True  # capture forward + backward + AdamW of a step once, replay it (eager if capture fails)
-    # capture before any eager step (the capture pays the one-time kernel costs, beside the latents' encoding);
-    # off, or where that capture fails: one eager step, then the capture. Off with cudnn_benchmark (it times kernels)
+    # capture before any eager step (the capture pays the one-time kernel costs, once the latents are encoded);
+    # off, or where that capture fails: one eager step, then the capture. Not under cuDNN's benchmark mode (it times
+    # kernels: cudnn_benchmark or torch.backends.cudnn.benchmark), nor again where it failed for the same key
     capture_first: bool = True
     check_every: int = 25  # steps between loss checks (one host sync each); progress updates at the same rate
     frozen_conv: bool = True  # frozen convolutions keep only their weight for backward (less memory, same math)
@@ -249,7 +250,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                          for shape, (_, cond, weight) in zip(shapes, sources)]
                 return TrainStep(unet, params, optimizer, slots, amp=amp, scaler=scaler,
                                  max_grad_norm=config.max_grad_norm, cuda_graph=fast.cuda_graph,
-                                 capture_first=fast.capture_first and not fast.cudnn_benchmark)
+                                 capture_first=warmup.capture_first(fast, warm_key))
 
             def encoded_shapes():
                 return [tuple(source.mean.shape[1:]) for source, _, _ in sources]
@@ -278,9 +279,10 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                         stepper.load([(s[0][k], s[1][k], s[2][k]) for s in staged])
                         if stepper.calls == 0:
                             first = time.perf_counter()
+                            label = "first step (replay)" if stepper.graph is not None else "first step+capture"
                             stepper()
                             _sync(device)
-                            times["first step+capture"] = time.perf_counter() - first
+                            times[label] = time.perf_counter() - first
                             loop_start = time.perf_counter()
                         else:
                             stepper()
@@ -339,6 +341,8 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
         if stepper is not None:
             if stepper.calls > 1:
                 times[f"{stepper.calls - 1} more steps"] = time.perf_counter() - loop_start
+            if stepper.first_capture_error:
+                warmup.capture_first_failed(warm_key)
             log.info("fast loop: %d calls, graph %s, capture %.3f s%s%s; %s", stepper.calls,
                      "on" if stepper.graph is not None else "off", stepper.capture_seconds,
                      f", capture failed: {stepper.capture_error}" if stepper.capture_error else "",

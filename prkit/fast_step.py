@@ -52,29 +52,40 @@ def clip_and_norm(params, max_grad_norm: float | None, want: bool = True) -> tor
 def init_optimizer_state(optimizer, params) -> None:
     """Create ``optimizer``'s state for the parameters that have none, as its first step would, and leave it at its
     start (all zeros: AdamW's step count and moments). A graph captured before any eager step must not hold the
-    state's creation, or every replay would zero the moments again. The parameters' values and gradients and any
-    existing state (a resumed run's) are kept."""
+    state's creation, or every replay would zero the moments again.
+
+    The optimizer makes it itself, in one step with learning rate 0 on zero gradients: AdamW then leaves the
+    parameters as they are, bit for bit (its decay is 1 - 0 * wd, its update 0 * 0), so nothing is copied (a whole
+    UNet's weights, for DreamBooth's target). The step and the zeroing happen together (an interrupt waits): a
+    stepped state would be kept by the checkpoint the interrupt writes. The parameters' gradients and any existing
+    state (a resumed run's) are kept."""
+    from .interrupts import deferred_interrupt
+
     params = list(params)
-    fresh = [p for p in params if not optimizer.state.get(p)]
+    fresh = {id(p) for p in params if not optimizer.state.get(p)}
     if not fresh:
         return
-    fresh_ids = {id(p) for p in fresh}
     grads = [p.grad for p in params]
-    saved = [p.detach().clone() for p in fresh]
-    for p in params:
-        p.grad = torch.zeros_like(p) if id(p) in fresh_ids else None
-    try:
-        with warnings.catch_warnings():  # a capturable AdamW's warning that this step runs outside a capture
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            optimizer.step()  # the optimizer's own state creation (dtypes, devices, layouts), then undone
-        for p, value in zip(fresh, saved):
-            p.copy_(value)
-            for tensor in optimizer.state[p].values():
-                if torch.is_tensor(tensor):
-                    tensor.zero_()
-    finally:
-        for p, grad in zip(params, grads):
-            p.grad = grad
+    rates = [group["lr"] for group in optimizer.param_groups]
+    with deferred_interrupt():
+        try:
+            for p in params:
+                p.grad = torch.zeros_like(p) if id(p) in fresh else None
+            for group in optimizer.param_groups:
+                group["lr"] = torch.zeros_like(group["lr"]) if torch.is_tensor(group["lr"]) else 0.0
+            # this step runs outside a capture on purpose: no "capturable=True ... without CUDA graph capture" warning
+            optimizer._warned_capturable_if_run_uncaptured = True
+            optimizer.step()
+            for p in params:
+                if id(p) in fresh:
+                    for tensor in optimizer.state[p].values():
+                        if torch.is_tensor(tensor):
+                            tensor.zero_()
+        finally:
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["lr"] = rate
+            for p, grad in zip(params, grads):
+                p.grad = grad
 
 
 @torch.no_grad()
@@ -132,6 +143,7 @@ class TrainStep:
         self.graph = None
         self.capture_error: str | None = None
         self.first_capture_error: str | None = None  # why capturing before any eager step failed, if it did
+        self._pool = None  # one memory pool for every capture of this step: a failed capture's stays reserved
         self.loss = torch.zeros((), dtype=torch.float32, device=self.device)
         # without a grad scaler (which skips such steps itself), the gradients' norm: a non-finite one with a finite
         # loss would leave NaN weights; the loop reads it with the loss and refuses the step (as the eager loop does)
@@ -204,9 +216,10 @@ class TrainStep:
     def capture(self) -> bool:
         """Capture the step as a CUDA graph before any eager step (AdamW's state created first); returns whether a
         graph is ready. The capture pays the one-time costs of every kernel it records (cuDNN plans and attention
-        graphs, Triton and CUDA module loads); it runs in relaxed mode, so those set-up calls are allowed and
-        another thread may use the GPU meanwhile (the fast loop encodes the latents). Tried once: where it fails,
-        the first call runs eagerly and captures after it."""
+        graphs, Triton and CUDA module loads); it runs in relaxed mode, so those set-up calls are allowed. No other
+        thread may allocate on the GPU meanwhile (an out-of-memory retry there would empty the allocator's cache
+        mid-capture): the fast loop waits for its latents first. Tried once: where it fails, the first call runs
+        eagerly and captures after it, in the same memory pool (a failed capture's pool stays reserved)."""
         self.capture_first = False
         init_optimizer_state(self.optimizer, self.params)
         current = torch.cuda.current_stream(self.device)
@@ -215,8 +228,8 @@ class TrainStep:
         if self.graph is None:
             self.first_capture_error, self.capture_error = self.capture_error, None
             self.want_graph = True
-            log.info("capturing the training step before an eager step failed (%s); one eager step first",
-                     self.first_capture_error)
+            log.warning("capturing the training step before an eager step failed (%s); one eager step first, then "
+                        "the capture", self.first_capture_error)
         return self.graph is not None
 
     def __call__(self) -> torch.Tensor:
@@ -249,13 +262,16 @@ class TrainStep:
         # a capture runs, so an allocation could fail there (seen: SDXL, 58 GB cached, capture OOM): free it first
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         try:
             # the UNet's device, not the current
-            with torch.cuda.graph(graph, stream=side_stream(self.device), capture_error_mode=error_mode):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side_stream(self.device),
+                                  capture_error_mode=error_mode):
                 self._body()
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
             self.want_graph = False
-            self.capture_error = f"{type(err).__name__}: {err}"
+            self.capture_error = _capture_cause(err)
             self.optimizer.zero_grad(set_to_none=True)
             if error_mode == "global":  # the capture before any eager step tries again after one
                 warnings.warn(f"CUDA graph capture of the training step failed ({self.capture_error}); "
@@ -271,6 +287,15 @@ class TrainStep:
         if self.found_inf is not None and getattr(self.optimizer, "found_inf", None) is self.found_inf:
             del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _capture_cause(err: BaseException) -> str:
+    """What made a capture fail, in one line: CUDA reports a failed operation inside a capture again when the
+    capture ends ("operation failed due to a previous error during capture"), and that error replaces the first."""
+    if err.__context__ is not None and "previous error during capture" in str(err):
+        err = err.__context__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 class _Snapshot:

@@ -18,6 +18,7 @@ from . import kernels
 from .fast_patches import uses_channels_last
 
 _WARMED: set[tuple] = set()  # keys of what this process has warmed up: not again
+_CAPTURE_FIRST_FAILED: set[tuple] = set()  # keys whose capture before any eager step failed: not tried again
 
 
 def wanted(fast, device: torch.device) -> bool:
@@ -36,6 +37,18 @@ def key(pipe, concept, config, params, fast, amp) -> tuple:
 
 def needed(warm_key: tuple, fast, device: torch.device) -> bool:
     return wanted(fast, device) and warm_key not in _WARMED
+
+
+def capture_first(fast, warm_key: tuple) -> bool:
+    """Whether the step is captured before any eager step (``FastConfig.capture_first``): not under cuDNN's benchmark
+    mode, set by ``cudnn_benchmark`` or by the caller (it times kernels, which a capture cannot), nor where it failed
+    for the same thread, UNet and shapes before (each failed capture keeps its memory pool reserved)."""
+    return (fast.capture_first and not fast.cudnn_benchmark and not torch.backends.cudnn.benchmark
+            and warm_key not in _CAPTURE_FIRST_FAILED)
+
+
+def capture_first_failed(warm_key: tuple) -> None:
+    _CAPTURE_FIRST_FAILED.add(warm_key)
 
 
 def prepare_triton(fast, device: torch.device):
@@ -68,9 +81,9 @@ class Encoder:
     def __enter__(self) -> "Encoder":
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+    def __exit__(self, kind, *exc) -> None:
+        if self._pool is not None:  # a run that failed: what has not started encoding is not started
+            self._pool.shutdown(wait=True, cancel_futures=kind is not None)
 
 
 def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple) -> None:

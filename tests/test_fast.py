@@ -658,6 +658,75 @@ def test_the_optimizer_state_made_before_a_capture_is_what_a_first_step_makes():
         assert all(torch.equal(lazy.state[a][k], made.state[b][k]) for k in lazy.state[a])
 
 
+def test_the_optimizer_state_is_made_whole_or_not_at_all_when_interrupted():
+    """AdamW's state is made by one step at learning rate 0 (no copy of the parameters) and zeroed: a Ctrl-C in
+    between waits for both, so the checkpoint the interrupt writes keeps no stepped state (step 1, decayed weights)."""
+    import os
+    import signal
+
+    from prkit.fast_step import init_optimizer_state, make_optimizer
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5))]
+    values = [p.detach().clone() for p in params]
+    opt = make_optimizer(params, 1e-2, 1e-1, torch.device("cpu"))
+    opt.register_step_post_hook(lambda *args: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        init_optimizer_state(opt, params)
+    assert opt.param_groups[0]["lr"] == 1e-2 and all(p.grad is None for p in params)
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    assert all(float(opt.state[p]["step"]) == 0 and not opt.state[p]["exp_avg"].any() for p in params)
+
+
+def test_no_capture_first_under_cudnns_benchmark_mode_or_after_it_failed(monkeypatch):
+    """cuDNN's benchmark mode times kernels, which a capture cannot: set by the caller (prkit.world.train does) as
+    well as by FastConfig.cudnn_benchmark, every run paid a failed capture (and its reserved pool) first. A key
+    whose capture failed is not tried again."""
+    from prkit import fast_warmup
+
+    key = ("thread", "unet", 4)
+    assert fast_warmup.capture_first(FastConfig(), key)
+    assert not fast_warmup.capture_first(FastConfig(capture_first=False), key)
+    assert not fast_warmup.capture_first(FastConfig(cudnn_benchmark=True), key)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert not fast_warmup.capture_first(FastConfig(), key)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(fast_warmup, "_CAPTURE_FIRST_FAILED", set())
+    fast_warmup.capture_first_failed(key)
+    assert not fast_warmup.capture_first(FastConfig(), key) and fast_warmup.capture_first(FastConfig(), key + (1,))
+
+
+def test_a_failed_capture_is_told_by_its_cause():
+    """CUDA reports a failed operation inside a capture again when the capture ends, and that multi-line error
+    replaced the cause in the log."""
+    from prkit.fast_step import _capture_cause
+
+    try:
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nCUDA kernel "
+                               "errors might be asynchronously reported")
+    except RuntimeError as err:
+        assert _capture_cause(err) == "RuntimeError: operation not permitted when stream is capturing"
+    assert _capture_cause(ValueError("one\ntwo")) == "ValueError: one"
+
+
+def test_a_failed_run_does_not_wait_for_queued_encodings():
+    import threading
+
+    from prkit.fast_warmup import Encoder
+
+    gate, ran = threading.Event(), []
+    threading.Timer(0.3, gate.set).start()  # the running encoding ends after the run has failed
+    with pytest.raises(RuntimeError, match="text failed"):
+        with Encoder() as encoder:
+            running = encoder.executor().submit(gate.wait, 10)
+            queued = encoder.executor().submit(ran.append, 1)
+            raise RuntimeError("text failed")
+    assert running.done() and queued.cancelled() and ran == []  # the running one was waited for, not the next
+
+
 def _record_steppers(monkeypatch) -> list:
     steppers = []
     real_close = fast.TrainStep.close
@@ -687,6 +756,33 @@ def test_cuda_a_step_captured_before_any_eager_step_trains_as_one_captured_after
     (losses0, state0), (losses1, state1) = runs
     assert len(set(losses0)) == 6 and losses1 == pytest.approx(losses0, rel=1e-5)
     assert all(torch.allclose(state1[k], state0[k], rtol=1e-5, atol=1e-7) for k in state0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
+def test_cuda_a_capture_that_fails_midway_falls_back_in_the_same_pool(tmp_path, concept_module, monkeypatch):
+    """A UNet that reads a value to the host on its first call only: the capture before any eager step fails mid-way
+    (CUDA invalidates it), the loop logs the cause, runs one eager step and captures in the same memory pool, and
+    trains as a run without the failure."""
+    steppers = _record_steppers(monkeypatch)
+    kw = dict(steps=6, batch_size=2, progress=False)
+    reference = prkit.train_residuals(make_pipe(tmp_path / "r").to("cuda"), concept_module,
+                                      fast=FastConfig(check_every=3, capture_first=False), **kw)
+    pipe = make_pipe(tmp_path / "f").to("cuda")
+    calls = []
+
+    def first_call_reads(module, args):
+        if not calls:
+            calls.append(float(args[0].float().sum()))  # a host read: not allowed while capturing
+
+    hook = pipe.unet.register_forward_pre_hook(first_call_reads)
+    try:
+        result = prkit.train_residuals(pipe, concept_module, fast=FastConfig(check_every=3), **kw)
+    finally:
+        hook.remove()
+    (graph, error, first_error, count), = steppers[1:]
+    assert graph and error is None and count == 6 and first_error and "\n" not in first_error
+    assert "previous error during capture" not in first_error
+    assert result.losses == pytest.approx(reference.losses, rel=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
