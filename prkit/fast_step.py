@@ -143,7 +143,6 @@ class TrainStep:
         self.graph = None
         self.capture_error: str | None = None
         self.first_capture_error: str | None = None  # why capturing before any eager step failed, if it did
-        self._pool = None  # one memory pool for every capture of this step: a failed capture's stays reserved
         self.loss = torch.zeros((), dtype=torch.float32, device=self.device)
         # without a grad scaler (which skips such steps itself), the gradients' norm: a non-finite one with a finite
         # loss would leave NaN weights; the loop reads it with the loss and refuses the step (as the eager loop does)
@@ -219,7 +218,8 @@ class TrainStep:
         graphs, Triton and CUDA module loads); it runs in relaxed mode, so those set-up calls are allowed. No other
         thread may allocate on the GPU meanwhile (an out-of-memory retry there would empty the allocator's cache
         mid-capture): the fast loop waits for its latents first. Tried once: where it fails, the first call runs
-        eagerly and captures after it, in the same memory pool (a failed capture's pool stays reserved)."""
+        eagerly and captures after it (a failed capture's memory pool stays reserved: a key that failed is not tried
+        again in the process)."""
         self.capture_first = False
         init_optimizer_state(self.optimizer, self.params)
         current = torch.cuda.current_stream(self.device)
@@ -261,13 +261,12 @@ class TrainStep:
         # memory cached by earlier work of the process (earlier runs' graph pools included) cannot be freed while
         # a capture runs, so an allocation could fail there (seen: SDXL, 58 GB cached, capture OOM): free it first
         torch.cuda.empty_cache()
+        # a pool of its own: a capture that failed mid-way leaves its pool reserved and marked as being recorded to,
+        # so a capture into that pool again fails ("already recording to mempool_id"; one H200, torch 2.11)
         graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         try:
             # the UNet's device, not the current
-            with torch.cuda.graph(graph, pool=self._pool, stream=side_stream(self.device),
-                                  capture_error_mode=error_mode):
+            with torch.cuda.graph(graph, stream=side_stream(self.device), capture_error_mode=error_mode):
                 self._body()
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
             self.want_graph = False

@@ -759,10 +759,10 @@ def test_cuda_a_step_captured_before_any_eager_step_trains_as_one_captured_after
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a CUDA graph)")
-def test_cuda_a_capture_that_fails_midway_falls_back_in_the_same_pool(tmp_path, concept_module, monkeypatch):
+def test_cuda_a_capture_that_fails_midway_falls_back_to_one_eager_step(tmp_path, concept_module, monkeypatch):
     """A UNet that reads a value to the host on its first call only: the capture before any eager step fails mid-way
-    (CUDA invalidates it), the loop logs the cause, runs one eager step and captures in the same memory pool, and
-    trains as a run without the failure."""
+    (CUDA invalidates it), the loop logs the cause, runs one eager step, captures (in a pool of its own: the failed
+    capture's pool refused another capture) and trains as a run without the failure."""
     steppers = _record_steppers(monkeypatch)
     kw = dict(steps=6, batch_size=2, progress=False)
     reference = prkit.train_residuals(make_pipe(tmp_path / "r").to("cuda"), concept_module,
