@@ -38,7 +38,7 @@ _seed = _whole(0, 2 ** 64 - 1)  # what torch's generators take (a larger one fai
 _side = _whole(8, 16384, 8)  # an image side: diffusers' pipelines want multiples of 8 (said before the model loads)
 
 
-MAX_IMAGES = 10000  # per prompt: prkit sample makes all of a call's images in one batch
+MAX_IMAGES = 10000  # per call: prkit sample makes all of a call's images (every prompt's) in one batch
 
 
 def _image_count(text: str) -> int:

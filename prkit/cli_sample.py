@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_args import _check_loras, _per_file, _writable_folder, bars_wanted
+from .cli_args import MAX_IMAGES, _check_loras, _per_file, _writable_folder, bars_wanted
 
 
 def _sample(args) -> int:
@@ -30,6 +30,11 @@ def _sample(args) -> int:
     if twice:
         raise ValueError(f"--residuals names {', '.join(twice)} more than once, which would apply it twice; for a "
                          "stronger effect pass --scale (e.g. --scale 2)")
+    total = len(args.prompt) * args.num_images  # every prompt's images are made in one batch
+    if total > MAX_IMAGES:
+        raise ValueError(f"{len(args.prompt)} --prompt x --num-images {args.num_images} asks for {total} images in one "
+                         f"batch, more than {MAX_IMAGES}; run the command once per prompt, or again with another "
+                         "--seed (its images are numbered after those already in --out)")
     if args.lag_threshold != "median" and not (args.lag and args.residuals):  # median: the default
         why = "with --no-lag" if args.residuals else (
             "without --residuals: LAG places residual sets, and this samples the base model"

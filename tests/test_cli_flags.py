@@ -45,6 +45,21 @@ def test_num_images_is_refused_past_its_bounds_before_any_model_loads(tmp_path, 
     assert build_parser().parse_args(sample).num_images == 4
 
 
+def test_all_prompts_images_together_are_capped_before_any_model_loads(tmp_path, capsys):
+    """The cap is on one batch, and prkit sample makes every prompt's images in one: two prompts of 10000 each asked
+    for 20000 at once."""
+    from prkit.cli import main
+
+    sample = ["sample", "--model", str(tmp_path / "never-loaded"), "--prompt", "a photo", "--prompt", "a dog",
+              "--out", str(tmp_path / "s")]
+    assert main(sample + ["--num-images", "5001"]) == 2
+    err = capsys.readouterr().err
+    assert "2 --prompt x --num-images 5001 asks for 10002 images in one batch, more than 10000" in err, err
+    assert "never-loaded" not in err  # refused before the model (a missing folder) is looked at
+    assert main(sample + ["--num-images", "5000"]) == 2  # within the cap: on to the model, which is missing
+    assert "never-loaded" in capsys.readouterr().err
+
+
 def test_lag_threshold_without_residuals_is_said_to_do_nothing(tmp_path, capsys):
     """--lag-threshold without --residuals samples the base model (LAG places residual sets only): the flag did
     nothing, without a word. Said before the model loads, naming both flags; the run goes on, as with --no-lag."""
