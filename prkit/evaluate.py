@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .checks import check_whole
-from .cli_args import _guidance, _positive_int, _whole, bars_wanted
+from .cli_args import MAX_IMAGES, _guidance, _positive_int, _whole, bars_wanted
 from .eval_jobs import (  # noqa: F401
     JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
     write_timing,
@@ -331,8 +331,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--subjects", nargs="*", default=[], help="default: all of the protocol's")
     parser.add_argument("--max-prompts", type=_positive_int, default=None,
                         help="only each subject's first N prompts (smoke runs); default: all")
-    parser.add_argument("--images-per-prompt", type=_positive_int, default=d.images_per_prompt,
-                        help=f"seeds 0..N-1 per prompt (default {d.images_per_prompt})")
+    parser.add_argument("--images-per-prompt", type=_whole(1, MAX_IMAGES), default=d.images_per_prompt,
+                        help=f"seeds 0..N-1 per prompt, made in one batch: 1 to {MAX_IMAGES} "
+                             f"(default {d.images_per_prompt})")
     parser.add_argument("--sample-steps", type=_positive_int, default=d.sample_steps,
                         help=f"denoising steps (default {d.sample_steps})")
     parser.add_argument("--guidance-scale", type=_guidance, default=d.guidance_scale,

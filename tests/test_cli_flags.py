@@ -144,3 +144,13 @@ def test_messages_from_the_library_name_the_flags_that_do_the_same(tmp_path, cap
     assert "(the CPU default, dtype=None)" in warned
     for command in ("sample", "eval"):  # the commands with --dtype
         assert _cli_words(warned, command).endswith("slower than fp32 (the CPU default: leave --dtype out)")
+
+
+def test_eval_images_per_prompt_is_capped_in_the_parser(tmp_path, capsys):
+    """Each prompt's images are one batch; --images-per-prompt had no upper bound."""
+    from prkit.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "e"), "--images-per-prompt", "10001"])
+    assert err.value.code == 2 and "argument --images-per-prompt: must be at most 10000, got 10001" in \
+        capsys.readouterr().err
