@@ -423,7 +423,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def numerics(bench, pipe, concept, batch: int) -> dict:
-    """Same batch, same seed: the straightforward step and the fast step (eager warm-up and graph replay)."""
+    """Same batch, same seed: the straightforward step and the fast step (one eager step, then the graph replay)."""
     amp = bench.dtype if bench.cuda else None
     cache, cond, scheduler, gen = _prepare(pipe, concept, batch)
     noisy, steps, target = cache.batch(batch, gen, scheduler, torch.device("cpu"))
@@ -449,9 +449,10 @@ def numerics(bench, pipe, concept, batch: int) -> dict:
         with fastmod.fast_modules(unet, fastmod.FastConfig()):
             slot = fastmod._Slot((batch, *cache.mean.shape[1:]), cond, 1.0, unet.dtype, bench.device,
                                  fastmod.uses_channels_last(fastmod.FastConfig(), bench.device))  # as the loop feeds it
-            step = fastmod.TrainStep(unet, params, opt, [slot], amp=amp)
+            # one eager step first (then the capture): the check compares the replay with it
+            step = fastmod.TrainStep(unet, params, opt, [slot], amp=amp, capture_first=False)
             step.load([(noisy, steps, target)])
-            loss_b = float(step())  # eager warm-up step (then capture)
+            loss_b = float(step())  # eager step (then capture)
             snap.restore()  # back to the same parameters and a fresh AdamW
             step.load([(noisy, steps, target)])
             loss_c = float(step())  # graph replay (eager again where capture is unavailable)
@@ -1220,7 +1221,9 @@ def main(argv=None) -> None:
     parser.add_argument("--cudnn-from", type=int, default=None,
                         help="cold: FastConfig.cudnn_attention_from (0: never; unset: the default)")
     parser.add_argument("--warm-up", choices=["default", "on", "off"], default="default",
-                        help="cold: FastConfig.warm_up (a throwaway step overlapping the latents' encoding)")
+                        help="cold: FastConfig.warm_up (the one-time kernel costs paid before the first step: the "
+                             "graph capture once the latents are encoded, or with --capture-first off a throwaway "
+                             "step beside their encoding)")
     parser.add_argument("--capture-first", choices=["default", "on", "off"], default="default",
                         help="cold: FastConfig.capture_first (capture the step before any eager step)")
     parser.add_argument("--warm", action="store_true", help="cold: also run the recipe a second time (warm)")

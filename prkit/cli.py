@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "fixed: 0.5 on the min-max normalized map)")
     sample.add_argument("--negative-prompt", default=None, help="one negative prompt for every --prompt")
     sample.add_argument("--num-images", type=_image_count, default=4,
-                        help=f"images per prompt, 1 to {MAX_IMAGES} (default 4)")
+                        help=f"images per prompt (default 4); at most {MAX_IMAGES} over all --prompt together "
+                             "(one batch)")
     sample.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
     sample.add_argument("--guidance-scale", type=_guidance, default=7.5, help="classifier-free guidance (default 7.5)")
     sample.add_argument("--seed", type=_seed, default=0, help="default 0: the same command gives the same images")

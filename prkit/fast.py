@@ -33,7 +33,7 @@ _CPU = torch.device("cpu")
 
 @dataclass
 class FastConfig:
-    """Switches of the fast loop; the defaults are what measured fastest on an H100 (BENCHMARKS.md)."""
+    """Switches of the fast loop; the defaults are what measured fastest on an H100 or H200 (BENCHMARKS.md)."""
 
     cuda_graph: bool = True  # capture forward + backward + AdamW of a step once, replay it (eager if capture fails)
     # capture before any eager step (the capture pays the one-time kernel costs, once the latents are encoded);
@@ -55,9 +55,10 @@ class FastConfig:
     # query length from which self-attention prefers cuDNN's kernel anyway (SD1.5's 64x64 blocks: 4096); None: never
     cudnn_attention_from: int | None = 4096
     lean_blocks: bool = False  # resnets and attention without diffusers' no-op `/ 1.0` rescales (same numbers)
-    # before the first step, the step's graph capture (capture_first; else a throwaway forward + backward) pays the
-    # process's one-time kernel costs while a background thread encodes the latents (same numbers); None: on CUDA.
-    # Once per thread, UNet and shapes.
+    # before the first step, pay the process's one-time kernel costs: by the step's graph capture once the latents
+    # are encoded (capture_first; they encode in a background thread beside the prompt), else by a throwaway forward
+    # + backward beside that encoding (same numbers); None: on CUDA. Off: no background encoding (the first step is
+    # still captured first). Once per thread, UNet and shapes.
     warm_up: bool | None = None
 
     def __post_init__(self):
@@ -164,7 +165,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     warm_key = warmup.key(pipe, concept, config, params, fast, amp)
     warm = warmup.needed(warm_key, fast, device)
     triton_ready = warmup.prepare_triton(fast, device) if warm else None
-    latents_in = encoder.executor() if warm else None  # the latents encode beside the prompt and the warm-up
+    latents_in = encoder.executor() if warm else None  # the latents encode beside the prompt (and an eager warm-up)
     cache = base._Cache(pipe, concept, prompt, config.flip, encode_batch=fast.encode_batch, latents_in=latents_in)
 
     def conditioning(cond: dict) -> dict:  # without autocast in the UNet's dtype (DreamBooth's fp32 master weights)

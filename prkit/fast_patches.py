@@ -223,8 +223,8 @@ def _cudnn_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
 def _cudnn_self_attention(attn, hidden_states: torch.Tensor) -> torch.Tensor:
     """AttnProcessor2_0's self-attention with cuDNN's SDPA kernel called directly (``_cudnn_sdpa``). Calling the
     kernel, not switching torch's process-wide backend order around each call, keeps the order the run set
-    (``fast_modules``) the same for other threads until the run ends (the latents' encoding runs beside the
-    warm-up)."""
+    (``fast_modules``) the same for other threads until the run ends (the latents' encoding may still run in its
+    thread while the loop's modules are patched, and runs beside an eager warm-up)."""
     out = _attend(attn, hidden_states, hidden_states, _cudnn_sdpa)
     if attn.residual_connection:
         out = out + hidden_states

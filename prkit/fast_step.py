@@ -249,7 +249,7 @@ class TrainStep:
         # the caching allocator keeps blocks per stream: what the warm-up and the latents' encoding left cached on
         # this stream could not serve the side stream's step, and both would count in the card's footprint
         torch.cuda.empty_cache()
-        with torch.cuda.stream(side):  # the warm-up is a real step, run on a side stream as capture wants
+        with torch.cuda.stream(side):  # this first eager step is a real step, run on a side stream as capture wants
             self._body()
         current.wait_stream(side)
         self._capture()

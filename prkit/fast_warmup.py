@@ -2,9 +2,10 @@
 (cuDNN plans and attention compiles, Triton's cache key and kernel loads, lazily loaded CUDA modules: ~1.5 s for
 SD1.5 on an H100). The latents are encoded in a background thread from the start (beside the prompt's encoding);
 before the first step, ``warm_up_while_encoding`` pays the costs once per thread, UNet and shapes: by capturing the
-step's CUDA graph (which needs no data; after the latents), or with a throwaway forward + backward beside the
-encoding where no graph is wanted or that capture fails. The numbers of training are unchanged; only when the
-costs are paid moves.
+step's CUDA graph once the latents are encoded (``capture_first``), or with a throwaway forward + backward beside
+the encoding where the step is not captured first (capture_first off, cuDNN's benchmark mode, no graph wanted);
+where that capture fails, the throwaway runs after it, then one eager step and the capture. The numbers of training
+are unchanged; only when the costs are paid moves.
 """
 
 from __future__ import annotations
