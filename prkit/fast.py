@@ -262,6 +262,9 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                 stepper = make_stepper(shapes)
                 warmup.warm_up_while_encoding(stepper, [source[0] for source in sources], triton_ready, warm_key)
                 if encoded_shapes() != shapes:  # a VAE unlike its config: warm-up wasted, no harm
+                    if stepper.first_capture_error:  # not tried again for the new shapes
+                        warmup.capture_first_failed(warm_key)
+                    stepper.close()
                     stepper = make_stepper(encoded_shapes())
                 _sync(device)
                 times["warm-up+latents"] = time.perf_counter() - began

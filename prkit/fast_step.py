@@ -49,22 +49,27 @@ def clip_and_norm(params, max_grad_norm: float | None, want: bool = True) -> tor
 
 
 @torch.no_grad()
-def init_optimizer_state(optimizer, params) -> None:
+def init_optimizer_state(optimizer, params) -> bool:
     """Create ``optimizer``'s state for the parameters that have none, as its first step would, and leave it at its
     start (all zeros: AdamW's step count and moments). A graph captured before any eager step must not hold the
-    state's creation, or every replay would zero the moments again.
+    state's creation, or every replay would zero the moments again. Returns whether the state is there (False: an
+    optimizer path this does not know to leave the parameters alone; nothing is done then).
 
-    The optimizer makes it itself, in one step with learning rate 0 on zero gradients: AdamW then leaves the
-    parameters as they are, bit for bit (its decay is 1 - 0 * wd, its update 0 * 0), so nothing is copied (a whole
-    UNet's weights, for DreamBooth's target). The step and the zeroing happen together (an interrupt waits): a
-    stepped state would be kept by the checkpoint the interrupt writes. The parameters' gradients and any existing
-    state (a resumed run's) are kept."""
+    The optimizer makes it itself, in one step with learning rate 0 on zero gradients: AdamW then leaves finite
+    parameters as they are (its decay subtracts 0 * wd * p, its update adds 0; fused, foreach and for-loop paths,
+    capturable or not, except the capturable for-loop one, whose 0 / 0 would make them NaN), so nothing is copied (a
+    whole UNet for DreamBooth's target). The step and the zeroing happen together (an interrupt waits): a stepped
+    state would be kept by the checkpoint the interrupt writes. The parameters' gradients and any existing state (a
+    resumed run's) are kept."""
     from .interrupts import deferred_interrupt
 
     params = list(params)
     fresh = {id(p) for p in params if not optimizer.state.get(p)}
     if not fresh:
-        return
+        return True
+    if any(g.get("capturable") and not g.get("fused") and not g.get("foreach") or g.get("differentiable")
+           for g in optimizer.param_groups):  # (foreach None may resolve to the for-loop path)
+        return False
     grads = [p.grad for p in params]
     rates = [group["lr"] for group in optimizer.param_groups]
     with deferred_interrupt():
@@ -86,6 +91,7 @@ def init_optimizer_state(optimizer, params) -> None:
                 group["lr"] = rate
             for p, grad in zip(params, grads):
                 p.grad = grad
+    return True
 
 
 @torch.no_grad()
@@ -221,7 +227,9 @@ class TrainStep:
         eagerly and captures after it (a failed capture's memory pool stays reserved: a key that failed is not tried
         again in the process)."""
         self.capture_first = False
-        init_optimizer_state(self.optimizer, self.params)
+        if not init_optimizer_state(self.optimizer, self.params):
+            self.first_capture_error = "the optimizer's state cannot be made ahead (an AdamW path it does not know)"
+            return False
         current = torch.cuda.current_stream(self.device)
         side_stream(self.device).wait_stream(current)
         self._capture("relaxed")
@@ -264,11 +272,15 @@ class TrainStep:
         # a pool of its own: a capture that failed mid-way leaves its pool reserved and marked as being recorded to,
         # so a capture into that pool again fails ("already recording to mempool_id"; one H200, torch 2.11)
         graph = torch.cuda.CUDAGraph()
+        before = torch.cuda.current_stream(self.device)
         try:
             # the UNet's device, not the current
             with torch.cuda.graph(graph, stream=side_stream(self.device), capture_error_mode=error_mode):
                 self._body()
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
+            # torch.cuda.graph's exit ends the capture before it gives the stream back: where ending it fails, the
+            # side stream stayed this thread's current one (for the rest of the run and after it)
+            torch.cuda.set_stream(before)
             self.want_graph = False
             self.capture_error = _capture_cause(err)
             self.optimizer.zero_grad(set_to_none=True)

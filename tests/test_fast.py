@@ -678,6 +678,22 @@ def test_the_optimizer_state_is_made_whole_or_not_at_all_when_interrupted():
     assert all(float(opt.state[p]["step"]) == 0 and not opt.state[p]["exp_avg"].any() for p in params)
 
 
+def test_the_optimizer_state_is_not_made_ahead_on_a_path_that_would_not_keep_the_parameters():
+    """AdamW's capturable for-loop path divides 0 by 0 at learning rate 0 (NaN parameters), and a differentiable one
+    refuses the step after counting it: the state is not made ahead there (the step then runs eagerly first)."""
+    from prkit.fast_step import init_optimizer_state
+
+    for kwargs in (dict(capturable=True, foreach=False), dict(capturable=True), dict(differentiable=True)):
+        params = [nn.Parameter(torch.ones(3))]
+        opt = torch.optim.AdamW(params, lr=1e-2, **kwargs)
+        assert init_optimizer_state(opt, params) is False and not opt.state, kwargs
+        assert torch.equal(params[0].detach(), torch.ones(3))
+    params = [nn.Parameter(torch.ones(3))]
+    opt = torch.optim.AdamW(params, lr=1e-2, foreach=False)
+    assert init_optimizer_state(opt, params) and float(opt.state[params[0]]["step"]) == 0
+    assert init_optimizer_state(opt, params)  # made already: nothing to do
+
+
 def test_no_capture_first_under_cudnns_benchmark_mode_or_after_it_failed(monkeypatch):
     """cuDNN's benchmark mode times kernels, which a capture cannot: set by the caller (prkit.world.train does) as
     well as by FastConfig.cudnn_benchmark, every run paid a failed capture (and its reserved pool) first. A key
@@ -781,6 +797,7 @@ def test_cuda_a_capture_that_fails_midway_falls_back_to_one_eager_step(tmp_path,
         hook.remove()
     (graph, error, first_error, count), = steppers[1:]
     assert graph and error is None and count == 6 and first_error and "\n" not in first_error
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the failed capture gave the stream back
     assert "previous error during capture" not in first_error
     assert result.losses == pytest.approx(reference.losses, rel=1e-5)
 
