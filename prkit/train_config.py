@@ -169,8 +169,10 @@ class TrainingWriteError(OSError):
     def of(cls, error: OSError, text: str) -> TrainingWriteError:
         """``error`` (the write's) saying ``text``, as a TrainingWriteError that is also of ``type(error)``."""
         kind = _write_error_class(type(error))
-        out = kind(error.errno, text, error.filename) if error.errno else kind(text)
-        out.__dict__.update(vars(error))  # its attributes (the checkpoint it did not write: prkit_checkpoint)
+        out = kind(error.errno, text, error.filename, None, error.filename2) if error.errno else kind(text)
+        # its attributes (the checkpoint it did not write: prkit_checkpoint); not its notes, which the chained
+        # traceback shows with the write's own error (copied, they printed twice)
+        out.__dict__.update({k: v for k, v in vars(error).items() if k != "__notes__"})
         out.error = error
         return out
 

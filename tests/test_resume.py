@@ -722,6 +722,11 @@ def test_a_training_write_error_keeps_its_message_kind_and_class_through_copies(
 
     mine = _MyWriteError(28, "could not write m")
     assert all(type(c) is _MyWriteError for c in (copy.copy(mine), copy.deepcopy(mine), pickle.loads(pickle.dumps(mine))))
+    moved = PermissionError(13, "Permission denied", "a.pt.tmp", None, "a.pt")
+    moved.__notes__ = ["while renaming"]  # add_note, as Python 3.10 has none
+    both = TrainingWriteError.of(moved, "could not write a.pt")
+    assert (both.filename, both.filename2) == ("a.pt.tmp", "a.pt") and not getattr(both, "__notes__", None)
+    assert str(both) == "[Errno 13] could not write a.pt: 'a.pt.tmp' -> 'a.pt'" and both.error is moved
     quiet = TrainingWriteError.of(PermissionError("no errno"), "could not write q")
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         back = pickle.loads(pickle.dumps(quiet, protocol))
