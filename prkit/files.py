@@ -184,6 +184,12 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
         the ``Residuals`` handle, with token and class_word from the arguments, else from the file.
     """
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(unet, torch.nn.Module):
+        swapped = isinstance(pipe_or_unet, (str, os.PathLike)) and isinstance(getattr(path, "unet", path),
+                                                                               torch.nn.Module)
+        raise TypeError("load_residuals(pipe_or_unet, path) takes the pipeline (or its UNet) first and the file "
+                        f"second; got {type(pipe_or_unet).__name__} and {type(path).__name__}"
+                        + (" (swapped?)" if swapped else ""))
     path = Path(path).expanduser()
     if scale is not None:  # before anything is added to the UNet
         finite_scale(scale, "load_residuals")

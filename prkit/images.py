@@ -133,6 +133,10 @@ def _decode(path: Path, max_side: int | None = None, resolution: int | None = No
         raise _Unreadable(path, f"{e} Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
                                 "if you trust the file") from e
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
+        suffix = path.suffix.lower()
+        if suffix in _NEEDS_PLUGIN and not _plugin_opens(suffix):  # what load_concept says of such files in a folder
+            raise _Unreadable(path, f"{suffix} images need {_NEEDS_PLUGIN[suffix]} (pip install "
+                                    f"{_NEEDS_PLUGIN[suffix]}), or convert it to JPEG or PNG") from e
         raise _Unreadable(path, str(e).rstrip(".") or type(e).__name__) from e
 
 
@@ -216,6 +220,7 @@ def load_image(path: str | Path, resolution: int = 512, center_crop: bool = True
     path = Path(path).expanduser()
     try:
         img = _decode(path, max_side, resolution)
-    except _Unreadable as e:
-        raise ConceptDataError(e.advice) from e
+    except _Unreadable as e:  # one file: load_concept's skip_bad is no advice here
+        raise ConceptDataError(f"cannot read image '{path}': {e.reason}. Replace the file, or convert it to JPEG or "
+                               "PNG.") from e
     return _square(img, path, resolution, center_crop, max_side)

@@ -166,8 +166,22 @@ def test_truncated_jpeg(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConceptDataError, match=r"cannot read image '.*trunc\.jpg': .*truncated"
-                                               r".*skip_bad=True"):
+                                               r".*Replace the file") as err:
         load_image(path, R)
+    assert "skip_bad" not in str(err.value)  # load_concept's switch: load_image reads one file and has none
+
+
+def test_load_image_says_a_heic_photo_needs_pillow_heif(tmp_path):
+    """load_concept named pillow-heif for .heic files in a folder; load_image said only that Pillow could not
+    identify the file (and advised load_concept's skip_bad)."""
+    from prkit.images import _plugin_opens
+
+    if _plugin_opens(".heic"):
+        pytest.skip("pillow-heif is installed here")
+    (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    with pytest.raises(ConceptDataError, match=r"phone\.heic'.*\.heic images need pillow-heif \(pip install "
+                                               r"pillow-heif\), or convert it to JPEG or PNG"):
+        load_image(tmp_path / "phone.heic", R)
 
 
 def test_zero_byte_file(tmp_path):

@@ -541,3 +541,18 @@ def test_a_file_cut_short_says_so_and_a_scale_that_is_not_finite_is_refused(tmp_
                                          r"scale must be a finite number"):
         read_metadata(stored)
 
+
+
+def test_load_residuals_names_its_arguments_when_given_something_else(tmp_path):
+    """The file first and the UNet second (or no model) ended in a raw TypeError from pathlib or an AttributeError."""
+    import prkit
+    from tiny import tiny_unet
+
+    unet = tiny_unet()
+    path = prkit.add_residuals(tiny_unet(), rank=2, token="sks").save(tmp_path / "r.safetensors")
+    with pytest.raises(TypeError, match=r"takes the pipeline \(or its UNet\) first and the file second; got PosixPath "
+                                        r"and UNet2DConditionModel \(swapped\?\)"):
+        prkit.load_residuals(path, unet)
+    with pytest.raises(TypeError, match=r"got NoneType and str$"):
+        prkit.load_residuals(None, str(path))
+    assert prkit.load_residuals(unet, path).name == "default"
