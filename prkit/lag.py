@@ -221,7 +221,9 @@ def _normalize(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _otsu(maps: torch.Tensor, bins: int = 64) -> torch.Tensor:
-    norm = _normalize(maps)
+    # NaN maps (a UNet whose output is NaN anyway) made an index of -2**63, and scatter_add_ stopped the sampling
+    # with an out-of-bounds error; as bin 0 (no host check: the masks are made inside captured graphs too)
+    norm = torch.nan_to_num(_normalize(maps), nan=0.0, posinf=1.0, neginf=0.0)
     idx = (norm * (bins - 1)).round().long()  # (B, N)
     hist = torch.zeros(maps.shape[0], bins, device=maps.device).scatter_add_(1, idx, torch.ones_like(norm))
     prob = hist / hist.sum(1, keepdim=True)
@@ -331,7 +333,8 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
             textual-inversion rewrite is applied here as in its ``encode_prompt``).
         tokenizer: needed when a bare UNet is given.
         config: threshold settings (median by default).
-        cfg: whether batches are [uncond; cond]; None reads the pipeline's own flag at run time.
+        cfg: whether batches are [uncond; cond]; None reads the pipeline's own flag at run time (a bare UNet has
+            none: give it).
         store: optionally also keep per-token maps for visualisation.
         prompts_2: SDXL's second prompt(s), when the pipeline is called with a ``prompt_2`` of its own: the
             concept's words there are looked at too (the identifier is required in ``prompts`` only).
@@ -360,8 +363,10 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     watch = contextlib.nullcontext()
     if hasattr(pipe_or_unet, "unet") and hasattr(pipe_or_unet, "encode_prompt"):
         watch = watched_pipeline(pipe_or_unet, prompts, prompts_2)
-    elif cfg is None:
-        cfg = False
+    elif cfg is None:  # read as False, a [uncond; cond] batch got masks from the negative prompt and other prompts'
+        raise ValueError("lag_sampling with a bare UNet needs cfg=: True where its batches are [unconditional; "
+                         "conditional] (classifier-free guidance), False where every row is conditional; a UNet has "
+                         "no flag of its own to read it from")
     weights = concept_weights(tokenizer, prompts, sets, config.include_class, encoded_text(pipe_or_unet, tokenizer))
     if prompts_2 is not None and getattr(pipe_or_unet, "tokenizer", True) is not None:  # a refiner ignores prompt_2
         second = second_prompt_weights(pipe_or_unet, prompts_2, len(prompts), sets, config.include_class)

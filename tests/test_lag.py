@@ -465,3 +465,23 @@ def test_a_threshold_function_of_the_wrong_shape_is_named(threshold, got):
     with pytest.raises(ValueError, match=re.escape(f"returned {got} for maps of shape (2, 64)")):
         make_mask(maps, LAGConfig(threshold=threshold))
     assert torch.equal(make_mask(maps, ONES), torch.ones(2, 64))
+
+
+def test_a_bare_unet_must_say_whether_its_batches_hold_cfgs_two_halves(unet, tokenizer):
+    """cfg=None on a bare UNet was read as False: a [uncond; cond] batch then took masks from the negative prompt's
+    tokens and from the wrong prompts (2 prompts: up to 1.4 from the right output), without a word."""
+    residuals = _dog(unet)
+    with pytest.raises(ValueError, match="bare UNet needs cfg=: True where its batches are"):
+        with lag_sampling(unet, residuals, [PROMPT] * 2, tokenizer=tokenizer):
+            pass
+
+
+def test_otsu_on_nan_maps_gives_a_mask_not_an_index_error():
+    """NaN attention maps (a UNet whose output is NaN anyway) stopped LAG sampling with "index -9223372036854775808 is
+    out of bounds" from otsu's histogram; the other thresholds gave masks."""
+    from prkit.lag import make_mask
+
+    maps = torch.tensor([[0.1, float("nan"), 0.9, 0.5], [0.2, 0.4, 0.6, 0.8]])
+    mask = make_mask(maps, LAGConfig(threshold="otsu"))
+    assert mask.shape == maps.shape and torch.isfinite(mask).all()
+    assert mask[1].tolist() == [0.0, 0.0, 1.0, 1.0]
