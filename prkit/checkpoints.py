@@ -62,36 +62,17 @@ def _files_digest(paths: list[Path], size, crop: str) -> str:
     return digest.hexdigest()
 
 
-def _left_out_copies(concept) -> list[tuple[Path, Path]]:
-    """The exact copies of the concept's files that its folder holds beside them, as ``load_concept`` leaves them out
-    (each image trains once; a prkit before it trained them too): (copy, the concept's file with its bytes), in name
-    order. Empty for a concept not read from one folder's files."""
-    from .data import _IGNORED_NAMES, IMAGE_EXTENSIONS, _file_digest, _plugin_opens
-
-    paths = [Path(p) for p in (getattr(concept, "paths", None) or [])]
-    if not paths or len(paths) != len(concept.images) or len({p.parent for p in paths}) != 1:
-        return []
-    kept = {_file_digest(p): p for p in paths}
-    kept.pop(None, None)
-    try:
-        entries = sorted(paths[0].parent.iterdir(), key=lambda p: p.name)
-    except OSError:
-        return []
-    candidates = [p for p in entries if p not in paths and not p.name.startswith(".")
-                  and p.name.lower() not in _IGNORED_NAMES
-                  and (p.suffix.lower() in IMAGE_EXTENSIONS or _plugin_opens(p.suffix.lower()))]
-    return [(p, kept[digest]) for p in candidates if (digest := _file_digest(p)) in kept]
-
-
 def _copies_note(saved: dict, stamp: dict) -> str:
     """Why a checkpoint's images differ where the concept's folder holds exact copies of them: ``load_concept``
     leaves those out, a checkpoint written before it did trained them too. Said for sure where the stamp with the
     copies back is the checkpoint's, as a possible reason otherwise; empty without copies."""
+    from .data import _copy_names
+
     concept = getattr(stamp, "concept", None)
-    copies = _left_out_copies(concept) if concept is not None else []
+    copies = sorted(getattr(concept, "left_out", None) or [], key=lambda pair: pair[0].name)  # load_concept's record
     if not copies:
         return ""
-    names = ", ".join(f"'{copy.name}' (same bytes as '{original.name}')" for copy, original in copies)
+    names = ", ".join(_copy_names(copies))
     files = sorted([*(Path(p) for p in concept.paths), *(copy for copy, _ in copies)], key=lambda p: p.name)
     try:  # the folder as a prkit before loaded it: every file in name order
         before = _files_digest(files, concept.images[0].size, getattr(concept, "crop", ""))

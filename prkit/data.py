@@ -13,7 +13,7 @@ import os
 import re
 import string
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,9 @@ class Concept:
     paths: list[Path]
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     crop: str = ""  # how the files were cut to crops when not the default (a checkpoint's stamp covers it)
+    # exact copies in the folder that load_concept left out: (copy, the file kept with its bytes); a checkpoint
+    # written when copies still trained is refused naming them
+    left_out: list[tuple[Path, Path]] = field(default_factory=list)
 
     @property
     def prompt(self) -> str:
@@ -260,7 +263,7 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
         warnings.warn(f"ignoring {len(others)} file(s) or folder(s) that are not images in '{folder}': "
                       f"{', '.join(others)} (accepted: {accepted}).", stacklevel=2)
 
-    crops, paths, skipped, copies = [], [], [], []
+    crops, paths, skipped, left_out = [], [], [], []
     digests = {p: _file_digest(p) for p in images}
     original: dict[str, Path] = {}  # file bytes' hash -> the file kept: the shortest name ('photo.jpg', not the
     for p in sorted(images, key=lambda p: (len(p.name), p.name)):  # 'photo (1).jpg' that sorts before it)
@@ -269,7 +272,7 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     for p in images:
         digest = digests[p]
         if digest is not None and original[digest] != p:  # an exact copy would train that photo with double weight
-            copies.append(f"'{p.name}' (same bytes as '{original[digest].name}')")
+            left_out.append((p, original[digest]))
             continue
         try:
             img = _decode(p, config.max_side, config.resolution)
@@ -281,10 +284,10 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
             continue
         crops.append(_square(img, p, config.resolution, config.center_crop, config.max_side))
         paths.append(p)
-    if copies:
+    if left_out:
         warnings.warn(f"concept folder '{folder}' holds exact copies of images; training on each image once, "
-                      f"leaving out {', '.join(copies)}. Delete the copies from the folder to silence this.",
-                      stacklevel=2)
+                      f"leaving out {', '.join(_copy_names(left_out))}. Delete the copies from the folder to silence "
+                      "this.", stacklevel=2)
     if not crops:
         raise ConceptDataError(f"none of the {len(images)} image file(s) in '{folder}' could be read: "
                                f"{'; '.join(skipped[:5])}{'; ...' if len(skipped) > 5 else ''}. Add readable images.")
@@ -296,7 +299,12 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
                       "expects 3-15 reference images.", stacklevel=2)
     crop = "" if (config.center_crop, config.max_side) == (True, 8192) else \
         f"center_crop={config.center_crop} max_side={config.max_side}"
-    return Concept(crops, token, class_word, paths, prompt_template, crop)
+    return Concept(crops, token, class_word, paths, prompt_template, crop, left_out)
+
+
+def _copy_names(left_out: list[tuple[Path, Path]]) -> list[str]:
+    """'copy' (same bytes as 'kept') for each exact copy ``load_concept`` left out."""
+    return [f"'{copy.name}' (same bytes as '{kept.name}')" for copy, kept in left_out]
 
 
 _DREAMBOOTH = ("LIVE_CLASSES", "DreamBoothDataset", "DreamBoothSubject", "load_dreambooth")
