@@ -62,8 +62,8 @@ class FastConfig:
     warm_up: bool | None = None
 
     def __post_init__(self):
-        for name in ("cuda_graph", "capture_first", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
-                     "lean_blocks"):
+        for name in ("cuda_graph", "capture_first", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank",
+                     "cudnn_benchmark", "lean_blocks"):
             check_flag(getattr(self, name), f"FastConfig.{name}")
         check_flag(self.warm_up, "FastConfig.warm_up", " or None")
         check_whole(self, ("check_every", "encode_batch"), 1)

@@ -961,8 +961,8 @@ def test_bad_fast_switches_name_the_field(field, value):
     assert FastConfig(sdpa_backends="cudnn,flash").sdpa_backends == ("cudnn", "flash")
 
 
-FLAGS = ("cuda_graph", "capture_first", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank", "cudnn_benchmark",
-         "lean_blocks", "warm_up")
+FLAGS = ("cuda_graph", "capture_first", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank",
+         "cudnn_benchmark", "lean_blocks", "warm_up")
 
 
 @pytest.mark.parametrize("value", ["false", 1, 0.0])

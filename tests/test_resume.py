@@ -721,7 +721,8 @@ def test_a_training_write_error_keeps_its_message_kind_and_class_through_copies(
     assert isinstance(trouble, DiskTrouble) and str(trouble) == "[Errno 28] could not write x"
 
     mine = _MyWriteError(28, "could not write m")
-    assert all(type(c) is _MyWriteError for c in (copy.copy(mine), copy.deepcopy(mine), pickle.loads(pickle.dumps(mine))))
+    copies = (copy.copy(mine), copy.deepcopy(mine), pickle.loads(pickle.dumps(mine)))
+    assert all(type(c) is _MyWriteError for c in copies)
     moved = PermissionError(13, "Permission denied", "a.pt.tmp", None, "a.pt")
     moved.__notes__ = ["while renaming"]  # add_note, as Python 3.10 has none
     both = TrainingWriteError.of(moved, "could not write a.pt")
