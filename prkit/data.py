@@ -62,6 +62,16 @@ class Concept:
     def __len__(self) -> int:
         return len(self.images)
 
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the images, which train as one batch: a ValueError where they come in several sizes."""
+        sizes = sorted({im.size for im in self.images})
+        if len(sizes) > 1:
+            raise ValueError(f"the concept's images come in {len(sizes)} sizes ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}"
+                             f"{', ...' if len(sizes) > 4 else ''}); they train as one batch: crop or resize them to one "
+                             "size (prkit.load_concept does, at its resolution=)")
+        width, height = sizes[0]
+        return height, width
+
     def tensors(self, flip: bool = False) -> torch.Tensor:
         """Stack the crops as a float32 batch in [-1, 1].
 
@@ -70,11 +80,7 @@ class Concept:
         Returns:
             Tensor (N, 3, R, R).
         """
-        sizes = sorted({im.size for im in self.images})
-        if len(sizes) > 1:
-            raise ValueError(f"the concept's images come in {len(sizes)} sizes ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}"
-                             f"{', ...' if len(sizes) > 4 else ''}); they train as one batch: crop or resize them to one "
-                             "size (prkit.load_concept does, at its resolution=)")
+        self.size()
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in self.images])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, R, R)
         return (x.flip(-1) if flip else x).contiguous()

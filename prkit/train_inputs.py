@@ -87,19 +87,19 @@ class _Cache:
     """
 
     def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8, latents_in=None):
-        images = concept.tensors()
-        if flip:
-            images = torch.cat([images, torch.flip(images, dims=[3])])
-        self.size = tuple(images.shape[-2:])  # (height, width): SDXL's size conditioning
+        self.size = concept.size()  # (height, width): SDXL's size conditioning
         self.mean = self.std = None
-        self._pending = (pipe, images, encode_batch)
+        self._pending = (pipe, concept, flip, encode_batch)
         self._future = latents_in.submit(self._encode) if latents_in is not None else None
         self.cond = encode_text(pipe, prompt, self.size)
         if latents_in is None:
             self.encode_latents()
 
     def _encode(self) -> None:
-        pipe, images, batch = self._pending
+        pipe, concept, flip, batch = self._pending  # the pixels are read here too: in the executor's thread, if any
+        images = concept.tensors()
+        if flip:
+            images = torch.cat([images, torch.flip(images, dims=[3])])
         means_stds = encode_images(pipe, images, batch=batch)
         self.mean, self.std = (t.cpu() for t in means_stds)  # batches are drawn on the CPU
         self._pending = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 
 import pytest
 import torch
@@ -484,6 +485,36 @@ def test_the_cache_encodes_each_image_and_its_horizontal_mirror(pipe, monkeypatc
     plain = train_inputs._Cache(pipe, concept, "a photo of a sks dog", flip=False)
     assert torch.equal(seen[-1], originals) and len(plain.mean) == 3
     torch.testing.assert_close(cache.mean[:3], plain.mean)
+
+
+def test_the_cache_reads_the_pixels_in_the_thread_that_encodes_them(pipe, monkeypatch):
+    """With an executor (the fast loop's background thread) the images are turned into pixels there, beside the
+    prompt's encoding, not in the caller's thread before it; the latents are the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    concept = _asymmetric_concept()
+    threads = []
+    real = Concept.tensors
+    monkeypatch.setattr(Concept, "tensors", lambda self, *a, **k: threads.append(threading.current_thread().name)
+                        or real(self, *a, **k))
+    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as pool:
+        cache = train_inputs._Cache(pipe, concept, "a photo of a sks dog", flip=True, latents_in=pool)
+        assert cache.size == (concept.images[0].size[1], concept.images[0].size[0])
+        cache.encode_latents()
+    assert len(threads) == 1 and threads[0].startswith("encoder")
+    here = train_inputs._Cache(pipe, concept, "a photo of a sks dog", flip=True)
+    torch.testing.assert_close(cache.mean, here.mean, rtol=0, atol=0)
+    torch.testing.assert_close(cache.std, here.std, rtol=0, atol=0)
+
+
+def test_a_concept_of_mixed_sizes_is_refused_before_anything_is_encoded(pipe, monkeypatch):
+    concept = _asymmetric_concept()
+    concept.images[0] = concept.images[0].resize((concept.images[0].size[0] * 2, concept.images[0].size[1]))
+    called = []
+    monkeypatch.setattr(train_inputs, "encode_text", lambda *a, **k: called.append(a))
+    with pytest.raises(ValueError, match="2 sizes .*crop or resize them to one size"):
+        train_inputs._Cache(pipe, concept, "a photo of a sks dog", flip=False)
+    assert called == []
 
 
 LOOP = FastConfig(cuda_graph=False, check_every=3)
