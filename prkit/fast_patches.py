@@ -310,10 +310,11 @@ def uses_channels_last(fast: FastConfig, device: torch.device) -> bool:
 def fast_modules(unet: nn.Module, fast: FastConfig, gradient_checkpointing: bool = False):
     """Within the block the UNet runs the fast configuration; everything is put back on exit."""
     undo = []
+    device = unet.device  # one read: diffusers walks the UNet's modules for each
     try:
-        if uses_channels_last(fast, unet.device):
+        if uses_channels_last(fast, device):
             undo.append(patch_channels_last(unet))
-        if fast.fused_geglu and unet.device.type == "cuda" and triton is not None:
+        if fast.fused_geglu and device.type == "cuda" and triton is not None:
             undo.append(patch_fused_geglu(unet))
         if fast.frozen_conv:
             undo.append(patch_frozen_convs(unet))
@@ -323,7 +324,7 @@ def fast_modules(unet: nn.Module, fast: FastConfig, gradient_checkpointing: bool
             undo.append(patch_lean_blocks(unet))
         if gradient_checkpointing:
             undo.append(patch_gradient_checkpointing(unet))
-        if fast.sdpa_backends and unet.device.type == "cuda":
+        if fast.sdpa_backends and device.type == "cuda":
             context = _sdpa_order(backend_order(fast))
             context.__enter__()
             undo.append(lambda: context.__exit__(None, None, None))

@@ -16,8 +16,9 @@ def encode_images(pipe, images: torch.Tensor, batch: int = 8) -> tuple[torch.Ten
     if upcast:
         vae.to(torch.float32)
     try:
+        device, dtype = vae.device, vae.dtype  # read once: each read walks the VAE's modules (diffusers)
         for chunk in images.split(batch):
-            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+            dist = vae.encode(chunk.to(device, dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
     finally:

@@ -487,6 +487,21 @@ def test_the_cache_encodes_each_image_and_its_horizontal_mirror(pipe, monkeypatc
     torch.testing.assert_close(cache.mean[:3], plain.mean)
 
 
+def test_encoding_reads_the_vaes_device_and_dtype_once_not_per_image(pipe, monkeypatch):
+    """diffusers walks every module of the VAE for each read of ``vae.device`` / ``vae.dtype`` (~2 ms on SD's VAE on
+    a CPU): the encoding reads them once for all its chunks."""
+    reads = []
+    cls = type(pipe.vae)
+    for name in ("device", "dtype"):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, property(lambda self, real=real, name=name: reads.append(name) or
+                                                real.fget(self)))
+    images = torch.zeros(5, 3, 64, 64)
+    mean, _ = train_inputs.encode_images(pipe, images, batch=1)
+    assert len(mean) == 5
+    assert reads.count("device") == 1 and reads.count("dtype") <= 2  # (and once for the float16 upcast check)
+
+
 def test_the_cache_reads_the_pixels_in_the_thread_that_encodes_them(pipe, monkeypatch):
     """With an executor (the fast loop's background thread) the images are turned into pixels there, beside the
     prompt's encoding, not in the caller's thread before it; the latents are the same."""
