@@ -127,7 +127,11 @@ def read_metadata(path) -> dict:
                          "LoRA files load with pipe.load_lora_weights instead")
     try:
         meta["layers"] = json.loads(meta["layers"])
-        meta["config"] = json.loads(meta.get("config") or "{}")
+        config = meta.get("config") or "{}"
+        meta["config"] = json.loads(config)
+        if not isinstance(meta["config"], dict):
+            raise ValueError(f"'config' is {config[:40]}{'...' if len(config) > 40 else ''}, not a JSON object of "
+                             "training settings")
         if not isinstance(meta["layers"], dict) or not all(
                 isinstance(v, dict) and {"channels", "rank"} <= set(v) for v in meta["layers"].values()):
             raise ValueError("'layers' is not a table of block -> {channels, rank}")
@@ -212,6 +216,12 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
         raise ValueError(f"residual file {str(path)!r} holds {len(unexpected)} tensor(s) its header does not describe "
                          f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); it is not a file "
                          "prkit wrote. Save the residuals again, or keep only the tensors of the header's layers")
+    kinds = sorted(k for k, v in tensors.items() if not v.is_floating_point())  # integer, bool or complex
+    if kinds:
+        raise ValueError(f"residual file {str(path)!r} holds {len(kinds)} tensor(s) that are not floating point ("
+                         + ", ".join(f"{k}: {str(tensors[k].dtype).removeprefix('torch.')}" for k in kinds[:3])
+                         + f"{', ...' if len(kinds) > 3 else ''}); a residual set's factors are floating point. Save "
+                         "the residuals again with a floating dtype (float32, float16 or bfloat16)")
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
         raise ValueError(f"residual file {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])}"

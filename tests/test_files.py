@@ -330,6 +330,27 @@ def test_tensors_the_header_does_not_describe_are_refused(tmp_path):
     assert prkit.residual_names(target) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.complex64])
+def test_tensors_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    """An integer copy of a set loaded: its factors were cast to float, silently (and rounded)."""
+    path = _trained(tiny_unet()).save(tmp_path / "int.safetensors")
+    keys = []
+
+    def cast(tensors, meta):
+        keys.extend(sorted(tensors)[:2])
+        tensors.update({k: tensors[k].to(dtype) for k in keys})
+
+    _rewrite(path, cast)
+    target = tiny_unet()
+    with pytest.raises(ValueError) as err:
+        prkit.load_residuals(target, path)
+    kind = str(dtype).removeprefix("torch.")
+    assert str(err.value) == (f"residual file {str(path)!r} holds 2 tensor(s) that are not floating point "
+                              f"({keys[0]}: {kind}, {keys[1]}: {kind}); a residual set's factors are floating point. "
+                              "Save the residuals again with a floating dtype (float32, float16 or bfloat16)")
+    assert prkit.residual_names(target) == []
+
+
 def test_a_folder_given_as_the_file_says_so(tmp_path):
     _trained(tiny_unet()).save(tmp_path / "dog.safetensors")
     for call in (read_metadata, lambda p: prkit.load_residuals(tiny_unet(), p)):
@@ -348,6 +369,22 @@ def test_header_channels_and_ranks_must_be_whole_numbers(tmp_path, layer):
     _rewrite(path, lambda t, m: m.update(layers=json.dumps({b: layer for b in json.loads(m["layers"])})))
     with pytest.raises(ValueError, match=r"r\.safetensors' has a damaged prkit header .*expected a positive whole"):
         read_metadata(path)
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", '"steps=400"', "3", "null", "[" + ", ".join(["0"] * 30) + "]"])
+def test_a_header_config_that_is_not_a_json_object_is_refused(tmp_path, config):
+    """A list, string, number or null loaded (and a set loaded from it saved it again); `prkit info` on a string
+    failed with AttributeError: 'str' object has no attribute 'get'."""
+    path = _trained(tiny_unet()).save(tmp_path / "c.safetensors")
+    _rewrite(path, lambda t, m: m.update(config=config))
+    shown = config if len(config) <= 40 else config[:40] + "..."
+    target = tiny_unet()
+    for call in (read_metadata, lambda p: prkit.load_residuals(target, p)):
+        with pytest.raises(ValueError) as err:
+            call(path)
+        assert str(err.value) == (f"{str(path)!r} has a damaged prkit header (ValueError: 'config' is {shown}, not a "
+                                  "JSON object of training settings); save the residuals again")
+    assert prkit.residual_names(target) == []
 
 
 def test_load_residuals_can_set_the_words(tmp_path, tokenizer):
