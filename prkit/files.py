@@ -5,8 +5,10 @@ Owns the on-disk formats; files are written whole by ``prkit.atomic``. It does n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -61,6 +63,16 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
             checks the layers and channels, not the name: a file from another model of the same architecture loads).
         config: the training configuration (recorded as JSON).
     """
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"save_residuals: dtype={dtype} is not a floating dtype; pass torch.float32, torch.float16 or "
+                        "torch.bfloat16 (a residual set's factors are floating point, and loading refuses others)")
+    if config is None or isinstance(config, Mapping) and not config:  # none given: the training's own, if recorded
+        config = residuals.meta.get("config", {})
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"save_residuals: config= is a {type(config).__name__}, not a mapping of training settings "
+                        "(a dict, or a TrainConfig); loading refuses a header whose config is not a JSON object")
     unet = residuals.unet
     channels = layer_table(unet)
     layers = {block: {"channels": channels[block], "rank": rank} for block, rank in residuals.ranks().items()}
@@ -69,7 +81,7 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
         "token": residuals.token or "", "class_word": residuals.class_word or "",
         "base_model": base_model or residuals.meta.get("base_model", "") or "",
         "architecture": architecture(unet), "layers": json.dumps(layers),
-        "scale": str(residuals.scale), "config": json.dumps(config or residuals.meta.get("config", {}), default=str),
+        "scale": str(residuals.scale), "config": json.dumps(dict(config), default=str),
     }
     if residuals.meta.get("seconds") is not None:  # the training's wall time (prkit info shows it)
         meta["seconds"] = f"{float(residuals.meta['seconds']):.3f}"

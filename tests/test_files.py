@@ -23,6 +23,31 @@ def _trained(unet, rank=2):
     return residuals
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.complex64])
+def test_saving_refuses_a_dtype_that_loading_would_refuse(tmp_path, dtype):
+    residuals = _trained(tiny_unet())
+    with pytest.raises(TypeError, match=rf"save_residuals: dtype={dtype} is not a floating dtype; "
+                                        "pass torch.float32, torch.float16 or torch.bfloat16"):
+        prkit.save_residuals(residuals, tmp_path / "r.safetensors", dtype=dtype)
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_saving_records_a_config_as_a_json_object(tmp_path):
+    """A dataclass (a TrainConfig) is recorded as its fields, a mapping as itself; anything else is refused before a
+    file is written (loading refuses a header whose config is not an object)."""
+    from prkit.train import TrainConfig
+
+    residuals = _trained(tiny_unet())
+    path = prkit.save_residuals(residuals, tmp_path / "a.safetensors", config=TrainConfig(steps=7))
+    assert read_metadata(path)["config"]["steps"] == 7
+    path = prkit.save_residuals(residuals, tmp_path / "b.safetensors", config={"steps": 9})
+    assert read_metadata(path)["config"] == {"steps": 9}
+    for bad in (["steps", 9], "steps=9", 3):
+        with pytest.raises(TypeError, match=r"save_residuals: config= is a \w+, not a mapping of training settings"):
+            prkit.save_residuals(residuals, tmp_path / "c.safetensors", config=bad)
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 def test_save_load_round_trip_is_exact(arch, tmp_path):
     unet = tiny_unet(**ARCHS[arch])
     residuals = _trained(unet)
