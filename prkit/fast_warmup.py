@@ -11,6 +11,7 @@ are unchanged; only when the costs are paid moves.
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -28,10 +29,16 @@ def wanted(fast, device: torch.device) -> bool:
 
 
 def key(pipe, concept, config, params, fast, amp) -> tuple:
-    """What decides the kernels a training step launches: thread, UNet, shapes, precision and switches."""
+    """What decides the kernels a training step launches: thread, UNet, shapes, precision and switches.
+
+    The UNet is keyed by a weak reference, not its id(): a UNet collected after its warm-up and a new one given its
+    address had the same key, and the new one was taken as warmed (or as failing to capture). References to the same
+    live UNet compare and hash equal (a module compares by identity); a dead one equals only itself (its hash was
+    taken while it lived), so the keys of a collected UNet, left in the sets, match no other UNet. The reference
+    does not keep the UNet alive."""
     unet = pipe.unet
     checkpointing = config.gradient_checkpointing or getattr(unet, "is_gradient_checkpointing", False)  # as run
-    return (threading.get_ident(), id(unet), config.batch_size, concept.images[0].size, unet.dtype, amp,
+    return (threading.get_ident(), weakref.ref(unet), config.batch_size, concept.images[0].size, unet.dtype, amp,
             tuple(p.shape for p in params), repr(fast), checkpointing,
             config.prior_images.images[0].size if config.prior_images is not None else None)
 

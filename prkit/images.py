@@ -3,6 +3,8 @@ transparency), huge photos decoded at a reduced scale, corrupt files named with 
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -94,6 +96,23 @@ def _to_rgb(img: Image.Image, fmt: str | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
+def _missing(path: Path) -> str:
+    """Why `path`, which does not exist as far as ``exists()`` tells, cannot be read: a link to itself (or links to
+    each other) is a symlink loop (``exists()`` is False for both), not a broken link to a missing file."""
+    if not path.is_symlink():
+        return "no such file"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            try:
+                target = f" ('{path.name}' -> '{os.readlink(path)}': following the links never reaches a file)"
+            except OSError:
+                target = ""
+            return "a symlink loop" + target
+    return "no such file (a broken link)"
+
+
 def _decode(path: Path, max_side: int | None = None, resolution: int | None = None) -> Image.Image:
     """Open, fully decode, EXIF-rotate and convert `path` to RGB; raise `_Unreadable`.
 
@@ -106,8 +125,8 @@ def _decode(path: Path, max_side: int | None = None, resolution: int | None = No
         if path.is_dir():
             raise _Unreadable(path, "it is a folder, not an image file")
         if not path.is_file():
-            raise _Unreadable(path, "no such file" + (" (a broken link)" if path.is_symlink() else "")
-                              if not path.exists() else "not a regular file (a pipe, socket or device)")
+            raise _Unreadable(path, _missing(path) if not path.exists()
+                              else "not a regular file (a pipe, socket or device)")
         if path.stat().st_size == 0:
             raise _Unreadable(path, "the file is empty (0 bytes)")
     except PermissionError as e:  # a link into a folder this user may not search

@@ -545,6 +545,28 @@ def test_a_broken_link_is_named_not_passed_over_and_more_pillow_formats_count(tm
     assert "IMG_1.HEIC, data.h5" in message and "IMG_1.HEIC need pillow-heif" in message
 
 
+def test_a_symlink_loop_is_named_as_one_and_a_dangling_link_stays_a_broken_link(tmp_path):
+    """A link to itself, or two links to each other, was reported as "a broken link", which sends one looking for a
+    missing file. A loop is an error as a broken link is, and skipped with a note under skip_bad as one is."""
+    folder = make_folder(tmp_path / "self")
+    os.symlink("self.png", folder / "self.png")
+    with pytest.raises(ConceptDataError, match=r"self\.png': a symlink loop \('self\.png' -> 'self\.png'"):
+        load_concept(folder, "sks", "dog", R)
+    folder = make_folder(tmp_path / "dangling")
+    os.symlink(folder / "missing.png", folder / "gone.png")
+    with pytest.raises(ConceptDataError, match=r"gone\.png': no such file \(a broken link\)"):
+        load_concept(folder, "sks", "dog", R)
+    folder = make_folder(tmp_path / "pair")
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        concept = load_concept(folder, "sks", "dog", R, skip_bad=True)
+    assert sorted(p.name for p in concept.paths) == ["00.png", "01.png", "02.png"]
+    skipped = sorted(str(w.message) for w in caught if "skipping" in str(w.message))
+    assert len(skipped) == 2 and "a.png': a symlink loop ('a.png' -> 'b.png'" in skipped[0]
+    assert "b.png': a symlink loop ('b.png' -> 'a.png'" in skipped[1] and "broken" not in "".join(skipped)
+
 def test_sixteen_bit_grey_transparency_is_white_as_in_eight_bit(tmp_path):
     grey = np.full((32, 32), 30000, np.uint16)
     grey[:, 16:] = 5  # the transparent level

@@ -1253,3 +1253,43 @@ def test_the_warm_up_key_follows_the_checkpointing_that_will_run(pipe, concept):
     finally:
         pipe.unet.disable_gradient_checkpointing()
     assert plain != asked and owner == asked
+
+
+def test_a_new_unet_at_a_collected_ones_address_inherits_no_warm_up(concept, monkeypatch):
+    """The warm-up's memories keyed the UNet by id(): a new UNet given the address of one collected after its warm-up
+    (or failed capture) was taken as warmed (its first step paid the one-time costs) or as failing to capture."""
+    import gc
+    from types import SimpleNamespace
+
+    from prkit import fast_warmup
+
+    class UNet:  # what key() reads of a UNet; a plain object, whose address CPython hands out again at once
+        dtype = torch.float32
+
+    monkeypatch.setattr(fast_warmup, "_WARMED", set())
+    monkeypatch.setattr(fast_warmup, "_CAPTURE_FIRST_FAILED", set())
+    loop, cpu, stepper = FastConfig(warm_up=True), torch.device("cpu"), SimpleNamespace(capture_first=False,
+                                                                                          prepare=lambda: None)
+
+    def key(unet) -> tuple:
+        return fast_warmup.key(SimpleNamespace(unet=unet), concept, TrainConfig(), [], loop, None)
+
+    def warm(unet) -> None:  # as the loop does: warmed up, after a capture before any eager step failed
+        fast_warmup.capture_first_failed(key(unet))
+        fast_warmup.warm_up_while_encoding(stepper, [], None, key(unet))
+
+    old = UNet()
+    warm(old)
+    assert not fast_warmup.needed(key(old), loop, cpu) and not fast_warmup.capture_first(loop, key(old))
+    address = id(old)
+    del old
+    gc.collect()
+    kept, new = [], UNet()
+    while id(new) != address and len(kept) < 10_000:
+        kept.append(new)
+        new = UNet()
+    if id(new) != address:
+        pytest.skip("no new object was given the collected one's address")
+    assert fast_warmup.needed(key(new), loop, cpu) and fast_warmup.capture_first(loop, key(new))
+    warm(new)  # its own warm-up still counts for it
+    assert not fast_warmup.needed(key(new), loop, cpu) and not fast_warmup.capture_first(loop, key(new))
