@@ -6,9 +6,23 @@ from __future__ import annotations
 import logging
 import warnings
 
-# the library's words for a setting that only `prkit train` has a flag for, as it spells them; other commands keep
-# the library's words (eval's --set takes them as they are: "checkpoint_dir" is a field there, not a flag)
-TRAIN_WORDS = (("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
+
+def _halves(flag: str, load: str) -> tuple:
+    """train.py's refusal of a mixed precision in the other half precision than the UNet's, in a command's words:
+    ``flag`` sets the precision, ``load`` says how to load the model in the one asked for ({asked}, {stored})."""
+    return tuple((f"mixed_precision={a!r} on a UNet stored in {s}: the two half precisions cannot mix in one step. "
+                  f"Use mixed_precision='auto' or {s!r}, or load the pipeline in {a} (prkit.load_pipeline(..., "
+                  f"dtype={a!r}))",
+                  f"{flag}{a} on a UNet loaded in {s}: the two half precisions cannot mix in one step. Use {flag}auto "
+                  f"or {s}{load.format(asked=a, stored=s)}") for a, s in (("fp16", "bf16"), ("bf16", "fp16")))
+
+
+# the library's words for a setting that only `prkit train` has a flag for, as it spells them (train has no --dtype:
+# on a GPU it loads the model in bf16, or fp16 where bf16 is not native); other commands keep the library's words
+# (eval's --set takes them as they are: "checkpoint_dir" is a field there, not a flag)
+TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {stored} on this GPU and has no flag to "
+                                            "load it in {asked})") + (
+               ("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
                 "again", "run the command again without --no-resume to resume; with --no-resume it would start over "
                 "again"),
                ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
