@@ -18,8 +18,7 @@ def _halves(flag: str, load: str) -> tuple:
 
 
 # the library's words for a setting that only `prkit train` has a flag for, as it spells them (train has no --dtype:
-# on a GPU it loads the model in bf16, or fp16 where bf16 is not native); other commands keep the library's words
-# (eval's --set takes them as they are: "checkpoint_dir" is a field there, not a flag)
+# on a GPU it loads the model in bf16, or fp16 where bf16 is not native)
 TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {stored} on this GPU and has no flag to "
                                             "load it in {asked})") + (
                ("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
@@ -31,6 +30,19 @@ TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {s
                ("past this run's steps=", "past this run's --steps "),
                ("load them with load_concept(..., resolution=", "pass --resolution "),  # N, the model's side
                (") (prkit.native_resolution(pipe))", ", the model's native size (or leave --resolution out)"))
+# the same for `prkit eval`, whose training settings are --set's fields (as the library spells them: "checkpoint_dir"
+# alone is a field there, not a flag), said as --set METHOD.FIELD=VALUE; what it has no setting for, left out
+EVAL_WORDS = _halves("--set METHOD.mixed_precision=", ", or pass --dtype {asked}") + (
+    ("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over again",
+     "run the command again with --set METHOD.resume=True to resume; with METHOD.resume=False it would start over "
+     "again"),
+    ("resume=False (CLI: --no-resume)", "--set METHOD.resume=False"),
+    ("another checkpoint_dir", "another --set METHOD.checkpoint_dir"),
+    ("past this run's steps=", "past this run's --set METHOD.steps="),
+    ("Lower learning_rate", "Lower --set METHOD.learning_rate"),
+    (" or use mixed_precision=", " or use --set METHOD.mixed_precision="),
+    ("train at its precision: mixed_precision=", "train at its precision: --set METHOD.mixed_precision="),
+    (", or pass skip_bad=True to skip it.", " (prkit eval has no --skip-bad)."))  # the datasets' images: all read
 # the library's words for a setting, as every command spells it (errors raised by the library name arguments)
 CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
               "(train it again with --token, or sample with --no-lag)"),
@@ -48,7 +60,7 @@ CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with l
 
 def _cli_words(message: str, command: str) -> str:
     """``message`` in the words of ``prkit <command>``'s flags."""
-    for library, flag in (TRAIN_WORDS if command == "train" else ()) + CLI_WORDS:
+    for library, flag in {"train": TRAIN_WORDS, "eval": EVAL_WORDS}.get(command, ()) + CLI_WORDS:
         message = message.replace(library, flag)
     return message
 
