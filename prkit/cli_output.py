@@ -6,9 +6,22 @@ from __future__ import annotations
 import logging
 import warnings
 
-# the library's words for a setting that only `prkit train` has a flag for, as it spells them; other commands keep
-# the library's words (eval's --set takes them as they are: "checkpoint_dir" is a field there, not a flag)
-TRAIN_WORDS = (("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
+
+def _halves(flag: str, load: str) -> tuple:
+    """train.py's refusal of a mixed precision in the other half precision than the UNet's, in a command's words:
+    ``flag`` sets the precision, ``load`` says how to load the model in the one asked for ({asked}, {stored})."""
+    return tuple((f"mixed_precision={a!r} on a UNet stored in {s}: the two half precisions cannot mix in one step. "
+                  f"Use mixed_precision='auto' or {s!r}, or load the pipeline in {a} (prkit.load_pipeline(..., "
+                  f"dtype={a!r}))",
+                  f"{flag}{a} on a UNet loaded in {s}: the two half precisions cannot mix in one step. Use {flag}auto "
+                  f"or {s}{load.format(asked=a, stored=s)}") for a, s in (("fp16", "bf16"), ("bf16", "fp16")))
+
+
+# the library's words for a setting that only `prkit train` has a flag for, as it spells them (train has no --dtype:
+# on a GPU it loads the model in bf16, or fp16 where bf16 is not native)
+TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {stored} on this GPU and has no flag to "
+                                            "load it in {asked})") + (
+               ("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
                 "again", "run the command again without --no-resume to resume; with --no-resume it would start over "
                 "again"),
                ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
@@ -17,6 +30,19 @@ TRAIN_WORDS = (("call again with resume=True (CLI: without --no-resume) to resum
                ("past this run's steps=", "past this run's --steps "),
                ("load them with load_concept(..., resolution=", "pass --resolution "),  # N, the model's side
                (") (prkit.native_resolution(pipe))", ", the model's native size (or leave --resolution out)"))
+# the same for `prkit eval`, whose training settings are --set's fields (as the library spells them: "checkpoint_dir"
+# alone is a field there, not a flag), said as --set METHOD.FIELD=VALUE; what it has no setting for, left out
+EVAL_WORDS = _halves("--set METHOD.mixed_precision=", ", or pass --dtype {asked}") + (
+    ("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over again",
+     "run the command again with --set METHOD.resume=True to resume; with METHOD.resume=False it would start over "
+     "again"),
+    ("resume=False (CLI: --no-resume)", "--set METHOD.resume=False"),
+    ("another checkpoint_dir", "another --set METHOD.checkpoint_dir"),
+    ("past this run's steps=", "past this run's --set METHOD.steps="),
+    ("Lower learning_rate", "Lower --set METHOD.learning_rate"),
+    (" or use mixed_precision=", " or use --set METHOD.mixed_precision="),
+    ("train at its precision: mixed_precision=", "train at its precision: --set METHOD.mixed_precision="),
+    (", or pass skip_bad=True to skip it.", " (prkit eval has no --skip-bad)."))  # the datasets' images: all read
 # the library's words for a setting, as every command spells it (errors raised by the library name arguments)
 CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
               "(train it again with --token, or sample with --no-lag)"),
@@ -34,7 +60,7 @@ CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with l
 
 def _cli_words(message: str, command: str) -> str:
     """``message`` in the words of ``prkit <command>``'s flags."""
-    for library, flag in (TRAIN_WORDS if command == "train" else ()) + CLI_WORDS:
+    for library, flag in {"train": TRAIN_WORDS, "eval": EVAL_WORDS}.get(command, ()) + CLI_WORDS:
         message = message.replace(library, flag)
     return message
 

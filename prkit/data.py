@@ -152,11 +152,17 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     if not ok:
         raise ConceptDataError(f"prompt_template {template!r} must contain {{token}} and may "
                                "use only {token} and {class_word}, as plain fields.")
-    others = re.findall(r"\w+", template.replace("{token}", " ").replace("{class_word}", f" {class_word} ").lower())
-    if token.strip().lower() in others:  # its attention (and LAG's mask) would take the other occurrence too
+    word, literal = token.strip().lower(), template.replace("{token}", " ").replace("{class_word}", " ")
+    held = [(what, text) for what, text, words in (("class word", class_word, class_word),
+                                                   ("prompt template", template, literal))
+            if word in re.findall(r"\w+", words.lower())]  # its attention (and LAG's mask) would take that one too
+    if held:
+        places = " and ".join(f"the {what} {text!r}" for what, text in held)
+        example = "" if word == "sks" else " such as 'sks'"
         raise ConceptDataError(f"token {token!r} is also another word of the training prompt "
-                               f"{template.format(token=token, class_word=class_word)!r}; choose a rare "
-                               "identifier such as 'sks'.")
+                               f"{template.format(token=token, class_word=class_word)!r}: {places} "
+                               f"{'contain' if len(held) > 1 else 'contains'} it. Choose another token (a rare "
+                               f"identifier{example}), or {' and '.join('a ' + what for what, _ in held)} without it.")
     return token, class_word.strip()
 
 

@@ -382,14 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    from .cli import _expand_paths
+    from .cli import _cli_words, _expand_paths
 
     _expand_paths(args)  # "~" in --out/--data, as `prkit eval` does
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return run_from_args(args)
     except (OSError, ValueError) as err:  # a message, as `prkit eval` gives it, not a traceback
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {_cli_words(str(err), 'eval')}", file=sys.stderr)
         return 2
 
 

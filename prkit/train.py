@@ -85,7 +85,7 @@ def _check_precision(config, unet) -> None:
     whole = getattr(TARGETS[config.target], "trains_whole_unet", False)  # fp32 master copies of every weight
     if wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted and not whole:
         names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-        raise ValueError(
+        raise ValueError(  # word for word as cli_output._halves rewords it for the command line
             f"mixed_precision={config.mixed_precision!r} on a UNet stored in {names[stored]}: the two half precisions "
             f"cannot mix in one step. Use mixed_precision='auto' or {names[stored]!r}, or load the pipeline in "
             f"{config.mixed_precision} (prkit.load_pipeline(..., dtype={config.mixed_precision!r}))")

@@ -532,6 +532,27 @@ def test_train_memory_options_reach_the_recipe(tmp_path, monkeypatch):
     assert seen[-1].mixed_precision == "no" and seen[-1].gradient_checkpointing
 
 
+def test_train_mixed_precision_other_than_the_models_half_says_the_flags(tmp_path, monkeypatch, capsys):
+    """On a GPU prkit train loads the model in bf16 (fp16 on a T4 or V100); --mixed-precision in the other half
+    precision was refused with advice for Python: "load the pipeline in fp16 (prkit.load_pipeline(..., dtype='fp16'))",
+    which train has no flag for."""
+    import prkit.pipeline
+
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    args = ["train", "--model", str(model), "--images", str(_concept(tmp_path / "images")), "--token", "sks",
+            "--class-word", "dog", "--rank", "2", "--device", "cpu", "--out", str(tmp_path / "a.safetensors")]
+    real = prkit.pipeline.load_pipeline
+    for loaded, wanted in (("bf16", "fp16"), ("fp16", "bf16")):  # as on an A100, as on a T4
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[loaded]
+        monkeypatch.setattr(prkit.pipeline, "load_pipeline", lambda *a, dtype=dtype, **k: real(*a, **k).to(dtype))
+        assert main(args + ["--mixed-precision", wanted]) == 2
+        err = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("prkit train: error:"))
+        assert err == (f"prkit train: error: --mixed-precision {wanted} on a UNet loaded in {loaded}: the two half "
+                       f"precisions cannot mix in one step. Use --mixed-precision auto or {loaded} (prkit train loads "
+                       f"the model in {loaded} on this GPU and has no flag to load it in {wanted})")
+
+
 def test_paths_expand_the_home_folder_and_errors_use_the_flags(tmp_path, capsys, monkeypatch):
     """A quoted "~/imgs" (or --out=~/x, which the shell leaves) was read literally: the folder was not found, and
     outputs went to a folder named "~" under the current one. Errors spoke of skip_bad=True, not --skip-bad."""

@@ -308,6 +308,27 @@ def test_bad_token_or_class_word(tmp_path, token, class_word, match):
         load_concept(tmp_path, token, class_word, R)
 
 
+@pytest.mark.parametrize("token,class_word,template,where", [
+    ("sks", "sks dog", None, "the class word 'sks dog' contains it. Choose another token (a rare identifier), "
+                             "or a class word without it"),
+    ("a", "dog", None, "the prompt template 'a photo of a {token} {class_word}' contains it. Choose another token (a "
+                       "rare identifier such as 'sks'), or a prompt template without it"),
+    ("sks", "dog", "a sks photo of {token} {class_word}", "the prompt template 'a sks photo of {token} {class_word}' "
+                                                          "contains it"),
+    ("photo", "photo frame", None, "the class word 'photo frame' and the prompt template 'a photo of a {token} "
+                                   "{class_word}' contain it. Choose another token (a rare identifier such as 'sks'), "
+                                   "or a class word and a prompt template without it"),
+])
+def test_a_token_that_is_another_word_of_the_prompt_says_where_that_word_is(tmp_path, token, class_word, template,
+                                                                              where):
+    """The token's second occurrence in the training prompt was not placed: the class word ('sks dog') or the
+    template's text hold it, and only that is to change (the advice to pick 'sks' was no help for 'sks' itself)."""
+    make_folder(tmp_path)
+    with pytest.raises(ConceptDataError, match=f"token {token!r} is also another word of the training prompt") as err:
+        load_concept(tmp_path, token, class_word, R, prompt_template=template)
+    assert where in str(err.value)
+
+
 def test_bad_prompt_template(tmp_path):
     make_folder(tmp_path)
     with pytest.raises(ConceptDataError, match="prompt_template"):

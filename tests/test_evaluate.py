@@ -434,6 +434,62 @@ def test_module_command_line_errors_are_messages_and_expands_home(tmp_path, monk
     assert seen["out"] == str(tmp_path / "home" / "runs") and not (tmp_path / "~").exists()
 
 
+def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
+    """prkit eval passed on advice meant for Python callers or prkit train: a checkpoint folder set with --set that
+    another subject's run had written was to be fixed with "resume=False (CLI: --no-resume)", a flag eval does not
+    have, an unreadable image of the dataset with "skip_bad=True", and a --set mixed_precision in the other half
+    precision than --dtype with prkit.load_pipeline(..., dtype=...). Said now with --set's fields and --dtype (the
+    library's words are unchanged for Python callers)."""
+    import shutil
+
+    from prkit import checkpoints
+    from prkit.cli import main
+    from prkit.cli_output import _cli_words
+    from prkit.data import ConceptDataError, load_concept
+    from prkit.train import TrainConfig, diverged_message
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    shutil.copytree(assets["data"], data)
+
+    def error() -> str:  # the error line alone (a logging handler a test before left on its closed stderr says more)
+        return next(line for line in capsys.readouterr().err.splitlines() if ": error: " in line)
+
+    run = ["--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
+           "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu",
+           "--methods", "residuals", "--set", "residuals.steps=2", f"residuals.checkpoint_dir={tmp_path / 'ckpt'}"]
+    assert main(["eval", *run, "--out", str(tmp_path / "a")]) == 2  # dog's checkpoint, then teapot's run
+    err = error()
+    assert "belongs to another run" in err and "--no-resume" not in err and "resume=False (CLI" not in err
+    assert err.endswith("To keep both, pass another --set METHOD.checkpoint_dir; to start over, delete it, pass "
+                        "another --set METHOD.checkpoint_dir, or pass --set METHOD.resume=False.")
+    assert main(["eval", *run, "residuals.steps=1", "--subjects", "dog", "--out", str(tmp_path / "b")]) == 2
+    assert "is at step 2, past this run's --set METHOD.steps=1: ask for at least 2" in error()
+    with pytest.warns(UserWarning, match="bfloat16 on the CPU"):  # (a UNet in bf16, as on a GPU)
+        assert main(["eval", *run[:-1], "residuals.mixed_precision=fp16", "--dtype", "bf16", "--out",
+                     str(tmp_path / "c")]) == 2
+    err = error()
+    assert ("error: --set METHOD.mixed_precision=fp16 on a UNet loaded in bf16: the two half precisions cannot mix "
+            "in one step. Use --set METHOD.mixed_precision=auto or bf16, or pass --dtype fp16") in err
+    assert "load_pipeline" not in err and "dtype=" not in err
+    (data / "dog" / "9.png").write_bytes(b"not a png")
+    for command in (lambda argv: main(["eval", *argv]), ev.main):  # `python -m prkit.evaluate` says it alike
+        assert command([*run[:-5], "--methods", "base", "--out", str(tmp_path / "d")]) == 2
+        err = error()
+        assert "9.png" in err and "Remove or replace the file (prkit eval has no --skip-bad)." in err
+        assert "skip_bad" not in err
+    with pytest.raises(ConceptDataError, match=r"9\.png.*or pass skip_bad=True to skip it"):  # Python: as it was
+        load_concept(data / "dog", "sks", "dog", 16)
+    # what training says on its way (an interrupted run's log line, a divergence), in eval's words
+    assert _cli_words(checkpoints.resume_hint(TrainConfig(resume=False)), "eval") == (
+        "run the command again with --set METHOD.resume=True to resume; with METHOD.resume=False it would start "
+        "over again")
+    diverged = diverged_message(float("nan"), 3, None, TrainConfig(learning_rate=0.01), torch.bfloat16)
+    assert "Lower learning_rate (now 0.01) or use mixed_precision='no'." in diverged
+    assert _cli_words(diverged, "eval").endswith("Lower --set METHOD.learning_rate (now 0.01) or use --set "
+                                                 "METHOD.mixed_precision='no'.")
+
+
 @pytest.mark.parametrize("spec, match", [
     ('{"a": 1}', r"dataset\.json' must hold a list of concepts"),
     ('[{"class_prompt": "dog", "prompt_filename": "prompts/dog.txt"}]', r"entry 0 has no 'instance_data_dir'"),
