@@ -84,7 +84,9 @@ class EvalConfig:
 def _train_config(method: str, subject: Subject, config: EvalConfig, resolution: int,
                   model_defaults: dict | None = None):
     """The method's published recipe; the model folder's own learning rate for it (prkit_defaults.json, used as
-    given, as ``train_residuals`` does) replaces the recipe's; the run's ``--set`` overrides go on top."""
+    given, as ``train_residuals`` does) replaces the recipe's; the run's ``--set`` overrides go on top. A
+    ``checkpoint_dir`` becomes ``<checkpoint_dir>/<method>/<subject>``, or where it holds "{subject}" (and
+    "{method}"), is formatted with them."""
     from .data import load_concept
     from .targets import recipe
     from .train import TrainConfig
@@ -94,6 +96,11 @@ def _train_config(method: str, subject: Subject, config: EvalConfig, resolution:
     if isinstance(prior, str):  # a folder of class images; "{subject}" is replaced by the subject's name
         overrides["prior_images"] = load_concept(prior.format(subject=subject.name), subject.token,
                                                  subject.class_word, resolution)
+    folder = overrides.get("checkpoint_dir")
+    if folder:  # one per method and subject: a folder shared by a method's subjects (and maybe by other methods)
+        folder = str(folder)  # would have every run after the first refuse the first one's checkpoint
+        overrides["checkpoint_dir"] = (folder.format(subject=subject.name, method=method) if "{subject}" in folder
+                                       else str(Path(folder).expanduser() / method / subject.name))
     fields = recipe(method, **overrides)
     if "learning_rate" not in overrides and (model_defaults or {}).get("learning_rate") is not None:
         fields["learning_rate"] = float(model_defaults["learning_rate"])
@@ -342,7 +349,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--token", default=d.token)
     parser.add_argument("--set", dest="train", nargs="*", default=[], metavar="METHOD.FIELD=VALUE",
                         help="recipe overrides, e.g. textual_inversion.steps=500 "
-                             "dreambooth.prior_images=class_images/{subject}")
+                             "dreambooth.prior_images=class_images/{subject}; a METHOD.checkpoint_dir=DIR keeps "
+                             "each run's checkpoint in DIR/METHOD/SUBJECT")
     parser.add_argument("--clip", default=d.clip, help="hub id, folder, 'world', 'auto' or 'none'")
     parser.add_argument("--dino", default=d.dino, help="hub id, folder, 'auto' or 'none'")
     parser.add_argument("--download-backbones", action="store_true",

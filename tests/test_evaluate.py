@@ -434,9 +434,26 @@ def test_module_command_line_errors_are_messages_and_expands_home(tmp_path, monk
     assert seen["out"] == str(tmp_path / "home" / "runs") and not (tmp_path / "~").exists()
 
 
+def test_each_method_and_subject_checkpoints_in_a_folder_of_its_own(assets, tmp_path):
+    """A --set METHOD.checkpoint_dir is shared by every subject (and maybe by other methods): each run keeps its
+    checkpoint in <dir>/<method>/<subject> (one folder for all made every subject's run after the first refuse the
+    first one's checkpoint), or where the folder's name holds "{subject}" (and "{method}"), there."""
+    from pathlib import Path
+
+    (subject,) = ev.load_subjects(_config(assets, tmp_path))
+    config = _config(assets, tmp_path, train={m: {"checkpoint_dir": str(tmp_path / "ck")} for m in ("residuals", "lora")})
+    assert Path(ev._train_config("residuals", subject, config, 16).checkpoint_dir) == tmp_path / "ck" / "residuals" / \
+        subject.name
+    assert Path(ev._train_config("lora", subject, config, 16).checkpoint_dir) == tmp_path / "ck" / "lora" / subject.name
+    config = _config(assets, tmp_path, train={"residuals": {"checkpoint_dir": str(tmp_path / "{method}-{subject}")}})
+    assert Path(ev._train_config("residuals", subject, config, 16).checkpoint_dir) == \
+        tmp_path / f"residuals-{subject.name}"
+    assert ev._train_config("residuals", subject, _config(assets, tmp_path), 16).checkpoint_dir is None
+
+
 def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
     """prkit eval passed on advice meant for Python callers or prkit train: a checkpoint folder set with --set that
-    another subject's run had written was to be fixed with "resume=False (CLI: --no-resume)", a flag eval does not
+    a run with other settings had written was to be fixed with "resume=False (CLI: --no-resume)", a flag eval does not
     have, an unreadable image of the dataset with "skip_bad=True", and a --set mixed_precision in the other half
     precision than --dtype with prkit.load_pipeline(..., dtype=...). Said now with --set's fields and --dtype (the
     library's words are unchanged for Python callers)."""
@@ -458,7 +475,10 @@ def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
     run = ["--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
            "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu",
            "--methods", "residuals", "--set", "residuals.steps=2", f"residuals.checkpoint_dir={tmp_path / 'ckpt'}"]
-    assert main(["eval", *run, "--out", str(tmp_path / "a")]) == 2  # dog's checkpoint, then teapot's run
+    assert main(["eval", *run, "--subjects", "dog", "--out", str(tmp_path / "a")]) == 0
+    # the same subject's checkpoint, for a run with other settings
+    assert main(["eval", *run, "residuals.seed=5", "residuals.steps=3", "--subjects", "dog", "--out",
+                 str(tmp_path / "a2")]) == 2
     err = error()
     assert "belongs to another run" in err and "--no-resume" not in err and "resume=False (CLI" not in err
     assert err.endswith("To keep both, pass another --set METHOD.checkpoint_dir; to start over, delete it, pass "
