@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,10 @@ from . import __version__
 # re-exported: prkit.files stays their import path
 from .atomic import ABANDONED_AFTER, atomic_path, reworded, write_error, writing  # noqa: F401
 from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names
+from .train_config import TrainConfig, _public
+
+log = logging.getLogger(__name__)
+FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what a residual set's factors may be
 
 FORMAT = "prkit.residuals/1"
 
@@ -63,12 +68,15 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
             checks the layers and channels, not the name: a file from another model of the same architecture loads).
         config: the training configuration (recorded as JSON).
     """
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"save_residuals: dtype={dtype} is not a floating dtype; pass torch.float32, torch.float16 or "
-                        "torch.bfloat16 (a residual set's factors are floating point, and loading refuses others)")
+    if dtype not in FACTOR_DTYPES:
+        kind = "a dtype loading refuses" if isinstance(dtype, torch.dtype) else "not a torch dtype"
+        raise TypeError(f"save_residuals: dtype={dtype!r} is {kind}; pass torch.float32, torch.float16 or "
+                        "torch.bfloat16")
     if config is None or isinstance(config, Mapping) and not config:  # none given: the training's own, if recorded
-        config = residuals.meta.get("config", {})
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = residuals.meta.get("config") or {}
+    if isinstance(config, TrainConfig):
+        config = _public(config)  # (its prior images as "given", not their pixels)
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     if not isinstance(config, Mapping):
         raise TypeError(f"save_residuals: config= is a {type(config).__name__}, not a mapping of training settings "
@@ -141,9 +149,12 @@ def read_metadata(path) -> dict:
         meta["layers"] = json.loads(meta["layers"])
         config = meta.get("config") or "{}"
         meta["config"] = json.loads(config)
-        if not isinstance(meta["config"], dict):
-            raise ValueError(f"'config' is {config[:40]}{'...' if len(config) > 40 else ''}, not a JSON object of "
-                             "training settings")
+        if meta["config"] is None:
+            meta["config"] = {}
+        elif not isinstance(meta["config"], dict):  # older saves wrote a TrainConfig given as config= as its text:
+            log.warning("%r records its training settings as %s, not as a JSON object; they are kept as the config's "
+                        "'recorded' entry", str(path), type(meta["config"]).__name__)  # not worth refusing the set
+            meta["config"] = {"recorded": meta["config"]}
         if not isinstance(meta["layers"], dict) or not all(
                 isinstance(v, dict) and {"channels", "rank"} <= set(v) for v in meta["layers"].values()):
             raise ValueError("'layers' is not a table of block -> {channels, rank}")
@@ -228,13 +239,14 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
         raise ValueError(f"residual file {str(path)!r} holds {len(unexpected)} tensor(s) its header does not describe "
                          f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''}); it is not a file "
                          "prkit wrote. Save the residuals again, or keep only the tensors of the header's layers")
-    kinds = sorted(k for k, v in tensors.items() if not v.is_floating_point())  # integer, bool or complex
+    kinds = sorted(k for k, v in tensors.items() if v.dtype not in FACTOR_DTYPES)  # integer, bool, complex, float8
     if kinds:
-        raise ValueError(f"residual file {str(path)!r} holds {len(kinds)} tensor(s) that are not floating point ("
+        raise ValueError(f"residual file {str(path)!r} holds {len(kinds)} tensor(s) that are not float32, float16, "
+                         "bfloat16 or float64 ("
                          + ", ".join(f"{k}: {str(tensors[k].dtype).removeprefix('torch.')}" for k in kinds[:3])
-                         + f"{', ...' if len(kinds) > 3 else ''}); a residual set's factors are floating point. Save "
-                         "the residuals again with a floating dtype (float32, float16 or bfloat16)")
-    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+                         + f"{', ...' if len(kinds) > 3 else ''}); a residual set's factors are. Save the residuals "
+                         "again with one of those (float32, float16 or bfloat16)")
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:
         raise ValueError(f"residual file {str(path)!r} holds NaN or infinite values ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}): it would paint black images. Train again, at a lower "

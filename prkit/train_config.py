@@ -3,7 +3,9 @@ model (learning rate, precision, resolution check) and what a run returns (``Tra
 
 from __future__ import annotations
 
+import copy
 import math
+import string
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +75,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.prompt_template {template!r} must contain {{token}} and may use only "
                                  "{token} and {class_word} (e.g. 'a photo of a {token} {class_word}')")
+            times = [name for _, name, _, _ in string.Formatter().parse(template)].count("token")
+            if times > 1:  # the identifier's attention (and LAG's mask) would be split over them
+                raise ValueError(f"TrainConfig.prompt_template {template!r} holds {{token}} {times} times; use it "
+                                 "once")
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
             raise ValueError(f"TrainConfig.seed must be a whole number (a 64-bit seed), got {seed!r}")
@@ -264,6 +270,9 @@ def training_prompt(config: TrainConfig, concept) -> str:
 
 
 def _public(config: TrainConfig) -> dict:
-    out = asdict(config)
+    """The settings as plain data: the prior images as "given" (asdict would deep-copy every class image first)."""
+    shallow = copy.copy(config)
+    shallow.prior_images = None
+    out = asdict(shallow)
     out["prior_images"] = None if config.prior_images is None else "given"
     return out
