@@ -77,6 +77,32 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.dtype must be None, 'fp32', 'fp16' or 'bf16', got {self.dtype!r}")
         if self.ci_over not in ("image", "subject"):  # checked before any job runs, not at the summary
             raise ValueError(f"EvalConfig.ci_over must be 'image' or 'subject', got {self.ci_over!r}")
+        for method, overrides in self.train.items():  # before any model loads, not at the method's first job
+            if isinstance(overrides, dict) and overrides.get("checkpoint_dir"):
+                checkpoint_folder(overrides["checkpoint_dir"], method, "subject")
+
+
+def checkpoint_folder(folder, method: str, subject: str) -> str:
+    """Where an evaluation's run of ``method`` on ``subject`` keeps its checkpoint, given the method's
+    ``checkpoint_dir``: ``<folder>/<method>/<subject>``, or where the folder's name holds ``{subject}`` or
+    ``{method}``, the name with them filled in. A folder shared by a method's subjects (and maybe by other methods)
+    would have every run after the first refuse the first one's checkpoint. Other braces are refused."""
+    import string
+
+    text = str(folder)
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as err:  # an unmatched brace
+        raise ValueError(f"{method}.checkpoint_dir={text!r}: {err}; name the folder with {{subject}} and {{method}} "
+                         "only, or without braces") from err
+    bad = ["{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+           for name, spec, conv in fields if name not in ("subject", "method") or spec or conv]
+    if bad:
+        raise ValueError(f"{method}.checkpoint_dir={text!r} names {', '.join(bad)}; only {{subject}} and {{method}} "
+                         "are filled in (or no braces: <folder>/<method>/<subject>)")
+    if "{subject}" in text or "{method}" in text:
+        return str(Path(text.format(subject=subject, method=method)).expanduser())
+    return str(Path(text).expanduser() / method / subject)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -96,11 +122,8 @@ def _train_config(method: str, subject: Subject, config: EvalConfig, resolution:
     if isinstance(prior, str):  # a folder of class images; "{subject}" is replaced by the subject's name
         overrides["prior_images"] = load_concept(prior.format(subject=subject.name), subject.token,
                                                  subject.class_word, resolution)
-    folder = overrides.get("checkpoint_dir")
-    if folder:  # one per method and subject: a folder shared by a method's subjects (and maybe by other methods)
-        folder = str(folder)  # would have every run after the first refuse the first one's checkpoint
-        overrides["checkpoint_dir"] = (folder.format(subject=subject.name, method=method) if "{subject}" in folder
-                                       else str(Path(folder).expanduser() / method / subject.name))
+    if overrides.get("checkpoint_dir"):
+        overrides["checkpoint_dir"] = checkpoint_folder(overrides["checkpoint_dir"], method, subject.name)
     fields = recipe(method, **overrides)
     if "learning_rate" not in overrides and (model_defaults or {}).get("learning_rate") is not None:
         fields["learning_rate"] = float(model_defaults["learning_rate"])

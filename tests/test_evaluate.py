@@ -449,6 +449,12 @@ def test_each_method_and_subject_checkpoints_in_a_folder_of_its_own(assets, tmp_
     assert Path(ev._train_config("residuals", subject, config, 16).checkpoint_dir) == \
         tmp_path / f"residuals-{subject.name}"
     assert ev._train_config("residuals", subject, _config(assets, tmp_path), 16).checkpoint_dir is None
+    assert ev.checkpoint_folder("~/ck/{method}", "lora", "dog") == str(Path("~/ck/lora").expanduser())
+    # other braces are refused when the config is made, before any model loads, naming the setting
+    for folder, said in [("ck/{subject}/{0}", "names {0}"), ("ck/{x}", "names {x}"), ("ck/{ subject}", "{ subject}"),
+                         ("ck/{subject:s}", "names {subject:s}"), ("ck/{subject}{", "Single '{'")]:
+        with pytest.raises(ValueError, match=re.escape(f"residuals.checkpoint_dir={folder!r}") + ".*" + re.escape(said)):
+            _config(assets, tmp_path, train={"residuals": {"checkpoint_dir": folder}})
 
 
 def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
