@@ -65,6 +65,8 @@ class Concept:
     def size(self) -> tuple[int, int]:
         """(height, width) of the images, which train as one batch: a ValueError where they come in several sizes."""
         sizes = sorted({im.size for im in self.images})
+        if not sizes:
+            raise ValueError("the concept has no images; load_concept reads them from a folder (3-15 photos)")
         if len(sizes) > 1:
             raise ValueError(f"the concept's images come in {len(sizes)} sizes ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}"
                              f"{', ...' if len(sizes) > 4 else ''}); they train as one batch: crop or resize them to one "
@@ -152,6 +154,9 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     if not ok:
         raise ConceptDataError(f"prompt_template {template!r} must contain {{token}} and may "
                                "use only {token} and {class_word}, as plain fields.")
+    if [f[0] for f in fields].count("token") > 1:  # the identifier's attention (and LAG's mask) split over them
+        raise ConceptDataError(f"prompt_template {template!r} holds {{token}} "
+                               f"{[f[0] for f in fields].count('token')} times; use it once.")
     word, literal = token.strip().lower(), template.replace("{token}", " ").replace("{class_word}", " ")
     held = [(what, text) for what, text, words in (("class word", class_word, class_word),
                                                    ("prompt template", template, literal))

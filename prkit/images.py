@@ -104,7 +104,7 @@ def _missing(path: Path) -> str:
     try:
         os.stat(path)
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP or getattr(e, "winerror", None) == 1921:  # (Windows: ERROR_CANT_RESOLVE_FILENAME)
             try:
                 target = f" ('{path.name}' -> '{os.readlink(path)}': following the links never reaches a file)"
             except OSError:

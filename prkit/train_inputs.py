@@ -89,6 +89,8 @@ class _Cache:
 
     def __init__(self, pipe, concept, prompt: str, flip: bool, encode_batch: int = 8, latents_in=None):
         self.size = concept.size()  # (height, width): SDXL's size conditioning
+        for image in concept.images:  # decoded here: a lazily opened one is read once, not by two threads at once
+            image.load()  # (the executor's pixels, the checkpoint's fingerprint); load_concept's are decoded already
         self.mean = self.std = None
         self._pending = (pipe, concept, flip, encode_batch)
         self._future = latents_in.submit(self._encode) if latents_in is not None else None

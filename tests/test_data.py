@@ -333,6 +333,14 @@ def test_bad_prompt_template(tmp_path):
     make_folder(tmp_path)
     with pytest.raises(ConceptDataError, match="prompt_template"):
         load_concept(tmp_path, "sks", "dog", R, prompt_template="a {token} {colour}")
+    with pytest.raises(ConceptDataError, match=r"prompt_template 'a \{token\} photo of \{token\} \{class_word\}' "
+                                               r"holds \{token\} 2 times; use it once"):
+        load_concept(tmp_path, "sks", "dog", R, prompt_template="a {token} photo of {token} {class_word}")
+    assert load_concept(tmp_path, "sks", "dog", R, prompt_template="{{token}} {token} {class_word}")  # a literal
+    from prkit.train import TrainConfig
+
+    with pytest.raises(ValueError, match=r"TrainConfig.prompt_template '\{token\} \{token\}' holds \{token\} 2 times"):
+        TrainConfig(prompt_template="{token} {token}")
 
 
 def test_corrupt_file_in_folder_raises_naming_it(tmp_path):

@@ -522,6 +522,34 @@ def test_the_cache_reads_the_pixels_in_the_thread_that_encodes_them(pipe, monkey
     torch.testing.assert_close(cache.std, here.std, rtol=0, atol=0)
 
 
+def test_the_cache_decodes_lazily_opened_images_in_the_callers_thread(pipe, tmp_path, monkeypatch):
+    """A Concept built from Image.open(...) (decoded on first use) is decoded before the executor reads its pixels,
+    so that no two threads decode one image at once (Pillow's load is not thread-safe); an empty one is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import ImageFile
+
+    for i, image in enumerate(_asymmetric_concept().images):
+        image.save(tmp_path / f"{i}.png")
+    lazy = Concept(images=[Image.open(tmp_path / f"{i}.png") for i in range(3)], token="sks", class_word="dog",
+                   paths=[])
+    decoded = []  # (image, thread) of each image's first, decoding load
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        if not any(image is self for image, _ in decoded):
+            decoded.append((self, threading.current_thread().name))
+        return real(self)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as pool:
+        train_inputs._Cache(pipe, lazy, "a photo of a sks dog", flip=False, latents_in=pool).encode_latents()
+    assert len(decoded) == 3 and {thread for _, thread in decoded} == {threading.current_thread().name}
+    with pytest.raises(ValueError, match="the concept has no images"):  # (an IndexError from Concept.size before)
+        train_inputs._Cache(pipe, Concept(images=[], token="sks", class_word="dog", paths=[]), "a sks dog", False)
+    with pytest.raises(ValueError, match="the concept has no images"):
+        train_inputs._Cache(pipe, Concept(images=[], token="sks", class_word="dog", paths=[]), "a sks dog", False)
+
+
 def test_a_concept_of_mixed_sizes_is_refused_before_anything_is_encoded(pipe, monkeypatch):
     concept = _asymmetric_concept()
     concept.images[0] = concept.images[0].resize((concept.images[0].size[0] * 2, concept.images[0].size[1]))
