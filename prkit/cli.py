@@ -18,7 +18,7 @@ from pathlib import Path
 from .cli_args import (  # noqa: F401
     MAX_IMAGES, _check_loras, _check_output_file, _finite, _guidance, _image_count, _learning_rate, _per_file,
     _positive_int, _rank, _seed, _side, _whole, _writable_folder, bars_wanted)
-from .cli_output import _cli_words, _in_cli_words, _library_bars_off  # noqa: F401
+from .cli_output import _cli_words, _error_line, _in_cli_words, _library_bars_off  # noqa: F401
 from .cli_sample import _sample
 from .interrupts import terminate_as_interrupt
 
@@ -360,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except BrokenPipeError as err:
         if not _stdout_gone():  # a pipe the command wrote a file into: an error like any other
-            print(f"prkit {args.command}: error: {_cli_words(str(err), args.command)}", file=sys.stderr)
+            print(f"prkit {args.command}: error: {_error_line(err, args.command)}", file=sys.stderr)
             return 2
         return 141  # `prkit info | head`: the reader has what it wanted (the shell's code for SIGPIPE)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
-        print(f"prkit {args.command}: error: {_cli_words(str(err), args.command)}", file=sys.stderr)
+        print(f"prkit {args.command}: error: {_error_line(err, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the training loop has written its checkpoint and said where
         again = (f"; {_kept(args) or 'nothing was kept yet: run the same command again to start'}"

@@ -65,6 +65,13 @@ def _cli_words(message: str, command: str) -> str:
     return message
 
 
+def _error_line(err: BaseException, command: str) -> str:
+    """``err`` as ``prkit <command>: error: ...`` says it: the eval job it was raised in (``prkit_job``, "residuals on
+    'dog'"), then its message in the command's words."""
+    job = getattr(err, "prkit_job", None)
+    return (f"{job}: " if job else "") + _cli_words(str(err), command)
+
+
 class _CliWordsFormatter(logging.Formatter):
     """Log lines in the command line's words (the library's name arguments: download=False, checkpoint_dir); the
     record itself is left as it is for other handlers."""

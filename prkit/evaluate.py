@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import sys
@@ -252,7 +253,12 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
             pipe.set_progress_bar_config(disable=True)
             timing["load_seconds"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows = run_job(pipe, subjects[name], method, config, scorer, base_images)
+        try:
+            rows = run_job(pipe, subjects[name], method, config, scorer, base_images)
+        except Exception as err:  # the command line's error line names the job; its type and words stay as raised
+            with contextlib.suppress(AttributeError):
+                err.prkit_job = f"{method} on {name!r}"
+            raise
         append_rows(part, rows)  # the pair is finished once its rows are in
         timing["jobs"].append({"method": method, "subject": name, "seconds": time.perf_counter() - t0})
         log.info("%s on %s: %d rows", method, name, len(rows))
@@ -413,14 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    from .cli import _cli_words, _expand_paths
+    from .cli import _error_line, _expand_paths
 
     _expand_paths(args)  # "~" in --out/--data, as `prkit eval` does
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return run_from_args(args)
-    except (OSError, ValueError) as err:  # a message, as `prkit eval` gives it, not a traceback
-        print(f"{parser.prog}: error: {_cli_words(str(err), 'eval')}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError, TypeError) as err:  # a message, as `prkit eval` says it, no traceback
+        print(f"{parser.prog}: error: {_error_line(err, 'eval')}", file=sys.stderr)
         return 2
 
 

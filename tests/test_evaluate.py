@@ -495,8 +495,9 @@ def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
         assert main(["eval", *run[:-1], "residuals.mixed_precision=fp16", "--dtype", "bf16", "--out",
                      str(tmp_path / "c")]) == 2
     err = error()
-    assert ("error: --set METHOD.mixed_precision=fp16 on a UNet loaded in bf16: the two half precisions cannot mix "
-            "in one step. Use --set METHOD.mixed_precision=auto or bf16, or pass --dtype fp16") in err
+    assert ("error: residuals on 'dog': --set METHOD.mixed_precision=fp16 on a UNet loaded in bf16: the two half "
+            "precisions cannot mix in one step. Use --set METHOD.mixed_precision=auto or bf16, or pass --dtype "
+            "fp16") in err
     assert "load_pipeline" not in err and "dtype=" not in err
     (data / "dog" / "9.png").write_bytes(b"not a png")
     for command in (lambda argv: main(["eval", *argv]), ev.main):  # `python -m prkit.evaluate` says it alike
@@ -514,6 +515,48 @@ def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
     assert "Lower learning_rate (now 0.01) or use mixed_precision='no'." in diverged
     assert _cli_words(diverged, "eval").endswith("Lower --set METHOD.learning_rate (now 0.01) or use --set "
                                                  "METHOD.mixed_precision='no'.")
+
+
+def test_an_error_in_one_job_names_its_method_and_subject(assets, tmp_path, capsys):
+    """An error raised inside one (method, subject) job (a divergence, an unreadable image of one subject, a
+    checkpoint another run wrote) reached the command line as the library's message alone: which of the jobs failed
+    went unsaid. The error line names them now; Python callers get the same exception, its words unchanged."""
+    import shutil
+
+    from prkit.cli import main
+    from prkit.data import ConceptDataError
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    shutil.copytree(assets["data"], data)
+
+    def error() -> str:  # the error line alone (a logging handler a test before left on its closed stderr says more)
+        return next(line for line in capsys.readouterr().err.splitlines() if ": error: " in line)
+
+    run = ["--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
+           "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu"]
+    for prog, command in (("prkit eval", lambda argv: main(["eval", *argv])), ("python -m prkit.evaluate", ev.main)):
+        out = tmp_path / prog.replace(" ", "_")
+        assert command([*run, "--methods", "residuals", "--subjects", "teapot", "--set", "residuals.steps=3",
+                        "residuals.learning_rate=1e30", "--out", str(out / "a")]) == 2  # a divergence
+        assert error().startswith(f"{prog}: error: residuals on 'teapot': the loss became nan at step ")
+        assert command([*run, "--methods", "residuals", "--subjects", "dog", "--set", "residuals.steps=2",
+                        f"residuals.checkpoint_dir={out / 'ckpt'}", "--out", str(out / "b")]) == 0
+        assert command([*run, "--methods", "residuals", "--subjects", "dog", "--set", "residuals.steps=3",
+                        "residuals.seed=5", f"residuals.checkpoint_dir={out / 'ckpt'}", "--out", str(out / "c")]) == 2
+        err = error()
+        assert err.startswith(f"{prog}: error: residuals on 'dog': '{out / 'ckpt' / 'residuals' / 'dog'}")
+        assert "belongs to another run" in err
+    (data / "teapot" / "9.png").write_bytes(b"not a png")
+    assert main(["eval", *run, "--methods", "base", "--out", str(tmp_path / "d")]) == 2  # dog's job ran first
+    assert error().startswith(f"prkit eval: error: base on 'teapot': cannot read image '{data / 'teapot' / '9.png'}'")
+    assert ev.read_rows(tmp_path / "d" / ev.RESULTS)  # the job before it finished, its rows kept
+    config = EvalConfig(protocol="dreambooth", data=str(data), model=str(model), methods=("base",), max_prompts=1,
+                        images_per_prompt=1, sample_steps=1, clip=None, dino=None, out=str(tmp_path / "e"),
+                        device="cpu")
+    with pytest.raises(ConceptDataError) as err:  # Python: the same exception as before, its message as it was
+        ev.evaluate(config, progress=False)
+    assert type(err.value) is ConceptDataError and str(err.value).startswith("cannot read image '")
 
 
 @pytest.mark.parametrize("spec, match", [
