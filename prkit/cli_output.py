@@ -42,7 +42,14 @@ EVAL_WORDS = _halves("--set METHOD.mixed_precision=", ", or pass --dtype {asked}
     ("Lower learning_rate", "Lower --set METHOD.learning_rate"),
     (" or use mixed_precision=", " or use --set METHOD.mixed_precision="),
     ("train at its precision: mixed_precision=", "train at its precision: --set METHOD.mixed_precision="),
-    (", or pass skip_bad=True to skip it.", " (prkit eval has no --skip-bad)."))  # the datasets' images: all read
+    (", or pass skip_bad=True to skip it.", " (prkit eval has no --skip-bad)."),  # the datasets' images: all read
+    # a checkpoint not written (train._kept_on_the_model; run_job's set is 'trained'): the command's model ends with
+    # it, the rows of the jobs before are kept, and a rerun resumes the job from its last checkpoint (or starts over)
+    ("The residual set 'trained' stays on the model with the weights it had trained: save it where there is room "
+     "(prkit.save_residuals(prkit.get_residuals(pipe.unet, 'trained'), path)) before calling train_residuals again, "
+     "which replaces it, ", "The residuals this job trained end with the command; the jobs finished before it keep "
+     "their rows in --out. Once the checkpoint can be written there, run the same command again: it runs the jobs "
+     "left, this one "))
 # the library's words for a setting, as every command spells it (errors raised by the library name arguments)
 CLI_WORDS = (("(pass token=... to add_residuals/load_residuals, or sample with lag=False)",
               "(train it again with --token, or sample with --no-lag)"),

@@ -186,6 +186,7 @@ def _kept_on_the_model(err: OSError, name: str, config) -> TrainingWriteError:
     ckpt = checkpoints.checkpoint_file(config)
     again = (f"resuming from {ckpt}, the last checkpoint written" if ckpt is not None and config.resume
              and ckpt.is_file() else "starting over: no checkpoint holds this run")
+    # word for word as cli_output.EVAL_WORDS rewords it for prkit eval (whose model ends with the command)
     text = (f"{err.strerror or err}. The residual set {name!r} stays on the model with the weights it had trained: "
             f"save it where there is room (prkit.save_residuals(prkit.get_residuals(pipe.unet, {name!r}), path)) "
             f"before calling train_residuals again, which replaces it, {again}")

@@ -559,6 +559,62 @@ def test_an_error_in_one_job_names_its_method_and_subject(assets, tmp_path, caps
     assert type(err.value) is ConceptDataError and str(err.value).startswith("cannot read image '")
 
 
+def test_a_checkpoint_the_disk_refuses_says_what_an_eval_user_can_do(assets, tmp_path, monkeypatch, capsys, caplog):
+    """A --set METHOD.checkpoint_dir on a full disk: prkit eval passed on train_residuals' advice for Python callers,
+    to save the set left on the model with prkit.save_residuals(...) before calling train_residuals again; the
+    command's model ends with it. It says now what happens: the jobs finished before keep their rows, and the same
+    command run again runs the jobs left, the failed one resuming from its last checkpoint (or starting over)."""
+    import errno
+    import logging
+    import shutil
+
+    from conftest import full_disk
+    from prkit import checkpoints
+    from prkit.cli import main
+
+    model, data, ckpt = tmp_path / "model", tmp_path / "data", tmp_path / "ckpt"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    shutil.copytree(assets["data"], data)
+    run = ["eval", "--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
+           "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu",
+           "--methods", "residuals", "--set", "residuals.steps=3", "residuals.checkpoint_every=1",
+           f"residuals.checkpoint_dir={ckpt}", "--out", str(tmp_path / "out")]
+    real, writes = checkpoints.writing, []
+
+    def full_from(nth: int):  # the disk is full from the nth checkpoint on (dog's three, then teapot's)
+        def counted(path):
+            writes.append(path)
+            if len(writes) == nth:
+                full_disk(monkeypatch, free_mib=3)
+            return real(path)
+        monkeypatch.setattr(checkpoints, "writing", counted)
+
+    for nth, again in ((5, f"resuming from {ckpt / 'residuals' / 'teapot' / 'checkpoint.pt'}, the last checkpoint "
+                           "written"), (1, "starting over: no checkpoint holds this run")):
+        writes.clear()
+        full_from(nth)
+        assert main(run) == 2
+        err = next(line for line in capsys.readouterr().err.splitlines() if ": error: " in line)
+        monkeypatch.undo()
+        subject = "teapot" if nth == 5 else "dog"
+        assert err.startswith(f"prkit eval: error: residuals on '{subject}': [Errno {errno.ENOSPC}] could not write "
+                              f"{ckpt / 'residuals' / subject / 'checkpoint.pt'}: No space left on device (3 MiB "
+                              "free there)")
+        assert "prkit.save_residuals" not in err and "train_residuals" not in err and "pipe.unet" not in err
+        assert err.endswith("The residuals this job trained end with the command; the jobs finished before it keep "
+                            "their rows in --out. Once the checkpoint can be written there, run the same command "
+                            f"again: it runs the jobs left, this one {again}")
+        if nth == 5:  # as it says: dog's rows are kept, and the same command resumes teapot from its step 1
+            assert {r["subject"] for r in ev.read_rows(tmp_path / "out" / ev.RESULTS)} == {"dog"}
+            with caplog.at_level(logging.WARNING, logger="prkit.checkpoints"):
+                assert main(run) == 0
+            assert f"resuming from {ckpt / 'residuals' / 'teapot' / 'checkpoint.pt'} at step 1" in caplog.text
+            rows = ev.read_rows(tmp_path / "out" / ev.RESULTS)
+            assert {(r["subject"], int(r["train_steps"])) for r in rows} == {("dog", 3), ("teapot", 3)}
+            shutil.rmtree(ckpt)
+            shutil.rmtree(tmp_path / "out")
+
+
 @pytest.mark.parametrize("spec, match", [
     ('{"a": 1}', r"dataset\.json' must hold a list of concepts"),
     ('[{"class_prompt": "dog", "prompt_filename": "prompts/dog.txt"}]', r"entry 0 has no 'instance_data_dir'"),
