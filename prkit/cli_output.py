@@ -17,6 +17,7 @@ def _halves(flag: str, load: str) -> tuple:
                   f"or {s}{load.format(asked=a, stored=s)}") for a, s in (("fp16", "bf16"), ("bf16", "fp16")))
 
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")  # train_config.PRECISIONS, without importing torch here
 # the library's words for a setting that only `prkit train` has a flag for, as it spells them (train has no --dtype:
 # on a GPU it loads the model in bf16, or fp16 where bf16 is not native)
 TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {stored} on this GPU and has no flag to "
@@ -26,7 +27,12 @@ TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {s
                 "again"),
                ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
                ("skip_bad=True", "--skip-bad"), ("checkpoint_dir", "--checkpoint-dir"),
-               ("Lower learning_rate", "Lower --lr"), ("mixed_precision=", "--mixed-precision "),
+               ("Lower learning_rate", "Lower --lr"),
+               # a value as the flag takes it, not as Python's repr (--mixed-precision bf16, not 'bf16')
+               *((f"mixed_precision={value!r}", f"--mixed-precision {value}") for value in PRECISIONS),
+               *((f"(this run's 'auto' is {value!r} on its device)",
+                  f"(this run's --mixed-precision auto is {value} on its device)") for value in PRECISIONS),
+               ("mixed_precision=", "--mixed-precision "),
                ("past this run's steps=", "past this run's --steps "),
                ("load them with load_concept(..., resolution=", "pass --resolution "),  # N, the model's side
                (") (prkit.native_resolution(pipe))", ", the model's native size (or leave --resolution out)"))

@@ -553,6 +553,29 @@ def test_train_mixed_precision_other_than_the_models_half_says_the_flags(tmp_pat
                        f"the model in {loaded} on this GPU and has no flag to load it in {wanted})")
 
 
+def test_train_says_mixed_precision_values_as_the_flag_takes_them(tmp_path, capsys):
+    """train's rewording of the library's "mixed_precision=" left Python's quotes around the value: "train at its
+    precision: --mixed-precision 'bf16' (this run's 'auto' is 'no' on its device)" and a divergence's "or use
+    --mixed-precision 'no'". The values are said bare now; the library's own messages keep their quotes."""
+    from prkit.cli_output import _cli_words
+    from prkit.train import TrainConfig, diverged_message
+
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    args = ["train", "--model", str(model), "--images", str(_concept(tmp_path / "images")), "--token", "sks",
+            "--class-word", "dog", "--rank", "2", "--device", "cpu", "--out", str(tmp_path / "a.safetensors")]
+    assert main(args + ["--steps", "2", "--mixed-precision", "bf16"]) == 0  # its checkpoint: bf16, at step 2
+    capsys.readouterr()
+    assert main(args + ["--steps", "3", "--overwrite"]) == 2  # auto: none on the CPU
+    err = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("prkit train: error:"))
+    assert ("To continue it, train at its precision: --mixed-precision bf16 (this run's --mixed-precision auto is no "
+            "on its device). To keep both, pass another --checkpoint-dir;") in err
+    assert "'bf16'." not in err and "'auto'" not in err
+    diverged = diverged_message(float("nan"), 3, None, TrainConfig(learning_rate=0.01), torch.bfloat16)
+    assert diverged.endswith("Lower learning_rate (now 0.01) or use mixed_precision='no'.")  # Python: as it was
+    assert _cli_words(diverged, "train").endswith("Lower --lr (now 0.01) or use --mixed-precision no.")
+
+
 def test_paths_expand_the_home_folder_and_errors_use_the_flags(tmp_path, capsys, monkeypatch):
     """A quoted "~/imgs" (or --out=~/x, which the shell leaves) was read literally: the folder was not found, and
     outputs went to a folder named "~" under the current one. Errors spoke of skip_bad=True, not --skip-bad."""
