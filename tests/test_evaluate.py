@@ -457,30 +457,41 @@ def test_each_method_and_subject_checkpoints_in_a_folder_of_its_own(assets, tmp_
             _config(assets, tmp_path, train={"residuals": {"checkpoint_dir": folder}})
 
 
+def _cli_dataset(assets, tmp_path) -> list[str]:
+    """A tiny model folder and a copy of the dreambooth dataset under tmp_path: prkit eval's arguments for them (one
+    prompt, one image of one step each, no CLIP or DINO, on the CPU)."""
+    import shutil
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    shutil.copytree(assets["data"], data)
+    return ["--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
+            "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu"]
+
+
+def _error_line(capsys) -> str:  # the error line alone (a logging handler a test before left on its closed stderr
+    return next(line for line in capsys.readouterr().err.splitlines() if ": error: " in line)  # says more)
+
+
 def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
     """prkit eval passed on advice meant for Python callers or prkit train: a checkpoint folder set with --set that
     a run with other settings had written was to be fixed with "resume=False (CLI: --no-resume)", a flag eval does not
     have, an unreadable image of the dataset with "skip_bad=True", and a --set mixed_precision in the other half
     precision than --dtype with prkit.load_pipeline(..., dtype=...). Said now with --set's fields and --dtype (the
     library's words are unchanged for Python callers)."""
-    import shutil
-
     from prkit import checkpoints
     from prkit.cli import main
     from prkit.cli_output import _cli_words
     from prkit.data import ConceptDataError, load_concept
     from prkit.train import TrainConfig, diverged_message
 
-    model, data = tmp_path / "model", tmp_path / "data"
-    tiny_pipeline(tmp_path / "build").save_pretrained(model)
-    shutil.copytree(assets["data"], data)
+    run = [*_cli_dataset(assets, tmp_path), "--methods", "residuals", "--set", "residuals.steps=2",
+           f"residuals.checkpoint_dir={tmp_path / 'ckpt'}"]
+    data = tmp_path / "data"
 
-    def error() -> str:  # the error line alone (a logging handler a test before left on its closed stderr says more)
-        return next(line for line in capsys.readouterr().err.splitlines() if ": error: " in line)
+    def error() -> str:
+        return _error_line(capsys)
 
-    run = ["--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
-           "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu",
-           "--methods", "residuals", "--set", "residuals.steps=2", f"residuals.checkpoint_dir={tmp_path / 'ckpt'}"]
     assert main(["eval", *run, "--subjects", "dog", "--out", str(tmp_path / "a")]) == 0
     # the same subject's checkpoint, for a run with other settings
     assert main(["eval", *run, "residuals.seed=5", "residuals.steps=3", "--subjects", "dog", "--out",
@@ -521,20 +532,15 @@ def test_an_error_in_one_job_names_its_method_and_subject(assets, tmp_path, caps
     """An error raised inside one (method, subject) job (a divergence, an unreadable image of one subject, a
     checkpoint another run wrote) reached the command line as the library's message alone: which of the jobs failed
     went unsaid. The error line names them now; Python callers get the same exception, its words unchanged."""
-    import shutil
-
     from prkit.cli import main
     from prkit.data import ConceptDataError
 
-    model, data = tmp_path / "model", tmp_path / "data"
-    tiny_pipeline(tmp_path / "build").save_pretrained(model)
-    shutil.copytree(assets["data"], data)
+    run = _cli_dataset(assets, tmp_path)
+    data = tmp_path / "data"
 
-    def error() -> str:  # the error line alone (a logging handler a test before left on its closed stderr says more)
-        return next(line for line in capsys.readouterr().err.splitlines() if ": error: " in line)
+    def error() -> str:
+        return _error_line(capsys)
 
-    run = ["--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
-           "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu"]
     for prog, command in (("prkit eval", lambda argv: main(["eval", *argv])), ("python -m prkit.evaluate", ev.main)):
         out = tmp_path / prog.replace(" ", "_")
         assert command([*run, "--methods", "residuals", "--subjects", "teapot", "--set", "residuals.steps=3",
@@ -551,9 +557,9 @@ def test_an_error_in_one_job_names_its_method_and_subject(assets, tmp_path, caps
     assert main(["eval", *run, "--methods", "base", "--out", str(tmp_path / "d")]) == 2  # dog's job ran first
     assert error().startswith(f"prkit eval: error: base on 'teapot': cannot read image '{data / 'teapot' / '9.png'}'")
     assert ev.read_rows(tmp_path / "d" / ev.RESULTS)  # the job before it finished, its rows kept
-    config = EvalConfig(protocol="dreambooth", data=str(data), model=str(model), methods=("base",), max_prompts=1,
-                        images_per_prompt=1, sample_steps=1, clip=None, dino=None, out=str(tmp_path / "e"),
-                        device="cpu")
+    config = EvalConfig(protocol="dreambooth", data=str(data), model=str(tmp_path / "model"), methods=("base",),
+                        max_prompts=1, images_per_prompt=1, sample_steps=1, clip=None, dino=None,
+                        out=str(tmp_path / "e"), device="cpu")
     with pytest.raises(ConceptDataError) as err:  # Python: the same exception as before, its message as it was
         ev.evaluate(config, progress=False)
     assert type(err.value) is ConceptDataError and str(err.value).startswith("cannot read image '")
@@ -572,13 +578,9 @@ def test_a_checkpoint_the_disk_refuses_says_what_an_eval_user_can_do(assets, tmp
     from prkit import checkpoints
     from prkit.cli import main
 
-    model, data, ckpt = tmp_path / "model", tmp_path / "data", tmp_path / "ckpt"
-    tiny_pipeline(tmp_path / "build").save_pretrained(model)
-    shutil.copytree(assets["data"], data)
-    run = ["eval", "--protocol", "dreambooth", "--data", str(data), "--model", str(model), "--max-prompts", "1",
-           "--images-per-prompt", "1", "--sample-steps", "1", "--clip", "none", "--dino", "none", "--device", "cpu",
-           "--methods", "residuals", "--set", "residuals.steps=3", "residuals.checkpoint_every=1",
-           f"residuals.checkpoint_dir={ckpt}", "--out", str(tmp_path / "out")]
+    ckpt = tmp_path / "ckpt"
+    run = ["eval", *_cli_dataset(assets, tmp_path), "--methods", "residuals", "--set", "residuals.steps=3",
+           "residuals.checkpoint_every=1", f"residuals.checkpoint_dir={ckpt}", "--out", str(tmp_path / "out")]
     real, writes = checkpoints.writing, []
 
     def full_from(nth: int):  # the disk is full from the nth checkpoint on (dog's three, then teapot's)
@@ -594,7 +596,7 @@ def test_a_checkpoint_the_disk_refuses_says_what_an_eval_user_can_do(assets, tmp
         writes.clear()
         full_from(nth)
         assert main(run) == 2
-        err = next(line for line in capsys.readouterr().err.splitlines() if ": error: " in line)
+        err = _error_line(capsys)
         monkeypatch.undo()
         subject = "teapot" if nth == 5 else "dog"
         assert err.startswith(f"prkit eval: error: residuals on '{subject}': [Errno {errno.ENOSPC}] could not write "
