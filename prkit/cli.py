@@ -162,6 +162,8 @@ def _info(args) -> int:
             print(("\n" if number else "") + f"{path}:")
         for key in ("name", "token", "class_word", "base_model", "architecture", "prkit_version", "scale"):
             print(f"{key:>14}: {meta.get(key)}")
+        if meta.get("base_model_revision"):  # which revision of the base model (prkit.revisions); older files: none
+            print(f"{'base_revision':>14}: {json.dumps(meta['base_model_revision'])}")
         print(f"{'layers':>14}: {len(meta['layers'])} "
               f"({sum(2 * v['channels'] * v['rank'] for v in meta['layers'].values()):,} parameters)")
         recipe = meta.get("config")

@@ -60,6 +60,8 @@ class Scorer:
         self.unavailable = {"CLIP-I/CLIP-T": clip_reason, "DINO": dino_reason}
         # which backbones score (None: that metric is not scored), as a rerun's settings compare them
         self.backbones = {"clip": _identity(self.clip), "dino": _identity(self.dino)}
+        # which revision of each (prkit.revisions; None: not loaded, or not known), as run.json records them
+        self.revisions = {"clip": getattr(self.clip, "revision", None), "dino": getattr(self.dino, "revision", None)}
         for name, reason in self.unavailable.items():
             if reason:
                 log.warning("%s unavailable: %s", name, reason)

@@ -34,6 +34,7 @@ from .eval_results import (  # noqa: F401  (re-exported: prkit.evaluate is the h
 )
 from .eval_scorer import Scorer, strip_token  # noqa: F401
 from .eval_subjects import PROTOCOLS, Subject, load_customconcept101, load_subjects  # noqa: F401
+from .revisions import pipeline_revision
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,8 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
             pipe = load_pipeline(config.model, device=device, dtype=config.dtype)
             pipe.set_progress_bar_config(disable=True)
             timing["load_seconds"] += time.perf_counter() - t0
+        if "model_revision" not in timing:  # which revision of the base model this rank's jobs ran on (None: unknown)
+            timing["model_revision"] = pipeline_revision(pipe)
         t0 = time.perf_counter()
         try:
             rows = run_job(pipe, subjects[name], method, config, scorer, base_images)
@@ -273,6 +276,11 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     if rank != 0:
         return []
     ranks = gather_timings(out, world_size) if dist is not None else [timing]
+    # which revisions made and scored the rows (prkit.revisions); a rerun that ran no job keeps the record of the
+    # run that made them
+    ran = [r["model_revision"] for r in ranks if "model_revision" in r]
+    made_by = next(filter(None, ran), None) if ran else _recorded_revision(out) if done else None
+    revisions = {"model": made_by, **scorer.revisions}
     rows = merge(out)
     missing = sorted(set(jobs) - finished_pairs(out))
     if missing:  # e.g. claims left behind that no rank could clear, or an out folder the ranks do not share
@@ -286,9 +294,19 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
            "unavailable": unavailable, "jobs": len(jobs), "ranks": ranks,
            "missing_jobs": [list(j) for j in missing],
            # the model folder's own defaults (prkit_defaults.json) this process trained with, when it trained
-           "model_defaults": getattr(pipe, "prkit_defaults", None) if pipe is not None else None}
+           "model_defaults": getattr(pipe, "prkit_defaults", None) if pipe is not None else None,
+           "revisions": revisions}
     _write_text(out / "run.json", json.dumps(run, indent=2, default=str) + "\n")
     return summary
+
+
+def _recorded_revision(out: Path) -> dict | None:
+    """The base model's revision that ``out``'s run.json records (None: none, or no readable run.json)."""
+    try:
+        recorded = json.loads((out / "run.json").read_text(encoding="utf-8"))["revisions"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def same_backbones(dist, backbones: dict) -> dict:

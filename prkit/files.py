@@ -66,6 +66,8 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
         path: destination ``.safetensors``.
         base_model: name or path of the base model (recorded; ``prkit export`` and ``prkit info`` read it; loading
             checks the layers and channels, not the name: a file from another model of the same architecture loads).
+            The revision of it the training recorded (``prkit.revisions``) is kept as ``base_model_revision`` where
+            ``base_model`` names the model it trained on (or is not given).
         config: the training configuration (recorded as JSON).
     """
     if dtype not in FACTOR_DTYPES:
@@ -91,10 +93,44 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
         "architecture": architecture(unet), "layers": json.dumps(layers),
         "scale": str(residuals.scale), "config": json.dumps(dict(config), default=str),
     }
+    revision = _revision_of(residuals, base_model)
+    if revision:  # which revision of the base model it trained on (prkit.revisions); older files have none
+        meta["base_model_revision"] = json.dumps(revision)
     if residuals.meta.get("seconds") is not None:  # the training's wall time (prkit info shows it)
         meta["seconds"] = f"{float(residuals.meta['seconds']):.3f}"
     tensors = {k: v.to(dtype) for k, v in residuals.state_dict().items()}
     return atomic_save(tensors, path, meta)
+
+
+def _revision_of(residuals: Residuals, base_model) -> dict | None:
+    """The revision of its base model the training recorded, where ``base_model`` (given to save) names that model
+    too: a set saved as another model's records none."""
+    def named(name) -> str:  # a folder as its resolved path: `prkit train --model sd15` names the folder loaded
+        path = Path(str(name)).expanduser()
+        return str(path.resolve()) if str(name) and path.exists() else str(name)
+
+    revision = residuals.meta.get("base_model_revision")
+    if not isinstance(revision, dict):
+        return None
+    if base_model and named(base_model) != named(residuals.meta.get("base_model") or ""):
+        return None
+    return revision
+
+
+def _read_revision(path, recorded) -> dict | None:
+    """A header's ``base_model_revision`` parsed; None where there is none (older files) or it is no JSON object."""
+    if recorded is None:
+        return None
+    try:
+        revision = json.loads(recorded)
+    except ValueError:
+        revision = None
+    if not isinstance(revision, dict):
+        if recorded != "null":
+            log.warning("%r records its base model's revision as %r, not as a JSON object; it is left out",
+                        str(path), recorded[:80])
+        return None
+    return revision
 
 
 def safetensors_header(path, what: str) -> dict:
@@ -167,6 +203,7 @@ def read_metadata(path) -> dict:
     except (KeyError, ValueError) as err:
         raise ValueError(f"{str(path)!r} has a damaged prkit header ({type(err).__name__}: {err}); "
                          "save the residuals again") from err
+    meta["base_model_revision"] = _read_revision(path, meta.get("base_model_revision"))  # not worth refusing for
     return meta
 
 
@@ -263,7 +300,8 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
         raise ValueError(f"residual file {str(path)!r} does not hold what its header describes ({err}); "
                          "save the residuals again") from err
     residuals.scale = float(scale if scale is not None else meta.get("scale", 1.0))
-    residuals.meta.update(base_model=meta.get("base_model", ""), config=meta["config"], path=str(path))
+    residuals.meta.update(base_model=meta.get("base_model", ""), config=meta["config"], path=str(path),
+                          base_model_revision=meta["base_model_revision"])
     try:  # the training's wall time: a set loaded and saved again keeps it
         residuals.meta["seconds"] = float(meta["seconds"]) if meta.get("seconds") is not None else None
     except ValueError:  # a header another tool edited: not worth refusing the file for

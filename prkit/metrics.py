@@ -124,6 +124,7 @@ class ClipBackbone:
     tokenizer: object
     name: str
     batch_size: int = 64
+    revision: dict | None = None  # which revision of ``name`` (prkit.revisions); None: not known
 
     @property
     def device(self) -> torch.device:
@@ -164,6 +165,7 @@ class DinoBackbone:
     model: object  # transformers ViTModel
     name: str
     batch_size: int = 64
+    revision: dict | None = None  # which revision of ``name`` (prkit.revisions); None: not known
 
     @property
     def device(self) -> torch.device:
@@ -226,6 +228,15 @@ def _reason(kind: str, name: str, local: bool, download: bool, err: Exception) -
             f"--local-dir ./{name.split('/')[-1]}` and pass that folder")
 
 
+def _revision(name_or_path, source: str, local: bool, kwargs: dict) -> dict | None:
+    """The revision record of a backbone just loaded: a hub id's from the cache snapshot it was loaded from (the
+    one its cache_dir and revision resolve to now), a folder's or the world CLIP's from its files."""
+    from .revisions import cached_commit, model_revision
+
+    commit = None if local else cached_commit(source, kwargs.get("cache_dir"), kwargs.get("revision"))
+    return model_revision(name_or_path, world_folder=world_clip_path(), commit=commit)
+
+
 def try_load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu",
                   download: bool = False, **kwargs) -> tuple[ClipBackbone | None, str | None]:
     """Load a CLIP backbone, or say why not.
@@ -249,7 +260,8 @@ def try_load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, device: str | 
         tokenizer = AutoTokenizer.from_pretrained(source, **opts)
     except Exception as err:  # noqa: BLE001 - any failure to load is reported as the metric's reason
         return None, _reason("CLIP", str(name_or_path), local, download, err)
-    return ClipBackbone(model, tokenizer, str(name_or_path)), None
+    revision = _revision(name_or_path, source, local, kwargs)
+    return ClipBackbone(model, tokenizer, str(name_or_path), revision=revision), None
 
 
 def try_load_dino(name_or_path: str | os.PathLike = DEFAULT_DINO, device: str | torch.device = "cpu",
@@ -266,7 +278,8 @@ def try_load_dino(name_or_path: str | os.PathLike = DEFAULT_DINO, device: str | 
                                          local_files_only=local or _offline() or not download, **kwargs)
     except Exception as err:  # noqa: BLE001
         return None, _reason("DINO", str(name_or_path), local, download, err)
-    return DinoBackbone(model.eval().requires_grad_(False).to(device), str(name_or_path)), None
+    return DinoBackbone(model.eval().requires_grad_(False).to(device), str(name_or_path),
+                        revision=_revision(name_or_path, source, local, kwargs)), None
 
 
 def load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu",

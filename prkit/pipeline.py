@@ -205,7 +205,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
             folders and HF_HUB_OFFLINE=1 always load local files only).
     Returns:
         the pipeline on ``device``; ``pipe.name_or_path`` records where it came from ("world", a hub id, or a local
-        folder's absolute path).
+        folder's absolute path), ``pipe.prkit_revision`` which revision of it (``prkit.revisions``; None: not known).
     """
     from diffusers import DiffusionPipeline
 
@@ -269,6 +269,9 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     # would be taken for a hub id
     pipe.register_to_config(_name_or_path=str(Path(source).resolve()) if local and name != WORLD else name)
     pipe.prkit_defaults = read_model_defaults(source) if local else {}
+    from .revisions import pipeline_revision
+
+    pipe.prkit_revision = pipeline_revision(pipe)  # what the name stood for (prkit.revisions); None: not known
     return pipe
 
 

@@ -26,6 +26,7 @@ from .interrupts import deferred_interrupt, terminate_as_interrupt
 from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
 from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
+from .revisions import pipeline_revision
 from .targets import LORA_MODULES, TARGETS
 # what a step is fed, re-exported: prkit.train stays their import path
 from .train_inputs import (  # noqa: F401
@@ -318,7 +319,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     seconds = before if finished else time.perf_counter() - start
     if isinstance(target, Residuals):
         target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
-                           seconds=seconds)
+                           base_model_revision=pipeline_revision(pipe), seconds=seconds)
     return TrainResult(target, losses, seconds, step, completed, validation, ckpt)
 
 

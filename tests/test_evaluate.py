@@ -743,3 +743,28 @@ def test_ranks_with_other_backbones_are_refused():
     with pytest.raises(ValueError, match=r"rank 0 \{'clip': '/m/clip', 'dino': None\}, rank 1 \{'clip': None, "
                                          r"'dino': None\}.*reachable from every rank"):
         ev.same_backbones(TwoRanks({"clip": None, "dino": None}), mine)
+
+
+def test_run_json_records_the_revisions_of_the_model_and_backbones(assets, tmp_path):
+    """run.json named the base model and the backbones as typed: a hub repo or a folder that changed between two
+    runs gave results that could not be told apart. It records what each name stood for (prkit.revisions)."""
+    from prkit.revisions import model_revision
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    tiny_pipeline(tmp_path / "build").save_pretrained(str(model))
+    config = _config(assets, out, methods=("base",), model=str(model))
+    ev.evaluate(config, progress=False)  # the runner loads the model itself
+    run = json.loads((out / "run.json").read_text())
+    want = {"model": model_revision(model), "clip": model_revision(assets["clip"]),
+            "dino": model_revision(assets["dino"])}
+    assert run["revisions"] == want and want["model"]["kind"] == "folder" and want["dino"]["fingerprint"]
+    assert run["ranks"][0]["model_revision"] == want["model"]
+    # nothing left to run (a pipeline given, unused): the record of the run that made the rows stays
+    ev.evaluate(config, tiny_pipeline(tmp_path / "unused"), progress=False)
+    assert json.loads((out / "run.json").read_text())["revisions"] == want
+    ev.evaluate(replace(config, subjects=("dog", "teapot")), tiny_pipeline(tmp_path / "built"), progress=False)
+    assert json.loads((out / "run.json").read_text())["revisions"]["model"] is None  # new rows, by a model unknown
+    ev.evaluate(_config(assets, tmp_path / "mem", methods=("base",), dino=None), tiny_pipeline(tmp_path / "pipe"),
+                progress=False)  # a pipeline built in memory, DINO off: unknown, not a failure
+    assert json.loads((tmp_path / "mem" / "run.json").read_text())["revisions"] == {
+        "model": None, "clip": want["clip"], "dino": None}

@@ -44,6 +44,9 @@ def test_two_processes_under_torchrun_match_one(assets, tmp_path):
     ranks = {r["rank"]: [(j["method"], j["subject"]) for j in r["jobs"]] for r in run["ranks"]}
     assert sorted(ranks) == [0, 1]  # both ranks report; each job ran on exactly one of them
     assert sorted(ranks[0] + ranks[1]) == [("residuals", "dog"), ("textual_inversion", "dog")]
+    from prkit.revisions import model_revision
+
+    assert run["revisions"]["model"] == model_revision(model) and run["revisions"]["dino"] is None  # from the ranks
     two, one = ev.read_rows(out / ev.RESULTS), ev.read_rows(single / ev.RESULTS)
     assert [[r[k] for k in ev.KEY] for r in two] == [[r[k] for k in ev.KEY] for r in one]
     for a, b in zip(two, one):

@@ -1,0 +1,142 @@
+"""Revision records: which exact model a name stood for, kept beside the name in residual file headers
+(``base_model_revision``) and in an evaluation's run.json (``revisions``: the base model and the metric backbones).
+
+A hub id: ``{"kind": "hub", "id", "commit"}``, the commit of the local cache's snapshot it was loaded from (the
+snapshot folder's name, ``.../snapshots/<commit>/``; no network). A local folder: ``{"kind": "folder", "path",
+"fingerprint", "commit"}``, its resolved path, a fingerprint of its files (``fingerprint``) and the commit it was
+downloaded at where it says (a cache snapshot, or a folder ``hf download --local-dir`` wrote; else None). The
+embedded world: ``{"kind": "world", "prkit_version", "fingerprint"}``. Nothing here raises: where a revision
+cannot be known (a hub id whose snapshot is not known, a pipeline built in memory, an unreadable folder), the
+record is None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+WHOLE = 1 << 20  # files up to 1 MiB (configs, tokenizers) are hashed whole
+SLICES, SLICE = 16, 1 << 16  # larger ones (weights): their size and 16 slices of 64 KiB spread over them
+MAX_FILES = 10_000  # a folder with more files is no model folder: not fingerprinted
+_UNSET = object()
+
+
+def snapshot_commit(path) -> str | None:
+    """The commit of the hub cache snapshot that ``path`` lies in (``.../snapshots/<commit>/...``), else None."""
+    parts = Path(str(path)).parts
+    found = [b for a, b in zip(parts, parts[1:]) if a == "snapshots" and COMMIT.fullmatch(b)]
+    return found[-1] if found else None
+
+
+def cached_commit(repo_id: str, cache_dir=None, revision: str | None = None) -> str | None:
+    """The commit of the local Hugging Face cache's snapshot of ``repo_id`` at ``revision`` (default: main), what a
+    load with ``local_files_only`` resolves it to, read from the cache alone; None where the cache has none."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model_index.json", "config.json"):
+            found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+            if isinstance(found, str):
+                return snapshot_commit(found)
+    except Exception as err:  # noqa: BLE001 - a record, never a failure
+        log.debug("no cached commit of %r: %s", repo_id, err)
+    return None
+
+
+def fingerprint(folder) -> str | None:
+    """``sha256:<hex>`` over the folder's files (hidden ones left out: ``.git``, ``hf download``'s ``.cache``): each
+    one's path in the folder and size, with its bytes where it is small (up to ``WHOLE``), else 16 slices of 64 KiB
+    spread over it. Cheap on multi-GB weights (a few MiB read), the same for a copy (no modification times), and
+    other for other configs, tokenizers or weights (retrained weights differ everywhere). None where it cannot be
+    read."""
+    folder = Path(folder)
+    try:
+        files = []
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [Path(root, name) for name in names if not name.startswith(".")]
+            if len(files) > MAX_FILES:
+                return None
+        digest = hashlib.sha256()
+        for relative, path in sorted((p.relative_to(folder).as_posix(), p) for p in files):
+            if not path.is_file():  # a broken link, a socket
+                continue
+            size = path.stat().st_size
+            digest.update(f"{relative}\0{size}\0".encode())
+            with open(path, "rb") as f:
+                if size <= WHOLE:
+                    digest.update(f.read())
+                    continue
+                for i in range(SLICES):
+                    f.seek(max(0, size - SLICE) * i // (SLICES - 1))
+                    digest.update(f.read(SLICE))
+    except (OSError, ValueError) as err:
+        log.debug("no fingerprint of %s: %s", folder, err)
+        return None
+    return "sha256:" + digest.hexdigest()
+
+
+def _folder_commit(folder: Path) -> str | None:
+    """The commit a local folder was downloaded at: a cache snapshot's name, or ``hf download --local-dir``'s
+    metadata (its first line)."""
+    commit = snapshot_commit(folder)
+    if commit:
+        return commit
+    for name in ("model_index.json", "config.json"):
+        path = folder / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+        if path.is_file():
+            first = path.read_text(encoding="utf-8", errors="replace").partition("\n")[0].strip()
+            if COMMIT.fullmatch(first):
+                return first
+    return None
+
+
+def model_revision(name_or_path, *, world_folder=None, commit: str | None = None) -> dict | None:
+    """The revision record of the model ``name_or_path`` names: "world" (``world_folder``, by default the world
+    pipeline's), a local folder, or a hub id loaded from the snapshot ``commit`` (None: not known, no record; this
+    does not guess the cache's main). None where nothing can be said; never raises."""
+    try:
+        name = str(name_or_path or "")
+        if name == "world":
+            from . import __version__
+            from .pipeline import world_path
+
+            return {"kind": "world", "prkit_version": __version__,
+                    "fingerprint": fingerprint(world_folder or world_path())}
+        path = Path(name).expanduser()
+        if name and path.is_dir():
+            path = path.resolve()
+            return {"kind": "folder", "path": str(path), "fingerprint": fingerprint(path),
+                    "commit": _folder_commit(path)}
+        from .pipeline import _looks_like_path
+
+        if name and commit and not _looks_like_path(name):
+            return {"kind": "hub", "id": name, "commit": commit}
+    except Exception as err:  # noqa: BLE001 - a record, never a failure
+        log.debug("no revision of %r: %s", name_or_path, err)
+    return None
+
+
+def pipeline_revision(pipe) -> dict | None:
+    """The revision record of a loaded pipeline: the one ``load_pipeline`` made when it loaded it, else one made from
+    its ``name_or_path`` and the snapshot diffusers loaded its components from (their ``_name_or_path`` lies in
+    it). None where it cannot be known; never raises."""
+    recorded = getattr(pipe, "__dict__", {}).get("prkit_revision", _UNSET)
+    if recorded is not _UNSET:
+        return recorded
+    try:
+        components = dict(getattr(pipe, "components", None) or {})
+        modules = [components.pop("unet", None), *components.values()]  # the UNet's first: the residuals sit there
+        places = [getattr(getattr(m, "config", None), "_name_or_path", None) or getattr(m, "name_or_path", None)
+                  for m in modules if m is not None]
+        commit = next((c for c in map(snapshot_commit, filter(None, places)) if c), None)
+        return model_revision(getattr(pipe, "name_or_path", None) or "", commit=commit)
+    except Exception as err:  # noqa: BLE001
+        log.debug("no revision of the pipeline: %s", err)
+        return None
