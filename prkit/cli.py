@@ -194,7 +194,7 @@ def _export(args) -> int:
     import torch
 
     from .files import export_lora, load_residuals, read_metadata
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, unet_structure
 
     out = Path(args.out)
     _check_output_file(out, args.overwrite)
@@ -207,9 +207,13 @@ def _export(args) -> int:
     elif args.model is None and not meta.get("base_model"):
         print(f"base model: the embedded world ({args.file} records none; --model to choose another)",
               file=sys.stderr)
-    pipe = load_pipeline(model, device="cpu", dtype="fp32")
+    # the UNet's blocks and layer shapes are all the export reads of the model: built from its config, no weights
+    # loaded, where that can be (else the whole pipeline loads)
+    base = unet_structure(model)
+    if base is None:
+        base = load_pipeline(model, device="cpu", dtype="fp32")
     try:
-        residuals = load_residuals(pipe, args.file)
+        residuals = load_residuals(base, args.file)
     except ValueError as err:
         if args.model is not None:
             raise

@@ -193,6 +193,44 @@ def native_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+def _source(name: str) -> tuple[str, bool]:
+    """Where ``load_pipeline`` loads the model ``name`` from: (a folder or a hub id, whether it is a local folder).
+    A missing embedded world, a path to no pipeline folder and a name that is no hub id either are refused."""
+    if name == WORLD:
+        path = world_path()
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"the embedded world model is missing from {path}; reinstall prkit or rebuild "
+                                    "it with `python -m prkit.world.train --stage all`")
+        return str(path), True
+    local = Path(name).expanduser().exists()
+    source = str(Path(name).expanduser()) if local else name
+    if local and not (Path(source) / "model_index.json").is_file():
+        what = "is a file, not a diffusers pipeline folder" if Path(source).is_file() else \
+            "is not a diffusers pipeline folder (no model_index.json)"
+        raise FileNotFoundError(f"{source!r} {what}; give the folder that holds model_index.json, or convert "
+                                "a single-file checkpoint with diffusers' from_single_file first")
+    if not local and _looks_like_path(name):  # no hub id either: said now, not after the hub's retries (~30 s)
+        raise RuntimeError(_missing_message(name, None))
+    return source, local
+
+
+def _hub_file(repo: str, filename: str, local_only: bool, kwargs: dict) -> Path:
+    """One file of the hub pipeline ``repo``, fetched alone (from the cache where ``local_only``); ``kwargs``:
+    from_pretrained's, of which the hub's are used."""
+    from huggingface_hub import hf_hub_download
+
+    hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+    return Path(hf_hub_download(repo, filename, local_files_only=local_only, **hub))
+
+
+def _model_index(source: str, local: bool, local_only: bool, kwargs: dict) -> dict:
+    """The model index of the pipeline at ``source``: its folder's, or the hub's model_index.json alone, to know the
+    pipeline class before loading any weights."""
+    if local:
+        return read_model_index(Path(source))
+    return json.loads(_hub_file(source, "model_index.json", local_only, kwargs).read_text())
+
+
 def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.device = "auto",
                   dtype: str | torch.dtype | None = None, **kwargs):
     """Load a Stable Diffusion-family pipeline (SD1.x, SD2.x, SDXL) ready for prkit.
@@ -219,33 +257,11 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         dtype = torch_dtype
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
-    if name == WORLD:
-        path = world_path()
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"the embedded world model is missing from {path}; reinstall prkit or rebuild "
-                                    "it with `python -m prkit.world.train --stage all`")
-        source, local = str(path), True
-    else:
-        local = Path(name).expanduser().exists()
-        source = str(Path(name).expanduser()) if local else name
-        if local and not (Path(source) / "model_index.json").is_file():
-            what = "is a file, not a diffusers pipeline folder" if Path(source).is_file() else \
-                "is not a diffusers pipeline folder (no model_index.json)"
-            raise FileNotFoundError(f"{source!r} {what}; give the folder that holds model_index.json, or convert "
-                                    "a single-file checkpoint with diffusers' from_single_file first")
-        if not local and _looks_like_path(name):  # no hub id either: said now, not after the hub's retries (~30 s)
-            raise RuntimeError(_missing_message(name, None))
+    source, local = _source(name)
     local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
     with _library_notes_off():  # the index, the class and its components import diffusers and transformers parts
         try:
-            if local:
-                index = read_model_index(Path(source))
-            else:  # the hub's model_index.json alone, to know the pipeline class before loading any weights
-                from huggingface_hub import hf_hub_download
-
-                hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-                index = json.loads(Path(hf_hub_download(source, "model_index.json", local_files_only=local_only,
-                                                        **hub)).read_text())
+            index = _model_index(source, local, local_only, kwargs)
             if takes_safety_checker(index.get("_class_name")):
                 kwargs.setdefault("safety_checker", None)  # SD1.x folders ship one; personalization needs none
                 if kwargs["safety_checker"] is None and local and not (Path(source) / "feature_extractor").is_dir():
@@ -273,6 +289,37 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
 
     pipe.prkit_revision = pipeline_revision(pipe)  # what the name stood for (prkit.revisions); None: not known
     return pipe
+
+
+def unet_structure(name_or_path: str | os.PathLike = WORLD, **kwargs):
+    """The UNet that ``load_pipeline(name_or_path)`` holds, built from its config on the meta device: its blocks and
+    layers (classes, shapes, config), no weights. Two small JSON files are read (the model index and the UNet's
+    config) where loading the pipeline reads every component's weights (seconds and GBs for SD1.5 or SDXL).
+
+    Args:
+        name_or_path, kwargs: as ``load_pipeline`` takes them (the hub's ``cache_dir``, ``revision``, ... and
+            ``local_files_only`` are used).
+    Returns:
+        the UNet, or None where it cannot be built so: a pipeline class prkit does not support, a UNet other than
+        diffusers' UNet2DConditionModel, an index or config that cannot be read (a hub id not in the cache);
+        ``load_pipeline`` loads such a model or says what is wrong with it. Names that are no model are refused
+        as ``load_pipeline`` refuses them.
+    """
+    from diffusers import UNet2DConditionModel
+
+    source, local = _source(str(name_or_path))
+    local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
+    try:
+        index = _model_index(source, local, local_only, kwargs)
+        if index.get("_class_name") not in SUPPORTED or index.get("unet") != ["diffusers", "UNet2DConditionModel"]:
+            return None
+        path = Path(source) / "unet" / "config.json" if local else _hub_file(source, "unet/config.json",
+                                                                              local_only, kwargs)
+        config = UNet2DConditionModel.load_config(str(path))
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
 
 
 def offloading(module: torch.nn.Module) -> str | None:

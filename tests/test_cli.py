@@ -365,6 +365,103 @@ def test_export_of_a_file_that_records_no_model_says_which_it_used(tmp_path, cap
     assert not (tmp_path / "lora.safetensors").exists()
 
 
+def _weights_refused(monkeypatch) -> None:
+    """Loading any model's weights fails: a diffusers pipeline or model (the UNet, the VAE), a transformers one (the
+    text encoders)."""
+    from diffusers import DiffusionPipeline, ModelMixin
+    from transformers import PreTrainedModel
+
+    def refused(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__}.from_pretrained: weights were loaded")
+
+    for owner in (DiffusionPipeline, ModelMixin, PreTrainedModel):
+        monkeypatch.setattr(owner, "from_pretrained", classmethod(refused))
+
+
+def _hub_cache(folder, repo: str, pipe):
+    """``pipe`` saved as the hub id ``repo`` in the hub cache ``folder`` (as a download leaves it)."""
+    revision = "0" * 40
+    root = folder / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    pipe.save_pretrained(str(root / "snapshots" / revision))
+
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def _contents(path) -> tuple[dict, bytes]:
+    """A .safetensors file's header, parsed, and its tensors' bytes: all of it but the order of the metadata's
+    entries, which safetensors writes from a hash map (the same file saved twice differs there)."""
+    import json
+
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]), data[8 + size:]
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "world", "hub"])
+def test_export_reads_no_weights_and_writes_what_the_loaded_pipeline_gave(tmp_path, capsys, monkeypatch, kind):
+    """`prkit export` loaded the whole base model (UNet, VAE, text encoders: seconds and GBs for SD1.5 or SDXL),
+    where it reads the UNet's blocks and layer shapes alone; it writes the same LoRA (tensors byte for byte, the same
+    metadata) and refuses a model the file does not fit in the same words."""
+    import huggingface_hub
+
+    import prkit
+    from conftest import randomize
+    from prkit.files import export_lora
+    from test_pipeline import _tiny_sdxl
+
+    model = {"world": "world", "hub": "prkit-tests/sd1"}.get(kind, str(tmp_path / "model"))
+    built = _tiny_sdxl(tmp_path / "build") if kind == "sdxl" else tiny_pipeline(tmp_path / "build", kind == "sd2")
+    if kind == "hub":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        _hub_cache(tmp_path / "cache", model, built)
+    elif kind != "world":
+        built.save_pretrained(model)
+    residuals = prkit.add_residuals(prkit.load_pipeline(model, device="cpu").unet, rank=2, token="sks",
+                                    class_word="dog", seed=0)
+    randomize(residuals)
+    residuals.scale = 0.75
+    path = residuals.save(tmp_path / "sks.safetensors", base_model=model)
+    other = "world" if kind != "world" else str(tmp_path / "model")
+    if kind == "world":
+        built.save_pretrained(other)
+    written = {}  # what export wrote: the file loaded onto the whole pipeline
+    for dtype in ("fp16", "fp32"):
+        loaded = prkit.load_residuals(prkit.load_pipeline(model, device="cpu", dtype="fp32"), path)
+        written[dtype] = _contents(export_lora(loaded, tmp_path / f"{dtype}.safetensors", dtype=DTYPES[dtype]))
+    with pytest.raises(ValueError) as unfit:
+        prkit.load_residuals(prkit.load_pipeline(other, device="cpu", dtype="fp32"), path)
+    _weights_refused(monkeypatch)
+    for dtype in ("fp16", "fp32"):
+        lora = tmp_path / f"lora_{dtype}.safetensors"
+        assert main(["export", str(path), "--out", str(lora), "--dtype", dtype]) == 0, capsys.readouterr().err
+        assert _contents(lora) == written[dtype]
+    assert main(["export", str(path), "--out", str(tmp_path / "unfit.safetensors"), "--model", other]) == 2
+    assert str(unfit.value) in capsys.readouterr().err and not (tmp_path / "unfit.safetensors").exists()
+
+
+def test_export_of_a_model_it_cannot_read_lean_loads_it_whole_as_before(tmp_path, capsys):
+    """A model whose UNet export cannot build from its config alone (here: its index names a pipeline class prkit
+    does not support) is loaded whole, as before: the same refusal, in the same words."""
+    import json
+
+    import prkit
+
+    model = tmp_path / "model"
+    tiny_pipeline(tmp_path / "build").save_pretrained(model)
+    path = prkit.add_residuals(prkit.load_pipeline(model, device="cpu").unet, rank=2).save(
+        tmp_path / "sks.safetensors", base_model=str(model))
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionImg2ImgPipeline"}))
+    with pytest.raises(TypeError) as refused:
+        prkit.load_pipeline(model, device="cpu", dtype="fp32")
+    assert main(["export", str(path), "--out", str(tmp_path / "lora.safetensors")]) == 2
+    assert str(refused.value) in capsys.readouterr().err and not (tmp_path / "lora.safetensors").exists()
+
+
 def test_inputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import prkit.pipeline
 

@@ -299,6 +299,44 @@ def test_hub_ids_read_the_pipeline_class_from_their_model_index(pipe, tmp_path, 
     assert type(xl).__name__ == "StableDiffusionXLPipeline" and "safety_checker" not in calls[1]
 
 
+def test_the_unets_structure_is_built_from_its_config_alone(pipe, tmp_path, monkeypatch):
+    """unet_structure: the UNet load_pipeline gives, its layers and config, on the meta device and from two JSON files
+    (a folder's, a cached hub id's); None where it cannot say (load_pipeline then loads or refuses the model), and
+    a name that is no model refused as load_pipeline refuses it."""
+    import json
+
+    from diffusers import ModelMixin
+
+    from prkit.files import architecture, layer_table
+    from prkit.pipeline import unet_structure
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, cache, revision = tmp_path / "model", tmp_path / "cache", "0" * 40
+    _tiny_sdxl(tmp_path / "xl").save_pretrained(str(folder))
+    root = cache / "models--prkit-tests--xl"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    pipe.save_pretrained(str(root / "snapshots" / revision))
+    loaded = {"folder": prkit.load_pipeline(folder, device="cpu").unet,
+              "hub": prkit.load_pipeline("prkit-tests/xl", device="cpu", cache_dir=str(cache)).unet}
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("weights")))
+    built = {"folder": unet_structure(folder), "hub": unet_structure("prkit-tests/xl", cache_dir=str(cache))}
+    for where, unet in built.items():
+        assert {p.device.type for p in unet.parameters()} == {"meta"}
+        assert dict(unet.config) == {k: v for k, v in loaded[where].config.items() if k != "_name_or_path"}
+        assert layer_table(unet) == layer_table(loaded[where]) and architecture(unet) == architecture(loaded[where])
+    assert architecture(built["folder"]) == "sdxl" and architecture(built["hub"]) == "sd1"
+    assert unet_structure("world") is not None
+    assert unet_structure("prkit-tests/not-cached", cache_dir=str(cache)) is None
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusers", "UNetSpatioTemporal"]}))
+    assert unet_structure(folder) is None
+    with pytest.raises(RuntimeError, match="spelt 'world'"):
+        unet_structure("World")
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        unet_structure(tmp_path)
+
+
 def test_lag_looks_for_the_concept_in_sdxls_second_prompt_too(tmp_path, monkeypatch):
     """SDXL joins its two text encoders' outputs position by position; with a prompt_2 of its own the concept's
     words there sit elsewhere, and LAG's weights cover both places (the identifier is required in prompt only)."""
