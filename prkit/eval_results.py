@@ -232,9 +232,14 @@ _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "torch
                 "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 
 
+# recipe fields that do not change what a run trains: where and how often it keeps checkpoints, whether it resumes
+# one (a resumed run continues the same trajectory, or is refused by the checkpoint's own fingerprint)
+HOUSEKEEPING = ("checkpoint_dir", "checkpoint_every", "resume")
+
+
 def _effective(method: str, overrides) -> dict:
     """A method's ``--set`` overrides less those that restate its recipe (or TrainConfig's default where the recipe
-    is silent): ``residuals.steps=150`` is the run without it. learning_rate stays: an explicit rate beats the
+    is silent): ``residuals.steps=150`` is the run without it; less ``HOUSEKEEPING``. learning_rate stays: an explicit rate beats the
     model folder's own default, so restating the recipe's changes the run where the folder has one; so does seed
     (the harness trains at its own --seed, not TrainConfig's default)."""
     from dataclasses import MISSING, fields as dc_fields
@@ -248,7 +253,7 @@ def _effective(method: str, overrides) -> dict:
     defaults = {f.name: f.default for f in dc_fields(TrainConfig) if f.default is not MISSING}
     same = {k for k, v in overrides.items() if k not in ("learning_rate", "seed")  # eval trains at its own seed
             and (recipe[k] if k in recipe else defaults.get(k, MISSING)) == v}
-    return {k: v for k, v in overrides.items() if k not in same}
+    return {k: v for k, v in overrides.items() if k not in same and k not in HOUSEKEEPING}
 
 
 def check_settings(out: str | Path, config, done: set, dtype: str | None = None,

@@ -259,6 +259,10 @@ def test_end_to_end_two_methods_then_skip(assets, tmp_path, monkeypatch):
     restated = {m: {**v, "mixed_precision": "auto"} for m, v in config.train.items()}
     restated["residuals"] = {**restated["residuals"], "rank": 0.05}
     ev.check_settings(out, replace(config, train=restated), done)
+    # where a run keeps its checkpoints changes nothing it trains: another folder is no other setting
+    kept = {m: {**v, "checkpoint_dir": str(tmp_path / "ck2"), "checkpoint_every": 1, "resume": False}
+            for m, v in config.train.items()}
+    ev.check_settings(out, replace(config, train=kept), done)
     with pytest.raises(ValueError, match="train"):
         ev.check_settings(out, replace(config, train={**restated, "residuals": {**restated["residuals"],
                                                                               "rank": 0.1}}), done)
