@@ -287,7 +287,9 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     pipe.prkit_defaults = read_model_defaults(source) if local else {}
     from .revisions import pipeline_revision
 
-    pipe.prkit_revision = pipeline_revision(pipe)  # what the name stood for (prkit.revisions); None: not known
+    # what the name stood for (prkit.revisions); None: not known, or components given in place of the model's own
+    given = [key for key, value in kwargs.items() if isinstance(value, torch.nn.Module)]
+    pipe.prkit_revision = None if given else pipeline_revision(pipe)
     return pipe
 
 
@@ -301,16 +303,22 @@ def unet_structure(name_or_path: str | os.PathLike = WORLD, **kwargs):
             ``local_files_only`` are used).
     Returns:
         the UNet, or None where it cannot be built so: a pipeline class prkit does not support, a UNet other than
-        diffusers' UNet2DConditionModel, an index or config that cannot be read (a hub id not in the cache);
-        ``load_pipeline`` loads such a model or says what is wrong with it. Names that are no model are refused
-        as ``load_pipeline`` refuses them.
+        diffusers' UNet2DConditionModel, a UNet config that cannot be read; ``load_pipeline`` loads such a model or
+        says what is wrong with it. Names that are no model, and a model index that cannot be read (a hub id not in
+        the cache), are refused as ``load_pipeline`` refuses them.
     """
     from diffusers import UNet2DConditionModel
 
-    source, local = _source(str(name_or_path))
+    name = str(name_or_path)
+    source, local = _source(name)
     local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
+    try:  # an index that cannot be read is refused as load_pipeline refuses it (not fetched again there: a hub id
+        index = _model_index(source, local, local_only, kwargs)  # not in the cache would wait for the hub twice)
+    except (OSError, ValueError) as err:
+        if local:
+            raise
+        raise RuntimeError(_missing_message(name, err)) from err
     try:
-        index = _model_index(source, local, local_only, kwargs)
         if index.get("_class_name") not in SUPPORTED or index.get("unet") != ["diffusers", "UNet2DConditionModel"]:
             return None
         path = Path(source) / "unet" / "config.json" if local else _hub_file(source, "unet/config.json",

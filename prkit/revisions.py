@@ -13,6 +13,7 @@ record is None.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 WHOLE = 1 << 20  # files up to 1 MiB (configs, tokenizers) are hashed whole
-SLICES, SLICE = 16, 1 << 16  # larger ones (weights): their size and 16 slices of 64 KiB spread over them
+SLICES, SLICE = 64, 1 << 16  # larger ones (weights): their size and 64 slices of 64 KiB spread over them
 MAX_FILES = 10_000  # a folder with more files is no model folder: not fingerprinted
 _UNSET = object()
 
@@ -50,19 +51,35 @@ def cached_commit(repo_id: str, cache_dir=None, revision: str | None = None) -> 
 
 
 def fingerprint(folder) -> str | None:
-    """``sha256:<hex>`` over the folder's files (hidden ones left out: ``.git``, ``hf download``'s ``.cache``): each
-    one's path in the folder and size, with its bytes where it is small (up to ``WHOLE``), else 16 slices of 64 KiB
-    spread over it. Cheap on multi-GB weights (a few MiB read), the same for a copy (no modification times), and
-    other for other configs, tokenizers or weights (retrained weights differ everywhere). None where it cannot be
-    read."""
+    """``sha256:<hex>`` over the model's files: a pipeline folder's model_index.json, prkit_defaults.json and the
+    component folders its index lists (links followed: components shared by symlink; other files, such as a
+    training run's logs and checkpoints beside them, left out), else every file of the folder; hidden ones left out
+    (``.git``, ``hf download``'s ``.cache``). Each file counts with its path in the folder and size, its bytes where
+    it is small (up to ``WHOLE``), else ``SLICES`` slices of 64 KiB spread over it. Cheap on multi-GB weights (a
+    few MiB read), the same for a copy (no modification times); a fingerprint, not a hash: a change of a large
+    file's bytes that misses every slice goes unseen. None where it cannot be read."""
     folder = Path(folder)
     try:
-        files = []
-        for root, dirs, names in os.walk(folder):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            files += [Path(root, name) for name in names if not name.startswith(".")]
-            if len(files) > MAX_FILES:
-                return None
+        roots = [folder]
+        if (folder / "model_index.json").is_file():
+            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+            listed = [key for key, value in index.items() if isinstance(value, list) and not key.startswith("_")]
+            roots = [folder / "model_index.json", folder / "prkit_defaults.json", *(folder / key for key in listed)]
+        files, seen = [], set()
+        for root in roots:
+            if root.is_file():
+                files.append(root)
+                continue
+            for here, dirs, names in os.walk(root, followlinks=True):
+                real = os.path.realpath(here)
+                if real in seen:  # a link back up the tree
+                    dirs[:] = []
+                    continue
+                seen.add(real)
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                files += [Path(here, name) for name in names if not name.startswith(".")]
+                if len(files) > MAX_FILES:
+                    return None
         digest = hashlib.sha256()
         for relative, path in sorted((p.relative_to(folder).as_posix(), p) for p in files):
             if not path.is_file():  # a broken link, a socket
@@ -125,18 +142,31 @@ def model_revision(name_or_path, *, world_folder=None, commit: str | None = None
 
 def pipeline_revision(pipe) -> dict | None:
     """The revision record of a loaded pipeline: the one ``load_pipeline`` made when it loaded it, else one made from
-    its ``name_or_path`` and the snapshot diffusers loaded its components from (their ``_name_or_path`` lies in
-    it). None where it cannot be known; never raises."""
+    its ``name_or_path`` where its UNet (the residuals sit there) was loaded from that model: from the snapshot of
+    that hub id diffusers loaded it from, or from inside that folder. None where it cannot be known (a UNet built in
+    memory or loaded from elsewhere); never raises."""
     recorded = getattr(pipe, "__dict__", {}).get("prkit_revision", _UNSET)
     if recorded is not _UNSET:
         return recorded
     try:
-        components = dict(getattr(pipe, "components", None) or {})
-        modules = [components.pop("unet", None), *components.values()]  # the UNet's first: the residuals sit there
-        places = [getattr(getattr(m, "config", None), "_name_or_path", None) or getattr(m, "name_or_path", None)
-                  for m in modules if m is not None]
-        commit = next((c for c in map(snapshot_commit, filter(None, places)) if c), None)
-        return model_revision(getattr(pipe, "name_or_path", None) or "", commit=commit)
+        name = str(getattr(pipe, "name_or_path", None) or "")
+        unet = getattr(pipe, "unet", None)
+        place = str(getattr(getattr(unet, "config", None), "_name_or_path", None) or "")
+        if not name or not place:
+            return None
+        if name == "world" or Path(name).expanduser().is_dir():
+            folder = _world_folder() if name == "world" else Path(name).expanduser().resolve()
+            inside = Path(place).expanduser().resolve().is_relative_to(Path(folder).resolve())
+            return model_revision(name) if inside else None
+        repo = "models--" + name.replace("/", "--")
+        commit = snapshot_commit(place) if repo in Path(place).parts else None
+        return model_revision(name, commit=commit)
     except Exception as err:  # noqa: BLE001
         log.debug("no revision of the pipeline: %s", err)
         return None
+
+
+def _world_folder() -> Path:  # imported late: pipeline imports this module
+    from .pipeline import world_path
+
+    return world_path()

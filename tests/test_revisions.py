@@ -21,7 +21,8 @@ COMMIT, OTHER = "0123456789abcdef0123456789abcdef01234567", "f" * 40
 def _model_folder(folder: Path, big: int = 3 << 20) -> Path:
     """A folder shaped like a model: an index, a config and a 'weights' file larger than the whole-hash limit."""
     (folder / "unet").mkdir(parents=True)
-    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                             '"unet": ["diffusers", "UNet2DConditionModel"]}')
     (folder / "unet" / "config.json").write_text('{"sample_size": 8}')
     (folder / "unet" / "weights.safetensors").write_bytes(bytes(range(256)) * (big // 256))
     return folder
@@ -63,6 +64,30 @@ def test_a_folder_is_its_resolved_path_and_a_fingerprint_that_copies_share(tmp_p
     assert fingerprint(copy) not in (changed, record["fingerprint"])
     (copy / "unet" / "weights.safetensors").rename(copy / "unet" / "renamed.safetensors")
     assert fingerprint(copy) != fingerprint(folder)
+
+
+def test_the_fingerprint_reads_the_indexed_components_through_links_and_sees_a_partial_change(tmp_path):
+    """Components shared by symlink are read (os.walk did not enter linked folders: two models whose unet links
+    to other weights shared a fingerprint); files beside the components (a training run's logs) are not the model;
+    a change of 5% of a large file's middle is seen (16 slices missed it)."""
+    from prkit.revisions import fingerprint
+
+    a, b = _model_folder(tmp_path / "a"), _model_folder(tmp_path / "b", big=8 << 20)
+    for name, folder in (("la", a), ("lb", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text((folder / "model_index.json").read_text())
+        (tmp_path / name / "unet").symlink_to(folder / "unet", target_is_directory=True)
+    assert fingerprint(tmp_path / "la") != fingerprint(tmp_path / "lb")
+    before = fingerprint(b)
+    (b / "logs").mkdir()
+    (b / "logs" / "events.out").write_text("step 1")
+    assert fingerprint(b) == before
+    weights = b / "unet" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 400_000] = bytes(400_000)
+    weights.write_bytes(bytes(data))
+    assert fingerprint(b) != before
 
 
 def test_a_folder_hf_download_wrote_or_a_cache_snapshot_also_names_its_commit(tmp_path):
@@ -205,3 +230,20 @@ def test_prkit_info_shows_the_revision_where_the_file_has_one(tmp_path, capsys):
     assert "base_revision" in shown and COMMIT in shown
     assert main(["info", str(old)]) == 0
     assert "base_revision" not in capsys.readouterr().out
+
+
+def test_a_unet_given_in_place_of_the_models_own_records_no_revision(tmp_path):
+    """load_pipeline(folder, unet=...) recorded the folder's revision (and a hub id's, its snapshot's, taken from
+    the VAE or text encoder) for a UNet that came from elsewhere; residuals trained on it were saved claiming it."""
+    from prkit.revisions import pipeline_revision
+    from tiny import tiny_unet
+
+    folder = tmp_path / "m"
+    tiny_pipeline(tmp_path / "b").save_pretrained(folder)
+    pipe = prkit.load_pipeline(str(folder), device="cpu")
+    assert pipe.prkit_revision["kind"] == "folder"
+    assert prkit.load_pipeline(str(folder), device="cpu", unet=tiny_unet()).prkit_revision is None
+    del pipe.prkit_revision  # a pipeline load_pipeline did not record: its UNet's own place decides
+    assert pipeline_revision(pipe)["kind"] == "folder"
+    pipe.unet.register_to_config(_name_or_path=str(tmp_path / "elsewhere"))
+    assert pipeline_revision(pipe) is None
