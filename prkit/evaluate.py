@@ -279,8 +279,14 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     # which revisions made and scored the rows (prkit.revisions); a rerun that ran no job keeps the record of the
     # run that made them
     ran = [r["model_revision"] for r in ranks if "model_revision" in r]
-    made_by = next(filter(None, ran), None) if ran else _recorded_revision(out) if done else None
-    revisions = {"model": made_by, **scorer.revisions}
+    recorded = _recorded_revisions(out) if done else {}
+    if ran:
+        revisions = {"model": next(filter(None, ran), None), **scorer.revisions}
+        if recorded.get("model") and revisions["model"] and recorded["model"] != revisions["model"]:
+            log.warning("the rows in %s were made by other revisions of the model: %s before, %s now; run.json "
+                        "records the newer", out, recorded["model"], revisions["model"])
+    else:  # nothing ran: what made and scored the rows stays recorded
+        revisions = {"model": recorded.get("model"), **{k: recorded.get(k) for k in scorer.revisions}}
     rows = merge(out)
     missing = sorted(set(jobs) - finished_pairs(out))
     if missing:  # e.g. claims left behind that no rank could clear, or an out folder the ranks do not share
@@ -300,13 +306,14 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     return summary
 
 
-def _recorded_revision(out: Path) -> dict | None:
-    """The base model's revision that ``out``'s run.json records (None: none, or no readable run.json)."""
+def _recorded_revisions(out: Path) -> dict:
+    """The revisions (model, clip, dino) that ``out``'s run.json records; {} where there is none or no readable
+    run.json."""
     try:
-        recorded = json.loads((out / "run.json").read_text(encoding="utf-8"))["revisions"]["model"]
+        recorded = json.loads((out / "run.json").read_text(encoding="utf-8"))["revisions"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(v, dict)} if isinstance(recorded, dict) else {}
 
 
 def same_backbones(dist, backbones: dict) -> dict:

@@ -766,6 +766,16 @@ def test_run_json_records_the_revisions_of_the_model_and_backbones(assets, tmp_p
     # nothing left to run (a pipeline given, unused): the record of the run that made the rows stays
     ev.evaluate(config, tiny_pipeline(tmp_path / "unused"), progress=False)
     assert json.loads((out / "run.json").read_text())["revisions"] == want
+    # ... also where a backbone's revision is not known this time (it scored the rows: its record stays)
+    real_init = ev.Scorer.__init__
+
+    def unknown(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.revisions = {"clip": None, "dino": None}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ev.Scorer, "__init__", unknown)
+        ev.evaluate(config, tiny_pipeline(tmp_path / "unused2"), progress=False)
+    assert json.loads((out / "run.json").read_text())["revisions"] == want
     ev.evaluate(replace(config, subjects=("dog", "teapot")), tiny_pipeline(tmp_path / "built"), progress=False)
     assert json.loads((out / "run.json").read_text())["revisions"]["model"] is None  # new rows, by a model unknown
     ev.evaluate(_config(assets, tmp_path / "mem", methods=("base",), dino=None), tiny_pipeline(tmp_path / "pipe"),
