@@ -3,7 +3,8 @@
 Owns the runner and its command line: every (method, subject) job, split across processes under torchrun /
 accelerate launch (ranks claim jobs from one queue and write their own part; rank 0 merges). The protocols'
 subjects live in ``eval_subjects``, the scorer in ``eval_scorer``, the jobs and their queue in ``eval_jobs``,
-the results CSV and summary in ``eval_results`` (all re-exported here); metrics, training and sampling elsewhere.
+the results CSV and summary in ``eval_results``, the configuration in ``eval_config``, the command line in
+``eval_cli`` (all re-exported here); metrics, training and sampling elsewhere.
 
     prkit eval --protocol world --methods residuals lora textual_inversion --out runs/eval
     torchrun --nproc_per_node 2 -m prkit.evaluate --protocol dreambooth --data dreambooth/dataset --model DIR
@@ -11,19 +12,16 @@ the results CSV and summary in ``eval_results`` (all re-exported here); metrics,
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
-from .checks import check_whole
-from .cli_args import MAX_IMAGES, _guidance, _positive_int, _whole, bars_wanted
+from .eval_cli import _parse_set, _recipe_fields, add_arguments, config_from_args, main, run_from_args  # noqa: F401
+from .eval_config import DEFAULT_METHODS, EvalConfig, checkpoint_folder  # noqa: F401
 from .eval_jobs import (  # noqa: F401
     JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
     write_timing,
@@ -37,75 +35,6 @@ from .eval_subjects import PROTOCOLS, Subject, load_customconcept101, load_subje
 from .revisions import pipeline_revision
 
 log = logging.getLogger(__name__)
-
-DEFAULT_METHODS = ("residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth")
-
-
-@dataclass
-class EvalConfig:
-    """What an evaluation runs; every training recipe is the method's published one (``targets.RECIPES``)."""
-
-    protocol: str = "world"  # world | dreambooth | customconcept101
-    data: str | None = None  # dataset root for dreambooth / customconcept101
-    model: str = "world"  # base pipeline: "world", a diffusers folder or a hub id
-    methods: tuple[str, ...] = DEFAULT_METHODS  # "residuals" is sampled with and without LAG; "base" trains nothing
-    subjects: tuple[str, ...] = ()  # empty: all of the protocol's subjects
-    max_prompts: int | None = None  # only the first N prompts of each subject (smoke runs)
-    images_per_prompt: int = 4  # seeds 0..N-1 of one generator per prompt
-    sample_steps: int = 25
-    guidance_scale: float = 7.5
-    seed: int = 0  # training and sampling seed
-    token: str = "sks"  # identifier for dreambooth / customconcept101 (world concepts bring their own)
-    train: dict = field(default_factory=dict)  # method -> recipe overrides, e.g. {"textual_inversion": {"steps": 500}}
-    clip: str | None = "auto"  # hub id, folder or "world"; auto: "world" on the world, CLIP ViT-B/32 elsewhere
-    dino: str | None = "auto"  # auto: DINO ViT-S/16; None: off
-    download_backbones: bool = False  # fetch CLIP/DINO hub ids missing from the local cache (default: no network)
-    out: str = "runs/eval"
-    device: str = "auto"  # with several ranks, "auto" is cuda:LOCAL_RANK
-    dtype: str | None = None  # pipeline dtype (None: bf16/fp16 on GPUs, fp32 elsewhere)
-    save_images: bool = False  # PNGs under out/images/<method>/<subject>/
-    ci_over: str = "image"  # 95% interval over images or over per-subject means ("subject")
-
-    def __post_init__(self):
-        check_whole(self, ("images_per_prompt", "sample_steps"), 1)
-        check_whole(self, ("seed",), 0)
-        check_whole(self, ("max_prompts",), 1, " (or None: all)")
-        if not (isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale < float("inf")):
-            raise ValueError(f"EvalConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
-        import torch
-
-        if not isinstance(self.dtype, torch.dtype) and self.dtype not in (None, "fp32", "float32", "fp16", "float16",
-                                                                          "bf16", "bfloat16"):
-            raise ValueError(f"EvalConfig.dtype must be None, 'fp32', 'fp16' or 'bf16', got {self.dtype!r}")
-        if self.ci_over not in ("image", "subject"):  # checked before any job runs, not at the summary
-            raise ValueError(f"EvalConfig.ci_over must be 'image' or 'subject', got {self.ci_over!r}")
-        for method, overrides in self.train.items():  # before any model loads, not at the method's first job
-            if isinstance(overrides, dict) and overrides.get("checkpoint_dir"):
-                checkpoint_folder(overrides["checkpoint_dir"], method, "subject")
-
-
-def checkpoint_folder(folder, method: str, subject: str) -> str:
-    """Where an evaluation's run of ``method`` on ``subject`` keeps its checkpoint, given the method's
-    ``checkpoint_dir``: ``<folder>/<method>/<subject>``, or where the folder's name holds ``{subject}`` or
-    ``{method}``, the name with them filled in. A folder shared by a method's subjects (and maybe by other methods)
-    would have every run after the first refuse the first one's checkpoint. Other braces are refused."""
-    import string
-
-    text = str(folder)
-    try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
-    except ValueError as err:  # an unmatched brace
-        raise ValueError(f"{method}.checkpoint_dir={text!r}: {err}; name the folder with {{subject}} and {{method}} "
-                         "only, or without braces") from err
-    bad = ["{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-           for name, spec, conv in fields if name not in ("subject", "method") or spec or conv]
-    if bad:
-        raise ValueError(f"{method}.checkpoint_dir={text!r} names {', '.join(bad)}; only {{subject}} and {{method}} "
-                         "are filled in (or no braces: <folder>/<method>/<subject>)")
-    if "{subject}" in text or "{method}" in text:
-        return str(Path(text.format(subject=subject, method=method)).expanduser())
-    return str(Path(text).expanduser() / method / subject)
-
 
 # ------------------------------------------------------------------------------------------------ running
 
@@ -348,111 +277,6 @@ def _free(pipe) -> None:
     gc.collect()
     if pipe.unet.device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def _parse_set(items: Sequence[str]) -> dict:
-    """["textual_inversion.steps=500", ...] -> {"textual_inversion": {"steps": 500}}."""
-    out: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        method, dot, field_name = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--set wants METHOD.FIELD=VALUE (e.g. textual_inversion.steps=500), got {item!r}")
-        if method not in METHODS:
-            raise ValueError(f"--set {item!r}: {method!r} is not a method; one of {', '.join(METHODS)}")
-        fields = _recipe_fields()
-        if field_name not in fields:
-            raise ValueError(f"--set {item!r}: {field_name!r} is not a recipe field; one of {', '.join(fields)}")
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        out.setdefault(method, {})[field_name] = parsed
-    return out
-
-
-def _recipe_fields() -> list[str]:
-    """What ``--set METHOD.FIELD=`` may name: TrainConfig's fields and the recipes' own keys (scale_lr)."""
-    from dataclasses import fields
-
-    from .train_config import TrainConfig
-
-    return sorted({f.name for f in fields(TrainConfig)} | {"scale_lr"})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The evaluation options (shared by ``prkit eval`` and ``python -m prkit.evaluate``)."""
-    d = EvalConfig()
-    parser.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol)
-    parser.add_argument("--data", default=None, help="dataset folder (dreambooth, customconcept101)")
-    parser.add_argument("--model", default=d.model, help="'world', a diffusers folder or a hub id")
-    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS)
-    parser.add_argument("--subjects", nargs="*", default=[], help="default: all of the protocol's")
-    parser.add_argument("--max-prompts", type=_positive_int, default=None,
-                        help="only each subject's first N prompts (smoke runs); default: all")
-    parser.add_argument("--images-per-prompt", type=_whole(1, MAX_IMAGES), default=d.images_per_prompt,
-                        help=f"seeds 0..N-1 per prompt, made in one batch: 1 to {MAX_IMAGES} "
-                             f"(default {d.images_per_prompt})")
-    parser.add_argument("--sample-steps", type=_positive_int, default=d.sample_steps,
-                        help=f"denoising steps (default {d.sample_steps})")
-    parser.add_argument("--guidance-scale", type=_guidance, default=d.guidance_scale,
-                        help=f"classifier-free guidance (default {d.guidance_scale})")
-    parser.add_argument("--seed", type=_whole(0), default=d.seed, help="training and sampling seed (default 0)")
-    parser.add_argument("--token", default=d.token)
-    parser.add_argument("--set", dest="train", nargs="*", default=[], metavar="METHOD.FIELD=VALUE",
-                        help="recipe overrides, e.g. textual_inversion.steps=500 "
-                             "dreambooth.prior_images=class_images/{subject}; a METHOD.checkpoint_dir=DIR keeps "
-                             "each run's checkpoint in DIR/METHOD/SUBJECT")
-    parser.add_argument("--clip", default=d.clip, help="hub id, folder, 'world', 'auto' or 'none'")
-    parser.add_argument("--dino", default=d.dino, help="hub id, folder, 'auto' or 'none'")
-    parser.add_argument("--download-backbones", action="store_true",
-                        help="fetch CLIP/DINO hub ids missing from the local cache")
-    parser.add_argument("--out", default=d.out)
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                        help="pipeline dtype (default: bf16/fp16 on GPUs, fp32 elsewhere)")
-    parser.add_argument("--save-images", action="store_true")
-    parser.add_argument("--ci-over", choices=("image", "subject"), default=d.ci_over)
-    return parser
-
-
-def config_from_args(args) -> EvalConfig:
-    none = lambda v: None if v in (None, "none", "None", "") else v  # noqa: E731
-    return EvalConfig(protocol=args.protocol, data=args.data, model=args.model, methods=tuple(args.methods),
-                      subjects=tuple(args.subjects), max_prompts=args.max_prompts,
-                      images_per_prompt=args.images_per_prompt, sample_steps=args.sample_steps,
-                      guidance_scale=args.guidance_scale, seed=args.seed, token=args.token,
-                      train=_parse_set(args.train), clip=none(args.clip), dino=none(args.dino), out=args.out,
-                      device=args.device, dtype=args.dtype, save_images=args.save_images, ci_over=args.ci_over,
-                      download_backbones=args.download_backbones)
-
-
-def run_from_args(args) -> int:
-    """Run an evaluation from parsed arguments; rank 0 prints the summary table."""
-    config = config_from_args(args)
-    summary = evaluate(config, progress=bars_wanted())
-    if dist_env()[0] == 0:
-        print((Path(config.out) / "summary.md").read_text(encoding="utf-8") if summary else "no results")
-        print(f"wrote {Path(config.out) / RESULTS} and {Path(config.out) / SUMMARY}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prkit.evaluate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    from .cli import _error_line, _expand_paths
-
-    _expand_paths(args)  # "~" in --out/--data, as `prkit eval` does
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return run_from_args(args)
-    except (OSError, ValueError, RuntimeError, TypeError) as err:  # a message, as `prkit eval` says it, no traceback
-        print(f"{parser.prog}: error: {_error_line(err, 'eval')}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":
