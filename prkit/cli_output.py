@@ -17,14 +17,15 @@ def _halves(flag: str, load: str) -> tuple:
                   f"or {s}{load.format(asked=a, stored=s)}") for a, s in (("fp16", "bf16"), ("bf16", "fp16")))
 
 
+# checkpoints.resume_hint's words for a run that did not finish (without importing torch here)
+RESUME_HINT = "call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over again"
 PRECISIONS = ("auto", "no", "bf16", "fp16")  # train_config.PRECISIONS, without importing torch here
 # the library's words for a setting that only `prkit train` has a flag for, as it spells them (train has no --dtype:
 # on a GPU it loads the model in bf16, or fp16 where bf16 is not native)
 TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {stored} on this GPU and has no flag to "
                                             "load it in {asked})") + (
-               ("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over "
-                "again", "run the command again without --no-resume to resume; with --no-resume it would start over "
-                "again"),
+               (RESUME_HINT, "run the command again without --no-resume to resume; with --no-resume it would start "
+                "over again"),
                ("resume=False (CLI: --no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
                ("skip_bad=True", "--skip-bad"), ("checkpoint_dir", "--checkpoint-dir"),
                ("Lower learning_rate", "Lower --lr"),
@@ -39,9 +40,8 @@ TRAIN_WORDS = _halves("--mixed-precision ", " (prkit train loads the model in {s
 # the same for `prkit eval`, whose training settings are --set's fields (as the library spells them: "checkpoint_dir"
 # alone is a field there, not a flag), said as --set METHOD.FIELD=VALUE; what it has no setting for, left out
 EVAL_WORDS = _halves("--set METHOD.mixed_precision=", ", or pass --dtype {asked}") + (
-    ("call again with resume=True (CLI: without --no-resume) to resume; resume=False would start over again",
-     "run the command again with --set METHOD.resume=True to resume; with METHOD.resume=False it would start over "
-     "again"),
+    (RESUME_HINT, "run the command again with --set METHOD.resume=True to resume; with METHOD.resume=False it would "
+     "start over again"),
     ("resume=False (CLI: --no-resume)", "--set METHOD.resume=False"),
     ("another checkpoint_dir", "another --set METHOD.checkpoint_dir"),
     ("past this run's steps=", "past this run's --set METHOD.steps="),

@@ -25,7 +25,6 @@ from .fast_patches import (  # noqa: F401
     SDPA_BACKENDS, fast_modules, patch_frozen_convs, patch_lean_blocks, patch_merged_lowrank, uses_channels_last)
 from . import checkpoints, fast_warmup as warmup
 from .interrupts import deferred_interrupt
-from .revisions import pipeline_revision
 from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer, match_state_layouts
 
 log = logging.getLogger(__name__)
@@ -140,7 +139,6 @@ def train_fast(pipe, concept, config, *, name: str = "default", progress: bool =
 
 def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastConfig | None, register, encoder):
     from . import train as base
-    from .residuals import Residuals
 
     fast = fast or FastConfig()
     if config.learning_rate is None:
@@ -359,7 +357,5 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
             p.requires_grad_(False)
     _sync(device)
     seconds = before if finished else time.perf_counter() - start
-    if isinstance(target, Residuals):
-        target.meta.update(config=base._public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
-                           base_model_revision=pipeline_revision(pipe), seconds=seconds)
+    base.record_run(target, pipe, config, seconds)
     return base.TrainResult(target, losses, seconds, step, completed, validation, ckpt)

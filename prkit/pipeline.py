@@ -214,6 +214,13 @@ def _source(name: str) -> tuple[str, bool]:
     return source, local
 
 
+def _located(name: str, kwargs: dict) -> tuple[str, bool, bool]:
+    """``_source(name)`` and whether only local files may be read (``local_files_only``, popped from ``kwargs``; a
+    local folder; HF_HUB_OFFLINE)."""
+    source, local = _source(name)
+    return source, local, bool(kwargs.pop("local_files_only", False)) or local or _offline()
+
+
 def _hub_file(repo: str, filename: str, local_only: bool, kwargs: dict) -> Path:
     """One file of the hub pipeline ``repo``, fetched alone (from the cache where ``local_only``); ``kwargs``:
     from_pretrained's, of which the hub's are used."""
@@ -257,8 +264,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         dtype = torch_dtype
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
-    source, local = _source(name)
-    local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
+    source, local, local_only = _located(name, kwargs)
     with _library_notes_off():  # the index, the class and its components import diffusers and transformers parts
         try:
             index = _model_index(source, local, local_only, kwargs)
@@ -310,8 +316,7 @@ def unet_structure(name_or_path: str | os.PathLike = WORLD, **kwargs):
     from diffusers import UNet2DConditionModel
 
     name = str(name_or_path)
-    source, local = _source(name)
-    local_only = bool(kwargs.pop("local_files_only", False)) or local or _offline()
+    source, local, local_only = _located(name, kwargs)
     try:  # an index that cannot be read is refused as load_pipeline refuses it (not fetched again there: a hub id
         index = _model_index(source, local, local_only, kwargs)  # not in the cache would wait for the hub twice)
     except (OSError, ValueError) as err:

@@ -154,16 +154,26 @@ def pipeline_revision(pipe) -> dict | None:
         place = str(getattr(getattr(unet, "config", None), "_name_or_path", None) or "")
         if not name or not place:
             return None
-        if name == "world" or Path(name).expanduser().is_dir():
-            folder = _world_folder() if name == "world" else Path(name).expanduser().resolve()
-            inside = Path(place).expanduser().resolve().is_relative_to(Path(folder).resolve())
-            return model_revision(name) if inside else None
-        repo = "models--" + name.replace("/", "--")
-        commit = snapshot_commit(place) if repo in Path(place).parts else None
-        return model_revision(name, commit=commit)
+        key = (id(unet), name, place)  # once per pipeline and UNet: each training run records it (a fingerprint
+        cached = pipe.__dict__.get("_prkit_revision_cache")  # reads a few MiB of a model folder)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pipe.__dict__["_prkit_revision_cache"] = (key, _unet_revision(name, place))
+        return pipe.__dict__["_prkit_revision_cache"][1]
     except Exception as err:  # noqa: BLE001
         log.debug("no revision of the pipeline: %s", err)
         return None
+
+
+def _unet_revision(name: str, place: str) -> dict | None:
+    """The revision of the model ``name`` where the UNet was loaded from ``place`` inside it, else None."""
+    if name == "world" or Path(name).expanduser().is_dir():
+        folder = _world_folder() if name == "world" else Path(name).expanduser().resolve()
+        inside = Path(place).expanduser().resolve().is_relative_to(Path(folder).resolve())
+        return model_revision(name) if inside else None
+    repo = "models--" + name.replace("/", "--")
+    commit = snapshot_commit(place) if repo in Path(place).parts else None
+    return model_revision(name, commit=commit)
 
 
 def _world_folder() -> Path:  # imported late: pipeline imports this module

@@ -317,10 +317,16 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
         for p in params:
             p.requires_grad_(False)
     seconds = before if finished else time.perf_counter() - start
+    record_run(target, pipe, config, seconds)
+    return TrainResult(target, losses, seconds, step, completed, validation, ckpt)
+
+
+def record_run(target, pipe, config: TrainConfig, seconds: float) -> None:
+    """What a residual set keeps of the run that trained it (both loops): its settings, the base model's name and
+    revision (``prkit.revisions``), the wall time. Other targets keep nothing."""
     if isinstance(target, Residuals):
         target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
                            base_model_revision=pipeline_revision(pipe), seconds=seconds)
-    return TrainResult(target, losses, seconds, step, completed, validation, ckpt)
 
 
 def _in_dtype(cond: dict, dtype: torch.dtype) -> dict:
