@@ -126,6 +126,11 @@ class Concept:
         return folder
 
 
+def token_uses(template: str) -> int:
+    """How many times a prompt template (a valid format string) names ``{token}``."""
+    return [name for _, name, _, _ in string.Formatter().parse(template)].count("token")
+
+
 def _check_words(token: object, class_word: object, template: str) -> tuple[str, str]:
     """Validate the identifier, the class word and the prompt template."""
     for arg, value in (("token", token), ("class_word", class_word)):
@@ -154,9 +159,9 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     if not ok:
         raise ConceptDataError(f"prompt_template {template!r} must contain {{token}} and may "
                                "use only {token} and {class_word}, as plain fields.")
-    if [f[0] for f in fields].count("token") > 1:  # the identifier's attention (and LAG's mask) split over them
-        raise ConceptDataError(f"prompt_template {template!r} holds {{token}} "
-                               f"{[f[0] for f in fields].count('token')} times; use it once.")
+    if token_uses(template) > 1:  # the identifier's attention (and LAG's mask) split over them
+        raise ConceptDataError(f"prompt_template {template!r} holds {{token}} {token_uses(template)} times; use it "
+                               "once.")
     word, literal = token.strip().lower(), template.replace("{token}", " ").replace("{class_word}", " ")
     held = [(what, text) for what, text, words in (("class word", class_word, class_word),
                                                    ("prompt template", template, literal))

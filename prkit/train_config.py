@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import string
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +74,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.prompt_template {template!r} must contain {{token}} and may use only "
                                  "{token} and {class_word} (e.g. 'a photo of a {token} {class_word}')")
-            times = [name for _, name, _, _ in string.Formatter().parse(template)].count("token")
+            from .data import token_uses
+
+            times = token_uses(template)
             if times > 1:  # the identifier's attention (and LAG's mask) would be split over them
                 raise ValueError(f"TrainConfig.prompt_template {template!r} holds {{token}} {times} times; use it "
                                  "once")
