@@ -21,6 +21,29 @@ from .fast_patches import uses_channels_last
 
 _WARMED: set[tuple] = set()  # keys of what this process has warmed up: not again
 _CAPTURE_FIRST_FAILED: set[tuple] = set()  # keys whose capture before any eager step failed: not tried again
+_THREAD = threading.local()
+
+
+class _ThreadToken:
+    """Stands for one thread in the keys, compared by identity. threading.get_ident() is handed to a new thread once
+    an old one has ended, and the new thread (which has none of the old one's cuDNN plans) was taken as warmed, or as
+    failing to capture. A token lives as long as its thread or a key that holds it, so no other thread gets it."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _thread_token() -> _ThreadToken:
+    token = getattr(_THREAD, "token", None)
+    if token is None:
+        token = _THREAD.token = _ThreadToken()
+    return token
+
+
+def _forget(unet_ref: weakref.ref) -> None:
+    """Called when a keyed UNet is collected: its keys go (they could match no other UNet, and would stay)."""
+    for memory in (_WARMED, _CAPTURE_FIRST_FAILED):
+        for entry in [k for k in list(memory) if k[1] is unet_ref]:
+            memory.discard(entry)
 
 
 def wanted(fast, device: torch.device) -> bool:
@@ -33,12 +56,12 @@ def key(pipe, concept, config, params, fast, amp) -> tuple:
 
     The UNet is keyed by a weak reference, not its id(): a UNet collected after its warm-up and a new one given its
     address had the same key, and the new one was taken as warmed (or as failing to capture). References to the same
-    live UNet compare and hash equal (a module compares by identity); a dead one equals only itself (its hash was
-    taken while it lived), so the keys of a collected UNet, left in the sets, match no other UNet. The reference
-    does not keep the UNet alive."""
+    live UNet compare and hash equal (a module compares by identity); a dead one equals only itself, and its keys
+    leave the memories when the UNet is collected. The reference does not keep the UNet alive. The thread is keyed
+    by a token of its own (``_thread_token``), not by its id, which a later thread may be given."""
     unet = pipe.unet
     checkpointing = config.gradient_checkpointing or getattr(unet, "is_gradient_checkpointing", False)  # as run
-    return (threading.get_ident(), weakref.ref(unet), config.batch_size, concept.images[0].size, unet.dtype, amp,
+    return (_thread_token(), weakref.ref(unet, _forget), config.batch_size, concept.images[0].size, unet.dtype, amp,
             tuple(p.shape for p in params), repr(fast), checkpointing,
             config.prior_images.images[0].size if config.prior_images is not None else None)
 

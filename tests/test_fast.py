@@ -1293,3 +1293,71 @@ def test_a_new_unet_at_a_collected_ones_address_inherits_no_warm_up(concept, mon
     assert fast_warmup.needed(key(new), loop, cpu) and fast_warmup.capture_first(loop, key(new))
     warm(new)  # its own warm-up still counts for it
     assert not fast_warmup.needed(key(new), loop, cpu) and not fast_warmup.capture_first(loop, key(new))
+
+
+def test_a_new_thread_given_an_ended_ones_id_inherits_no_warm_up(concept, monkeypatch):
+    """The warm-up's memories keyed the thread by threading.get_ident(), which a new thread is given once an old one
+    has ended: the new thread (none of the old one's cuDNN plans) was taken as warmed, or as failing to capture."""
+    import threading
+    from types import SimpleNamespace
+
+    from prkit import fast_warmup
+
+    monkeypatch.setattr(fast_warmup, "_WARMED", set())
+    monkeypatch.setattr(fast_warmup, "_CAPTURE_FIRST_FAILED", set())
+    loop, cpu = FastConfig(warm_up=True), torch.device("cpu")
+
+    class UNet:  # what key() reads of a UNet
+        dtype = torch.float32
+
+    unet = UNet()
+    stepper = SimpleNamespace(capture_first=False, prepare=lambda: None)
+
+    def key() -> tuple:
+        return fast_warmup.key(SimpleNamespace(unet=unet), concept, TrainConfig(), [], loop, None)
+
+    def in_thread(fn):
+        out = {}
+        thread = threading.Thread(target=lambda: out.update(ident=threading.get_ident(), value=fn()))
+        thread.start()
+        thread.join()
+        return out["ident"], out["value"]
+
+    def warm():  # as the loop does: warmed up, after a capture before any eager step failed
+        fast_warmup.capture_first_failed(key())
+        fast_warmup.warm_up_while_encoding(stepper, [], None, key())
+        return fast_warmup.needed(key(), loop, cpu), fast_warmup.capture_first(loop, key())
+
+    ident, state = in_thread(warm)
+    assert state == (False, False)  # its own warm-up counts for the thread that did it
+    for _ in range(200):  # CPython's threads usually get an ended thread's id at once
+        again, state = in_thread(lambda: (fast_warmup.needed(key(), loop, cpu), fast_warmup.capture_first(loop, key())))
+        if again == ident:
+            break
+    else:
+        pytest.skip("no new thread was given the ended one's id")
+    assert state == (True, True)
+
+
+def test_a_collected_unets_keys_leave_the_warm_up_memories(concept, monkeypatch):
+    import gc
+    from types import SimpleNamespace
+
+    from prkit import fast_warmup
+
+    monkeypatch.setattr(fast_warmup, "_WARMED", set())
+    monkeypatch.setattr(fast_warmup, "_CAPTURE_FIRST_FAILED", set())
+    loop = FastConfig(warm_up=True)
+
+    class UNet:
+        dtype = torch.float32
+
+    kept, gone = UNet(), UNet()
+    for unet in (kept, gone):
+        key = fast_warmup.key(SimpleNamespace(unet=unet), concept, TrainConfig(), [], loop, None)
+        fast_warmup.capture_first_failed(key)
+        fast_warmup._WARMED.add(key)
+    assert len(fast_warmup._WARMED) == len(fast_warmup._CAPTURE_FIRST_FAILED) == 2
+    del gone, unet
+    gc.collect()
+    assert [k[1]() for k in fast_warmup._WARMED] == [kept] == [k[1]() for k in fast_warmup._CAPTURE_FIRST_FAILED]
