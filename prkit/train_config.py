@@ -104,10 +104,12 @@ class TrainConfig:
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")
-        for name, low in (("max_grad_norm", 0.0), ("prior_weight", 0.0)):
+        # weight_decay: AdamW's decay by inf made every weight NaN, reported as a divergence of the learning rate
+        for name, low in (("max_grad_norm", 0.0), ("prior_weight", 0.0), ("weight_decay", 0.0)):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and math.isfinite(value) and value >= low):
+            if (value is not None or name != "max_grad_norm") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= low):
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= {low:g}"
                                  f"{' (or None: no clipping)' if name == 'max_grad_norm' else ''}, got {value!r}")
         prompts = self.validation_prompts
