@@ -44,7 +44,7 @@ class TrainConfig:
     resume: bool = True  # continue from checkpoint_dir/checkpoint.pt (False: start over, keeping it aside)
     validate_every: int = 0  # steps between validation images (0: none)
     validation_prompts: tuple[str, ...] = ()  # "{token}"/"{class_word}" placeholders allowed
-    validation_steps: int = 25
+    validation_steps: int | None = 25  # sampling steps of each validation image (None: generate's default)
     prior_images: object = None  # a Concept of class images: prior preservation (off by default, ablation)
     prior_weight: float = 1.0
     max_grad_norm: float | None = None
@@ -57,6 +57,8 @@ class TrainConfig:
     def __post_init__(self):
         check_whole(self, ("steps", "batch_size"), 1)
         check_whole(self, ("checkpoint_every", "validate_every"), 0, " (0: never)")
+        # else generate() refused it at the first validation, validate_every steps into the run
+        check_whole(self, ("validation_steps",), 1, " (or None: generate's default)")
         rate = self.learning_rate
         if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
             raise ValueError(f"TrainConfig.learning_rate must be a positive number (or None: the default), "

@@ -616,3 +616,18 @@ def test_a_concept_built_by_hand_is_checked_for_its_words_before_training(tmp_pa
     with pytest.raises(ValueError, match=said):
         prkit.train_residuals(pipe, concept, steps=1, **FAST)
     assert prkit.residual_names(pipe.unet) == []
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, "25"])
+def test_bad_validation_steps_are_refused_before_training_not_at_the_first_validation(tmp_path, concept, bad):
+    """validation_steps=0 was accepted and failed in generate() at the first validation, validate_every steps into
+    the run (minutes on SD), in generate's words ('steps must be ...') that did not name the setting."""
+    pipe = make_pipe(tmp_path)
+    calls = []
+    real = train._backward
+    train_steps = dict(steps=3, validate_every=2, validation_prompts=("a photo of a {token} {class_word}",))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with pytest.raises(ValueError, match=rf"TrainConfig\.validation_steps must be a whole number >= 1 .*, got {bad!r}"):
+            prkit.train_residuals(pipe, concept, validation_steps=bad, **train_steps, **FAST)
+    assert calls == [] and prkit.residual_names(pipe.unet) == []
