@@ -131,8 +131,9 @@ def token_uses(template: str) -> int:
     return [name for _, name, _, _ in string.Formatter().parse(template)].count("token")
 
 
-def _check_words(token: object, class_word: object, template: str) -> tuple[str, str]:
-    """Validate the identifier, the class word and the prompt template."""
+def check_concept_words(token: object, class_word: object) -> tuple[str, str]:
+    """Validate the identifier and the class word (load_concept's rule; train_residuals applies it to a Concept
+    made by hand)."""
     for arg, value in (("token", token), ("class_word", class_word)):
         if value is None:
             raise ConceptDataError(f"{arg} is required: pass {arg}=... (e.g. token='sks', "
@@ -147,6 +148,12 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     if token.strip().lower() == class_word.strip().lower():
         raise ConceptDataError(f"token and class_word are both {token!r}; the token must be a "
                                "rare identifier (e.g. 'sks') distinct from the class word.")
+    return token, class_word
+
+
+def _check_words(token: object, class_word: object, template: str) -> tuple[str, str]:
+    """Validate the identifier, the class word and the prompt template."""
+    token, class_word = check_concept_words(token, class_word)
     if not isinstance(template, str):
         raise ConceptDataError(f"prompt_template must be a string with {{token}} (and {{class_word}}), got "
                                f"{template!r}; fix it where it comes from (the argument or concept.json).")

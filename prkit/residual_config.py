@@ -27,7 +27,7 @@ class ResidualConfig:
 
 def rank_for(channels: int, rank: float | int) -> int:
     """Resolve a rank rule to an integer rank for a layer of ``channels`` channels."""
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank <= 0:
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not 0 < rank < math.inf:  # NaN too
         raise ValueError(f"rank must be a positive fraction (e.g. 0.05) or an int, got {rank!r}")
     if isinstance(rank, float) and rank < 1:
         return max(1, int(round(rank * channels)))

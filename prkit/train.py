@@ -109,6 +109,9 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = replace(config, **overrides) if overrides else config
+    from .data import check_concept_words  # load_concept's rule, for a Concept made by hand
+
+    check_concept_words(getattr(concept, "token", None), getattr(concept, "class_word", None))
     if config.prompt_template is None:  # resolved once, so that the file records it
         config = replace(config, prompt_template=training_template(config, concept))
     if config.checkpoint_dir:  # before any work that its checkpoints would keep

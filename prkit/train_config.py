@@ -44,7 +44,7 @@ class TrainConfig:
     resume: bool = True  # continue from checkpoint_dir/checkpoint.pt (False: start over, keeping it aside)
     validate_every: int = 0  # steps between validation images (0: none)
     validation_prompts: tuple[str, ...] = ()  # "{token}"/"{class_word}" placeholders allowed
-    validation_steps: int = 25
+    validation_steps: int | None = 25  # sampling steps of each validation image (None: generate's default)
     prior_images: object = None  # a Concept of class images: prior preservation (off by default, ablation)
     prior_weight: float = 1.0
     max_grad_norm: float | None = None
@@ -57,6 +57,8 @@ class TrainConfig:
     def __post_init__(self):
         check_whole(self, ("steps", "batch_size"), 1)
         check_whole(self, ("checkpoint_every", "validate_every"), 0, " (0: never)")
+        # else generate() refused it at the first validation, validate_every steps into the run
+        check_whole(self, ("validation_steps",), 1, " (or None: generate's default)")
         rate = self.learning_rate
         if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
             raise ValueError(f"TrainConfig.learning_rate must be a positive number (or None: the default), "
@@ -104,10 +106,12 @@ class TrainConfig:
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")
-        for name, low in (("max_grad_norm", 0.0), ("prior_weight", 0.0)):
+        # weight_decay: AdamW's decay by inf made every weight NaN, reported as a divergence of the learning rate
+        for name, low in (("max_grad_norm", 0.0), ("prior_weight", 0.0), ("weight_decay", 0.0)):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and math.isfinite(value) and value >= low):
+            if (value is not None or name != "max_grad_norm") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= low):
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= {low:g}"
                                  f"{' (or None: no clipping)' if name == 'max_grad_norm' else ''}, got {value!r}")
         prompts = self.validation_prompts

@@ -53,12 +53,16 @@ def test_rank_rule_fixed_int_and_fraction():
     assert rank_for(32, 1000) == 32  # a fixed rank is capped at the channels
 
 
-@pytest.mark.parametrize("bad", [0, -1, 0.0, -0.5, True, "16", None])
+@pytest.mark.parametrize("bad", [0, -1, 0.0, -0.5, True, "16", None, float("nan"), float("inf")])
 def test_bad_rank_raises(bad):
+    """NaN and infinity too (they raised 'cannot convert float NaN to integer' and an OverflowError), here and in
+    TrainConfig, whose message names the field."""
     from tiny import tiny_unet
 
     with pytest.raises(ValueError, match="rank must be a positive"):
         prkit.add_residuals(tiny_unet(), rank=bad)
+    with pytest.raises(ValueError, match=r"TrainConfig\.rank must be a positive"):
+        prkit.TrainConfig(rank=bad)
 
 
 def test_rank_dict_missing_block_raises():

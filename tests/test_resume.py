@@ -165,8 +165,12 @@ def test_non_finite_latents_are_refused_before_training(tmp_path, concept, monke
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("batch_size", -1), ("learning_rate", float("nan")),
-                                         ("checkpoint_every", -5)])
+                                         ("checkpoint_every", -5), ("weight_decay", float("inf")),
+                                         ("weight_decay", float("nan")), ("weight_decay", -0.01),
+                                         ("weight_decay", "0.01")])
 def test_bad_recipe_numbers_name_the_field(field, value):
+    """At creation, naming the field: weight_decay=inf trained to NaN and was reported as a divergence to fix by
+    lowering the learning rate; NaN, negative and text ones failed in AdamW after the set-up, in its words."""
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be"):
         train.TrainConfig(**{field: value})
 

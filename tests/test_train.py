@@ -600,3 +600,34 @@ def test_timesteps_are_drawn_over_the_whole_schedule(pipe, concept):
     total = scheduler.config.num_train_timesteps
     assert drawn.min() < total * 0.05 and drawn.max() >= total * 0.95
     assert abs(drawn.float().mean().item() - (total - 1) / 2) < total * 0.05  # uniform: no end favoured
+
+
+@pytest.mark.parametrize("token,class_word,said", [
+    (None, "dog", "token is required"), ("", "dog", "token must be a non-empty string"),
+    ("sks", None, "class_word is required"), ("dog", "dog", "token and class_word are both 'dog'"),
+    ("my dog", "dog", "contains whitespace")])
+def test_a_concept_built_by_hand_is_checked_for_its_words_before_training(tmp_path, token, class_word, said):
+    """A Concept made directly (not by load_concept) with no identifier trained on 'a photo of a None dog' or
+    'a photo of a  dog': residuals without the concept's token, which LAG cannot find. Refused as load_concept
+    refuses it, before anything is added to the model."""
+    pipe = make_pipe(tmp_path)
+    concept = make_concept()
+    concept.token, concept.class_word = token, class_word
+    with pytest.raises(ValueError, match=said):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == []
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, "25"])
+def test_bad_validation_steps_are_refused_before_training_not_at_the_first_validation(tmp_path, concept, bad):
+    """validation_steps=0 was accepted and failed in generate() at the first validation, validate_every steps into
+    the run (minutes on SD), in generate's words ('steps must be ...') that did not name the setting."""
+    pipe = make_pipe(tmp_path)
+    calls = []
+    real = train._backward
+    train_steps = dict(steps=3, validate_every=2, validation_prompts=("a photo of a {token} {class_word}",))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with pytest.raises(ValueError, match=rf"TrainConfig\.validation_steps must be a whole number >= 1 .*, got {bad!r}"):
+            prkit.train_residuals(pipe, concept, validation_steps=bad, **train_steps, **FAST)
+    assert calls == [] and prkit.residual_names(pipe.unet) == []
