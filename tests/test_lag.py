@@ -485,3 +485,19 @@ def test_otsu_on_nan_maps_gives_a_mask_not_an_index_error():
     mask = make_mask(maps, LAGConfig(threshold="otsu"))
     assert mask.shape == maps.shape and torch.isfinite(mask).all()
     assert mask[1].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_text_longer_than_one_tokenizer_window_is_named(unet, tokenizer):
+    """Embeddings of more token positions than the tokenizer's window (compel's and other long-prompt weighting
+    chunk a prompt into several windows, as lag_sampling's docs invite for prompt weighting) stopped sampling with
+    "einsum(): subscript t has size 16 ... does not broadcast with previously seen size 32"; the error says which
+    lengths disagree and what to do, and the UNet is left as it was."""
+    residuals = _dog(unet)
+    sample, t, text = unet_inputs(batch=2)
+    processors = {k: type(v) for k, v in unet.attn_processors.items()}
+    with pytest.raises(ValueError, match=r"32 token positions, but LAG's masks are made for 16 \(the tokenizer's "
+                                         r"model_max_length\).*at most 16 tokens.*or lag=False"):
+        with lag_sampling(unet, residuals, PROMPT, tokenizer=tokenizer, cfg=True):
+            run_unet(unet, (sample, t, torch.cat([text, text], 1)))
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
+    assert all(layer.mask_source is None for layer in wrapped_layers(unet).values())
