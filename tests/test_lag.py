@@ -501,3 +501,24 @@ def test_text_longer_than_one_tokenizer_window_is_named(unet, tokenizer):
             run_unet(unet, (sample, t, torch.cat([text, text], 1)))
     assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
     assert all(layer.mask_source is None for layer in wrapped_layers(unet).values())
+
+
+def test_prompt_tokens_of_a_pipeline_follow_its_textual_inversion_expansion(pipe):
+    """prompt_tokens counted a multi-vector textual-inversion token (``<style>``, which the pipeline expands to
+    ``<style> <style>_1`` before its text encoder) as one: every later word's position, and the store's maps kept for
+    it, were one off (LAG's own positions were right). Given the pipeline it counts what the text encoder sees; given
+    the bare tokenizer of such a prompt it says to pass the pipeline."""
+    from prkit.lag import prompt_tokens
+
+    dog = _dog(pipe.unet)
+    pipe.load_textual_inversion({"<style>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                                token="<style>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    prompt = "<style> photo of a sks dog"
+    positions, labels = prompt_tokens(pipe, prompt)
+    assert labels == ["<style>", "<style>_1", "photo", "of", "a", "sks", "dog"] and positions == list(range(1, 8))
+    with lag_sampling(pipe, dog, prompt) as state:
+        lag_positions = state.concept_weights[0, :, 0].nonzero().flatten().tolist()
+    assert lag_positions == [positions[labels.index("sks")], positions[labels.index("dog")]] == [6, 7]
+    with pytest.raises(ValueError, match=r"'<style>'.*expands.*prkit.prompt_tokens\(pipe, prompt\)"):
+        prompt_tokens(pipe.tokenizer, prompt)
+    assert prompt_tokens(pipe.tokenizer, PROMPT) == prompt_tokens(pipe, PROMPT)  # nothing to expand: the same
