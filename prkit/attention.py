@@ -107,7 +107,13 @@ class CaptureState:
         store = self.store
         return store is not None and (store.steps is None or self.step in store.steps)
 
-    def _rows(self, weights: torch.Tensor, rows: int) -> torch.Tensor:
+    def _rows(self, weights: torch.Tensor, rows: int, tokens: int) -> torch.Tensor:
+        """The (P, T, S) concept weights for ``rows`` conditional rows attending to ``tokens`` text positions."""
+        if tokens != weights.shape[1]:
+            raise ValueError(f"the UNet's text has {tokens} token positions, but LAG's masks are made for "
+                             f"{weights.shape[1]} (the tokenizer's model_max_length): embeddings of several windows "
+                             "(long-prompt weighting, compel) do not line up with the prompt's tokens; sample with "
+                             f"prompts of at most {weights.shape[1]} tokens (one window), or lag=False")
         prompts = weights.shape[0]
         if rows == prompts:
             return weights
@@ -120,7 +126,8 @@ class CaptureState:
         batch = probs.shape[0]
         cond = probs[batch // 2:] if self.is_cfg(batch) and batch % 2 == 0 else probs
         if self.concept_weights is not None:
-            weights = self._rows(self.concept_weights, cond.shape[0]).to(cond)  # (Bc, T, S) on cond's device
+            # (Bc, T, S) on cond's device
+            weights = self._rows(self.concept_weights, cond.shape[0], cond.shape[-1]).to(cond)
             maps = torch.einsum("bhnt,bts->bns", cond, weights) / cond.shape[1]  # (Bc, N, S)
             if cond.shape[0] != batch:
                 maps = torch.cat([maps, maps])  # the conditional mask serves both CFG halves
@@ -186,11 +193,11 @@ class CaptureState:
             values = self._values.get(cache_key)
             if values is None:  # (Bc, h, T, d): the S concept columns, zeros after them
                 values = query.new_zeros(rows, heads, tokens, dim)
-                values[..., :concepts] = self._rows(self.concept_weights, rows).to(query)[:, None]
+                values[..., :concepts] = self._rows(self.concept_weights, rows, tokens).to(query)[:, None]
                 self._values[cache_key] = values
             maps = F.scaled_dot_product_attention(query, key, values, scale=scale)[..., :concepts]
         else:
-            weights = self._rows(self.concept_weights, rows).to(query)[:, None]  # (Bc, 1, T, S)
+            weights = self._rows(self.concept_weights, rows, tokens).to(query)[:, None]  # (Bc, 1, T, S)
             maps = ((query @ key.transpose(-1, -2)) * scale).softmax(-1) @ weights
         maps = maps.sum(1, dtype=torch.float32)  # (Bc, N, S), summed over heads
         if layer == 0 or block not in self.sums:

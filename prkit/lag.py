@@ -110,7 +110,24 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
 
     Start, end and padding are left out, so the positions are right whichever side the tokenizer pads on
     (``padding_side`` "left" puts the words at the end). Use the positions as ``AttentionStore(tokens=...)``.
+
+    Args:
+        tokenizer: the pipeline itself (its tokenizer, with the rewrite its ``encode_prompt`` applies: a multi-vector
+            textual-inversion token ``<t>`` becomes ``<t> <t>_1 ...``), or a tokenizer.
+    Raises:
+        ValueError: a tokenizer is given and the prompt holds a token that the pipeline would expand.
     """
+    if hasattr(tokenizer, "encode_prompt"):  # a pipeline (an SDXL refiner has only its second tokenizer)
+        pipe = tokenizer
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        prompt = encoded_text(pipe, tokenizer)(prompt)
+    else:
+        added = tokenizer.get_added_vocab()
+        expanded = [t for t in tokenizer.tokenize(prompt) if t in added and f"{t}_1" in added]
+        if expanded:
+            raise ValueError(f"prompt {prompt!r} holds the multi-vector textual-inversion token {expanded[0]!r}, "
+                             "which the pipeline expands before its text encoder; pass the pipeline, "
+                             "prkit.prompt_tokens(pipe, prompt), for the positions the text encoder sees")
     enc = _padded(tokenizer, prompt)
     ids, mask = enc.input_ids, enc.attention_mask
     ends = {tokenizer.bos_token_id, tokenizer.eos_token_id}

@@ -291,18 +291,25 @@ def _present(unet: nn.Module, name: str | Residuals | None) -> str | None:
 @contextlib.contextmanager
 def residuals_disabled(unet: nn.Module, name: str | Residuals | None = None):
     """Within the block, the set ``name`` (a name or a handle on ``unet``; all sets when None) is switched off: the
-    base model runs. A name that is not on ``unet`` raises KeyError (it would switch nothing off)."""
+    base model runs. A name that is not on ``unet`` raises KeyError (it would switch nothing off). Switched as
+    ``disable()`` does: a merged set leaves the weights at once (a compiled forward never rewrites them)."""
     name = _present(unet, name)
     layers = wrapped_layers(unet)
     saved = {(b, n): l.active[n] for b, l in layers.items() for n in l.sets if name is None or n == name}
     try:
         for (block, set_name) in saved:
-            layers[block].active[set_name] = False
+            layers[block].set_active(set_name, False)
         yield
     finally:
-        for (block, set_name), was in saved.items():
-            if set_name in layers[block].active:
-                layers[block].active[set_name] = was
+        _restore_active(layers, saved)
+
+
+def _restore_active(layers: dict[str, ResidualProjection], saved: dict[tuple[str, str], bool]) -> None:
+    """Put back each (block, set)'s saved on/off flag, through ``set_active`` (merged weights follow at once); a set
+    removed meanwhile is passed over."""
+    for (block, set_name), was in saved.items():
+        if set_name in layers[block].active:
+            layers[block].set_active(set_name, was)
 
 
 def check_on_unet(unet: nn.Module, sets: list[Residuals]) -> None:
@@ -352,9 +359,7 @@ def only_residuals(unet: nn.Module, names: list[str | Residuals] | None):
     saved = {(b, n): l.active[n] for b, l in layers.items() for n in l.sets}
     try:
         for (block, set_name) in saved:
-            layers[block].active[set_name] = set_name in wanted
+            layers[block].set_active(set_name, set_name in wanted)
         yield
     finally:
-        for (block, set_name), was in saved.items():
-            if set_name in layers[block].active:
-                layers[block].active[set_name] = was
+        _restore_active(layers, saved)

@@ -226,7 +226,7 @@ def _check_labels(store, labels: Sequence[str]) -> None:
     if tokens != len(labels):
         raise ValueError(f"the store holds maps of {tokens} token positions but {len(labels)} labels were given: "
                          "fill it with AttentionStore(tokens=positions) for positions, labels = "
-                         "prkit.prompt_tokens(pipe.tokenizer, prompt)")
+                         "prkit.prompt_tokens(pipe, prompt)")
 
 
 def attention_explorer(store, image, labels: Sequence[str], interactive: bool = True, image_index: int = 0,

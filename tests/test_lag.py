@@ -485,3 +485,40 @@ def test_otsu_on_nan_maps_gives_a_mask_not_an_index_error():
     mask = make_mask(maps, LAGConfig(threshold="otsu"))
     assert mask.shape == maps.shape and torch.isfinite(mask).all()
     assert mask[1].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_text_longer_than_one_tokenizer_window_is_named(unet, tokenizer):
+    """Embeddings of more token positions than the tokenizer's window (compel's and other long-prompt weighting
+    chunk a prompt into several windows, as lag_sampling's docs invite for prompt weighting) stopped sampling with
+    "einsum(): subscript t has size 16 ... does not broadcast with previously seen size 32"; the error says which
+    lengths disagree and what to do, and the UNet is left as it was."""
+    residuals = _dog(unet)
+    sample, t, text = unet_inputs(batch=2)
+    processors = {k: type(v) for k, v in unet.attn_processors.items()}
+    with pytest.raises(ValueError, match=r"32 token positions, but LAG's masks are made for 16 \(the tokenizer's "
+                                         r"model_max_length\).*at most 16 tokens.*or lag=False"):
+        with lag_sampling(unet, residuals, PROMPT, tokenizer=tokenizer, cfg=True):
+            run_unet(unet, (sample, t, torch.cat([text, text], 1)))
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == processors
+    assert all(layer.mask_source is None for layer in wrapped_layers(unet).values())
+
+
+def test_prompt_tokens_of_a_pipeline_follow_its_textual_inversion_expansion(pipe):
+    """prompt_tokens counted a multi-vector textual-inversion token (``<style>``, which the pipeline expands to
+    ``<style> <style>_1`` before its text encoder) as one: every later word's position, and the store's maps kept for
+    it, were one off (LAG's own positions were right). Given the pipeline it counts what the text encoder sees; given
+    the bare tokenizer of such a prompt it says to pass the pipeline."""
+    from prkit.lag import prompt_tokens
+
+    dog = _dog(pipe.unet)
+    pipe.load_textual_inversion({"<style>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                                token="<style>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    prompt = "<style> photo of a sks dog"
+    positions, labels = prompt_tokens(pipe, prompt)
+    assert labels == ["<style>", "<style>_1", "photo", "of", "a", "sks", "dog"] and positions == list(range(1, 8))
+    with lag_sampling(pipe, dog, prompt) as state:
+        lag_positions = state.concept_weights[0, :, 0].nonzero().flatten().tolist()
+    assert lag_positions == [positions[labels.index("sks")], positions[labels.index("dog")]] == [6, 7]
+    with pytest.raises(ValueError, match=r"'<style>'.*expands.*prkit.prompt_tokens\(pipe, prompt\)"):
+        prompt_tokens(pipe.tokenizer, prompt)
+    assert prompt_tokens(pipe.tokenizer, PROMPT) == prompt_tokens(pipe, PROMPT)  # nothing to expand: the same

@@ -318,7 +318,7 @@ def test_merge_then_unmerge_restores_weights(unet):
 
 def test_a_disabled_merged_set_is_out_of_the_weights(unet):
     """disable() or residuals_disabled on a merged set kept it painting (its weights stayed merged) while enabled
-    said False; as in peft, a disabled set leaves the weights (at once with disable(), at the next forward inside
+    said False; as in peft, a disabled set leaves the weights (at once, with disable() as inside
     residuals_disabled) and is back once enabled, and a set merged while disabled waits until it is enabled."""
     inputs = unet_inputs()
     base = run_unet(unet, inputs)
@@ -392,6 +392,37 @@ def test_the_merged_check_stays_out_of_a_compiled_forward(unet, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # data_ptr() would break dynamo's graph
     run_unet(unet, unet_inputs())
     assert calls == []
+
+
+def test_switching_merged_sets_in_a_block_reaches_a_compiled_unet():
+    """residuals_disabled and only_residuals flipped the sets' flags only, leaving a merged set's weights to the next
+    eager forward; a compiled forward never rewrites them (no data_ptr() in a trace), so a compiled UNet kept
+    painting a merged set inside residuals_disabled, and left out a merged, disabled set that only_residuals (as
+    generate) asked for. They switch sets as disable()/enable() do: the weights change at once."""
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    base = run_unet(unet, inputs)
+    weights = {k: v.weight.detach().clone() for k, v in find_projections(unet).items()}
+    dog = prkit.add_residuals(unet, name="dog")
+    randomize(dog)
+    personal = run_unet(unet, inputs)
+    dog.merge()
+    merged = {k: v.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend="eager")
+    try:
+        with prkit.residuals_disabled(compiled, "dog"):
+            assert all(torch.equal(v.weight, weights[k]) for k, v in wrapped_layers(unet).items())  # before a forward
+            torch.testing.assert_close(run_unet(compiled, inputs), base, atol=1e-5, rtol=1e-5)
+        assert all(torch.equal(v.weight, merged[k]) for k, v in wrapped_layers(unet).items())
+        torch.testing.assert_close(run_unet(compiled, inputs), personal, atol=1e-5, rtol=1e-5)
+        dog.disable()
+        with prkit.only_residuals(compiled, [dog]):
+            torch.testing.assert_close(run_unet(compiled, inputs), personal, atol=1e-5, rtol=1e-5)
+        assert not dog.enabled
+        torch.testing.assert_close(run_unet(compiled, inputs), base, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_remove_while_merged_restores_base(unet):
