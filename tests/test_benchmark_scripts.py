@@ -27,3 +27,17 @@ def test_the_first_recipe_timeline_runs_and_records_each_phase(tmp_path, variant
                   "unet_forward>", "recipe_later<"):
         assert phase in names
     assert names.index("prompt>") < names.index("first_call>")
+
+
+def test_the_cross_attention_bench_runs_and_checks_each_variant_against_fp64(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cross_attention.py"), "--tiny", "--out",
+                    str(tmp_path / "x.json")], check=True, env=env, cwd=ROOT, capture_output=True, timeout=120)
+    data = json.loads((tmp_path / "x.json").read_text())
+    rows = list(data["shapes"].values())
+    assert len(rows) == 2 and all(set(row) == {"math", "per_head", "shared_heads", "shared_heads_fused_scale"}
+                                  for row in rows)
+    for row in rows:
+        for result in row.values():
+            assert result["err_out"] < 1e-5 and result["err_dq"] < 1e-5 and result["ms"] > 0
+    assert set(data["ms_per_step"]) == set(rows[0])
