@@ -278,3 +278,49 @@ def test_world_bench_refuses_no_images_or_steps(capsys):
         with pytest.raises(SystemExit):
             bench.main([flag, "0"])
         assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+_PIN_CODE = """
+import hashlib
+import numpy as np
+from prkit.world.render import render, sample_scene
+from prkit.world.vocab import BACKGROUNDS
+h = hashlib.sha256()
+rng = np.random.default_rng(2024)
+for i, bg in enumerate(BACKGROUNDS):
+    for k in range(3):
+        img, m = render(sample_scene(rng, patterns=True, background=bg), seed=i * 10 + k, size=(64, 96, 40)[k])
+        h.update(img.tobytes())
+        h.update(np.packbits(m).tobytes())
+print(h.hexdigest())
+"""
+_PIN = "63088fe6f2e5f59485ccb510cc21de05139491101e2eda2197d1947a71e55818"  # renders the shipped world was trained on
+
+
+def test_renders_are_pinned_across_processes_threads_and_the_shipped_references():
+    """The shipped model, oracle and concept folders were made from these very pixels: a change to the renderer
+    must show here, not as a silently worse world."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    render_module = sys.modules["prkit.world.render"]  # the package re-exports the function under this name
+
+    state = np.random.get_state()
+    out = subprocess.run([sys.executable, "-c", _PIN_CODE], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == _PIN  # a fresh process, every background, three sizes, patterns, masks
+    for name, concept in EXAMPLE_CONCEPTS.items():  # the shipped reference PNGs, pixel for pixel
+        files = sorted(concept_folder(name).glob("*.png"))
+        rendered = render_concept(concept, len(files), seed=0)
+        assert [np.array_equal(np.asarray(a), np.asarray(Image.open(f).convert("RGB")))
+                for a, f in zip(rendered, files)] == [True] * len(files), name
+    scenes = [sample_scene(np.random.default_rng(i), patterns=True, background=bg) for i, bg in enumerate(BACKGROUNDS)]
+    serial = [render(s, seed=i) for i, s in enumerate(scenes)]
+    render_module._bank.cache_clear()  # threads build the texture banks at the same time
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda a: render(*a), [(s, i) for i, s in enumerate(scenes)]))
+    for (a, ma), (b, mb) in zip(serial, threaded):
+        assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    assert all(np.array_equal(x, y) for x, y in zip(state, np.random.get_state()))  # numpy's global RNG untouched
