@@ -324,3 +324,21 @@ def test_renders_are_pinned_across_processes_threads_and_the_shipped_references(
     for (a, ma), (b, mb) in zip(serial, threaded):
         assert np.array_equal(a, b) and np.array_equal(ma, mb)
     assert all(np.array_equal(x, y) for x, y in zip(state, np.random.get_state()))  # numpy's global RNG untouched
+
+
+@pytest.mark.parametrize("obj,says", [
+    (Obj("ball", "red", 200, 32, 9), "objects[1].x must be a number of pixels in [0, 64]"),  # drew nothing, empty mask
+    (Obj("ball", "red", 32, -50, 9), "objects[1].y must be a number of pixels in [0, 64]"),
+    (Obj("ball", "red", 32, 32, -5), "objects[1].size must be a number of pixels > 0"),  # drew nothing
+    (Obj("ball", "red", 32, 32, 0), "objects[1].size must be a number of pixels > 0"),  # an outline, /0 warnings
+    (Obj("ball", "red", 32, 32, float("nan")), "objects[1].size must be a number of pixels > 0"),  # 'cannot
+    (Obj("ball", "red", float("inf"), 32, 9), "objects[1].x must be"),                   # convert float NaN ...'
+    (Obj("ball", "red", "32", 32, 9), "objects[1].x must be"),  # was "can't multiply sequence by non-int"
+])
+def test_render_and_caption_refuse_an_object_off_the_canvas_or_of_no_size(obj, says):
+    scene = Scene("grass", [Obj("box", "blue", 10, 10, 8), obj])
+    for call in (lambda: render(scene), lambda: caption(scene)):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            call()
+    for edge in (Obj("ball", "red", 0, 64, 9), Obj("ball", "red", 64, 0, 0.5)):  # centre on the edge: still drawn
+        assert render(Scene("grass", [edge]))[1].sum() > 0
