@@ -342,3 +342,30 @@ def test_render_and_caption_refuse_an_object_off_the_canvas_or_of_no_size(obj, s
             call()
     for edge in (Obj("ball", "red", 0, 64, 9), Obj("ball", "red", 64, 0, 0.5)):  # centre on the edge: still drawn
         assert render(Scene("grass", [edge]))[1].sum() > 0
+
+
+def test_world_bench_lag_value_is_refused_without_the_fixed_threshold(tmp_path, monkeypatch, capsys):
+    """--lag-value 0.3 with the default median threshold was accepted and ignored: the rows were median's."""
+    from types import SimpleNamespace
+
+    from prkit import pipeline
+    from prkit.world import bench, oracle
+
+    out = str(tmp_path / "b.csv")
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    for threshold in ([], ["--lag-threshold", "otsu"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--lag-value", "0.3", "--out", out, *threshold])
+        assert "--lag-value 0.3 is the cut of --lag-threshold fixed" in capsys.readouterr().err
+    seen = []
+    fake = SimpleNamespace(set_progress_bar_config=lambda **k: None, unet=SimpleNamespace(device="cpu"))
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: fake)
+    monkeypatch.setattr(oracle, "load_oracle", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "bench_concept", lambda pipe, name, config, *a, **k: seen.append(config.lag) or [])
+    monkeypatch.setattr(bench, "write_csv", lambda rows, path: path)
+    monkeypatch.setattr(bench, "summarize", lambda rows: [])
+    for args, cut in ((["--lag-threshold", "fixed", "--lag-value", "0.3"], ("fixed", 0.3)),
+                      (["--lag-threshold", "fixed"], ("fixed", 0.5)), ([], ("median", 0.5))):
+        seen.clear()
+        assert bench.main(["--concepts", "striped_ball", "--out", out, *args]) == 0
+        assert [(c.threshold, c.value) for c in seen] == [cut]
