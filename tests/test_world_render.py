@@ -369,3 +369,19 @@ def test_world_bench_lag_value_is_refused_without_the_fixed_threshold(tmp_path, 
         seen.clear()
         assert bench.main(["--concepts", "striped_ball", "--out", out, *args]) == 0
         assert [(c.threshold, c.value) for c in seen] == [cut]
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--learning-rate", "-1"], "--learning-rate: TrainConfig.learning_rate must be a positive number"),
+    (["--learning-rate", "nan"], "--learning-rate: TrainConfig.learning_rate must be a positive number"),
+    (["--lag-threshold", "fixed", "--lag-value", "2"], "--lag-value: LAGConfig.value must be a number in [0, 1]"),
+])
+def test_world_bench_checks_rates_and_cuts_before_the_model_loads(tmp_path, monkeypatch, capsys, args, says):
+    """A bad --learning-rate or --lag-value was a traceback from TrainConfig/LAGConfig after the model had loaded."""
+    from prkit import pipeline
+    from prkit.world import bench
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "b.csv"), *args])
+    assert says in capsys.readouterr().err

@@ -233,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                      "does not use it: add --lag-threshold fixed, or leave --lag-value out")
     lag_value = LAGConfig.value if args.lag_value is None else args.lag_value
     try:  # before the model loads and every concept trains: nothing is lost at the end
+        try:
+            train = TrainConfig(steps=args.train_steps, rank=args.rank, learning_rate=args.learning_rate)
+        except ValueError as err:
+            raise ValueError(f"--learning-rate: {err}") from None
+        try:
+            lag = LAGConfig(threshold=args.lag_threshold, value=lag_value)
+        except ValueError as err:
+            raise ValueError(f"--lag-value: {err}") from None
         if out.is_dir():
             raise ValueError(f"--out {str(out)!r} is a folder; give a CSV file name, e.g. {str(out / 'bench.csv')!r}")
         for path in (out, rows_out):
@@ -247,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     config = BenchConfig(concepts=tuple(args.concepts), images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         train=TrainConfig(steps=args.train_steps, rank=args.rank, learning_rate=args.learning_rate),
-                         lag=LAGConfig(threshold=args.lag_threshold, value=lag_value))
+                         train=train, lag=lag)
     oracle = load_oracle(pipe.unet.device)
     rows = []
     start = time.perf_counter()
