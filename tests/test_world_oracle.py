@@ -123,3 +123,27 @@ def test_read_refuses_values_it_would_misread(batch, bad):
     says = "int8 values are no image depth the oracle knows" if bad == "int8" else r"\[0, 1\]|5-d"
     with pytest.raises(ValueError, match=says):
         read(form, Oracle().eval())
+
+
+def test_read_takes_16_bit_and_float_pil_images_at_their_depth(batch):
+    """A 16-bit PNG opens as mode I;16 (older Pillow: I) and a float image as F; convert("RGB") clipped them to
+    0-255, so a mid-grey 16-bit image read as white and a float one in [0, 1] as black."""
+    import io
+
+    from prkit.world.oracle_input import as_batch
+
+    grey = np.asarray(Image.fromarray(batch["image"][0]).convert("L"))  # (64, 64) uint8
+    expected = as_batch(Image.fromarray(grey))
+    buffer = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buffer, "PNG")
+    forms = {
+        "16-bit PNG": Image.open(io.BytesIO(buffer.getvalue())),
+        "I;16B": Image.frombytes("I;16B", (64, 64), (grey.astype(">u2") * 257).tobytes()),
+        "I, 16-bit values": Image.fromarray(grey.astype(np.int32) * 257),
+        "I, 8-bit values": Image.fromarray(grey.astype(np.int32)),
+        "F in [0, 1]": Image.fromarray(grey.astype(np.float32) / 255),
+    }
+    for name, form in forms.items():
+        assert torch.allclose(as_batch(form), expected, atol=1e-6), name
+    with pytest.raises(ValueError, match=r"float values span \[.*\]; the oracle reads floats in \[0, 1\]"):
+        as_batch(Image.fromarray(grey.astype(np.float32) * 2))  # F in 0-510: refused, as a float array is

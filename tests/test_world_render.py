@@ -278,3 +278,110 @@ def test_world_bench_refuses_no_images_or_steps(capsys):
         with pytest.raises(SystemExit):
             bench.main([flag, "0"])
         assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+_PIN_CODE = """
+import hashlib
+import numpy as np
+from prkit.world.render import render, sample_scene
+from prkit.world.vocab import BACKGROUNDS
+h = hashlib.sha256()
+rng = np.random.default_rng(2024)
+for i, bg in enumerate(BACKGROUNDS):
+    for k in range(3):
+        img, m = render(sample_scene(rng, patterns=True, background=bg), seed=i * 10 + k, size=(64, 96, 40)[k])
+        h.update(img.tobytes())
+        h.update(np.packbits(m).tobytes())
+print(h.hexdigest())
+"""
+_PIN = "63088fe6f2e5f59485ccb510cc21de05139491101e2eda2197d1947a71e55818"  # renders the shipped world was trained on
+
+
+def test_renders_are_pinned_across_processes_threads_and_the_shipped_references():
+    """The shipped model, oracle and concept folders were made from these very pixels: a change to the renderer
+    must show here, not as a silently worse world."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    render_module = sys.modules["prkit.world.render"]  # the package re-exports the function under this name
+
+    state = np.random.get_state()
+    out = subprocess.run([sys.executable, "-c", _PIN_CODE], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == _PIN  # a fresh process, every background, three sizes, patterns, masks
+    for name, concept in EXAMPLE_CONCEPTS.items():  # the shipped reference PNGs, pixel for pixel
+        files = sorted(concept_folder(name).glob("*.png"))
+        rendered = render_concept(concept, len(files), seed=0)
+        assert [np.array_equal(np.asarray(a), np.asarray(Image.open(f).convert("RGB")))
+                for a, f in zip(rendered, files)] == [True] * len(files), name
+    scenes = [sample_scene(np.random.default_rng(i), patterns=True, background=bg) for i, bg in enumerate(BACKGROUNDS)]
+    serial = [render(s, seed=i) for i, s in enumerate(scenes)]
+    render_module._bank.cache_clear()  # threads build the texture banks at the same time
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda a: render(*a), [(s, i) for i, s in enumerate(scenes)]))
+    for (a, ma), (b, mb) in zip(serial, threaded):
+        assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    assert all(np.array_equal(x, y) for x, y in zip(state, np.random.get_state()))  # numpy's global RNG untouched
+
+
+@pytest.mark.parametrize("obj,says", [
+    (Obj("ball", "red", 200, 32, 9), "objects[1].x must be a number of pixels in [0, 64]"),  # drew nothing, empty mask
+    (Obj("ball", "red", 32, -50, 9), "objects[1].y must be a number of pixels in [0, 64]"),
+    (Obj("ball", "red", 32, 32, -5), "objects[1].size must be a number of pixels > 0"),  # drew nothing
+    (Obj("ball", "red", 32, 32, 0), "objects[1].size must be a number of pixels > 0"),  # an outline, /0 warnings
+    (Obj("ball", "red", 32, 32, float("nan")), "objects[1].size must be a number of pixels > 0"),  # 'cannot
+    (Obj("ball", "red", float("inf"), 32, 9), "objects[1].x must be"),                   # convert float NaN ...'
+    (Obj("ball", "red", "32", 32, 9), "objects[1].x must be"),  # was "can't multiply sequence by non-int"
+])
+def test_render_and_caption_refuse_an_object_off_the_canvas_or_of_no_size(obj, says):
+    scene = Scene("grass", [Obj("box", "blue", 10, 10, 8), obj])
+    for call in (lambda: render(scene), lambda: caption(scene)):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            call()
+    for edge in (Obj("ball", "red", 0, 64, 9), Obj("ball", "red", 64, 0, 0.5)):  # centre on the edge: still drawn
+        assert render(Scene("grass", [edge]))[1].sum() > 0
+
+
+def test_world_bench_lag_value_is_refused_without_the_fixed_threshold(tmp_path, monkeypatch, capsys):
+    """--lag-value 0.3 with the default median threshold was accepted and ignored: the rows were median's."""
+    from types import SimpleNamespace
+
+    from prkit import pipeline
+    from prkit.world import bench, oracle
+
+    out = str(tmp_path / "b.csv")
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    for threshold in ([], ["--lag-threshold", "otsu"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--lag-value", "0.3", "--out", out, *threshold])
+        assert "--lag-value 0.3 is the cut of --lag-threshold fixed" in capsys.readouterr().err
+    seen = []
+    fake = SimpleNamespace(set_progress_bar_config=lambda **k: None, unet=SimpleNamespace(device="cpu"))
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: fake)
+    monkeypatch.setattr(oracle, "load_oracle", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "bench_concept", lambda pipe, name, config, *a, **k: seen.append(config.lag) or [])
+    monkeypatch.setattr(bench, "write_csv", lambda rows, path: path)
+    monkeypatch.setattr(bench, "summarize", lambda rows: [])
+    for args, cut in ((["--lag-threshold", "fixed", "--lag-value", "0.3"], ("fixed", 0.3)),
+                      (["--lag-threshold", "fixed"], ("fixed", 0.5)), ([], ("median", 0.5))):
+        seen.clear()
+        assert bench.main(["--concepts", "striped_ball", "--out", out, *args]) == 0
+        assert [(c.threshold, c.value) for c in seen] == [cut]
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--learning-rate", "-1"], "--learning-rate: TrainConfig.learning_rate must be a positive number"),
+    (["--learning-rate", "nan"], "--learning-rate: TrainConfig.learning_rate must be a positive number"),
+    (["--lag-threshold", "fixed", "--lag-value", "2"], "--lag-value: LAGConfig.value must be a number in [0, 1]"),
+])
+def test_world_bench_checks_rates_and_cuts_before_the_model_loads(tmp_path, monkeypatch, capsys, args, says):
+    """A bad --learning-rate or --lag-value was a traceback from TrainConfig/LAGConfig after the model had loaded."""
+    from prkit import pipeline
+    from prkit.world import bench
+
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "b.csv"), *args])
+    assert says in capsys.readouterr().err

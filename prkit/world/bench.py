@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else 1e-3")
     parser.add_argument("--lag-threshold", default="median", choices=THRESHOLDS, help="LAG's cut (METHOD: median)")
-    parser.add_argument("--lag-value", type=float, default=LAGConfig.value,
-                        help="the cut of --lag-threshold fixed, on the min-max normalized map (default 0.5)")
+    parser.add_argument("--lag-value", type=float, default=None,
+                        help=f"the cut of --lag-threshold fixed, on the min-max normalized map (default "
+                             f"{LAGConfig.value}); only with fixed")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cpu, ...")
     parser.add_argument("--out", default="benchmarks/world_bench.csv",
                         help="the summary CSV (default: %(default)s); the per-image rows go beside it as "
@@ -227,7 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).expanduser()
     rows_out = out.with_name(out.stem + "_rows.csv")
+    if args.lag_value is not None and args.lag_threshold != "fixed":  # the other thresholds ignore it
+        parser.error(f"--lag-value {args.lag_value:g} is the cut of --lag-threshold fixed; {args.lag_threshold} "
+                     "does not use it: add --lag-threshold fixed, or leave --lag-value out")
+    lag_value = LAGConfig.value if args.lag_value is None else args.lag_value
     try:  # before the model loads and every concept trains: nothing is lost at the end
+        try:
+            train = TrainConfig(steps=args.train_steps, rank=args.rank, learning_rate=args.learning_rate)
+        except ValueError as err:
+            raise ValueError(f"--learning-rate: {err}") from None
+        try:
+            lag = LAGConfig(threshold=args.lag_threshold, value=lag_value)
+        except ValueError as err:
+            raise ValueError(f"--lag-value: {err}") from None
         if out.is_dir():
             raise ValueError(f"--out {str(out)!r} is a folder; give a CSV file name, e.g. {str(out / 'bench.csv')!r}")
         for path in (out, rows_out):
@@ -242,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     config = BenchConfig(concepts=tuple(args.concepts), images_per_prompt=args.images_per_prompt, steps=args.steps,
-                         train=TrainConfig(steps=args.train_steps, rank=args.rank, learning_rate=args.learning_rate),
-                         lag=LAGConfig(threshold=args.lag_threshold, value=args.lag_value))
+                         train=train, lag=lag)
     oracle = load_oracle(pipe.unet.device)
     rows = []
     start = time.perf_counter()

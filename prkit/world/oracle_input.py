@@ -1,10 +1,11 @@
 """What the oracle reads: any common image form turned into one (N, 3, 64, 64) float batch in [0, 1].
 
-Accepted: a PIL image, a numpy array or a torch tensor of one image ((H, W), (H, W, C) or (C, H, W)) or of a
-batch ((N, H, W, C) or (N, C, H, W)), or a list of any of these, each resized on its own. Channels: grey (1),
-RGB (3) or RGBA (4, alpha dropped). Values: uint8 0-255, uint16 0-65535 (numpy or torch), other integers
-0-255 (0-65535 where larger), or floats in [0, 1]; floats outside
-[0, 1] (0-255 floats, [-1, 1] tensors) are refused rather than read as something else.
+Accepted: a PIL image (16-bit, 32-bit integer and float grey modes read at their depth, as the arrays they
+hold), a numpy array or a torch tensor of one image ((H, W), (H, W, C) or (C, H, W)) or of a batch ((N, H, W, C)
+or (N, C, H, W)), or a list of any of these, each resized on its own. Channels: grey (1), RGB (3) or RGBA (4,
+alpha dropped). Values: uint8 0-255, uint16 0-65535 (numpy or torch), other integers 0-255 (0-65535 where
+larger), or floats in [0, 1]; floats outside [0, 1] (0-255 floats, [-1, 1] tensors) are refused rather than read
+as something else.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 SIZE = 64
 _CHANNELS = (1, 3, 4)
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL grey modes deeper than 8 bits
 _SLACK = 0.01  # float images a decoder left a hair outside [0, 1] are fine (clamped)
 
 
@@ -61,10 +63,11 @@ def _tensor(image) -> torch.Tensor:
         if image.dtype == torch.uint16:  # few kernels take it
             return image.to(torch.int32).float() / 65535
         return image
-    if hasattr(image, "convert"):  # PIL
+    if hasattr(image, "convert") and image.mode not in _DEEP_MODES:  # PIL
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-    array = np.asarray(image)
-    if array.dtype == np.uint16:
+    # 16-bit, 32-bit int and float PIL images at their depth (convert() clips to 0-255), copied: PIL's are read-only
+    array = np.array(image) if hasattr(image, "convert") else np.asarray(image)
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order (PIL's I;16B)
         return torch.from_numpy(array.astype(np.float32) / 65535)
     return torch.from_numpy(np.ascontiguousarray(array))
 

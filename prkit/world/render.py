@@ -225,16 +225,31 @@ def _one_of(what: str, value, allowed) -> None:
         raise ValueError(f"unknown {what} {value!r}; the world has {', '.join(map(repr, allowed))}")
 
 
+def _check_geometry(obj: Obj, where: str) -> None:
+    """An object's centre on the 64x64 canvas and a positive size (off it, render drew nothing and masked nothing)."""
+    for name in ("x", "y", "size"):
+        value = getattr(obj, name)
+        number = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+        if name == "size" and not (number and np.isfinite(value) and value > 0):
+            raise ValueError(f"{where}.size must be a number of pixels > 0 (the radius on the 64x64 canvas; the "
+                             f"world samples {SIZES['small'][0]:g}-{SIZES['large'][1]:g}), got {value!r}")
+        if name != "size" and not (number and 0 <= value <= 64):
+            raise ValueError(f"{where}.{name} must be a number of pixels in [0, 64] (the object's centre on the "
+                             f"64x64 canvas, at any render size), got {value!r}")
+
+
 def check_scene(scene: Scene) -> None:
-    """Refuse, naming the value and the world's choices, a background, class, colour or pattern it lacks."""
+    """Refuse, naming the value and the world's choices, a background, class, colour or pattern it lacks, or an
+    object off the canvas or of no size."""
     _one_of("background", scene.background, BACKGROUNDS)
-    for obj in scene.objects:
+    for i, obj in enumerate(scene.objects):
         _one_of("class", obj.cls, CLASSES)
         _one_of("colour", obj.color, tuple(COLORS))
         if obj.pattern is not None:
             _one_of("pattern", obj.pattern, PATTERNS)
         if obj.color2 is not None:
             _one_of("second colour", obj.color2, tuple(COLORS))
+        _check_geometry(obj, f"objects[{i}]")
 
 
 def _check_size_and_seed(size, seed) -> None:
