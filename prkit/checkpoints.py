@@ -3,7 +3,8 @@
 A checkpoint left in a run's folder must never continue another run: the stamp (``fingerprint``) covers the
 concept's images and words, the prompt, what is trained and how (target, rank, seed, batch size, flips, prior
 images and their weight, gradient clipping, mixed precision as it resolves on the device), the UNet's architecture and
-weights (a cheap digest) and the training objective (the scheduler's prediction type and noise schedule); a resume
+weights (a cheap digest), the VAE's encoder and the text encoders it caches its inputs with (the same) and the
+training objective (the scheduler's prediction type and noise schedule); a resume
 whose stamp differs is refused with the way out (other images: the exact copies in the concept's folder, which
 ``load_concept`` leaves out and a checkpoint written before trained, named). Both training loops (``train``,
 ``fast``) save and restore through here; the loops themselves live there.
@@ -104,7 +105,33 @@ def _weights(unet) -> list[float]:
     params = dict(unet.named_parameters())
     names = [n for n in WEIGHTS if n in params]
     names += [n for n, p in params.items() if n.startswith("mid_block.") and p.dim() > 1][:1]
+    return _spreads(params, names)
+
+
+def _spreads(params: dict, names: list[str]) -> list[float]:
     return [round(float(params[n].detach().float().std()), 8) for n in names]
+
+
+def _inputs(pipe) -> list[float] | None:
+    """What turns the concept into the UNet's inputs, as cheap spreads: the VAE's encoder (its first and last
+    weights) with the latents' scaling and shift, and each text encoder's first and last
+    weights. A resume after swapping a VAE or text encoder for another trained its cached latents or prompt anew on
+    the old state; a VAE that differs only in its decoder (sd-vae-ft-mse) encodes alike and still resumes. None
+    where the pipeline has none of them (a bare UNet's own caller)."""
+    out: list[float] = []
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        params = dict(vae.named_parameters())
+        names = [n for n in ("encoder.conv_in.weight", "encoder.conv_out.weight") if n in params]
+        config = getattr(vae, "config", {})
+        out += _spreads(params, names) + [float(getattr(config, k, None) or 0.0) for k in ("scaling_factor",
+                                                                                       "shift_factor")]
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            params = [(n, p) for n, p in encoder.named_parameters() if p.dim() > 1]
+            out += _spreads(dict(params), [params[0][0], params[-1][0]]) if params else []
+    return out or None
 
 
 def _scheduler(pipe) -> str:
@@ -148,6 +175,8 @@ def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> Stamp:
         "unet": _architecture(pipe.unet),
         # a target that trains the whole UNet changes these weights itself (its resume would look like another model)
         "weights": None if getattr(TARGETS[config.target], "trains_whole_unet", False) else _weights(pipe.unet),
+        # a target that trains a text encoder (token, Custom Diffusion's projections) changes it itself
+        "inputs": None if getattr(TARGETS[config.target], "needs_text_encoder", False) else _inputs(pipe),
         "scheduler": _scheduler(pipe),
         "prior_weight": float(config.prior_weight) if prior is not None else None,
         "max_grad_norm": float(config.max_grad_norm) if config.max_grad_norm else None,  # 0 and None: no clipping
@@ -209,7 +238,7 @@ def resume_hint(config) -> str:
 
 
 def _same(key: str, saved, value) -> bool:
-    if key == "weights" and isinstance(saved, list) and isinstance(value, list) and len(saved) == len(value):
+    if key in ("weights", "inputs") and isinstance(saved, list) and isinstance(value, list) and len(saved) == len(value):
         return all(abs(a - b) <= WEIGHTS_TOLERANCE * max(abs(a), abs(b)) for a, b in zip(saved, value))
     return saved == value
 
@@ -219,7 +248,7 @@ def _differences(saved: dict, stamp: dict) -> list[str]:
     for key, value in stamp.items():
         if key not in saved or _same(key, saved[key], value):  # a key an older prkit did not stamp: not checked
             continue
-        hashed = key in ("images", "prior_images", "unet", "weights", "scheduler")
+        hashed = key in ("images", "prior_images", "unet", "weights", "inputs", "scheduler")
         out.append(f"{key} ({'another one' if hashed else f'{saved.get(key)!r} there, {value!r} here'})")
     return out
 

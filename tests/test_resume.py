@@ -780,3 +780,29 @@ def test_a_checkpoint_written_before_exact_copies_were_left_out_is_refused_namin
     with pytest.raises(CheckpointError) as err:
         prkit.train_residuals(make_pipe(tmp_path / "p5"), alone, steps=6, checkpoint_dir=str(other), **FAST)
     assert "copies" not in str(err.value)
+
+
+def test_a_checkpoint_continues_only_with_the_vae_encoder_and_text_encoder_it_cached_with(tmp_path, concept):
+    """A VAE or text encoder swapped for another between a run and its resume: the resumed steps trained on latents
+    or a prompt of another model, without a word. A VAE that differs only in its decoder still resumes."""
+    ckpt = tmp_path / "ckpt"
+    _stopped(tmp_path, concept, ckpt)
+
+    def scaled(module_of, name):
+        def change(pipe):
+            with torch.no_grad():
+                dict(module_of(pipe).named_parameters())[name].mul_(1.5)
+        return change
+
+    cases = {"VAE encoder": scaled(lambda p: p.vae, "encoder.conv_in.weight"),
+             "text encoder": scaled(lambda p: p.text_encoder, "embeddings.token_embedding.weight"),
+             "latents' scaling": lambda p: p.vae.register_to_config(scaling_factor=0.5)}
+    for what, change in cases.items():
+        pipe = make_pipe(tmp_path / what)
+        change(pipe)
+        with pytest.raises(CheckpointError, match=re.escape("inputs (another one)")):
+            prkit.train_residuals(pipe, concept, steps=6, checkpoint_dir=str(ckpt), **FAST)
+    decoder = make_pipe(tmp_path / "decoder")
+    scaled(lambda p: p.vae, "decoder.conv_out.weight")(decoder)
+    resumed = prkit.train_residuals(decoder, concept, steps=6, checkpoint_dir=str(ckpt), **FAST)
+    assert resumed.completed and resumed.steps_done == 6
