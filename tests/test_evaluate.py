@@ -782,3 +782,26 @@ def test_run_json_records_the_revisions_of_the_model_and_backbones(assets, tmp_p
                 progress=False)  # a pipeline built in memory, DINO off: unknown, not a failure
     assert json.loads((tmp_path / "mem" / "run.json").read_text())["revisions"] == {
         "model": None, "clip": want["clip"], "dino": None}
+
+
+@pytest.mark.parametrize("name", ["download_backbones", "save_images"])
+def test_switches_that_are_no_bool_are_refused(name):
+    """papermill's -p download_backbones false (notebook 06) gives the string 'false', which is truthy: the scorer
+    fetched CLIP and DINO from the hub although the user had said no. Refused, naming the field."""
+    with pytest.raises(ValueError, match=rf"EvalConfig.{name} must be True or False, got 'false' "
+                                         rf"\(papermill: -p {name} False\)"):
+        EvalConfig(**{name: "false"})
+    assert getattr(EvalConfig(**{name: True}), name) is True
+
+
+def test_notebook_06s_download_switch_as_a_string_loads_nothing(monkeypatch):
+    from types import SimpleNamespace
+
+    import prkit.metrics
+    from prkit.run_metrics import score_residuals
+
+    monkeypatch.setattr(prkit.metrics, "try_load_clip", lambda *a, **k: pytest.fail("a backbone was loaded"))
+    pipe = SimpleNamespace(unet=SimpleNamespace(device=torch.device("cpu")))
+    residuals = SimpleNamespace(token="sks", class_word="dog", name="dog")
+    with pytest.raises(ValueError, match="EvalConfig.download_backbones must be True or False, got 'false'"):
+        score_residuals(pipe, residuals, None, download="false")
