@@ -805,3 +805,17 @@ def test_notebook_06s_download_switch_as_a_string_loads_nothing(monkeypatch):
     residuals = SimpleNamespace(token="sks", class_word="dog", name="dog")
     with pytest.raises(ValueError, match="EvalConfig.download_backbones must be True or False, got 'false'"):
         score_residuals(pipe, residuals, None, download="false")
+
+
+def test_settings_record_the_dtype_of_the_pipeline_given(assets, tmp_path, monkeypatch):
+    """evaluate(config, pipe) recorded the dtype the config would load at (float32 on a CPU), not the given pipeline's:
+    rows a bfloat16 pipeline made were taken for float32 ones, and a float32 rerun into the same --out was let in."""
+    out = tmp_path / "out"
+    pipe = tiny_pipeline(tmp_path / "pipe").to(torch.bfloat16)
+    monkeypatch.setattr(ev, "run_job", lambda pipe, subject, method, *a, **k: [
+        _row(method, subject.name, clip_i=0.5)])
+    ev.evaluate(_config(assets, out, methods=("base",), clip=None, dino=None), pipe, progress=False)
+    assert json.loads((out / "settings.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"dtype \('bfloat16' there, 'float32' now\)"):
+        ev.evaluate(_config(assets, out, methods=("base",), clip=None, dino=None), tiny_pipeline(tmp_path / "p2"),
+                    progress=False)
