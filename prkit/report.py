@@ -184,10 +184,16 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None, sin
     items = []
     for row in rows:
         book = out / row["notebook"]
-        given = ""
+        given, status, node = "", row["status"], None
         if book.exists() and row["status"] != "not run":  # a page left by an earlier report is not this run's
-            node = nbformat.read(book, as_version=4)
-            body, _ = exporter.from_notebook_node(node)
+            try:
+                node = nbformat.read(book, as_version=4)
+                body, _ = exporter.from_notebook_node(node)
+            except Exception as err:  # noqa: BLE001 - e.g. cut short: papermill saves in place; the index still comes
+                why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+                print(f"{row['notebook']}: no page, {why}; run it again (--only) to remake it", flush=True)
+                status, node = f"{status}; its page could not be made: {why} (run it again to remake it)", None
+        if node is not None:
             page = book.with_suffix(".html")
             page.write_text(body, encoding="utf-8")
             link = f'<a href="{_href(page.name)}">{_shown(row["notebook"])}</a>'
@@ -197,7 +203,7 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None, sin
         else:
             link = _shown(row["notebook"])
         took = "" if row["status"] in ("not run", "earlier run") else f"{row['seconds']:.0f} s"
-        items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{took}</td>"
+        items.append(f"<tr><td>{link}</td><td>{html.escape(status)}</td><td>{took}</td>"
                      f"<td><code>{html.escape(given)}</code></td></tr>")
     index = out / "index.html"
     index.write_text(

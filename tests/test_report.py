@@ -378,3 +378,18 @@ def test_a_parameter_of_the_wrong_kind_is_refused_before_anything_runs(tmp_path,
     assert not (tmp_path / "runs").exists()
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(folder), "-p", "flag", "True", "-p", "x", "3",
                  "-p", "rate", "1", "-p", "words", "('b',)", "-p", "maybe", "anything"]) == 0
+
+
+def test_a_notebook_cut_short_still_gets_an_index_that_names_it(tmp_path, books, capsys):
+    """papermill writes an executed notebook in place: one cut short (the report killed while it saved) made the
+    next report in that run folder end in nbformat's NotJSONError, with no index and no word of which notebook."""
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 0
+    run = next((tmp_path / "runs").iterdir())
+    whole = (run / "01_write_value.ipynb").read_text()
+    (run / "01_write_value.ipynb").write_text(whole[:len(whole) // 2])
+    capsys.readouterr()
+    assert main(["--run", str(run), "--notebooks", str(books), "--only", "02"]) == 0
+    index = (run / "index.html").read_text()
+    assert "<td>01_write_value.ipynb</td><td>earlier run; its page could not be made: NotJSONError" in index
+    assert '02_check_value.html">02_check_value.ipynb</a></td><td>ok</td>' in index
+    assert "01_write_value.ipynb: no page, NotJSONError" in capsys.readouterr().out
