@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checks import check_whole
+from .checks import check_flag, check_whole
 
 DEFAULT_METHODS = ("residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth")
 
@@ -40,6 +40,8 @@ class EvalConfig:
         check_whole(self, ("images_per_prompt", "sample_steps"), 1)
         check_whole(self, ("seed",), 0)
         check_whole(self, ("max_prompts",), 1, " (or None: all)")
+        for name in ("download_backbones", "save_images"):  # papermill's -p gives 'false', which is truthy
+            check_flag(getattr(self, name), f"EvalConfig.{name}")
         if not (isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale < float("inf")):
             raise ValueError(f"EvalConfig.guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
         import torch

@@ -152,7 +152,8 @@ def evaluate(config: EvalConfig, pipe=None, *, oracle=None, progress: bool = Tru
     from .pipeline import resolve_dtype
 
     device = torch.device(_device(config, local_rank, world_size))
-    ran_in = str(resolve_dtype(config.dtype, device)).split(".")[-1]
+    # the dtype the rows are made in: a given pipeline's own, else the one load_pipeline will give it
+    ran_in = str(pipe.unet.dtype if pipe is not None else resolve_dtype(config.dtype, device)).split(".")[-1]
     todo = [j for j in jobs if j not in done]
     t0 = time.perf_counter()  # the metric backbones first: which of them score is part of the settings
     scorer = Scorer(config, pipe.unet.device if pipe is not None else device, oracle, need_oracle=bool(todo))

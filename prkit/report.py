@@ -91,17 +91,39 @@ def resolve_paths(parameters: dict, base: Path) -> dict:
 INLINE = "module://matplotlib_inline.backend_inline"  # the kernels' figures go into the notebooks (and the HTML)
 
 
-def declared(notebooks: list[Path]) -> dict[Path, set[str]]:
-    """The parameters each notebook's ``parameters`` cell declares."""
+def declared(notebooks: list[Path]) -> dict[Path, dict[str, str]]:
+    """The parameters each notebook's ``parameters`` cell declares, each with its default as written there."""
     import papermill as pm
 
-    return {book: set(pm.inspect_notebook(str(book))) for book in notebooks}
+    return {book: {name: p["default"] for name, p in pm.inspect_notebook(str(book)).items()} for book in notebooks}
 
 
-def unknown_parameters(parameters: dict, names: dict[Path, set[str]]) -> list[str]:
+def unknown_parameters(parameters: dict, names: dict[Path, dict[str, str]]) -> list[str]:
     """Names in ``parameters`` that no notebook of the series declares (typos: papermill would only warn)."""
     known = set().union(*names.values()) if names else set()
     return sorted(set(parameters) - known)
+
+
+# a default of this type -> what a value given for it must be (None always passes: the notebook decides)
+KINDS = ((bool, (bool,), "True or False"), (int, (int,), "whole number"), (float, (int, float), "number"),
+         (list, (list, tuple), "list"))
+
+
+def wrong_kinds(parameters: dict, names: dict[Path, dict[str, str]]) -> list[str]:
+    """Values in ``parameters`` of another kind than the default of a notebook that declares them (papermill would
+    hand the string 'false' to a True/False parameter, where it is truthy): ``"x='3OO' is no whole number (...)"``."""
+    said = []
+    for name, value in parameters.items():
+        for book, defaults in names.items():
+            default = _literal(defaults.get(name, "None"))
+            kind = next((k for k in KINDS if isinstance(default, k[0])), None)
+            if kind is None or value is None:
+                continue
+            if not isinstance(value, kind[1]) or (isinstance(value, bool) and kind[0] is not bool):
+                said.append(f"{name}={value!r} is no {kind[2]} (its default in {book.name}: {default!r}); give e.g. "
+                            f"-p {name} {default!r}")
+                break
+    return said
 
 
 def _failure(err: Exception) -> str:
@@ -162,10 +184,16 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None, sin
     items = []
     for row in rows:
         book = out / row["notebook"]
-        given = ""
+        given, status, node = "", row["status"], None
         if book.exists() and row["status"] != "not run":  # a page left by an earlier report is not this run's
-            node = nbformat.read(book, as_version=4)
-            body, _ = exporter.from_notebook_node(node)
+            try:
+                node = nbformat.read(book, as_version=4)
+                body, _ = exporter.from_notebook_node(node)
+            except Exception as err:  # noqa: BLE001 - e.g. cut short: papermill saves in place; the index still comes
+                why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+                print(f"{row['notebook']}: no page, {why}; run it again (--only) to remake it", flush=True)
+                status, node = f"{status}; its page could not be made: {why} (run it again to remake it)", None
+        if node is not None:
             page = book.with_suffix(".html")
             page.write_text(body, encoding="utf-8")
             link = f'<a href="{_href(page.name)}">{_shown(row["notebook"])}</a>'
@@ -175,7 +203,7 @@ def render_html(out: Path, rows: list[dict], parameters: dict | None = None, sin
         else:
             link = _shown(row["notebook"])
         took = "" if row["status"] in ("not run", "earlier run") else f"{row['seconds']:.0f} s"
-        items.append(f"<tr><td>{link}</td><td>{html.escape(row['status'])}</td><td>{took}</td>"
+        items.append(f"<tr><td>{link}</td><td>{html.escape(status)}</td><td>{took}</td>"
                      f"<td><code>{html.escape(given)}</code></td></tr>")
     index = out / "index.html"
     index.write_text(
@@ -282,10 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run_dir is set by the report (a new folder under --out per run); pass --out instead, or "
                      "--run runs/<timestamp> to run in an existing run folder")
     series = notebook_list(Path(args.notebooks))
-    unknown = unknown_parameters(parameters, declared(series))  # --only or not
+    names = declared(series)
+    unknown = unknown_parameters(parameters, names)  # --only or not
     if unknown:
         parser.error(f"no notebook of this series has the parameter(s) {', '.join(unknown)}: check the spelling "
                      f"against the notebooks' parameters cells")
+    wrong = wrong_kinds(parameters, names)
+    if wrong:
+        parser.error(f"{'; '.join(wrong)}. -p values are Python literals (True, 3, 0.5, '[\"a\", \"b\"]')")
     if args.run is not None and args.out is not None:
         parser.error("--out makes a new run folder and --run reuses one: pass one of them")
     if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():

@@ -782,3 +782,40 @@ def test_run_json_records_the_revisions_of_the_model_and_backbones(assets, tmp_p
                 progress=False)  # a pipeline built in memory, DINO off: unknown, not a failure
     assert json.loads((tmp_path / "mem" / "run.json").read_text())["revisions"] == {
         "model": None, "clip": want["clip"], "dino": None}
+
+
+@pytest.mark.parametrize("name", ["download_backbones", "save_images"])
+def test_switches_that_are_no_bool_are_refused(name):
+    """papermill's -p download_backbones false (notebook 06) gives the string 'false', which is truthy: the scorer
+    fetched CLIP and DINO from the hub although the user had said no. Refused, naming the field."""
+    with pytest.raises(ValueError, match=rf"EvalConfig.{name} must be True or False, got 'false' "
+                                         rf"\(papermill: -p {name} False\)"):
+        EvalConfig(**{name: "false"})
+    assert getattr(EvalConfig(**{name: True}), name) is True
+
+
+def test_notebook_06s_download_switch_as_a_string_loads_nothing(monkeypatch):
+    from types import SimpleNamespace
+
+    import prkit.metrics
+    from prkit.run_metrics import score_residuals
+
+    monkeypatch.setattr(prkit.metrics, "try_load_clip", lambda *a, **k: pytest.fail("a backbone was loaded"))
+    pipe = SimpleNamespace(unet=SimpleNamespace(device=torch.device("cpu")))
+    residuals = SimpleNamespace(token="sks", class_word="dog", name="dog")
+    with pytest.raises(ValueError, match="EvalConfig.download_backbones must be True or False, got 'false'"):
+        score_residuals(pipe, residuals, None, download="false")
+
+
+def test_settings_record_the_dtype_of_the_pipeline_given(assets, tmp_path, monkeypatch):
+    """evaluate(config, pipe) recorded the dtype the config would load at (float32 on a CPU), not the given pipeline's:
+    rows a bfloat16 pipeline made were taken for float32 ones, and a float32 rerun into the same --out was let in."""
+    out = tmp_path / "out"
+    pipe = tiny_pipeline(tmp_path / "pipe").to(torch.bfloat16)
+    monkeypatch.setattr(ev, "run_job", lambda pipe, subject, method, *a, **k: [
+        _row(method, subject.name, clip_i=0.5)])
+    ev.evaluate(_config(assets, out, methods=("base",), clip=None, dino=None), pipe, progress=False)
+    assert json.loads((out / "settings.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"dtype \('bfloat16' there, 'float32' now\)"):
+        ev.evaluate(_config(assets, out, methods=("base",), clip=None, dino=None), tiny_pipeline(tmp_path / "p2"),
+                    progress=False)

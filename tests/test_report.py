@@ -355,3 +355,41 @@ def test_file_names_that_are_no_utf8_are_shown_escaped_and_still_linked(tmp_path
     assert '<h2>d\\xfe/</h2><ul><li><a href="d%FE/a%20b%E9.csv">d\\xfe/a b\\xe9.csv</a></li></ul>' in index
     for href, name in (("%FF.png", b"\xff.png"), ("d%FE/a%20b%E9.csv", b"d\xfe/a b\xe9.csv")):  # links open their file
         assert urllib.parse.unquote_to_bytes(href) == name and os.path.isfile(os.fsencode(run) + b"/" + name)
+
+
+@pytest.mark.parametrize("given, said", [
+    (["-p", "flag", "false"], "flag='false' is no True or False (its default in 01_write_value.ipynb: False); "
+                              "give e.g. -p flag False"),
+    (["-p", "x", "3OO"], "x='3OO' is no whole number (its default in 01_write_value.ipynb: 1); give e.g. -p x 1"),
+    (["-p", "x", "2.5"], "x=2.5 is no whole number"),
+    (["-p", "rate", "fast"], "rate='fast' is no number (its default in 02_check_value.ipynb: 0.5)"),
+    (["-p", "words", "a photo"], "words='a photo' is no list (its default in 02_check_value.ipynb: ['a'])"),
+])
+def test_a_parameter_of_the_wrong_kind_is_refused_before_anything_runs(tmp_path, capsys, given, said):
+    """papermill hands a -p value over as it is: 'false' reached the notebook as a truthy string, '3OO' ran the
+    earlier notebooks of the series and then failed deep in the one that used it, under another name."""
+    folder = tmp_path / "books"
+    folder.mkdir()
+    _write(folder, "01_write_value.ipynb", "assert flag in (True, False)", params="x = 1\nflag = False")
+    _write(folder, "02_check_value.ipynb", "pass", params="rate = 0.5\nwords = ['a']\nx = 2\nmaybe = None")
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "runs"), "--notebooks", str(folder), *given])
+    assert err.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(folder), "-p", "flag", "True", "-p", "x", "3",
+                 "-p", "rate", "1", "-p", "words", "('b',)", "-p", "maybe", "anything"]) == 0
+
+
+def test_a_notebook_cut_short_still_gets_an_index_that_names_it(tmp_path, books, capsys):
+    """papermill writes an executed notebook in place: one cut short (the report killed while it saved) made the
+    next report in that run folder end in nbformat's NotJSONError, with no index and no word of which notebook."""
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 0
+    run = next((tmp_path / "runs").iterdir())
+    whole = (run / "01_write_value.ipynb").read_text()
+    (run / "01_write_value.ipynb").write_text(whole[:len(whole) // 2])
+    capsys.readouterr()
+    assert main(["--run", str(run), "--notebooks", str(books), "--only", "02"]) == 0
+    index = (run / "index.html").read_text()
+    assert "<td>01_write_value.ipynb</td><td>earlier run; its page could not be made: NotJSONError" in index
+    assert '02_check_value.html">02_check_value.ipynb</a></td><td>ok</td>' in index
+    assert "01_write_value.ipynb: no page, NotJSONError" in capsys.readouterr().out
