@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -178,6 +179,21 @@ def check_components(folder: Path, index: dict, given) -> None:
                          f"download, or pass the component itself: load_pipeline(..., {missing[0]}=...)")
 
 
+def folder_variant(folder: Path, index: dict) -> str | None:
+    """The variant (``fp16``, ...) that a local pipeline folder's components store their weights in where some hold
+    only that variant's (``save_pretrained(..., variant="fp16")`` writes ``diffusion_pytorch_model.fp16.safetensors``)
+    and no other variant is there; else None (plain weights everywhere: what diffusers loads without a variant)."""
+    variants, only_variant = set(), False
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or not (folder / name).is_dir():
+            continue
+        stems = [p.stem for p in (folder / name).iterdir() if p.suffix in (".safetensors", ".bin")]
+        labels = {re.sub(r"-\d+-of-\d+$", "", stem.split(".")[-1]) for stem in stems if "." in stem}  # shards too
+        variants |= labels
+        only_variant |= bool(labels) and all("." in stem for stem in stems)
+    return variants.pop() if only_variant and len(variants) == 1 else None
+
+
 def takes_safety_checker(class_name: str | None) -> bool:
     """Whether the diffusers pipeline class ``class_name`` has a safety checker (SD1.x/2.x: yes, SDXL: no)."""
     import inspect
@@ -247,7 +263,8 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: None (auto), "fp32", "fp16", "bf16" or a torch dtype (``torch_dtype=`` is accepted as an alias).
         **kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``local_files_only=True`` is honoured; local
-            folders and HF_HUB_OFFLINE=1 always load local files only).
+            folders and HF_HUB_OFFLINE=1 always load local files only; a local folder whose weights are in one
+            ``variant`` alone, ``*.fp16.safetensors``, loads that variant without ``variant=``).
     Returns:
         the pipeline on ``device``; ``pipe.name_or_path`` records where it came from ("world", a hub id, or a local
         folder's absolute path), ``pipe.prkit_revision`` which revision of it (``prkit.revisions``; None: not known).
@@ -274,6 +291,8 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
                     kwargs.setdefault("feature_extractor", None)  # it only feeds the safety checker
             if local:
                 check_components(Path(source), index, kwargs)
+                if kwargs.get("variant") is None and (variant := folder_variant(Path(source), index)):
+                    kwargs["variant"] = variant  # diffusers looks for plain weights alone and names a .bin it lacks
             pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): dtype}, local_files_only=local_only,
                                                      **kwargs)
         except (OSError, ValueError) as err:

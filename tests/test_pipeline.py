@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import prkit
-from conftest import run_unet, unet_inputs
+from conftest import make_pipe, run_unet, unet_inputs
 from prkit.pipeline import resolve_device, resolve_dtype
 from prkit.train_config import TrainConfig, _precision
 
@@ -496,3 +496,34 @@ def test_the_library_note_filters_nest_and_come_off_after_an_error():
     with pytest.raises(RuntimeError), _library_notes_off():
         raise RuntimeError("a load failed")
     assert logger.filters == before
+
+
+def test_a_folder_saved_in_one_variant_only_loads_without_naming_it(pipe, tmp_path):
+    """A folder of ``*.fp16.safetensors`` weights alone (``save_pretrained(..., variant="fp16")``, or an ``hf download
+    --include "*fp16*"``) failed with diffusers' 'no file named diffusion_pytorch_model.bin', and `prkit train/sample`
+    have no flag to name the variant; a folder with plain weights still loads those, and a variant asked for wins."""
+    import shutil
+
+    folder = tmp_path / "fp16"
+    pipe.save_pretrained(str(folder), variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    inputs = unet_inputs()
+    loaded = prkit.load_pipeline(folder, device="cpu")
+    assert torch.equal(run_unet(loaded.unet, inputs), run_unet(pipe.unet, inputs))
+    assert loaded.unet.dtype == torch.float32
+    mixed = tmp_path / "mixed"  # the UNet in the variant alone, the rest plain
+    pipe.save_pretrained(str(mixed))
+    shutil.rmtree(mixed / "unet")
+    shutil.copytree(folder / "unet", mixed / "unet")
+    assert torch.equal(run_unet(prkit.load_pipeline(mixed, device="cpu").unet, inputs), run_unet(pipe.unet, inputs))
+    both = tmp_path / "both"  # plain weights beside the variant's: the plain ones, as diffusers loads them
+    pipe.save_pretrained(str(both))
+    other = make_pipe(tmp_path / "other")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    other.unet.save_pretrained(str(both / "unet"), variant="fp16")
+    assert torch.equal(run_unet(prkit.load_pipeline(both, device="cpu").unet, inputs), run_unet(pipe.unet, inputs))
+    assert torch.equal(run_unet(prkit.load_pipeline(both, device="cpu", variant="fp16").unet, inputs),
+                       run_unet(other.unet, inputs))
