@@ -40,6 +40,9 @@ def _sample(args) -> int:
             "without --residuals: LAG places residual sets, and this samples the base model"
             f"{' with --lora, which applies everywhere' if args.lora else ''}")
         print(f"prkit sample: note: --lag-threshold {args.lag_threshold} has no effect {why}", file=sys.stderr)
+    if args.negative_prompt is not None and args.guidance_scale <= 1:  # diffusers' do_classifier_free_guidance
+        print(f"prkit sample: note: --negative-prompt has no effect with --guidance-scale {args.guidance_scale:g}: "
+              "guidance, which uses it, is off at 1 or less", file=sys.stderr)
     lora_scales = _check_loras(args.lora, args.lora_scale)
     # without --scale each set keeps the strength its file records (as load_residuals gives it to the Python API)
     scales = _per_file(args.scale, args.residuals, "--scale", "--residuals") if args.scale else [None] * len(

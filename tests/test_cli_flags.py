@@ -154,3 +154,29 @@ def test_eval_images_per_prompt_is_capped_in_the_parser(tmp_path, capsys):
         main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "e"), "--images-per-prompt", "10001"])
     assert err.value.code == 2 and "argument --images-per-prompt: must be at most 10000, got 10001" in \
         capsys.readouterr().err
+
+
+def test_a_negative_prompt_without_guidance_is_said_to_do_nothing(tmp_path, capsys, pipe):
+    """diffusers uses the negative prompt only for classifier-free guidance, which is off at --guidance-scale 1 or
+    less: `--negative-prompt blurry --guidance-scale 1` made the same images as without it, without a word."""
+    import numpy as np
+
+    import prkit
+    from prkit.cli import main
+
+    call = dict(steps=2, seed=0, guidance_scale=1.0, output_type="np")
+    plain = prkit.generate(pipe, "a photo of a dog", **call)
+    assert np.array_equal(prkit.generate(pipe, "a photo of a dog", negative_prompt="snow", **call), plain)
+    assert not np.array_equal(prkit.generate(pipe, "a photo of a dog", negative_prompt="snow",
+                                             **{**call, "guidance_scale": 2.0}),
+                              prkit.generate(pipe, "a photo of a dog", **{**call, "guidance_scale": 2.0}))
+    sample = ["sample", "--model", str(tmp_path / "never-loaded"), "--prompt", "a photo", "--out", str(tmp_path / "s")]
+    for scale in ("1", "0", "0.5"):
+        assert main(sample + ["--negative-prompt", "blurry", "--guidance-scale", scale]) == 2  # (the model: missing)
+        err = capsys.readouterr().err
+        assert (f"prkit sample: note: --negative-prompt has no effect with --guidance-scale {scale}: guidance, "
+                "which uses it, is off at 1 or less") in err, err
+    for extra in (["--negative-prompt", "blurry"], ["--negative-prompt", "blurry", "--guidance-scale", "1.5"],
+                  ["--guidance-scale", "1"]):
+        assert main(sample + extra) == 2
+        assert "note:" not in capsys.readouterr().err
