@@ -204,6 +204,21 @@ def takes_safety_checker(class_name: str | None) -> bool:
     return isinstance(cls, type) and "safety_checker" in inspect.signature(cls.__init__).parameters
 
 
+def check_class(name: str, class_name, kwargs: dict) -> None:
+    """Raise a TypeError, before any weights load, where the model index names a diffusers pipeline class that
+    ``load_pipeline`` does not load (a ``custom_pipeline`` given in ``kwargs`` decides the class instead)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(class_name), None) if class_name and "custom_pipeline" not in kwargs else None
+    if class_name in SUPPORTED or not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        return
+    hint = (f". An img2img pipeline such as an SDXL refiner: load it with diffusers' {class_name}.from_pretrained(...) "
+            "and pass it to prkit.generate (image=..., strength=...) or prkit.train_residuals"
+            if class_name.endswith("Img2ImgPipeline") else "")
+    raise TypeError(f"{name!r} is a {class_name} (its model_index.json says so); load_pipeline loads "
+                    f"{', '.join(SUPPORTED)}{hint}")
+
+
 def native_resolution(pipe) -> int:
     """The image side the pipeline's UNet was trained at (512 for SD1.5, 1024 for SDXL, 64 for the world)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -285,6 +300,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     with _library_notes_off():  # the index, the class and its components import diffusers and transformers parts
         try:
             index = _model_index(source, local, local_only, kwargs)
+            check_class(name, index.get("_class_name"), kwargs)
             if takes_safety_checker(index.get("_class_name")):
                 kwargs.setdefault("safety_checker", None)  # SD1.x folders ship one; personalization needs none
                 if kwargs["safety_checker"] is None and local and not (Path(source) / "feature_extractor").is_dir():

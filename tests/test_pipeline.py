@@ -527,3 +527,27 @@ def test_a_folder_saved_in_one_variant_only_loads_without_naming_it(pipe, tmp_pa
     assert torch.equal(run_unet(prkit.load_pipeline(both, device="cpu").unet, inputs), run_unet(pipe.unet, inputs))
     assert torch.equal(run_unet(prkit.load_pipeline(both, device="cpu", variant="fp16").unet, inputs),
                        run_unet(other.unet, inputs))
+
+
+def test_a_pipeline_class_prkit_does_not_load_is_refused_before_its_weights(tmp_path, monkeypatch):
+    """An SDXL refiner folder (StableDiffusionXLImg2ImgPipeline in its model_index.json) had all its weights loaded
+    (GBs) before it was refused, in words that did not say how prkit can use it (prkit.generate takes a refiner
+    loaded with diffusers)."""
+    from diffusers import DiffusionPipeline
+
+    _tiny_sdxl(tmp_path / "build", refiner=True).save_pretrained(str(tmp_path / "refiner"))
+    real, loads = DiffusionPipeline.from_pretrained.__func__, []
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: loads.append(args) or real(cls, *args, **kwargs)))
+    with pytest.raises(TypeError) as err:
+        prkit.load_pipeline(tmp_path / "refiner", device="cpu")
+    assert loads == []
+    assert str(err.value) == (
+        f"{str(tmp_path / 'refiner')!r} is a StableDiffusionXLImg2ImgPipeline (its model_index.json says so); "
+        "load_pipeline loads StableDiffusionPipeline, StableDiffusionXLPipeline. An img2img pipeline such as an SDXL "
+        "refiner: load it with diffusers' StableDiffusionXLImg2ImgPipeline.from_pretrained(...) and pass it to "
+        "prkit.generate (image=..., strength=...) or prkit.train_residuals")
+    refiner = DiffusionPipeline.from_pretrained(str(tmp_path / "refiner"))  # as the message says: it samples
+    images = prkit.generate(refiner, "a photo of a dog", image=torch.rand(1, 3, 32, 32), strength=0.5, steps=2,
+                            output_type="np")
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
