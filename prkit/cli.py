@@ -146,7 +146,8 @@ def _info(args) -> int:
     files = []
     for given in args.file:  # files, or folders of them
         path = Path(given)
-        files += sorted(p for p in path.iterdir() if p.suffix.lower() == ".safetensors") if path.is_dir() else [path]
+        files += sorted(p for p in path.iterdir() if p.suffix.lower() == ".safetensors" and p.is_file()) \
+            if path.is_dir() else [path]
     if not files:
         raise ValueError(f"no .safetensors files in {', '.join(args.file)}")
     headers = len(files) > 1 or any(Path(given).is_dir() for given in args.file)

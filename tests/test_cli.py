@@ -814,6 +814,21 @@ def test_info_on_a_folder_lists_the_files_train_writes_in_any_case(tmp_path, cap
     assert f"{tmp_path / 'DOG.SAFETENSORS'}:" in out and "sks" in out and "32 parameters" in out
 
 
+def test_info_on_a_folder_passes_over_a_folder_named_like_a_file(tmp_path, capsys):
+    """A folder inside it named *.safetensors (an unpacked download, a LoRA saved with save_lora_weights(dir)) ended
+    `prkit info FOLDER` after the first file, exit 2, saying that the folder was a folder: it is no file of it."""
+    import prkit
+    from tiny import tiny_unet
+
+    prkit.add_residuals(tiny_unet(), rank=2, token="sks").save(tmp_path / "a.safetensors")
+    (tmp_path / "lora.safetensors").mkdir()
+    prkit.add_residuals(tiny_unet(), rank=2, token="zwx").save(tmp_path / "z.safetensors")
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'a.safetensors'}:" in out and f"{tmp_path / 'z.safetensors'}:" in out
+    assert "sks" in out and "zwx" in out and "lora.safetensors" not in out
+
+
 def test_a_failed_save_or_an_interrupt_says_where_the_training_is_kept(tmp_path, capsys, monkeypatch):
     """A full disk at the final save printed only the write's error: the user could not tell that the training was
     kept in the checkpoint folder and that the same command finishes it."""
