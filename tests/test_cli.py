@@ -443,9 +443,10 @@ def test_export_reads_no_weights_and_writes_what_the_loaded_pipeline_gave(tmp_pa
     assert str(unfit.value) in capsys.readouterr().err and not (tmp_path / "unfit.safetensors").exists()
 
 
-def test_export_of_a_model_it_cannot_read_lean_loads_it_whole_as_before(tmp_path, capsys):
+def test_export_of_a_model_load_pipeline_refuses_is_refused_in_its_words(tmp_path, capsys):
     """A model whose UNet export cannot build from its config alone (here: its index names a pipeline class prkit
-    does not support) is loaded whole, as before: the same refusal, in the same words."""
+    does not support) goes the way load_pipeline goes: the same refusal, in the same words (before any weights
+    load, since load_pipeline reads the class from the index first)."""
     import json
 
     import prkit
