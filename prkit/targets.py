@@ -30,8 +30,12 @@ class PeftTarget:
 
     def __init__(self, unet, name: str, modules: list[str], rank: int):
         from peft import LoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.unet, self.name = unet, name
+        # the adapters each layer had on (add_adapter turns all but this one off; remove() puts them back)
+        self.active = {key: list(m.active_adapters) for key, m in original_module(unet).named_modules()
+                       if isinstance(m, BaseTunerLayer)}
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules),
                          adapter_name=name)
         self.token = self.class_word = None
@@ -59,8 +63,9 @@ class PeftTarget:
         ``delete_adapters`` leaves them: state-dict keys renamed to ``...base_layer.weight``)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.unet.delete_adapters(self.name)
         root = original_module(self.unet)
+        flags = [(p, p.requires_grad) for p in root.parameters()]  # peft's set_adapter flips the other adapters'
+        self.unet.delete_adapters(self.name)
         for key, module in list(root.named_modules()):
             if not isinstance(module, BaseTunerLayer) or not hasattr(module, "base_layer"):
                 continue
@@ -68,6 +73,11 @@ class PeftTarget:
                 continue  # another adapter (a LoRA the user loaded) still lives here
             parent, _, child = key.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+        for key, module in root.named_modules():  # peft's delete_adapter turned the first other adapter on instead
+            if isinstance(module, BaseTunerLayer) and key in self.active and module.active_adapters != self.active[key]:
+                module.set_adapter(self.active[key])
+        for p, was in flags:
+            p.requires_grad_(was)
         if not getattr(root, "peft_config", None) and hasattr(root, "peft_config"):
             del root.peft_config
             root._hf_peft_config_loaded = False

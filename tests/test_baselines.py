@@ -226,3 +226,30 @@ def test_dreambooth_trains_on_a_half_precision_pipeline_without_autocast(tmp_pat
     result.residuals.remove()
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
     assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
+
+
+def test_a_removed_peft_target_gives_the_users_loras_back_as_they_were_active(tmp_path, concept):
+    """peft's delete_adapter made the first remaining adapter active where the deleted one was: with LoRAs "a" and
+    "b" loaded and only "b" on, a LoRA baseline run left "a" on instead, and sampling changed."""
+    pytest.importorskip("peft")
+    from conftest import load_lora_file, randomize
+    from prkit.files import export_lora
+
+    files = {}
+    for name, seed in (("a", 5), ("b", 6)):
+        donor = make_pipe(tmp_path / f"d{name}")
+        style = prkit.add_residuals(donor.unet, rank=2, name=name)
+        randomize(style, seed=seed)
+        files[name] = export_lora(style, tmp_path / f"{name}.safetensors", dtype=torch.float32)
+    pipe = make_pipe(tmp_path / "p")
+    for name, path in files.items():
+        load_lora_file(pipe, path, adapter_name=name)
+    pipe.set_adapters(["b"])
+    inputs = unet_inputs()
+    before = run_unet(pipe.unet, inputs)
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    result = prkit.train_residuals(pipe, concept, target="lora", steps=1, batch_size=2, progress=False)
+    result.residuals.remove()
+    assert pipe.get_active_adapters() == ["b"]
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), before, atol=0, rtol=0)
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
