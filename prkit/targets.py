@@ -254,8 +254,8 @@ class CustomDiffusionTarget(TokenTarget):
 
 class FullUNetTarget:
     """DreamBooth: every UNet parameter trains. The original weights are kept on the CPU; ``remove`` restores
-    them bit for bit (values and dtypes). The loop trains fp32 master weights: call ``after_training`` before
-    sampling on a half-precision base, which casts them back to the base's dtypes."""
+    them bit for bit (values and dtypes). The loop trains fp32 master weights (validation images are sampled under
+    autocast to ``base_dtype``) and calls ``after_training`` at the end, which casts them back to the base's dtypes."""
 
     needs_text_encoder = False
     trains_whole_unet = True  # no frozen half-precision weight is left for another autocast dtype to clash with
@@ -265,6 +265,7 @@ class FullUNetTarget:
         self.meta: dict = {}
         self.params = dict(pipe.unet.named_parameters())
         self.saved = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        self.base_dtype = pipe.unet.dtype  # the UNet's as stored: what the pipeline feeds it when sampling
 
     def named(self) -> dict[str, nn.Parameter]:
         return self.params

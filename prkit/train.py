@@ -163,6 +163,8 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                                     register=made.append)
             else:
                 result = _train_eager(pipe, concept, config, name, progress, made.append)
+        if hasattr(result.residuals, "after_training"):  # DreamBooth: its fp32 master weights in the base's dtypes,
+            result.residuals.after_training()  # which the pipeline's latents and text embeddings are in
         if getattr(result, "completed", True) is False and isinstance(result.residuals, Residuals):  # stopped early (stop_after): the next
             unfinished[name] = weakref.ref(_first_factor(result.residuals))  # call with this name resumes it
         return result
@@ -386,4 +388,7 @@ def _validate(pipe, target, concept, config: TrainConfig) -> list:
     prompts = [p.format(token=concept.token, class_word=concept.class_word) for p in config.validation_prompts]
     pipe.unet.eval()
     residuals = target if isinstance(target, Residuals) else None
-    return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)
+    half = getattr(target, "base_dtype", None)  # DreamBooth's fp32 master weights on a half-precision UNet
+    with torch.autocast(pipe.unet.device.type, dtype=half, enabled=half in (torch.float16, torch.bfloat16),
+                        cache_enabled=False):  # no cast cache: a CUDA graph may capture the UNet
+        return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)

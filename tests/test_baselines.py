@@ -253,3 +253,19 @@ def test_a_removed_peft_target_gives_the_users_loras_back_as_they_were_active(tm
     assert pipe.get_active_adapters() == ["b"]
     torch.testing.assert_close(run_unet(pipe.unet, inputs), before, atol=0, rtol=0)
     assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
+def test_dreambooth_on_a_half_precision_pipeline_samples_while_and_after_it_trains(tmp_path, concept, fast):
+    """Its fp32 master weights were left on the UNet: validation images and generate() after the run failed on the
+    pipeline's bf16 latents ('mat1 and mat2 must have the same dtype') unless the caller knew to call
+    after_training()."""
+    pipe = make_pipe(tmp_path / "p").to(torch.bfloat16)
+    result = prkit.train_residuals(pipe, concept, target="dreambooth", steps=2, batch_size=2, progress=False,
+                                   validate_every=1, validation_prompts=("a photo of a {token} {class_word}",),
+                                   validation_steps=2, fast=fast)
+    assert sorted(result.validation) == [1, 2] and all(len(v) == 1 for v in result.validation.values())
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}
+    images = prkit.generate(pipe, "a photo of a sks dog", None, steps=2, output_type="latent")
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
+    result.residuals.remove()
