@@ -269,3 +269,17 @@ def test_dreambooth_on_a_half_precision_pipeline_samples_while_and_after_it_trai
     images = prkit.generate(pipe, "a photo of a sks dog", None, steps=2, output_type="latent")
     assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
     result.residuals.remove()
+
+
+@pytest.mark.parametrize("target", ["lora", "textual_inversion"])
+def test_generate_given_a_baselines_handle_says_how_to_sample_with_it(tmp_path, concept, target):
+    """generate(pipe, prompt, result.residuals) after a baseline run said 'takes a Residuals handle
+    (result.residuals, ...)', the very thing it was given; a baseline is on the model itself: None samples it."""
+    pipe = make_pipe(tmp_path / "p")
+    base = prkit.generate(pipe, TOKEN_PROMPT, None, steps=2, output_type="latent")
+    result = prkit.train_residuals(pipe, concept, target=target, learning_rate=1e-1, **FAST)
+    with pytest.raises(ValueError, match=r"baseline's handle.*generate\(pipe, prompt, None\) samples with it"):
+        prkit.generate(pipe, TOKEN_PROMPT, result.residuals, steps=2, output_type="latent")
+    trained = prkit.generate(pipe, TOKEN_PROMPT, None, steps=2, output_type="latent")
+    assert (trained - base).abs().max() > 1e-4  # as the message says: the baseline is sampled
+    result.residuals.remove()
