@@ -64,6 +64,8 @@ class PeftTarget:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         root = original_module(self.unet)
+        if self.name not in (getattr(root, "peft_config", None) or {}):
+            return  # removed already
         flags = [(p, p.requires_grad) for p in root.parameters()]  # peft's set_adapter flips the other adapters'
         self.unet.delete_adapters(self.name)
         for key, module in list(root.named_modules()):

@@ -283,3 +283,26 @@ def test_generate_given_a_baselines_handle_says_how_to_sample_with_it(tmp_path, 
     trained = prkit.generate(pipe, TOKEN_PROMPT, None, steps=2, output_type="latent")
     assert (trained - base).abs().max() > 1e-4  # as the message says: the baseline is sampled
     result.residuals.remove()
+
+
+@pytest.mark.parametrize("target", ["textual_inversion", "custom_diffusion", "lora", "dreambooth"])
+def test_a_baseline_stopped_early_resumes_in_the_next_call(tmp_path, concept, target):
+    """stop_after left the baseline on the model and the next call (which resumes the run, as for residuals) refused
+    ('already has a trained token row', peft's 'Adapter with name default already exists') or, for DreamBooth,
+    kept the half-trained weights as the ones its remove() restores."""
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).residuals.state_dict()
+    pipe = make_pipe(tmp_path / "p")
+    state = _state(pipe)
+    kw["checkpoint_dir"] = str(tmp_path / "ckpt")
+    stopped = prkit.train_residuals(pipe, concept, stop_after=2, **kw)
+    assert not stopped.completed and stopped.steps_done == 2
+    result = prkit.train_residuals(pipe, concept, **kw)
+    assert result.completed and result.steps_done == 4
+    trained = result.residuals.state_dict()
+    assert trained.keys() == straight.keys() and all(torch.equal(trained[k], v) for k, v in straight.items())
+    result.residuals.remove()
+    after = _state(pipe)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    stopped.residuals.remove()  # already off the model: nothing more to do
+    assert all(torch.equal(p, state[k]) for k, p in _state(pipe).items())
