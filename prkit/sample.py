@@ -107,6 +107,13 @@ def _sets(pipe, residuals) -> list[Residuals]:
     ``pipe.unet``."""
     given = [] if residuals is None else [residuals] if isinstance(residuals, (Residuals, str)) else residuals
     given = list(given) if isinstance(given, Iterable) else [given]
+    from .targets import FullUNetTarget, PeftTarget, TokenTarget
+
+    baseline = next((r for r in given if isinstance(r, (PeftTarget, TokenTarget, FullUNetTarget))), None)
+    if baseline is not None:
+        raise ValueError(f"generate: residuals= got a baseline's handle ({type(baseline).__name__}), not a residual "
+                         "set: a baseline is on the model itself until its remove(), so generate(pipe, prompt, None) "
+                         "samples with it (LAG masks residual sets only)")
     if not all(isinstance(r, (Residuals, str)) for r in given):
         raise ValueError("generate: residuals= takes a Residuals handle (result.residuals, prkit.load_residuals(...)), "
                          f"a set's name, a list of them, or None, got {type(residuals).__name__}")

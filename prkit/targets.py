@@ -30,8 +30,12 @@ class PeftTarget:
 
     def __init__(self, unet, name: str, modules: list[str], rank: int):
         from peft import LoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.unet, self.name = unet, name
+        # the adapters each layer had on (add_adapter turns all but this one off; remove() puts them back)
+        self.active = {key: list(m.active_adapters) for key, m in original_module(unet).named_modules()
+                       if isinstance(m, BaseTunerLayer)}
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules),
                          adapter_name=name)
         self.token = self.class_word = None
@@ -59,8 +63,11 @@ class PeftTarget:
         ``delete_adapters`` leaves them: state-dict keys renamed to ``...base_layer.weight``)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.unet.delete_adapters(self.name)
         root = original_module(self.unet)
+        if self.name not in (getattr(root, "peft_config", None) or {}):
+            return  # removed already
+        flags = [(p, p.requires_grad) for p in root.parameters()]  # peft's set_adapter flips the other adapters'
+        self.unet.delete_adapters(self.name)
         for key, module in list(root.named_modules()):
             if not isinstance(module, BaseTunerLayer) or not hasattr(module, "base_layer"):
                 continue
@@ -68,6 +75,11 @@ class PeftTarget:
                 continue  # another adapter (a LoRA the user loaded) still lives here
             parent, _, child = key.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+        for key, module in root.named_modules():  # peft's delete_adapter turned the first other adapter on instead
+            if isinstance(module, BaseTunerLayer) and key in self.active and module.active_adapters != self.active[key]:
+                module.set_adapter(self.active[key])
+        for p, was in flags:
+            p.requires_grad_(was)
         if not getattr(root, "peft_config", None) and hasattr(root, "peft_config"):
             del root.peft_config
             root._hf_peft_config_loaded = False
@@ -244,8 +256,8 @@ class CustomDiffusionTarget(TokenTarget):
 
 class FullUNetTarget:
     """DreamBooth: every UNet parameter trains. The original weights are kept on the CPU; ``remove`` restores
-    them bit for bit (values and dtypes). The loop trains fp32 master weights: call ``after_training`` before
-    sampling on a half-precision base, which casts them back to the base's dtypes."""
+    them bit for bit (values and dtypes). The loop trains fp32 master weights (validation images are sampled under
+    autocast to ``base_dtype``) and calls ``after_training`` at the end, which casts them back to the base's dtypes."""
 
     needs_text_encoder = False
     trains_whole_unet = True  # no frozen half-precision weight is left for another autocast dtype to clash with
@@ -255,6 +267,7 @@ class FullUNetTarget:
         self.meta: dict = {}
         self.params = dict(pipe.unet.named_parameters())
         self.saved = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        self.base_dtype = pipe.unet.dtype  # the UNet's as stored: what the pipeline feeds it when sampling
 
     def named(self) -> dict[str, nn.Parameter]:
         return self.params

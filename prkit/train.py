@@ -124,8 +124,11 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     _check_precision(config, unet)
     unfinished = _unfinished(unet)
     left = unfinished.pop(name, None)
-    if left is not None and name in residual_names(unet) and left() is _first_factor(get_residuals(unet, name)):
-        remove_residuals(unet, name)  # the very set a failed or interrupted call left: replaced
+    if isinstance(left, weakref.ref):
+        if name in residual_names(unet) and left() is _first_factor(get_residuals(unet, name)):
+            remove_residuals(unet, name)  # the very set a failed or interrupted call left: replaced
+    elif left is not None:  # a baseline stopped early (stop_after) comes off: this call resumes it
+        left.remove()
     made: list = []  # the target the loop adds to the model
     modules = [m for m in (unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None),
                            pipe.vae) if m is not None]
@@ -163,8 +166,12 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                                     register=made.append)
             else:
                 result = _train_eager(pipe, concept, config, name, progress, made.append)
-        if getattr(result, "completed", True) is False and isinstance(result.residuals, Residuals):  # stopped early (stop_after): the next
-            unfinished[name] = weakref.ref(_first_factor(result.residuals))  # call with this name resumes it
+        if hasattr(result.residuals, "after_training"):  # DreamBooth: its fp32 master weights in the base's dtypes,
+            result.residuals.after_training()  # which the pipeline's latents and text embeddings are in
+        if getattr(result, "completed", True) is False:  # stopped early (stop_after): the next call with this name
+            # resumes it; a baseline's handle is kept itself (it alone can take the baseline off the model)
+            handle = result.residuals
+            unfinished[name] = weakref.ref(_first_factor(handle)) if isinstance(handle, Residuals) else handle
         return result
     except BaseException as err:
         kept = None
@@ -199,8 +206,9 @@ def _kept_on_the_model(err: OSError, name: str, config) -> TrainingWriteError:
 
 def _unfinished(unet) -> dict:
     """The residual sets on ``unet`` whose training failed or was interrupted (name -> a weak reference to the set's
-    first factor, so a set loaded or added later under the same name is never taken for it): the next
-    ``train_residuals`` call with the same name replaces such a set (resuming from its checkpoint, if any)."""
+    first factor, so a set loaded or added later under the same name is never taken for it), and the baselines
+    stopped early (name -> the handle): the next ``train_residuals`` call with the same name replaces such a set or
+    removes such a baseline (resuming from its checkpoint, if any)."""
     if not hasattr(unet, "_prkit_unfinished"):
         unet._prkit_unfinished = {}
     return unet._prkit_unfinished
@@ -386,4 +394,7 @@ def _validate(pipe, target, concept, config: TrainConfig) -> list:
     prompts = [p.format(token=concept.token, class_word=concept.class_word) for p in config.validation_prompts]
     pipe.unet.eval()
     residuals = target if isinstance(target, Residuals) else None
-    return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)
+    half = getattr(target, "base_dtype", None)  # DreamBooth's fp32 master weights on a half-precision UNet
+    with torch.autocast(pipe.unet.device.type, dtype=half, enabled=half in (torch.float16, torch.bfloat16),
+                        cache_enabled=False):  # no cast cache: a CUDA graph may capture the UNet
+        return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)

@@ -226,3 +226,83 @@ def test_dreambooth_trains_on_a_half_precision_pipeline_without_autocast(tmp_pat
     result.residuals.remove()
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in before.items())
     assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
+
+
+def test_a_removed_peft_target_gives_the_users_loras_back_as_they_were_active(tmp_path, concept):
+    """peft's delete_adapter made the first remaining adapter active where the deleted one was: with LoRAs "a" and
+    "b" loaded and only "b" on, a LoRA baseline run left "a" on instead, and sampling changed."""
+    pytest.importorskip("peft")
+    from conftest import load_lora_file, randomize
+    from prkit.files import export_lora
+
+    files = {}
+    for name, seed in (("a", 5), ("b", 6)):
+        donor = make_pipe(tmp_path / f"d{name}")
+        style = prkit.add_residuals(donor.unet, rank=2, name=name)
+        randomize(style, seed=seed)
+        files[name] = export_lora(style, tmp_path / f"{name}.safetensors", dtype=torch.float32)
+    pipe = make_pipe(tmp_path / "p")
+    for name, path in files.items():
+        load_lora_file(pipe, path, adapter_name=name)
+    pipe.set_adapters(["b"])
+    inputs = unet_inputs()
+    before = run_unet(pipe.unet, inputs)
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    result = prkit.train_residuals(pipe, concept, target="lora", steps=1, batch_size=2, progress=False)
+    result.residuals.remove()
+    assert pipe.get_active_adapters() == ["b"]
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), before, atol=0, rtol=0)
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fast"])
+def test_dreambooth_on_a_half_precision_pipeline_samples_while_and_after_it_trains(tmp_path, concept, fast):
+    """Its fp32 master weights were left on the UNet: validation images and generate() after the run failed on the
+    pipeline's bf16 latents ('mat1 and mat2 must have the same dtype') unless the caller knew to call
+    after_training()."""
+    pipe = make_pipe(tmp_path / "p").to(torch.bfloat16)
+    result = prkit.train_residuals(pipe, concept, target="dreambooth", steps=2, batch_size=2, progress=False,
+                                   validate_every=1, validation_prompts=("a photo of a {token} {class_word}",),
+                                   validation_steps=2, fast=fast)
+    assert sorted(result.validation) == [1, 2] and all(len(v) == 1 for v in result.validation.values())
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}
+    images = prkit.generate(pipe, "a photo of a sks dog", None, steps=2, output_type="latent")
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images.float()).all()
+    result.residuals.remove()
+
+
+@pytest.mark.parametrize("target", ["lora", "textual_inversion"])
+def test_generate_given_a_baselines_handle_says_how_to_sample_with_it(tmp_path, concept, target):
+    """generate(pipe, prompt, result.residuals) after a baseline run said 'takes a Residuals handle
+    (result.residuals, ...)', the very thing it was given; a baseline is on the model itself: None samples it."""
+    pipe = make_pipe(tmp_path / "p")
+    base = prkit.generate(pipe, TOKEN_PROMPT, None, steps=2, output_type="latent")
+    result = prkit.train_residuals(pipe, concept, target=target, learning_rate=1e-1, **FAST)
+    with pytest.raises(ValueError, match=r"baseline's handle.*generate\(pipe, prompt, None\) samples with it"):
+        prkit.generate(pipe, TOKEN_PROMPT, result.residuals, steps=2, output_type="latent")
+    trained = prkit.generate(pipe, TOKEN_PROMPT, None, steps=2, output_type="latent")
+    assert (trained - base).abs().max() > 1e-4  # as the message says: the baseline is sampled
+    result.residuals.remove()
+
+
+@pytest.mark.parametrize("target", ["textual_inversion", "custom_diffusion", "lora", "dreambooth"])
+def test_a_baseline_stopped_early_resumes_in_the_next_call(tmp_path, concept, target):
+    """stop_after left the baseline on the model and the next call (which resumes the run, as for residuals) refused
+    ('already has a trained token row', peft's 'Adapter with name default already exists') or, for DreamBooth,
+    kept the half-trained weights as the ones its remove() restores."""
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).residuals.state_dict()
+    pipe = make_pipe(tmp_path / "p")
+    state = _state(pipe)
+    kw["checkpoint_dir"] = str(tmp_path / "ckpt")
+    stopped = prkit.train_residuals(pipe, concept, stop_after=2, **kw)
+    assert not stopped.completed and stopped.steps_done == 2
+    result = prkit.train_residuals(pipe, concept, **kw)
+    assert result.completed and result.steps_done == 4
+    trained = result.residuals.state_dict()
+    assert trained.keys() == straight.keys() and all(torch.equal(trained[k], v) for k, v in straight.items())
+    result.residuals.remove()
+    after = _state(pipe)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    stopped.residuals.remove()  # already off the model: nothing more to do
+    assert all(torch.equal(p, state[k]) for k, p in _state(pipe).items())
