@@ -166,11 +166,11 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
                                     register=made.append)
             else:
                 result = _train_eager(pipe, concept, config, name, progress, made.append)
-        if hasattr(result.residuals, "after_training"):  # DreamBooth: its fp32 master weights in the base's dtypes,
-            result.residuals.after_training()  # which the pipeline's latents and text embeddings are in
+        handle = getattr(result, "residuals", None)  # (a stand-in loop's result may have none)
+        if hasattr(handle, "after_training"):  # DreamBooth: its fp32 master weights in the base's dtypes,
+            handle.after_training()  # which the pipeline's latents and text embeddings are in
         if getattr(result, "completed", True) is False:  # stopped early (stop_after): the next call with this name
             # resumes it; a baseline's handle is kept itself (it alone can take the baseline off the model)
-            handle = result.residuals
             unfinished[name] = weakref.ref(_first_factor(handle)) if isinstance(handle, Residuals) else handle
         return result
     except BaseException as err:
