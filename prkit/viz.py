@@ -19,7 +19,13 @@ def _plt():
 
 def to_array(image) -> np.ndarray:
     """PIL image (any mode), (H, W[, C]) uint8/float array or (C, H, W) tensor (uint8, or float in [-1, 1] /
-    [0, 1]) -> (H, W, 3) float [0, 1]; grey repeated to RGB, alpha dropped."""
+    [0, 1]) -> (H, W, 3) float [0, 1]; grey repeated to RGB, alpha dropped; a batch of one (1, ...) is its image."""
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) == 4:
+        if shape[0] != 1:
+            raise ValueError(f"to_array reads one image, got a batch of {shape[0]} images {tuple(shape)}: pass one "
+                             "(images[i]), or the batch to image_grid")
+        image = image[0]
     if hasattr(image, "convert"):  # PIL: palette, grey, CMYK, RGBA -> RGB
         image = np.asarray(image.convert("RGB"))
     if hasattr(image, "detach"):
@@ -39,13 +45,26 @@ def to_array(image) -> np.ndarray:
     return np.clip(image[..., :3].astype(np.float32), 0, 1)
 
 
+def _images(images) -> Sequence:
+    """A list or batch of images as it is; one image (PIL, (H, W, 3|4) array or tensor, (3|4, H, W) tensor) as a list
+    of one, not split into its rows."""
+    if hasattr(images, "convert"):
+        return [images]
+    shape = getattr(images, "shape", None)
+    if shape is not None and len(shape) == 3 and (shape[-1] in (3, 4) or (hasattr(images, "detach")
+                                                                          and shape[0] in (3, 4))):
+        return [images]
+    return images
+
+
 def image_grid(images: Sequence, ncols: int | None = None, titles: Sequence[str] | None = None,
                row_labels: Sequence[str] | None = None, size: float = 1.8, suptitle: str | None = None):
-    """Images in a grid; ``row_labels`` name the rows (e.g. base / residuals / LAG).
+    """Images in a grid (a list, a batch, or one image); ``row_labels`` name the rows (e.g. base / residuals / LAG).
 
     ``titles``: one per image, in the images' order, or one per column (drawn over the top row only); any other
     count is refused (images of ``num_images`` per prompt come grouped by prompt: p0, p0, p1, p1, ...).
     """
+    images = _images(images)
     n = len(images)
     if not n:
         raise ValueError("image_grid needs at least one image")
@@ -155,6 +174,7 @@ def block_grid(image, maps_by_block: dict, size: float = 1.6, title: str = "", c
 def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str] | None = None, size: float = 1.8):
     """Per-pixel absolute difference |other - reference| (mean over RGB), one column per pair."""
     plt = _plt()
+    reference, others = _images(reference), _images(others)
     n = len(reference)
     fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
     for i, (a, b) in enumerate(zip(reference, others)):
@@ -169,6 +189,7 @@ def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str]
 
 def mean_change(reference: Sequence, others: Sequence) -> float:
     """Mean absolute pixel change in [0, 1] between paired images."""
+    reference, others = _images(reference), _images(others)
     if len(reference) != len(others) or not len(reference):
         raise ValueError(f"mean_change needs two equally long, non-empty lists of images, got {len(reference)} and "
                          f"{len(others)}")

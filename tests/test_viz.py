@@ -101,3 +101,26 @@ def test_image_grid_titles_are_one_per_image_or_one_per_column():
         image_grid(images, ncols=4, titles=["p0", "p1"])
     with pytest.raises(ValueError, match="got 6 titles for 8 images in 4 columns"):
         image_grid(images, ncols=4, titles=["p0", "p1"] * 3)
+
+
+def test_a_single_image_or_a_batch_of_one_is_read_as_one_image():
+    """image_grid(image) raised "object of type 'Image' has no len()" for a PIL image and split an (H, W, 3) array
+    or a (3, H, W) tensor into H (or 3) strips drawn as images, without a word; difference_maps alike; a (1, 3, H, W)
+    batch of one reached imshow as (1, 3, W, 3) ("Invalid shape") from token_heatmaps, overlay and the explorer."""
+    from prkit.viz import difference_maps, image_grid
+
+    rgb = (np.random.default_rng(0).random((8, 6, 3)) * 255).astype(np.uint8)
+    ref = to_array(rgb)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
+    for one in (Image.fromarray(rgb), rgb, tensor):
+        fig = image_grid(one, titles=["x"])
+        assert len(fig.axes) == 1 and np.allclose(fig.axes[0].images[0].get_array(), ref)
+        fig = difference_maps(one, one)
+        assert len(fig.axes) == 1 and fig.axes[0].images[0].get_array().max() == 0
+        assert mean_change(one, one) == 0
+    assert np.allclose(to_array(tensor[None]), ref) and np.allclose(to_array(rgb[None]), ref)
+    fig = token_heatmaps(tensor[None], np.zeros((2, 4, 4)), ["a", "sks"])
+    assert np.allclose(fig.axes[0].images[0].get_array(), ref)
+    assert len(image_grid(np.stack([rgb, rgb])).axes) == 2 and len(image_grid(tensor[None]).axes) == 1  # batches
+    with pytest.raises(ValueError, match=r"a batch of 2 images \(2, 3, 8, 6\)"):
+        to_array(torch.stack([tensor, tensor]))
