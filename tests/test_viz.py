@@ -124,3 +124,19 @@ def test_a_single_image_or_a_batch_of_one_is_read_as_one_image():
     assert len(image_grid(np.stack([rgb, rgb])).axes) == 2 and len(image_grid(tensor[None]).axes) == 1  # batches
     with pytest.raises(ValueError, match=r"a batch of 2 images \(2, 3, 8, 6\)"):
         to_array(torch.stack([tensor, tensor]))
+
+
+def test_a_store_without_those_maps_says_what_it_holds():
+    """store.aggregate() of a store nothing was sampled into raised "max() arg is an empty sequence", and a step the
+    store did not keep (AttentionStore(steps=[0, 10])) a bare KeyError: ('down_blocks.0.attentions.0', 5)."""
+    with pytest.raises(ValueError, match="the attention store is empty: fill it by sampling"):
+        AttentionStore().aggregate()
+    store = _store(steps=(0, 10))
+    with pytest.raises(KeyError, match=r"step 5 of block 'down_blocks.0.attentions.0' was not kept; kept steps: "
+                                        r"\[0, 10\]"):
+        store.aggregate(step=5)
+    with pytest.raises(KeyError, match=r"no maps stored for block 'mid_block.attentions.0'; stored: "
+                                        r"\['down_blocks.0.attentions.0', 'up_blocks.1.attentions.0'\]"):
+        store.get("mid_block.attentions.0", 0)
+    assert torch.equal(store.get("up_blocks.1.attentions.0", 10), store.maps[("up_blocks.1.attentions.0", 10)])
+    assert store.aggregate(step=10, size=4).shape == (1, 3, 4, 4)
