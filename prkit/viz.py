@@ -171,11 +171,23 @@ def block_grid(image, maps_by_block: dict, size: float = 1.6, title: str = "", c
     return fig
 
 
-def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str] | None = None, size: float = 1.8):
-    """Per-pixel absolute difference |other - reference| (mean over RGB), one column per pair."""
-    plt = _plt()
+def _pairs(reference, others, what: str) -> tuple[Sequence, Sequence]:
+    """Two image lists (or single images) of one length >= 1, else a ValueError naming ``what`` refused them."""
     reference, others = _images(reference), _images(others)
+    if len(reference) != len(others) or not len(reference):
+        raise ValueError(f"{what} needs two equally long, non-empty lists of images, got {len(reference)} and "
+                         f"{len(others)}")
+    return reference, others
+
+
+def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str] | None = None, size: float = 1.8):
+    """Per-pixel absolute difference |other - reference| (mean over RGB), one column per pair; ``titles``: one per
+    pair."""
+    reference, others = _pairs(reference, others, "difference_maps")
     n = len(reference)
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"difference_maps got {len(titles)} titles for {n} pairs: give one per pair")
+    plt = _plt()
     fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
     for i, (a, b) in enumerate(zip(reference, others)):
         diff = np.abs(to_array(b) - to_array(a)).mean(-1)
@@ -189,10 +201,7 @@ def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str]
 
 def mean_change(reference: Sequence, others: Sequence) -> float:
     """Mean absolute pixel change in [0, 1] between paired images."""
-    reference, others = _images(reference), _images(others)
-    if len(reference) != len(others) or not len(reference):
-        raise ValueError(f"mean_change needs two equally long, non-empty lists of images, got {len(reference)} and "
-                         f"{len(others)}")
+    reference, others = _pairs(reference, others, "mean_change")
     return float(np.mean([np.abs(to_array(b) - to_array(a)).mean() for a, b in zip(reference, others)]))
 
 

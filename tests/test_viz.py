@@ -140,3 +140,22 @@ def test_a_store_without_those_maps_says_what_it_holds():
         store.get("mid_block.attentions.0", 0)
     assert torch.equal(store.get("up_blocks.1.attentions.0", 10), store.maps[("up_blocks.1.attentions.0", 10)])
     assert store.aggregate(step=10, size=4).shape == (1, 3, 4, 4)
+
+
+def test_difference_maps_pairs_its_images_and_titles_or_says_why_not():
+    """difference_maps drew min(len) pairs of unequal lists without a word (mean_change refuses them), raised
+    IndexError for fewer titles than pairs, dropped extra titles, and met an empty list with matplotlib's 'Number of
+    columns must be a positive integer, not 0'."""
+    from prkit.viz import difference_maps
+
+    black, white = np.zeros((4, 4, 3)), np.ones((4, 4, 3))
+    fig = difference_maps([black, black], [white, black], titles=["a", "b"])
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
+    assert [ax.images[0].get_array().max() for ax in fig.axes] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="equally long, non-empty lists of images, got 2 and 1"):
+        difference_maps([black, black], [white])
+    with pytest.raises(ValueError, match="equally long, non-empty lists of images, got 0 and 0"):
+        difference_maps([], [])
+    for titles in (["a"], ["a", "b", "c"]):
+        with pytest.raises(ValueError, match=f"got {len(titles)} titles for 2 pairs"):
+            difference_maps([black, black], [white, black], titles=titles)
