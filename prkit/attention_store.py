@@ -63,12 +63,14 @@ class AttentionStore:
 
     def get(self, block: str, step: int | None = None) -> torch.Tensor:
         """Maps of one block at one step (None: averaged over all kept steps): (B, T, h, w)."""
-        if step is not None:
-            return self.maps[(block, step)]
-        found = [m for (b, _), m in self.maps.items() if b == block]
+        found = {s: m for (b, s), m in self.maps.items() if b == block}
         if not found:
             raise KeyError(f"no maps stored for block {block!r}; stored: {self.blocks()}")
-        return torch.stack(found).mean(0)
+        if step is None:
+            return torch.stack(list(found.values())).mean(0)
+        if step not in found:
+            raise KeyError(f"step {step} of block {block!r} was not kept; kept steps: {sorted(found)}")
+        return found[step]
 
     def save(self, path) -> None:
         """Write maps and masks to ``path`` (torch.save), keyed 'block@step'."""
@@ -84,6 +86,9 @@ class AttentionStore:
         Returns:
             (B, T, h, w).
         """
+        if not self.maps:
+            raise ValueError("the attention store is empty: fill it by sampling with generate(..., store=store) or "
+                             "inside capture_attention(pipe, store=store)")
         maps = {b: self.get(b, step) for b in self.blocks()}
         if not isinstance(size, (tuple, list)):
             long = size or self.max_resolution

@@ -19,7 +19,13 @@ def _plt():
 
 def to_array(image) -> np.ndarray:
     """PIL image (any mode), (H, W[, C]) uint8/float array or (C, H, W) tensor (uint8, or float in [-1, 1] /
-    [0, 1]) -> (H, W, 3) float [0, 1]; grey repeated to RGB, alpha dropped."""
+    [0, 1]) -> (H, W, 3) float [0, 1]; grey repeated to RGB, alpha dropped; a batch of one (1, ...) is its image."""
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) == 4:
+        if shape[0] != 1:
+            raise ValueError(f"to_array reads one image, got a batch of {shape[0]} images {tuple(shape)}: pass one "
+                             "(images[i]), or the batch to image_grid")
+        image = image[0]
     if hasattr(image, "convert"):  # PIL: palette, grey, CMYK, RGBA -> RGB
         image = np.asarray(image.convert("RGB"))
     if hasattr(image, "detach"):
@@ -39,13 +45,26 @@ def to_array(image) -> np.ndarray:
     return np.clip(image[..., :3].astype(np.float32), 0, 1)
 
 
+def _images(images) -> Sequence:
+    """A list or batch of images as it is; one image (PIL, (H, W, 3|4) array or tensor, (3|4, H, W) tensor) as a list
+    of one, not split into its rows."""
+    if hasattr(images, "convert"):
+        return [images]
+    shape = getattr(images, "shape", None)
+    if shape is not None and len(shape) == 3 and (shape[-1] in (3, 4) or (hasattr(images, "detach")
+                                                                          and shape[0] in (3, 4))):
+        return [images]
+    return images
+
+
 def image_grid(images: Sequence, ncols: int | None = None, titles: Sequence[str] | None = None,
                row_labels: Sequence[str] | None = None, size: float = 1.8, suptitle: str | None = None):
-    """Images in a grid; ``row_labels`` name the rows (e.g. base / residuals / LAG).
+    """Images in a grid (a list, a batch, or one image); ``row_labels`` name the rows (e.g. base / residuals / LAG).
 
     ``titles``: one per image, in the images' order, or one per column (drawn over the top row only); any other
     count is refused (images of ``num_images`` per prompt come grouped by prompt: p0, p0, p1, p1, ...).
     """
+    images = _images(images)
     n = len(images)
     if not n:
         raise ValueError("image_grid needs at least one image")
@@ -152,10 +171,23 @@ def block_grid(image, maps_by_block: dict, size: float = 1.6, title: str = "", c
     return fig
 
 
+def _pairs(reference, others, what: str) -> tuple[Sequence, Sequence]:
+    """Two image lists (or single images) of one length >= 1, else a ValueError naming ``what`` refused them."""
+    reference, others = _images(reference), _images(others)
+    if len(reference) != len(others) or not len(reference):
+        raise ValueError(f"{what} needs two equally long, non-empty lists of images, got {len(reference)} and "
+                         f"{len(others)}")
+    return reference, others
+
+
 def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str] | None = None, size: float = 1.8):
-    """Per-pixel absolute difference |other - reference| (mean over RGB), one column per pair."""
-    plt = _plt()
+    """Per-pixel absolute difference |other - reference| (mean over RGB), one column per pair; ``titles``: one per
+    pair."""
+    reference, others = _pairs(reference, others, "difference_maps")
     n = len(reference)
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"difference_maps got {len(titles)} titles for {n} pairs: give one per pair")
+    plt = _plt()
     fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.4), squeeze=False)
     for i, (a, b) in enumerate(zip(reference, others)):
         diff = np.abs(to_array(b) - to_array(a)).mean(-1)
@@ -169,9 +201,7 @@ def difference_maps(reference: Sequence, others: Sequence, titles: Sequence[str]
 
 def mean_change(reference: Sequence, others: Sequence) -> float:
     """Mean absolute pixel change in [0, 1] between paired images."""
-    if len(reference) != len(others) or not len(reference):
-        raise ValueError(f"mean_change needs two equally long, non-empty lists of images, got {len(reference)} and "
-                         f"{len(others)}")
+    reference, others = _pairs(reference, others, "mean_change")
     return float(np.mean([np.abs(to_array(b) - to_array(a)).mean() for a, b in zip(reference, others)]))
 
 

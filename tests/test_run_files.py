@@ -25,3 +25,20 @@ def test_the_notebooks_load_the_residuals_through_run_file(name):
     book = Path(__file__).resolve().parent.parent / "notebooks" / f"{name}.ipynb"
     text = "".join("".join(c["source"]) for c in json.loads(book.read_text())["cells"])
     assert 'load_residuals(pipe, run_file(run_dir, "residuals.safetensors"))' in text
+
+
+def test_06_loads_a_real_models_concept_through_run_file_and_says_it_reads_it():
+    """06 scores a real model's concept against run_dir/concept/ (01's), but loaded it by its bare path: without 01
+    it ended in "concept folder ... does not exist; check the path", naming no notebook, and its header did not list
+    the folder, so the report's --only check did not see that 06 needs 01."""
+    import json
+    from pathlib import Path
+
+    from prkit.report import NOTEBOOKS, notebook_list, skipped_inputs
+
+    book = Path(__file__).resolve().parent.parent / "notebooks" / "06_metrics.ipynb"
+    code = "\n".join("".join(c["source"]) for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code")
+    assert 'load_concept(run_file(run_dir, "concept")' in code and 'Path(run_dir) / "concept"' not in code
+    series = notebook_list(NOTEBOOKS)
+    assert "06_metrics.ipynb reads run_dir/concept, which 01_prepare_data.ipynb writes" in skipped_inputs(
+        series, [b for b in series if b.name.startswith("06")])

@@ -101,3 +101,61 @@ def test_image_grid_titles_are_one_per_image_or_one_per_column():
         image_grid(images, ncols=4, titles=["p0", "p1"])
     with pytest.raises(ValueError, match="got 6 titles for 8 images in 4 columns"):
         image_grid(images, ncols=4, titles=["p0", "p1"] * 3)
+
+
+def test_a_single_image_or_a_batch_of_one_is_read_as_one_image():
+    """image_grid(image) raised "object of type 'Image' has no len()" for a PIL image and split an (H, W, 3) array
+    or a (3, H, W) tensor into H (or 3) strips drawn as images, without a word; difference_maps alike; a (1, 3, H, W)
+    batch of one reached imshow as (1, 3, W, 3) ("Invalid shape") from token_heatmaps, overlay and the explorer."""
+    from prkit.viz import difference_maps, image_grid
+
+    rgb = (np.random.default_rng(0).random((8, 6, 3)) * 255).astype(np.uint8)
+    ref = to_array(rgb)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
+    for one in (Image.fromarray(rgb), rgb, tensor):
+        fig = image_grid(one, titles=["x"])
+        assert len(fig.axes) == 1 and np.allclose(fig.axes[0].images[0].get_array(), ref)
+        fig = difference_maps(one, one)
+        assert len(fig.axes) == 1 and fig.axes[0].images[0].get_array().max() == 0
+        assert mean_change(one, one) == 0
+    assert np.allclose(to_array(tensor[None]), ref) and np.allclose(to_array(rgb[None]), ref)
+    fig = token_heatmaps(tensor[None], np.zeros((2, 4, 4)), ["a", "sks"])
+    assert np.allclose(fig.axes[0].images[0].get_array(), ref)
+    assert len(image_grid(np.stack([rgb, rgb])).axes) == 2 and len(image_grid(tensor[None]).axes) == 1  # batches
+    with pytest.raises(ValueError, match=r"a batch of 2 images \(2, 3, 8, 6\)"):
+        to_array(torch.stack([tensor, tensor]))
+
+
+def test_a_store_without_those_maps_says_what_it_holds():
+    """store.aggregate() of a store nothing was sampled into raised "max() arg is an empty sequence", and a step the
+    store did not keep (AttentionStore(steps=[0, 10])) a bare KeyError: ('down_blocks.0.attentions.0', 5)."""
+    with pytest.raises(ValueError, match="the attention store is empty: fill it by sampling"):
+        AttentionStore().aggregate()
+    store = _store(steps=(0, 10))
+    with pytest.raises(KeyError, match=r"step 5 of block 'down_blocks.0.attentions.0' was not kept; kept steps: "
+                                        r"\[0, 10\]"):
+        store.aggregate(step=5)
+    with pytest.raises(KeyError, match=r"no maps stored for block 'mid_block.attentions.0'; stored: "
+                                        r"\['down_blocks.0.attentions.0', 'up_blocks.1.attentions.0'\]"):
+        store.get("mid_block.attentions.0", 0)
+    assert torch.equal(store.get("up_blocks.1.attentions.0", 10), store.maps[("up_blocks.1.attentions.0", 10)])
+    assert store.aggregate(step=10, size=4).shape == (1, 3, 4, 4)
+
+
+def test_difference_maps_pairs_its_images_and_titles_or_says_why_not():
+    """difference_maps drew min(len) pairs of unequal lists without a word (mean_change refuses them), raised
+    IndexError for fewer titles than pairs, dropped extra titles, and met an empty list with matplotlib's 'Number of
+    columns must be a positive integer, not 0'."""
+    from prkit.viz import difference_maps
+
+    black, white = np.zeros((4, 4, 3)), np.ones((4, 4, 3))
+    fig = difference_maps([black, black], [white, black], titles=["a", "b"])
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b"]
+    assert [ax.images[0].get_array().max() for ax in fig.axes] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="equally long, non-empty lists of images, got 2 and 1"):
+        difference_maps([black, black], [white])
+    with pytest.raises(ValueError, match="equally long, non-empty lists of images, got 0 and 0"):
+        difference_maps([], [])
+    for titles in (["a"], ["a", "b", "c"]):
+        with pytest.raises(ValueError, match=f"got {len(titles)} titles for 2 pairs"):
+            difference_maps([black, black], [white, black], titles=titles)
