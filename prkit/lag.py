@@ -366,6 +366,9 @@ def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], promp
     config = config or LAGConfig()
     sets = [residuals] if isinstance(residuals, (Residuals, str)) else list(residuals)  # a name: refused whole
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:  # the masks' rows come from the prompts: none would fail at the first UNet call
+        raise ValueError("lag_sampling needs the prompt(s) that will be sampled (their concept words place the "
+                         "masks), got none")
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     check_on_unet(unet, sets)
     merged = [r.name for r in sets if r.merged]

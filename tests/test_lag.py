@@ -522,3 +522,13 @@ def test_prompt_tokens_of_a_pipeline_follow_its_textual_inversion_expansion(pipe
     with pytest.raises(ValueError, match=r"'<style>'.*expands.*prkit.prompt_tokens\(pipe, prompt\)"):
         prompt_tokens(pipe.tokenizer, prompt)
     assert prompt_tokens(pipe.tokenizer, PROMPT) == prompt_tokens(pipe, PROMPT)  # nothing to expand: the same
+
+
+def test_lag_without_prompts_says_so_before_any_unet_call(tmp_path):
+    """No prompt to place the masks: it failed at the first UNet call with 'integer modulo by zero'."""
+    pipe = make_pipe(tmp_path)
+    res = prkit.add_residuals(pipe.unet, 0.5, "a", token="sks", class_word="dog")
+    with pytest.raises(ValueError, match=r"lag_sampling needs the prompt\(s\) that will be sampled"):
+        with lag_sampling(pipe, res, []):
+            pass
+    assert all(layer.mask_source is None for layer in wrapped_layers(pipe.unet).values())
