@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from torch import nn
@@ -20,9 +21,24 @@ class ResidualConfig:
     seed: int | None = None  # seeds the random factor (None: torch's global generator)
 
     def __post_init__(self):
+        self.rank = plain_rank(self.rank)
         if self.init != "kaiming":
             raise ValueError(f"ResidualConfig.init: {self.init!r} is not an init prkit has; 'kaiming' (kaiming-uniform "
                              "for the random factor, zeros for the other) is the one")
+
+
+def plain_rank(rank):
+    """A rank given as a numpy or torch number (``np.int64(16)``, ``np.float32(0.05)``) as Python's int or float, so
+    that it is checked, recorded in JSON and compared as one (each value of a per-block dict too); anything else as
+    it is (``rank_for`` refuses what is no rank)."""
+    if isinstance(rank, dict):
+        return {block: plain_rank(value) for block, value in rank.items()}
+    if isinstance(rank, (bool, int, float)) or not isinstance(rank, numbers.Real) and not hasattr(rank, "item"):
+        return rank
+    value = rank.item() if hasattr(rank, "item") and getattr(rank, "ndim", 0) == 0 else rank
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else rank
 
 
 def rank_for(channels: int, rank: float | int) -> int:

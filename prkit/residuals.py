@@ -18,7 +18,7 @@ from torch import nn
 # re-exported: the layer classes have always been importable from here
 from .residual_layer import LowRank, ResidualProjection  # noqa: F401
 # re-exported: prkit.residuals stays their import path
-from .residual_config import ResidualConfig, check_set_name, finite_scale, rank_for, usable_set_name  # noqa: F401
+from .residual_config import ResidualConfig, check_set_name, finite_scale, plain_rank, rank_for, usable_set_name  # noqa: F401
 from .residual_blocks import _put_back, find_projections, original_module, residual_layer, wrapped_layers  # noqa: F401
 
 log = logging.getLogger(__name__)

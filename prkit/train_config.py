@@ -92,9 +92,10 @@ class TrainConfig:
 
             if not isinstance(self.fast, FastConfig):
                 check_flag(self.fast, "TrainConfig.fast", " or None (or a prkit.fast.FastConfig)")
-        from .residuals import rank_for
+        from .residuals import plain_rank, rank_for
         from .targets import TARGETS
 
+        self.rank = plain_rank(self.rank)  # np.int64(16) was refused as "got np.int64(16)"
         if not isinstance(self.rank, dict):  # a per-block dict is checked per block when the residuals are added
             try:
                 rank_for(1, self.rank)

@@ -597,3 +597,24 @@ def test_a_residual_config_is_not_silently_overridden_or_ignored():
         prkit.add_residuals(unet, seed=3, config=ResidualConfig(seed=4))
     agreed = prkit.add_residuals(unet, rank=2, seed=3, config=ResidualConfig(rank=2, seed=3))
     assert set(agreed.ranks().values()) == {2}
+
+
+def test_a_rank_given_as_a_numpy_or_torch_number_is_that_rank(tmp_path):
+    """np.int64(16) (a rank read from an array or a sweep's grid) was refused as 'got np.int64(16)', and a torch
+    scalar too; they are the rank they hold, recorded as plain JSON numbers."""
+    import json
+
+    import numpy as np
+
+    from prkit.train import TrainConfig
+
+    for given, expected in ((np.int64(2), 2), (torch.tensor(3), 3), (np.float32(0.25), 0.25)):
+        assert TrainConfig(rank=given).rank == expected and type(TrainConfig(rank=given).rank) is type(expected)
+        plain = prkit.add_residuals(tiny_unet(), expected, "plain")
+        res = prkit.add_residuals(tiny_unet(), given, "given")
+        assert res.ranks() == plain.ranks() and all(type(r) is int for r in res.ranks().values())
+        path = res.save(tmp_path / f"{expected}.safetensors")
+        assert json.loads(json.dumps(prkit.load_residuals(tiny_unet(), path).ranks())) == plain.ranks()
+    assert TrainConfig(rank={"down_blocks.0.attentions.0": np.int64(4)}).rank == {"down_blocks.0.attentions.0": 4}
+    with pytest.raises(ValueError, match="rank must be a positive fraction"):
+        TrainConfig(rank=np.array([2, 3]))
