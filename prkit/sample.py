@@ -6,6 +6,8 @@ A thin layer over the standard pipeline call; LAG itself lives in ``lag.py``.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -59,6 +61,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     _check_prompt(prompt, pipe_kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     steps, num_images = _diffusers_names(pipe_kwargs, steps, num_images)
+    _check_pipe_kwargs(pipe, pipe_kwargs)
     sides = [pipe_kwargs.get(k) for k in ("height", "width")]
     if sides.count(None) == 1:  # diffusers drops a lone side (both become native): the other side is native
         from .pipeline import native_resolution
@@ -140,6 +143,32 @@ def execution_device(pipe) -> torch.device:
     its offload hooks run the models on, as diffusers' own ``_execution_device`` reports it."""
     device = getattr(pipe, "_execution_device", None)
     return device if isinstance(device, torch.device) and device.type != "meta" else pipe.unet.device
+
+
+DEPRECATED_CALL_KWARGS = ("callback", "callback_steps")  # what diffusers' call still reads from its **kwargs
+
+
+def _check_pipe_kwargs(pipe, pipe_kwargs: dict) -> None:
+    """Refuse a keyword that neither generate nor the pipeline's call names: diffusers' call takes **kwargs and
+    drops what it does not know, so a slip (``n_images=4``) sampled as if it had not been given."""
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):  # no signature to read: the pipeline says for itself
+        return
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # a call without **kwargs refuses unknown names itself
+    known = {n for n, p in params.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD,
+                                                          inspect.Parameter.VAR_POSITIONAL)}
+    known |= set(DEPRECATED_CALL_KWARGS)
+    unknown = [key for key in pipe_kwargs if key not in known]
+    if unknown:
+        own = [n for n in inspect.signature(generate).parameters if n not in ("pipe", "pipe_kwargs")]
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, own + sorted(known), n=1, cutoff=0.6)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"generate: {', '.join(hints)} is no argument of generate nor of "
+                        f"{type(pipe).__name__}'s call, which would ignore it; generate's own: {', '.join(own)}")
 
 
 def _diffusers_names(pipe_kwargs: dict, steps, num_images):

@@ -106,3 +106,14 @@ def test_sets_given_by_name_are_the_sets_of_that_name(pipe):
     result = TrainResult(dog, [], 0.0, 0, True)
     with pytest.raises(ValueError, match=r"generate: residuals= takes .* got TrainResult"):
         prkit.generate(pipe, PROMPT, result, steps=2, **FAST)
+
+
+def test_a_keyword_neither_generate_nor_the_pipeline_takes_is_refused(pipe):
+    """diffusers' pipeline call swallows unknown keywords (its **kwargs), so generate(..., n_images=4), a slip for
+    num_images, gave one image without a word; now it is refused before sampling, naming what was meant."""
+    with pytest.raises(TypeError, match=r"n_images.*num_images"):
+        prkit.generate(pipe, PROMPT, None, steps=2, n_images=4, **FAST)
+    with pytest.raises(TypeError, match="guidance"):
+        prkit.generate(pipe, PROMPT, None, steps=2, guidance=3.0, **FAST)
+    images = prkit.generate(pipe, PROMPT, None, steps=2, num_images_per_prompt=2, eta=0.0, **FAST)  # the pipeline's
+    assert len(images) == 2
