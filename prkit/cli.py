@@ -351,7 +351,12 @@ def _empty_path(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # imports torch (eval's defaults): a second in which Ctrl-C is common
+    except KeyboardInterrupt:
+        print("prkit: interrupted", file=sys.stderr)
+        return 130
+    args = parser.parse_args(argv)
     empty = _empty_path(args)
     if empty is not None:
         print(f"prkit {args.command}: error: {empty} is empty; give a path (an unset shell variable?)", file=sys.stderr)
