@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="personalize a model on a folder of images")
-    train.add_argument("--model", default="world", help="'world', a diffusers folder or a hub id")
+    train.add_argument("--model", default="world", help="'world' (default), a diffusers folder or a hub id")
     train.add_argument("--images", required=True, help="folder of 3-15 images of the concept")
     train.add_argument("--token", help="identifier, e.g. sks (read from concept.json when omitted)")
     train.add_argument("--class-word", dest="class_word", help="the concept's class, e.g. dog")
@@ -249,20 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=4, help="images per step (default 4)")
     train.add_argument("--lr", type=_learning_rate, default=None,
                        help="default: the model folder's (prkit_defaults.json; the world: 1e-2), else METHOD's 1e-3")
-    train.add_argument("--rank", type=_rank, default=0.05, help="fraction of channels (0.05) or a whole rank (16)")
+    train.add_argument("--rank", type=_rank, default=0.05,
+                       help="fraction of channels (default 0.05) or a whole rank (e.g. 16)")
     train.add_argument("--seed", type=_seed, default=0, help="default 0")
     train.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
     train.add_argument("--checkpoint-dir", default=None,
                        help="default: --out without .safetensors, plus .ckpt (sks.safetensors: sks.ckpt); rerun the "
                             "same command to resume")
     train.add_argument("--checkpoint-every", type=_whole(0), default=50,
-                       help="steps between checkpoints (also written on Ctrl-C and SIGTERM); 0: only then")
+                       help="steps between checkpoints (default 50; also written on Ctrl-C and SIGTERM); 0: only "
+                            "then")
     train.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                        help="continue from the checkpoint of an interrupted run of the same concept and recipe "
                             "(--no-resume: start over)")
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                       help="auto: bf16 on GPUs that compute in it, fp16 with a loss scaler on older ones (T4, V100), "
-                            "fp32 on the CPU")
+                       help="auto (default): bf16 on GPUs that compute in it, fp16 with a loss scaler on older ones "
+                            "(T4, V100), fp32 on the CPU")
     train.add_argument("--gradient-checkpointing", action="store_true",
                        help="small GPUs: recompute activations in the backward pass (less memory, slower steps)")
     train.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
@@ -298,13 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=_seed, default=0, help="default 0: the same command gives the same images")
     sample.add_argument("--height", type=_side, default=None, help="a multiple of 8 (default: the model's native size)")
     sample.add_argument("--width", type=_side, default=None, help="a multiple of 8 (default: the model's native size)")
-    sample.add_argument("--out", default="samples", help="folder; images already there are kept")
+    sample.add_argument("--out", default="samples", help="folder (default: samples); images already there are kept")
     sample.add_argument("--device", default="auto", help=DEVICE_HELP)
     sample.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                         help="default: bf16 on GPUs that compute in it, fp16 on older ones, fp32 on the CPU")
     sample.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                         help="small GPUs: keep the models on the CPU and move each (model) or each layer "
-                             "(sequential, slowest, least memory) to the GPU when it runs")
+                             "(sequential, slowest, least memory) to the GPU when it runs (default: none)")
     sample.set_defaults(func=_sample)
 
     info = sub.add_parser("info", help="print residual files' headers (words, base model, layers, recipe)")
@@ -316,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the LoRA .safetensors to write")
     export.add_argument("--model", default=None, help="the base model the residuals were trained on (default: the "
                         "one the file records, where it can be loaded from here; else 'world')")
-    export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    export.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                        help="the LoRA's weights' precision (default: fp16)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=_export)
 
@@ -351,7 +354,12 @@ def _empty_path(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # imports torch (eval's defaults): a second in which Ctrl-C is common
+    except KeyboardInterrupt:
+        print("prkit: interrupted", file=sys.stderr)
+        return 130
+    args = parser.parse_args(argv)
     empty = _empty_path(args)
     if empty is not None:
         print(f"prkit {args.command}: error: {empty} is empty; give a path (an unset shell variable?)", file=sys.stderr)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from .eval_results import SETTING_FIELDS  # (the standard library only: no torch here)
+
 
 def _halves(flag: str, load: str) -> tuple:
     """train.py's refusal of a mixed precision in the other half precision than the UNet's, in a command's words:
@@ -49,6 +51,9 @@ EVAL_WORDS = _halves("--set METHOD.mixed_precision=", ", or pass --dtype {asked}
     (" or use mixed_precision=", " or use --set METHOD.mixed_precision="),
     ("train at its precision: mixed_precision=", "train at its precision: --set METHOD.mixed_precision="),
     (", or pass skip_bad=True to skip it.", " (prkit eval has no --skip-bad)."),  # the datasets' images: all read
+    # a rerun into one --out with other settings: the fields that differ, as their flags (train: --set)
+    *((f"{before}{field} (", f"{before}--{'set' if field == 'train' else field.replace('_', '-')} (")
+      for field in SETTING_FIELDS for before in ("other settings: ", "now); ")),
     # a checkpoint not written (train._kept_on_the_model; run_job's set is 'trained'): the command's model ends with
     # it, the rows of the jobs before are kept, and a rerun resumes the job from its last checkpoint (or starts over)
     ("The residual set 'trained' stays on the model with the weights it had trained: save it where there is room "

@@ -50,10 +50,13 @@ def _recipe_fields() -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The evaluation options (shared by ``prkit eval`` and ``python -m prkit.evaluate``)."""
     d = EvalConfig()
-    parser.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
+                        help=f"the subjects and prompts (default: {d.protocol}, the embedded model's concepts)")
     parser.add_argument("--data", default=None, help="dataset folder (dreambooth, customconcept101)")
-    parser.add_argument("--model", default=d.model, help="'world', a diffusers folder or a hub id")
-    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS)
+    parser.add_argument("--model", default=d.model, help="'world' (default), a diffusers folder or a hub id")
+    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS,
+                        help=f"(default: {' '.join(d.methods)}; residuals is sampled with and without LAG, base "
+                             "trains nothing)")
     parser.add_argument("--subjects", nargs="*", default=[], help="default: all of the protocol's")
     parser.add_argument("--max-prompts", type=_positive_int, default=None,
                         help="only each subject's first N prompts (smoke runs); default: all")
@@ -65,21 +68,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=_guidance, default=d.guidance_scale,
                         help=f"classifier-free guidance (default {d.guidance_scale})")
     parser.add_argument("--seed", type=_whole(0), default=d.seed, help="training and sampling seed (default 0)")
-    parser.add_argument("--token", default=d.token)
+    parser.add_argument("--token", default=d.token,
+                        help=f"identifier of dreambooth and customconcept101 subjects (default: {d.token}; the "
+                             "world's concepts bring their own)")
     parser.add_argument("--set", dest="train", nargs="*", default=[], metavar="METHOD.FIELD=VALUE",
                         help="recipe overrides, e.g. textual_inversion.steps=500 "
                              "dreambooth.prior_images=class_images/{subject}; a METHOD.checkpoint_dir=DIR keeps "
                              "each run's checkpoint in DIR/METHOD/SUBJECT")
-    parser.add_argument("--clip", default=d.clip, help="hub id, folder, 'world', 'auto' or 'none'")
-    parser.add_argument("--dino", default=d.dino, help="hub id, folder, 'auto' or 'none'")
+    parser.add_argument("--clip", default=d.clip, help="hub id, folder, 'world', 'auto' or 'none' (default: auto, the "
+                        "world's own CLIP on the world, CLIP ViT-B/32 elsewhere)")
+    parser.add_argument("--dino", default=d.dino, help="hub id, folder, 'auto' or 'none' (default: auto, DINO "
+                        "ViT-S/16)")
     parser.add_argument("--download-backbones", action="store_true",
                         help="fetch CLIP/DINO hub ids missing from the local cache")
-    parser.add_argument("--out", default=d.out)
-    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--out", default=d.out, help=f"results folder (default: {d.out}); a rerun into it skips "
+                        "the finished (method, subject) pairs")
+    parser.add_argument("--device", default=d.device, help=f"{d.device} (default: a CUDA GPU or Apple's mps where "
+                        "there is one, else the CPU; with several ranks cuda:LOCAL_RANK), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                         help="pipeline dtype (default: bf16/fp16 on GPUs, fp32 elsewhere)")
-    parser.add_argument("--save-images", action="store_true")
-    parser.add_argument("--ci-over", choices=("image", "subject"), default=d.ci_over)
+    parser.add_argument("--save-images", action="store_true",
+                        help="also keep the PNGs, in OUT/images/METHOD/SUBJECT")
+    parser.add_argument("--ci-over", choices=("image", "subject"), default=d.ci_over,
+                        help=f"the summary's 95%% intervals over images or over per-subject means (default: "
+                             f"{d.ci_over})")
     return parser
 
 

@@ -306,6 +306,19 @@ def test_ctrl_c_before_any_checkpoint_says_nothing_is_kept_yet(tmp_path, capsys,
     assert "interrupted; nothing was kept yet: run the same command again to start" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_the_arguments_are_read_is_a_line_not_a_traceback(capsys, monkeypatch):
+    """Building the parser imports torch (eval's defaults, about a second): Ctrl-C in that second, the first of every
+    command, went past main's handling and printed a traceback of torch's imports, the process dying of SIGINT."""
+    import prkit.eval_cli
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while EvalConfig() imports torch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prkit.eval_cli, "EvalConfig", interrupted)
+    assert main(["info", "x.safetensors"]) == 130
+    assert capsys.readouterr().err == "prkit: interrupted\n"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_a_cuda_device_without_cuda_is_a_clear_error(tmp_path, capsys):
     args = _train_args(tmp_path, tmp_path / "x.safetensors")

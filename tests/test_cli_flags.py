@@ -180,3 +180,26 @@ def test_a_negative_prompt_without_guidance_is_said_to_do_nothing(tmp_path, caps
                   ["--guidance-scale", "1"]):
         assert main(sample + extra) == 2
         assert "note:" not in capsys.readouterr().err
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    """`prkit eval --help` listed --out, --methods, --protocol, --token, --device and --ci-over without a word (a
+    run without --out wrote into runs/eval, nowhere said), export's --dtype fp16 and sample's --out samples
+    likewise; train's --checkpoint-every 50, --model world and --mixed-precision auto were not said to be defaults."""
+    import argparse
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    unsaid = []
+    for name, command in commands.items():
+        for action in command._actions:
+            default = action.default
+            if default in (None, [], argparse.SUPPRESS) or isinstance(default, bool):  # flags, and "not given"
+                continue
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+            if not ("default" in (action.help or "") and shown in action.help):
+                unsaid.append(f"{name} {action.option_strings[0]}")
+    assert unsaid == []
+    help_text = " ".join(commands["eval"].format_help().split())
+    assert "--out OUT results folder (default: runs/eval)" in help_text, help_text
+    assert "(default: residuals lora custom_diffusion textual_inversion dreambooth" in help_text, help_text

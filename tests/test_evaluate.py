@@ -532,6 +532,28 @@ def test_command_line_advice_names_evals_own_flags(assets, tmp_path, capsys):
                                                  "METHOD.mixed_precision='no'.")
 
 
+def test_a_rerun_with_other_settings_names_the_flags_that_differ(assets, tmp_path, capsys):
+    """prkit eval refused a rerun into one --out with other settings in EvalConfig's field names ("images_per_prompt
+    (1 there, 2 now); sample_steps ..."): the flags to change back (--images-per-prompt, --sample-steps) went unsaid.
+    Python callers keep the field names."""
+    from prkit.cli import main
+
+    run = ["eval", *_cli_dataset(assets, tmp_path), "--methods", "base", "--subjects", "dog", "--out",
+           str(tmp_path / "out")]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main([*run, "--images-per-prompt", "2", "--sample-steps", "2", "--guidance-scale", "5"]) == 2
+    assert _error_line(capsys) == (
+        f"prkit eval: error: {str(tmp_path / 'out')!r} holds results of a run with other settings: "
+        "--images-per-prompt (1 there, 2 now); --sample-steps (1 there, 2 now); --guidance-scale (7.5 there, 5.0 now). "
+        "Rerunning would mix them; pass another --out, or delete that folder to start over")
+    config = EvalConfig(protocol="dreambooth", data=str(tmp_path / "data"), model=str(tmp_path / "model"),
+                        methods=("base",), subjects=("dog",), max_prompts=1, images_per_prompt=2, sample_steps=1,
+                        clip=None, dino=None, out=str(tmp_path / "out"), device="cpu")
+    with pytest.raises(ValueError, match=r"other settings: images_per_prompt \(1 there, 2 now\)"):  # Python: fields
+        ev.evaluate(config, progress=False)
+
+
 def test_an_error_in_one_job_names_its_method_and_subject(assets, tmp_path, capsys):
     """An error raised inside one (method, subject) job (a divergence, an unreadable image of one subject, a
     checkpoint another run wrote) reached the command line as the library's message alone: which of the jobs failed
