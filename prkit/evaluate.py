@@ -98,9 +98,7 @@ def run_job(pipe, subject: Subject, method: str, config: EvalConfig, scorer: Sco
             result = train_residuals(pipe, concept, _train_config(method, subject, config, resolution,
                                                                    model_defaults(pipe, method)), name="trained",
                                      progress=False)
-            handle, seconds, steps = result.residuals, result.seconds, result.steps_done
-            if hasattr(handle, "after_training"):
-                handle.after_training()
+            handle, seconds, steps = result.residuals, result.seconds, result.steps_done  # (DreamBooth cast back there)
         params = handle.num_parameters() if handle is not None else 0
         for label, lag in variants(method):
             images = base if method == "base" else images_of(handle, lag)

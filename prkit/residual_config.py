@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 from torch import nn
@@ -33,12 +32,10 @@ def plain_rank(rank):
     it is (``rank_for`` refuses what is no rank)."""
     if isinstance(rank, dict):
         return {block: plain_rank(value) for block, value in rank.items()}
-    if isinstance(rank, (bool, int, float)) or not isinstance(rank, numbers.Real) and not hasattr(rank, "item"):
+    if not hasattr(rank, "item") or getattr(rank, "ndim", 0) != 0:  # Python's numbers; arrays (refused later)
         return rank
-    value = rank.item() if hasattr(rank, "item") and getattr(rank, "ndim", 0) == 0 else rank
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else rank
+    value = rank.item()
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else rank
 
 
 def rank_for(channels: int, rank: float | int) -> int:

@@ -108,13 +108,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.mixed_precision must be one of {', '.join(PRECISIONS)}, "
                              f"got {self.mixed_precision!r}")
         # weight_decay: AdamW's decay by inf made every weight NaN, reported as a divergence of the learning rate
-        for name, low in (("max_grad_norm", 0.0), ("prior_weight", 0.0), ("weight_decay", 0.0)):
+        for name, optional in (("max_grad_norm", True), ("prior_weight", False), ("weight_decay", False)):
             value = getattr(self, name)
-            if (value is not None or name != "max_grad_norm") and not (
-                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value >= low):
-                raise ValueError(f"TrainConfig.{name} must be a finite number >= {low:g}"
-                                 f"{' (or None: no clipping)' if name == 'max_grad_norm' else ''}, got {value!r}")
+            if value is None and optional:
+                continue
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0"
+                                 f"{' (or None: no clipping)' if optional else ''}, got {value!r}")
         prompts = self.validation_prompts
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("TrainConfig.validation_prompts must be a list of prompts (strings), not "
