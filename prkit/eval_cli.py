@@ -20,6 +20,7 @@ from .eval_subjects import PROTOCOLS
 def _parse_set(items: Sequence[str]) -> dict:
     """["textual_inversion.steps=500", ...] -> {"textual_inversion": {"steps": 500}}."""
     out: dict = {}
+    fields = _recipe_fields()
     for item in items:
         key, sep, value = item.partition("=")
         method, dot, field_name = key.partition(".")
@@ -27,7 +28,6 @@ def _parse_set(items: Sequence[str]) -> dict:
             raise ValueError(f"--set wants METHOD.FIELD=VALUE (e.g. textual_inversion.steps=500), got {item!r}")
         if method not in METHODS:
             raise ValueError(f"--set {item!r}: {method!r} is not a method; one of {', '.join(METHODS)}")
-        fields = _recipe_fields()
         if field_name not in fields:
             raise ValueError(f"--set {item!r}: {field_name!r} is not a recipe field; one of {', '.join(fields)}")
         try:
