@@ -180,7 +180,7 @@ def _info(args) -> int:
 def _recorded_model(meta: dict) -> str:
     """The base model a residual file records, where this machine can load it from (an existing folder or a hub id),
     else the embedded world."""
-    from .pipeline import _looks_like_path
+    from .model_index import _looks_like_path
 
     recorded = str(meta.get("base_model") or "")
     if recorded and (Path(recorded).expanduser().is_dir() or not _looks_like_path(recorded)):

@@ -209,7 +209,7 @@ def _source(name_or_path: str | os.PathLike) -> tuple[str, bool, str | None]:
         if not (path / "config.json").is_file():
             return str(path), True, f"{str(path)!r} is not a transformers model folder (no config.json)"
         return str(path), True, None
-    from .pipeline import _looks_like_path
+    from .model_index import _looks_like_path
 
     if _looks_like_path(name):
         return str(path), True, (f"there is no folder {str(path)!r} (and it is not a hub id, 'owner/name'): pass the "

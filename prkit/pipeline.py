@@ -1,7 +1,8 @@
 """Loading a base model: the embedded world, a local diffusers folder, or a hub id.
 
-Owns device/dtype choice and the messages that say how to get missing weights. It never
-downloads on its own when the hub is offline and never changes global torch state.
+Owns device/dtype choice, the load itself and a model folder's own training defaults; where a name points and what
+its model index says (read before any weights) live in ``model_index``, re-exported here. It never downloads on its
+own when the hub is offline and never changes global torch state.
 """
 
 from __future__ import annotations
@@ -11,22 +12,19 @@ import functools
 import json
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 
 import torch
 
-WORLD = "world"
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-HUB_KWARGS = ("cache_dir", "force_download", "token", "revision")  # what fetching a hub model_index.json needs
+# re-exported: prkit.pipeline stays their import path
+from .model_index import (  # noqa: F401
+    HUB_KWARGS, SUPPORTED, WORLD, _hub_file, _located, _looks_like_path, _missing_message, _model_index, _offline,
+    _source, check_class, check_components, folder_variant, read_model_index, takes_safety_checker, unet_structure,
+    world_path)
+
 DEFAULTS_FILE = "prkit_defaults.json"  # a model folder's own training defaults: {target: {TrainConfig field: value}}
 MODEL_DEFAULT_FIELDS = ("learning_rate",)  # what such a file may set (train and eval apply exactly these)
-
-
-def world_path() -> Path:
-    """Folder of the embedded world pipeline shipped inside the package."""
-    return Path(__file__).resolve().parent / "world" / "model"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -126,147 +124,9 @@ def _dtype_kwarg() -> str:
     return "dtype"
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def _looks_like_path(name: str) -> bool:
-    """A name no hub id can be: a path (starts with / . ~ or a drive, has a backslash) or not 'owner/name'."""
-    return (name.startswith(("/", ".", "~")) or "\\" in name or (len(name) > 1 and name[1] == ":")
-            or name.count("/") != 1)
-
-
-def _missing_message(name: str, err: Exception | None) -> str:
-    if name.strip().lower() == WORLD:
-        return f"could not load model {name!r}: the embedded default is spelt {WORLD!r}"
-    if _looks_like_path(name):
-        return (f"could not load model {name!r}: there is no such folder ({Path(name).expanduser().resolve()}), "
-                "and it is not a hub id ('owner/name'). Pass the folder that holds model_index.json, a hub id such "
-                "as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or the embedded default, model='world'.")
-    where = "this machine is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub could not be reached"
-    return (f"could not load model {name!r}: {where} and its weights are not in the local cache "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). On a machine with internet access run "
-            f"`hf download {name} --local-dir ./{name.split('/')[-1]}` (older huggingface_hub: `huggingface-cli "
-            f"download`), copy that folder here and pass its path; or use the embedded default, model='world'.")
-
-
-def read_model_index(folder: Path) -> dict:
-    """The parsed ``model_index.json`` of a local pipeline folder."""
-    path = folder / "model_index.json"
-    try:
-        index = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); restore it from the model's download") from err
-    if not isinstance(index, dict):
-        raise ValueError(f"{str(path)!r} is not a diffusers model index (a JSON object of components); restore it "
-                         "from the model's download")
-    return index
-
-
-def check_components(folder: Path, index: dict, given) -> None:
-    """Raise a ValueError naming the component subfolders that ``model_index.json`` lists and ``folder`` lacks.
-
-    Entries of ``[null, null]`` are optional; components in ``given`` (passed to from_pretrained) need no folder.
-    """
-    missing = [name for name, value in index.items()
-               if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and None not in value
-               and name not in given and not (folder / name).is_dir()]
-    if missing:
-        listed = ", ".join(f"{name}/ ({'.'.join(index[name])})" for name in missing)
-        many = len(missing) > 1
-        raise ValueError(f"model folder {str(folder)!r} has no {listed} subfolder{'s' * many}, which its "
-                         f"model_index.json lists; copy {'them' if many else 'it'} from the model's original "
-                         f"download, or pass the component itself: load_pipeline(..., {missing[0]}=...)")
-
-
-def folder_variant(folder: Path, index: dict) -> str | None:
-    """The variant (``fp16``, ...) that a local pipeline folder's components store their weights in where some hold
-    only that variant's (``save_pretrained(..., variant="fp16")`` writes ``diffusion_pytorch_model.fp16.safetensors``)
-    and no other variant is there; else None (plain weights everywhere: what diffusers loads without a variant)."""
-    variants, only_variant = set(), False
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or not (folder / name).is_dir():
-            continue
-        stems = [p.stem for p in (folder / name).iterdir() if p.suffix in (".safetensors", ".bin")]
-        labels = {re.sub(r"-\d+-of-\d+$", "", stem.split(".")[-1]) for stem in stems if "." in stem}  # shards too
-        variants |= labels
-        only_variant |= bool(labels) and all("." in stem for stem in stems)
-    return variants.pop() if only_variant and len(variants) == 1 else None
-
-
-def takes_safety_checker(class_name: str | None) -> bool:
-    """Whether the diffusers pipeline class ``class_name`` has a safety checker (SD1.x/2.x: yes, SDXL: no)."""
-    import inspect
-
-    import diffusers
-
-    cls = getattr(diffusers, str(class_name), None) if class_name else None
-    return isinstance(cls, type) and "safety_checker" in inspect.signature(cls.__init__).parameters
-
-
-def check_class(name: str, class_name, kwargs: dict) -> None:
-    """Raise a TypeError, before any weights load, where the model index names a diffusers pipeline class that
-    ``load_pipeline`` does not load (a ``custom_pipeline`` given in ``kwargs`` decides the class instead)."""
-    import diffusers
-
-    cls = getattr(diffusers, str(class_name), None) if class_name and "custom_pipeline" not in kwargs else None
-    if class_name in SUPPORTED or not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
-        return
-    hint = (f". An img2img pipeline such as an SDXL refiner: load it with diffusers' {class_name}.from_pretrained(...) "
-            "and pass it to prkit.generate (image=..., strength=...) or prkit.train_residuals"
-            if class_name.endswith("Img2ImgPipeline") else "")
-    raise TypeError(f"{name!r} is a {class_name} (its model_index.json says so); load_pipeline loads "
-                    f"{', '.join(SUPPORTED)}{hint}")
-
-
 def native_resolution(pipe) -> int:
     """The image side the pipeline's UNet was trained at (512 for SD1.5, 1024 for SDXL, 64 for the world)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-
-
-def _source(name: str) -> tuple[str, bool]:
-    """Where ``load_pipeline`` loads the model ``name`` from: (a folder or a hub id, whether it is a local folder).
-    A missing embedded world, a path to no pipeline folder and a name that is no hub id either are refused."""
-    if name == WORLD:
-        path = world_path()
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"the embedded world model is missing from {path}; reinstall prkit or rebuild "
-                                    "it with `python -m prkit.world.train --stage all`")
-        return str(path), True
-    local = Path(name).expanduser().exists()
-    source = str(Path(name).expanduser()) if local else name
-    if local and not (Path(source) / "model_index.json").is_file():
-        what = "is a file, not a diffusers pipeline folder" if Path(source).is_file() else \
-            "is not a diffusers pipeline folder (no model_index.json)"
-        raise FileNotFoundError(f"{source!r} {what}; give the folder that holds model_index.json, or convert "
-                                "a single-file checkpoint with diffusers' from_single_file first")
-    if not local and _looks_like_path(name):  # no hub id either: said now, not after the hub's retries (~30 s)
-        raise RuntimeError(_missing_message(name, None))
-    return source, local
-
-
-def _located(name: str, kwargs: dict) -> tuple[str, bool, bool]:
-    """``_source(name)`` and whether only local files may be read (``local_files_only``, popped from ``kwargs``; a
-    local folder; HF_HUB_OFFLINE)."""
-    source, local = _source(name)
-    return source, local, bool(kwargs.pop("local_files_only", False)) or local or _offline()
-
-
-def _hub_file(repo: str, filename: str, local_only: bool, kwargs: dict) -> Path:
-    """One file of the hub pipeline ``repo``, fetched alone (from the cache where ``local_only``); ``kwargs``:
-    from_pretrained's, of which the hub's are used."""
-    from huggingface_hub import hf_hub_download
-
-    hub = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-    return Path(hf_hub_download(repo, filename, local_files_only=local_only, **hub))
-
-
-def _model_index(source: str, local: bool, local_only: bool, kwargs: dict) -> dict:
-    """The model index of the pipeline at ``source``: its folder's, or the hub's model_index.json alone, to know the
-    pipeline class before loading any weights."""
-    if local:
-        return read_model_index(Path(source))
-    return json.loads(_hub_file(source, "model_index.json", local_only, kwargs).read_text())
 
 
 def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.device = "auto",
@@ -332,42 +192,6 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     given = [key for key, value in kwargs.items() if isinstance(value, torch.nn.Module)]
     pipe.prkit_revision = None if given else pipeline_revision(pipe)
     return pipe
-
-
-def unet_structure(name_or_path: str | os.PathLike = WORLD, **kwargs):
-    """The UNet that ``load_pipeline(name_or_path)`` holds, built from its config on the meta device: its blocks and
-    layers (classes, shapes, config), no weights. Two small JSON files are read (the model index and the UNet's
-    config) where loading the pipeline reads every component's weights (seconds and GBs for SD1.5 or SDXL).
-
-    Args:
-        name_or_path, kwargs: as ``load_pipeline`` takes them (the hub's ``cache_dir``, ``revision``, ... and
-            ``local_files_only`` are used).
-    Returns:
-        the UNet, or None where it cannot be built so: a pipeline class prkit does not support, a UNet other than
-        diffusers' UNet2DConditionModel, a UNet config that cannot be read; ``load_pipeline`` loads such a model or
-        says what is wrong with it. Names that are no model, and a model index that cannot be read (a hub id not in
-        the cache), are refused as ``load_pipeline`` refuses them.
-    """
-    from diffusers import UNet2DConditionModel
-
-    name = str(name_or_path)
-    source, local, local_only = _located(name, kwargs)
-    try:  # an index that cannot be read is refused as load_pipeline refuses it (not fetched again there: a hub id
-        index = _model_index(source, local, local_only, kwargs)  # not in the cache would wait for the hub twice)
-    except (OSError, ValueError) as err:
-        if local:
-            raise
-        raise RuntimeError(_missing_message(name, err)) from err
-    try:
-        if index.get("_class_name") not in SUPPORTED or index.get("unet") != ["diffusers", "UNet2DConditionModel"]:
-            return None
-        path = Path(source) / "unet" / "config.json" if local else _hub_file(source, "unet/config.json",
-                                                                              local_only, kwargs)
-        config = UNet2DConditionModel.load_config(str(path))
-    except (OSError, ValueError):
-        return None
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
 
 
 def offloading(module: torch.nn.Module) -> str | None:

@@ -122,7 +122,7 @@ def model_revision(name_or_path, *, world_folder=None, commit: str | None = None
         name = str(name_or_path or "")
         if name == "world":
             from . import __version__
-            from .pipeline import world_path
+            from .model_index import world_path
 
             return {"kind": "world", "prkit_version": __version__,
                     "fingerprint": fingerprint(world_folder or world_path())}
@@ -131,7 +131,7 @@ def model_revision(name_or_path, *, world_folder=None, commit: str | None = None
             path = path.resolve()
             return {"kind": "folder", "path": str(path), "fingerprint": fingerprint(path),
                     "commit": _folder_commit(path)}
-        from .pipeline import _looks_like_path
+        from .model_index import _looks_like_path
 
         if name and commit and not _looks_like_path(name):
             return {"kind": "hub", "id": name, "commit": commit}
@@ -177,6 +177,6 @@ def _unet_revision(name: str, place: str) -> dict | None:
 
 
 def _world_folder() -> Path:  # imported late: pipeline imports this module
-    from .pipeline import world_path
+    from .model_index import world_path
 
     return world_path()
