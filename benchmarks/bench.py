@@ -884,6 +884,9 @@ def section_cold(bench):
     if bench.args.channels_last != "default":
         overrides["channels_last"] = bench.args.channels_last == "on"
         bench.record("cold", f"{tag}_channels_last", bench.args.channels_last)
+    if bench.args.plan_ahead != "default":
+        overrides["plan_ahead"] = bench.args.plan_ahead == "on"
+        bench.record("cold", f"{tag}_plan_ahead", bench.args.plan_ahead)
     for key in (("cold", "warm") if bench.args.warm else ("cold",)):
         bench.guarded("cold", f"{tag}_{key}", lambda k=key: _public(recipe_with(
             bench, pipe, concept, overrides, steps=bench.args.steps, batch=4, fast=True, name=k)))
@@ -1226,6 +1229,8 @@ def main(argv=None) -> None:
                              "step beside their encoding)")
     parser.add_argument("--capture-first", choices=["default", "on", "off"], default="default",
                         help="cold: FastConfig.capture_first (capture the step before any eager step)")
+    parser.add_argument("--plan-ahead", choices=["default", "on", "off"], default="default",
+                        help="cold: FastConfig.plan_ahead (cuDNN's plans built while the latents encode)")
     parser.add_argument("--warm", action="store_true", help="cold: also run the recipe a second time (warm)")
     args = parser.parse_args(argv)
     if args.tiny:

@@ -76,6 +76,7 @@ def install_probes(cuda: bool) -> None:
     probe(torch.cuda.CUDAGraph, "capture_end", "instantiate")
     probe(torch.Tensor, "backward", "backward")
     probe(fast_warmup, "warm_up_while_encoding", "warm")
+    probe(fast_warmup, "plan_ahead", "plan", sync=True)
     real_call = fast_step.TrainStep.__call__
 
     def call(self):

@@ -60,10 +60,14 @@ class FastConfig:
     # + backward beside that encoding (same numbers); None: on CUDA. Off: no background encoding (the first step is
     # still captured first). Once per thread, UNet and shapes.
     warm_up: bool | None = None
+    # with a capture first: while the latents encode, run the step's frozen convolutions and attention layers once on
+    # zeros (forward and backward to their inputs) in the thread that trains, so that cuDNN's per-thread plans are
+    # built before the capture (fast_plans; same numbers)
+    plan_ahead: bool = True
 
     def __post_init__(self):
         for name in ("cuda_graph", "capture_first", "frozen_conv", "channels_last", "fused_geglu", "merged_lowrank",
-                     "cudnn_benchmark", "lean_blocks"):
+                     "cudnn_benchmark", "lean_blocks", "plan_ahead"):
             check_flag(getattr(self, name), f"FastConfig.{name}")
         check_flag(self.warm_up, "FastConfig.warm_up", " or None")
         check_whole(self, ("check_every", "encode_batch"), 1)
@@ -259,7 +263,8 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                 began = time.perf_counter()
                 shapes = [warmup.latent_shape(pipe, source.size) for source, _, _ in sources]
                 stepper = make_stepper(shapes)
-                warmup.warm_up_while_encoding(stepper, [source[0] for source in sources], triton_ready, warm_key)
+                warmup.warm_up_while_encoding(stepper, [source[0] for source in sources], triton_ready, warm_key,
+                                              plan=fast.plan_ahead)
                 if encoded_shapes() != shapes:  # a VAE unlike its config: warm-up wasted, no harm
                     if stepper.first_capture_error:  # not tried again for the new shapes
                         warmup.capture_first_failed(warm_key)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import kernels
+from .fast_plans import plan_ahead
 from .fast_patches import uses_channels_last
 
 _WARMED: set[tuple] = set()  # keys of what this process has warmed up: not again
@@ -117,7 +118,7 @@ class Encoder:
             self._pool.shutdown(wait=True, cancel_futures=kind is not None)
 
 
-def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple) -> None:
+def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple, plan: bool = True) -> None:
     """Pay the process's one-time kernel costs before the first step (``stepper.prepare()``) while the caches'
     latents are encoded in the background thread they were handed, which started before the prompt's encoding.
 
@@ -126,8 +127,11 @@ def warm_up_while_encoding(stepper, caches, triton_ready, warm_key: tuple) -> No
     sat beside the graph's pool (a first recipe reserved 5.43 GB against 5.03 GB, one H200), and a retry after an
     out-of-memory error in that thread would empty the allocator's cache during the capture, which it refuses. The
     eager warm-up runs beside the encoding. The encoder's error, if any, is raised here. ``triton_ready``: the thread
-    ``prepare_triton`` started, or None.
+    ``prepare_triton`` started, or None. ``plan``: before a capture, plan ahead (``fast_plans.plan_ahead``) while
+    the latents encode.
     """
+    if plan and stepper.capture_first:
+        plan_ahead(stepper.unet, stepper.slots, stepper.autocast)
     if triton_ready is not None:
         triton_ready.join()
     if stepper.capture_first:

@@ -1,0 +1,180 @@
+"""Plans ahead: a process's first training step waits on cuDNN building a plan for each new convolution and
+attention shape, and PyTorch keeps those plans per thread (the forward's in the thread that runs the steps, the
+backward's in autograd's device thread). While the latents still encode in their own thread, the thread that runs
+the steps is idle: ``plan_ahead`` runs the step's frozen convolutions and attention layers there once, on zeros of
+the shapes the step will give them, with a backward to their inputs, so that the capture finds the plans built.
+
+Nothing of training changes: the calls read zeros, write only their own outputs, and no parameter's gradient is
+made (gradients go to the zero inputs alone). The shapes come from the UNet's structure (``step_calls``: diffusers'
+``UNet2DConditionModel``, as its forward runs); a UNet of another shape, or a call that fails, is passed over, and
+the capture builds what was not planned, as it did before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def _conv_out(res: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
+    return tuple((r + 2 * p - d * (k - 1) - 1) // s + 1
+                 for r, p, d, k, s in zip(res, conv.padding, conv.dilation, conv.kernel_size, conv.stride))
+
+
+def _transformer_calls(model, res) -> list[tuple]:
+    calls = []
+    for name in ("proj_in", "proj_out"):
+        conv = getattr(model, name, None)
+        if isinstance(conv, nn.Conv2d):  # proj_out: a residual layer (a Conv2d) where it trains
+            calls.append(("conv", conv, (conv.in_channels, *res)))
+    tokens = res[0] * res[1]
+    for block in getattr(model, "transformer_blocks", None) or []:
+        for name, cross in (("attn1", False), ("attn2", True)):
+            attn = getattr(block, name, None)
+            to_q = getattr(attn, "to_q", None)
+            if isinstance(to_q, nn.Linear) and (getattr(attn, "is_cross_attention", cross) == cross):
+                calls.append(("cross" if cross else "self", attn, (tokens, to_q.in_features)))
+    return calls
+
+
+def _block_calls(block, res) -> list[tuple] | None:
+    """The convolution and attention calls of one down/mid/up block at resolution ``res``; None: a block of a kind
+    this does not follow."""
+    calls = []
+    resnets = list(getattr(block, "resnets", None) or [])
+    attentions = list(getattr(block, "attentions", None) or [])
+    for resnet in resnets:
+        if getattr(resnet, "up", False) or getattr(resnet, "down", False):
+            return None
+        for name in ("conv1", "conv2", "conv_shortcut"):
+            conv = getattr(resnet, name, None)
+            if isinstance(conv, nn.Conv2d):
+                calls.append(("conv", conv, (conv.in_channels, *res)))
+    for attention in attentions:
+        calls += _transformer_calls(attention, res)
+    return calls
+
+
+def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
+    """(kind, module, input shape without the batch) for the frozen convolutions and the attention layers of one
+    forward of ``unet`` on ``size`` (height, width) latents, following ``UNet2DConditionModel.forward``: each down
+    block's skips, the upsampler's target size taken from the skip where the size does not halve evenly. kind:
+    "conv" (input (C, H, W)), "self" or "cross" (hidden states (tokens, C)). What cannot be followed ends the list
+    early."""
+    res = tuple(size)
+    calls: list[tuple] = []
+    conv_in = getattr(unet, "conv_in", None)
+    down_blocks = getattr(unet, "down_blocks", None)
+    if not isinstance(conv_in, nn.Conv2d) or down_blocks is None:
+        return calls
+    calls.append(("conv", conv_in, (conv_in.in_channels, *res)))
+    res = _conv_out(res, conv_in)
+    skips = [res]
+    for block in down_blocks:
+        more = _block_calls(block, res)
+        if more is None:
+            return calls
+        calls += more
+        skips += [res] * len(getattr(block, "resnets", None) or [])
+        for down in getattr(block, "downsamplers", None) or []:
+            conv = getattr(down, "conv", None)
+            if not isinstance(conv, nn.Conv2d):
+                return calls
+            calls.append(("conv", conv, (conv.in_channels, *res)))
+            res = _conv_out(res, conv)
+            skips.append(res)
+    if getattr(unet, "mid_block", None) is not None:
+        more = _block_calls(unet.mid_block, res)
+        if more is None:
+            return calls
+        calls += more
+    factor = 2 ** sum(1 for block in unet.up_blocks if getattr(block, "upsamplers", None))
+    uneven = any(s % factor for s in size)
+    for block in unet.up_blocks:
+        more = _block_calls(block, res)
+        if more is None:
+            return calls
+        calls += more
+        del skips[len(skips) - len(getattr(block, "resnets", None) or []):]
+        for up in getattr(block, "upsamplers", None) or []:
+            conv = getattr(up, "conv", None)
+            if not isinstance(conv, nn.Conv2d) or not skips:
+                return calls
+            res = skips[-1] if uneven else (2 * res[0], 2 * res[1])
+            calls.append(("conv", conv, (conv.in_channels, *res)))
+    conv_out = getattr(unet, "conv_out", None)
+    if isinstance(conv_out, nn.Conv2d):
+        calls.append(("conv", conv_out, (conv_out.in_channels, *res)))
+    return calls
+
+
+def _distinct(calls: list[tuple]) -> list[tuple]:
+    """One call per signature cuDNN plans by (what the module computes and the input's shape)."""
+    seen, out = set(), []
+    for kind, module, shape in calls:
+        if kind == "conv":
+            sig = (kind, type(module), module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                   module.padding, module.dilation, module.groups, module.bias is not None, shape)
+        else:
+            sig = (kind, module.heads, module.to_q.in_features, module.to_q.out_features, shape,
+                   type(module.processor))
+        if sig not in seen:
+            seen.add(sig)
+            out.append((kind, module, shape))
+    return out
+
+
+def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 << 28) -> int:
+    """Run the step's distinct frozen convolutions and attention layers once on zeros, with a backward to their
+    inputs, in the calling thread (the one that runs the steps) and autograd's device thread: cuDNN's plans and
+    attention graphs, and the kernels' modules, are then ready for the capture. ``slots``: the step's (``_Slot``:
+    noisy latents buffer, conditioning). Runs in groups of at most ``budget_bytes`` of inputs. Returns the number
+    of calls made; any failure ends it quietly (the capture builds the rest, as without it)."""
+    device = slots[0].noisy.device
+    done = 0
+    try:
+        calls = []
+        for slot in slots:
+            batch, _, height, width = slot.noisy.shape
+            context = slot.cond.get("encoder_hidden_states")
+            calls += [(kind, module, shape, batch, context) for kind, module, shape in
+                      _distinct(step_calls(unet, (height, width)))]
+        noisy = slots[0].noisy  # the step's layout: channels-last where the fast loop runs so
+        memory_format = (torch.channels_last if noisy.dim() == 4 and not noisy.is_contiguous()
+                         and noisy.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        dtype = unet.dtype
+        seen = set()
+        inputs, outputs, size = [], [], 0
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None,
+                            cache_enabled=False):
+            for kind, module, shape, batch, context in calls:
+                key = (kind, id(module), shape, batch)
+                if key in seen or (kind == "cross" and context is None):
+                    continue
+                seen.add(key)
+                x = torch.zeros((batch, *shape), dtype=dtype, device=device)
+                if kind == "conv":
+                    x = x.contiguous(memory_format=memory_format)
+                x.requires_grad_(True)
+                y = module(x, encoder_hidden_states=context) if kind == "cross" else module(x)
+                inputs.append(x)
+                outputs.append(y)
+                size += x.numel() * x.element_size()
+                done += 1
+                if size >= budget_bytes:
+                    _backward(inputs, outputs)
+                    inputs, outputs, size = [], [], 0
+            if inputs:
+                _backward(inputs, outputs)
+    except Exception as err:  # noqa: BLE001 - planning ahead is an optimization: the capture plans what is left
+        log.debug("planning ahead stopped after %d calls: %s", done, err)
+    return done
+
+
+def _backward(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+    grads = [torch.zeros_like(y) for y in outputs]
+    torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
