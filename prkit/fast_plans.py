@@ -13,6 +13,7 @@ the capture builds what was not planned, as it did before.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -128,14 +129,18 @@ def _distinct(calls: list[tuple]) -> list[tuple]:
     return out
 
 
-def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 << 28) -> int:
+def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 << 26) -> int:
     """Run the step's distinct frozen convolutions and attention layers once on zeros, with a backward to their
-    inputs, in the calling thread (the one that runs the steps) and autograd's device thread: cuDNN's plans and
-    attention graphs, and the kernels' modules, are then ready for the capture. ``slots``: the step's (``_Slot``:
-    noisy latents buffer, conditioning). Runs in groups of at most ``budget_bytes`` of inputs. Returns the number
-    of calls made; any failure ends it quietly (the capture builds the rest, as without it)."""
+    inputs: the forwards in the calling thread (the one that runs the steps), the backwards in autograd's device
+    thread, called from a helper thread group by group (groups of at most ``budget_bytes`` of inputs), so that one
+    group's backward is planned while the next group's forward is. cuDNN's plans and attention graphs, and the
+    kernels' modules, are then ready for the capture. ``slots``: the step's (``_Slot``: noisy latents buffer,
+    conditioning). Returns the number of forward calls made, once every backward has ended; any failure ends it
+    quietly (the capture builds the rest, as without it)."""
     device = slots[0].noisy.device
     done = 0
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prkit-plans")
+    pending = []
     try:
         calls = []
         for slot in slots:
@@ -166,12 +171,18 @@ def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 
                 size += x.numel() * x.element_size()
                 done += 1
                 if size >= budget_bytes:
-                    _backward(inputs, outputs)
+                    pending.append(pool.submit(_backward, inputs, outputs))
                     inputs, outputs, size = [], [], 0
             if inputs:
-                _backward(inputs, outputs)
+                pending.append(pool.submit(_backward, inputs, outputs))
     except Exception as err:  # noqa: BLE001 - planning ahead is an optimization: the capture plans what is left
         log.debug("planning ahead stopped after %d calls: %s", done, err)
+    finally:
+        pool.shutdown(wait=True)  # no planning work may outlast the call (a capture follows)
+    for future in pending:
+        if future.exception() is not None:
+            log.debug("planning ahead: a backward failed: %s", future.exception())
+            break
     return done
 
 
