@@ -183,6 +183,19 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     return token, class_word.strip()
 
 
+def _from_file(check, read: list[str], meta_path: Path):
+    """``check()``; its ConceptDataError names the concept.json that the values ``read`` came from (they were not
+    passed: the caller's arguments are not what to fix)."""
+    try:
+        return check()
+    except ConceptDataError as e:
+        if not read:
+            raise
+        names = ", ".join(read)
+        raise ConceptDataError(f"{str(e).rstrip('.')} ({names} read from '{meta_path}': fix or delete it there, or "
+                               f"pass {names} explicitly).") from None
+
+
 def _is_dir(path: Path) -> bool:
     """``path.is_dir()``, False where it cannot be asked (a link into a folder this user may not search): the entry
     is then read as an image, and reading names it."""
@@ -266,11 +279,18 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
             raise ConceptDataError(f"'{meta_path}': prompt_template must be a string with {{token}} (and "
                                    f"{{class_word}}), got {meta['prompt_template']!r}; fix or delete it there, or pass "
                                    "prompt_template=...")
+        # the words taken from the file, named if the checks refuse them (they were not passed)
+        read = [arg for arg, taken in (("token", token is None), ("class_word", class_word is None),
+                                       ("prompt_template", not prompt_template)) if taken and meta.get(arg) is not None]
         token = meta.get("token") if token is None else token
         class_word = meta.get("class_word") if class_word is None else class_word
         prompt_template = prompt_template or meta.get("prompt_template")
+    else:
+        read = []
     prompt_template = prompt_template or DEFAULT_PROMPT_TEMPLATE
-    token, class_word = _check_words(token, class_word, prompt_template)
+    read = read if token is not None and class_word is not None else []  # a missing word's error says where to put it
+    _from_file(lambda: check_concept_words(token, class_word), [r for r in read if r != "prompt_template"], meta_path)
+    token, class_word = _from_file(lambda: _check_words(token, class_word, prompt_template), read, meta_path)
 
     visible = [p for p in entries
                if not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES]

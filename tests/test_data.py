@@ -776,3 +776,26 @@ def test_a_16_bit_image_is_converted_without_float64_copies(tmp_path):
         tracemalloc.stop()
     assert out.mode == "RGB" and out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((side - 1, side - 1))[0] > 0
     assert peak < 10 * side * side, peak / side ** 2
+
+
+@pytest.mark.parametrize("meta, given, match", [
+    ({"token": 123, "class_word": "dog"}, {}, r"token must be a non-empty string, got 123"),
+    ({"token": "two words", "class_word": "dog"}, {}, r"token 'two words' contains whitespace"),
+    ({"token": "sks", "class_word": "sks dog"}, {}, r"the class word 'sks dog' contains it"),
+    ({"token": "sks", "class_word": "dog", "prompt_template": "a {class_word}"}, {}, r"prompt_template 'a "),
+    # a word given explicitly meets one read from the file: the file is named too
+    ({"class_word": "sks dog"}, {"token": "sks"}, r"the class word 'sks dog' contains it"),
+])
+def test_bad_words_read_from_concept_json_name_the_file(tmp_path, meta, given, match):
+    """Words read from concept.json that fail the checks were refused as if they had been passed ("token must be a
+    non-empty string, got 123"), naming neither the file nor how to fix it."""
+    folder = make_folder(tmp_path)
+    (folder / "concept.json").write_text(json.dumps(meta))
+    with pytest.raises(ConceptDataError, match=match) as info:
+        load_concept(folder, given.get("token"), given.get("class_word"), R)
+    message = str(info.value)
+    assert f"read from '{folder / 'concept.json'}'" in message and "fix or delete it there" in message
+    with pytest.raises(ConceptDataError) as info:  # words given explicitly: no concept.json to blame
+        load_concept(folder, "two words", "dog", R)
+    assert "concept.json" not in str(info.value)
+
