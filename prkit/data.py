@@ -205,6 +205,15 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` holds a file with an image extension (False where it cannot be listed)."""
+    try:
+        return any(not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_dir(p)
+                   for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 def _file_digest(path: Path) -> str | None:
     """A hash of a regular file's bytes (exact copies share it); None where the file cannot be read, so reading it as
     an image names the problem (a pipe is not opened here: that would wait for a writer)."""
@@ -306,7 +315,12 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     if not images:
         seen = (f"found {len(others)} other file(s) or folder(s) ({', '.join(others[:5])}"
                 f"{', ...' if len(others) > 5 else ''})" if others else "the folder is empty")
-        raise ConceptDataError(f"no images in concept folder '{folder}': {seen}. Accepted "
+        # photos one level down (an unzipped dog.zip: dog/dog/*.jpg, or a dataset's root): which folder to pass
+        inner = [folder / o.rstrip("/") for o in others if o.endswith("/") and _holds_images(folder / o.rstrip("/"))]
+        down = (f" Subfolders are not searched: pass the folder that holds the images, "
+                f"{' or '.join(repr(str(p)) for p in inner[:3])}{' or another' if len(inner) > 3 else ''}."
+                if inner else "")
+        raise ConceptDataError(f"no images in concept folder '{folder}': {seen}.{down} Accepted "
                                f"extensions: {accepted} (any case).")
     if others:
         warnings.warn(f"ignoring {len(others)} file(s) or folder(s) that are not images in '{folder}': "

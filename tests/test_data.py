@@ -799,3 +799,16 @@ def test_bad_words_read_from_concept_json_name_the_file(tmp_path, meta, given, m
         load_concept(folder, "two words", "dog", R)
     assert "concept.json" not in str(info.value)
 
+
+def test_images_only_in_a_subfolder_say_to_pass_that_folder(tmp_path):
+    """A folder whose photos sit one level down (an unzipped dog.zip: dog/dog/*.jpg) was refused as 'no images ...
+    found 1 other file(s) or folder(s) (dog/)', not saying that subfolders are not searched nor which to pass."""
+    make_folder(tmp_path / "dog")
+    make_folder(tmp_path / "cat")
+    (tmp_path / "notes").mkdir()  # a subfolder without images is not suggested
+    with pytest.raises(ConceptDataError, match=r"Subfolders are not searched: pass the folder that holds the images") as info:
+        load_concept(tmp_path, "sks", "dog", R)
+    message = str(info.value)
+    assert f"'{tmp_path / 'cat'}'" in message and f"'{tmp_path / 'dog'}'" in message
+    assert f"'{tmp_path / 'notes'}'" not in message
+
