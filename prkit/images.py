@@ -156,7 +156,32 @@ def _decode(path: Path, max_side: int | None = None, resolution: int | None = No
         if suffix in _NEEDS_PLUGIN and not _plugin_opens(suffix):  # what load_concept says of such files in a folder
             raise _Unreadable(path, f"{suffix} images need {_NEEDS_PLUGIN[suffix]} (pip install "
                                     f"{_NEEDS_PLUGIN[suffix]}), or convert it to JPEG or PNG") from e
+        tiff = _tiff_reason(path) if isinstance(e, Image.UnidentifiedImageError) else None
+        # an image Pillow has no mode for, not a file that is no image: converted, the photo trains
+        if tiff and "pixel mode" in tiff:
+            raise _Unreadable(path, f"a TIFF whose pixel format Pillow cannot decode (Pillow: {tiff}; e.g. "
+                                    "floating-point colour or 64-bit samples): convert it to an 8- or 16-bit TIFF or "
+                                    "PNG") from e
+        if tiff:
+            raise _Unreadable(path, f"a TIFF that Pillow cannot open (Pillow: {tiff})") from e
         raise _Unreadable(path, str(e).rstrip(".") or type(e).__name__) from e
+
+
+def _tiff_reason(path: Path) -> str | None:
+    """Pillow's reason for refusing a file that starts as a TIFF (its ``Image.open`` says only 'cannot identify image
+    file'); None for other files."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+                return None
+        from PIL import TiffImagePlugin
+
+        with warnings.catch_warnings():  # Image.open's read of it warned already
+            warnings.simplefilter("ignore")
+            TiffImagePlugin.TiffImageFile(path).close()
+    except Exception as e:  # the header read raises SyntaxError, ValueError, struct.error, ...
+        return str(e).rstrip(".") or type(e).__name__
+    return None
 
 
 _LIMIT = threading.Lock()  # Pillow's pixel limit is process-wide: lifted for one header read at a time

@@ -812,3 +812,23 @@ def test_images_only_in_a_subfolder_say_to_pass_that_folder(tmp_path):
     assert f"'{tmp_path / 'cat'}'" in message and f"'{tmp_path / 'dog'}'" in message
     assert f"'{tmp_path / 'notes'}'" not in message
 
+
+def test_a_tiff_pillow_cannot_decode_is_named_as_one_with_what_to_do(tmp_path):
+    """A floating-point RGB TIFF (an HDR or raw export) is a TIFF Pillow has no mode for: it was refused as 'cannot
+    identify image file', advice to remove it, as if it were no image at all."""
+    import struct
+
+    h = w = 8
+    data = np.full((h, w, 3), 0.5, "<f4").tobytes()
+    bps, fmt = struct.pack("<3H", 32, 32, 32), struct.pack("<3H", 3, 3, 3)  # 32 bits, IEEE float, per channel
+    data_at, ifd_at = 8 + 12, 8 + 12 + len(data)
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, 8), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, data_at),
+            (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1), (339, 3, 3, 14)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags) + struct.pack("<I", 0)
+    path = tmp_path / "hdr.tif"
+    path.write_bytes(b"II*\x00" + struct.pack("<I", ifd_at) + bps + fmt + data + ifd)
+    with pytest.raises(ConceptDataError, match=r"hdr\.tif.*a TIFF whose pixel format Pillow cannot decode .*"
+                                               r"convert it to an 8- or 16-bit"):
+        load_image(path, R)
+    with pytest.raises(ConceptDataError, match=r"hdr\.tif.*a TIFF whose pixel format"):
+        load_concept(tmp_path, "sks", "dog", R)
