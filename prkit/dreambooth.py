@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Concept, ConceptDataError, load_concept
+from .data import Concept, ConceptDataError, check_concept_words, load_concept
 
 LIVE_CLASSES = frozenset({"cat", "dog"})  # DreamBooth's 9 "live subjects" are its cats and dogs
 
@@ -50,8 +50,11 @@ class DreamBoothDataset:
             subject_name: folder name, e.g. 'dog6'; token: the identifier put for {0}.
         Returns:
             Prompts such as 'a sks dog in the jungle'.
+        Raises:
+            ConceptDataError: a token that the subject's concept (``load_concept``) would refuse.
         """
         s = self.subject(subject_name)
+        check_concept_words(token, s.class_word)  # not 'a None dog in the jungle', refused only once the images load
         return [t.format(token, s.class_word)
                 for t in (self.live_prompts if s.is_live else self.object_prompts)]
 

@@ -832,3 +832,14 @@ def test_a_tiff_pillow_cannot_decode_is_named_as_one_with_what_to_do(tmp_path):
         load_image(path, R)
     with pytest.raises(ConceptDataError, match=r"hdr\.tif.*a TIFF whose pixel format"):
         load_concept(tmp_path, "sks", "dog", R)
+
+
+@pytest.mark.parametrize("token, match", [(None, "token is required"), ("", "token must be a non-empty string"),
+                                          ("two words", "token 'two words' contains whitespace"),
+                                          ("dog", "token and class_word are both 'dog'")])
+def test_dreambooth_prompts_refuse_a_token_that_the_concept_would_refuse(dreambooth_root, token, match):
+    """DreamBoothDataset.prompts formatted any token: token=None gave 'a None dog in the jungle', '' gave 'a  dog in
+    the jungle', while the subject's concept (load_concept) refused the same token only when its images loaded."""
+    ds = load_dreambooth(dreambooth_root)
+    with pytest.raises(ConceptDataError, match=match):
+        ds.prompts("dog", token=token)
