@@ -9,6 +9,8 @@ import contextlib
 import difflib
 import inspect
 import numbers
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -18,7 +20,7 @@ from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, get_residuals, only_residuals
+from .residuals import Residuals, get_residuals, only_residuals, original_module
 
 
 @dataclass
@@ -51,6 +53,9 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         **pipe_kwargs: passed to the pipeline call (height, width, output_type, callbacks, ...).
     Returns:
         the list of images (PIL unless ``output_type`` says otherwise).
+
+    Calls on one UNet from several threads run one after the other (``_sampling_lock``): each switches the UNet's
+    sets and attention processors for its whole call.
     """
     config = config or SampleConfig()
     if lag_config is not None and not isinstance(lag_config, LAGConfig):
@@ -97,12 +102,28 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
                          "(its maps would stop after the first step); pass fast=None or fast=False with store=")
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
-    with only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
+    with _sampling_lock(pipe.unet), only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
             graphed_unet(pipe.unet, enabled=fast):
         out = pipe(prompts, num_inference_steps=steps if steps is not None else config.steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
     return out.images
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> the lock of its generate calls
+_LOCKS_LOCK = threading.Lock()
+
+
+def _sampling_lock(unet) -> threading.RLock:
+    """The lock a generate call holds on ``unet`` (its torch.compile wrapper's too): a second thread's call switched
+    the sets and processors under the running one, and restored the running call's selection as its 'before'.
+    Re-entrant: a step callback's own generate on this UNet runs nested in its thread, as before."""
+    unet = original_module(unet)
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(unet)
+        if lock is None:
+            lock = _LOCKS[unet] = threading.RLock()
+    return lock
 
 
 def _sets(pipe, residuals) -> list[Residuals]:
