@@ -74,8 +74,10 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         side = "width" if sides[0] is not None else "height"
         pipe_kwargs[side] = native_resolution(pipe)
     for arg, value in (("steps", steps), ("num_images", num_images)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"generate: {arg} must be a whole number >= 1, got {value!r}")
+    # numpy integers (np.int64(25) from a sweep) as Python's, as seed takes them
+    steps, num_images = (None if v is None else int(v) for v in (steps, num_images))
     device = execution_device(pipe)
     generator = pipe_kwargs.pop("generator", None)  # the caller's own generator wins over seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):

@@ -117,3 +117,14 @@ def test_a_keyword_neither_generate_nor_the_pipeline_takes_is_refused(pipe):
         prkit.generate(pipe, PROMPT, None, steps=2, guidance=3.0, **FAST)
     images = prkit.generate(pipe, PROMPT, None, steps=2, num_images_per_prompt=2, eta=0.0, **FAST)  # the pipeline's
     assert len(images) == 2
+
+
+def test_steps_and_image_counts_given_as_numpy_integers_are_those_numbers(pipe):
+    """steps=np.int64(2) (a sweep over np.arange, a pandas column) was refused as 'got np.int64(2)', though seed
+    takes numpy integers; so were num_images and num_images_per_prompt."""
+    ours = prkit.generate(pipe, PROMPT, None, steps=2, num_images=2, seed=3, **FAST)
+    for kwargs in (dict(steps=np.int64(2), num_images=np.int32(2)), dict(steps=2, num_images_per_prompt=np.int64(2)),
+                   dict(num_inference_steps=np.int64(2), num_images=2)):
+        np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, None, seed=3, **kwargs, **FAST), ours)
+    with pytest.raises(ValueError, match=r"generate: steps must be a whole number >= 1, got np.float64\(2.0\)"):
+        prkit.generate(pipe, PROMPT, None, steps=np.float64(2), **FAST)
