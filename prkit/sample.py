@@ -109,7 +109,7 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         out = pipe(prompts, num_inference_steps=steps if steps is not None else config.steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
-    return out.images
+    return out[0] if isinstance(out, tuple) else out.images  # return_dict=False: (images, ...)
 
 
 _LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> the lock of its generate calls

@@ -128,3 +128,13 @@ def test_steps_and_image_counts_given_as_numpy_integers_are_those_numbers(pipe):
         np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, None, seed=3, **kwargs, **FAST), ours)
     with pytest.raises(ValueError, match=r"generate: steps must be a whole number >= 1, got np.float64\(2.0\)"):
         prkit.generate(pipe, PROMPT, None, steps=np.float64(2), **FAST)
+
+
+@pytest.mark.parametrize("lag", [False, True], ids=["plain", "lag"])
+def test_return_dict_false_still_gives_the_images(pipe, lag):
+    """return_dict=False (the pipeline then returns a tuple) failed after the whole sampling with "'tuple' object has
+    no attribute 'images'"; generate returns the images either way."""
+    dog = _dog(pipe.unet)
+    wanted = prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, **FAST)
+    np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, return_dict=False, **FAST),
+                                  wanted)
