@@ -89,6 +89,10 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         negative = [negative] * len(prompts)
     elif negative is not None:  # and a list, as the prompts are (it refuses a tuple: "should be the same type")
         negative = list(negative)
+    if negative is not None and not _call_takes(pipe, "negative_prompt"):  # LCM's: its **kwargs would drop it
+        given = "negative_prompt=" if negative_prompt is not None else "config= (its SampleConfig.negative_prompt)"
+        raise TypeError(f"generate: {type(pipe).__name__}'s call takes no negative_prompt and would ignore the one "
+                        f"{given} gives; leave it out for this pipeline")
     for key in ("prompt_2", "negative_prompt_2"):  # SDXL's second texts: one per prompt, as the negative above
         if isinstance(pipe_kwargs.get(key), str):
             pipe_kwargs[key] = [pipe_kwargs[key]] * len(prompts)
@@ -166,6 +170,14 @@ def execution_device(pipe) -> torch.device:
     its offload hooks run the models on, as diffusers' own ``_execution_device`` reports it."""
     device = getattr(pipe, "_execution_device", None)
     return device if isinstance(device, torch.device) and device.type != "meta" else pipe.unet.device
+
+
+def _call_takes(pipe, name: str) -> bool:
+    """Whether ``pipe``'s call names the argument ``name`` (True where it has no signature to read)."""
+    try:
+        return name in inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return True
 
 
 DEPRECATED_CALL_KWARGS = ("callback", "callback_steps")  # what diffusers' call still reads from its **kwargs

@@ -138,3 +138,20 @@ def test_return_dict_false_still_gives_the_images(pipe, lag):
     wanted = prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, **FAST)
     np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, return_dict=False, **FAST),
                                   wanted)
+
+
+def test_a_negative_prompt_for_a_pipeline_that_has_none_is_refused(pipe):
+    """An LCM pipeline's call has no negative_prompt and drops it with its **kwargs: generate(lcm, ...,
+    negative_prompt="blurry") sampled as if it had not been given."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    lcm = LatentConsistencyModelPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        unet=UNet2DConditionModel(**{**config, "time_cond_proj_dim": 32}).eval(),
+        scheduler=LCMScheduler.from_config(pipe.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    lcm.set_progress_bar_config(disable=True)
+    with pytest.raises(TypeError, match=r"LatentConsistencyModelPipeline's call takes no negative_prompt"):
+        prkit.generate(lcm, PROMPT, None, steps=2, negative_prompt="snow", **FAST)
+    assert prkit.generate(lcm, PROMPT, None, steps=2, **FAST).shape == (1, 16, 16, 3)
