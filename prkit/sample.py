@@ -9,6 +9,8 @@ import contextlib
 import difflib
 import inspect
 import numbers
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -18,7 +20,7 @@ from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, get_residuals, only_residuals
+from .residuals import Residuals, get_residuals, only_residuals, original_module
 
 
 @dataclass
@@ -51,6 +53,9 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         **pipe_kwargs: passed to the pipeline call (height, width, output_type, callbacks, ...).
     Returns:
         the list of images (PIL unless ``output_type`` says otherwise).
+
+    Calls on one UNet from several threads run one after the other (``_sampling_lock``): each switches the UNet's
+    sets and attention processors for its whole call.
     """
     config = config or SampleConfig()
     if lag_config is not None and not isinstance(lag_config, LAGConfig):
@@ -69,8 +74,10 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         side = "width" if sides[0] is not None else "height"
         pipe_kwargs[side] = native_resolution(pipe)
     for arg, value in (("steps", steps), ("num_images", num_images)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"generate: {arg} must be a whole number >= 1, got {value!r}")
+    # numpy integers (np.int64(25) from a sweep) as Python's, as seed takes them
+    steps, num_images = (None if v is None else int(v) for v in (steps, num_images))
     device = execution_device(pipe)
     generator = pipe_kwargs.pop("generator", None)  # the caller's own generator wins over seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
@@ -82,6 +89,10 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         negative = [negative] * len(prompts)
     elif negative is not None:  # and a list, as the prompts are (it refuses a tuple: "should be the same type")
         negative = list(negative)
+    if negative is not None and not _call_takes(pipe, "negative_prompt"):  # LCM's: its **kwargs would drop it
+        given = "negative_prompt=" if negative_prompt is not None else "config= (its SampleConfig.negative_prompt)"
+        raise TypeError(f"generate: {type(pipe).__name__}'s call takes no negative_prompt and would ignore the one "
+                        f"{given} gives; leave it out for this pipeline")
     for key in ("prompt_2", "negative_prompt_2"):  # SDXL's second texts: one per prompt, as the negative above
         if isinstance(pipe_kwargs.get(key), str):
             pipe_kwargs[key] = [pipe_kwargs[key]] * len(prompts)
@@ -97,12 +108,28 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
                          "(its maps would stop after the first step); pass fast=None or fast=False with store=")
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
-    with only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
+    with _sampling_lock(pipe.unet), only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
             graphed_unet(pipe.unet, enabled=fast):
         out = pipe(prompts, num_inference_steps=steps if steps is not None else config.steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
-    return out.images
+    return out[0] if isinstance(out, tuple) else out.images  # return_dict=False: (images, ...)
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> the lock of its generate calls
+_LOCKS_LOCK = threading.Lock()
+
+
+def _sampling_lock(unet) -> threading.RLock:
+    """The lock a generate call holds on ``unet`` (its torch.compile wrapper's too): a second thread's call switched
+    the sets and processors under the running one, and restored the running call's selection as its 'before'.
+    Re-entrant: a step callback's own generate on this UNet runs nested in its thread, as before."""
+    unet = original_module(unet)
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(unet)
+        if lock is None:
+            lock = _LOCKS[unet] = threading.RLock()
+    return lock
 
 
 def _sets(pipe, residuals) -> list[Residuals]:
@@ -143,6 +170,14 @@ def execution_device(pipe) -> torch.device:
     its offload hooks run the models on, as diffusers' own ``_execution_device`` reports it."""
     device = getattr(pipe, "_execution_device", None)
     return device if isinstance(device, torch.device) and device.type != "meta" else pipe.unet.device
+
+
+def _call_takes(pipe, name: str) -> bool:
+    """Whether ``pipe``'s call names the argument ``name`` (True where it has no signature to read)."""
+    try:
+        return name in inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return True
 
 
 DEPRECATED_CALL_KWARGS = ("callback", "callback_steps")  # what diffusers' call still reads from its **kwargs

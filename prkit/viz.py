@@ -273,6 +273,14 @@ def attention_explorer(store, image, labels: Sequence[str], interactive: bool = 
     """
     _check_labels(store, labels)
     blocks = store.blocks()
+    images = store.get(blocks[0]).shape[0]
+    if not -images <= image_index < images:
+        raise ValueError(f"attention_explorer: image_index={image_index}, but the store holds {images} image"
+                         f"{'s' if images != 1 else ''} (the sampled images in order, prompt by prompt): pass 0 to "
+                         f"{images - 1}")
+    if not -len(labels) <= token < len(labels):
+        raise ValueError(f"attention_explorer: token={token} is no index into the {len(labels)} labels {list(labels)}; "
+                         "prkit.lag.word_index(labels, word) gives a word's")
     if interactive and _in_kernel():
         try:
             import ipywidgets as widgets

@@ -117,3 +117,41 @@ def test_a_keyword_neither_generate_nor_the_pipeline_takes_is_refused(pipe):
         prkit.generate(pipe, PROMPT, None, steps=2, guidance=3.0, **FAST)
     images = prkit.generate(pipe, PROMPT, None, steps=2, num_images_per_prompt=2, eta=0.0, **FAST)  # the pipeline's
     assert len(images) == 2
+
+
+def test_steps_and_image_counts_given_as_numpy_integers_are_those_numbers(pipe):
+    """steps=np.int64(2) (a sweep over np.arange, a pandas column) was refused as 'got np.int64(2)', though seed
+    takes numpy integers; so were num_images and num_images_per_prompt."""
+    ours = prkit.generate(pipe, PROMPT, None, steps=2, num_images=2, seed=3, **FAST)
+    for kwargs in (dict(steps=np.int64(2), num_images=np.int32(2)), dict(steps=2, num_images_per_prompt=np.int64(2)),
+                   dict(num_inference_steps=np.int64(2), num_images=2)):
+        np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, None, seed=3, **kwargs, **FAST), ours)
+    with pytest.raises(ValueError, match=r"generate: steps must be a whole number >= 1, got np.float64\(2.0\)"):
+        prkit.generate(pipe, PROMPT, None, steps=np.float64(2), **FAST)
+
+
+@pytest.mark.parametrize("lag", [False, True], ids=["plain", "lag"])
+def test_return_dict_false_still_gives_the_images(pipe, lag):
+    """return_dict=False (the pipeline then returns a tuple) failed after the whole sampling with "'tuple' object has
+    no attribute 'images'"; generate returns the images either way."""
+    dog = _dog(pipe.unet)
+    wanted = prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, **FAST)
+    np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, return_dict=False, **FAST),
+                                  wanted)
+
+
+def test_a_negative_prompt_for_a_pipeline_that_has_none_is_refused(pipe):
+    """An LCM pipeline's call has no negative_prompt and drops it with its **kwargs: generate(lcm, ...,
+    negative_prompt="blurry") sampled as if it had not been given."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    lcm = LatentConsistencyModelPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        unet=UNet2DConditionModel(**{**config, "time_cond_proj_dim": 32}).eval(),
+        scheduler=LCMScheduler.from_config(pipe.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    lcm.set_progress_bar_config(disable=True)
+    with pytest.raises(TypeError, match=r"LatentConsistencyModelPipeline's call takes no negative_prompt"):
+        prkit.generate(lcm, PROMPT, None, steps=2, negative_prompt="snow", **FAST)
+    assert prkit.generate(lcm, PROMPT, None, steps=2, **FAST).shape == (1, 16, 16, 3)

@@ -15,7 +15,7 @@ import prkit
 from conftest import TEXT_DIM, TOKENS, make_pipe, randomize, run_unet
 from prkit.attention import AttentionStore, capture_attention
 from prkit.lag import lag_sampling
-from prkit.residuals import find_projections
+from prkit.residuals import find_projections, wrapped_layers
 
 PROMPT = "a photo of a sks dog"
 FAST = dict(steps=2, output_type="np")
@@ -322,3 +322,52 @@ def test_sampling_arguments_of_the_wrong_type_are_named(pipe, kwargs, named):
     with pytest.raises(TypeError, match="config must be a prkit.LAGConfig"):
         with lag_sampling(pipe, residuals, "a photo of a sks dog", config="median"):
             pass
+
+
+# --- two threads sampling one pipeline --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lag", [False, True], ids=["plain", "lag"])
+def test_generate_calls_from_two_threads_each_sample_their_own_sets_and_leave_them_as_they_were(pipe, lag):
+    """A second thread's generate, started while the first one samples (here: from the first call's step
+    callback), waits for it. It ran inside the first call: it switched the UNet's sets under it and put back the
+    first call's selection as 'the state before' (the pipeline's other sets stayed off for good), or with LAG
+    failed with 'attention capture is already installed'."""
+    import threading
+
+    dog = _dog(pipe.unet)
+    cat = prkit.add_residuals(pipe.unet, name="cat", token="zwx", class_word="cat")
+    randomize(cat, seed=2)
+    other = "a photo of a zwx cat"
+    wanted = {"a": prkit.generate(pipe, PROMPT, dog, lag=lag, **FAST),
+              "b": prkit.generate(pipe, other, cat, lag=lag, **FAST)}
+    before = {b: dict(layer.active) for b, layer in wrapped_layers(pipe.unet).items()}
+    got, errors = {}, []
+    inside, first_done = threading.Event(), threading.Event()
+
+    def in_second(pipeline, step, timestep, kwargs):
+        inside.set()
+        first_done.wait(timeout=60)  # before the fix: the first call runs its steps meanwhile, under these sets
+        return kwargs
+
+    def second():
+        try:
+            got["b"] = prkit.generate(pipe, other, cat, lag=lag, callback_on_step_end=in_second, **FAST)
+        except Exception as err:  # noqa: BLE001 - shown in the assertion
+            errors.append(err)
+
+    thread = threading.Thread(target=second)
+
+    def start_second(pipeline, step, timestep, kwargs):
+        if step == 0:
+            thread.start()
+            inside.wait(timeout=1)  # the second call waits for this one (the fix), or is inside it (before)
+        return kwargs
+
+    got["a"] = prkit.generate(pipe, PROMPT, dog, lag=lag, callback_on_step_end=start_second, **FAST)
+    first_done.set()
+    thread.join(timeout=60)
+    assert not errors, errors
+    for key in "ab":
+        np.testing.assert_allclose(got[key], wanted[key], atol=1e-6)
+    assert {b: dict(layer.active) for b, layer in wrapped_layers(pipe.unet).items()} == before

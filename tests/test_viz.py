@@ -159,3 +159,14 @@ def test_difference_maps_pairs_its_images_and_titles_or_says_why_not():
     for titles in (["a"], ["a", "b", "c"]):
         with pytest.raises(ValueError, match=f"got {len(titles)} titles for 2 pairs"):
             difference_maps([black, black], [white, black], titles=titles)
+
+
+def test_attention_explorer_names_an_image_or_token_index_out_of_range():
+    """image_index=1 on a store of one image (or a token past the labels) failed with a bare IndexError: "index 1 is
+    out of bounds for dimension 0 with size 1", naming no argument."""
+    store, image = _store(), np.zeros((8, 8, 3))
+    with pytest.raises(ValueError, match=r"attention_explorer: image_index=1, but the store holds 1 image"):
+        attention_explorer(store, image, ["a", "b", "c"], image_index=1, interactive=False)
+    with pytest.raises(ValueError, match=r"attention_explorer: token=3 is no index into the 3 labels"):
+        attention_explorer(store, image, ["a", "b", "c"], token=3, interactive=False)
+    attention_explorer(store, image, ["a", "b", "c"], image_index=-1, token=2, interactive=False)
