@@ -180,6 +180,9 @@ def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 
                 pending.append(pool.submit(_backward, inputs, outputs))
     except Exception as err:  # noqa: BLE001 - planning ahead is an optimization: the capture plans what is left
         log.debug("planning ahead stopped after %d calls: %s", done, err)
+    except BaseException:  # an interrupt: the backwards not started yet are dropped, not waited out
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
         pool.shutdown(wait=True)  # no planning work may outlast the call (a capture follows)
     for future in pending:

@@ -188,3 +188,30 @@ def test_plan_ahead_runs_the_backwards_in_another_thread_beside_the_next_forward
     done = plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None, budget_bytes=1)
     assert done == len(order) and threads and threading.main_thread() not in threads
     assert not any(t.is_alive() for t in threads)  # every backward ended before it returned
+
+
+def test_an_interrupt_leaves_the_queued_backwards_unrun_and_no_thread(monkeypatch):
+    import time
+
+    import prkit.fast_plans as plans
+
+    unet = tiny_unet()
+    ran, threads = [], set()
+
+    def backward(inputs, outputs):  # a backward slower than the forwards: they queue up
+        threads.add(threading.current_thread())
+        time.sleep(0.2)
+        ran.append(len(inputs))
+
+    monkeypatch.setattr(plans, "_backward", backward)
+    calls = _distinct(step_calls(unet, (8, 8)))
+    last = calls[len(calls) // 2][1]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    last.forward = interrupt
+    began = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None, budget_bytes=1)
+    assert len(ran) <= 1 and time.perf_counter() - began < 0.2 * (len(calls) // 2)  # the queue was not waited out
+    assert threads and not any(t.is_alive() for t in threads)
