@@ -157,8 +157,8 @@ def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 
         dtype = unet.dtype
         seen = set()
         inputs, outputs, size = [], [], 0
-        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None,
-                            cache_enabled=False):
+        with _rng_kept(device), torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                               enabled=autocast is not None, cache_enabled=False):
             for kind, module, shape, batch, context in calls:
                 key = (kind, id(module), shape, batch)
                 if key in seen or (kind == "cross" and context is None):
@@ -190,6 +190,15 @@ def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 
             log.debug("planning ahead: a backward failed: %s", future.exception())
             break
     return done
+
+
+def _rng_kept(device: torch.device):
+    """The default generators (the CPU's and ``device``'s) put back as they were afterwards: a UNet with dropout
+    (diffusers' ``dropout=``, a LoRA's) draws in the planned calls, and the step's draws must stay those of a run
+    without them."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _backward(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:

@@ -215,3 +215,14 @@ def test_an_interrupt_leaves_the_queued_backwards_unrun_and_no_thread(monkeypatc
         plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None, budget_bytes=1)
     assert len(ran) <= 1 and time.perf_counter() - began < 0.2 * (len(calls) // 2)  # the queue was not waited out
     assert threads and not any(t.is_alive() for t in threads)
+
+
+def test_plan_ahead_draws_no_random_number_of_the_step_where_the_unet_has_dropout():
+    unet = tiny_unet().train()
+    for module in unet.modules():
+        if isinstance(module, nn.Dropout):  # diffusers' dropout= (attention outputs, feed-forwards, resnets)
+            module.p = 0.1
+    slot = _Slot(2, (8, 8), torch.randn(2, 5, 32))
+    state = torch.get_rng_state()
+    assert plan_ahead(unet, [slot], None) > 0
+    assert torch.equal(torch.get_rng_state(), state)  # the step's dropout masks are those of a run without it
