@@ -24,6 +24,13 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _plain(module, kind=nn.Conv2d):
+    """``module`` where it is a ``kind``, the layer a peft LoRA wraps (its ``base_layer``: the call the step makes
+    inside the wrapper, which also runs with the adapters off) where that is one, else None."""
+    module = getattr(module, "base_layer", module)
+    return module if isinstance(module, kind) else None
+
+
 def _conv_out(res: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     return tuple((r + 2 * p - d * (k - 1) - 1) // s + 1
                  for r, p, d, k, s in zip(res, conv.padding, conv.dilation, conv.kernel_size, conv.stride))
@@ -32,15 +39,15 @@ def _conv_out(res: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
 def _transformer_calls(model, res) -> list[tuple]:
     calls = []
     for name in ("proj_in", "proj_out"):
-        conv = getattr(model, name, None)
-        if isinstance(conv, nn.Conv2d):  # proj_out: a residual layer (a Conv2d) where it trains
+        conv = _plain(getattr(model, name, None))
+        if conv is not None:  # proj_out: a residual layer (a Conv2d) where it trains
             calls.append(("conv", conv, (conv.in_channels, *res)))
     tokens = res[0] * res[1]
     for block in getattr(model, "transformer_blocks", None) or []:
         for name, cross in (("attn1", False), ("attn2", True)):
             attn = getattr(block, name, None)
-            to_q = getattr(attn, "to_q", None)
-            if isinstance(to_q, nn.Linear) and (getattr(attn, "is_cross_attention", cross) == cross):
+            to_q = _plain(getattr(attn, "to_q", None), nn.Linear)
+            if to_q is not None and (getattr(attn, "is_cross_attention", cross) == cross):
                 calls.append(("cross" if cross else "self", attn, (tokens, to_q.in_features)))
     return calls
 
@@ -55,8 +62,8 @@ def _block_calls(block, res) -> list[tuple] | None:
         if getattr(resnet, "up", False) or getattr(resnet, "down", False):
             return None
         for name in ("conv1", "conv2", "conv_shortcut"):
-            conv = getattr(resnet, name, None)
-            if isinstance(conv, nn.Conv2d):
+            conv = _plain(getattr(resnet, name, None))
+            if conv is not None:
                 calls.append(("conv", conv, (conv.in_channels, *res)))
     for attention in attentions:
         calls += _transformer_calls(attention, res)
@@ -71,9 +78,9 @@ def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
     early."""
     res = tuple(size)
     calls: list[tuple] = []
-    conv_in = getattr(unet, "conv_in", None)
+    conv_in = _plain(getattr(unet, "conv_in", None))
     down_blocks = getattr(unet, "down_blocks", None)
-    if not isinstance(conv_in, nn.Conv2d) or down_blocks is None:
+    if conv_in is None or down_blocks is None:
         return calls
     calls.append(("conv", conv_in, (conv_in.in_channels, *res)))
     res = _conv_out(res, conv_in)
@@ -85,8 +92,8 @@ def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
         calls += more
         skips += [res] * len(getattr(block, "resnets", None) or [])
         for down in getattr(block, "downsamplers", None) or []:
-            conv = getattr(down, "conv", None)
-            if not isinstance(conv, nn.Conv2d):
+            conv = _plain(getattr(down, "conv", None))
+            if conv is None:
                 return calls
             calls.append(("conv", conv, (conv.in_channels, *res)))
             res = _conv_out(res, conv)
@@ -105,13 +112,13 @@ def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
         calls += more
         del skips[len(skips) - len(getattr(block, "resnets", None) or []):]
         for up in getattr(block, "upsamplers", None) or []:
-            conv = getattr(up, "conv", None)
-            if not isinstance(conv, nn.Conv2d) or not skips:
+            conv = _plain(getattr(up, "conv", None))
+            if conv is None or not skips:
                 return calls
             res = skips[-1] if uneven else (2 * res[0], 2 * res[1])
             calls.append(("conv", conv, (conv.in_channels, *res)))
-    conv_out = getattr(unet, "conv_out", None)
-    if isinstance(conv_out, nn.Conv2d):
+    conv_out = _plain(getattr(unet, "conv_out", None))
+    if conv_out is not None:
         calls.append(("conv", conv_out, (conv_out.in_channels, *res)))
     return calls
 

@@ -66,6 +66,20 @@ def test_step_calls_are_the_convolutions_and_attention_calls_of_a_forward(make, 
     assert {(k, s) for k, _, s in distinct} == {(k, s) for k, _, s in predicted}
 
 
+@pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v", "to_out.0"],  # prkit's "lora" target
+                                     ["conv_in", "conv1", "conv2", "conv", "proj_in", "proj_out", "conv_out"]])
+def test_step_calls_follow_the_layers_peft_wraps(targets):
+    from peft import LoraConfig
+
+    unet = tiny_unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))  # pipe.load_lora_weights's layers
+    names = {m: n for n, m in unet.named_modules()}
+    recorded = {(k, m, s) for k, m, s in _recorded(unet, (8, 8)) if ".lora_" not in names[m]}  # the adapter's own
+    assert {(k, m, s) for k, m, s in step_calls(unet, (8, 8))} == recorded  # each wrapped layer's own call
+    done = plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None)
+    assert done == len(_distinct(step_calls(unet, (8, 8)))) and all(p.grad is None for p in unet.parameters())
+
+
 def test_step_calls_stop_where_the_unet_is_not_followed():
     unet = tiny_unet()
     unet.down_blocks[0].downsamplers[0].conv = nn.Identity()  # a downsampler of another kind
