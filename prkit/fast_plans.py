@@ -95,6 +95,8 @@ def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
             conv = _plain(getattr(down, "conv", None))
             if conv is None:
                 return calls
+            if getattr(down, "use_conv", False) and getattr(down, "padding", None) == 0:  # padded right and below
+                res = (res[0] + 1, res[1] + 1)  # first (diffusers' downsample_padding=0)
             calls.append(("conv", conv, (conv.in_channels, *res)))
             res = _conv_out(res, conv)
             skips.append(res)

@@ -19,7 +19,7 @@ from prkit.fast_plans import _distinct, plan_ahead, step_calls
 from prkit.train import TrainConfig
 
 
-def _three_levels(linear: bool = False):
+def _three_levels(linear: bool = False, **config):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -27,7 +27,7 @@ def _three_levels(linear: bool = False):
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 48),
         norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, use_linear_projection=linear).eval()
+        attention_head_dim=8, use_linear_projection=linear, **config).eval()
 
 
 def _recorded(unet, size, batch=2):
@@ -55,7 +55,8 @@ def _recorded(unet, size, batch=2):
 @pytest.mark.parametrize("make, size", [
     (lambda: tiny_unet(), (8, 8)), (lambda: tiny_unet(linear=True), (8, 8)),
     (lambda: tiny_unet(sdxl_like=True), (8, 8)), (lambda: tiny_unet(), (5, 7)),
-    (lambda: _three_levels(), (8, 8)), (lambda: _three_levels(), (6, 10)), (lambda: _three_levels(True), (7, 9))])
+    (lambda: _three_levels(), (8, 8)), (lambda: _three_levels(), (6, 10)), (lambda: _three_levels(True), (7, 9)),
+    (lambda: _three_levels(downsample_padding=0), (8, 8)), (lambda: _three_levels(downsample_padding=0), (7, 9))])
 def test_step_calls_are_the_convolutions_and_attention_calls_of_a_forward(make, size):
     unet = make()
     predicted = step_calls(unet, size)
