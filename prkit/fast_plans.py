@@ -24,6 +24,13 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _plain(module, kind=nn.Conv2d):
+    """``module`` where it is a ``kind``, the layer a peft LoRA wraps (its ``base_layer``: the call the step makes
+    inside the wrapper, which also runs with the adapters off) where that is one, else None."""
+    module = getattr(module, "base_layer", module)
+    return module if isinstance(module, kind) else None
+
+
 def _conv_out(res: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
     return tuple((r + 2 * p - d * (k - 1) - 1) // s + 1
                  for r, p, d, k, s in zip(res, conv.padding, conv.dilation, conv.kernel_size, conv.stride))
@@ -32,15 +39,15 @@ def _conv_out(res: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
 def _transformer_calls(model, res) -> list[tuple]:
     calls = []
     for name in ("proj_in", "proj_out"):
-        conv = getattr(model, name, None)
-        if isinstance(conv, nn.Conv2d):  # proj_out: a residual layer (a Conv2d) where it trains
+        conv = _plain(getattr(model, name, None))
+        if conv is not None:  # proj_out: a residual layer (a Conv2d) where it trains
             calls.append(("conv", conv, (conv.in_channels, *res)))
     tokens = res[0] * res[1]
     for block in getattr(model, "transformer_blocks", None) or []:
         for name, cross in (("attn1", False), ("attn2", True)):
             attn = getattr(block, name, None)
-            to_q = getattr(attn, "to_q", None)
-            if isinstance(to_q, nn.Linear) and (getattr(attn, "is_cross_attention", cross) == cross):
+            to_q = _plain(getattr(attn, "to_q", None), nn.Linear)
+            if to_q is not None and (getattr(attn, "is_cross_attention", cross) == cross):
                 calls.append(("cross" if cross else "self", attn, (tokens, to_q.in_features)))
     return calls
 
@@ -55,8 +62,8 @@ def _block_calls(block, res) -> list[tuple] | None:
         if getattr(resnet, "up", False) or getattr(resnet, "down", False):
             return None
         for name in ("conv1", "conv2", "conv_shortcut"):
-            conv = getattr(resnet, name, None)
-            if isinstance(conv, nn.Conv2d):
+            conv = _plain(getattr(resnet, name, None))
+            if conv is not None:
                 calls.append(("conv", conv, (conv.in_channels, *res)))
     for attention in attentions:
         calls += _transformer_calls(attention, res)
@@ -71,9 +78,9 @@ def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
     early."""
     res = tuple(size)
     calls: list[tuple] = []
-    conv_in = getattr(unet, "conv_in", None)
+    conv_in = _plain(getattr(unet, "conv_in", None))
     down_blocks = getattr(unet, "down_blocks", None)
-    if not isinstance(conv_in, nn.Conv2d) or down_blocks is None:
+    if conv_in is None or down_blocks is None:
         return calls
     calls.append(("conv", conv_in, (conv_in.in_channels, *res)))
     res = _conv_out(res, conv_in)
@@ -85,9 +92,11 @@ def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
         calls += more
         skips += [res] * len(getattr(block, "resnets", None) or [])
         for down in getattr(block, "downsamplers", None) or []:
-            conv = getattr(down, "conv", None)
-            if not isinstance(conv, nn.Conv2d):
+            conv = _plain(getattr(down, "conv", None))
+            if conv is None:
                 return calls
+            if getattr(down, "use_conv", False) and getattr(down, "padding", None) == 0:  # padded right and below
+                res = (res[0] + 1, res[1] + 1)  # first (diffusers' downsample_padding=0)
             calls.append(("conv", conv, (conv.in_channels, *res)))
             res = _conv_out(res, conv)
             skips.append(res)
@@ -105,13 +114,13 @@ def step_calls(unet, size: tuple[int, int]) -> list[tuple]:
         calls += more
         del skips[len(skips) - len(getattr(block, "resnets", None) or []):]
         for up in getattr(block, "upsamplers", None) or []:
-            conv = getattr(up, "conv", None)
-            if not isinstance(conv, nn.Conv2d) or not skips:
+            conv = _plain(getattr(up, "conv", None))
+            if conv is None or not skips:
                 return calls
             res = skips[-1] if uneven else (2 * res[0], 2 * res[1])
             calls.append(("conv", conv, (conv.in_channels, *res)))
-    conv_out = getattr(unet, "conv_out", None)
-    if isinstance(conv_out, nn.Conv2d):
+    conv_out = _plain(getattr(unet, "conv_out", None))
+    if conv_out is not None:
         calls.append(("conv", conv_out, (conv_out.in_channels, *res)))
     return calls
 
@@ -157,8 +166,8 @@ def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 
         dtype = unet.dtype
         seen = set()
         inputs, outputs, size = [], [], 0
-        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None,
-                            cache_enabled=False):
+        with _rng_kept(device), torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                               enabled=autocast is not None, cache_enabled=False):
             for kind, module, shape, batch, context in calls:
                 key = (kind, id(module), shape, batch)
                 if key in seen or (kind == "cross" and context is None):
@@ -180,6 +189,9 @@ def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 
                 pending.append(pool.submit(_backward, inputs, outputs))
     except Exception as err:  # noqa: BLE001 - planning ahead is an optimization: the capture plans what is left
         log.debug("planning ahead stopped after %d calls: %s", done, err)
+    except BaseException:  # an interrupt: the backwards not started yet are dropped, not waited out
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
         pool.shutdown(wait=True)  # no planning work may outlast the call (a capture follows)
     for future in pending:
@@ -187,6 +199,15 @@ def plan_ahead(unet, slots, autocast: torch.dtype | None, budget_bytes: int = 1 
             log.debug("planning ahead: a backward failed: %s", future.exception())
             break
     return done
+
+
+def _rng_kept(device: torch.device):
+    """The default generators (the CPU's and ``device``'s) put back as they were afterwards: a UNet with dropout
+    (diffusers' ``dropout=``, a LoRA's) draws in the planned calls, and the step's draws must stay those of a run
+    without them."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _backward(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:

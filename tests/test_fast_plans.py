@@ -19,7 +19,7 @@ from prkit.fast_plans import _distinct, plan_ahead, step_calls
 from prkit.train import TrainConfig
 
 
-def _three_levels(linear: bool = False):
+def _three_levels(linear: bool = False, **config):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -27,7 +27,7 @@ def _three_levels(linear: bool = False):
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 48),
         norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, use_linear_projection=linear).eval()
+        attention_head_dim=8, use_linear_projection=linear, **config).eval()
 
 
 def _recorded(unet, size, batch=2):
@@ -55,7 +55,8 @@ def _recorded(unet, size, batch=2):
 @pytest.mark.parametrize("make, size", [
     (lambda: tiny_unet(), (8, 8)), (lambda: tiny_unet(linear=True), (8, 8)),
     (lambda: tiny_unet(sdxl_like=True), (8, 8)), (lambda: tiny_unet(), (5, 7)),
-    (lambda: _three_levels(), (8, 8)), (lambda: _three_levels(), (6, 10)), (lambda: _three_levels(True), (7, 9))])
+    (lambda: _three_levels(), (8, 8)), (lambda: _three_levels(), (6, 10)), (lambda: _three_levels(True), (7, 9)),
+    (lambda: _three_levels(downsample_padding=0), (8, 8)), (lambda: _three_levels(downsample_padding=0), (7, 9))])
 def test_step_calls_are_the_convolutions_and_attention_calls_of_a_forward(make, size):
     unet = make()
     predicted = step_calls(unet, size)
@@ -64,6 +65,20 @@ def test_step_calls_are_the_convolutions_and_attention_calls_of_a_forward(make, 
     distinct = _distinct(predicted)
     assert 0 < len(distinct) < len(predicted)  # repeated signatures (the resnets of a level) are planned once
     assert {(k, s) for k, _, s in distinct} == {(k, s) for k, _, s in predicted}
+
+
+@pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v", "to_out.0"],  # prkit's "lora" target
+                                     ["conv_in", "conv1", "conv2", "conv", "proj_in", "proj_out", "conv_out"]])
+def test_step_calls_follow_the_layers_peft_wraps(targets):
+    from peft import LoraConfig
+
+    unet = tiny_unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))  # pipe.load_lora_weights's layers
+    names = {m: n for n, m in unet.named_modules()}
+    recorded = {(k, m, s) for k, m, s in _recorded(unet, (8, 8)) if ".lora_" not in names[m]}  # the adapter's own
+    assert {(k, m, s) for k, m, s in step_calls(unet, (8, 8))} == recorded  # each wrapped layer's own call
+    done = plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None)
+    assert done == len(_distinct(step_calls(unet, (8, 8)))) and all(p.grad is None for p in unet.parameters())
 
 
 def test_step_calls_stop_where_the_unet_is_not_followed():
@@ -188,3 +203,41 @@ def test_plan_ahead_runs_the_backwards_in_another_thread_beside_the_next_forward
     done = plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None, budget_bytes=1)
     assert done == len(order) and threads and threading.main_thread() not in threads
     assert not any(t.is_alive() for t in threads)  # every backward ended before it returned
+
+
+def test_an_interrupt_leaves_the_queued_backwards_unrun_and_no_thread(monkeypatch):
+    import time
+
+    import prkit.fast_plans as plans
+
+    unet = tiny_unet()
+    ran, threads = [], set()
+
+    def backward(inputs, outputs):  # a backward slower than the forwards: they queue up
+        threads.add(threading.current_thread())
+        time.sleep(0.2)
+        ran.append(len(inputs))
+
+    monkeypatch.setattr(plans, "_backward", backward)
+    calls = _distinct(step_calls(unet, (8, 8)))
+    last = calls[len(calls) // 2][1]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    last.forward = interrupt
+    began = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None, budget_bytes=1)
+    assert len(ran) <= 1 and time.perf_counter() - began < 0.2 * (len(calls) // 2)  # the queue was not waited out
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+def test_plan_ahead_draws_no_random_number_of_the_step_where_the_unet_has_dropout():
+    unet = tiny_unet().train()
+    for module in unet.modules():
+        if isinstance(module, nn.Dropout):  # diffusers' dropout= (attention outputs, feed-forwards, resnets)
+            module.p = 0.1
+    slot = _Slot(2, (8, 8), torch.randn(2, 5, 32))
+    state = torch.get_rng_state()
+    assert plan_ahead(unet, [slot], None) > 0
+    assert torch.equal(torch.get_rng_state(), state)  # the step's dropout masks are those of a run without it
