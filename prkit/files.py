@@ -184,7 +184,10 @@ def read_metadata(path) -> dict:
     try:
         meta["layers"] = json.loads(meta["layers"])
         config = meta.get("config") or "{}"
-        meta["config"] = json.loads(config)
+        try:
+            meta["config"] = json.loads(config)
+        except ValueError:  # text that is no JSON (a header edited by hand): a record, not worth refusing the set for
+            meta["config"] = config
         if meta["config"] is None:
             meta["config"] = {}
         elif not isinstance(meta["config"], dict):  # older saves wrote a TrainConfig given as config= as its text:

@@ -408,11 +408,14 @@ def test_header_channels_and_ranks_must_be_whole_numbers(tmp_path, layer):
 
 
 @pytest.mark.parametrize("config, kept", [("[1, 2]", {"recorded": [1, 2]}), ('"steps=400"', {"recorded": "steps=400"}),
-                                          ("3", {"recorded": 3}), ("null", {})])
+                                          ("3", {"recorded": 3}), ("null", {}),
+                                          ("steps=400, lr=1e-3", {"recorded": "steps=400, lr=1e-3"})])
 def test_a_header_config_that_is_not_a_json_object_is_kept_as_recorded(tmp_path, config, kept, caplog):
     """A list, string, number or null loaded as the set's config as it was (a save before this check wrote a
     TrainConfig given as config= as its text); `prkit info` on a string failed with AttributeError: 'str' object has
-    no attribute 'get'. The set loads, its config an object that keeps what the file says, with a warning."""
+    no attribute 'get'. The set loads, its config an object that keeps what the file says, with a warning. Text that
+    is no JSON at all (a header edited by hand) too: the file was refused as damaged, 'save the residuals again',
+    which needs it loaded."""
     path = _trained(tiny_unet()).save(tmp_path / "c.safetensors")
     _rewrite(path, lambda t, m: m.update(config=config))
     with caplog.at_level("WARNING", logger="prkit.files"):
