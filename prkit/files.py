@@ -19,7 +19,7 @@ from safetensors.torch import save
 from . import __version__
 # re-exported: prkit.files stays their import path
 from .atomic import ABANDONED_AFTER, atomic_path, reworded, write_error, writing  # noqa: F401
-from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names
+from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names, usable_set_name
 from .train_config import TrainConfig, _public
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,9 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     Args:
         pipe_or_unet: the base model to extend.
         path: a file written by ``Residuals.save`` (``~`` is expanded).
-        name: set name on the UNet (default: the name stored in the file, made unique); a given name that is
-            already taken raises ValueError.
+        name: set name on the UNet (default: the name stored in the file, made unique, and usable where no set
+            can take it: 'my.concept' loads as 'my_concept', with a warning); a given name that is already taken
+            raises ValueError.
         scale: override the stored scale.
         token, class_word: override the concept words stored in the file (LAG needs a token).
     Returns:
@@ -266,7 +267,14 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     if name is not None and name in taken:
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name=, remove it "
                          f"first (prkit.remove_residuals(unet, {name!r})), or leave name unset to use the file's")
+    recorded = not name
     name = name or meta.get("name") or "default"
+    if recorded and not usable_set_name(name):  # a header edited by hand or written by another tool
+        usable = name.replace(".", "_")
+        usable = usable if usable_set_name(usable) else f"residuals_{usable}"
+        log.warning("%r records the set name %r, which no residual set can take; it loads as %r (name= chooses "
+                    "another)", str(path), name, usable)
+        name = usable
     base_name, k = name, 1
     while name in taken:
         k += 1

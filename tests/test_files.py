@@ -426,6 +426,20 @@ def test_a_header_config_that_is_not_a_json_object_is_kept_as_recorded(tmp_path,
     assert prkit.residual_names(target) == ["default"]
 
 
+@pytest.mark.parametrize("recorded, used", [("my.concept", "my_concept"), ("items", "residuals_items"),
+                                            ("..", "__"), ("a/b", "a/b"), ("café", "café")])
+def test_a_recorded_name_no_set_can_take_loads_under_a_usable_one(tmp_path, caplog, recorded, used):
+    """A header whose set name no set can take (edited by hand, written by another tool) was refused with the bare
+    set-name error, naming neither the file nor name=; `prkit export`, which has no name to give, could not read
+    it at all. The set loads under a usable form of the name, said with the file and name=."""
+    path = _trained(tiny_unet()).save(tmp_path / "n.safetensors")
+    _rewrite(path, lambda t, m: m.update(name=recorded))
+    with caplog.at_level("WARNING", logger="prkit.files"):
+        assert prkit.load_residuals(tiny_unet(), path).name == used
+    assert (f"n.safetensors' records the set name {recorded!r}" in caplog.text) == (recorded != used)
+    assert prkit.load_residuals(tiny_unet(), path, name="mine").name == "mine"
+
+
 def test_load_residuals_can_set_the_words(tmp_path, tokenizer):
     from prkit.lag import concept_weights
 
