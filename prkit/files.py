@@ -326,7 +326,12 @@ def kohya_key(block: str) -> str:
 
 
 def export_lora(residuals: Residuals, path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts."""
+    """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts; ``dtype``: the
+    factors' floating-point dtype (``FACTOR_DTYPES``)."""
+    if dtype not in FACTOR_DTYPES:
+        kind = "no dtype of a LoRA's factors" if isinstance(dtype, torch.dtype) else "not a torch dtype"
+        raise TypeError(f"export_lora: dtype={dtype!r} is {kind}; pass torch.float16, torch.float32 or "
+                        "torch.bfloat16")
     residuals._check_factors_here("read")
     tensors = {}
     for block, layer in residuals.layers().items():

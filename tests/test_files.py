@@ -159,6 +159,18 @@ def test_kohya_export_keys_and_alpha(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["dog_lora.safetensors"]
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, "fp16"])
+def test_export_refuses_a_dtype_that_is_no_lora_s(tmp_path, dtype):
+    """export_lora wrote integer, bool or float8 factors without a word (a LoRA of zeros and ones, or rounded to
+    nothing, that diffusers loads and applies); a string gave torch's AttributeError."""
+    residuals = _trained(tiny_unet())
+    kind = "not a torch dtype" if isinstance(dtype, str) else "no dtype of a LoRA's factors"
+    with pytest.raises(TypeError, match=rf"export_lora: dtype={re.escape(repr(dtype))} is {kind}; "
+                                        "pass torch.float16, torch.float32 or torch.bfloat16"):
+        export_lora(residuals, tmp_path / "l.safetensors", dtype=dtype)
+    assert not (tmp_path / "l.safetensors").exists()
+
+
 @pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
 def test_exported_lora_reproduces_residual_outputs_in_diffusers(tmp_path, linear):
     pytest.importorskip("peft")
