@@ -172,8 +172,11 @@ def _info(args) -> int:
             shown = {k: recipe.get(k) for k in ("steps", "batch_size", "learning_rate", "rank", "seed",
                                                 "prompt_template", "mixed_precision") if k in recipe}
             print(f"{'trained':>14}: {json.dumps(shown)}")
-        if meta.get("seconds") is not None:
-            print(f"{'seconds':>14}: {float(meta['seconds']):.1f}")
+        if meta.get("seconds") is not None:  # a header another tool edited: shown as it is (loading passes over it)
+            try:
+                print(f"{'seconds':>14}: {float(meta['seconds']):.1f}")
+            except ValueError:
+                print(f"{'seconds':>14}: {meta['seconds']}")
     return 0
 
 

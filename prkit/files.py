@@ -19,7 +19,7 @@ from safetensors.torch import save
 from . import __version__
 # re-exported: prkit.files stays their import path
 from .atomic import ABANDONED_AFTER, atomic_path, reworded, write_error, writing  # noqa: F401
-from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names
+from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names, usable_set_name
 from .train_config import TrainConfig, _public
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,10 @@ def read_metadata(path) -> dict:
     try:
         meta["layers"] = json.loads(meta["layers"])
         config = meta.get("config") or "{}"
-        meta["config"] = json.loads(config)
+        try:
+            meta["config"] = json.loads(config)
+        except ValueError:  # text that is no JSON (a header edited by hand): a record, not worth refusing the set for
+            meta["config"] = config
         if meta["config"] is None:
             meta["config"] = {}
         elif not isinstance(meta["config"], dict):  # older saves wrote a TrainConfig given as config= as its text:
@@ -240,8 +243,9 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     Args:
         pipe_or_unet: the base model to extend.
         path: a file written by ``Residuals.save`` (``~`` is expanded).
-        name: set name on the UNet (default: the name stored in the file, made unique); a given name that is
-            already taken raises ValueError.
+        name: set name on the UNet (default: the name stored in the file, made unique, and usable where no set
+            can take it: 'my.concept' loads as 'my_concept', with a warning); a given name that is already taken
+            raises ValueError.
         scale: override the stored scale.
         token, class_word: override the concept words stored in the file (LAG needs a token).
     Returns:
@@ -263,7 +267,14 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     if name is not None and name in taken:
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name=, remove it "
                          f"first (prkit.remove_residuals(unet, {name!r})), or leave name unset to use the file's")
+    recorded = not name
     name = name or meta.get("name") or "default"
+    if recorded and not usable_set_name(name):  # a header edited by hand or written by another tool
+        usable = name.replace(".", "_")
+        usable = usable if usable_set_name(usable) else f"residuals_{usable}"
+        log.warning("%r records the set name %r, which no residual set can take; it loads as %r (name= chooses "
+                    "another)", str(path), name, usable)
+        name = usable
     base_name, k = name, 1
     while name in taken:
         k += 1
@@ -315,7 +326,12 @@ def kohya_key(block: str) -> str:
 
 
 def export_lora(residuals: Residuals, path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts."""
+    """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts; ``dtype``: the
+    factors' floating-point dtype (``FACTOR_DTYPES``)."""
+    if dtype not in FACTOR_DTYPES:
+        kind = "no dtype of a LoRA's factors" if isinstance(dtype, torch.dtype) else "not a torch dtype"
+        raise TypeError(f"export_lora: dtype={dtype!r} is {kind}; pass torch.float16, torch.float32 or "
+                        "torch.bfloat16")
     residuals._check_factors_here("read")
     tensors = {}
     for block, layer in residuals.layers().items():

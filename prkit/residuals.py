@@ -104,14 +104,22 @@ class Residuals:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (as ``state_dict`` gives it) into the set; every key and shape is checked first, so a
+        state that does not fit (KeyError for a missing factor, ValueError for a shape) leaves the set as it was."""
         self._check_factors_here("write")
+        pairs = []
         for block, lowrank in self.factors().items():
             for part in ("down", "up"):
-                src = state[f"{block}.{part}"]
-                dst = getattr(lowrank, part)
+                key = f"{block}.{part}"
+                if key not in state:
+                    raise KeyError(f"{key}: the state holds no factor of block {block!r} ({part}); give a state of a "
+                                   "set with the same blocks (Residuals.state_dict())")
+                src, dst = state[key], getattr(lowrank, part)
                 if src.shape != dst.shape:
-                    raise ValueError(f"{block}.{part}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
-                dst.copy_(src.to(dst.dtype))
+                    raise ValueError(f"{key}: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+                pairs.append((src, dst))
+        for src, dst in pairs:
+            dst.copy_(src.to(dst.dtype))
 
     @property
     def scale(self) -> float:

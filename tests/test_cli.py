@@ -137,6 +137,23 @@ def test_errors_name_the_input(tmp_path, capsys):
     assert "bad.safetensors" in capsys.readouterr().err
 
 
+def test_info_shows_a_header_another_tool_edited(tmp_path, capsys):
+    """A 'seconds' entry that is no number (a header edited by hand or by another tool; loading passes over it)
+    stopped `prkit info` with "could not convert string to float: 'abc'", naming neither the file nor the entry."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import prkit
+    from tiny import tiny_unet
+
+    path = prkit.add_residuals(tiny_unet(), rank=2).save(tmp_path / "r.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    save_file(tensors, str(path), metadata={**meta, "seconds": "abc"})
+    assert main(["info", str(path)]) == 0
+    assert "seconds: abc" in capsys.readouterr().out
+
+
 def test_python_dash_m():
     done = subprocess.run([sys.executable, "-m", "prkit", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout and "sample" in done.stdout

@@ -159,6 +159,18 @@ def test_kohya_export_keys_and_alpha(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["dog_lora.safetensors"]
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, "fp16"])
+def test_export_refuses_a_dtype_that_is_no_lora_s(tmp_path, dtype):
+    """export_lora wrote integer, bool or float8 factors without a word (a LoRA of zeros and ones, or rounded to
+    nothing, that diffusers loads and applies); a string gave torch's AttributeError."""
+    residuals = _trained(tiny_unet())
+    kind = "not a torch dtype" if isinstance(dtype, str) else "no dtype of a LoRA's factors"
+    with pytest.raises(TypeError, match=rf"export_lora: dtype={re.escape(repr(dtype))} is {kind}; "
+                                        "pass torch.float16, torch.float32 or torch.bfloat16"):
+        export_lora(residuals, tmp_path / "l.safetensors", dtype=dtype)
+    assert not (tmp_path / "l.safetensors").exists()
+
+
 @pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
 def test_exported_lora_reproduces_residual_outputs_in_diffusers(tmp_path, linear):
     pytest.importorskip("peft")
@@ -408,11 +420,14 @@ def test_header_channels_and_ranks_must_be_whole_numbers(tmp_path, layer):
 
 
 @pytest.mark.parametrize("config, kept", [("[1, 2]", {"recorded": [1, 2]}), ('"steps=400"', {"recorded": "steps=400"}),
-                                          ("3", {"recorded": 3}), ("null", {})])
+                                          ("3", {"recorded": 3}), ("null", {}),
+                                          ("steps=400, lr=1e-3", {"recorded": "steps=400, lr=1e-3"})])
 def test_a_header_config_that_is_not_a_json_object_is_kept_as_recorded(tmp_path, config, kept, caplog):
     """A list, string, number or null loaded as the set's config as it was (a save before this check wrote a
     TrainConfig given as config= as its text); `prkit info` on a string failed with AttributeError: 'str' object has
-    no attribute 'get'. The set loads, its config an object that keeps what the file says, with a warning."""
+    no attribute 'get'. The set loads, its config an object that keeps what the file says, with a warning. Text that
+    is no JSON at all (a header edited by hand) too: the file was refused as damaged, 'save the residuals again',
+    which needs it loaded."""
     path = _trained(tiny_unet()).save(tmp_path / "c.safetensors")
     _rewrite(path, lambda t, m: m.update(config=config))
     with caplog.at_level("WARNING", logger="prkit.files"):
@@ -421,6 +436,20 @@ def test_a_header_config_that_is_not_a_json_object_is_kept_as_recorded(tmp_path,
     target = tiny_unet()
     assert prkit.load_residuals(target, path).meta["config"] == kept
     assert prkit.residual_names(target) == ["default"]
+
+
+@pytest.mark.parametrize("recorded, used", [("my.concept", "my_concept"), ("items", "residuals_items"),
+                                            ("..", "__"), ("a/b", "a/b"), ("café", "café")])
+def test_a_recorded_name_no_set_can_take_loads_under_a_usable_one(tmp_path, caplog, recorded, used):
+    """A header whose set name no set can take (edited by hand, written by another tool) was refused with the bare
+    set-name error, naming neither the file nor name=; `prkit export`, which has no name to give, could not read
+    it at all. The set loads under a usable form of the name, said with the file and name=."""
+    path = _trained(tiny_unet()).save(tmp_path / "n.safetensors")
+    _rewrite(path, lambda t, m: m.update(name=recorded))
+    with caplog.at_level("WARNING", logger="prkit.files"):
+        assert prkit.load_residuals(tiny_unet(), path).name == used
+    assert (f"n.safetensors' records the set name {recorded!r}" in caplog.text) == (recorded != used)
+    assert prkit.load_residuals(tiny_unet(), path, name="mine").name == "mine"
 
 
 def test_load_residuals_can_set_the_words(tmp_path, tokenizer):

@@ -471,6 +471,26 @@ def test_state_dict_shape_mismatch_raises(unet):
         residuals.load_state_dict(state)
 
 
+def test_a_state_that_does_not_fit_leaves_the_set_as_it_was(unet):
+    """A state whose later block has another rank, or lacks a factor, was copied block by block up to there: the
+    ValueError or KeyError came with the first blocks overwritten (a set half of one state, half of the other)."""
+    residuals = prkit.add_residuals(unet, rank=2)
+    randomize(residuals, seed=1)
+    before = {k: v.clone() for k, v in residuals.state_dict().items()}
+    other = dict(prkit.add_residuals(tiny_unet(), rank=2).state_dict())
+    last = list(other)[-1]
+    other[last] = torch.zeros(3, *other[last].shape[1:])
+    with pytest.raises(ValueError, match="does not fit"):
+        residuals.load_state_dict(other)
+    for key, value in residuals.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    del other[last]
+    with pytest.raises(KeyError, match=rf"{last}.*no factor of block"):
+        residuals.load_state_dict(other)
+    for key, value in residuals.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_every_handle_on_a_set_knows_its_words(unet):
     dog = prkit.add_residuals(unet, name="dog", token="sks", class_word="dog")
     other = prkit.get_residuals(unet, "dog")
