@@ -108,6 +108,7 @@ def test_out_of_range_numbers_and_a_folder_as_out_are_said_before_any_model_load
 
 def test_info_into_a_reader_that_leaves_is_no_error(tmp_path):
     """`prkit info ... | head -1` reported '[Errno 32] Broken pipe' and exit code 2."""
+    import fcntl
     import subprocess
     import sys
 
@@ -120,6 +121,9 @@ def test_info_into_a_reader_that_leaves_is_no_error(tmp_path):
         prkit.add_residuals(tiny_unet(), rank=2).save(tmp_path / f"r{i:02d}.safetensors")
     reader = subprocess.Popen([sys.executable, "-m", "prkit", "info", str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=child_env(HF_HUB_OFFLINE="1"))
+    # the pipe made to hold one page (Linux): the 40 files' ~8 KB of lines fitted the default 64 KiB, and the child
+    # could write them all and end (exit 0) before the reader left, about one run in three
+    fcntl.fcntl(reader.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     first = reader.stdout.readline()
     reader.stdout.close()  # as head does after its line
     err = reader.stderr.read().decode()
