@@ -99,15 +99,17 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor, convention: st
 
 
 def _pixels(images: Sequence, resize: int, crop: int, mean, std) -> torch.Tensor:
-    """PIL images -> (N, 3, crop, crop): shorter side to ``resize`` (bicubic), centre crop, normalize."""
+    """PIL images -> (N, 3, crop, crop): shorter side to ``resize`` (bicubic), centre crop, normalize. The longer
+    side becomes int(resize * long / short), as transformers' CLIP processor and torchvision's Resize make it."""
     from PIL import Image
 
     out = []
     for image in images:
         image = image.convert("RGB")
         w, h = image.size
-        scale = resize / min(w, h)
-        image = image.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.Resampling.BICUBIC)
+        long = int(resize * max(w, h) / min(w, h))  # truncated, not rounded: the processors' size, to the pixel
+        size = (resize, long) if w <= h else (long, resize)
+        image = image.resize((max(crop, size[0]), max(crop, size[1])), Image.Resampling.BICUBIC)
         w, h = image.size
         left, top = (w - crop) // 2, (h - crop) // 2
         image = image.crop((left, top, left + crop, top + crop))

@@ -105,3 +105,22 @@ def test_missing_backbones_give_reasons(tmp_path, monkeypatch):
 def test_a_missing_local_backbone_folder_is_named_not_sent_to_the_hub(tmp_path):
     model, reason = metrics.try_load_clip(str(tmp_path / "my_clip_folder"))
     assert model is None and "there is no folder" in reason and "hf download" not in reason
+
+
+def test_pixels_resize_the_long_side_as_clips_processor_and_torchvision_do():
+    """The long side is int(size * long / short), as transformers' CLIP processor and torchvision's Resize make it:
+    rounding it made a 47x33 image 46 px wide instead of 45 and shifted the centre crop by a pixel."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for w, h in [(47, 33), (33, 47), (4032 // 40, 3024 // 40)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        short, long = min(w, h), max(w, h)
+        size = (32, int(32 * long / short)) if w <= h else (int(32 * long / short), 32)
+        resized = image.resize(size, Image.Resampling.BICUBIC)
+        left, top = (resized.width - 32) // 2, (resized.height - 32) // 2
+        ref = np.asarray(resized.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255.0
+        ref = (torch.from_numpy(ref).permute(2, 0, 1)[None] - torch.tensor(metrics.CLIP_MEAN).view(1, 3, 1, 1)) \
+            / torch.tensor(metrics.CLIP_STD).view(1, 3, 1, 1)
+        assert torch.allclose(metrics._pixels([image], 32, 32, metrics.CLIP_MEAN, metrics.CLIP_STD), ref,
+                              atol=1e-6), (w, h)
