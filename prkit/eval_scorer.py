@@ -23,8 +23,11 @@ def strip_token(prompt: str, token: str) -> str:
 
 
 def _reference_images(concept) -> list:
-    """The concept's original reference images (full size, EXIF-rotated) when its files exist, else its crops."""
+    """The concept's original reference images (full size, EXIF-rotated) when its files exist, else its crops; in RGB
+    as ``load_concept`` takes them (transparency on white, 16-bit scaled)."""
     from PIL import Image, ImageOps
+
+    from .images import _to_rgb
 
     paths = [p for p in concept.paths if Path(p).is_file()]
     if len(paths) != len(concept.images):
@@ -32,7 +35,7 @@ def _reference_images(concept) -> list:
     out = []
     for p in paths:
         with Image.open(p) as im:
-            out.append(ImageOps.exif_transpose(im).convert("RGB"))
+            out.append(_to_rgb(ImageOps.exif_transpose(im), im.format))
     return out
 
 

@@ -100,12 +100,15 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor, convention: st
 
 def _pixels(images: Sequence, resize: int, crop: int, mean, std) -> torch.Tensor:
     """PIL images -> (N, 3, crop, crop): shorter side to ``resize`` (bicubic), centre crop, normalize. The longer
-    side becomes int(resize * long / short), as transformers' CLIP processor and torchvision's Resize make it."""
+    side becomes int(resize * long / short), as transformers' CLIP processor and torchvision's Resize make it. Any
+    mode goes to RGB as prkit's loader takes it (transparency on white, as that processor does; 16-bit scaled)."""
     from PIL import Image
+
+    from .images import _to_rgb
 
     out = []
     for image in images:
-        image = image.convert("RGB")
+        image = _to_rgb(image, image.format)
         w, h = image.size
         long = int(resize * max(w, h) / min(w, h))  # truncated, not rounded: the processors' size, to the pixel
         size = (resize, long) if w <= h else (long, resize)

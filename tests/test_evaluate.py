@@ -841,3 +841,25 @@ def test_settings_record_the_dtype_of_the_pipeline_given(assets, tmp_path, monke
     with pytest.raises(ValueError, match=r"dtype \('bfloat16' there, 'float32' now\)"):
         ev.evaluate(_config(assets, out, methods=("base",), clip=None, dino=None), tiny_pipeline(tmp_path / "p2"),
                     progress=False)
+
+
+def test_reference_photos_with_transparency_or_16_bits_are_scored_as_training_loads_them(tmp_path):
+    """The scorer's full-size reference photos go to RGB as ``load_concept`` takes them (transparency on white, a
+    16-bit photo scaled): Pillow's convert('RGB') made a cut-out's background black and a 16-bit photo almost all
+    white, so CLIP-I and DINO compared the samples with other images than the ones trained on."""
+    from prkit.data import load_concept
+    from prkit.eval_scorer import _reference_images
+    from prkit.images import _to_rgb
+
+    cutout = Image.new("RGBA", (40, 48), (0, 0, 0, 0))
+    cutout.paste((200, 10, 10, 255), (10, 10, 30, 30))
+    cutout.save(tmp_path / "a.png")
+    Image.fromarray(np.linspace(0, 65535, 40 * 48).reshape(48, 40).astype(np.uint16)).save(tmp_path / "b.png")
+    with pytest.warns(UserWarning, match="2 usable image"):
+        concept = load_concept(tmp_path, "sks", "dog", 32)
+    refs = _reference_images(concept)
+    assert [im.mode for im in refs] == ["RGB", "RGB"] and refs[0].size == (40, 48)
+    for path, im in zip(sorted(tmp_path.glob("*.png")), refs):
+        with Image.open(path) as original:
+            assert np.array_equal(np.asarray(im), np.asarray(_to_rgb(original, original.format))), path.name
+    assert np.asarray(refs[0])[0, 0].tolist() == [255, 255, 255]  # the transparent corner: white, not black

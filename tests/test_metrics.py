@@ -107,6 +107,27 @@ def test_a_missing_local_backbone_folder_is_named_not_sent_to_the_hub(tmp_path):
     assert model is None and "there is no folder" in reason and "hf download" not in reason
 
 
+def test_transparent_and_16_bit_images_are_embedded_as_loaded_and_as_clips_processor_does(tiny_clip_folder, tmp_path):
+    """Transparency on white (prkit's loader and transformers' CLIP processor); a 16-bit grey image scaled, not
+    clipped. They were converted with Pillow's convert('RGB'): the transparent background became black and a 16-bit
+    photo almost all white."""
+    import numpy as np
+
+    from prkit.images import _to_rgb
+
+    clip = metrics.load_clip(tiny_clip_folder)
+    cutout = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # a cut-out subject on a transparent background
+    cutout.paste((200, 10, 10, 255), (10, 10, 30, 30))
+    on_white = Image.alpha_composite(Image.new("RGBA", (40, 40), (255,) * 4), cutout).convert("RGB")
+    assert torch.allclose(clip.embed_images([cutout]), clip.embed_images([on_white]), atol=1e-5)
+    Image.fromarray(np.linspace(0, 65535, 40 * 48).reshape(40, 48).astype(np.uint16)).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as grey:
+        assert grey.mode.startswith("I")
+        x = metrics._pixels([grey], 32, 32, metrics.CLIP_MEAN, metrics.CLIP_STD)
+        assert torch.allclose(x, metrics._pixels([_to_rgb(grey, grey.format)], 32, 32, metrics.CLIP_MEAN,
+                                                 metrics.CLIP_STD))
+
+
 def test_pixels_resize_the_long_side_as_clips_processor_and_torchvision_do():
     """The long side is int(size * long / short), as transformers' CLIP processor and torchvision's Resize make it:
     rounding it made a 47x33 image 46 px wide instead of 45 and shifted the centre crop by a pixel."""
