@@ -36,9 +36,10 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     prompt file has one prompt per line with ``{}`` where the concept goes ("{} swimming in a pool."). ``{}``
     becomes "<token> <class_prompt>" (our identifier instead of their "<new1>"). Without dataset.json: one
     folder per concept holding its images, a ``prompts.txt`` and a ``concept.json`` with "class_word".
-    The subject's name is its image folder's name.
+    The subject's name is its image folder's name. A token that ``load_concept`` would refuse for a concept (None,
+    '', several words, its class word) is refused here, before any model loads.
     """
-    from .data import ConceptDataError, load_concept
+    from .data import ConceptDataError, check_concept_words, load_concept
 
     root = Path(root)
     spec = root / "dataset.json"
@@ -84,6 +85,7 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
         if not lines:
             raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' has no prompts; write "
                                    "one per line, with {} where the concept goes")
+        check_concept_words(token, class_word)  # not 'Photo of a  dog.', refused only at the concept's first job
         prompts = [ln.replace("{}", f"{token} {class_word}") for ln in lines]
 
         def load(resolution: int, folder=folder, class_word=class_word):

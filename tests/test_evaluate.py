@@ -196,6 +196,8 @@ def test_proportions_get_a_wilson_interval_inside_0_1():
 
 
 def test_customconcept101_layout(tmp_path):
+    from prkit.data import ConceptDataError
+
     root = tmp_path / "cc101"
     _images(root / "benchmark_dataset" / "pet_dog1")
     (root / "prompts").mkdir()
@@ -211,6 +213,10 @@ def test_customconcept101_layout(tmp_path):
     assert ev.strip_token("a photo of a sks dog", "sks") == "a photo of a dog"
     assert ev.strip_token("a photo of a <new1> dog", "<new1>") == "a photo of a dog"  # CustomConcept101's own
     assert ev.strip_token("a V* dog", "V*") == "a dog" and ev.strip_token("asks dog", "sks") == "asks dog"
+    for token, match in [("", "non-empty"), (None, "token is required"), ("my tok", "whitespace"),
+                         ("Dog", "distinct from the class word")]:  # as DreamBooth's prompts refuse them
+        with pytest.raises(ConceptDataError, match=match):
+            ev.load_customconcept101(root, token=token)  # was 'Photo of a  dog.', refused at the first job
 
 
 def test_unknown_names_are_clear(assets, tmp_path):
