@@ -43,7 +43,14 @@ def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = (a[None] if a.ndim == 1 else a), (b[None] if b.ndim == 1 else b)
     if not len(a) or not len(b):
         raise ValueError(f"no embeddings to compare ({len(a)} generated, {len(b)} reference)")
+    _same_width(a, b, "generated", "reference")
     return _unit(a) @ _unit(b).to(a.device).T
+
+
+def _same_width(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{what_a} embeddings have {a.shape[-1]} dimensions, {what_b} embeddings {b.shape[-1]}: "
+                         "embed both with the same backbone (CLIP: its projected image and text embeddings)")
 
 
 def _reduce(values: torch.Tensor, reduce: bool) -> float | torch.Tensor:
@@ -89,7 +96,11 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor, convention: st
     if convention not in CLIP_T_CONVENTIONS:
         raise ValueError(f"convention must be one of {sorted(CLIP_T_CONVENTIONS)}, got {convention!r}")
     images = _unit(image_embeds)
-    texts = _unit(text_embeds).to(images.device).reshape(-1, images.shape[-1])
+    if not images.numel():
+        raise ValueError("no image embeddings to score")
+    texts = _unit(text_embeds).to(images.device)
+    _same_width(texts, images, "text", "image")  # not reshaped into rows of the images' width
+    texts = texts.reshape(-1, images.shape[-1])
     if texts.shape[0] not in (1, images.shape[0]):
         raise ValueError(f"{texts.shape[0]} text embeddings for {images.shape[0]} images; give one or one per image")
     cos = (images * texts).sum(-1)  # (N,)

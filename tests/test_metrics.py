@@ -145,3 +145,20 @@ def test_pixels_resize_the_long_side_as_clips_processor_and_torchvision_do():
             / torch.tensor(metrics.CLIP_STD).view(1, 3, 1, 1)
         assert torch.allclose(metrics._pixels([image], 32, 32, metrics.CLIP_MEAN, metrics.CLIP_STD), ref,
                               atol=1e-6), (w, h)
+
+
+def test_embeddings_of_other_sizes_or_none_are_refused():
+    """Text and image embeddings of other widths (another CLIP's, hidden states instead of projections) are refused:
+    clip_t reshaped (1, 32) text embeddings into two rows of 16 for two images and gave a number; clip_i and dino
+    failed with torch's 'mat1 and mat2 shapes cannot be multiplied'; clip_t of no images gave NaN."""
+    with pytest.raises(ValueError, match="32 dimensions.*16"):
+        metrics.clip_t(torch.ones(2, 16), torch.ones(1, 32))
+    with pytest.raises(ValueError, match="8 dimensions.*16"):
+        metrics.clip_t(torch.ones(2, 16), torch.ones(4, 8))
+    for fn in (metrics.clip_i, metrics.dino):
+        with pytest.raises(ValueError, match="16 dimensions.*32"):
+            fn(torch.ones(2, 16), torch.ones(3, 32))
+    with pytest.raises(ValueError, match="no image embeddings"):
+        metrics.clip_t(torch.ones(0, 16), torch.ones(16))
+    assert metrics.clip_t(torch.ones(16), torch.ones(16)) == pytest.approx(1.0)  # one of each still works
+    assert metrics.clip_t(GEN, torch.tensor([[[3.0, 4.0]], [[3.0, 4.0]]])) == pytest.approx(0.7, abs=1e-6)  # (N, 1, D)
