@@ -109,6 +109,16 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor, convention: st
     return _reduce(cos, reduce)
 
 
+def _check_pil(images: Sequence) -> None:
+    """Refuse what is no PIL image (an array or tensor: a pipeline's output_type 'np' or 'pt'), naming it."""
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image {i} is a {type(image).__name__}, not a PIL image: pass PIL images (a pipeline's "
+                            "default output_type='pil'; an array through PIL.Image.fromarray, as uint8 HxWxC)")
+
+
 def _pixels(images: Sequence, resize: int, crop: int, mean, std) -> torch.Tensor:
     """PIL images -> (N, 3, crop, crop): shorter side to ``resize`` (bicubic), centre crop, normalize. The longer
     side becomes int(resize * long / short), as transformers' CLIP processor and torchvision's Resize make it. Any
@@ -151,6 +161,7 @@ class ClipBackbone:
         """Projected image embeddings (N, D) of PIL images, on the model's device."""
         if not len(images):
             raise ValueError("no images to embed")
+        _check_pil(images)
         size = self.model.config.vision_config.image_size
         feats = []
         for i in range(0, len(images), self.batch_size):
@@ -192,6 +203,7 @@ class DinoBackbone:
         """CLS features (N, D) of the last layer (after its norm), on the model's device."""
         if not len(images):
             raise ValueError("no images to embed")
+        _check_pil(images)
         crop = self.model.config.image_size
         resize = round(crop * 256 / 224)  # 224 -> 256, as the DINO evaluation transform
         feats = []

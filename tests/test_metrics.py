@@ -162,3 +162,14 @@ def test_embeddings_of_other_sizes_or_none_are_refused():
         metrics.clip_t(torch.ones(0, 16), torch.ones(16))
     assert metrics.clip_t(torch.ones(16), torch.ones(16)) == pytest.approx(1.0)  # one of each still works
     assert metrics.clip_t(GEN, torch.tensor([[[3.0, 4.0]], [[3.0, 4.0]]])) == pytest.approx(0.7, abs=1e-6)  # (N, 1, D)
+
+
+def test_images_that_are_no_pil_images_are_named(tiny_clip_folder, tiny_vit_folder):
+    """An array or tensor (a pipeline's output_type='np' or 'pt') is refused naming what it is and what to pass: it
+    failed with "'numpy.ndarray' object has no attribute 'convert'"."""
+    import numpy as np
+
+    for backbone in (metrics.load_clip(tiny_clip_folder), metrics.load_dino(tiny_vit_folder)):
+        for bad, name in [(np.zeros((40, 40, 3), np.uint8), "ndarray"), (torch.zeros(3, 40, 40), "Tensor")]:
+            with pytest.raises(TypeError, match=rf"image 1 is a {name}.*PIL"):
+                backbone.embed_images([_images(1)[0], bad])
