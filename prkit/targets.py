@@ -55,8 +55,19 @@ class PeftTarget:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """``state`` into the adapter's factors, also one saved under another adapter name (a checkpoint of the run
+        trained as ``name='a'``, resumed as ``'b'``: residual sets resume so, this failed as a key of ``'b'``)."""
+        state = {self._as_own(k): v for k, v in state.items()}
         for n, p in self.named().items():
             p.copy_(state[n])
+
+    def _as_own(self, key: str) -> str:
+        """``key`` (``<layer>.lora_A.<adapter>.weight``) with this target's adapter name."""
+        for part in (".lora_A.", ".lora_B."):
+            layer, found, rest = key.partition(part)
+            if found and "." in rest:
+                return f"{layer}{part}{self.name}.{rest.rsplit('.', 1)[1]}"
+        return key
 
     def remove(self) -> None:
         """Take the adapter off the UNet, and peft's wrapper off every layer that holds no other adapter (peft's

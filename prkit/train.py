@@ -80,6 +80,23 @@ def _check_not_offloaded(unet) -> None:
             "again for sampling: generate() works with residuals on an offloaded pipeline")
 
 
+def _check_not_empty(pipe) -> None:
+    """Refuse a pipeline whose UNet, VAE or text encoder has weights on the meta device (built empty, under
+    accelerate's ``init_empty_weights`` or ``torch.device("meta")``, and never loaded): training failed in the text
+    encoder with torch's "Cannot copy out of meta tensor; no data!", naming neither the model nor the way out."""
+    for what in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, what, None)
+        if not isinstance(module, torch.nn.Module) or offloading(module) is not None:  # offloaded: hooks bring them
+            continue
+        empty = next((n for n, p in module.named_parameters() if p.device.type == "meta"), None)
+        if empty is not None:
+            raise ValueError(
+                f"train_residuals: the pipeline's {what} has no weights: {empty!r} is on the meta device (a model "
+                "built empty, e.g. under accelerate's init_empty_weights, whose weights were never loaded). Load "
+                f"them (prkit.load_pipeline(...), or load_state_dict(..., assign=True) on pipe.{what}) and train "
+                "again")
+
+
 def _check_precision(config, unet) -> None:
     wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
     stored = unet.dtype
@@ -121,6 +138,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     unet = pipe.unet
     _check_resolution(pipe, concept)  # both loops (the fast one too), pointing at the caller's line
     _check_not_offloaded(unet)
+    _check_not_empty(pipe)
     _check_precision(config, unet)
     unfinished = _unfinished(unet)
     left = unfinished.pop(name, None)

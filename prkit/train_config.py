@@ -55,6 +55,13 @@ class TrainConfig:
     fast: bool | None | FastConfig = None
 
     def __post_init__(self):
+        from .residuals import plain_rank
+
+        # numpy or torch numbers (np.int64(300) from a sweep) as Python's, as rank takes them: they were refused as
+        # "must be a whole number >= 1, got np.int64(300)" (and would not go into the residual file's JSON record)
+        for name in ("steps", "batch_size", "learning_rate", "weight_decay", "seed", "checkpoint_every",
+                     "validate_every", "validation_steps", "prior_weight", "max_grad_norm", "stop_after"):
+            setattr(self, name, plain_rank(getattr(self, name)))
         check_whole(self, ("steps", "batch_size"), 1)
         check_whole(self, ("checkpoint_every", "validate_every"), 0, " (0: never)")
         # else generate() refused it at the first validation, validate_every steps into the run

@@ -306,3 +306,18 @@ def test_a_baseline_stopped_early_resumes_in_the_next_call(tmp_path, concept, ta
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     stopped.residuals.remove()  # already off the model: nothing more to do
     assert all(torch.equal(p, state[k]) for k, p in _state(pipe).items())
+
+
+@pytest.mark.parametrize("target", ["lora", "attn_kv"])
+def test_a_peft_targets_checkpoint_resumes_under_another_set_name(tmp_path, concept, target):
+    """A run stopped as name='a' continues as name='b' (the name is the set's on the model, not part of the run), as
+    residual sets and the other baselines do: peft's keys hold the adapter's name, and the resume was refused as
+    "does not fit this run ('...lora_A.b.weight')"."""
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, name="b", **kw).residuals.state_dict()
+    kw["checkpoint_dir"] = str(tmp_path / "ckpt")
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, name="a", stop_after=2, **kw)
+    result = prkit.train_residuals(make_pipe(tmp_path / "b"), concept, name="b", **kw)
+    assert result.completed and result.steps_done == 4
+    trained = result.residuals.state_dict()
+    assert trained.keys() == straight.keys() and all(torch.equal(trained[k], v) for k, v in straight.items())

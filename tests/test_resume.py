@@ -175,6 +175,29 @@ def test_bad_recipe_numbers_name_the_field(field, value):
         train.TrainConfig(**{field: value})
 
 
+def test_recipe_numbers_from_numpy_or_torch_are_taken_as_pythons(tmp_path, concept):
+    """A sweep's numbers (np.arange, np.linspace, a tensor's item-less scalar) train as Python's, as rank does: they
+    were refused as "must be a whole number >= 1, got np.int64(3)"; the residual file records them as plain numbers.
+    A numpy float for a whole-number field is still refused."""
+    import json
+
+    import numpy as np
+
+    given = dict(steps=np.int64(3), batch_size=np.int32(2), seed=np.uint64(7), learning_rate=np.float32(2e-3),
+                 weight_decay=torch.tensor(0.02), checkpoint_every=np.int64(2), validate_every=np.int64(0),
+                 validation_steps=np.int64(4), prior_weight=np.float64(0.5), max_grad_norm=np.float32(1.0),
+                 stop_after=np.int16(2))
+    config = train.TrainConfig(**given)
+    for field, value in given.items():
+        assert type(getattr(config, field)) is type(value.item()) and getattr(config, field) == value.item(), field
+    result = prkit.train_residuals(make_pipe(tmp_path / "p"), concept, config, progress=False,
+                                   checkpoint_dir=str(tmp_path / "ckpt"))
+    assert result.steps_done == 2 and not result.completed
+    json.dumps(result.residuals.meta["config"])  # as the residual file's header writes it
+    with pytest.raises(ValueError, match=r"TrainConfig\.steps must be a whole number"):
+        train.TrainConfig(steps=np.float64(3.0))
+
+
 def test_a_checkpoint_is_readable_with_weights_only(tmp_path, concept):
     ckpt = tmp_path / "ckpt"
     _stopped(tmp_path, concept, ckpt)

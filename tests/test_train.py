@@ -631,3 +631,17 @@ def test_bad_validation_steps_are_refused_before_training_not_at_the_first_valid
         with pytest.raises(ValueError, match=rf"TrainConfig\.validation_steps must be a whole number >= 1 .*, got {bad!r}"):
             prkit.train_residuals(pipe, concept, validation_steps=bad, **train_steps, **FAST)
     assert calls == [] and prkit.residual_names(pipe.unet) == []
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_a_pipeline_part_built_empty_on_the_meta_device_is_refused_naming_it(tmp_path, concept, part):
+    """A UNet (or VAE, text encoder) on the meta device, built empty and never loaded: refused before anything is
+    added, naming the part and the way out; training failed in the text encoder with torch's "Cannot copy out of
+    meta tensor; no data!". A checkpoint of the folder is not set aside by the refused call."""
+    pipe = make_pipe(tmp_path / "p")
+    ckpt = tmp_path / "ckpt"
+    prkit.train_residuals(make_pipe(tmp_path / "p0"), concept, steps=1, checkpoint_dir=str(ckpt), **FAST)
+    setattr(pipe, part, getattr(pipe, part).to("meta"))
+    with pytest.raises(ValueError, match=rf"the pipeline's {part} has no weights: '.+' is on the meta device.*Load"):
+        prkit.train_residuals(pipe, concept, steps=1, checkpoint_dir=str(ckpt), resume=False, **FAST)
+    assert prkit.residual_names(pipe.unet) == [] and [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]
