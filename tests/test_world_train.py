@@ -338,3 +338,14 @@ def test_set_reads_a_value_as_its_field_declares_it(tmp_path, setting, says, cap
     assert W._parse_value("3", None, "workers") == 3 and W._parse_value("None", 0, "workers") is None
     assert W._parse_value("1e-3", None, "caption_drop_attributes_patterned") == 1e-3
     assert W._parse_value("left", None, "pad_side") == "left" and W._parse_value("2", 2.0, "vae_minutes") == 2.0
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),  # numpy's 'expected non-negative integer'
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+])
+def test_seed_and_steps_are_checked_before_any_stage_runs(tmp_path, args, says, capsys, monkeypatch):
+    monkeypatch.setattr(W, "run", lambda *a, **k: pytest.fail("the recipe ran"))
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), *args])
+    assert says in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -159,13 +159,15 @@ def _check_inputs(stages: list[str], out: Path, init_from: Path | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli_args import _positive_int, _seed
+
     ap = argparse.ArgumentParser(prog="python -m prkit.world.train", description=__doc__.split("\n")[0])
     ap.add_argument("--stage", nargs="+", default=["all"], help=f"one or more of {', '.join(STAGES)}, or all")
     ap.add_argument("--out", type=Path, required=True, help="working folder (data, checkpoints, exported model)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_seed, default=0, help="seed of the renders and of training (default 0)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="time budget of the training stage(s) run (vae, unet); default: the config's")
-    ap.add_argument("--steps", type=int, default=None, help="fixed number of steps for vae/unet (overrides --minutes)")
+    ap.add_argument("--steps", type=_positive_int, default=None, help="fixed number of steps for vae/unet (overrides --minutes)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--init-from", type=Path, default=None, help="warm-start unet + text encoder from a pipeline folder")
     ap.add_argument("--device", default="auto")
