@@ -147,3 +147,22 @@ def test_read_takes_16_bit_and_float_pil_images_at_their_depth(batch):
         assert torch.allclose(as_batch(form), expected, atol=1e-6), name
     with pytest.raises(ValueError, match=r"float values span \[.*\]; the oracle reads floats in \[0, 1\]"):
         as_batch(Image.fromarray(grey.astype(np.float32) * 2))  # F in 0-510: refused, as a float array is
+
+
+@pytest.mark.parametrize("bad,says", [
+    ("nan", r"images: float values include NaN or infinity.*pipeline"),
+    ("int above 65535", r"images: int32 values span \[70000, 70000\]; the oracle reads integers in 0-255 or 0-65535"),
+    ("negative int", r"images: int64 values span \[-5, 200\]; the oracle reads integers in 0-255 or 0-65535"),
+])
+def test_read_refuses_nan_and_integers_outside_an_image_depth(batch, bad, says):
+    """A NaN image (a diverged sample) was read as a red ball in the snow at x = NaN, and integers outside 0-65535
+    were clamped to black or white and read, where floats outside [0, 1] are refused."""
+    from prkit.world.oracle_input import as_batch
+
+    image = batch["image"][0].astype(np.float32) / 255
+    form = {"nan": np.where(image > 0.5, np.nan, image),
+            "int above 65535": np.full((64, 64, 3), 70000, np.int32),
+            "negative int": torch.tensor([[-5, 200]]).repeat(32, 32)}[bad]
+    with pytest.raises(ValueError, match=says):
+        as_batch(form)
+    assert as_batch(np.full((8, 8), 65535, np.int32)).min() == 1 and as_batch(np.zeros((8, 8), np.int64)).max() == 0

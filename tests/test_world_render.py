@@ -385,3 +385,24 @@ def test_world_bench_checks_rates_and_cuts_before_the_model_loads(tmp_path, monk
     with pytest.raises(SystemExit):
         bench.main(["--out", str(tmp_path / "b.csv"), *args])
     assert says in capsys.readouterr().err
+
+
+def test_world_bench_background_change_does_not_wrap_the_concept_region_around_the_edges():
+    """The concept region was dilated with np.roll: an object at the left edge also hid a 2-pixel strip at the
+    right edge (and one at the top the bottom rows), so a change there went unmeasured."""
+    from prkit.world.bench import _dilate, grade
+
+    mask = np.zeros((64, 64), bool)
+    mask[30:34, 0:3] = True  # an object touching the left edge
+    grown = _dilate(mask)
+    assert np.array_equal(np.where(grown.any(0))[0], np.arange(0, 5))  # 2 px right of it, none wrapped to 62-63
+    assert np.array_equal(np.where(grown.any(1))[0], np.arange(28, 36))
+    inner = np.zeros((64, 64), bool)
+    inner[10, 20] = True  # away from the edges: the 5x5 square around it, as before
+    assert _dilate(inner).sum() == 25 and _dilate(inner)[8:13, 18:23].all()
+    image, base = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.uint8)
+    image[31, 63] = 255  # a change at the right edge, across from the object
+    reading = {"background": PLAIN, "objects": [], "mask": mask}
+    (row,) = grade([image], [base], [reading], [reading], EXAMPLE_CONCEPTS["striped_ball"],
+                   ["a photo of a sks ball"], 1)
+    assert row["background_change"] == pytest.approx(1 / (64 * 64 - grown.sum()))

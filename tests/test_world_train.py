@@ -319,3 +319,33 @@ def test_vae_stage_resumed_without_a_vae_says_it_starts_a_new_one(recipe, tmp_pa
         W.stage_vae(cfg, work, torch.device("cpu"), resume=True)
     assert f"vae: --resume but no VAE at {work / 'vae'}; the VAE stage starts from a new VAE" in caplog.text
     assert (work / "vae" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("setting,says", [
+    ("workers=four", "--set workers=four: expected an int (or None)"),  # a word: '>' not supported, in stage data
+    ("vae_steps=2.5", "--set vae_steps=2.5: expected an int (or None)"),
+    ("n_images=None", "--set n_images=None: n_images takes an int, not None"),  # NoneType / int in stage data
+    ("pad_side=middle", "--set pad_side=middle: expected one of left, right (or None)"),
+])
+def test_set_reads_a_value_as_its_field_declares_it(tmp_path, setting, says, capsys, monkeypatch):
+    """Fields whose default is None took any word or number (workers=four, vae_steps=2.5), and every field took
+    None: the stage that used them failed with a TypeError traceback, after the stages before it had run."""
+    monkeypatch.setattr(W, "run", lambda *a, **k: pytest.fail("the recipe ran"))  # the full-size data stage
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "data", "--out", str(tmp_path / "w"), "--set", setting])
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert W._parse_value("3", None, "workers") == 3 and W._parse_value("None", 0, "workers") is None
+    assert W._parse_value("1e-3", None, "caption_drop_attributes_patterned") == 1e-3
+    assert W._parse_value("left", None, "pad_side") == "left" and W._parse_value("2", 2.0, "vae_minutes") == 2.0
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),  # numpy's 'expected non-negative integer'
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+])
+def test_seed_and_steps_are_checked_before_any_stage_runs(tmp_path, args, says, capsys, monkeypatch):
+    monkeypatch.setattr(W, "run", lambda *a, **k: pytest.fail("the recipe ran"))
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), *args])
+    assert says in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -66,10 +66,14 @@ def identity(reading: dict, concept: WorldConcept) -> tuple[bool, bool]:
 
 
 def _dilate(mask: np.ndarray, radius: int = 2) -> np.ndarray:
+    """``mask`` (H, W) grown by ``radius`` pixels (a square), stopping at the image's edges (np.roll wrapped a
+    region at one edge onto the opposite one)."""
+    h, w = mask.shape
+    padded = np.pad(mask, radius)
     out = mask.copy()
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
     return out
 
 

@@ -4,8 +4,8 @@ Accepted: a PIL image (16-bit, 32-bit integer and float grey modes read at their
 hold), a numpy array or a torch tensor of one image ((H, W), (H, W, C) or (C, H, W)) or of a batch ((N, H, W, C)
 or (N, C, H, W)), or a list of any of these, each resized on its own. Channels: grey (1), RGB (3) or RGBA (4,
 alpha dropped). Values: uint8 0-255, uint16 0-65535 (numpy or torch), other integers 0-255 (0-65535 where
-larger), or floats in [0, 1]; floats outside [0, 1] (0-255 floats, [-1, 1] tensors) are refused rather than read
-as something else.
+larger), or floats in [0, 1]; floats outside [0, 1] (0-255 floats, [-1, 1] tensors), NaN or infinity and other
+integers outside 0-65535 are refused rather than read as something else.
 """
 
 from __future__ import annotations
@@ -41,14 +41,20 @@ def _unit(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x.float() / 255
     if x.dtype in (torch.int16, torch.int32, torch.int64):  # integers of unknown depth: 8-bit when they fit
-        top = 65535 if int(x.max()) > 255 else 255
-        return x.float() / top
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 65535:  # clamped, they read as black or white
+            raise ValueError(f"{what}: {str(x.dtype).removeprefix('torch.')} values span [{lo}, {hi}]; the oracle "
+                             "reads integers in 0-255 or 0-65535 (pass uint8 or uint16 images, or floats in [0, 1])")
+        return x.float() / (65535 if hi > 255 else 255)
     if x.dtype == torch.bool:
         return x.float()
     if not x.is_floating_point():  # int8 and the like: no image depth they could stand for
         raise ValueError(f"{what}: {str(x.dtype).removeprefix('torch.')} values are no image depth the oracle "
                          "knows; pass uint8 (0-255), uint16 or int16-int64 (0-255 or 0-65535), or floats in [0, 1]")
     x = x.float()
+    if not bool(torch.isfinite(x).all()):  # NaN passes every comparison: it was read as an image
+        raise ValueError(f"{what}: float values include NaN or infinity (a sample that diverged?); the oracle reads "
+                         "finite floats in [0, 1]: check the pipeline's output (e.g. fp16 overflow in its VAE)")
     lo, hi = float(x.min()), float(x.max())
     if lo < -_SLACK or hi > 1 + _SLACK:
         raise ValueError(f"{what}: float values span [{lo:.3g}, {hi:.3g}]; the oracle reads floats in [0, 1] "

@@ -27,7 +27,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -88,11 +88,25 @@ def run(stages: list[str], out: Path, cfg: RecipeConfig, device: torch.device, r
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_DECLARED = {f.name: f.type for f in fields(RecipeConfig)}  # 'int', 'float | None', ... (postponed annotations)
+_KINDS = {"int": 0, "float": 0.0, "bool": False, "str": ""}
+_CHOICES = {"pad_side": ("left", "right")}
 
 
 def _parse_value(value: str, default, key: str = "value"):
+    """A --set value as the RecipeConfig field ``key`` declares it ('None' only where the field may be None);
+    another key is read by ``default``'s type, a None default as a number where it reads as one, else a word."""
+    declared = _DECLARED.get(key)
+    if declared is not None:  # the declared type, not the current value's: a None default took any word
+        kind, optional = declared.removesuffix(" | None"), declared.endswith(" | None")
+        if value == "None" and not optional:
+            raise ValueError(f"--set {key}=None: {key} takes {'an' if kind == 'int' else 'a'} {kind}, not None")
+        default = _KINDS[kind]
+        if key in _CHOICES and value != "None" and value not in _CHOICES[key]:
+            raise ValueError(f"--set {key}={value}: expected one of {', '.join(_CHOICES[key])} (or None)")
     if value == "None":
         return None
+    or_none = " (or None)" if declared is not None and declared.endswith(" | None") else ""
     if isinstance(default, bool):
         if value.lower() not in _TRUE + _FALSE:
             raise ValueError(f"--set {key}={value}: expected true or false (or 1/0, yes/no)")
@@ -104,10 +118,11 @@ def _parse_value(value: str, default, key: str = "value"):
             except ValueError:
                 pass
         return value
+    name = type(default).__name__
     try:
         return type(default)(value)
     except ValueError:
-        raise ValueError(f"--set {key}={value}: expected a {type(default).__name__}") from None
+        raise ValueError(f"--set {key}={value}: expected {'an' if name == 'int' else 'a'} {name}{or_none}") from None
 
 
 def _stages(names: list[str]) -> list[str]:
@@ -144,13 +159,15 @@ def _check_inputs(stages: list[str], out: Path, init_from: Path | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli_args import _positive_int, _seed
+
     ap = argparse.ArgumentParser(prog="python -m prkit.world.train", description=__doc__.split("\n")[0])
     ap.add_argument("--stage", nargs="+", default=["all"], help=f"one or more of {', '.join(STAGES)}, or all")
     ap.add_argument("--out", type=Path, required=True, help="working folder (data, checkpoints, exported model)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_seed, default=0, help="seed of the renders and of training (default 0)")
     ap.add_argument("--minutes", type=float, default=None,
                     help="time budget of the training stage(s) run (vae, unet); default: the config's")
-    ap.add_argument("--steps", type=int, default=None, help="fixed number of steps for vae/unet (overrides --minutes)")
+    ap.add_argument("--steps", type=_positive_int, default=None, help="fixed number of steps for vae/unet (overrides --minutes)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--init-from", type=Path, default=None, help="warm-start unet + text encoder from a pipeline folder")
     ap.add_argument("--device", default="auto")
