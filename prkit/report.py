@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="run only notebooks with these prefixes (e.g. 01 02)")
     parser.add_argument("--kernel", default="python3")
     args = parser.parse_args(argv)
+    for flag in ("--out", "--run", "--notebooks", "--params"):  # Path("") is the current folder: --run "" ran there
+        if getattr(args, flag[2:]) == "":
+            parser.error(f"{flag} is empty; give a path (an unset shell variable?)")
     parameters: dict = {}
     if args.params:
         import yaml

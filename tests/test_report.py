@@ -404,3 +404,15 @@ def test_a_params_files_numbers_in_exponent_form_are_numbers(tmp_path, books):
     (tmp_path / "p.yaml").write_text("lr: 1e-3\nbig: 1.5e10\nsmall: -2E-4\nrate: 5e-1\nname: '1e-3'\nword: e5\n")
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "03", "--params",
                  str(tmp_path / "p.yaml")]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--run", "--params", "--out", "--notebooks"])
+def test_an_empty_path_is_a_usage_error(tmp_path, books, capsys, monkeypatch, flag):
+    """An unset shell variable ('--run "$RUN"'): --run "" ran the series in the current folder, --params "" ran it
+    with the notebooks' defaults, both without a word."""
+    monkeypatch.chdir(tmp_path)
+    given = {"--notebooks": str(books), flag: ""}
+    with pytest.raises(SystemExit) as err:
+        main([word for pair in given.items() for word in pair])
+    assert err.value.code == 2 and f"{flag} is empty; give a path (an unset shell variable?)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["books"]
