@@ -198,7 +198,9 @@ def test_numbers_are_checked_by_the_parser(tmp_path, capsys):
     for flag, value, says in (("--steps", "0", "must be at least 1"), ("--batch-size", "-2", "must be at least 1"),
                               ("--rank", "abc", "a fraction in (0, 1)"), ("--rank", "1.5", "whole rank"),
                               ("--rank", "inf", "whole rank"), ("--rank", "0", "whole rank"),
-                              ("--resolution", "0", "must be at least 1"), ("--lr", "nan", "finite number"),
+                              ("--resolution", "0", "must be at least 1"),
+                              # a typo's 51200 px crops were made before the model loaded: the OOM killer, no word
+                              ("--resolution", "51200", "must be at most 16384"), ("--lr", "nan", "finite number"),
                               ("--lr", "0", "must be a number > 0")):
         with pytest.raises(SystemExit) as err:
             main(_train_args(tmp_path, tmp_path / "x.safetensors", flag, value))
