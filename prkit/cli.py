@@ -368,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     if empty is not None:
         print(f"prkit {args.command}: error: {empty} is empty; give a path (an unset shell variable?)", file=sys.stderr)
         return 2
+    if getattr(args, "model", None) == "":  # export took the recorded model instead; train and sample named '.'
+        print(f"prkit {args.command}: error: --model is empty; give 'world', a diffusers folder or a hub id (an unset "
+              "shell variable?)", file=sys.stderr)
+        return 2
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     said = _in_cli_words(args.command)

@@ -221,6 +221,19 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, cap
     assert list(tmp_path.iterdir()) == []
 
 
+
+@pytest.mark.parametrize("args", [["sample", "--prompt", "a sks dog", "--out", "s"],
+                                  ["export", "in.safetensors", "--out", "x.safetensors"],
+                                  ["train", "--images", "images", "--out", "x.safetensors"]], ids=lambda a: a[0])
+def test_an_empty_model_is_refused(tmp_path, capsys, monkeypatch, args):
+    """--model "$MODEL" unset: export took the model the file records without a word, sample and train said that
+    '.' (which nobody gave) is not a diffusers pipeline folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["--model", ""]) == 2
+    assert ("error: --model is empty; give 'world', a diffusers folder or a hub id (an unset shell variable?)"
+            in capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
 def test_train_refuses_an_empty_images_path_and_a_resolution_the_vae_cannot_take(tmp_path, capsys):
     # "" is the current folder to Path: an unset shell variable trained on whatever images were there
     args = _train_args(tmp_path, tmp_path / "x.safetensors")
