@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 from .cli_args import (  # noqa: F401
-    MAX_IMAGES, _check_loras, _check_output_file, _finite, _guidance, _image_count, _learning_rate, _per_file,
-    _positive_int, _rank, _seed, _side, _whole, _writable_folder, bars_wanted)
+    MAX_IMAGES, _check_loras, _check_output_file, _crop_side, _finite, _guidance, _image_count, _learning_rate,
+    _per_file, _positive_int, _rank, _seed, _side, _whole, _writable_folder, bars_wanted)
 from .cli_output import _cli_words, _error_line, _in_cli_words, _library_bars_off  # noqa: F401
 from .cli_sample import _sample
 from .interrupts import terminate_as_interrupt
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=_rank, default=0.05,
                        help="fraction of channels (default 0.05) or a whole rank (e.g. 16)")
     train.add_argument("--seed", type=_seed, default=0, help="default 0")
-    train.add_argument("--resolution", type=_positive_int, default=None, help="default: the model's native size")
+    train.add_argument("--resolution", type=_crop_side, default=None,
+                       help="default: the model's native size; at most 16384, as sample's --height and --width")
     train.add_argument("--checkpoint-dir", default=None,
                        help="default: --out without .safetensors, plus .ckpt (sks.safetensors: sks.ckpt); rerun the "
                             "same command to resume")
@@ -366,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     empty = _empty_path(args)
     if empty is not None:
         print(f"prkit {args.command}: error: {empty} is empty; give a path (an unset shell variable?)", file=sys.stderr)
+        return 2
+    if getattr(args, "model", None) == "":  # export took the recorded model instead; train and sample named '.'
+        print(f"prkit {args.command}: error: --model is empty; give 'world', a diffusers folder or a hub id (an unset "
+              "shell variable?)", file=sys.stderr)
         return 2
     _expand_paths(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

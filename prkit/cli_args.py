@@ -36,6 +36,8 @@ def _whole(minimum: int, maximum: int | None = None, multiple: int = 1):
 _positive_int = _whole(1)
 _seed = _whole(0, 2 ** 64 - 1)  # what torch's generators take (a larger one failed after the model had loaded)
 _side = _whole(8, 16384, 8)  # an image side: diffusers' pipelines want multiples of 8 (said before the model loads)
+_crop_side = _whole(1, 16384)  # train --resolution: its crops are made before the model loads (a typo's 51200 px
+# ones met the OOM killer without a word); the multiple the model's VAE wants is checked once it has loaded
 
 
 MAX_IMAGES = 10000  # per call: prkit sample makes all of a call's images (every prompt's) in one batch

@@ -273,6 +273,22 @@ def _new_run_folder(parent: Path) -> Path:
     raise FileExistsError(f"could not make a new run folder under {parent}")
 
 
+# YAML 1.2's numbers in exponent form that PyYAML (YAML 1.1) reads as strings: 1e-3 (no dot), 1.5e10 (no sign)
+EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def read_params(text: str) -> object:
+    """A ``--params`` file's YAML, its unquoted numbers in exponent form (``learning_rate: 1e-3``) read as numbers,
+    as YAML 1.2 and Python read them; PyYAML left them strings, which reached the notebooks as such."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prkit.report", description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="parent folder of the new run folder (default: runs)")
@@ -284,13 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="run only notebooks with these prefixes (e.g. 01 02)")
     parser.add_argument("--kernel", default="python3")
     args = parser.parse_args(argv)
+    for flag in ("--out", "--run", "--notebooks", "--params"):  # Path("") is the current folder: --run "" ran there
+        if getattr(args, flag[2:]) == "":
+            parser.error(f"{flag} is empty; give a path (an unset shell variable?)")
     parameters: dict = {}
     if args.params:
         import yaml
 
         params_file = Path(args.params).expanduser()
         try:
-            given = yaml.safe_load(params_file.read_text()) or {}
+            given = read_params(params_file.read_text()) or {}
         except OSError as err:
             parser.error(f"--params {args.params}: {err.strerror or err}")
         except yaml.YAMLError as err:

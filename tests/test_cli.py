@@ -198,7 +198,9 @@ def test_numbers_are_checked_by_the_parser(tmp_path, capsys):
     for flag, value, says in (("--steps", "0", "must be at least 1"), ("--batch-size", "-2", "must be at least 1"),
                               ("--rank", "abc", "a fraction in (0, 1)"), ("--rank", "1.5", "whole rank"),
                               ("--rank", "inf", "whole rank"), ("--rank", "0", "whole rank"),
-                              ("--resolution", "0", "must be at least 1"), ("--lr", "nan", "finite number"),
+                              ("--resolution", "0", "must be at least 1"),
+                              # a typo's 51200 px crops were made before the model loaded: the OOM killer, no word
+                              ("--resolution", "51200", "must be at most 16384"), ("--lr", "nan", "finite number"),
                               ("--lr", "0", "must be a number > 0")):
         with pytest.raises(SystemExit) as err:
             main(_train_args(tmp_path, tmp_path / "x.safetensors", flag, value))
@@ -218,6 +220,19 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, cap
     assert f"error: {flag} is empty; give a path (an unset shell variable?)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
+
+
+@pytest.mark.parametrize("args", [["sample", "--prompt", "a sks dog", "--out", "s"],
+                                  ["export", "in.safetensors", "--out", "x.safetensors"],
+                                  ["train", "--images", "images", "--out", "x.safetensors"]], ids=lambda a: a[0])
+def test_an_empty_model_is_refused(tmp_path, capsys, monkeypatch, args):
+    """--model "$MODEL" unset: export took the model the file records without a word, sample and train said that
+    '.' (which nobody gave) is not a diffusers pipeline folder."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["--model", ""]) == 2
+    assert ("error: --model is empty; give 'world', a diffusers folder or a hub id (an unset shell variable?)"
+            in capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
 
 def test_train_refuses_an_empty_images_path_and_a_resolution_the_vae_cannot_take(tmp_path, capsys):
     # "" is the current folder to Path: an unset shell variable trained on whatever images were there

@@ -393,3 +393,26 @@ def test_a_notebook_cut_short_still_gets_an_index_that_names_it(tmp_path, books,
     assert "<td>01_write_value.ipynb</td><td>earlier run; its page could not be made: NotJSONError" in index
     assert '02_check_value.html">02_check_value.ipynb</a></td><td>ok</td>' in index
     assert "01_write_value.ipynb: no page, NotJSONError" in capsys.readouterr().out
+
+
+def test_a_params_files_numbers_in_exponent_form_are_numbers(tmp_path, books):
+    """PyYAML reads YAML 1.1, where 1e-3 (no dot) and 1.5e10 (no sign) are strings: 'learning_rate: 1e-3' passed
+    the report's checks (its default is None) and reached 02 as the string '1e-3', refused there after 01 had run."""
+    _write(books, "03_check.ipynb", "assert lr == 0.001 and big == 1.5e10 and small == -2e-4 and rate == 0.5, "
+                                    "(lr, big, small, rate)\nassert name == '1e-3' and word == 'e5'",
+           params="lr = None\nbig = None\nsmall = None\nrate = 0.1\nname = 'x'\nword = 'x'")
+    (tmp_path / "p.yaml").write_text("lr: 1e-3\nbig: 1.5e10\nsmall: -2E-4\nrate: 5e-1\nname: '1e-3'\nword: e5\n")
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "03", "--params",
+                 str(tmp_path / "p.yaml")]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--run", "--params", "--out", "--notebooks"])
+def test_an_empty_path_is_a_usage_error(tmp_path, books, capsys, monkeypatch, flag):
+    """An unset shell variable ('--run "$RUN"'): --run "" ran the series in the current folder, --params "" ran it
+    with the notebooks' defaults, both without a word."""
+    monkeypatch.chdir(tmp_path)
+    given = {"--notebooks": str(books), flag: ""}
+    with pytest.raises(SystemExit) as err:
+        main([word for pair in given.items() for word in pair])
+    assert err.value.code == 2 and f"{flag} is empty; give a path (an unset shell variable?)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["books"]
