@@ -189,6 +189,8 @@ def _from_file(check, read: list[str], meta_path: Path):
     try:
         return check()
     except ConceptDataError as e:
+        # only the words the refusal is about: `--token ''` with a class word from the file blamed the file
+        read = [r for r in read if r in str(e) or r.replace("_", " ") in str(e)]
         if not read:
             raise
         names = ", ".join(read)

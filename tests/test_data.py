@@ -843,3 +843,24 @@ def test_dreambooth_prompts_refuse_a_token_that_the_concept_would_refuse(dreambo
     ds = load_dreambooth(dreambooth_root)
     with pytest.raises(ConceptDataError, match=match):
         ds.prompts("dog", token=token)
+
+
+def test_a_word_passed_and_refused_does_not_blame_the_words_read_from_concept_json(tmp_path):
+    """`prkit train --token ''` with the class word in concept.json said '(class_word read from ...concept.json:
+    fix or delete it there ...)', pointing at a file that holds nothing wrong."""
+    import json
+
+    from PIL import Image
+
+    from prkit.data import ConceptDataError, load_concept
+
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    (folder / "concept.json").write_text(json.dumps({"class_word": "dog"}))
+    with pytest.raises(ConceptDataError) as refused:
+        load_concept(folder, token="")
+    assert "token must be a non-empty string" in str(refused.value) and "concept.json" not in str(refused.value)
+    with pytest.raises(ConceptDataError, match=r"class_word read from .*concept.json"):
+        load_concept(folder, token="dog")  # the token meets the class word read from the file: named
