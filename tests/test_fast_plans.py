@@ -215,7 +215,7 @@ def test_an_interrupt_leaves_the_queued_backwards_unrun_and_no_thread(monkeypatc
 
     def backward(inputs, outputs):  # a backward slower than the forwards: they queue up
         threads.add(threading.current_thread())
-        time.sleep(0.2)
+        time.sleep(1.0)  # long beside the forwards up to the interrupt, also on a loaded machine
         ran.append(len(inputs))
 
     monkeypatch.setattr(plans, "_backward", backward)
@@ -228,7 +228,7 @@ def test_an_interrupt_leaves_the_queued_backwards_unrun_and_no_thread(monkeypatc
     began = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         plan_ahead(unet, [_Slot(2, (8, 8), torch.randn(2, 5, 32))], None, budget_bytes=1)
-    assert len(ran) <= 1 and time.perf_counter() - began < 0.2 * (len(calls) // 2)  # the queue was not waited out
+    assert len(ran) <= 1 and time.perf_counter() - began < 1.0 * (len(calls) // 2)  # the queue was not waited out
     assert threads and not any(t.is_alive() for t in threads)
 
 
