@@ -106,6 +106,13 @@ def check_class(name: str, class_name, kwargs: dict) -> None:
     ``load_pipeline`` does not load (a ``custom_pipeline`` given in ``kwargs`` decides the class instead)."""
     import diffusers
 
+    if "custom_pipeline" not in kwargs and (not class_name or isinstance(class_name, str)
+                                            and getattr(diffusers, class_name, None) is None):
+        what = f"names {class_name!r}, a class diffusers {diffusers.__version__} does not have" if class_name else \
+            "has no _class_name"
+        raise TypeError(f"the model_index.json of {name!r} {what}; load_pipeline loads {', '.join(SUPPORTED)}: "
+                        f"set its _class_name to the pipeline class the model is (SD1.x/2.x: {SUPPORTED[0]}, SDXL: "
+                        f"{SUPPORTED[1]}) or restore the file from the model's download")
     cls = getattr(diffusers, str(class_name), None) if class_name and "custom_pipeline" not in kwargs else None
     if class_name in SUPPORTED or not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
         return

@@ -551,3 +551,24 @@ def test_a_pipeline_class_prkit_does_not_load_is_refused_before_its_weights(tmp_
     images = prkit.generate(refiner, "a photo of a dog", image=torch.rand(1, 3, 32, 32), strength=0.5, steps=2,
                             output_type="np")
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_a_model_index_without_a_known_pipeline_class_is_refused_naming_the_file(pipe, tmp_path):
+    """A model_index.json naming a class this diffusers lacks (a typo, a newer diffusers' pipeline) ended in
+    diffusers' 'AttributeError: module diffusers has no attribute FooPipeline', one without _class_name in a bare
+    "KeyError: '_class_name'"; neither said which file is wrong."""
+    import json
+
+    for case, edit in [("unknown", lambda index: index.update(_class_name="FooPipeline")),
+                       ("missing", lambda index: index.pop("_class_name"))]:
+        folder = tmp_path / case
+        pipe.save_pretrained(str(folder))
+        index = json.loads((folder / "model_index.json").read_text())
+        edit(index)
+        (folder / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(TypeError) as err:
+            prkit.load_pipeline(folder, device="cpu")
+        message = str(err.value)
+        assert repr(str(folder)) in message and "model_index.json" in message and "_class_name" in message, message
+        assert ("'FooPipeline'" in message and "diffusers" in message) if case == "unknown" else True, message
+        assert "StableDiffusionPipeline" in message, message
