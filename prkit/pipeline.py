@@ -63,15 +63,16 @@ def check_available(device: torch.device) -> None:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None -> float32 on CPU/MPS, bfloat16 on GPUs that support it, else float16."""
+    """None or "auto" -> float32 on CPU/MPS, bfloat16 on GPUs that support it, else float16."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype is not None:
+    if dtype is not None and str(dtype) != "auto":
         try:
             return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
                     "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[str(dtype)]
         except KeyError:
-            raise ValueError(f"dtype {dtype!r} is not one of fp32, fp16, bf16") from None
+            raise ValueError(f"dtype {dtype!r} is not one of fp32, fp16, bf16, a torch dtype, or 'auto' (None: "
+                             "fp32 on the CPU, bf16 or fp16 on a GPU)") from None
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if native_bf16(device) else torch.float16
@@ -136,7 +137,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     Args:
         name_or_path: "world" (embedded default), a local diffusers folder, or a hub id.
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        dtype: None (auto), "fp32", "fp16", "bf16" or a torch dtype (``torch_dtype=`` is accepted as an alias).
+        dtype: None or "auto" (fp32 on the CPU, bf16 or fp16 on a GPU), "fp32", "fp16", "bf16" or a torch dtype (``torch_dtype=`` is accepted as an alias).
         **kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``local_files_only=True`` is honoured; local
             folders and HF_HUB_OFFLINE=1 always load local files only; a local folder whose weights are in one
             ``variant`` alone, ``*.fp16.safetensors``, loads that variant without ``variant=``).
@@ -149,8 +150,8 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     device = resolve_device(device)
     check_available(device)
     torch_dtype = kwargs.pop("torch_dtype", None)  # diffusers' spelling of prkit's dtype
-    if torch_dtype is not None:
-        if dtype is not None and resolve_dtype(dtype, device) != resolve_dtype(torch_dtype, device):
+    if torch_dtype is not None and str(torch_dtype) != "auto":
+        if dtype is not None and str(dtype) != "auto" and resolve_dtype(dtype, device) != resolve_dtype(torch_dtype, device):
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them "
                              "(torch_dtype is an alias of dtype)")
         dtype = torch_dtype

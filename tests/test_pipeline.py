@@ -572,3 +572,17 @@ def test_a_model_index_without_a_known_pipeline_class_is_refused_naming_the_file
         assert repr(str(folder)) in message and "model_index.json" in message and "_class_name" in message, message
         assert ("'FooPipeline'" in message and "diffusers" in message) if case == "unknown" else True, message
         assert "StableDiffusionPipeline" in message, message
+
+
+def test_dtype_auto_is_the_default_precision(pipe, tmp_path):
+    """device='auto' was taken and dtype='auto' (diffusers' and transformers' torch_dtype="auto" too) refused as
+    'not one of fp32, fp16, bf16', which did not say that the automatic choice is dtype=None."""
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    folder = tmp_path / "model"
+    pipe.save_pretrained(str(folder))
+    assert prkit.load_pipeline(folder, device="cpu", dtype="auto").unet.dtype == torch.float32
+    assert prkit.load_pipeline(folder, device="cpu", torch_dtype="auto").unet.dtype == torch.float32
+    assert prkit.load_pipeline(folder, device="cpu", dtype="bf16", torch_dtype="auto").unet.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of .*auto"):
+        resolve_dtype("fp8", cpu)
