@@ -33,17 +33,22 @@ def _looks_like_path(name: str) -> bool:
             or name.count("/") != 1)
 
 
-def _missing_message(name: str, err: Exception | None) -> str:
+def _missing_message(name: str, err: Exception | None, local_only: bool = False, revision: str | None = None) -> str:
+    """Why the model ``name`` could not be loaded and what to do; ``local_only``: only the local cache was read
+    (``local_files_only`` or HF_HUB_OFFLINE), ``revision``: the one asked for (the download advice fetches it)."""
     if name.strip().lower() == WORLD:
         return f"could not load model {name!r}: the embedded default is spelt {WORLD!r}"
     if _looks_like_path(name):
         return (f"could not load model {name!r}: there is no such folder ({Path(name).expanduser().resolve()}), "
                 "and it is not a hub id ('owner/name'). Pass the folder that holds model_index.json, a hub id such "
                 "as 'stable-diffusion-v1-5/stable-diffusion-v1-5', or the embedded default, model='world'.")
-    where = "this machine is offline (HF_HUB_OFFLINE=1)" if _offline() else "the hub could not be reached"
+    where = ("this machine is offline (HF_HUB_OFFLINE=1)" if _offline() else
+             "local_files_only=True was given (the hub was not asked)" if local_only else
+             "the hub could not be reached")
+    fetch = f" --revision {revision}" if revision else ""
     return (f"could not load model {name!r}: {where} and its weights are not in the local cache "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). On a machine with internet access run "
-            f"`hf download {name} --local-dir ./{name.split('/')[-1]}` (older huggingface_hub: `huggingface-cli "
+            f"`hf download {name}{fetch} --local-dir ./{name.split('/')[-1]}` (older huggingface_hub: `huggingface-cli "
             f"download`), copy that folder here and pass its path; or use the embedded default, model='world'.")
 
 
@@ -191,7 +196,7 @@ def unet_structure(name_or_path: str | os.PathLike = WORLD, **kwargs):
     except (OSError, ValueError) as err:
         if local:
             raise
-        raise RuntimeError(_missing_message(name, err)) from err
+        raise RuntimeError(_missing_message(name, err, local_only, kwargs.get("revision"))) from err
     try:
         if index.get("_class_name") not in SUPPORTED or index.get("unet") != ["diffusers", "UNet2DConditionModel"]:
             return None

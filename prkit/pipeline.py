@@ -175,7 +175,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
         except (OSError, ValueError) as err:
             if local:
                 raise
-            raise RuntimeError(_missing_message(name, err)) from err
+            raise RuntimeError(_missing_message(name, err, local_only, kwargs.get("revision"))) from err
     if type(pipe).__name__ not in SUPPORTED or not hasattr(pipe, "unet"):
         raise TypeError(f"{name!r} loaded as {type(pipe).__name__}; prkit supports {', '.join(SUPPORTED)}")
     if device.type == "cpu" and dtype != torch.float32:

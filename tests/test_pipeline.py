@@ -586,3 +586,21 @@ def test_dtype_auto_is_the_default_precision(pipe, tmp_path):
     assert prkit.load_pipeline(folder, device="cpu", dtype="bf16", torch_dtype="auto").unet.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"dtype 'fp8' is not one of .*auto"):
         resolve_dtype("fp8", cpu)
+
+
+def test_a_hub_id_not_in_the_cache_says_why_the_hub_was_not_asked_and_which_revision_to_fetch(monkeypatch, tmp_path):
+    """local_files_only=True was reported as 'the hub could not be reached' (it was never asked), and the download
+    advice for a revision= fetched the main branch instead."""
+    from prkit.pipeline import unet_structure
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # local_files_only=True alone keeps the hub out
+    name, cache = "prkit-tests/no-such-model", str(tmp_path / "cache")
+    with pytest.raises(RuntimeError) as err:
+        prkit.load_pipeline(name, device="cpu", local_files_only=True, revision="v1.0", cache_dir=cache)
+    message = str(err.value)
+    assert "local_files_only=True" in message and "could not be reached" not in message, message
+    assert f"hf download {name} --revision v1.0 --local-dir" in message, message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError) as err:
+        unet_structure(name, revision="v1.0", cache_dir=cache)
+    assert "HF_HUB_OFFLINE" in str(err.value) and "--revision v1.0" in str(err.value), str(err.value)
