@@ -264,14 +264,15 @@ class ResidualProjection(nn.Module):
                 f"unmerged (generate applies them as they are), or {what} before enabling offloading")
 
     def _write_merged(self) -> None:
-        """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
-        and unmerging several sets in any order never drifts from what a fresh merge gives. A disabled set is left
-        out (as peft does), until it is enabled again."""
+        """base weight = the unmerged weight + every merged set's delta, summed in fp32 (float64 for a float64
+        weight) and rounded once: merging and unmerging several sets in any order never drifts from what a fresh
+        merge gives. A disabled set is left out (as peft does), until it is enabled again."""
         weight, original = self.weight, self._unmerged_weight
         written = self._written_weight
+        acc = torch.promote_types(weight.dtype, torch.float32)  # never below the weight's own precision
         if written is not None and not torch.equal(weight, written.to(weight.device)):
             # changed by someone else since the last write (peft's fuse_lora / unfuse_lora on a LoRA above): keep that
-            original = (original.to(weight.device, torch.float32) + weight.float() - written.to(weight.device).float()
+            original = (original.to(weight.device, acc) + weight.to(acc) - written.to(weight.device, acc)
                         ).to(weight.dtype)
             self._unmerged_weight = original
         self._merged_from = self._factor_versions()
@@ -279,9 +280,9 @@ class ResidualProjection(nn.Module):
             weight.copy_(original)
             self._unmerged_weight = self._written_weight = None
             return
-        total = original.to(weight.device, torch.float32)  # the model may have moved since the first merge
+        total = original.to(weight.device, acc)  # the model may have moved since the first merge
         for name, scale in ((n, s) for n, s in self.merged.items() if self.active[n]):
-            total = total + scale * self.sets[name].delta_weight().to(torch.float32).view(weight.shape)
+            total = total + scale * self.sets[name].delta_weight().to(acc).view(weight.shape)
         weight.copy_(total.to(weight.dtype))
         self._written_weight = weight.detach().clone()
 
