@@ -241,7 +241,7 @@ class ResidualProjection(nn.Module):
         """Fold the set into the base weight (no masks apply to a merged set)."""
         if name in self.merged:
             return
-        self._check_weight_here("merge")
+        self._check_weight_here("merge", name)
         if self._unmerged_weight is None:
             self._unmerged_weight = self.weight.detach().clone()
         self.merged[name] = self.scales[name]
@@ -256,7 +256,13 @@ class ResidualProjection(nn.Module):
         del self.merged[name]
         self._write_merged()
 
-    def _check_weight_here(self, what: str) -> None:
+    def _check_weight_here(self, what: str, name: str = "") -> None:
+        if what == "merge" and not self.weight.dtype.is_floating_point:
+            raise RuntimeError(
+                f"cannot merge residual set {name!r} into {self.block_name}.proj_out: its weight is stored as "
+                f"{self.weight.dtype} (a quantized layer, which dequantizes in its own forward), so a merged delta "
+                "would be rounded into it and the layer would compute something else. Sample the set unmerged (it "
+                "applies as it is), or merge into a model loaded without quantization")
         if self.weight.device.type == "meta":
             raise RuntimeError(
                 f"cannot {what} residual sets on {self.block_name}: its weight is offloaded (accelerate's sequential "

@@ -578,6 +578,40 @@ def test_the_wrapped_layer_still_runs_its_own_forward_and_hooks(unet):
     torch.testing.assert_close(run_unet(unet, inputs), hooked, atol=0, rtol=0)
 
 
+def test_merging_into_an_integer_quantized_weight_is_refused_and_nothing_merged():
+    """A proj_out storing its weight as integers with its own dequantizing forward (bitsandbytes' Linear8bitLt)
+    took merge(): the fp32 delta was rounded into the int8 weight, unscaled, and the merged UNet sampled far off the
+    unmerged one without a word. merge() now refuses before any layer is written; sampling unmerged still works."""
+    unet = tiny_unet(linear=True)
+
+    class Int8Linear(nn.Linear):
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight.to(x.dtype) * self.qscale, self.bias)
+
+    blocks = list(find_projections(unet).items())
+    for block, proj in blocks[1:]:  # the first stays a float layer: nothing may be merged there either
+        quant = Int8Linear.__new__(Int8Linear)
+        quant.__dict__.update(proj.__dict__)
+        quant._parameters = dict(proj._parameters)
+        quant.qscale = proj.weight.detach().abs().max() / 127
+        quant.weight = nn.Parameter(torch.round(proj.weight.detach() / quant.qscale).to(torch.int8),
+                                    requires_grad=False)
+        unet.get_submodule(block).proj_out = quant
+    inputs = unet_inputs()
+    residuals = prkit.add_residuals(unet, rank=2)
+    randomize(residuals)
+    with torch.no_grad():
+        personal = run_unet(unet, inputs)
+    weights = {k: v.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    with pytest.raises(RuntimeError, match=r"cannot merge residual set 'default' into down_blocks.1.attentions.0.*stored as torch.int8.*"
+                                           r"unmerged"):
+        residuals.merge()
+    assert not residuals.merged
+    assert all(torch.equal(v.weight, weights[k]) for k, v in wrapped_layers(unet).items())
+    with torch.no_grad():
+        assert torch.equal(run_unet(unet, inputs), personal)
+
+
 def test_diffusers_layerwise_casting_before_the_residuals_and_after(unet):
     inputs = unet_inputs()
     unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
