@@ -241,7 +241,7 @@ class ResidualProjection(nn.Module):
         """Fold the set into the base weight (no masks apply to a merged set)."""
         if name in self.merged:
             return
-        self._check_weight_here("merge")
+        self._check_weight_here("merge", name)
         if self._unmerged_weight is None:
             self._unmerged_weight = self.weight.detach().clone()
         self.merged[name] = self.scales[name]
@@ -256,7 +256,13 @@ class ResidualProjection(nn.Module):
         del self.merged[name]
         self._write_merged()
 
-    def _check_weight_here(self, what: str) -> None:
+    def _check_weight_here(self, what: str, name: str = "") -> None:
+        if what == "merge" and not self.weight.dtype.is_floating_point:
+            raise RuntimeError(
+                f"cannot merge residual set {name!r} into {self.block_name}.proj_out: its weight is stored as "
+                f"{self.weight.dtype} (a quantized layer, which dequantizes in its own forward), so a merged delta "
+                "would be rounded into it and the layer would compute something else. Sample the set unmerged (it "
+                "applies as it is), or merge into a model loaded without quantization")
         if self.weight.device.type == "meta":
             raise RuntimeError(
                 f"cannot {what} residual sets on {self.block_name}: its weight is offloaded (accelerate's sequential "
@@ -264,14 +270,15 @@ class ResidualProjection(nn.Module):
                 f"unmerged (generate applies them as they are), or {what} before enabling offloading")
 
     def _write_merged(self) -> None:
-        """base weight = the unmerged weight + every merged set's delta, summed in fp32 and rounded once: merging
-        and unmerging several sets in any order never drifts from what a fresh merge gives. A disabled set is left
-        out (as peft does), until it is enabled again."""
+        """base weight = the unmerged weight + every merged set's delta, summed in fp32 (float64 for a float64
+        weight) and rounded once: merging and unmerging several sets in any order never drifts from what a fresh
+        merge gives. A disabled set is left out (as peft does), until it is enabled again."""
         weight, original = self.weight, self._unmerged_weight
         written = self._written_weight
+        acc = torch.promote_types(weight.dtype, torch.float32)  # never below the weight's own precision
         if written is not None and not torch.equal(weight, written.to(weight.device)):
             # changed by someone else since the last write (peft's fuse_lora / unfuse_lora on a LoRA above): keep that
-            original = (original.to(weight.device, torch.float32) + weight.float() - written.to(weight.device).float()
+            original = (original.to(weight.device, acc) + weight.to(acc) - written.to(weight.device, acc)
                         ).to(weight.dtype)
             self._unmerged_weight = original
         self._merged_from = self._factor_versions()
@@ -279,9 +286,9 @@ class ResidualProjection(nn.Module):
             weight.copy_(original)
             self._unmerged_weight = self._written_weight = None
             return
-        total = original.to(weight.device, torch.float32)  # the model may have moved since the first merge
+        total = original.to(weight.device, acc)  # the model may have moved since the first merge
         for name, scale in ((n, s) for n, s in self.merged.items() if self.active[n]):
-            total = total + scale * self.sets[name].delta_weight().to(torch.float32).view(weight.shape)
+            total = total + scale * self.sets[name].delta_weight().to(acc).view(weight.shape)
         weight.copy_(total.to(weight.dtype))
         self._written_weight = weight.detach().clone()
 

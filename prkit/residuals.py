@@ -147,7 +147,11 @@ class Residuals:
 
     def merge(self) -> None:
         """Fold the set into the base weights (fast sampling without LAG); ``unmerge`` restores them."""
-        for layer in self.layers().values():
+        layers = self.layers().values()
+        for layer in layers:  # every layer checked first: a refusal leaves no layer merged
+            if self.name not in layer.merged:
+                layer._check_weight_here("merge", self.name)
+        for layer in layers:
             layer.merge(self.name)
 
     def unmerge(self) -> None:

@@ -316,6 +316,25 @@ def test_merge_then_unmerge_restores_weights(unet):
     assert torch.equal(run_unet(unet, inputs), personal)
 
 
+def test_merging_a_float64_model_keeps_float64_precision():
+    """The merged weight was summed in fp32 whatever the weight's dtype: a float64 model's base weight came back
+    rounded to fp32 (merged outputs ~5e-8 off the unmerged ones); the sum is at least in the weight's dtype."""
+    unet = tiny_unet().double()
+    inputs = tuple(v.double() if v.is_floating_point() else v for v in unet_inputs())
+    residuals = prkit.add_residuals(unet, rank=4)
+    randomize(residuals)
+    residuals.scale = 0.7
+    unmerged = run_unet(unet, inputs)
+    weights = {k: v.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    residuals.merge()
+    for block, layer in wrapped_layers(unet).items():
+        expected = weights[block] + 0.7 * layer.sets["default"].delta_weight().detach().view(layer.weight.shape)
+        torch.testing.assert_close(layer.weight, expected, atol=1e-14, rtol=1e-14)
+    torch.testing.assert_close(run_unet(unet, inputs), unmerged, atol=1e-12, rtol=1e-12)
+    residuals.unmerge()
+    assert all(torch.equal(v.weight, weights[k]) for k, v in wrapped_layers(unet).items())
+
+
 def test_a_disabled_merged_set_is_out_of_the_weights(unet):
     """disable() or residuals_disabled on a merged set kept it painting (its weights stayed merged) while enabled
     said False; as in peft, a disabled set leaves the weights (at once, with disable() as inside
@@ -557,6 +576,40 @@ def test_the_wrapped_layer_still_runs_its_own_forward_and_hooks(unet):
     prkit.remove_residuals(unet)
     assert find_projections(unet)[block] is own
     torch.testing.assert_close(run_unet(unet, inputs), hooked, atol=0, rtol=0)
+
+
+def test_merging_into_an_integer_quantized_weight_is_refused_and_nothing_merged():
+    """A proj_out storing its weight as integers with its own dequantizing forward (bitsandbytes' Linear8bitLt)
+    took merge(): the fp32 delta was rounded into the int8 weight, unscaled, and the merged UNet sampled far off the
+    unmerged one without a word. merge() now refuses before any layer is written; sampling unmerged still works."""
+    unet = tiny_unet(linear=True)
+
+    class Int8Linear(nn.Linear):
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight.to(x.dtype) * self.qscale, self.bias)
+
+    blocks = list(find_projections(unet).items())
+    for block, proj in blocks[1:]:  # the first stays a float layer: nothing may be merged there either
+        quant = Int8Linear.__new__(Int8Linear)
+        quant.__dict__.update(proj.__dict__)
+        quant._parameters = dict(proj._parameters)
+        quant.qscale = proj.weight.detach().abs().max() / 127
+        quant.weight = nn.Parameter(torch.round(proj.weight.detach() / quant.qscale).to(torch.int8),
+                                    requires_grad=False)
+        unet.get_submodule(block).proj_out = quant
+    inputs = unet_inputs()
+    residuals = prkit.add_residuals(unet, rank=2)
+    randomize(residuals)
+    with torch.no_grad():
+        personal = run_unet(unet, inputs)
+    weights = {k: v.weight.detach().clone() for k, v in wrapped_layers(unet).items()}
+    with pytest.raises(RuntimeError, match=r"cannot merge residual set 'default' into down_blocks.1.attentions.0.*stored as torch.int8.*"
+                                           r"unmerged"):
+        residuals.merge()
+    assert not residuals.merged
+    assert all(torch.equal(v.weight, weights[k]) for k, v in wrapped_layers(unet).items())
+    with torch.no_grad():
+        assert torch.equal(run_unet(unet, inputs), personal)
 
 
 def test_diffusers_layerwise_casting_before_the_residuals_and_after(unet):
