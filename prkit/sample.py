@@ -172,12 +172,18 @@ def execution_device(pipe) -> torch.device:
     return device if isinstance(device, torch.device) and device.type != "meta" else pipe.unet.device
 
 
+def _call_params(pipe):
+    """The parameters of ``pipe``'s call, or None where it has no signature to read."""
+    try:
+        return inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return None
+
+
 def _call_takes(pipe, name: str) -> bool:
     """Whether ``pipe``'s call names the argument ``name`` (True where it has no signature to read)."""
-    try:
-        return name in inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):
-        return True
+    params = _call_params(pipe)
+    return params is None or name in params
 
 
 DEPRECATED_CALL_KWARGS = ("callback", "callback_steps")  # what diffusers' call still reads from its **kwargs
@@ -186,9 +192,8 @@ DEPRECATED_CALL_KWARGS = ("callback", "callback_steps")  # what diffusers' call 
 def _check_pipe_kwargs(pipe, pipe_kwargs: dict) -> None:
     """Refuse a keyword that neither generate nor the pipeline's call names: diffusers' call takes **kwargs and
     drops what it does not know, so a slip (``n_images=4``) sampled as if it had not been given."""
-    try:
-        params = inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):  # no signature to read: the pipeline says for itself
+    params = _call_params(pipe)
+    if params is None:  # no signature to read: the pipeline says for itself
         return
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return  # a call without **kwargs refuses unknown names itself

@@ -23,7 +23,6 @@ from . import checkpoints
 from .checks import writable_folder
 from .fast_step import clip_and_norm
 from .interrupts import deferred_interrupt, terminate_as_interrupt
-from .pipeline import offloading
 from .base_only import adapters_off, freeu_off
 from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
 from .revisions import pipeline_revision
@@ -32,6 +31,8 @@ from .targets import LORA_MODULES, TARGETS
 from .train_inputs import (  # noqa: F401
     PREDICTION_TYPES, _Cache, _expand, encode_images, encode_text, sdxl_time_ids, training_scheduler)
 # the recipe's settings and results, re-exported: prkit.train stays their import path
+# what a pipeline must be to train on, re-exported
+from .train_checks import _check_not_empty, _check_not_offloaded, _check_precision  # noqa: F401
 from .train_config import (  # noqa: F401
     TrainConfig, TrainingDiverged, TrainingWriteError, TrainResult, _check_resolution, _precision, _public,
     default_learning_rate, training_prompt, training_template)
@@ -67,46 +68,6 @@ def load_optimizer(optimizer, state: dict, learning_rate: float, source, weight_
                         ", ".join(f"{v:g}" for v in sorted(saved)), f"{value:g}")
         for group in optimizer.param_groups:
             group[key] = value
-
-
-def _check_not_offloaded(unet) -> None:
-    mode = offloading(unet)
-    if mode is not None:
-        undo = ("pipe.remove_all_hooks(), then pipe.to('cuda')" if mode == "accelerate" else
-                "load the pipeline again without enable_group_offload")
-        raise ValueError(
-            f"train_residuals: the pipeline's UNet is offloaded to the CPU between calls ({mode} offloading), so it "
-            f"has no one device to train on. Train without offloading ({undo}), save the residuals, and offload "
-            "again for sampling: generate() works with residuals on an offloaded pipeline")
-
-
-def _check_not_empty(pipe) -> None:
-    """Refuse a pipeline whose UNet, VAE or text encoder has weights on the meta device (built empty, under
-    accelerate's ``init_empty_weights`` or ``torch.device("meta")``, and never loaded): training failed in the text
-    encoder with torch's "Cannot copy out of meta tensor; no data!", naming neither the model nor the way out."""
-    for what in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, what, None)
-        if not isinstance(module, torch.nn.Module) or offloading(module) is not None:  # offloaded: hooks bring them
-            continue
-        empty = next((n for n, p in module.named_parameters() if p.device.type == "meta"), None)
-        if empty is not None:
-            raise ValueError(
-                f"train_residuals: the pipeline's {what} has no weights: {empty!r} is on the meta device (a model "
-                "built empty, e.g. under accelerate's init_empty_weights, whose weights were never loaded). Load "
-                f"them (prkit.load_pipeline(...), or load_state_dict(..., assign=True) on pipe.{what}) and train "
-                "again")
-
-
-def _check_precision(config, unet) -> None:
-    wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
-    stored = unet.dtype
-    whole = getattr(TARGETS[config.target], "trains_whole_unet", False)  # fp32 master copies of every weight
-    if wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted and not whole:
-        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-        raise ValueError(  # word for word as cli_output._halves rewords it for the command line
-            f"mixed_precision={config.mixed_precision!r} on a UNet stored in {names[stored]}: the two half precisions "
-            f"cannot mix in one step. Use mixed_precision='auto' or {names[stored]!r}, or load the pipeline in "
-            f"{config.mixed_precision} (prkit.load_pipeline(..., dtype={config.mixed_precision!r}))")
 
 
 def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: str = "default",

@@ -60,7 +60,7 @@ class TrainConfig:
         # numpy or torch numbers (np.int64(300) from a sweep) as Python's, as rank takes them: they were refused as
         # "must be a whole number >= 1, got np.int64(300)" (and would not go into the residual file's JSON record)
         for name in ("steps", "batch_size", "learning_rate", "weight_decay", "seed", "checkpoint_every",
-                     "validate_every", "validation_steps", "prior_weight", "max_grad_norm", "stop_after"):
+                     "validate_every", "validation_steps", "prior_weight", "max_grad_norm", "stop_after", "rank"):
             setattr(self, name, plain_rank(getattr(self, name)))
         check_whole(self, ("steps", "batch_size"), 1)
         check_whole(self, ("checkpoint_every", "validate_every"), 0, " (0: never)")
@@ -99,10 +99,9 @@ class TrainConfig:
 
             if not isinstance(self.fast, FastConfig):
                 check_flag(self.fast, "TrainConfig.fast", " or None (or a prkit.fast.FastConfig)")
-        from .residuals import plain_rank, rank_for
+        from .residuals import rank_for
         from .targets import TARGETS
 
-        self.rank = plain_rank(self.rank)  # np.int64(16) was refused as "got np.int64(16)"
         if not isinstance(self.rank, dict):  # a per-block dict is checked per block when the residuals are added
             try:
                 rank_for(1, self.rank)

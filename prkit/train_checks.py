@@ -1,0 +1,51 @@
+"""What ``train_residuals`` checks of a pipeline before it changes anything: a UNet on one device (not offloaded),
+weights loaded (not on the meta device), a mixed precision the stored weights can run in. Refusals only, each
+naming the part and the way out; no training here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pipeline import offloading
+from .targets import TARGETS
+
+
+def _check_not_offloaded(unet) -> None:
+    mode = offloading(unet)
+    if mode is not None:
+        undo = ("pipe.remove_all_hooks(), then pipe.to('cuda')" if mode == "accelerate" else
+                "load the pipeline again without enable_group_offload")
+        raise ValueError(
+            f"train_residuals: the pipeline's UNet is offloaded to the CPU between calls ({mode} offloading), so it "
+            f"has no one device to train on. Train without offloading ({undo}), save the residuals, and offload "
+            "again for sampling: generate() works with residuals on an offloaded pipeline")
+
+
+def _check_not_empty(pipe) -> None:
+    """Refuse a pipeline whose UNet, VAE or text encoder has weights on the meta device (built empty, under
+    accelerate's ``init_empty_weights`` or ``torch.device("meta")``, and never loaded): training failed in the text
+    encoder with torch's "Cannot copy out of meta tensor; no data!", naming neither the model nor the way out."""
+    for what in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, what, None)
+        if not isinstance(module, torch.nn.Module) or offloading(module) is not None:  # offloaded: hooks bring them
+            continue
+        empty = next((n for n, p in module.named_parameters() if p.device.type == "meta"), None)
+        if empty is not None:
+            raise ValueError(
+                f"train_residuals: the pipeline's {what} has no weights: {empty!r} is on the meta device (a model "
+                "built empty, e.g. under accelerate's init_empty_weights, whose weights were never loaded). Load "
+                f"them (prkit.load_pipeline(...), or load_state_dict(..., assign=True) on pipe.{what}) and train "
+                "again")
+
+
+def _check_precision(config, unet) -> None:
+    wanted = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    stored = unet.dtype
+    whole = getattr(TARGETS[config.target], "trains_whole_unet", False)  # fp32 master copies of every weight
+    if wanted is not None and stored in (torch.bfloat16, torch.float16) and stored != wanted and not whole:
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        raise ValueError(  # word for word as cli_output._halves rewords it for the command line
+            f"mixed_precision={config.mixed_precision!r} on a UNet stored in {names[stored]}: the two half precisions "
+            f"cannot mix in one step. Use mixed_precision='auto' or {names[stored]!r}, or load the pipeline in "
+            f"{config.mixed_precision} (prkit.load_pipeline(..., dtype={config.mixed_precision!r}))")
