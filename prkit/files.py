@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what a residual set's factors may be
 
 FORMAT = "prkit.residuals/1"
+COMPILED = "_orig_mod"  # the segment torch.compile's wrapper adds to module names (saves before d84657a kept it)
 
 
 def architecture(unet) -> str:
@@ -197,6 +198,10 @@ def read_metadata(path) -> dict:
         if not isinstance(meta["layers"], dict) or not all(
                 isinstance(v, dict) and {"channels", "rank"} <= set(v) for v in meta["layers"].values()):
             raise ValueError("'layers' is not a table of block -> {channels, rank}")
+        layers = {uncompiled(block): info for block, info in meta["layers"].items()}
+        if len(layers) != len(meta["layers"]):
+            raise ValueError(f"'layers' names blocks both with and without {COMPILED!r}")
+        meta["layers"] = layers
         for block, info in meta["layers"].items():
             for key in ("channels", "rank"):
                 value = info[key]
@@ -208,6 +213,14 @@ def read_metadata(path) -> dict:
                          "save the residuals again") from err
     meta["base_model_revision"] = _read_revision(path, meta.get("base_model_revision"))  # not worth refusing for
     return meta
+
+
+def uncompiled(name: str) -> str:
+    """``name`` without the ``_orig_mod`` segments of torch.compile's wrapper ('_orig_mod.down_blocks.0.attentions.0'
+    -> 'down_blocks.0.attentions.0'): a set saved from a compiled UNet before d84657a (which made block names plain)
+    named its blocks and tensors so, and was refused as made for another base model. Only that exact segment goes:
+    a block of another name is left as it is, and check_compatible names it."""
+    return ".".join(part for part in name.split(".") if part != COMPILED)
 
 
 def check_compatible(meta: dict, unet, path) -> None:
@@ -281,6 +294,14 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
         name = f"{base_name}_{k}"
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    plain: dict[str, list[str]] = {}  # the names as read_metadata makes the header's block names
+    for key in tensors:
+        plain.setdefault(uncompiled(key), []).append(key)
+    twice = next((keys for keys in plain.values() if len(keys) > 1), None)
+    if twice:
+        raise ValueError(f"residual file {str(path)!r} holds {' and '.join(sorted(twice))}, one factor with and "
+                         f"without {COMPILED!r}; it is not a file prkit wrote. Save the residuals again")
+    tensors = {key: tensors[keys[0]] for key, keys in plain.items()}
     described = {f"{block}.{part}" for block in meta["layers"] for part in ("down", "up")}
     unexpected = sorted(set(tensors) - described)
     if unexpected:

@@ -492,6 +492,46 @@ def test_residuals_on_a_compiled_unet_use_the_plain_block_names(tmp_path):
         assert all(k.startswith("lora_unet_") and "orig_mod" not in k for k in f.keys())
 
 
+def test_a_file_saved_from_a_compiled_unet_before_the_plain_names_loads(tmp_path):
+    """Saves from a torch.compile'd UNet before d84657a named blocks and tensors '_orig_mod.<block>': loading them was
+    refused as "trained for a sd1 model ... Load it into the base model it was trained on" (the same model). The
+    '_orig_mod' segment is dropped, that segment alone."""
+    import json
+
+    trained = _trained(tiny_unet())
+    path = trained.save(tmp_path / "old.safetensors")
+
+    def compiled_names(tensors, meta):
+        for key in list(tensors):
+            tensors[f"_orig_mod.{key}"] = tensors.pop(key)
+        meta["layers"] = json.dumps({f"_orig_mod.{b}": v for b, v in json.loads(meta["layers"]).items()})
+
+    _rewrite(path, compiled_names)
+    with safe_open(str(path), framework="pt") as f:
+        assert all(k.startswith("_orig_mod.") for k in f.keys())
+        assert "_orig_mod.mid_block.attentions.0" in json.loads(f.metadata()["layers"])
+    plain = tiny_unet()
+    loaded = prkit.load_residuals(plain, path)
+    assert list(read_metadata(path)["layers"]) == list(trained.ranks())  # prkit info shows the plain names too
+    inputs = unet_inputs()
+    assert loaded.ranks() == trained.ranks() and (loaded.token, loaded.class_word) == ("sks", "dog")
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(run_unet(plain, inputs), run_unet(trained.unet, inputs))
+    near = tmp_path / "near.safetensors"  # another segment is no compiled wrapper's: it names another model's block
+    near.write_bytes(trained.save(tmp_path / "n.safetensors").read_bytes())
+    _rewrite(near, lambda t, m: m.update(layers=json.dumps({f"_orig_modx.{b}": v
+                                                            for b, v in json.loads(m["layers"]).items()})))
+    with pytest.raises(ValueError, match=r"blocks missing from this UNet: \['_orig_modx\.down_blocks\.0"):
+        prkit.load_residuals(tiny_unet(), near)
+    both = tmp_path / "both.safetensors"  # the same factor under both names: not a file prkit wrote
+    both.write_bytes(trained.save(tmp_path / "b.safetensors").read_bytes())
+    _rewrite(both, lambda t, m: t.update({f"_orig_mod.{key}": t[key].clone() for key in ["mid_block.attentions.0.up"]}))
+    with pytest.raises(ValueError, match=r"both\.safetensors' holds _orig_mod\.mid_block\.attentions\.0\.up and "
+                                         r"mid_block\.attentions\.0\.up, one factor with and without "
+                                         r"'_orig_mod'; it is not a file prkit wrote"):
+        prkit.load_residuals(tiny_unet(), both)
+
+
 @pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
 def test_a_lora_loaded_after_the_residuals_stacks_on_them(tmp_path, linear):
     """diffusers' load_lora_weights on proj_outs that hold residuals: both apply, LAG still masks the residuals, and
