@@ -1,6 +1,7 @@
 """Residual files: ``.safetensors`` with metadata, loading with checks, kohya/diffusers LoRA export.
 
-Owns the on-disk formats; files are written whole by ``prkit.atomic``. It does not train or sample.
+Owns the on-disk formats; files are written whole by ``prkit.atomic`` and read by ``prkit.safetensors_read``. It does
+not train or sample.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__
 # re-exported: prkit.files stays their import path
 from .atomic import ABANDONED_AFTER, atomic_path, reworded, write_error, writing  # noqa: F401
 from .residuals import Residuals, add_residuals, find_projections, finite_scale, residual_names, usable_set_name
+from .safetensors_read import read_whole, safetensors_header  # noqa: F401  (re-exported: prkit.files stays its path)
 from .train_config import TrainConfig, _public
 
 log = logging.getLogger(__name__)
@@ -134,54 +135,31 @@ def _read_revision(path, recorded) -> dict | None:
     return revision
 
 
-def safetensors_header(path, what: str) -> dict:
-    """The metadata of the .safetensors file ``path`` (``what`` names it in the errors: a folder given instead of the
-    file, a missing file, one safetensors cannot read); ``~`` is expanded."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.safetensors"))
-        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
-        raise IsADirectoryError(f"{what} {str(path)!r} is a folder; give the .safetensors file inside it{hint}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types
-        need = _cut_short(path)
-        if need is not None:
-            raise ValueError(f"{what} {str(path)!r} is incomplete: it holds {path.stat().st_size:,} bytes where its "
-                             f"header needs {need:,} (an interrupted copy, download or save leaves such a file); "
-                             "copy, download or write it again") from err
-        raise ValueError(f"{what} {str(path)!r} is not a readable .safetensors file ({err}); give the .safetensors "
-                         "file itself, or write it again") from err
-
-
-def _cut_short(path: Path) -> int | None:
-    """The bytes a .safetensors file needs by its own header (at least) where it holds fewer: it was cut short.
-    None where it holds them, or is no safetensors file at all (its first 8 bytes give no plausible header)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if not 0 < length <= 100_000_000:  # safetensors' own limit on the header
-            return None
-        header = f.read(length)
-    if len(header) < length:
-        return 8 + length
-    try:
-        entries = json.loads(header)
-        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return None
-    return 8 + length + end if path.stat().st_size < 8 + length + end else None
-
-
 def read_metadata(path) -> dict:
     """The header of a residual file, with ``layers`` and ``config`` parsed."""
-    meta = safetensors_header(path, "residual file")
+    return _parsed(safetensors_header(path, "residual file"), path)
+
+
+def read_residual_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header (as ``read_metadata`` gives it) and the tensors of the residual file ``path``, from one read of its
+    bytes: both are of one version of it, also where a save replaces the file meanwhile (two opens read one version's
+    header with the next one's tensors, refused as damage). Its header alone is read first, so that a large file that
+    is no residual set (a model checkpoint) is refused before all its bytes are read."""
+    _check_format(safetensors_header(path, "residual file"), path)
+    meta, tensors = read_whole(path, "residual file")
+    return _parsed(meta, path), tensors
+
+
+def _check_format(meta: dict, path) -> None:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a prkit residual file (format={meta.get('format')!r}); "
                          "LoRA files load with pipe.load_lora_weights instead")
+
+
+def _parsed(meta: dict, path) -> dict:
+    """A residual file's header (``meta``, its safetensors metadata) checked, with ``layers`` and ``config``
+    parsed."""
+    _check_format(meta, path)
     try:
         meta["layers"] = json.loads(meta["layers"])
         config = meta.get("config") or "{}"
@@ -274,7 +252,7 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     path = Path(path).expanduser()
     if scale is not None:  # before anything is added to the UNet
         finite_scale(scale, "load_residuals")
-    meta = read_metadata(path)
+    meta, tensors = read_residual_file(path)
     check_compatible(meta, unet, path)
     taken = residual_names(unet)
     if name is not None and name in taken:
@@ -292,8 +270,6 @@ def load_residuals(pipe_or_unet, path, name: str | None = None, *, scale: float 
     while name in taken:
         k += 1
         name = f"{base_name}_{k}"
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
     plain: dict[str, list[str]] = {}  # the names as read_metadata makes the header's block names
     for key in tensors:
         plain.setdefault(uncompiled(key), []).append(key)

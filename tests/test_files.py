@@ -698,3 +698,30 @@ def test_load_residuals_names_its_arguments_when_given_something_else(tmp_path):
     with pytest.raises(TypeError, match=r"got NoneType and str$"):
         prkit.load_residuals(None, str(path))
     assert prkit.load_residuals(unet, path).name == "default"
+
+
+@pytest.mark.parametrize("between", ["safetensors_header", "check_compatible"])
+def test_a_file_replaced_while_it_loads_loads_one_version_of_it(tmp_path, monkeypatch, between):
+    """load_residuals opened the file twice, for its header and for its tensors: a save replacing it in between (a
+    training writing its last file while a notebook loads it) was read as one version's header with the next one's
+    tensors and refused as damage ("does not hold what its header describes"). One version loads, whole."""
+    import prkit.files as files
+
+    old, new = _trained(tiny_unet(), rank=2), _trained(tiny_unet(), rank=3)
+    path = old.save(tmp_path / "r.safetensors")
+    real, saved = getattr(files, between), []
+
+    def then_replaced(*args):
+        result = real(*args)
+        if not saved:  # a save renames the new file over the old one
+            saved.append(new.save(path))
+        return result
+
+    monkeypatch.setattr(files, between, then_replaced)
+    target = tiny_unet()
+    loaded = prkit.load_residuals(target, path)
+    assert saved and read_metadata(path)["layers"]["mid_block.attentions.0"]["rank"] == 3  # it was replaced
+    version = new if loaded.ranks()["mid_block.attentions.0"] == 3 else old
+    assert loaded.ranks() == version.ranks() and set(loaded.state_dict()) == set(version.state_dict())
+    assert all(torch.equal(v, version.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert prkit.residual_names(target) == ["default"]
