@@ -67,13 +67,13 @@ def _copies_note(saved: dict, stamp: dict) -> str:
     """Why a checkpoint's images differ where the concept's folder holds exact copies of them: ``load_concept``
     leaves those out, a checkpoint written before it did trained them too. Said for sure where the stamp with the
     copies back is the checkpoint's, as a possible reason otherwise; empty without copies."""
-    from .data import _copy_names
+    from .image_copies import copy_names
 
     concept = getattr(stamp, "concept", None)
     copies = sorted(getattr(concept, "left_out", None) or [], key=lambda pair: pair[0].name)  # load_concept's record
     if not copies:
         return ""
-    names = ", ".join(_copy_names(copies))
+    names = ", ".join(copy_names(copies))
     files = sorted([*(Path(p) for p in concept.paths), *(copy for copy, _ in copies)], key=lambda p: p.name)
     try:  # the folder as a prkit before loaded it: every file in name order
         before = _files_digest(files, concept.images[0].size, getattr(concept, "crop", ""))

@@ -1,13 +1,13 @@
 """Reference images -> square RGB crops and tensors, and concept folders.
 
 Owns concept folders (`load_concept`, `Concept.save`); one image is read robustly (EXIF, odd modes, huge or corrupt
-files) by `images`; the DreamBooth/DreamBench layout is in `dreambooth` (re-exported here). Does no
-model work: no tokenizer, VAE or UNet is touched here.
+files) by `images`; copies among a folder's images (the same bytes or pixels) are found by `image_copies`; the
+DreamBooth/DreamBench layout is in `dreambooth` (re-exported here). Does no model work: no tokenizer, VAE or UNet is
+touched here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .image_copies import byte_copies, copy_names, pixels_digest, without_same_pixels
 # reading one image, re-exported: prkit.data stays their import path
 from .images import (  # noqa: F401
     _COMMON_EXTENSIONS, _NEEDS_PLUGIN, IMAGE_EXTENSIONS, ConceptDataError, _decode, _plugin_opens, _square, _Unreadable,
@@ -50,8 +51,8 @@ class Concept:
     paths: list[Path]
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     crop: str = ""  # how the files were cut to crops when not the default (a checkpoint's stamp covers it)
-    # exact copies in the folder that load_concept left out: (copy, the file kept with its bytes); a checkpoint
-    # written when copies still trained is refused naming them
+    # exact copies in the folder that load_concept left out: (copy, the file kept with its bytes or its decoded
+    # pixels); a checkpoint written when copies still trained is refused naming them
     left_out: list[tuple[Path, Path]] = field(default_factory=list)
 
     @property
@@ -216,21 +217,6 @@ def _holds_images(folder: Path) -> bool:
         return False
 
 
-def _file_digest(path: Path) -> str | None:
-    """A hash of a regular file's bytes (exact copies share it); None where the file cannot be read, so reading it as
-    an image names the problem (a pipe is not opened here: that would wait for a writer)."""
-    try:
-        if not path.is_file():
-            return None
-        digest = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
-    except OSError:
-        return None
-
-
 def load_concept(folder: str | Path, token: str | None = None, class_word: str | None = None,
                  resolution: int = 512, *, config: DataConfig | None = None,
                  skip_bad: bool = False, prompt_template: str | None = None) -> Concept:
@@ -247,7 +233,8 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
         prompt_template: format string with {token} and {class_word}.
     Returns:
         Concept with images sorted by file name, each (resolution, resolution) RGB; a file with the same bytes as
-        an earlier one (photo.jpg and 'photo (1).jpg') is left out with a warning naming both.
+        an earlier one (photo.jpg and 'photo (1).jpg'), or the same decoded pixels (the picture saved again with
+        other settings or metadata), is left out with a warning naming both.
     """
     if config is None:
         config = DataConfig(resolution=resolution, skip_bad=skip_bad)
@@ -329,15 +316,11 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
                       f"{', '.join(others)} (accepted: {accepted}).", stacklevel=2)
 
     crops, paths, skipped, left_out = [], [], [], []
-    digests = {p: _file_digest(p) for p in images}
-    original: dict[str, Path] = {}  # file bytes' hash -> the file kept: the shortest name ('photo.jpg', not the
-    for p in sorted(images, key=lambda p: (len(p.name), p.name)):  # 'photo (1).jpg' that sorts before it)
-        if digests[p] is not None:
-            original.setdefault(digests[p], p)
+    pictures: dict[str, list[int]] = {}  # decoded pixels' hash -> the crops of them (other bytes, the same picture)
+    copies = byte_copies(images)
     for p in images:
-        digest = digests[p]
-        if digest is not None and original[digest] != p:  # an exact copy would train that photo with double weight
-            left_out.append((p, original[digest]))
+        if p in copies:  # an exact copy would train that photo with double weight
+            left_out.append((p, copies[p]))
             continue
         try:
             img = _decode(p, config.max_side, config.resolution)
@@ -347,11 +330,13 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
             warnings.warn(f"skipping unreadable image '{p}': {e.reason}.", stacklevel=2)
             skipped.append(f"{p.name} ({e.reason})")
             continue
+        pictures.setdefault(pixels_digest(img), []).append(len(crops))
         crops.append(_square(img, p, config.resolution, config.center_crop, config.max_side))
         paths.append(p)
+    crops, paths = without_same_pixels(crops, paths, pictures, left_out)
     if left_out:
         warnings.warn(f"concept folder '{folder}' holds exact copies of images; training on each image once, "
-                      f"leaving out {', '.join(_copy_names(left_out))}. Delete the copies from the folder to silence "
+                      f"leaving out {', '.join(copy_names(left_out))}. Delete the copies from the folder to silence "
                       "this.", stacklevel=2)
     if not crops:
         raise ConceptDataError(f"none of the {len(images)} image file(s) in '{folder}' could be read: "
@@ -365,11 +350,6 @@ def load_concept(folder: str | Path, token: str | None = None, class_word: str |
     crop = "" if (config.center_crop, config.max_side) == (True, 8192) else \
         f"center_crop={config.center_crop} max_side={config.max_side}"
     return Concept(crops, token, class_word, paths, prompt_template, crop, left_out)
-
-
-def _copy_names(left_out: list[tuple[Path, Path]]) -> list[str]:
-    """'copy' (same bytes as 'kept') for each exact copy ``load_concept`` left out."""
-    return [f"'{copy.name}' (same bytes as '{kept.name}')" for copy, kept in left_out]
 
 
 _DREAMBOOTH = ("LIVE_CLASSES", "DreamBoothDataset", "DreamBoothSubject", "load_dreambooth")

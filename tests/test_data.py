@@ -393,7 +393,7 @@ def test_exact_copies_in_a_concept_folder_train_once_and_are_named(tmp_path):
     """Two files with the same bytes (photo.jpg and 'photo (1).jpg', a second download) trained that photo twice,
     silently weighting it double: the shortest name is kept ('photo.jpg', not 'photo (1).jpg', which sorts before
     it), and one warning names each copy and its original.
-    The same picture in other bytes (saved as PNG) is another file, kept as before."""
+    The same picture saved as a PNG decodes to other pixels than the JPEG (its loss): another file, kept."""
     Image.new("RGB", (40, 40), RED).save(tmp_path / "photo.jpg")
     for name in ("photo (1).jpg", "photo (2).jpg"):
         (tmp_path / name).write_bytes((tmp_path / "photo.jpg").read_bytes())
@@ -408,6 +408,34 @@ def test_exact_copies_in_a_concept_folder_train_once_and_are_named(tmp_path):
     assert len(messages) == 1, messages
     assert ("leaving out 'photo (1).jpg' (same bytes as 'photo.jpg'), 'photo (2).jpg' (same bytes as "
             "'photo.jpg'). Delete the copies from the folder") in messages[0]
+
+
+def test_the_same_picture_saved_again_in_other_bytes_trains_once_and_is_named(tmp_path):
+    """A picture saved twice with other settings (another PNG compression, added metadata, BMP) has other bytes but
+    decodes to the same pixels: it trained twice, weighting it double, as exact copies did. It is left out as they
+    are (the shortest name kept), one warning naming each copy, its original and what they share."""
+    from PIL import PngImagePlugin
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    picture.save(tmp_path / "dog.png", compress_level=9)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "exported again")
+    picture.save(tmp_path / "dog copy.png", compress_level=1, pnginfo=info)
+    picture.save(tmp_path / "dog-export.bmp")
+    (tmp_path / "dog (1).png").write_bytes((tmp_path / "dog.png").read_bytes())
+    Image.new("RGB", (40, 40), BLUE).save(tmp_path / "blue.png")
+    assert len({(tmp_path / name).read_bytes() for name in ("dog.png", "dog copy.png", "dog-export.bmp")}) == 3
+    with pytest.warns(UserWarning) as caught:
+        c = load_concept(tmp_path, "sks", "dog", R)
+    assert [p.name for p in c.paths] == ["blue.png", "dog.png"] and c.tensors().shape == (2, 3, R, R)
+    assert c.images[1].tobytes() == load_image(tmp_path / "dog.png", R).tobytes()
+    assert [(copy.name, kept.name) for copy, kept in c.left_out] == [
+        ("dog (1).png", "dog.png"), ("dog copy.png", "dog.png"), ("dog-export.bmp", "dog.png")]
+    messages = [str(w.message) for w in caught if "copies" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+    assert ("holds exact copies of images; training on each image once, leaving out 'dog (1).png' (same bytes as "
+            "'dog.png'), 'dog copy.png' (same pixels as 'dog.png'), 'dog-export.bmp' (same pixels as 'dog.png'). "
+            "Delete the copies from the folder to silence this.") in messages[0]
 
 
 def test_too_few_images_warns(tmp_path):
