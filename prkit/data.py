@@ -171,17 +171,25 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
         raise ConceptDataError(f"prompt_template {template!r} holds {{token}} {token_uses(template)} times; use it "
                                "once.")
     word, literal = token.strip().lower(), template.replace("{token}", " ").replace("{class_word}", " ")
+    # its words as the text encoder reads them, punctuation apart ('sks!' is 'sks' and '!'), in a row in the other text
+    parts = re.findall(r"\w+", word)
     held = [(what, text) for what, text, words in (("class word", class_word, class_word),
                                                    ("prompt template", template, literal))
-            if word in re.findall(r"\w+", words.lower())]  # its attention (and LAG's mask) would take that one too
+            if _in_a_row(parts, re.findall(r"\w+", words.lower()))]  # its attention (and LAG's mask) would take it
     if held:
         places = " and ".join(f"the {what} {text!r}" for what, text in held)
         example = "" if word == "sks" else " such as 'sks'"
+        it = "it" if parts == [word] else f"its word{'s' * (len(parts) > 1)} {' '.join(parts)!r}"
         raise ConceptDataError(f"token {token!r} is also another word of the training prompt "
                                f"{template.format(token=token, class_word=class_word)!r}: {places} "
-                               f"{'contain' if len(held) > 1 else 'contains'} it. Choose another token (a rare "
+                               f"{'contain' if len(held) > 1 else 'contains'} {it}. Choose another token (a rare "
                                f"identifier{example}), or {' and '.join('a ' + what for what, _ in held)} without it.")
     return token, class_word.strip()
+
+
+def _in_a_row(parts: list[str], words: list[str]) -> bool:
+    """Whether ``words`` hold ``parts`` one after another (never for no parts: a token of punctuation alone)."""
+    return bool(parts) and any(words[i:i + len(parts)] == parts for i in range(len(words) - len(parts) + 1))
 
 
 def _from_file(check, read: list[str], meta_path: Path):

@@ -329,6 +329,30 @@ def test_a_token_that_is_another_word_of_the_prompt_says_where_that_word_is(tmp_
     assert where in str(err.value)
 
 
+@pytest.mark.parametrize("token,class_word,template,prompt,where", [
+    ("sks!", "sks dog", None, "a photo of a sks! sks dog", "the class word 'sks dog' contains its word 'sks'"),
+    ("<sks>", "dog", "a photo of {token} {class_word}, sks style", "a photo of <sks> dog, sks style",
+     "the prompt template 'a photo of {token} {class_word}, sks style' contains its word 'sks'"),
+    ("sks.", "dog", "sks: a photo of {token} {class_word}", "sks: a photo of sks. dog",
+     "the prompt template 'sks: a photo of {token} {class_word}' contains its word 'sks'"),
+    ("dog!", "dog", None, "a photo of a dog! dog", "the class word 'dog' contains its word 'dog'"),
+    ("zwx-v2", "dog", "a photo of {token} {class_word} (zwx v2)", "a photo of zwx-v2 dog (zwx v2)",
+     "the prompt template 'a photo of {token} {class_word} (zwx v2)' contains its words 'zwx v2'"),
+])
+def test_a_token_with_punctuation_is_another_word_of_the_prompt_too(tmp_path, token, class_word, template, prompt,
+                                                                     where):
+    """The text encoder reads punctuation apart ('sks!' is 'sks' and '!'), but the check compared the token whole
+    with the prompt's words: 'sks!' with the class word 'sks dog' trained "a photo of a sks! sks dog". The token's
+    words are compared, punctuation aside; a token whose words are not the other text's, in their order, passes."""
+    make_folder(tmp_path)
+    with pytest.raises(ConceptDataError) as err:
+        load_concept(tmp_path, token, class_word, R, prompt_template=template)
+    assert str(err.value).startswith(f"token {token!r} is also another word of the training prompt {prompt!r}: "
+                                     f"{where}. Choose another token")
+    assert load_concept(tmp_path, "zwx-dog", "dog", R).prompt == "a photo of a zwx-dog dog"  # 'zwx dog' is not held
+    assert load_concept(tmp_path, "<sks>", "dog", R).prompt == "a photo of a <sks> dog"
+
+
 def test_bad_prompt_template(tmp_path):
     make_folder(tmp_path)
     with pytest.raises(ConceptDataError, match="prompt_template"):
