@@ -135,7 +135,8 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     """Load a Stable Diffusion-family pipeline (SD1.x, SD2.x, SDXL) ready for prkit.
 
     Args:
-        name_or_path: "world" (embedded default), a local diffusers folder, or a hub id.
+        name_or_path: "world" (embedded default), a local diffusers folder, or a hub id; "" is refused (an unset
+            variable; the current folder is ".").
         device: "auto", "cpu", "cuda", "cuda:1", ...
         dtype: None or "auto" (fp32 on the CPU, bf16 or fp16 on a GPU), "fp32", "fp16", "bf16" or a torch dtype (``torch_dtype=`` is accepted as an alias).
         **kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``local_files_only=True`` is honoured; local
@@ -147,6 +148,9 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     """
     from diffusers import DiffusionPipeline
 
+    if isinstance(name_or_path, str) and not name_or_path.strip():  # Path("") is '.': it loaded the current folder
+        raise ValueError(f"load_pipeline: name_or_path={name_or_path!r} is empty; give 'world' (the embedded model), a "
+                         "diffusers folder ('.' for the current one) or a hub id (an unset variable?)")
     device = resolve_device(device)
     check_available(device)
     torch_dtype = kwargs.pop("torch_dtype", None)  # diffusers' spelling of prkit's dtype

@@ -443,6 +443,19 @@ def test_a_name_that_is_neither_a_folder_nor_a_hub_id_is_refused_before_the_hub(
         prkit.load_pipeline("World", device="cpu")
 
 
+@pytest.mark.parametrize("name", ["", "  ", "\t"])
+def test_an_empty_model_name_is_refused_naming_the_argument(pipe, tmp_path, monkeypatch, name):
+    """load_pipeline("") read as the current folder (Path("") is '.'): an unset variable loaded whatever model
+    folder one stood in, or named '.' in the error; whitespace went on as a name. The CLI refuses an empty --model."""
+    pipe.save_pretrained(str(tmp_path / "here"))
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(ValueError) as err:
+        prkit.load_pipeline(name, device="cpu")
+    assert str(err.value) == (f"load_pipeline: name_or_path={name!r} is empty; give 'world' (the embedded model), a "
+                              "diffusers folder ('.' for the current one) or a hub id (an unset variable?)")
+    assert type(prkit.load_pipeline(".", device="cpu")).__name__ == "StableDiffusionPipeline"  # said so, it loads
+
+
 def test_a_half_precision_cpu_load_says_so_once_in_prkits_words(pipe, tmp_path):
     """diffusers claimed three times per load that a half-precision pipeline on the CPU will fail (it runs), and
     transformers that its image processors want torchvision (prkit loads none)."""
