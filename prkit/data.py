@@ -132,6 +132,24 @@ def token_uses(template: str) -> int:
     return [name for _, name, _, _ in string.Formatter().parse(template)].count("token")
 
 
+def template_problem(template: object) -> str | None:
+    """What is wrong with the prompt template ``template`` (load_concept's and TrainConfig's rule, each caller naming
+    it), or None: a string that names {token} once, and only {token} and {class_word}, as plain fields."""
+    try:  # plain fields only: "{{token}}" is a literal, "{class_word.x}" or "{token!r}" not the word itself
+        if not isinstance(template, str):
+            raise ValueError("not a string")
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        ok = ("token" in [f[0] for f in fields] and all(name in ("token", "class_word") and not spec and not conv
+                                                         for name, spec, conv in fields))
+    except ValueError:
+        ok = False
+    if not ok:
+        return "must contain {token} and may use only {token} and {class_word}, as plain fields"
+    if token_uses(template) > 1:  # the identifier's attention (and LAG's mask) split over them
+        return f"holds {{token}} {token_uses(template)} times; use it once"
+    return None
+
+
 def check_concept_words(token: object, class_word: object) -> tuple[str, str]:
     """Validate the identifier and the class word (load_concept's rule; train_residuals applies it to a Concept
     made by hand)."""
@@ -158,18 +176,9 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
     if not isinstance(template, str):
         raise ConceptDataError(f"prompt_template must be a string with {{token}} (and {{class_word}}), got "
                                f"{template!r}; fix it where it comes from (the argument or concept.json).")
-    try:  # plain fields only: "{{token}}" is a literal, "{class_word.x}" or "{token!r}" not the word itself
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
-        ok = ("token" in [f[0] for f in fields] and all(name in ("token", "class_word") and not spec and not conv
-                                                         for name, spec, conv in fields))
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ConceptDataError(f"prompt_template {template!r} must contain {{token}} and may "
-                               "use only {token} and {class_word}, as plain fields.")
-    if token_uses(template) > 1:  # the identifier's attention (and LAG's mask) split over them
-        raise ConceptDataError(f"prompt_template {template!r} holds {{token}} {token_uses(template)} times; use it "
-                               "once.")
+    problem = template_problem(template)
+    if problem:
+        raise ConceptDataError(f"prompt_template {template!r} {problem}.")
     word, literal = token.strip().lower(), template.replace("{token}", " ").replace("{class_word}", " ")
     # its words as the text encoder reads them, punctuation apart ('sks!' is 'sks' and '!'), in a row in the other text
     parts = re.findall(r"\w+", word)

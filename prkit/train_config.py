@@ -75,20 +75,12 @@ class TrainConfig:
     def _check_more(self) -> None:
         template = self.prompt_template
         if template is not None:
-            try:
-                ok = isinstance(template, str) and "{token}" in template and bool(
-                    template.format(token="sks", class_word="dog"))
-            except (KeyError, IndexError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"TrainConfig.prompt_template {template!r} must contain {{token}} and may use only "
-                                 "{token} and {class_word} (e.g. 'a photo of a {token} {class_word}')")
-            from .data import token_uses
+            from .data import template_problem  # load_concept's rule
 
-            times = token_uses(template)
-            if times > 1:  # the identifier's attention (and LAG's mask) would be split over them
-                raise ValueError(f"TrainConfig.prompt_template {template!r} holds {{token}} {times} times; use it "
-                                 "once")
+            problem = template_problem(template)
+            if problem:
+                raise ValueError(f"TrainConfig.prompt_template {template!r} {problem} (e.g. 'a photo of a {{token}} "
+                                 "{class_word}')")
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
             raise ValueError(f"TrainConfig.seed must be a whole number (a 64-bit seed), got {seed!r}")

@@ -353,6 +353,28 @@ def test_a_token_with_punctuation_is_another_word_of_the_prompt_too(tmp_path, to
     assert load_concept(tmp_path, "<sks>", "dog", R).prompt == "a photo of a <sks> dog"
 
 
+@pytest.mark.parametrize("template", ["{{token}} photo of a {class_word}", "a photo of a {token} {class_word.upper}",
+                                      "a photo of a {token} {class_word!r}", "a photo of a {token!r} {class_word}"])
+def test_train_config_refuses_the_prompt_templates_load_concept_refuses(tmp_path, template):
+    """TrainConfig looked for the text '{token}' and tried the format: '{{token}}' (a literal, no identifier),
+    '{class_word.upper}' (a method's text) and '{class_word!r}' (the word in quotes) passed and trained such prompts.
+    One rule for both, in the same words."""
+    from prkit.train import TrainConfig
+
+    make_folder(tmp_path)
+    rule = "must contain {token} and may use only {token} and {class_word}, as plain fields"
+    with pytest.raises(ConceptDataError) as err:
+        load_concept(tmp_path, "sks", "dog", R, prompt_template=template)
+    assert str(err.value) == f"prompt_template {template!r} {rule}."
+    with pytest.raises(ValueError) as err:
+        TrainConfig(prompt_template=template)
+    example = "(e.g. 'a photo of a {token} {class_word}')"
+    assert str(err.value) == f"TrainConfig.prompt_template {template!r} {rule} {example}"
+    for fine in ("{{token}} {token} {class_word}", "a {token} photo"):
+        assert TrainConfig(prompt_template=fine).prompt_template == fine
+        assert load_concept(tmp_path, "sks", "dog", R, prompt_template=fine).prompt_template == fine
+
+
 def test_bad_prompt_template(tmp_path):
     make_folder(tmp_path)
     with pytest.raises(ConceptDataError, match="prompt_template"):
