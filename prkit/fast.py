@@ -191,11 +191,13 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     step = 0
     ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
-    before, finished = 0.0, False
+    before, finished, stopped = 0.0, False, False
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
         start -= before  # the run's seconds count its earlier calls too (times[] keeps this call's own)
-        finished = step >= config.steps  # nothing left: the run's own seconds, not this call's set-up added
+        stopped = base.stopped_already(step, config, ckpt)
+        # nothing left (or stopped already): the run's own seconds, not this call's set-up added
+        finished = step >= config.steps or stopped
         _make_capturable(optimizer, device)
 
     gen_states = {step: gen.get_state()}  # generator state once `k` steps' batches are drawn
@@ -217,7 +219,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     unet.train()
     validation: dict[int, list] = {}
     bar = tqdm(total=config.steps, initial=step, desc="personalizing", disable=not progress)
-    completed = True
+    completed = not stopped
     stepper = None
     window = None  # (a, b, staged) in flight
     enqueued = step
@@ -274,7 +276,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                 times["warm-up+latents"] = time.perf_counter() - began
             else:
                 stepper = make_stepper(encoded_shapes())
-            pending = draw_window(step) if step < config.steps else None
+            pending = draw_window(step) if step < config.steps and not stopped else None
             while pending is not None:
                 a, b, drawn = pending
                 staged = _stage(drawn, device)

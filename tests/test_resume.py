@@ -97,6 +97,23 @@ def test_a_failed_call_can_be_repeated_on_the_same_pipe_and_resumes_exactly(tmp_
         prkit.train_residuals(pipe, concept, steps=2, **FAST)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_repeated_stop_after_trains_nothing_more(tmp_path, concept, fast, caplog):
+    """Each call with the same stop_after trained one step more (the stop was checked only after a step): a notebook
+    rerun crept past the step it was told to stop at. Now it stops where it is; a larger stop_after continues."""
+    where = dict(steps=6, stop_after=2, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=0, fast=fast, **FAST)
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, **where)
+    with caplog.at_level("WARNING", logger="prkit"):
+        again = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, **where)
+    assert "checkpoint.pt is at step 2, already at stop_after=2: this call trains nothing" in caplog.text
+    assert (again.steps_done, again.completed, again.losses) == (2, False, first.losses)
+    assert _equal_states(again.residuals.state_dict(), first.residuals.state_dict())
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2 and again.seconds == saved["seconds"]  # the run's own, not this call's set-up added
+    more = prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, **{**where, "stop_after": 4})
+    assert (more.steps_done, more.completed, more.losses[:2]) == (4, False, first.losses)
+
+
 def test_ctrl_c_during_an_update_still_resumes_exactly(tmp_path, concept, monkeypatch):
     steps = 8
     reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)
