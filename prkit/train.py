@@ -251,8 +251,10 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
     before, finished, stopped = 0.0, False, False
+    held = None  # the step whose state ckpt holds, once this call restored or wrote it
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
+        held = step
         start -= before  # the run's seconds count its earlier calls too
         stopped = stopped_already(step, config, ckpt)
         # nothing left (or stopped already): the run's own seconds, not this call's set-up added
@@ -291,6 +293,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
                                                                  or step == config.steps):
                 checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
                                  time.perf_counter() - start)
+                held = step
             if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
                 validation[step] = _validate(pipe, target, concept, config)
                 unet.train()
@@ -298,6 +301,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
                 if ckpt is not None:
                     checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
                                      time.perf_counter() - start)
+                    held = step
                 completed = False
                 break
     except KeyboardInterrupt:
@@ -320,7 +324,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
             p.requires_grad_(False)
     seconds = before if finished else time.perf_counter() - start
     record_run(target, pipe, config, seconds)
-    return TrainResult(target, losses, seconds, step, completed, validation, ckpt)
+    return TrainResult(target, losses, seconds, step, completed, validation, ckpt if held == step else None)
 
 
 def record_run(target, pipe, config: TrainConfig, seconds: float) -> None:

@@ -244,7 +244,10 @@ def _training_write_error(kind: tuple[str, str] | type, args: tuple) -> Training
 
 @dataclass
 class TrainResult:
-    """What a run returns."""
+    """What a run returns. ``checkpoint``: the file holding the run's final state (``steps_done`` steps: written at
+    the last step, or resumed with nothing left to train), None where no file holds it: without a checkpoint_dir, or
+    with checkpoint_every=0, which writes only where a run stops early (it named the file a resumed run had begun
+    from, an earlier step's state, or a file never written)."""
 
     residuals: Residuals
     losses: list[float]
