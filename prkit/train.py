@@ -34,8 +34,8 @@ from .train_inputs import (  # noqa: F401
 # what a pipeline must be to train on, re-exported
 from .train_checks import _check_not_empty, _check_not_offloaded, _check_precision  # noqa: F401
 from .train_config import (  # noqa: F401
-    TrainConfig, TrainingDiverged, TrainingWriteError, TrainResult, _check_resolution, _precision, _public,
-    default_learning_rate, training_prompt, training_template)
+    TrainConfig, TrainingDiverged, TrainingWriteError, TrainResult, _check_resolution, _check_validation,
+    _precision, _public, default_learning_rate, training_prompt, training_template)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = replace(config, **overrides) if overrides else config
+    _check_validation(config)  # pointing at the caller's line
     from .data import check_concept_words  # load_concept's rule, for a Concept made by hand
 
     check_concept_words(getattr(concept, "token", None), getattr(concept, "class_word", None))
