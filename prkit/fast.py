@@ -191,11 +191,15 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     step = 0
     ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
-    before, finished = 0.0, False
+    before, finished, stopped = 0.0, False, False
+    held = None  # the step whose state ckpt holds, once this call restored or wrote it
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
+        held = step
         start -= before  # the run's seconds count its earlier calls too (times[] keeps this call's own)
-        finished = step >= config.steps  # nothing left: the run's own seconds, not this call's set-up added
+        stopped = base.stopped_already(step, config, ckpt)
+        # nothing left (or stopped already): the run's own seconds, not this call's set-up added
+        finished = step >= config.steps or stopped
         _make_capturable(optimizer, device)
 
     gen_states = {step: gen.get_state()}  # generator state once `k` steps' batches are drawn
@@ -217,7 +221,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     unet.train()
     validation: dict[int, list] = {}
     bar = tqdm(total=config.steps, initial=step, desc="personalizing", disable=not progress)
-    completed = True
+    completed = not stopped
     stepper = None
     window = None  # (a, b, staged) in flight
     enqueued = step
@@ -274,7 +278,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                 times["warm-up+latents"] = time.perf_counter() - began
             else:
                 stepper = make_stepper(encoded_shapes())
-            pending = draw_window(step) if step < config.steps else None
+            pending = draw_window(step) if step < config.steps and not stopped else None
             while pending is not None:
                 a, b, drawn = pending
                 staged = _stage(drawn, device)
@@ -317,6 +321,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                                                                       or step == config.steps):
                     checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
                                      time.perf_counter() - start)
+                    held = step
                 if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
                     validation[step] = base._validate(pipe, target, concept, config)
                     unet.train()
@@ -324,6 +329,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                     if ckpt is not None:
                         checkpoints.save(ckpt, stamp, target, optimizer, scaler, generator_at(step), step, losses,
                                          time.perf_counter() - start)
+                        held = step
                     completed = False
                     break
     except KeyboardInterrupt:
@@ -363,4 +369,4 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     _sync(device)
     seconds = before if finished else time.perf_counter() - start
     base.record_run(target, pipe, config, seconds)
-    return base.TrainResult(target, losses, seconds, step, completed, validation, ckpt)
+    return base.TrainResult(target, losses, seconds, step, completed, validation, ckpt if held == step else None)

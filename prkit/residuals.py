@@ -212,6 +212,12 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
     projections = find_projections(unet)
     if not projections:
         raise ValueError("this model has no transformer blocks with a proj_out; is it a UNet2DConditionModel?")
+    if isinstance(config.rank, dict):  # a misspelt block's rank was left unused without a word
+        unknown = [block for block in config.rank if block not in projections]
+        if unknown:
+            raise ValueError(f"add_residuals: rank names block(s) this UNet does not have: "
+                             f"{', '.join(map(repr, unknown))}; give a rank for each of its blocks, by these names: "
+                             f"{', '.join(map(repr, projections))}")
     layers = {block: residual_layer(proj) for block, proj in projections.items()}
     if any(name in layer.sets for layer in layers.values() if layer is not None):
         raise ValueError(f"a residual set named {name!r} is already on this UNet; pick another name or remove it")

@@ -34,8 +34,8 @@ from .train_inputs import (  # noqa: F401
 # what a pipeline must be to train on, re-exported
 from .train_checks import _check_not_empty, _check_not_offloaded, _check_precision  # noqa: F401
 from .train_config import (  # noqa: F401
-    TrainConfig, TrainingDiverged, TrainingWriteError, TrainResult, _check_resolution, _precision, _public,
-    default_learning_rate, training_prompt, training_template)
+    TrainConfig, TrainingDiverged, TrainingWriteError, TrainResult, _check_resolution, _check_validation,
+    _precision, _public, default_learning_rate, training_prompt, training_template)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     """
     config = config or TrainConfig()
     config = replace(config, **overrides) if overrides else config
+    _check_validation(config)  # pointing at the caller's line
     from .data import check_concept_words  # load_concept's rule, for a Concept made by hand
 
     check_concept_words(getattr(concept, "token", None), getattr(concept, "class_word", None))
@@ -210,6 +211,16 @@ def diverged_message(value: float, step: int, ckpt: Path | None, config, amp, wh
             f"{' or use mixed_precision=' + repr('no') if amp is not None else ''}.")
 
 
+def stopped_already(step: int, config, ckpt: Path | None) -> bool:
+    """Whether a resumed run is already at (or past) its ``stop_after``: nothing trains in this call (both loops, word
+    for word). The check after each step alone let every repeated call with the same stop_after train one more."""
+    if config.stop_after is None or not config.stop_after <= step < config.steps:
+        return False
+    log.warning("%s is at step %d, already at stop_after=%d: this call trains nothing; to continue the run, pass a "
+                "larger stop_after or none", ckpt, step, config.stop_after)
+    return True
+
+
 def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, register) -> TrainResult:
     start = time.perf_counter()
     unet = pipe.unet
@@ -240,11 +251,15 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     step = 0
     ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
-    before, finished = 0.0, False
+    before, finished, stopped = 0.0, False, False
+    held = None  # the step whose state ckpt holds, once this call restored or wrote it
     if ckpt is not None and config.resume and ckpt.is_file():
         step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
+        held = step
         start -= before  # the run's seconds count its earlier calls too
-        finished = step >= config.steps  # nothing left: the run's own seconds, not this call's set-up added
+        stopped = stopped_already(step, config, ckpt)
+        # nothing left (or stopped already): the run's own seconds, not this call's set-up added
+        finished = step >= config.steps or stopped
     # on where asked, unless the owner already checkpoints (with a function of its own, kept); back as it was after
     undo_checkpointing = None
     if config.gradient_checkpointing and not getattr(unet, "is_gradient_checkpointing", False):
@@ -255,10 +270,10 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     unet.train()
     validation: dict[int, list] = {}
     bar = tqdm(total=config.steps, initial=step, desc="personalizing", disable=not progress)
-    completed = True
+    completed = not stopped
     step_start = gen.get_state()  # an interrupt before the current step completes resumes from here
     try:
-        while step < config.steps:
+        while step < config.steps and not stopped:
             if text_grad:  # the identifier's embedding trains: its conditioning is recomputed with grad
                 cond = _expand(encode_text(pipe, prompt, cache.size, grad=True), config.batch_size)
             loss = _step(unet, cache, cond, prior, prior_cond, config, scheduler, gen, device, amp)
@@ -279,6 +294,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
                                                                  or step == config.steps):
                 checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
                                  time.perf_counter() - start)
+                held = step
             if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
                 validation[step] = _validate(pipe, target, concept, config)
                 unet.train()
@@ -286,6 +302,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
                 if ckpt is not None:
                     checkpoints.save(ckpt, stamp, target, optimizer, scaler, gen, step, losses,
                                      time.perf_counter() - start)
+                    held = step
                 completed = False
                 break
     except KeyboardInterrupt:
@@ -308,7 +325,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
             p.requires_grad_(False)
     seconds = before if finished else time.perf_counter() - start
     record_run(target, pipe, config, seconds)
-    return TrainResult(target, losses, seconds, step, completed, validation, ckpt)
+    return TrainResult(target, losses, seconds, step, completed, validation, ckpt if held == step else None)
 
 
 def record_run(target, pipe, config: TrainConfig, seconds: float) -> None:

@@ -162,6 +162,20 @@ def _check_resolution(pipe, concept) -> None:
                       "(prkit.native_resolution(pipe))", stacklevel=3)
 
 
+def _check_validation(config: TrainConfig) -> None:
+    """Warn when only one of validate_every and validation_prompts is given: validation needs both, and a run with one
+    made no validation images without a word. Checked when training starts, on the settings it trains with (a
+    keyword override may give the other), not on each TrainConfig made on the way."""
+    if config.validation_prompts and not config.validate_every:
+        warnings.warn("TrainConfig.validation_prompts are given but validate_every is 0, so no validation images are "
+                      "made: set validate_every (steps between them, e.g. validate_every=50), or leave "
+                      "validation_prompts empty to train without them", stacklevel=3)
+    elif config.validate_every and not config.validation_prompts:
+        warnings.warn(f"TrainConfig.validate_every={config.validate_every} but validation_prompts is empty, so no "
+                      "validation images are made: set validation_prompts (e.g. ('a photo of a {token} "
+                      "{class_word}',)), or validate_every=0 to train without them", stacklevel=3)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -236,7 +250,10 @@ def _training_write_error(kind: tuple[str, str] | type, args: tuple) -> Training
 
 @dataclass
 class TrainResult:
-    """What a run returns."""
+    """What a run returns. ``checkpoint``: the file holding the run's final state (``steps_done`` steps: written at
+    the last step, or resumed with nothing left to train), None where no file holds it: without a checkpoint_dir, or
+    with checkpoint_every=0, which writes only where a run stops early (it named the file a resumed run had begun
+    from, an earlier step's state, or a file never written)."""
 
     residuals: Residuals
     losses: list[float]

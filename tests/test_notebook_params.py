@@ -56,3 +56,44 @@ def test_train_config_refuses_a_switch_that_is_no_bool(name, value):
     said = str(err.value)
     assert said.startswith(f"TrainConfig.{name} must be True or False, got {value!r}")
     assert prkit.TrainConfig(resume=False, flip=False, gradient_checkpointing=True).resume is False
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({}, (50, ("a photo of a {token} {class_word}", "a photo of a {token} {class_word} on the grass"))),
+    ({"validate_every": 0}, (0, ())),
+    ({"validation_prompts": []}, (0, ())),
+])
+def test_02_switches_validation_off_with_either_parameter_without_a_warning(given, expected):
+    """02 switched validation off by validate_every=0 alone, its prompts still given: the warning train_residuals
+    gives for one of the two without the other would show on every such run. Either parameter switches it off."""
+    import json
+    import warnings
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from prkit.train_config import TrainConfig, _check_validation
+
+    book = Path(__file__).resolve().parent.parent / "notebooks" / "02_train_residuals.ipynb"
+    cells = [c for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code"]
+    parameters = next("".join(c["source"]) for c in cells if "parameters" in c["metadata"].get("tags", []))
+    training = next("".join(c["source"]) for c in cells if "prkit.TrainConfig(" in "".join(c["source"]))
+
+    class Trained(Exception):
+        pass
+
+    def train_residuals(pipe, concept, config):
+        made.append(config)
+        raise Trained
+
+    made = []
+    stub = SimpleNamespace(load_pipeline=lambda *a, **k: None, load_concept=lambda *a, **k: None,
+                           native_resolution=lambda pipe: 64, TrainConfig=TrainConfig, train_residuals=train_residuals)
+    space = {}
+    exec(parameters, space)
+    space.update(given, prkit=stub, run_file=lambda *a: None, Path=Path, as_list=as_list)
+    with pytest.raises(Trained):
+        exec(training, space)
+    assert (made[0].validate_every, made[0].validation_prompts) == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_validation(made[0])  # what train_residuals checks first

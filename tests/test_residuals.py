@@ -87,6 +87,19 @@ def test_rank_dict_entries_follow_the_rank_rule():
     assert residual_names(unet) == ["frac", "big"]
 
 
+def test_a_per_block_rank_naming_no_block_is_refused_with_the_block_names():
+    """A misspelt block in a rank dict was ignored: the set trained at ranks the caller had not asked for."""
+    unet = tiny_unet()
+    blocks = list(layer_table(unet))
+    ranks = {**{b: 2 for b in blocks}, "down_blocks.0.attention.0": 8, "mid": 4}
+    with pytest.raises(ValueError) as err:
+        prkit.add_residuals(unet, rank=ranks, name="x")
+    assert str(err.value) == ("add_residuals: rank names block(s) this UNet does not have: "
+                              "'down_blocks.0.attention.0', 'mid'; give a rank for each of its blocks, by these "
+                              f"names: {', '.join(map(repr, blocks))}")
+    assert "'mid_block.attentions.0'" in str(err.value) and residual_names(unet) == []
+
+
 def test_failed_add_leaves_the_unet_unchanged(unet):
     originals = find_projections(unet)
     ranks = {b: 2 for b in list(originals)[:-1]}  # the last block has no rank: fails late

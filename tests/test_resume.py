@@ -97,6 +97,43 @@ def test_a_failed_call_can_be_repeated_on_the_same_pipe_and_resumes_exactly(tmp_
         prkit.train_residuals(pipe, concept, steps=2, **FAST)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_repeated_stop_after_trains_nothing_more(tmp_path, concept, fast, caplog):
+    """Each call with the same stop_after trained one step more (the stop was checked only after a step): a notebook
+    rerun crept past the step it was told to stop at. Now it stops where it is; a larger stop_after continues."""
+    where = dict(steps=6, stop_after=2, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=0, fast=fast, **FAST)
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, **where)
+    with caplog.at_level("WARNING", logger="prkit"):
+        again = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, **where)
+    assert "checkpoint.pt is at step 2, already at stop_after=2: this call trains nothing" in caplog.text
+    assert (again.steps_done, again.completed, again.losses) == (2, False, first.losses)
+    assert _equal_states(again.residuals.state_dict(), first.residuals.state_dict())
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2 and again.seconds == saved["seconds"]  # the run's own, not this call's set-up added
+    more = prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, **{**where, "stop_after": 4})
+    assert (more.steps_done, more.completed, more.losses[:2]) == (4, False, first.losses)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_result_names_a_checkpoint_only_where_it_holds_the_final_state(tmp_path, concept, fast):
+    """result.checkpoint named checkpoint_dir's file whatever it held: with checkpoint_every=0 a resumed run's final
+    steps are written nowhere (it named the step-2 file the run had begun from), a fresh one's not at all (a file
+    that did not exist)."""
+    ckpt = tmp_path / "ckpt"
+    where = dict(steps=4, checkpoint_dir=str(ckpt), checkpoint_every=0, fast=fast, **FAST)
+    fresh = prkit.train_residuals(make_pipe(tmp_path / "p0"), concept, **{**where, "checkpoint_dir": str(tmp_path / "c")})
+    assert fresh.steps_done == 4 and fresh.checkpoint is None and not (tmp_path / "c" / "checkpoint.pt").exists()
+    stopped = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, stop_after=2, **where)
+    assert stopped.checkpoint == ckpt / "checkpoint.pt"  # written where it stopped: its state
+    resumed = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, **where)
+    assert resumed.steps_done == 4 and resumed.checkpoint is None
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 2
+    written = prkit.train_residuals(make_pipe(tmp_path / "p3"), concept, **{**where, "checkpoint_every": 4})
+    assert written.checkpoint == ckpt / "checkpoint.pt"  # resumed at 2, written at its last step
+    rerun = prkit.train_residuals(make_pipe(tmp_path / "p4"), concept, **where)  # nothing left: the file holds it
+    assert rerun.steps_done == 4 and rerun.checkpoint == ckpt / "checkpoint.pt"
+
+
 def test_ctrl_c_during_an_update_still_resumes_exactly(tmp_path, concept, monkeypatch):
     steps = 8
     reference = prkit.train_residuals(make_pipe(tmp_path / "ref"), concept, steps=steps, **FAST)

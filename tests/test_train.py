@@ -267,6 +267,34 @@ def test_images_far_from_the_native_resolution_warn_with_the_fix(tmp_path):
     assert not [w for w in caught if "native resolution" in str(w.message)]
 
 
+@pytest.mark.parametrize("given,says", [
+    (dict(validation_prompts=("a photo of a {token} {class_word}",)),
+     "TrainConfig.validation_prompts are given but validate_every is 0, so no validation images are made: set "
+     "validate_every (steps between them, e.g. validate_every=50), or leave validation_prompts empty"),
+    (dict(validate_every=1),
+     "TrainConfig.validate_every=1 but validation_prompts is empty, so no validation images are made: set "
+     "validation_prompts (e.g. ('a photo of a {token} {class_word}',)), or validate_every=0"),
+])
+def test_validation_with_only_one_of_its_settings_warns_with_the_other(tmp_path, concept, given, says):
+    """Prompts without validate_every (or validate_every without prompts) made no validation images, silently."""
+    import warnings
+
+    pipe = make_pipe(tmp_path / "a")
+    with pytest.warns(UserWarning, match=re.escape(says)) as said:
+        result = prkit.train_residuals(pipe, concept, steps=1, **given, **FAST)
+    assert result.validation == {}
+    assert [w.filename for w in said if "validation images" in str(w.message)] == [__file__]  # the caller's line
+    prompts = dict(validation_prompts=("a {token}",), validation_steps=1)
+    for case, config, overrides in (("both", TrainConfig(steps=1, validate_every=1, **prompts), {}),
+                                    ("neither", TrainConfig(steps=1), {}),  # an override gives what it lacks:
+                                    ("an override", TrainConfig(steps=1, **prompts), {"validate_every": 1})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = prkit.train_residuals(make_pipe(tmp_path / case), concept, config, **overrides, **FAST)
+        assert not [w for w in caught if "validation images" in str(w.message)], case
+        assert sorted(result.validation) == ([] if case == "neither" else [1]), case
+
+
 def test_resume_at_another_learning_rate_says_so_and_uses_this_runs(tmp_path, concept, caplog, monkeypatch):
     ckpt = tmp_path / "ckpt"
     prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, steps=4, learning_rate=1e-3, checkpoint_dir=str(ckpt),

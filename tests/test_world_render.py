@@ -239,6 +239,27 @@ def test_world_bench_checks_out_before_the_model_loads(tmp_path, monkeypatch, ca
         bench.main(["--concepts", "striped_ball", "--out", str(mine), "--overwrite"])
 
 
+def test_world_bench_runs_a_concept_named_twice_once(tmp_path, monkeypatch, capsys):
+    """--concepts striped_ball dotted_box striped_ball trained and graded striped_ball twice (its rows twice in the
+    summary's 'all' means)."""
+    from types import SimpleNamespace
+
+    from prkit import pipeline
+    from prkit.world import bench, oracle
+
+    pipe = SimpleNamespace(set_progress_bar_config=lambda **k: None, unet=SimpleNamespace(device="cpu"))
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pipe)
+    monkeypatch.setattr(oracle, "load_oracle", lambda *a, **k: None)
+    benched = []
+    row = dict(identity=1.0, identity_colors=1.0, scene=1.0, background_change=0.0, train_seconds=1.0, **{"class": 1})
+    monkeypatch.setattr(bench, "bench_concept", lambda pipe, name, config, *a, **k: benched.append(name) or [
+        {"concept": name, "method": m, **row} for m in bench.METHODS])
+    out = tmp_path / "b.csv"
+    assert bench.main(["--concepts", "striped_ball", "dotted_box", "striped_ball", "--out", str(out)]) == 0
+    assert benched == ["striped_ball", "dotted_box"]
+    assert [r.split(",")[:3] for r in out.read_text().splitlines()[1:]][-1] == ["all", "residuals+lag", "2"]
+
+
 def test_another_concept_names_the_shipped_ones_for_an_unknown_name():
     """04's second_concept="bogus" ended in a raw KeyError: 'bogus', after all the sampling."""
     from prkit.world.concepts import another_concept

@@ -340,6 +340,22 @@ def test_set_reads_a_value_as_its_field_declares_it(tmp_path, setting, says, cap
     assert W._parse_value("left", None, "pad_side") == "left" and W._parse_value("2", 2.0, "vae_minutes") == 2.0
 
 
+@pytest.mark.parametrize("setting,says", [
+    ("n_images=-5", "--set n_images=-5: n_images is a count and cannot be negative; give a number >= 0"),
+    ("unet_steps=-1", "--set unet_steps=-1: unet_steps is a count and cannot be negative"),
+    ("vae_minutes=-0.5", "--set vae_minutes=-0.5: vae_minutes is a time in minutes and cannot be negative"),
+])
+def test_set_refuses_a_negative_count_or_time(tmp_path, setting, says, capsys, monkeypatch):
+    """n_images=-5 failed in stage data with numpy's "negative dimensions are not allowed"; minutes=-1 trained the
+    probe steps alone, without a word."""
+    monkeypatch.setattr(W, "run", lambda *a, **k: pytest.fail("the recipe ran"))
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), "--set", setting])
+    assert says in capsys.readouterr().err and not (tmp_path / "w").exists()
+    assert W._parse_value("0", 5, "unet_warmup") == 0 and W._parse_value("0", 2.0, "ckpt_minutes") == 0.0
+    assert W._parse_value("-1", 5e-4, "unet_lr") == -1.0  # not a count or a time: as before
+
+
 @pytest.mark.parametrize("args,says", [
     (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),  # numpy's 'expected non-negative integer'
     (["--steps", "0"], "argument --steps: must be at least 1, got 0"),

@@ -120,9 +120,15 @@ def _parse_value(value: str, default, key: str = "value"):
         return value
     name = type(default).__name__
     try:
-        return type(default)(value)
+        parsed = type(default)(value)
     except ValueError:
         raise ValueError(f"--set {key}={value}: expected {'an' if name == 'int' else 'a'} {name}{or_none}") from None
+    # the recipe's counts (images, steps, batch sizes, workers) and minutes: a negative one was taken, and failed inside
+    # its stage (n_images: numpy's "negative dimensions are not allowed") or ran as a spent budget (minutes)
+    if declared is not None and ((name == "int" and key != "seed") or key.endswith("_minutes")) and parsed < 0:
+        what = "a time in minutes" if key.endswith("_minutes") else "a count"
+        raise ValueError(f"--set {key}={value}: {key} is {what} and cannot be negative; give a number >= 0")
+    return parsed
 
 
 def _stages(names: list[str]) -> list[str]:
