@@ -408,3 +408,50 @@ def test_a_vae_that_makes_nan_of_finite_latents_is_named(pipe):
                                            "weights hold NaN or inf"):
         prkit.generate(pipe, PROMPT, None, steps=2)
     assert torch.isfinite(prkit.generate(pipe, PROMPT, None, steps=2, output_type="latent")).all()  # the latents
+
+
+@pytest.mark.parametrize("block", ["only_residuals", "lag_sampling"])
+def test_blocks_entered_from_two_threads_on_one_unet_run_one_after_the_other(pipe, block):
+    """only_residuals and lag_sampling used directly took no lock (generate did): a second thread's block switched
+    the sets under the first one's (and put the first one's selection back as its 'before'), or with LAG failed
+    with 'attention capture is already installed'. Now it waits for the first block to end, as generate does."""
+    import threading
+
+    dog = _dog(pipe.unet)
+    cat = prkit.add_residuals(pipe.unet, name="cat", token="zwx", class_word="cat")
+    prompts = {"dog": PROMPT, "cat": "a photo of a zwx cat"}
+
+    def enter(residuals):
+        if block == "only_residuals":
+            return prkit.only_residuals(pipe.unet, [residuals])
+        return lag_sampling(pipe, residuals, prompts[residuals.name])
+
+    def selected() -> set:
+        """The sets on (only_residuals), or the sets LAG masks (lag_sampling), on every layer."""
+        layers = wrapped_layers(pipe.unet).values()
+        if block == "only_residuals":
+            return {n for layer in layers for n, on in layer.active.items() if on}
+        return {n for layer in layers if layer.mask_source is not None for n in layer.mask_source.index}
+
+    before, seen, errors = selected(), {}, []
+    first_in, second_in = threading.Event(), threading.Event()
+
+    def second():
+        try:
+            first_in.wait(timeout=60)
+            with enter(cat):
+                second_in.set()
+                seen["second"] = selected()
+        except Exception as err:  # noqa: BLE001 - shown in the assertion
+            errors.append(err)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with enter(dog):
+        first_in.set()
+        waited = second_in.wait(timeout=0.5)  # before the fix: the second block is in by now
+        seen["first"] = selected()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not errors, errors
+    assert not waited and seen == {"first": {"dog"}, "second": {"cat"}}
+    assert selected() == before == ({"dog", "cat"} if block == "only_residuals" else set())
