@@ -185,7 +185,7 @@ def _parsed(meta: dict, path) -> dict:
                 value = info[key]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                     raise ValueError(f"'layers' gives {block} {key}={value!r}; expected a positive whole number")
-        finite_scale(meta.get("scale", 1.0), "the header")
+        finite_scale(meta.get("scale", 1.0), "the header", text=True)  # safetensors' metadata is text
     except (KeyError, ValueError) as err:
         raise ValueError(f"{str(path)!r} has a damaged prkit header ({type(err).__name__}: {err}); "
                          "save the residuals again") from err

@@ -21,6 +21,7 @@ from .lag_tokens import (  # noqa: F401 (re-exported: prkit.lag stays their impo
 from .lag_watch import pipeline_cfg, watched_pipeline  # noqa: F401 (pipeline_cfg: prkit.lag stays its import path)
 from .residual_layer import ResidualProjection
 from .residuals import Residuals, check_on_unet, wrapped_layers
+from .unet_lock import holding_unet_lock
 
 THRESHOLDS = ("median", "mean", "otsu", "fixed", "soft")
 LAYOUT_MASKS = True  # fused CUDA path: masks laid out like each set's middle (False: bool rows, broadcast)
@@ -153,10 +154,12 @@ class _MaskSource:
 
 
 @contextlib.contextmanager
+@holding_unet_lock  # another thread's block (generate's too) waits: it failed on this one's capture
 def lag_sampling(pipe_or_unet, residuals: Residuals | Sequence[Residuals], prompts: str | Sequence[str], *,
                  tokenizer=None, config: LAGConfig | None = None, cfg: bool | None = None,
                  store: AttentionStore | None = None, prompts_2: str | Sequence[str] | None = None):
-    """Within the block, each residual set in ``residuals`` is applied only under its concept's mask.
+    """Within the block, each residual set in ``residuals`` is applied only under its concept's mask. Blocks on one
+    UNet from several threads (``generate`` calls too) run one after the other (``unet_lock``).
 
     Args:
         pipe_or_unet: a diffusers SD/SDXL pipeline (its unet and tokenizer are used) or a bare UNet.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 
@@ -50,8 +51,16 @@ def rank_for(channels: int, rank: float | int) -> int:
     return min(rank, channels)  # a rank above a layer's channels is its full rank (the file records each)
 
 
-def finite_scale(value, owner: str) -> float:
-    """``value`` as a residual set's scale; NaN or infinity (NaN images) raises a ValueError naming ``owner``."""
+def finite_scale(value, owner: str, text: bool = False) -> float:
+    """``value`` as a residual set's scale; NaN or infinity (NaN images) raises a ValueError naming ``owner``. A bool
+    (``scale=True`` read as 1.0, False silently turned the set off) or a string (float() read ``'2'``) raises a
+    TypeError; numpy and torch numbers pass. ``text``: ``value`` is a file header's text, read as a number."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: scale must be a number (1.0: as trained, 0: off), got {value!r}; to switch a set "
+                        "on or off use enable() and disable()")
+    if isinstance(value, (str, bytes)) and not text:
+        raise TypeError(f"{owner}: scale must be a number (1.0: as trained, 0: off), got the text {value!r}; convert "
+                        "it first (float(...))")
     try:
         number = float(value)
     except (TypeError, ValueError):

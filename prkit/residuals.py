@@ -20,6 +20,7 @@ from .residual_layer import LowRank, ResidualProjection  # noqa: F401
 # re-exported: prkit.residuals stays their import path
 from .residual_config import ResidualConfig, check_set_name, finite_scale, plain_rank, rank_for, usable_set_name  # noqa: F401
 from .residual_blocks import _put_back, find_projections, original_module, residual_layer, wrapped_layers  # noqa: F401
+from .unet_lock import holding_unet_lock
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +358,10 @@ def check_on_unet(unet: nn.Module, sets: list[Residuals]) -> None:
 
 
 @contextlib.contextmanager
+@holding_unet_lock  # another thread's block (generate's too) waits: it would switch the sets under this one
 def only_residuals(unet: nn.Module, names: list[str | Residuals] | None):
-    """Within the block, exactly the sets in ``names`` are active (None or []: none, the base model).
+    """Within the block, exactly the sets in ``names`` are active (None or []: none, the base model). Blocks on one
+    UNet from several threads (``generate`` calls too) run one after the other (``unet_lock``).
 
     Args:
         names: set names, or ``Residuals`` handles, which must live on ``unet`` (a bare name may also be a set

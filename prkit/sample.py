@@ -9,8 +9,6 @@ import contextlib
 import difflib
 import inspect
 import numbers
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -20,7 +18,9 @@ from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, get_residuals, only_residuals, original_module
+from .residuals import Residuals, get_residuals, only_residuals
+from .sample_checks import finite_output
+from .unet_lock import unet_lock
 
 
 @dataclass
@@ -53,8 +53,11 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         **pipe_kwargs: passed to the pipeline call (height, width, output_type, callbacks, ...).
     Returns:
         the list of images (PIL unless ``output_type`` says otherwise).
+    Raises:
+        RuntimeError: the latents or the decoded images hold NaN or inf (``sample_checks``), which PIL would have
+            made black images; none are returned.
 
-    Calls on one UNet from several threads run one after the other (``_sampling_lock``): each switches the UNet's
+    Calls on one UNet from several threads run one after the other (``unet_lock``): each switches the UNet's
     sets and attention processors for its whole call.
     """
     config = config or SampleConfig()
@@ -108,28 +111,15 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
                          "(its maps would stop after the first step); pass fast=None or fast=False with store=")
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
-    with _sampling_lock(pipe.unet), only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
-            graphed_unet(pipe.unet, enabled=fast):
-        out = pipe(prompts, num_inference_steps=steps if steps is not None else config.steps,
+    steps = steps if steps is not None else config.steps
+    with unet_lock(pipe.unet), only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
+            graphed_unet(pipe.unet, enabled=fast), finite_output(pipe, steps) as check_returned:
+        out = pipe(prompts, num_inference_steps=steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
-    return out[0] if isinstance(out, tuple) else out.images  # return_dict=False: (images, ...)
-
-
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> the lock of its generate calls
-_LOCKS_LOCK = threading.Lock()
-
-
-def _sampling_lock(unet) -> threading.RLock:
-    """The lock a generate call holds on ``unet`` (its torch.compile wrapper's too): a second thread's call switched
-    the sets and processors under the running one, and restored the running call's selection as its 'before'.
-    Re-entrant: a step callback's own generate on this UNet runs nested in its thread, as before."""
-    unet = original_module(unet)
-    with _LOCKS_LOCK:
-        lock = _LOCKS.get(unet)
-        if lock is None:
-            lock = _LOCKS[unet] = threading.RLock()
-    return lock
+        images = out[0] if isinstance(out, tuple) else out.images  # return_dict=False: (images, ...)
+        check_returned(images)
+    return images
 
 
 def _sets(pipe, residuals) -> list[Residuals]:

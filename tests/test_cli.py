@@ -303,6 +303,26 @@ def test_sample_refuses_an_out_folder_it_cannot_list_before_sampling(tmp_path, c
     assert "cannot list" in capsys.readouterr().err
 
 
+def test_sample_with_nan_latents_fails_and_writes_no_black_image(tmp_path, capsys):
+    """`prkit sample --steps 1000` on the world model (DPM-Solver++, 1000 training timesteps) wrote black images and
+    exited 0: the scheduler's repeated timestep made the latents NaN. Here the same on 20 training timesteps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = tiny_pipeline(tmp_path / "build")
+    pipe.scheduler = DPMSolverMultistepScheduler(num_train_timesteps=20, beta_schedule="scaled_linear", steps_offset=1)
+    pipe.save_pretrained(tmp_path / "model")
+    samples = tmp_path / "samples"
+    sample = ["sample", "--model", str(tmp_path / "model"), "--prompt", "a photo of a dog", "--out", str(samples),
+              "--device", "cpu", "--steps"]
+    assert main(sample + ["20"]) == 2
+    assert ("prkit sample: error: generate: 20 denoising steps of DPMSolverMultistepScheduler gave non-finite latents "
+            "(NaN or inf), which would be black images; none are returned. Sample with fewer steps") in \
+        capsys.readouterr().err
+    assert not samples.exists()
+    assert main(sample + ["19"]) == 0
+    assert np.asarray(Image.open(samples / "000.png")).max() > 0
+
+
 def test_a_failing_image_write_leaves_no_half_file(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sks.safetensors"
     assert main(_train_args(tmp_path, out)) == 0

@@ -685,6 +685,33 @@ def test_a_file_cut_short_says_so_and_a_scale_that_is_not_finite_is_refused(tmp_
 
 
 
+def test_a_scale_given_as_a_bool_or_text_is_refused_and_numpy_numbers_pass(tmp_path):
+    """scale=True was taken as 1.0 (False as 0: the set silently off) and scale='2' as 2.0, by the setter and by
+    load_residuals; the header's own scale, which safetensors keeps as text, still reads."""
+    import numpy as np
+
+    path = _trained(tiny_unet()).save(tmp_path / "r.safetensors")
+    target = tiny_unet()
+    for bad, said in ((True, "True; to switch a set on or off use enable() and disable()"),
+                      (np.bool_(False), "np.False_; to switch"), ("2", "the text '2'; convert it first")):
+        with pytest.raises(TypeError, match=rf"^load_residuals: scale must be a number \(1\.0: as trained, 0: off\), "
+                                            rf"got {re.escape(said)}"):
+            prkit.load_residuals(target, path, scale=bad)
+    assert prkit.residual_names(target) == []  # refused before anything was added
+    residuals = prkit.load_residuals(target, path, scale=np.float32(0.5))
+    assert residuals.scale == 0.5 and type(residuals.scale) is float
+    for bad in (False, "0.5", b"1"):
+        with pytest.raises(TypeError, match=r"^residual set 'default': scale must be a number"):
+            residuals.scale = bad
+    assert residuals.scale == 0.5
+    for good, want in ((np.int64(2), 2.0), (np.float64(0.25), 0.25), (torch.tensor(0.75), 0.75), (0, 0.0)):
+        residuals.scale = good
+        assert residuals.scale == want and type(residuals.scale) is float
+    residuals.scale = 1.5
+    assert read_metadata(residuals.save(tmp_path / "s.safetensors"))["scale"] == "1.5"
+    assert prkit.load_residuals(tiny_unet(), tmp_path / "s.safetensors").scale == 1.5
+
+
 def test_load_residuals_names_its_arguments_when_given_something_else(tmp_path):
     """The file first and the UNet second (or no model) ended in a raw TypeError from pathlib or an AttributeError."""
     import prkit

@@ -371,3 +371,87 @@ def test_generate_calls_from_two_threads_each_sample_their_own_sets_and_leave_th
     for key in "ab":
         np.testing.assert_allclose(got[key], wanted[key], atol=1e-6)
     assert {b: dict(layer.active) for b, layer in wrapped_layers(pipe.unet).items()} == before
+
+
+# --- NaN latents or images: refused, not written as black images -----------------------------------
+
+
+def _dpm_at_every_training_timestep(pipe) -> int:
+    """DPM-Solver++ 2M as the world model's scheduler, on 20 training timesteps: at 20 steps its linspace timesteps
+    repeat one (10), the solver divides by the zero step and the latents end as NaN (1000 steps on the world
+    model). Returns those steps."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler(num_train_timesteps=20, beta_schedule="scaled_linear",
+                                                 steps_offset=1, final_sigmas_type="zero")
+    return 20
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "latent"])
+def test_non_finite_latents_raise_naming_the_steps_and_the_scheduler(pipe, output_type):
+    """They were returned: as black PIL images (diffusers casts NaN to 0), and `prkit sample` wrote them."""
+    steps = _dpm_at_every_training_timestep(pipe)
+    fine = prkit.generate(pipe, PROMPT, None, steps=steps - 1, output_type=output_type)
+    assert np.isfinite(np.asarray(fine[0] if output_type == "pil" else fine, dtype=np.float32)).all()
+    with pytest.raises(RuntimeError, match=r"^generate: 20 denoising steps of DPMSolverMultistepScheduler gave "
+                                           r"non-finite latents \(NaN or inf\), which would be black images; none "
+                                           r"are returned. Sample with fewer steps \(near its 20 training"):
+        prkit.generate(pipe, PROMPT, None, steps=steps, output_type=output_type)
+    assert not pipe.vae.decoder._forward_hooks  # the check leaves with the call
+
+
+def test_a_vae_that_makes_nan_of_finite_latents_is_named(pipe):
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"the VAE \(AutoencoderKL\) decoded finite latents into non-finite pixels "
+                                           r"\(NaN or inf\), which would be black images; none are returned: its "
+                                           "weights hold NaN or inf"):
+        prkit.generate(pipe, PROMPT, None, steps=2)
+    assert torch.isfinite(prkit.generate(pipe, PROMPT, None, steps=2, output_type="latent")).all()  # the latents
+
+
+@pytest.mark.parametrize("block", ["only_residuals", "lag_sampling"])
+def test_blocks_entered_from_two_threads_on_one_unet_run_one_after_the_other(pipe, block):
+    """only_residuals and lag_sampling used directly took no lock (generate did): a second thread's block switched
+    the sets under the first one's (and put the first one's selection back as its 'before'), or with LAG failed
+    with 'attention capture is already installed'. Now it waits for the first block to end, as generate does."""
+    import threading
+
+    dog = _dog(pipe.unet)
+    cat = prkit.add_residuals(pipe.unet, name="cat", token="zwx", class_word="cat")
+    prompts = {"dog": PROMPT, "cat": "a photo of a zwx cat"}
+
+    def enter(residuals):
+        if block == "only_residuals":
+            return prkit.only_residuals(pipe.unet, [residuals])
+        return lag_sampling(pipe, residuals, prompts[residuals.name])
+
+    def selected() -> set:
+        """The sets on (only_residuals), or the sets LAG masks (lag_sampling), on every layer."""
+        layers = wrapped_layers(pipe.unet).values()
+        if block == "only_residuals":
+            return {n for layer in layers for n, on in layer.active.items() if on}
+        return {n for layer in layers if layer.mask_source is not None for n in layer.mask_source.index}
+
+    before, seen, errors = selected(), {}, []
+    first_in, second_in = threading.Event(), threading.Event()
+
+    def second():
+        try:
+            first_in.wait(timeout=60)
+            with enter(cat):
+                second_in.set()
+                seen["second"] = selected()
+        except Exception as err:  # noqa: BLE001 - shown in the assertion
+            errors.append(err)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with enter(dog):
+        first_in.set()
+        waited = second_in.wait(timeout=0.5)  # before the fix: the second block is in by now
+        seen["first"] = selected()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not errors, errors
+    assert not waited and seen == {"first": {"dog"}, "second": {"cat"}}
+    assert selected() == before == ({"dog", "cat"} if block == "only_residuals" else set())
