@@ -308,10 +308,12 @@ def _present(unet: nn.Module, name: str | Residuals | None) -> str | None:
 
 
 @contextlib.contextmanager
+@holding_unet_lock  # another thread's block (generate's too) waits: it would switch the sets under this one
 def residuals_disabled(unet: nn.Module, name: str | Residuals | None = None):
     """Within the block, the set ``name`` (a name or a handle on ``unet``; all sets when None) is switched off: the
     base model runs. A name that is not on ``unet`` raises KeyError (it would switch nothing off). Switched as
-    ``disable()`` does: a merged set leaves the weights at once (a compiled forward never rewrites them)."""
+    ``disable()`` does: a merged set leaves the weights at once (a compiled forward never rewrites them). Blocks on
+    one UNet from several threads (``generate`` and ``only_residuals`` too) run one after the other (``unet_lock``)."""
     name = _present(unet, name)
     layers = wrapped_layers(unet)
     saved = {(b, n): l.active[n] for b, l in layers.items() for n in l.sets if name is None or n == name}

@@ -1,7 +1,7 @@
 """One lock per UNet for what switches its residual sets and attention processors for a block: ``generate``,
-``only_residuals`` and ``lag_sampling``. From several threads on one UNet they run one after the other: a second
-thread's block switched the sets under the running one, and restored the running one's selection as its 'before'
-(with LAG, it failed with 'attention capture is already installed').
+``only_residuals``, ``residuals_disabled`` and ``lag_sampling``. From several threads on one UNet they run one after
+the other: a second thread's block switched the sets under the running one, and restored the running one's selection
+as its 'before' (with LAG, it failed with 'attention capture is already installed').
 
 Re-entrant: ``generate`` holds it while it enters ``only_residuals`` and ``lag_sampling``, training holds it (in
 ``only_residuals``) while its validation calls ``generate``, and a step callback's own ``generate`` on the UNet runs
