@@ -356,6 +356,22 @@ def test_set_refuses_a_negative_count_or_time(tmp_path, setting, says, capsys, m
     assert W._parse_value("-1", 5e-4, "unet_lr") == -1.0  # not a count or a time: as before
 
 
+@pytest.mark.parametrize("minutes,says", [
+    ("-1", "argument --minutes: a time in minutes cannot be negative; give a number >= 0, got '-1'"),
+    ("soon", "argument --minutes: expected a number of minutes such as 30, got 'soon'"),
+])
+def test_minutes_refuses_a_negative_time_as_set_does(tmp_path, minutes, says, capsys, monkeypatch):
+    """--set vae_minutes=-1 was refused, --minutes -1 was taken: both stages ran as a spent budget (the probe steps
+    alone, without a word). 0 is still a time (as in --set)."""
+    ran = []
+    monkeypatch.setattr(W, "run", lambda stages, out, cfg, *a, **k: ran.append(cfg) or {})
+    with pytest.raises(SystemExit):
+        W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), "--minutes", minutes])
+    assert says in capsys.readouterr().err and not ran
+    assert W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), "--minutes", "0"]) == 0
+    assert (ran[0].vae_minutes, ran[0].unet_minutes) == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("args,says", [
     (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),  # numpy's 'expected non-negative integer'
     (["--steps", "0"], "argument --steps: must be at least 1, got 0"),

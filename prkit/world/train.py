@@ -131,6 +131,18 @@ def _parse_value(value: str, default, key: str = "value"):
     return parsed
 
 
+def _minutes(text: str) -> float:
+    """--minutes: a time >= 0, as ``--set`` takes the minutes fields (a negative one ran as a spent budget: the
+    probe steps alone, without a word)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes such as 30, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a time in minutes cannot be negative; give a number >= 0, got {text!r}")
+    return value
+
+
 def _stages(names: list[str]) -> list[str]:
     """The stages to run, in the order given, 'all' expanded in place; every name checked before any stage runs."""
     out = []
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", nargs="+", default=["all"], help=f"one or more of {', '.join(STAGES)}, or all")
     ap.add_argument("--out", type=Path, required=True, help="working folder (data, checkpoints, exported model)")
     ap.add_argument("--seed", type=_seed, default=0, help="seed of the renders and of training (default 0)")
-    ap.add_argument("--minutes", type=float, default=None,
+    ap.add_argument("--minutes", type=_minutes, default=None,
                     help="time budget of the training stage(s) run (vae, unet); default: the config's")
     ap.add_argument("--steps", type=_positive_int, default=None, help="fixed number of steps for vae/unet (overrides --minutes)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
