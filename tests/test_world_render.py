@@ -209,6 +209,16 @@ def test_concepts_command_writes_where_asked_and_nothing_on_help(tmp_path, monke
         C.main(["--out", str(tmp_path), "--concepts", "dotted-box"])
 
 
+def test_concepts_command_renders_a_concept_named_twice_once(tmp_path, monkeypatch):
+    """--concepts dotted_box striped_ball dotted_box rendered dotted_box twice over its own folder."""
+    from prkit.world import concepts as C
+
+    written = []
+    monkeypatch.setattr(C, "write_concept_folder", lambda concept, folder, n, seed: written.append(folder) or folder)
+    assert C.main(["--out", str(tmp_path), "--concepts", "dotted_box", "striped_ball", "dotted_box"]) == 0
+    assert written == [tmp_path / "dotted_box", tmp_path / "striped_ball"]
+
+
 def test_world_bench_refuses_unknown_concepts_before_training(capsys):
     from prkit.world import bench
 

@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in args.concepts:
+    # a concept named twice is rendered once, in the order first named (as world.bench runs it): it was rendered
+    # twice over the same folder
+    for name in dict.fromkeys(args.concepts):
         folder = args.out / name if args.out is not None else concept_folder(name)
         log.info("wrote %s", write_concept_folder(EXAMPLE_CONCEPTS[name], folder, args.n, args.seed))
     return 0
