@@ -33,6 +33,22 @@ def _looks_like_path(name: str) -> bool:
             or name.count("/") != 1)
 
 
+MODEL_NAMES = "'world' (the embedded model), a diffusers folder ('.' for the current one) or a hub id"
+
+
+def blank_name(name_or_path) -> bool:
+    """Whether ``name_or_path`` is a string that is empty or whitespace alone: an unset variable. ``Path("")`` is
+    '.', so such a name read the current folder as the model; whitespace went on as a name."""
+    return isinstance(name_or_path, str) and not name_or_path.strip()
+
+
+def check_model_name(name_or_path, caller: str, argument: str = "name_or_path", give: str = MODEL_NAMES) -> None:
+    """Refuse a blank ``name_or_path`` (``blank_name``) with a ValueError naming ``caller``'s ``argument`` and what
+    to ``give`` instead (the current folder is '.'); a ``Path`` is taken as given."""
+    if blank_name(name_or_path):
+        raise ValueError(f"{caller}: {argument}={name_or_path!r} is empty; give {give} (an unset variable?)")
+
+
 def _missing_message(name: str, err: Exception | None, local_only: bool = False, revision: str | None = None) -> str:
     """Why the model ``name`` could not be loaded and what to do; ``local_only``: only the local cache was read
     (``local_files_only`` or HF_HUB_OFFLINE), ``revision``: the one asked for (the download advice fetches it)."""
@@ -184,11 +200,12 @@ def unet_structure(name_or_path: str | os.PathLike = WORLD, **kwargs):
     Returns:
         the UNet, or None where it cannot be built so: a pipeline class prkit does not support, a UNet other than
         diffusers' UNet2DConditionModel, a UNet config that cannot be read; ``load_pipeline`` loads such a model or
-        says what is wrong with it. Names that are no model, and a model index that cannot be read (a hub id not in
-        the cache), are refused as ``load_pipeline`` refuses them.
+        says what is wrong with it. Names that are no model (an empty or blank one too), and a model index that
+        cannot be read (a hub id not in the cache), are refused as ``load_pipeline`` refuses them.
     """
     from diffusers import UNet2DConditionModel
 
+    check_model_name(name_or_path, "unet_structure")  # Path("") is '.': it read the current folder
     name = str(name_or_path)
     source, local, local_only = _located(name, kwargs)
     try:  # an index that cannot be read is refused as load_pipeline refuses it (not fetched again there: a hub id

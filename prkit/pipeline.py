@@ -20,8 +20,8 @@ import torch
 # re-exported: prkit.pipeline stays their import path
 from .model_index import (  # noqa: F401
     HUB_KWARGS, SUPPORTED, WORLD, _hub_file, _located, _looks_like_path, _missing_message, _model_index, _offline,
-    _source, check_class, check_components, folder_variant, read_model_index, takes_safety_checker, unet_structure,
-    world_path)
+    _source, check_class, check_components, check_model_name, folder_variant, read_model_index, takes_safety_checker,
+    unet_structure, world_path)
 
 DEFAULTS_FILE = "prkit_defaults.json"  # a model folder's own training defaults: {target: {TrainConfig field: value}}
 MODEL_DEFAULT_FIELDS = ("learning_rate",)  # what such a file may set (train and eval apply exactly these)
@@ -148,9 +148,7 @@ def load_pipeline(name_or_path: str | os.PathLike = WORLD, device: str | torch.d
     """
     from diffusers import DiffusionPipeline
 
-    if isinstance(name_or_path, str) and not name_or_path.strip():  # Path("") is '.': it loaded the current folder
-        raise ValueError(f"load_pipeline: name_or_path={name_or_path!r} is empty; give 'world' (the embedded model), a "
-                         "diffusers folder ('.' for the current one) or a hub id (an unset variable?)")
+    check_model_name(name_or_path, "load_pipeline")  # Path("") is '.': it loaded the current folder
     device = resolve_device(device)
     check_available(device)
     torch_dtype = kwargs.pop("torch_dtype", None)  # diffusers' spelling of prkit's dtype
@@ -220,6 +218,7 @@ def read_model_defaults(folder: str | os.PathLike) -> dict:
     """
     import json
 
+    check_model_name(folder, "read_model_defaults", "folder", "the model's folder ('.' for the current one)")
     path = Path(folder) / DEFAULTS_FILE
     if not path.is_file():
         return {}

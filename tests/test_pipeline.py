@@ -456,6 +456,28 @@ def test_an_empty_model_name_is_refused_naming_the_argument(pipe, tmp_path, monk
     assert type(prkit.load_pipeline(".", device="cpu")).__name__ == "StableDiffusionPipeline"  # said so, it loads
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_the_other_functions_taking_a_model_name_refuse_an_empty_one_as_load_pipeline_does(pipe, tmp_path,
+                                                                                             monkeypatch, name):
+    """unet_structure("") built the UNet of the model folder one stood in, and read_model_defaults("") read its
+    prkit_defaults.json (Path("") is '.'); load_pipeline("") was refused."""
+    from prkit.pipeline import read_model_defaults, unet_structure
+
+    pipe.save_pretrained(str(tmp_path / "here"))
+    (tmp_path / "here" / "prkit_defaults.json").write_text('{"residuals": {"learning_rate": 0.5}}')
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(ValueError) as err:
+        unet_structure(name)
+    assert str(err.value) == (f"unet_structure: name_or_path={name!r} is empty; give 'world' (the embedded model), a "
+                              "diffusers folder ('.' for the current one) or a hub id (an unset variable?)")
+    with pytest.raises(ValueError) as err:
+        read_model_defaults(name)
+    assert str(err.value) == (f"read_model_defaults: folder={name!r} is empty; give the model's folder ('.' for the "
+                              "current one) (an unset variable?)")
+    assert unet_structure(".") is not None  # said so, they read it
+    assert read_model_defaults(".") == {"residuals": {"learning_rate": 0.5}}
+
+
 def test_a_half_precision_cpu_load_says_so_once_in_prkits_words(pipe, tmp_path):
     """diffusers claimed three times per load that a half-precision pipeline on the CPU will fail (it runs), and
     transformers that its image processors want torchvision (prkit loads none)."""
