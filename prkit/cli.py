@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     if empty is not None:
         print(f"prkit {args.command}: error: {empty} is empty; give a path (an unset shell variable?)", file=sys.stderr)
         return 2
-    if getattr(args, "model", None) == "":  # export took the recorded model instead; train and sample named '.'
+    from .model_index import blank_name  # imports torch (as build_parser has by now)
+
+    if blank_name(getattr(args, "model", None)):  # export took the recorded model instead; train and sample named '.'
         print(f"prkit {args.command}: error: --model is empty; give 'world', a diffusers folder or a hub id (an unset "
               "shell variable?)", file=sys.stderr)
         return 2
