@@ -57,7 +57,12 @@ def fingerprint(folder) -> str | None:
     (``.git``, ``hf download``'s ``.cache``). Each file counts with its path in the folder and size, its bytes where
     it is small (up to ``WHOLE``), else ``SLICES`` slices of 64 KiB spread over it. Cheap on multi-GB weights (a
     few MiB read), the same for a copy (no modification times); a fingerprint, not a hash: a change of a large
-    file's bytes that misses every slice goes unseen. None where it cannot be read."""
+    file's bytes that misses every slice goes unseen. None where it cannot be read, and for an empty or blank name
+    (``Path("")`` is '.': it fingerprinted the current folder)."""
+    from .model_index import blank_name
+
+    if blank_name(folder):
+        return None
     folder = Path(folder)
     try:
         roots = [folder]

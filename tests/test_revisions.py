@@ -66,6 +66,17 @@ def test_a_folder_is_its_resolved_path_and_a_fingerprint_that_copies_share(tmp_p
     assert fingerprint(copy) != fingerprint(folder)
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_name_has_no_fingerprint_or_record(tmp_path, monkeypatch, name):
+    """fingerprint("") fingerprinted the current folder (Path("") is '.'), as model_revision("") never did."""
+    from prkit.revisions import fingerprint, model_revision
+
+    _model_folder(tmp_path / "sd")
+    monkeypatch.chdir(tmp_path / "sd")
+    assert fingerprint(name) is None and model_revision(name) is None
+    assert fingerprint(".") is not None  # said so, it is read
+
+
 def test_the_fingerprint_reads_the_indexed_components_through_links_and_sees_a_partial_change(tmp_path):
     """Components shared by symlink are read (os.walk did not enter linked folders: two models whose unet links
     to other weights shared a fingerprint); files beside the components (a training run's logs) are not the model;
