@@ -223,8 +223,17 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _source(name_or_path: str | os.PathLike) -> tuple[str, bool, str | None]:
-    """(where to load from, is it local, reason it cannot be) for a hub id, a folder or 'world'."""
+def _source(name_or_path: str | os.PathLike, caller: str = "load_clip") -> tuple[str, bool, str | None]:
+    """(where to load from, is it local, reason it cannot be) for a hub id, a folder or 'world'; an empty or blank
+    name is a reason, in ``caller``'s name (``Path("")`` is '.': it loaded the current folder)."""
+    from .model_index import check_model_name
+
+    world = " or 'world'" if caller == "load_clip" else ""
+    try:
+        check_model_name(name_or_path, caller, give=f"a hub id, a folder that holds the backbone's config.json ('.' "
+                                                    f"for the current one){world}")
+    except ValueError as err:
+        return "", True, str(err)
     name = str(name_or_path)
     if name == WORLD:
         path = world_clip_path()
@@ -295,7 +304,7 @@ def try_load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, device: str | 
 def try_load_dino(name_or_path: str | os.PathLike = DEFAULT_DINO, device: str | torch.device = "cpu",
                   download: bool = False, **kwargs) -> tuple[DinoBackbone | None, str | None]:
     """Load a DINO ViT backbone, or say why not; arguments as for ``try_load_clip`` (no 'world')."""
-    source, local, reason = _source(name_or_path) if str(name_or_path) != WORLD else \
+    source, local, reason = _source(name_or_path, "load_dino") if str(name_or_path) != WORLD else \
         (WORLD, True, "there is no world DINO; DINO on world renders needs an ImageNet DINO folder")
     if reason:
         return None, reason

@@ -107,6 +107,21 @@ def test_a_missing_local_backbone_folder_is_named_not_sent_to_the_hub(tmp_path):
     assert model is None and "there is no folder" in reason and "hf download" not in reason
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_backbone_name_is_a_reason_not_the_current_folder(tiny_clip_folder, monkeypatch, name):
+    """load_clip("") loaded the CLIP folder one stood in (Path("") is '.'), as load_pipeline("") no longer does."""
+    monkeypatch.chdir(tiny_clip_folder)
+    model, reason = metrics.try_load_clip(name)
+    assert model is None and reason == (f"load_clip: name_or_path={name!r} is empty; give a hub id, a folder that "
+                                        "holds the backbone's config.json ('.' for the current one) or 'world' (an "
+                                        "unset variable?)")
+    with pytest.raises(MetricUnavailable, match=r"^load_dino: name_or_path='.*' is empty; give a hub id, a folder "
+                                                 r"that holds the backbone's config.json \('.' for the current one\) "
+                                                 r"\(an unset variable\?\)$"):
+        metrics.load_dino(name)
+    assert metrics.try_load_clip(".")[0] is not None  # said so, it loads
+
+
 def test_transparent_and_16_bit_images_are_embedded_as_loaded_and_as_clips_processor_does(tiny_clip_folder, tmp_path):
     """Transparency on white (prkit's loader and transformers' CLIP processor); a 16-bit grey image scaled, not
     clipped. They were converted with Pillow's convert('RGB'): the transparent background became black and a 16-bit
