@@ -74,11 +74,25 @@ def _begins_a_word(tokenizer, ids: list[int], start: int, sub: list[int]) -> boo
     return before in tokenizer.all_special_ids or text.endswith("</w>") or text in tokenizer.get_added_vocab()
 
 
+class TokenLabel(str):
+    """A token's label (its text without CLIP's end-of-word mark ``</w>``) that remembers whether the token ends a
+    word (``ends_word``; None: not known), so that ``word_index`` matches whole words; it compares, prints and
+    saves as the plain string."""
+
+    ends_word: bool | None
+
+    def __new__(cls, text: str, ends_word: bool | None = None):
+        label = super().__new__(cls, text)
+        label.ends_word = ends_word
+        return label
+
+
 def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     """The word tokens of ``prompt`` as the text encoder sees them: their positions in the padded sequence and labels.
 
     Start, end and padding are left out, so the positions are right whichever side the tokenizer pads on
-    (``padding_side`` "left" puts the words at the end). Use the positions as ``AttentionStore(tokens=...)``.
+    (``padding_side`` "left" puts the words at the end). Use the positions as ``AttentionStore(tokens=...)``. The
+    labels are ``TokenLabel`` strings: they know which tokens end a word, for ``word_index``.
 
     Args:
         tokenizer: the pipeline itself (its tokenizer, with the rewrite its ``encode_prompt`` applies: a multi-vector
@@ -101,22 +115,32 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     ids, mask = enc.input_ids, enc.attention_mask
     ends = {tokenizer.bos_token_id, tokenizer.eos_token_id}
     positions = [i for i, (t, m) in enumerate(zip(ids, mask)) if m and t not in ends]
-    labels = [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens([ids[i] for i in positions])]
+    texts = [str(t) for t in tokenizer.convert_ids_to_tokens([ids[i] for i in positions])]
+    marked = any(t.endswith("</w>") for t in texts)  # a vocabulary without CLIP's mark: word ends not known
+    added = tokenizer.get_added_vocab()
+    labels = [TokenLabel(t.replace("</w>", ""), (t.endswith("</w>") or t in added) if marked else None) for t in texts]
     return positions, labels
 
 
 def word_index(labels: Sequence[str], word: str) -> int:
     """The index in ``labels`` (``prompt_tokens``'s) of ``word``'s first piece: a word the tokenizer splits
-    ("zwxq" -> "zw", "x", "q") is found by its pieces. Raises ValueError naming the labels when it is not there."""
+    ("zwxq" -> "zw", "x", "q") is found by its pieces. Only whole words count, where the labels know where words
+    end (``prompt_tokens``'s do; plain strings do not): "cat" is not the first pieces of "category" ("c", "a", "t",
+    "e", ...), nor "at" the last piece of "cat". Raises ValueError naming the labels when it is not there."""
+    def ends(label) -> bool | None:
+        return getattr(label, "ends_word", None)
+
     for i in range(len(labels)):
+        if i and ends(labels[i - 1]) is False:  # the tail of a word
+            continue
         joined = ""
         for label in labels[i:]:
             joined += label
-            if joined == word:
+            if joined == word and ends(label) is not False:
                 return i
             if not word.startswith(joined):
                 break
-    raise ValueError(f"{word!r} is not among the prompt's tokens {list(labels)}")
+    raise ValueError(f"{word!r} is not among the prompt's tokens {list(labels)} as a whole word")
 
 
 def _starts(ids: list[int], sub: list[int]) -> list[int]:

@@ -75,6 +75,27 @@ def test_word_index_finds_split_identifiers():
         word_index(labels, "sks")
 
 
+def test_word_index_matches_whole_words_only():
+    """word_index joined the labels and ignored where words end: "cat" was found as the first pieces of "category"
+    ("c", "a", "t", "e", ...), and "at" as the last piece of "cat" (prompt_tokens strips CLIP's '</w>')."""
+    from transformers import CLIPTokenizer
+
+    from prkit.lag import prompt_tokens
+    from prkit.pipeline import world_path
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(world_path() / "tokenizer"))  # the world's CLIP tokenizer
+    _, labels = prompt_tokens(tokenizer, "a photo of a category cat at a zwxq ball")
+    assert labels[4:13] == ["c", "a", "t", "e", "g", "or", "y", "c", "at"]  # how it splits them
+    assert word_index(labels, "cat") == 11 and word_index(labels, "at") == 13  # not 4, not 12
+    assert word_index(labels, "category") == 4 and word_index(labels, "zwxq") == 15  # split words still found
+    assert word_index(labels, "ball") == 18 and word_index(labels, "a") == 0
+    assert [label.ends_word for label in labels[4:13]] == [False] * 6 + [True, False, True]
+    _, labels = prompt_tokens(tokenizer, "a photo of a category")
+    with pytest.raises(ValueError, match=r"^'cat' is not among the prompt's tokens \['a', 'photo', 'of', 'a', 'c', "
+                                         r"'a', 't', 'e', 'g', 'or', 'y'\] as a whole word$"):
+        word_index(labels, "cat")
+
+
 def test_empty_inputs_say_so():
     from prkit import metrics
     from prkit.viz import image_grid
