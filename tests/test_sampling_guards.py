@@ -455,3 +455,22 @@ def test_blocks_entered_from_two_threads_on_one_unet_run_one_after_the_other(pip
     assert not thread.is_alive() and not errors, errors
     assert not waited and seen == {"first": {"dog"}, "second": {"cat"}}
     assert selected() == before == ({"dog", "cat"} if block == "only_residuals" else set())
+
+
+def test_a_refused_decode_lets_the_pipeline_finish_its_call_so_an_upcast_vae_is_cast_back(tmp_path):
+    """The check raised inside the VAE's decoder, so the pipeline's own steps after the decode never ran: SDXL, which
+    upcasts a float16 VAE (force_upcast) for the decode and casts it back after, was left with a float32 VAE, and
+    every later float16 call failed on its latents' dtype. The call now ends as usual, then raises."""
+    from test_pipeline import _tiny_sdxl
+
+    pipe = _tiny_sdxl(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"the VAE \(AutoencoderKL\) decoded finite latents into non-finite "
+                                           r"pixels .*: its weights hold NaN or inf"):
+        prkit.generate(pipe, "a photo of a dog", None, steps=2)
+    assert pipe.vae.dtype == torch.float16  # as the pipeline's call leaves it
+    assert not pipe.vae.decoder._forward_hooks
