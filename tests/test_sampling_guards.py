@@ -474,3 +474,21 @@ def test_a_refused_decode_lets_the_pipeline_finish_its_call_so_an_upcast_vae_is_
         prkit.generate(pipe, "a photo of a dog", None, steps=2)
     assert pipe.vae.dtype == torch.float16  # as the pipeline's call leaves it
     assert not pipe.vae.decoder._forward_hooks
+
+
+def test_non_finite_latents_are_refused_also_where_a_step_callback_decoded_a_preview(pipe):
+    """With output_type='latent' the returned latents were checked only where nothing had been decoded in the call: a
+    step callback that decodes a preview (pipe.vae.decode, finite at the first step) let NaN latents through."""
+    steps = _dpm_at_every_training_timestep(pipe)
+    previews = []
+
+    def preview(p, i, t, kwargs):
+        if i == 0:
+            latents = kwargs["latents"] / p.vae.config.scaling_factor
+            previews.append(p.vae.decode(latents).sample)
+        return kwargs
+
+    with pytest.raises(RuntimeError, match=r"^generate: 20 denoising steps of DPMSolverMultistepScheduler gave "
+                                           r"non-finite latents"):
+        prkit.generate(pipe, PROMPT, None, steps=steps, output_type="latent", callback_on_step_end=preview)
+    assert len(previews) == 1 and torch.isfinite(previews[0]).all()
