@@ -187,7 +187,8 @@ def _check_words(token: object, class_word: object, template: str) -> tuple[str,
             if _in_a_row(parts, re.findall(r"\w+", words.lower()))]  # its attention (and LAG's mask) would take it
     if held:
         places = " and ".join(f"the {what} {text!r}" for what, text in held)
-        example = "" if word == "sks" else " such as 'sks'"
+        # 'sks' only where the prompt's other words do not hold it: for '<sks>' or 'sks!', it is what they hold
+        example = "" if "sks" in re.findall(r"\w+", f"{class_word} {literal}".lower()) else " such as 'sks'"
         it = "it" if parts == [word] else f"its word{'s' * (len(parts) > 1)} {' '.join(parts)!r}"
         raise ConceptDataError(f"token {token!r} is also another word of the training prompt "
                                f"{template.format(token=token, class_word=class_word)!r}: {places} "

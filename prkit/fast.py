@@ -263,7 +263,9 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
             def encoded_shapes():
                 return [tuple(source.mean.shape[1:]) for source, _, _ in sources]
 
-            if warm:
+            if finished:  # resumed at its last step or its stop_after: a step made and warmed up (on a GPU a
+                pass  # throwaway step or the graph's capture: seconds, and its memory) would serve no step
+            elif warm:
                 began = time.perf_counter()
                 shapes = [warmup.latent_shape(pipe, source.size) for source, _, _ in sources]
                 stepper = make_stepper(shapes)

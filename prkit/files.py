@@ -141,8 +141,8 @@ def read_metadata(path) -> dict:
 
 
 def read_residual_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The header (as ``read_metadata`` gives it) and the tensors of the residual file ``path``, from one read of its
-    bytes: both are of one version of it, also where a save replaces the file meanwhile (two opens read one version's
+    """The header (as ``read_metadata`` gives it) and the tensors of the residual file ``path``, from one open of
+    it: both are of one version of it, also where a save replaces the file meanwhile (two opens read one version's
     header with the next one's tensors, refused as damage). Its header alone is read first, so that a large file that
     is no residual set (a model checkpoint) is refused before all its bytes are read."""
     _check_format(safetensors_header(path, "residual file"), path)

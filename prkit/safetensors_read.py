@@ -1,4 +1,4 @@
-"""Reading a ``.safetensors`` file: its header alone, or its header and tensors from one read of it, with clear errors
+"""Reading a ``.safetensors`` file: its header alone, or its header and tensors from one open of it, with clear errors
 for a folder given as the file, a missing file, one cut short and one that is no .safetensors file. Knows no prkit
 format (``files`` does)."""
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load
 
 
 def safetensors_header(path, what: str) -> dict:
@@ -65,17 +64,15 @@ def _cut_short(f, size: int) -> int | None:
 
 
 def read_whole(path: Path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and the tensors of the .safetensors file ``path``, from one read of its bytes: both are of one
-    version of it, also where a save renames another file over it meanwhile (two opens could read one version's
-    header with the next one's tensors). The whole file is read: check its header first where it may be large
-    (``safetensors_header``)."""
+    """The metadata and the tensors of the .safetensors file ``path``, from one open of it: both are of one version
+    of it, also where a save renames another file over it meanwhile (the open file stays the version opened; two
+    opens could read one version's header with the next one's tensors). Each tensor is copied from the file's
+    mapping: its bytes read whole first were in memory beside the tensors made from them (three times the file's
+    size at the peak). Check its header first where it may be large (``safetensors_header``)."""
     try:
-        data = path.read_bytes()
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError as err:  # removed since its header was read
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from err
-    try:
-        tensors = load(data)
-        meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     except Exception as err:  # safetensors raises its own error types
-        raise _unreadable(path, what, err, data) from err
-    return dict(meta), tensors
+        raise _unreadable(path, what, err) from err

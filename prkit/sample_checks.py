@@ -18,28 +18,34 @@ import torch
 @contextlib.contextmanager
 def finite_output(pipe, steps: int):
     """Within the block, each decode by ``pipe``'s VAE in this thread is checked as its decoder returns, before the
-    pipeline converts the images: non-finite pixels raise there, saying whether the latents (the ``steps``
-    denoising steps) or the VAE made them. Yields a check for what the call returns, for output_type='latent',
-    where nothing is decoded.
+    pipeline converts the images: non-finite pixels are noted there, saying whether the latents (the ``steps``
+    denoising steps) or the VAE made them, and handed on as zeros. Yields a check for what the call returns, which
+    raises what was noted and checks what it returns as a tensor or array (output_type='latent': the latents, also
+    where a step callback decoded a preview on the way, which once stood for the call's own decode). Raising in
+    the decoder skipped the pipeline's own steps after it: SDXL casts a float16 VAE it upcast for the decode back
+    after it, and was left with a float32 VAE that later float16 calls failed on.
 
     Raises:
         RuntimeError: the latents or the images are not finite.
     """
     decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
-    owner, decoded = threading.get_ident(), []
+    owner, problems = threading.get_ident(), []
 
     def after_decode(module, args, images):
         if threading.get_ident() != owner or not isinstance(images, torch.Tensor):
             return  # another pipeline's call on a shared VAE checks its own
-        decoded.append(True)
         if not bool(torch.isfinite(images).all()):
             latents = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if latents is not None and bool(torch.isfinite(latents).all()):
-                raise RuntimeError(_vae_message(pipe, images.dtype))
-            raise RuntimeError(_denoising_message(pipe, steps))
+                problems.append(_vae_message(pipe, images.dtype))
+            else:
+                problems.append(_denoising_message(pipe, steps))
+            return torch.nan_to_num(images, nan=0.0, posinf=0.0, neginf=0.0)  # converted without numpy's warning
 
     def check_returned(output) -> None:
-        if decoded or not isinstance(output, (torch.Tensor, np.ndarray)):
+        if problems:
+            raise RuntimeError(problems[0])
+        if not isinstance(output, (torch.Tensor, np.ndarray)):
             return  # checked at the decode (PIL images can no longer tell NaN from black)
         finite = torch.isfinite(output).all() if isinstance(output, torch.Tensor) else np.isfinite(output).all()
         if not bool(finite):

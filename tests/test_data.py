@@ -938,3 +938,21 @@ def test_a_word_passed_and_refused_does_not_blame_the_words_read_from_concept_js
     assert "token must be a non-empty string" in str(refused.value) and "concept.json" not in str(refused.value)
     with pytest.raises(ConceptDataError, match=r"class_word read from .*concept.json"):
         load_concept(folder, token="dog")  # the token meets the class word read from the file: named
+
+
+@pytest.mark.parametrize("token,class_word,template", [
+    ("<sks>", "dog", "a photo of {token} {class_word}, sks style"),
+    ("sks!", "sks dog", None),
+    ("photo", "dog", "a sks photo of {token} {class_word}"),
+])
+def test_a_token_refused_for_another_word_is_not_told_to_use_a_word_the_prompt_holds(tmp_path, token, class_word,
+                                                                                      template):
+    """The refusal suggested 'a rare identifier such as 'sks'' unless the token was 'sks' itself: for '<sks>' or 'sks!',
+    refused because the prompt holds 'sks', that suggestion is refused the same way."""
+    make_folder(tmp_path)
+    with pytest.raises(ConceptDataError) as err:
+        load_concept(tmp_path, token, class_word, R, prompt_template=template)
+    assert "Choose another token (a rare identifier), or " in str(err.value)
+    with pytest.raises(ConceptDataError) as err:
+        load_concept(tmp_path, "sks", class_word, R, prompt_template=template)  # what it suggested
+    assert "is also another word of the training prompt" in str(err.value)

@@ -866,3 +866,29 @@ def test_a_checkpoint_continues_only_with_the_vae_encoder_and_text_encoder_it_ca
     scaled(lambda p: p.vae, "decoder.conv_out.weight")(decoder)
     resumed = prkit.train_residuals(decoder, concept, steps=6, checkpoint_dir=str(ckpt), **FAST)
     assert resumed.completed and resumed.steps_done == 6
+
+
+@pytest.mark.parametrize("left", ["stopped", "finished"])
+def test_a_resumed_run_with_nothing_to_train_pays_no_warm_up(tmp_path, concept, monkeypatch, left):
+    """A fast run resumed at its stop_after (or at its last step) trains nothing, yet made its training step and
+    warmed it up: on a GPU a throwaway step or the step's CUDA graph capture (seconds, and the graph's memory), for
+    no step at all."""
+    import prkit.fast_step as fast_step
+    from prkit.fast import FastConfig
+
+    steps = []
+    real = fast_step.TrainStep.__init__
+
+    def made(self, *args, **kwargs):
+        steps.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast_step.TrainStep, "__init__", made)
+    loop = FastConfig(cuda_graph=False, warm_up=True)
+    where = dict(steps=4 if left == "stopped" else 2, stop_after=2, checkpoint_dir=str(tmp_path / "ckpt"), fast=loop,
+                 **FAST)
+    first = prkit.train_residuals(make_pipe(tmp_path / "p1"), concept, **where)
+    assert first.steps_done == 2 and len(steps) == 1
+    again = prkit.train_residuals(make_pipe(tmp_path / "p2"), concept, **where)
+    assert again.steps_done == 2 and again.losses == first.losses and len(steps) == 1  # no step made, none warmed
+    assert again.completed is (left == "finished")

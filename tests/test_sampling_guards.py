@@ -455,3 +455,40 @@ def test_blocks_entered_from_two_threads_on_one_unet_run_one_after_the_other(pip
     assert not thread.is_alive() and not errors, errors
     assert not waited and seen == {"first": {"dog"}, "second": {"cat"}}
     assert selected() == before == ({"dog", "cat"} if block == "only_residuals" else set())
+
+
+def test_a_refused_decode_lets_the_pipeline_finish_its_call_so_an_upcast_vae_is_cast_back(tmp_path):
+    """The check raised inside the VAE's decoder, so the pipeline's own steps after the decode never ran: SDXL, which
+    upcasts a float16 VAE (force_upcast) for the decode and casts it back after, was left with a float32 VAE, and
+    every later float16 call failed on its latents' dtype. The call now ends as usual, then raises."""
+    from test_pipeline import _tiny_sdxl
+
+    pipe = _tiny_sdxl(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"the VAE \(AutoencoderKL\) decoded finite latents into non-finite "
+                                           r"pixels .*: its weights hold NaN or inf"):
+        prkit.generate(pipe, "a photo of a dog", None, steps=2)
+    assert pipe.vae.dtype == torch.float16  # as the pipeline's call leaves it
+    assert not pipe.vae.decoder._forward_hooks
+
+
+def test_non_finite_latents_are_refused_also_where_a_step_callback_decoded_a_preview(pipe):
+    """With output_type='latent' the returned latents were checked only where nothing had been decoded in the call: a
+    step callback that decodes a preview (pipe.vae.decode, finite at the first step) let NaN latents through."""
+    steps = _dpm_at_every_training_timestep(pipe)
+    previews = []
+
+    def preview(p, i, t, kwargs):
+        if i == 0:
+            latents = kwargs["latents"] / p.vae.config.scaling_factor
+            previews.append(p.vae.decode(latents).sample)
+        return kwargs
+
+    with pytest.raises(RuntimeError, match=r"^generate: 20 denoising steps of DPMSolverMultistepScheduler gave "
+                                           r"non-finite latents"):
+        prkit.generate(pipe, PROMPT, None, steps=steps, output_type="latent", callback_on_step_end=preview)
+    assert len(previews) == 1 and torch.isfinite(previews[0]).all()
