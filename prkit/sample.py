@@ -54,8 +54,8 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     Returns:
         the list of images (PIL unless ``output_type`` says otherwise).
     Raises:
-        RuntimeError: the latents or the decoded images hold NaN or inf (``sample_checks``), which PIL would have
-            made black images; none are returned.
+        NonFiniteImages (a RuntimeError): the latents or the decoded images hold NaN or inf (``sample_checks``),
+            which PIL would have made black images; none are returned.
 
     Calls on one UNet from several threads run one after the other (``unet_lock``): each switches the UNet's
     sets and attention processors for its whole call.

@@ -15,6 +15,11 @@ import numpy as np
 import torch
 
 
+class NonFiniteImages(RuntimeError):
+    """A sampling call made NaN or inf latents or pixels (black images); none are returned. Training's validation
+    catches it and goes on: a run is not lost to one sample."""
+
+
 @contextlib.contextmanager
 def finite_output(pipe, steps: int):
     """Within the block, each decode by ``pipe``'s VAE in this thread is checked as its decoder returns, before the
@@ -26,7 +31,7 @@ def finite_output(pipe, steps: int):
     after it, and was left with a float32 VAE that later float16 calls failed on.
 
     Raises:
-        RuntimeError: the latents or the images are not finite.
+        NonFiniteImages (a RuntimeError): the latents or the images are not finite.
     """
     decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
     owner, problems = threading.get_ident(), []
@@ -44,12 +49,12 @@ def finite_output(pipe, steps: int):
 
     def check_returned(output) -> None:
         if problems:
-            raise RuntimeError(problems[0])
+            raise NonFiniteImages(problems[0])
         if not isinstance(output, (torch.Tensor, np.ndarray)):
             return  # checked at the decode (PIL images can no longer tell NaN from black)
         finite = torch.isfinite(output).all() if isinstance(output, torch.Tensor) else np.isfinite(output).all()
         if not bool(finite):
-            raise RuntimeError(_denoising_message(pipe, steps))
+            raise NonFiniteImages(_denoising_message(pipe, steps))
 
     hook = decoder.register_forward_hook(after_decode) if isinstance(decoder, torch.nn.Module) else None
     try:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import weakref
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -386,6 +387,7 @@ def _backward(loss, optimizer, scaler, params, max_grad_norm) -> float | None:
 
 def _validate(pipe, target, concept, config: TrainConfig) -> list:
     from .sample import generate
+    from .sample_checks import NonFiniteImages
 
     prompts = [p.format(token=concept.token, class_word=concept.class_word) for p in config.validation_prompts]
     pipe.unet.eval()
@@ -393,4 +395,8 @@ def _validate(pipe, target, concept, config: TrainConfig) -> list:
     half = getattr(target, "base_dtype", None)  # DreamBooth's fp32 master weights on a half-precision UNet
     with torch.autocast(pipe.unet.device.type, dtype=half, enabled=half in (torch.float16, torch.bfloat16),
                         cache_enabled=False):  # no cast cache: a CUDA graph may capture the UNet
-        return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)
+        try:
+            return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)
+        except NonFiniteImages as error:  # the run goes on (it had ended here, its steps since the last save lost)
+            warnings.warn(f"validation images not made: {error}; training goes on", stacklevel=3)
+            return []

@@ -673,3 +673,28 @@ def test_a_pipeline_part_built_empty_on_the_meta_device_is_refused_naming_it(tmp
     with pytest.raises(ValueError, match=rf"the pipeline's {part} has no weights: '.+' is on the meta device.*Load"):
         prkit.train_residuals(pipe, concept, steps=1, checkpoint_dir=str(ckpt), resume=False, **FAST)
     assert prkit.residual_names(pipe.unet) == [] and [p.name for p in ckpt.iterdir()] == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_validation_images_that_come_out_non_finite_warn_and_training_goes_on(tmp_path, concept, monkeypatch, fast):
+    """generate refuses NaN images (sample_checks.NonFiniteImages); called by validation, that refusal ended the
+    run, its steps since the last checkpoint lost. Now validation warns, records no images for that step, and the
+    run trains to its end."""
+    from prkit import sample as sample_module
+    from prkit.sample_checks import NonFiniteImages
+
+    calls = []
+
+    def refuse(pipe, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        raise NonFiniteImages("generate: 1 denoising steps of X gave non-finite latents")
+
+    monkeypatch.setattr(sample_module, "generate", refuse)
+    with pytest.warns(UserWarning, match=r"^validation images not made: generate: 1 denoising steps of X gave "
+                                         r"non-finite latents; training goes on$"):
+        result = prkit.train_residuals(make_pipe(tmp_path), concept, steps=2, validate_every=1,
+                                       validation_prompts=("a {token}",), validation_steps=1, fast=fast,
+                                       **FAST)
+    assert result.completed and result.steps_done == 2 and len(result.losses) == 2
+    assert result.validation == {1: [], 2: []}
+    assert calls == [["a sks"], ["a sks"]]
