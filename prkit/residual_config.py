@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 
@@ -55,7 +56,7 @@ def finite_scale(value, owner: str, text: bool = False) -> float:
     """``value`` as a residual set's scale; NaN or infinity (NaN images) raises a ValueError naming ``owner``. A bool
     (``scale=True`` read as 1.0, False silently turned the set off) or a string (float() read ``'2'``) raises a
     TypeError; numpy and torch numbers pass. ``text``: ``value`` is a file header's text, read as a number."""
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) in (torch.bool, np.bool_):
         raise TypeError(f"{owner}: scale must be a number (1.0: as trained, 0: off), got {value!r}; to switch a set "
                         "on or off use enable() and disable()")
     if isinstance(value, (str, bytes)) and not text:

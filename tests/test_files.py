@@ -700,7 +700,7 @@ def test_a_scale_given_as_a_bool_or_text_is_refused_and_numpy_numbers_pass(tmp_p
     assert prkit.residual_names(target) == []  # refused before anything was added
     residuals = prkit.load_residuals(target, path, scale=np.float32(0.5))
     assert residuals.scale == 0.5 and type(residuals.scale) is float
-    for bad in (False, "0.5", b"1"):
+    for bad in (False, "0.5", b"1", torch.tensor(True), np.array(False)):  # a bool tensor or array read as 1 or 0
         with pytest.raises(TypeError, match=r"^residual set 'default': scale must be a number"):
             residuals.scale = bad
     assert residuals.scale == 0.5

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -128,6 +129,8 @@ def _parse_value(value: str, default, key: str = "value"):
     if declared is not None and ((name == "int" and key != "seed") or key.endswith("_minutes")) and parsed < 0:
         what = "a time in minutes" if key.endswith("_minutes") else "a count"
         raise ValueError(f"--set {key}={value}: {key} is {what} and cannot be negative; give a number >= 0")
+    if key.endswith("_minutes") and not math.isfinite(parsed):  # nan passed every budget check: an endless stage
+        raise ValueError(f"--set {key}={value}: {key} is a time in minutes; give a finite number >= 0")
     return parsed
 
 
@@ -140,6 +143,8 @@ def _minutes(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of minutes such as 30, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"a time in minutes cannot be negative; give a number >= 0, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"a time in minutes must be a finite number >= 0, got {text!r}")
     return value
 
 
