@@ -356,18 +356,6 @@ def test_set_refuses_a_negative_count_or_time(tmp_path, setting, says, capsys, m
     assert W._parse_value("-1", 5e-4, "unet_lr") == -1.0  # not a count or a time: as before
 
 
-@pytest.mark.parametrize("args,says", [
-    (["--set", "unet_minutes=nan"], "--set unet_minutes=nan: unet_minutes is a time in minutes; give a finite number"),
-    (["--set", "vae_minutes=inf"], "--set vae_minutes=inf: vae_minutes is a time in minutes; give a finite number"),
-    (["--minutes", "nan"], "argument --minutes: a time in minutes must be a finite number >= 0, got 'nan'"),
-])
-def test_a_time_that_is_no_finite_number_is_refused(tmp_path, args, says, capsys, monkeypatch):
-    """nan passed the negative check (nan < 0 is False) and every budget comparison after it: a stage without end."""
-    monkeypatch.setattr(W, "run", lambda *a, **k: pytest.fail("the recipe ran"))
-    with pytest.raises(SystemExit):
-        W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), *args])
-    assert says in capsys.readouterr().err and not (tmp_path / "w").exists()
-
 
 @pytest.mark.parametrize("minutes,says", [
     ("-1", "argument --minutes: a time in minutes cannot be negative; give a number >= 0, got '-1'"),
@@ -388,8 +376,12 @@ def test_minutes_refuses_a_negative_time_as_set_does(tmp_path, minutes, says, ca
 @pytest.mark.parametrize("args,says", [
     (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),  # numpy's 'expected non-negative integer'
     (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    # nan passed the negative check (nan < 0 is False) and every budget comparison after it: a stage without end
+    (["--set", "unet_minutes=nan"], "--set unet_minutes=nan: unet_minutes is a time in minutes; give a finite number"),
+    (["--set", "vae_minutes=inf"], "--set vae_minutes=inf: vae_minutes is a time in minutes; give a finite number"),
+    (["--minutes", "nan"], "argument --minutes: a time in minutes must be a finite number >= 0, got 'nan'"),
 ])
-def test_seed_and_steps_are_checked_before_any_stage_runs(tmp_path, args, says, capsys, monkeypatch):
+def test_seed_steps_and_times_are_checked_before_any_stage_runs(tmp_path, args, says, capsys, monkeypatch):
     monkeypatch.setattr(W, "run", lambda *a, **k: pytest.fail("the recipe ran"))
     with pytest.raises(SystemExit):
         W.main(["--stage", "data", "--smoke", "--out", str(tmp_path / "w"), *args])
