@@ -39,7 +39,8 @@ def byte_copies(paths: list[Path]) -> dict[Path, Path]:
 
 def pixels_digest(img: Image.Image) -> str:
     """A hash of a decoded image's pixels (the same picture in other bytes shares it: another PNG compression,
-    other metadata, another lossless format)."""
+    other metadata, another lossless format). ``load_concept`` hashes each file's training crop: two files that
+    crop to the same pixels would train the same picture twice."""
     return hashlib.blake2b(f"{img.mode} {img.size}".encode() + img.tobytes(), digest_size=16).hexdigest()
 
 
