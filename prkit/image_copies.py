@@ -48,11 +48,13 @@ def without_same_pixels(crops: list, paths: list[Path], pictures: dict[str, list
                          left_out: list[tuple[Path, Path]]) -> tuple[list, list[Path]]:
     """The crops and paths without the files whose decoded pixels an earlier one has (``pictures``: pixels' hash ->
     indices), the shortest name kept as for exact copies; each one left out joins ``left_out`` (in name order)."""
-    dropped = set()
+    dropped, kept_for = set(), {}
     for indices in pictures.values():
         kept = min(indices, key=lambda i: (len(paths[i].name), paths[i].name))
-        left_out.extend((paths[i], paths[kept]) for i in indices if i != kept)
+        kept_for.update((paths[i], paths[kept]) for i in indices if i != kept)
         dropped.update(i for i in indices if i != kept)
+    # a byte copy's original that is itself left out as a pixel copy: the copy names the file that trains instead
+    left_out[:] = [(copy, kept_for.get(kept, kept)) for copy, kept in left_out] + list(kept_for.items())
     left_out.sort(key=lambda pair: pair[0].name)
     return ([c for i, c in enumerate(crops) if i not in dropped], [p for i, p in enumerate(paths) if i not in dropped])
 

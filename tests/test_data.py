@@ -484,6 +484,24 @@ def test_the_same_picture_saved_again_in_other_bytes_trains_once_and_is_named(tm
             "Delete the copies from the folder to silence this.") in messages[0]
 
 
+def test_a_byte_copy_of_a_file_left_out_as_a_pixel_copy_names_the_file_that_trains(tmp_path):
+    """'photo (1).png' has photo.png's bytes; photo.png has p.bmp's pixels, and p.bmp (the shorter name) trains. The
+    warning said "'photo (1).png' (same bytes as 'photo.png')", naming a file that was left out itself."""
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    picture.save(tmp_path / "photo.png")
+    (tmp_path / "photo (1).png").write_bytes((tmp_path / "photo.png").read_bytes())
+    picture.save(tmp_path / "p.bmp")
+    for i, color in enumerate((BLUE, (200, 30, 30))):
+        Image.new("RGB", (40, 40), color).save(tmp_path / f"plain{i}.png")
+    with pytest.warns(UserWarning) as caught:
+        c = load_concept(tmp_path, "sks", "dog", R)
+    assert [p.name for p in c.paths] == ["p.bmp", "plain0.png", "plain1.png"]
+    assert [(copy.name, kept.name) for copy, kept in c.left_out] == [("photo (1).png", "p.bmp"),
+                                                                     ("photo.png", "p.bmp")]
+    message = next(str(w.message) for w in caught if "copies" in str(w.message))
+    assert "leaving out 'photo (1).png' (same pixels as 'p.bmp'), 'photo.png' (same pixels as 'p.bmp')." in message
+
+
 def test_too_few_images_warns(tmp_path):
     make_folder(tmp_path, n=2)
     with pytest.warns(UserWarning, match="has 2 usable image.*3-15"):
