@@ -26,6 +26,7 @@ from .fast_patches import (  # noqa: F401
 from . import checkpoints, fast_warmup as warmup
 from .interrupts import deferred_interrupt
 from .fast_step import TrainStep, _Slot, _Snapshot, _make_capturable, make_optimizer, match_state_layouts
+from .train_run import diverged_message, record_run, resume, validation_images
 
 log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
@@ -187,19 +188,13 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
     # GradScaler("cuda") turns itself off elsewhere (fp16 autocast on a CPU): no scaler then, as in effect eagerly
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
     gen = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    step = 0
     ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
-    before, finished, stopped = 0.0, False, False
-    held = None  # the step whose state ckpt holds, once this call restored or wrote it
-    if ckpt is not None and config.resume and ckpt.is_file():
-        step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
-        held = step
-        start -= before  # the run's seconds count its earlier calls too (times[] keeps this call's own)
-        stopped = base.stopped_already(step, config, ckpt)
-        # nothing left (or stopped already): the run's own seconds, not this call's set-up added
-        finished = step >= config.steps or stopped
+    # held: the step whose state ckpt holds, once this call restored or wrote it; finished: nothing left (or stopped
+    # already), so the run's own seconds, not this call's set-up added
+    step, losses, before, finished, stopped, held = resume(ckpt, stamp, target, optimizer, scaler, gen, config)
+    start -= before  # the run's seconds count its earlier calls too (times[] keeps this call's own)
+    if held is not None:
         _make_capturable(optimizer, device)
 
     gen_states = {step: gen.get_state()}  # generator state once `k` steps' batches are drawn
@@ -311,9 +306,9 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                     window = None
                     if math.isfinite(values[bad]):  # the weights would be NaN from the next step on
                         what = f"the gradient of a finite loss ({values[bad]:.4g})"
-                        raise base.TrainingDiverged(base.diverged_message(norms[bad], a + bad + 1, ckpt, config, amp,
+                        raise base.TrainingDiverged(diverged_message(norms[bad], a + bad + 1, ckpt, config, amp,
                                                                           what))
-                    raise base.TrainingDiverged(base.diverged_message(values[bad], a + bad + 1, ckpt, config, amp))
+                    raise base.TrainingDiverged(diverged_message(values[bad], a + bad + 1, ckpt, config, amp))
                 with deferred_interrupt():  # the window's losses and its end: both or neither
                     losses.extend(values)
                     step, window = b, None
@@ -325,7 +320,7 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
                                      time.perf_counter() - start)
                     held = step
                 if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
-                    validation[step] = base._validate(pipe, target, concept, config)
+                    validation[step] = validation_images(pipe, target, concept, config)
                     unet.train()
                 if stops:
                     if ckpt is not None:
@@ -370,5 +365,5 @@ def _train_fast(pipe, concept, config, *, name: str, progress: bool, fast: FastC
             p.requires_grad_(False)
     _sync(device)
     seconds = before if finished else time.perf_counter() - start
-    base.record_run(target, pipe, config, seconds)
+    record_run(target, pipe, config, seconds)
     return base.TrainResult(target, losses, seconds, step, completed, validation, ckpt if held == step else None)

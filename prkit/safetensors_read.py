@@ -4,7 +4,6 @@ format (``files`` does)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -30,12 +29,11 @@ def safetensors_header(path, what: str) -> dict:
         raise _unreadable(path, what, err) from err
 
 
-def _unreadable(path: Path, what: str, err: Exception, data: bytes | None = None) -> ValueError:
+def _unreadable(path: Path, what: str, err: Exception) -> ValueError:
     """The error for a .safetensors file that safetensors refused with ``err``: cut short (saying the bytes its header
-    needs), or no readable .safetensors file. ``data``: the bytes refused, where they were read; else the file's."""
-    with io.BytesIO(data) if data is not None else open(path, "rb") as f:
-        size = len(data) if data is not None else os.fstat(f.fileno()).st_size
-        need = _cut_short(f, size)
+    needs), or no readable .safetensors file."""
+    with open(path, "rb") as f:
+        need = _cut_short(f, size := os.fstat(f.fileno()).st_size)
     if need is not None:
         return ValueError(f"{what} {str(path)!r} is incomplete: it holds {size:,} bytes where its header needs "
                           f"{need:,} (an interrupted copy, download or save leaves such a file); copy, download or "

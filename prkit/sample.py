@@ -20,7 +20,6 @@ from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
 from .residuals import Residuals, get_residuals, only_residuals
 from .sample_checks import finite_output
-from .unet_lock import unet_lock
 
 
 @dataclass
@@ -112,7 +111,8 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
     steps = steps if steps is not None else config.steps
-    with unet_lock(pipe.unet), only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
+    # only_residuals holds the UNet's lock (unet_lock) for the whole call: another thread's call waits
+    with only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
             graphed_unet(pipe.unet, enabled=fast), finite_output(pipe, steps) as check_returned:
         out = pipe(prompts, num_inference_steps=steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,

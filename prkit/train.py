@@ -2,8 +2,9 @@
 
 Owns the loop, mixed precision and exact resume. What is trained is a pluggable choice (``TARGETS``) so baselines
 can reuse the loop; the recipe's settings live in ``train_config``, checkpoints in ``checkpoints``, signal holding
-in ``interrupts``, what a step is fed (conditioning, cached latents, targets) in ``train_inputs``; sampling and
-files elsewhere.
+in ``interrupts``, what a step is fed (conditioning, cached latents, targets) in ``train_inputs``, what both loops
+do alike around their steps (resume, divergence, validation images, the run's record) in ``train_run``; sampling
+and files elsewhere.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import logging
 import math
 import time
 import weakref
-import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,10 @@ from .fast_step import clip_and_norm
 from .interrupts import deferred_interrupt, terminate_as_interrupt
 from .base_only import adapters_off, freeu_off
 from .residuals import Residuals, get_residuals, only_residuals, remove_residuals, residual_names
-from .revisions import pipeline_revision
 from .targets import LORA_MODULES, TARGETS
 # what a step is fed, re-exported: prkit.train stays their import path
+# what both loops do alike around their steps; diverged_message and record_run re-exported (prkit.train's paths)
+from .train_run import diverged_message, record_run, resume, validation_images  # noqa: F401
 from .train_inputs import (  # noqa: F401
     PREDICTION_TYPES, _Cache, _expand, encode_images, encode_text, sdxl_time_ids, training_scheduler)
 # the recipe's settings and results, re-exported: prkit.train stays their import path
@@ -199,29 +199,6 @@ def _first_factor(residuals: Residuals):
     return next(iter(residuals.factors().values()), None)
 
 
-def diverged_message(value: float, step: int, ckpt: Path | None, config, amp, what: str = "the loss") -> str:
-    """What to say when the loss (or ``what``: the eager loop's gradients) is NaN or infinite (both loops, word for
-    word). The run's checkpoint, written on the way to the divergence, is set aside first
-    (``checkpoints.set_aside``): a rerun at a lower rate would otherwise resume its weights and finish without a
-    word."""
-    aside = checkpoints.set_aside(ckpt) if ckpt is not None else None
-    kept = (f" Its last checkpoint, trained on the way there, is set aside as {aside}, so a rerun starts over; to "
-            f"continue from it anyway, rename it back to {ckpt.name}." if aside is not None else "")
-    return (f"{what} became {value} at step {step}; the residuals were not updated with it.{kept} "
-            f"Lower learning_rate (now {config.learning_rate})"
-            f"{' or use mixed_precision=' + repr('no') if amp is not None else ''}.")
-
-
-def stopped_already(step: int, config, ckpt: Path | None) -> bool:
-    """Whether a resumed run is already at (or past) its ``stop_after``: nothing trains in this call (both loops, word
-    for word). The check after each step alone let every repeated call with the same stop_after train one more."""
-    if config.stop_after is None or not config.stop_after <= step < config.steps:
-        return False
-    log.warning("%s is at step %d, already at stop_after=%d: this call trains nothing; to continue the run, pass a "
-                "larger stop_after or none", ckpt, step, config.stop_after)
-    return True
-
-
 def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, register) -> TrainResult:
     start = time.perf_counter()
     unet = pipe.unet
@@ -248,19 +225,12 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     amp = _precision(config, device, unet.dtype)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None  # on: CUDA only
     gen = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    step = 0
     ckpt = checkpoints.checkpoint_file(config)
     stamp = checkpoints.fingerprint(pipe, concept, config, amp) if ckpt is not None else None
-    before, finished, stopped = 0.0, False, False
-    held = None  # the step whose state ckpt holds, once this call restored or wrote it
-    if ckpt is not None and config.resume and ckpt.is_file():
-        step, losses, before = checkpoints.restore(ckpt, stamp, target, optimizer, scaler, gen, config)
-        held = step
-        start -= before  # the run's seconds count its earlier calls too
-        stopped = stopped_already(step, config, ckpt)
-        # nothing left (or stopped already): the run's own seconds, not this call's set-up added
-        finished = step >= config.steps or stopped
+    # held: the step whose state ckpt holds, once this call restored or wrote it; finished: nothing left (or stopped
+    # already), so the run's own seconds, not this call's set-up added
+    step, losses, before, finished, stopped, held = resume(ckpt, stamp, target, optimizer, scaler, gen, config)
+    start -= before  # the run's seconds count its earlier calls too
     # on where asked, unless the owner already checkpoints (with a function of its own, kept); back as it was after
     undo_checkpointing = None
     if config.gradient_checkpointing and not getattr(unet, "is_gradient_checkpointing", False):
@@ -297,7 +267,7 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
                                  time.perf_counter() - start)
                 held = step
             if config.validate_every and step % config.validate_every == 0 and config.validation_prompts:
-                validation[step] = _validate(pipe, target, concept, config)
+                validation[step] = validation_images(pipe, target, concept, config)
                 unet.train()
             if config.stop_after is not None and step >= config.stop_after and step < config.steps:
                 if ckpt is not None:
@@ -327,14 +297,6 @@ def _train_eager(pipe, concept, config: TrainConfig, name: str, progress: bool, 
     seconds = before if finished else time.perf_counter() - start
     record_run(target, pipe, config, seconds)
     return TrainResult(target, losses, seconds, step, completed, validation, ckpt if held == step else None)
-
-
-def record_run(target, pipe, config: TrainConfig, seconds: float) -> None:
-    """What a residual set keeps of the run that trained it (both loops): its settings, the base model's name and
-    revision (``prkit.revisions``), the wall time. Other targets keep nothing."""
-    if isinstance(target, Residuals):
-        target.meta.update(config=_public(config), base_model=str(getattr(pipe, "name_or_path", "") or ""),
-                           base_model_revision=pipeline_revision(pipe), seconds=seconds)
 
 
 def _in_dtype(cond: dict, dtype: torch.dtype) -> dict:
@@ -383,20 +345,3 @@ def _backward(loss, optimizer, scaler, params, max_grad_norm) -> float | None:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return None
-
-
-def _validate(pipe, target, concept, config: TrainConfig) -> list:
-    from .sample import generate
-    from .sample_checks import NonFiniteImages
-
-    prompts = [p.format(token=concept.token, class_word=concept.class_word) for p in config.validation_prompts]
-    pipe.unet.eval()
-    residuals = target if isinstance(target, Residuals) else None
-    half = getattr(target, "base_dtype", None)  # DreamBooth's fp32 master weights on a half-precision UNet
-    with torch.autocast(pipe.unet.device.type, dtype=half, enabled=half in (torch.float16, torch.bfloat16),
-                        cache_enabled=False):  # no cast cache: a CUDA graph may capture the UNet
-        try:
-            return generate(pipe, prompts, residuals, lag=False, seed=config.seed, steps=config.validation_steps)
-        except NonFiniteImages as error:  # the run goes on (it had ended here, its steps since the last save lost)
-            warnings.warn(f"validation images not made: {error}; training goes on", stacklevel=3)
-            return []

@@ -1,9 +1,10 @@
-"""One lock per UNet for what switches its residual sets and attention processors for a block: ``generate``,
-``only_residuals``, ``residuals_disabled`` and ``lag_sampling``. From several threads on one UNet they run one after
-the other: a second thread's block switched the sets under the running one, and restored the running one's selection
-as its 'before' (with LAG, it failed with 'attention capture is already installed').
+"""One lock per UNet for what switches its residual sets and attention processors for a block: ``only_residuals``,
+``residuals_disabled`` and ``lag_sampling`` (and so ``generate``, whose whole call is an ``only_residuals`` block). From
+several threads on one UNet they run one after the other: a second thread's block switched the sets under the running
+one, and restored the running one's selection as its 'before' (with LAG, it failed with 'attention capture is already
+installed').
 
-Re-entrant: ``generate`` holds it while it enters ``only_residuals`` and ``lag_sampling``, training holds it (in
+Re-entrant: ``generate`` holds it (in ``only_residuals``) while it enters ``lag_sampling``, training holds it (in
 ``only_residuals``) while its validation calls ``generate``, and a step callback's own ``generate`` on the UNet runs
 nested in its thread. The threads prkit starts (the fast loop's latents and planned backwards) take it nowhere.
 """

@@ -187,3 +187,32 @@ def full_disk(monkeypatch, free_mib: int = 5, after: int = 64) -> None:
 
     monkeypatch.setattr(atomic, "open", lambda path, mode="r": Full(path, mode), raising=False)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 ** 40, 0, free_mib * 2 ** 20))
+
+
+def blocks_from_two_threads(enter, first, second, look) -> tuple[bool, dict]:
+    """Enter the block ``enter(first)`` here and ``enter(second)`` from another thread once the first is in; returns
+    whether the second got in while the first was still in (within 0.5 s) and what ``look()`` saw inside each
+    ({"first": ..., "second": ...}). The other thread must end, without an error."""
+    import threading
+
+    seen, errors = {}, []
+    first_in, second_in = threading.Event(), threading.Event()
+
+    def run_second():
+        try:
+            first_in.wait(timeout=60)
+            with enter(second):
+                second_in.set()
+                seen["second"] = look()
+        except Exception as err:  # noqa: BLE001 - shown in the assertion
+            errors.append(err)
+
+    thread = threading.Thread(target=run_second)
+    thread.start()
+    with enter(first):
+        first_in.set()
+        waited = second_in.wait(timeout=0.5)  # without the lock: the second block is in by now
+        seen["first"] = look()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not errors, errors
+    return waited, seen

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prkit
-from conftest import ARCHS, randomize, run_unet, unet_inputs
+from conftest import ARCHS, blocks_from_two_threads, randomize, run_unet, unet_inputs
 from tiny import tiny_unet
 from prkit.arch import build_unet
 from prkit.files import layer_table
@@ -217,8 +217,6 @@ def test_disabled_context_restores_state_on_error(unet):
 def test_disabled_blocks_from_two_threads_on_one_unet_run_one_after_the_other(unet, other):
     """residuals_disabled took no lock (only_residuals, lag_sampling and generate took the UNet's): a second
     thread's block switched the sets under the first one's. Now it waits for the first block to end."""
-    import threading
-
     prkit.add_residuals(unet, name="dog")
     prkit.add_residuals(unet, name="cat")
 
@@ -230,26 +228,7 @@ def test_disabled_blocks_from_two_threads_on_one_unet_run_one_after_the_other(un
     def active() -> set:
         return {n for layer in wrapped_layers(unet).values() for n, on in layer.active.items() if on}
 
-    seen, errors = {}, []
-    first_in, second_in = threading.Event(), threading.Event()
-
-    def second():
-        try:
-            first_in.wait(timeout=60)
-            with enter("cat"):
-                second_in.set()
-                seen["second"] = active()
-        except Exception as err:  # noqa: BLE001 - shown in the assertion
-            errors.append(err)
-
-    thread = threading.Thread(target=second)
-    thread.start()
-    with enter("dog"):
-        first_in.set()
-        waited = second_in.wait(timeout=0.5)  # before the fix: the second block is in by now
-        seen["first"] = active()
-    thread.join(timeout=60)
-    assert not thread.is_alive() and not errors, errors
+    waited, seen = blocks_from_two_threads(enter, "dog", "cat", active)
     second_sees = {"dog"} if other == "residuals_disabled" else {"cat"}
     assert not waited and seen == {"first": {"cat"}, "second": second_sees}
     assert active() == {"dog", "cat"}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import prkit
-from conftest import TEXT_DIM, TOKENS, make_pipe, randomize, run_unet
+from conftest import TEXT_DIM, TOKENS, blocks_from_two_threads, make_pipe, randomize, run_unet
 from prkit.attention import AttentionStore, capture_attention
 from prkit.lag import lag_sampling
 from prkit.residuals import find_projections, wrapped_layers
@@ -415,8 +415,6 @@ def test_blocks_entered_from_two_threads_on_one_unet_run_one_after_the_other(pip
     """only_residuals and lag_sampling used directly took no lock (generate did): a second thread's block switched
     the sets under the first one's (and put the first one's selection back as its 'before'), or with LAG failed
     with 'attention capture is already installed'. Now it waits for the first block to end, as generate does."""
-    import threading
-
     dog = _dog(pipe.unet)
     cat = prkit.add_residuals(pipe.unet, name="cat", token="zwx", class_word="cat")
     prompts = {"dog": PROMPT, "cat": "a photo of a zwx cat"}
@@ -433,26 +431,8 @@ def test_blocks_entered_from_two_threads_on_one_unet_run_one_after_the_other(pip
             return {n for layer in layers for n, on in layer.active.items() if on}
         return {n for layer in layers if layer.mask_source is not None for n in layer.mask_source.index}
 
-    before, seen, errors = selected(), {}, []
-    first_in, second_in = threading.Event(), threading.Event()
-
-    def second():
-        try:
-            first_in.wait(timeout=60)
-            with enter(cat):
-                second_in.set()
-                seen["second"] = selected()
-        except Exception as err:  # noqa: BLE001 - shown in the assertion
-            errors.append(err)
-
-    thread = threading.Thread(target=second)
-    thread.start()
-    with enter(dog):
-        first_in.set()
-        waited = second_in.wait(timeout=0.5)  # before the fix: the second block is in by now
-        seen["first"] = selected()
-    thread.join(timeout=60)
-    assert not thread.is_alive() and not errors, errors
+    before = selected()
+    waited, seen = blocks_from_two_threads(enter, dog, cat, selected)
     assert not waited and seen == {"first": {"dog"}, "second": {"cat"}}
     assert selected() == before == ({"dog", "cat"} if block == "only_residuals" else set())
 
