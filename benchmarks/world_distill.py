@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def distill(pipe, name: str, steps: int, learning_rate: float, seed: int = 0):
+def distill(pipe, name: str, steps: int, learning_rate: float, seed: int = 0, rank: float | int = 0.05):
     """The concept's residual set trained to match the base model's prediction for its description."""
     import torch
     from diffusers import DDPMScheduler
@@ -38,7 +38,7 @@ def distill(pipe, name: str, steps: int, learning_rate: float, seed: int = 0):
         mean, std = encode_images(pipe, data.tensors())
         student = encode_text(pipe, f"a photo of a {data.token} {data.class_word}", size)["encoder_hidden_states"]
         teacher = encode_text(pipe, f"a photo of a {described(concept)}", size)["encoder_hidden_states"]
-    residuals = add_residuals(pipe.unet, rank=0.05, name=name, token=data.token, class_word=data.class_word, seed=seed)
+    residuals = add_residuals(pipe.unet, rank=rank, name=name, token=data.token, class_word=data.class_word, seed=seed)
     optimizer = torch.optim.AdamW(list(residuals.parameters()), lr=learning_rate, weight_decay=1e-2)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(seed)
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concepts", nargs="*", default=list(EXAMPLE_CONCEPTS))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--rank", type=float, default=0.05,
+                        help="fraction of channels below 1 (0.999: full rank) or a whole rank (> 1); default 0.05")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/world_distill.csv")
     args = parser.parse_args(argv)
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.concepts:
         start = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad():
-            residuals = distill(pipe, name, args.steps, args.learning_rate)
+            rank = args.rank if args.rank < 1 else int(args.rank)
+            residuals = distill(pipe, name, args.steps, args.learning_rate, rank=rank)
         residuals.meta["seconds"] = time.perf_counter() - start
         try:
             rows += bench.grade_residuals(pipe, residuals, name, config, oracle)

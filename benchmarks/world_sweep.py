@@ -31,6 +31,10 @@ SETTINGS = [
     ("lr3e-2", 0.05, 3e-2, 150, "median"),
     ("rank16_lr3e-2", 16, 3e-2, 150, "median"),
     ("steps300", 0.05, 1e-2, 300, "median"),
+    # capacity probes (stop 32): is the proj_out position the limit, or the rank and the step budget?
+    ("full_rank", 0.999, 3e-3, 150, "median"),
+    ("full_rank_600", 0.999, 3e-3, 600, "median"),
+    ("rank16_600", 16, 1e-2, 600, "median"),
 ]
 
 
