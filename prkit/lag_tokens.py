@@ -126,19 +126,21 @@ def word_index(labels: Sequence[str], word: str) -> int:
     """The index in ``labels`` (``prompt_tokens``'s) of ``word``'s first piece: a word the tokenizer splits
     ("zwxq" -> "zw", "x", "q") is found by its pieces. Only whole words count, where the labels know where words
     end (``prompt_tokens``'s do; plain strings do not): "cat" is not the first pieces of "category" ("c", "a", "t",
-    "e", ...), nor "at" the last piece of "cat". Raises ValueError naming the labels when it is not there."""
+    "e", ...), nor "at" the last piece of "cat". Letter case does not count: CLIP's tokenizer lowercases the prompt
+    (an identifier written "TOK" is the label "tok"). Raises ValueError naming the labels when it is not there."""
     def ends(label) -> bool | None:
         return getattr(label, "ends_word", None)
 
+    wanted = word.lower()
     for i in range(len(labels)):
         if i and ends(labels[i - 1]) is False:  # the tail of a word
             continue
         joined = ""
         for label in labels[i:]:
-            joined += label
-            if joined == word and ends(label) is not False:
+            joined += label.lower()
+            if joined == wanted and ends(label) is not False:
                 return i
-            if not word.startswith(joined):
+            if not wanted.startswith(joined):
                 break
     raise ValueError(f"{word!r} is not among the prompt's tokens {list(labels)} as a whole word")
 

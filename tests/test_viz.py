@@ -96,6 +96,20 @@ def test_word_index_matches_whole_words_only():
         word_index(labels, "cat")
 
 
+def test_word_index_finds_an_identifier_written_in_capitals(tokenizer):
+    """CLIP's tokenizer lowercases the prompt, so an identifier written "SKS" (diffusers' SDXL DreamBooth examples use
+    "TOK") is the label "sks": word_index(labels, residuals.token), as notebook 03 calls it, raised "not among the
+    prompt's tokens" for the very token the prompt holds."""
+    from prkit.lag import prompt_tokens
+
+    _, labels = prompt_tokens(tokenizer, "a photo of a SKS dog with a red Ball")
+    assert labels[4] == "sks" and labels[9] == "ball"  # what the tokenizer makes of them
+    assert word_index(labels, "SKS") == 4 and word_index(labels, "Sks") == 4 and word_index(labels, "sks") == 4
+    assert word_index(labels, "BALL") == 9 and word_index(["a", "zw", "x", "q"], "ZWXQ") == 1
+    with pytest.raises(ValueError, match="'ZWX' is not among"):
+        word_index(labels, "ZWX")
+
+
 def test_empty_inputs_say_so():
     from prkit import metrics
     from prkit.viz import image_grid
