@@ -71,7 +71,13 @@ def _begins_a_word(tokenizer, ids: list[int], start: int, sub: list[int]) -> boo
         return True
     before = ids[start - 1]
     text = str(tokenizer.convert_ids_to_tokens(before))
-    return before in tokenizer.all_special_ids or text.endswith("</w>") or text in tokenizer.get_added_vocab()
+    return before in tokenizer.all_special_ids or text.endswith("</w>") or before in _added_ids(tokenizer)
+
+
+def _added_ids(tokenizer) -> set[int]:
+    """Ids of the tokens added to the vocabulary (textual inversion's), known by id: the text of one written with
+    capitals ("<Sks>") comes back lowercased from ``convert_ids_to_tokens``, and is no key of ``get_added_vocab``."""
+    return set(tokenizer.get_added_vocab().values())
 
 
 class TokenLabel(str):
@@ -117,8 +123,9 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     positions = [i for i, (t, m) in enumerate(zip(ids, mask)) if m and t not in ends]
     texts = [str(t) for t in tokenizer.convert_ids_to_tokens([ids[i] for i in positions])]
     marked = any(t.endswith("</w>") for t in texts)  # a vocabulary without CLIP's mark: word ends not known
-    added = tokenizer.get_added_vocab()
-    labels = [TokenLabel(t.replace("</w>", ""), (t.endswith("</w>") or t in added) if marked else None) for t in texts]
+    added = _added_ids(tokenizer)
+    labels = [TokenLabel(t.replace("</w>", ""), (t.endswith("</w>") or ids[i] in added) if marked else None)
+              for i, t in zip(positions, texts)]
     return positions, labels
 
 

@@ -410,6 +410,22 @@ def test_identifier_and_class_match_whole_words_only(tokenizer):
         concept_weights(tokenizer, [prompt], [_dog_set()])
 
 
+def test_a_class_word_after_a_textual_inversion_token_written_in_capitals_is_found(tokenizer):
+    """A textual-inversion identifier written with capitals ("<Sks>") comes back lowercased from the tokenizer
+    ("<sks>"), which is no key of get_added_vocab: the class word after it was not taken for a word's start, so LAG
+    silently left the class word's map out, and prompt_tokens marked the identifier as the head of a longer word."""
+    from types import SimpleNamespace
+
+    from prkit.lag import prompt_tokens, word_index
+
+    tokenizer.add_tokens(["<Sks>"])
+    concept = SimpleNamespace(name="dog", token="<Sks>", class_word="dog")
+    weights = concept_weights(tokenizer, ["a photo of a <Sks> dog"], [concept])
+    assert weights[0, :, 0].nonzero().flatten().tolist() == [5, 6]  # the identifier and its class word
+    _, labels = prompt_tokens(tokenizer, "a photo of a <Sks> dog")
+    assert labels[4] == "<sks>" and labels[4].ends_word is True and word_index(labels, "<Sks>") == 4
+
+
 def _dog_set():
     """A residual-set stand-in with the words concept_weights reads."""
     from types import SimpleNamespace
