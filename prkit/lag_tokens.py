@@ -20,13 +20,18 @@ def _word_ids(tokenizer, word: str) -> list[int]:
 def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     """Positions, in the padded tokenized ``prompt``, of every sub-token of each of ``words``.
 
+    Args:
+        tokenizer: the pipeline itself (its textual-inversion rewrite applied to prompt and words), or a tokenizer.
     Returns:
         sorted positions (empty when none of the words occur).
+    Raises:
+        ValueError: a tokenizer is given and the prompt holds a token that the pipeline would expand.
     """
-    ids = _padded(tokenizer, prompt).input_ids
+    tokenizer, convert = _as_encoded(tokenizer, prompt, "prkit.lag.token_positions(pipe, prompt, words)")
+    ids = _padded(tokenizer, convert(prompt)).input_ids
     found: set[int] = set()
     for word in words:
-        for start, end in _occurrences(tokenizer, ids, word):
+        for start, end in _occurrences(tokenizer, ids, convert(word)):
             found.update(range(start, end))
     return sorted(found)
 
@@ -80,6 +85,23 @@ def _added_ids(tokenizer) -> set[int]:
     return set(tokenizer.get_added_vocab().values())
 
 
+def _as_encoded(tokenizer, prompt: str, call: str) -> tuple:
+    """The tokenizer that reads ``prompt`` and the rewrite the pipeline applies first, given a pipeline (an SDXL
+    refiner has only its second tokenizer) or a tokenizer; a tokenizer is refused for a prompt holding a token that
+    the pipeline would expand (``<t>`` -> ``<t> <t>_1``): positions counted without that rewrite are shifted."""
+    if hasattr(tokenizer, "encode_prompt"):
+        pipe = tokenizer
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        return tokenizer, encoded_text(pipe, tokenizer)
+    added = tokenizer.get_added_vocab()
+    expanded = [t for t in tokenizer.tokenize(prompt) if t in added and f"{t}_1" in added]
+    if expanded:
+        raise ValueError(f"prompt {prompt!r} holds the multi-vector textual-inversion token {expanded[0]!r}, "
+                         f"which the pipeline expands before its text encoder; pass the pipeline, {call}, "
+                         "for the positions the text encoder sees")
+    return tokenizer, lambda text: text
+
+
 class TokenLabel(str):
     """A token's label (its text without CLIP's end-of-word mark ``</w>``) that remembers whether the token ends a
     word (``ends_word``; None: not known), so that ``word_index`` matches whole words; it compares, prints and
@@ -106,18 +128,8 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     Raises:
         ValueError: a tokenizer is given and the prompt holds a token that the pipeline would expand.
     """
-    if hasattr(tokenizer, "encode_prompt"):  # a pipeline (an SDXL refiner has only its second tokenizer)
-        pipe = tokenizer
-        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-        prompt = encoded_text(pipe, tokenizer)(prompt)
-    else:
-        added = tokenizer.get_added_vocab()
-        expanded = [t for t in tokenizer.tokenize(prompt) if t in added and f"{t}_1" in added]
-        if expanded:
-            raise ValueError(f"prompt {prompt!r} holds the multi-vector textual-inversion token {expanded[0]!r}, "
-                             "which the pipeline expands before its text encoder; pass the pipeline, "
-                             "prkit.prompt_tokens(pipe, prompt), for the positions the text encoder sees")
-    enc = _padded(tokenizer, prompt)
+    tokenizer, convert = _as_encoded(tokenizer, prompt, "prkit.prompt_tokens(pipe, prompt)")
+    enc = _padded(tokenizer, convert(prompt))
     ids, mask = enc.input_ids, enc.attention_mask
     ends = {tokenizer.bos_token_id, tokenizer.eos_token_id}
     positions = [i for i, (t, m) in enumerate(zip(ids, mask)) if m and t not in ends]

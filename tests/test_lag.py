@@ -540,6 +540,21 @@ def test_prompt_tokens_of_a_pipeline_follow_its_textual_inversion_expansion(pipe
     assert prompt_tokens(pipe.tokenizer, PROMPT) == prompt_tokens(pipe, PROMPT)  # nothing to expand: the same
 
 
+def test_token_positions_of_a_pipeline_follow_its_textual_inversion_expansion(pipe):
+    """token_positions counted a multi-vector textual-inversion token (``<style>``, which the pipeline expands to
+    ``<style> <style>_1``) as one, silently: 'dog' came out one position early, so an AttentionStore keyed by it kept
+    the identifier's map under the class word's name. Given the pipeline it counts what the text encoder sees (words
+    rewritten as well); given the bare tokenizer of such a prompt it says to pass the pipeline, as prompt_tokens."""
+    pipe.load_textual_inversion({"<style>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                                token="<style>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    prompt = "<style> photo of a sks dog"
+    assert token_positions(pipe, prompt, ["dog"]) == [7] and token_positions(pipe, prompt, ["sks"]) == [6]
+    assert token_positions(pipe, prompt, ["<style>"]) == [1, 2]  # every vector of a multi-vector word
+    with pytest.raises(ValueError, match=r"'<style>'.*expands.*prkit.lag.token_positions\(pipe, prompt, words\)"):
+        token_positions(pipe.tokenizer, prompt, ["dog"])
+    assert token_positions(pipe.tokenizer, PROMPT, ["dog"]) == token_positions(pipe, PROMPT, ["dog"]) == [6]
+
+
 def test_lag_without_prompts_says_so_before_any_unet_call(tmp_path):
     """No prompt to place the masks: it failed at the first UNet call with 'integer modulo by zero'."""
     pipe = make_pipe(tmp_path)
