@@ -68,6 +68,22 @@ def test_masks_are_drawn_as_they_are():
         block_grid(np.zeros((8, 8, 3)), {})
 
 
+def test_maps_of_the_wrong_shape_are_named_and_any_tensor_dtype_is_drawn():
+    """token_heatmaps(image, store.aggregate(), labels) (the batch, not image 0's maps) said "1 maps for 7 labels: keep
+    the labels' positions in the store", and block_grid of a (T, h, w) map failed inside PIL ("Cannot handle this
+    data type"); both name the shape they want now. A bfloat16 map (np.asarray cannot read one) is drawn."""
+    image = np.zeros((8, 12, 3))
+    with pytest.raises(ValueError, match=r"one image's maps \(T, h, w\), got a batch \(1, 2, 4, 6\).*\(\)\[0\]"):
+        token_heatmaps(image, torch.rand(1, 2, 4, 6), ["a", "b"])
+    with pytest.raises(ValueError, match=r"one \(h, w\) grid, got shape \(2, 4, 6\)"):
+        block_grid(image, {"down_blocks.0.attentions.0": torch.rand(2, 4, 6)})
+    ramp = torch.arange(24.0).reshape(4, 6) / 23
+    fig = block_grid(image, {"down_blocks.0.attentions.0": ramp.bfloat16()}, normalize=False)
+    drawn = fig.axes[0].images[-1].get_array()
+    assert drawn.shape == (8, 12) and drawn.min() < 0.1 and drawn.max() > 0.9
+    assert len(token_heatmaps(image, ramp[None].bfloat16(), ["a"]).axes[1].images) == 2  # the image, the map on it
+
+
 def test_word_index_finds_split_identifiers():
     labels = ["a", "photo", "of", "a", "zw", "x", "q", "ball"]
     assert word_index(labels, "zwxq") == 4 and word_index(labels, "ball") == 7 and word_index(labels, "a") == 0
