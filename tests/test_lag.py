@@ -503,6 +503,17 @@ def test_otsu_on_nan_maps_gives_a_mask_not_an_index_error():
     assert mask[1].tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_threshold_reads_half_precision_maps_as_float32_ones(dtype):
+    """make_mask(maps.half(), otsu) failed with "scatter(): Expected self.dtype to be equal to src.dtype" (its
+    histogram is float32), and soft gave half-precision masks where every other method gives float32 ones."""
+    maps = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for method in THRESHOLDS:
+        mask = make_mask(maps, LAGConfig(threshold=method))
+        assert mask.dtype == torch.float32
+        torch.testing.assert_close(mask, make_mask(maps.float(), LAGConfig(threshold=method)))
+
+
 def test_text_longer_than_one_tokenizer_window_is_named(unet, tokenizer):
     """Embeddings of more token positions than the tokenizer's window (compel's and other long-prompt weighting
     chunk a prompt into several windows, as lag_sampling's docs invite for prompt weighting) stopped sampling with
