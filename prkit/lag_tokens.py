@@ -143,24 +143,34 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
 
 def word_index(labels: Sequence[str], word: str) -> int:
     """The index in ``labels`` (``prompt_tokens``'s) of ``word``'s first piece: a word the tokenizer splits
-    ("zwxq" -> "zw", "x", "q") is found by its pieces. Only whole words count, where the labels know where words
-    end (``prompt_tokens``'s do; plain strings do not): "cat" is not the first pieces of "category" ("c", "a", "t",
-    "e", ...), nor "at" the last piece of "cat". Letter case does not count: CLIP's tokenizer lowercases the prompt
-    (an identifier written "TOK" is the label "tok"). Raises ValueError naming the labels when it is not there."""
+    ("zwxq" -> "zw", "x", "q") is found by its pieces, and words separated by spaces (DreamBench's class "stuffed
+    animal") by theirs in a row. Only whole words count, where the labels know where words end (``prompt_tokens``'s
+    do; plain strings do not): "cat" is not the first pieces of "category" ("c", "a", "t", "e", ...), nor "at" the
+    last piece of "cat". Letter case does not count: CLIP's tokenizer lowercases the prompt (an identifier written
+    "TOK" is the label "tok"). Raises ValueError naming the labels when it is not there."""
     def ends(label) -> bool | None:
         return getattr(label, "ends_word", None)
 
-    wanted = word.lower()
+    def spelled(start: int, text: str) -> int | None:
+        """The index after the labels from ``start`` on that spell ``text`` up to a word's end (None: they do not)."""
+        joined = ""
+        for j in range(start, len(labels)):
+            joined += labels[j].lower()
+            if joined == text and ends(labels[j]) is not False:
+                return j + 1
+            if not text.startswith(joined) or ends(labels[j]):  # another word, or one that ends too soon
+                return None
+        return None
+
+    parts = word.lower().split()
     for i in range(len(labels)):
         if i and ends(labels[i - 1]) is False:  # the tail of a word
             continue
-        joined = ""
-        for label in labels[i:]:
-            joined += label.lower()
-            if joined == wanted and ends(label) is not False:
-                return i
-            if not wanted.startswith(joined):
-                break
+        at: int | None = i
+        for part in parts:
+            at = spelled(at, part) if at is not None else None
+        if parts and at is not None:
+            return i
     raise ValueError(f"{word!r} is not among the prompt's tokens {list(labels)} as a whole word")
 
 

@@ -68,6 +68,20 @@ def test_masks_are_drawn_as_they_are():
         block_grid(np.zeros((8, 8, 3)), {})
 
 
+def test_word_index_finds_a_class_word_of_several_words(tokenizer):
+    """DreamBench's class "stuffed animal" (three of its subjects) was "not among the prompt's tokens [..., 'stuffed',
+    'animal']": word_index joined the labels without the space. Each word of it must be whole ("red ball" is not the
+    pieces of one word)."""
+    from prkit.lag import prompt_tokens
+
+    _, labels = prompt_tokens(tokenizer, "a photo of a sks red ball on the beach")
+    assert word_index(labels, "red ball") == 5 and word_index(labels, "  Red  Ball ") == 5
+    assert word_index(labels, "on the beach") == 7 and word_index(["a", "zw", "x", "q", "ball"], "zwxq ball") == 1
+    for missing in ("ball on the grass", "redball", "beach on"):
+        with pytest.raises(ValueError, match="is not among"):
+            word_index(labels, missing)
+
+
 def test_maps_of_the_wrong_shape_are_named_and_any_tensor_dtype_is_drawn():
     """token_heatmaps(image, store.aggregate(), labels) (the batch, not image 0's maps) said "1 maps for 7 labels: keep
     the labels' positions in the store", and block_grid of a (T, h, w) map failed inside PIL ("Cannot handle this
