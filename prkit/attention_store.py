@@ -6,6 +6,7 @@ data and its reductions only: nothing here touches diffusers or the UNet.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ class AttentionStore:
     layers: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)  # layers averaged into maps[key]
 
     def __post_init__(self):
+        self.tokens = _whole_numbers(self.tokens, "tokens", "token positions, e.g. from prkit.prompt_tokens")
+        self.steps = _whole_numbers(self.steps, "steps", "UNet evaluations to keep, e.g. [0, 10, 24]")
         size = self.max_resolution
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # 0 pooled every map to one number
             raise ValueError(f"AttentionStore.max_resolution must be a whole number >= 1 (the long side of stored "
@@ -96,6 +99,21 @@ class AttentionStore:
             size = (max(1, round(h * long / max(h, w))), max(1, round(w * long / max(h, w))))
         upsampled = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False) for m in maps.values()]
         return torch.stack(upsampled).mean(0)
+
+
+def _whole_numbers(value, name: str, what: str) -> list[int] | None:
+    """``value`` (None, or an iterable of whole numbers) as a list; anything else is refused now, naming the field,
+    not at the first UNet forward with a TypeError ('int' is not iterable) or a float silently cut to an index."""
+    if value is None:
+        return None
+    try:
+        numbers = list(value)
+        if any(isinstance(n, bool) for n in numbers):
+            raise TypeError
+        return [operator.index(n) for n in numbers]
+    except TypeError:
+        raise ValueError(f"AttentionStore.{name} must be None or a list of whole numbers ({what}), got "
+                         f"{value!r}") from None
 
 
 def _block_order(block: str) -> tuple[int, int, int]:

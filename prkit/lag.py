@@ -78,6 +78,7 @@ def make_mask(maps: torch.Tensor, config: LAGConfig) -> torch.Tensor:
                              f"of shape {tuple(maps.shape)} (images x positions); it must return a mask of that "
                              "shape, values in [0, 1]")
         return mask.float()
+    maps = maps.float()  # float32 masks from every method (otsu's float32 histogram refused half maps)
     if method == "median":
         return (maps > maps.median(dim=1, keepdim=True).values).float()
     if method == "mean":

@@ -20,13 +20,18 @@ def _word_ids(tokenizer, word: str) -> list[int]:
 def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[int]:
     """Positions, in the padded tokenized ``prompt``, of every sub-token of each of ``words``.
 
+    Args:
+        tokenizer: the pipeline itself (its textual-inversion rewrite applied to prompt and words), or a tokenizer.
     Returns:
         sorted positions (empty when none of the words occur).
+    Raises:
+        ValueError: a tokenizer is given and the prompt holds a token that the pipeline would expand.
     """
-    ids = _padded(tokenizer, prompt).input_ids
+    tokenizer, convert = _as_encoded(tokenizer, prompt, "prkit.lag.token_positions(pipe, prompt, words)")
+    ids = _padded(tokenizer, convert(prompt)).input_ids
     found: set[int] = set()
     for word in words:
-        for start, end in _occurrences(tokenizer, ids, word):
+        for start, end in _occurrences(tokenizer, ids, convert(word)):
             found.update(range(start, end))
     return sorted(found)
 
@@ -71,7 +76,30 @@ def _begins_a_word(tokenizer, ids: list[int], start: int, sub: list[int]) -> boo
         return True
     before = ids[start - 1]
     text = str(tokenizer.convert_ids_to_tokens(before))
-    return before in tokenizer.all_special_ids or text.endswith("</w>") or text in tokenizer.get_added_vocab()
+    return before in tokenizer.all_special_ids or text.endswith("</w>") or before in _added_ids(tokenizer)
+
+
+def _added_ids(tokenizer) -> set[int]:
+    """Ids of the tokens added to the vocabulary (textual inversion's), known by id: the text of one written with
+    capitals ("<Sks>") comes back lowercased from ``convert_ids_to_tokens``, and is no key of ``get_added_vocab``."""
+    return set(tokenizer.get_added_vocab().values())
+
+
+def _as_encoded(tokenizer, prompt: str, call: str) -> tuple:
+    """The tokenizer that reads ``prompt`` and the rewrite the pipeline applies first, given a pipeline (an SDXL
+    refiner has only its second tokenizer) or a tokenizer; a tokenizer is refused for a prompt holding a token that
+    the pipeline would expand (``<t>`` -> ``<t> <t>_1``): positions counted without that rewrite are shifted."""
+    if hasattr(tokenizer, "encode_prompt"):
+        pipe = tokenizer
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        return tokenizer, encoded_text(pipe, tokenizer)
+    added = tokenizer.get_added_vocab()
+    expanded = [t for t in tokenizer.tokenize(prompt) if t in added and f"{t}_1" in added]
+    if expanded:
+        raise ValueError(f"prompt {prompt!r} holds the multi-vector textual-inversion token {expanded[0]!r}, "
+                         f"which the pipeline expands before its text encoder; pass the pipeline, {call}, "
+                         "for the positions the text encoder sees")
+    return tokenizer, lambda text: text
 
 
 class TokenLabel(str):
@@ -100,46 +128,49 @@ def prompt_tokens(tokenizer, prompt: str) -> tuple[list[int], list[str]]:
     Raises:
         ValueError: a tokenizer is given and the prompt holds a token that the pipeline would expand.
     """
-    if hasattr(tokenizer, "encode_prompt"):  # a pipeline (an SDXL refiner has only its second tokenizer)
-        pipe = tokenizer
-        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-        prompt = encoded_text(pipe, tokenizer)(prompt)
-    else:
-        added = tokenizer.get_added_vocab()
-        expanded = [t for t in tokenizer.tokenize(prompt) if t in added and f"{t}_1" in added]
-        if expanded:
-            raise ValueError(f"prompt {prompt!r} holds the multi-vector textual-inversion token {expanded[0]!r}, "
-                             "which the pipeline expands before its text encoder; pass the pipeline, "
-                             "prkit.prompt_tokens(pipe, prompt), for the positions the text encoder sees")
-    enc = _padded(tokenizer, prompt)
+    tokenizer, convert = _as_encoded(tokenizer, prompt, "prkit.prompt_tokens(pipe, prompt)")
+    enc = _padded(tokenizer, convert(prompt))
     ids, mask = enc.input_ids, enc.attention_mask
     ends = {tokenizer.bos_token_id, tokenizer.eos_token_id}
     positions = [i for i, (t, m) in enumerate(zip(ids, mask)) if m and t not in ends]
     texts = [str(t) for t in tokenizer.convert_ids_to_tokens([ids[i] for i in positions])]
     marked = any(t.endswith("</w>") for t in texts)  # a vocabulary without CLIP's mark: word ends not known
-    added = tokenizer.get_added_vocab()
-    labels = [TokenLabel(t.replace("</w>", ""), (t.endswith("</w>") or t in added) if marked else None) for t in texts]
+    added = _added_ids(tokenizer)
+    labels = [TokenLabel(t.replace("</w>", ""), (t.endswith("</w>") or ids[i] in added) if marked else None)
+              for i, t in zip(positions, texts)]
     return positions, labels
 
 
 def word_index(labels: Sequence[str], word: str) -> int:
     """The index in ``labels`` (``prompt_tokens``'s) of ``word``'s first piece: a word the tokenizer splits
-    ("zwxq" -> "zw", "x", "q") is found by its pieces. Only whole words count, where the labels know where words
-    end (``prompt_tokens``'s do; plain strings do not): "cat" is not the first pieces of "category" ("c", "a", "t",
-    "e", ...), nor "at" the last piece of "cat". Raises ValueError naming the labels when it is not there."""
+    ("zwxq" -> "zw", "x", "q") is found by its pieces, and words separated by spaces (DreamBench's class "stuffed
+    animal") by theirs in a row. Only whole words count, where the labels know where words end (``prompt_tokens``'s
+    do; plain strings do not): "cat" is not the first pieces of "category" ("c", "a", "t", "e", ...), nor "at" the
+    last piece of "cat". Letter case does not count: CLIP's tokenizer lowercases the prompt (an identifier written
+    "TOK" is the label "tok"). Raises ValueError naming the labels when it is not there."""
     def ends(label) -> bool | None:
         return getattr(label, "ends_word", None)
 
+    def spelled(start: int, text: str) -> int | None:
+        """The index after the labels from ``start`` on that spell ``text`` up to a word's end (None: they do not)."""
+        joined = ""
+        for j in range(start, len(labels)):
+            joined += labels[j].lower()
+            if joined == text and ends(labels[j]) is not False:
+                return j + 1
+            if not text.startswith(joined) or ends(labels[j]):  # another word, or one that ends too soon
+                return None
+        return None
+
+    parts = word.lower().split()
     for i in range(len(labels)):
         if i and ends(labels[i - 1]) is False:  # the tail of a word
             continue
-        joined = ""
-        for label in labels[i:]:
-            joined += label
-            if joined == word and ends(label) is not False:
-                return i
-            if not word.startswith(joined):
-                break
+        at: int | None = i
+        for part in parts:
+            at = spelled(at, part) if at is not None else None
+        if parts and at is not None:
+            return i
     raise ValueError(f"{word!r} is not among the prompt's tokens {list(labels)} as a whole word")
 
 

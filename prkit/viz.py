@@ -120,12 +120,23 @@ def _upsample(map_: np.ndarray, size: tuple[int, int], normalize: bool = True) -
     return np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize(size[::-1], Image.BILINEAR)) / 255.0
 
 
+def _grid(map_) -> np.ndarray:
+    """One map as an (h, w) float array (a tensor of any dtype, bfloat16 too); another shape is refused, named."""
+    if hasattr(map_, "detach"):
+        map_ = map_.detach().float().cpu().numpy()
+    grid = np.asarray(map_, dtype=np.float32)
+    if grid.ndim != 2:
+        raise ValueError(f"a map to draw is one (h, w) grid, got shape {tuple(grid.shape)}: pick the image and the "
+                         "token, e.g. store.get(block)[0, token], store.masks[(block, step)][0, :, :, 0]")
+    return grid
+
+
 def overlay(ax, image, map_, alpha: float = 0.55, cmap: str = "jet", normalize: bool = True) -> None:
     """Draw ``map_`` (h, w) upsampled over ``image`` on ``ax``: min-max stretched, or as it is in [0, 1] when not
     ``normalize`` (a mask: 1 is the colour map's top, 0 its bottom)."""
     base = to_array(image)
     ax.imshow(base, interpolation="nearest")
-    ax.imshow(_upsample(map_, base.shape[:2], normalize), cmap=cmap, alpha=alpha, interpolation="bilinear",
+    ax.imshow(_upsample(_grid(map_), base.shape[:2], normalize), cmap=cmap, alpha=alpha, interpolation="bilinear",
               vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -133,6 +144,9 @@ def overlay(ax, image, map_, alpha: float = 0.55, cmap: str = "jet", normalize: 
 
 def token_heatmaps(image, maps, labels: Sequence[str], size: float = 1.8, suptitle: str | None = None):
     """One overlay per token: ``maps`` (T, h, w) aligned with ``labels``."""
+    if len(getattr(maps, "shape", ())) == 4:
+        raise ValueError(f"token_heatmaps draws one image's maps (T, h, w), got a batch {tuple(maps.shape)}: pass "
+                         "one image's, e.g. store.aggregate()[0]")
     if len(maps) != len(labels):
         raise ValueError(f"{len(maps)} maps for {len(labels)} labels: keep the labels' positions in the store, "
                          "AttentionStore(tokens=positions) with positions, labels = prkit.prompt_tokens(...)")
@@ -143,7 +157,7 @@ def token_heatmaps(image, maps, labels: Sequence[str], size: float = 1.8, suptit
     axes[0, 0].set_title("image", fontsize=8)
     axes[0, 0].axis("off")
     for ax, m, label in zip(axes[0, 1:], maps, labels):
-        overlay(ax, image, np.asarray(m))
+        overlay(ax, image, m)
         ax.set_title(label, fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
@@ -161,7 +175,7 @@ def block_grid(image, maps_by_block: dict, size: float = 1.6, title: str = "", c
         raise ValueError("no maps to draw: the store or mask dict is empty (was anything sampled with it?)")
     fig, axes = plt.subplots(1, len(names), figsize=(size * len(names), size + 0.5), squeeze=False)
     for ax, name in zip(axes[0], names):
-        m = np.asarray(maps_by_block[name])
+        m = _grid(maps_by_block[name])
         overlay(ax, image, m, cmap=cmap, normalize=normalize)
         short = name.replace("_blocks.", "").replace(".attentions.", ".").replace("mid_block", "mid")
         ax.set_title(f"{short}\n{m.shape[0]}x{m.shape[1]}", fontsize=7)

@@ -272,6 +272,19 @@ def test_a_store_refuses_a_cap_that_would_pool_every_map_to_nothing(bad):
         AttentionStore(max_resolution=bad)
 
 
+@pytest.mark.parametrize("field, bad", [("steps", 10), ("tokens", 5), ("tokens", [1.5]), ("steps", [True])])
+def test_a_store_refuses_steps_or_tokens_that_are_no_list_of_whole_numbers(pipe, field, bad):
+    """AttentionStore(steps=10) (meant: keep ten) failed at the first UNet forward, after the text was encoded, with a
+    bare TypeError ("argument of type 'int' is not iterable") from inside the attention processor; tokens=[1.5] was
+    silently cut to position 1. Both are refused when the store is made, naming the field; a range is a list."""
+    with pytest.raises(ValueError, match=f"AttentionStore.{field} must be None or a list of whole numbers"):
+        AttentionStore(**{field: bad})
+    store = AttentionStore(tokens=range(1, 3), steps=(0, 1))
+    assert store.tokens == [1, 2] and store.steps == [0, 1]
+    prkit.generate(pipe, "a photo of a dog", None, steps=3, store=store, output_type="np")
+    assert sorted({s for _, s in store.maps}) == [0, 1] and store.get(store.blocks()[0]).shape[1] == 2
+
+
 @pytest.mark.parametrize("path", ["explicit", "fused"])
 def test_several_images_per_prompt_take_their_own_prompts_concept_tokens(path):
     """diffusers orders a batch of 2 prompts x 2 images as [p0, p0, p1, p1]: each image's map must sum the

@@ -410,6 +410,22 @@ def test_identifier_and_class_match_whole_words_only(tokenizer):
         concept_weights(tokenizer, [prompt], [_dog_set()])
 
 
+def test_a_class_word_after_a_textual_inversion_token_written_in_capitals_is_found(tokenizer):
+    """A textual-inversion identifier written with capitals ("<Sks>") comes back lowercased from the tokenizer
+    ("<sks>"), which is no key of get_added_vocab: the class word after it was not taken for a word's start, so LAG
+    silently left the class word's map out, and prompt_tokens marked the identifier as the head of a longer word."""
+    from types import SimpleNamespace
+
+    from prkit.lag import prompt_tokens, word_index
+
+    tokenizer.add_tokens(["<Sks>"])
+    concept = SimpleNamespace(name="dog", token="<Sks>", class_word="dog")
+    weights = concept_weights(tokenizer, ["a photo of a <Sks> dog"], [concept])
+    assert weights[0, :, 0].nonzero().flatten().tolist() == [5, 6]  # the identifier and its class word
+    _, labels = prompt_tokens(tokenizer, "a photo of a <Sks> dog")
+    assert labels[4] == "<sks>" and labels[4].ends_word is True and word_index(labels, "<Sks>") == 4
+
+
 def _dog_set():
     """A residual-set stand-in with the words concept_weights reads."""
     from types import SimpleNamespace
@@ -487,6 +503,17 @@ def test_otsu_on_nan_maps_gives_a_mask_not_an_index_error():
     assert mask[1].tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_threshold_reads_half_precision_maps_as_float32_ones(dtype):
+    """make_mask(maps.half(), otsu) failed with "scatter(): Expected self.dtype to be equal to src.dtype" (its
+    histogram is float32), and soft gave half-precision masks where every other method gives float32 ones."""
+    maps = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for method in THRESHOLDS:
+        mask = make_mask(maps, LAGConfig(threshold=method))
+        assert mask.dtype == torch.float32
+        torch.testing.assert_close(mask, make_mask(maps.float(), LAGConfig(threshold=method)))
+
+
 def test_text_longer_than_one_tokenizer_window_is_named(unet, tokenizer):
     """Embeddings of more token positions than the tokenizer's window (compel's and other long-prompt weighting
     chunk a prompt into several windows, as lag_sampling's docs invite for prompt weighting) stopped sampling with
@@ -522,6 +549,21 @@ def test_prompt_tokens_of_a_pipeline_follow_its_textual_inversion_expansion(pipe
     with pytest.raises(ValueError, match=r"'<style>'.*expands.*prkit.prompt_tokens\(pipe, prompt\)"):
         prompt_tokens(pipe.tokenizer, prompt)
     assert prompt_tokens(pipe.tokenizer, PROMPT) == prompt_tokens(pipe, PROMPT)  # nothing to expand: the same
+
+
+def test_token_positions_of_a_pipeline_follow_its_textual_inversion_expansion(pipe):
+    """token_positions counted a multi-vector textual-inversion token (``<style>``, which the pipeline expands to
+    ``<style> <style>_1``) as one, silently: 'dog' came out one position early, so an AttentionStore keyed by it kept
+    the identifier's map under the class word's name. Given the pipeline it counts what the text encoder sees (words
+    rewritten as well); given the bare tokenizer of such a prompt it says to pass the pipeline, as prompt_tokens."""
+    pipe.load_textual_inversion({"<style>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                                token="<style>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    prompt = "<style> photo of a sks dog"
+    assert token_positions(pipe, prompt, ["dog"]) == [7] and token_positions(pipe, prompt, ["sks"]) == [6]
+    assert token_positions(pipe, prompt, ["<style>"]) == [1, 2]  # every vector of a multi-vector word
+    with pytest.raises(ValueError, match=r"'<style>'.*expands.*prkit.lag.token_positions\(pipe, prompt, words\)"):
+        token_positions(pipe.tokenizer, prompt, ["dog"])
+    assert token_positions(pipe.tokenizer, PROMPT, ["dog"]) == token_positions(pipe, PROMPT, ["dog"]) == [6]
 
 
 def test_lag_without_prompts_says_so_before_any_unet_call(tmp_path):

@@ -68,6 +68,36 @@ def test_masks_are_drawn_as_they_are():
         block_grid(np.zeros((8, 8, 3)), {})
 
 
+def test_word_index_finds_a_class_word_of_several_words(tokenizer):
+    """DreamBench's class "stuffed animal" (three of its subjects) was "not among the prompt's tokens [..., 'stuffed',
+    'animal']": word_index joined the labels without the space. Each word of it must be whole ("red ball" is not the
+    pieces of one word)."""
+    from prkit.lag import prompt_tokens
+
+    _, labels = prompt_tokens(tokenizer, "a photo of a sks red ball on the beach")
+    assert word_index(labels, "red ball") == 5 and word_index(labels, "  Red  Ball ") == 5
+    assert word_index(labels, "on the beach") == 7 and word_index(["a", "zw", "x", "q", "ball"], "zwxq ball") == 1
+    for missing in ("ball on the grass", "redball", "beach on"):
+        with pytest.raises(ValueError, match="is not among"):
+            word_index(labels, missing)
+
+
+def test_maps_of_the_wrong_shape_are_named_and_any_tensor_dtype_is_drawn():
+    """token_heatmaps(image, store.aggregate(), labels) (the batch, not image 0's maps) said "1 maps for 7 labels: keep
+    the labels' positions in the store", and block_grid of a (T, h, w) map failed inside PIL ("Cannot handle this
+    data type"); both name the shape they want now. A bfloat16 map (np.asarray cannot read one) is drawn."""
+    image = np.zeros((8, 12, 3))
+    with pytest.raises(ValueError, match=r"one image's maps \(T, h, w\), got a batch \(1, 2, 4, 6\).*\(\)\[0\]"):
+        token_heatmaps(image, torch.rand(1, 2, 4, 6), ["a", "b"])
+    with pytest.raises(ValueError, match=r"one \(h, w\) grid, got shape \(2, 4, 6\)"):
+        block_grid(image, {"down_blocks.0.attentions.0": torch.rand(2, 4, 6)})
+    ramp = torch.arange(24.0).reshape(4, 6) / 23
+    fig = block_grid(image, {"down_blocks.0.attentions.0": ramp.bfloat16()}, normalize=False)
+    drawn = fig.axes[0].images[-1].get_array()
+    assert drawn.shape == (8, 12) and drawn.min() < 0.1 and drawn.max() > 0.9
+    assert len(token_heatmaps(image, ramp[None].bfloat16(), ["a"]).axes[1].images) == 2  # the image, the map on it
+
+
 def test_word_index_finds_split_identifiers():
     labels = ["a", "photo", "of", "a", "zw", "x", "q", "ball"]
     assert word_index(labels, "zwxq") == 4 and word_index(labels, "ball") == 7 and word_index(labels, "a") == 0
@@ -94,6 +124,20 @@ def test_word_index_matches_whole_words_only():
     with pytest.raises(ValueError, match=r"^'cat' is not among the prompt's tokens \['a', 'photo', 'of', 'a', 'c', "
                                          r"'a', 't', 'e', 'g', 'or', 'y'\] as a whole word$"):
         word_index(labels, "cat")
+
+
+def test_word_index_finds_an_identifier_written_in_capitals(tokenizer):
+    """CLIP's tokenizer lowercases the prompt, so an identifier written "SKS" (diffusers' SDXL DreamBooth examples use
+    "TOK") is the label "sks": word_index(labels, residuals.token), as notebook 03 calls it, raised "not among the
+    prompt's tokens" for the very token the prompt holds."""
+    from prkit.lag import prompt_tokens
+
+    _, labels = prompt_tokens(tokenizer, "a photo of a SKS dog with a red Ball")
+    assert labels[4] == "sks" and labels[9] == "ball"  # what the tokenizer makes of them
+    assert word_index(labels, "SKS") == 4 and word_index(labels, "Sks") == 4 and word_index(labels, "sks") == 4
+    assert word_index(labels, "BALL") == 9 and word_index(["a", "zw", "x", "q"], "ZWXQ") == 1
+    with pytest.raises(ValueError, match="'ZWX' is not among"):
+        word_index(labels, "ZWX")
 
 
 def test_empty_inputs_say_so():
