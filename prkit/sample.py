@@ -111,8 +111,9 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
     steps = steps if steps is not None else config.steps
-    # only_residuals holds the UNet's lock (unet_lock) for the whole call: another thread's call waits
-    with only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
+    # only_residuals holds the UNet's lock (unet_lock) for the whole call: another thread's call waits. no_grad, as
+    # diffusers' own call: inference_mode handed out inference tensors, which refuse in-place updates and autograd
+    with only_residuals(pipe.unet, sets), context, torch.no_grad(), \
             graphed_unet(pipe.unet, enabled=fast), finite_output(pipe, steps) as check_returned:
         out = pipe(prompts, num_inference_steps=steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
