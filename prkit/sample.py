@@ -16,6 +16,7 @@ import torch
 
 from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
+from .checks import check_flag
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
 from .residuals import Residuals, get_residuals, only_residuals
@@ -64,6 +65,8 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
         raise TypeError(f"lag_config must be a prkit.LAGConfig (e.g. LAGConfig(threshold='otsu')), got {lag_config!r}")
     if store is not None and not isinstance(store, AttentionStore):
         raise TypeError(f"store must be a prkit.AttentionStore to fill (store=AttentionStore()), got {store!r}")
+    check_flag(lag, "generate: lag")  # lag='False' (a string) is truthy: it sampled with LAG
+    check_flag(fast, "generate: fast", " or None")
     sets = _sets(pipe, residuals)
     _check_prompt(prompt, pipe_kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -181,3 +181,15 @@ def test_tensors_handed_out_are_ordinary_tensors_as_the_pipelines_own(pipe, lag)
     weight = torch.nn.Parameter(torch.ones(()))
     (images * weight).sum().backward()  # recorded by autograd, as in a training step
     torch.testing.assert_close(weight.grad, images.sum())
+
+
+@pytest.mark.parametrize("kwargs, named", [({"lag": "False"}, r"generate: lag must be True or False, got 'False'"),
+                                           ({"lag": 0}, r"generate: lag must be True or False, got 0"),
+                                           ({"fast": "no"}, r"generate: fast must be True or False or None")])
+def test_flags_that_are_no_bools_are_named(pipe, kwargs, named):
+    """lag='False' (a string from a config file or papermill's -r) is truthy: generate sampled with LAG, the
+    opposite of what was written, without a word."""
+    dog = _dog(pipe.unet)
+    with pytest.raises(ValueError, match=named):
+        prkit.generate(pipe, PROMPT, dog, steps=2, **kwargs, **FAST)
+    assert prkit.generate(pipe, PROMPT, dog, lag=False, fast=None, steps=2, **FAST).shape == (1, 16, 16, 3)
