@@ -9,6 +9,8 @@ import contextlib
 import difflib
 import inspect
 import numbers
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -19,7 +21,7 @@ from .attention import CaptureState, capture_attention
 from .checks import check_flag
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, get_residuals, only_residuals
+from .residuals import Residuals, get_residuals, only_residuals, original_module
 from .sample_checks import finite_output
 
 
@@ -101,6 +103,11 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     for key in ("prompt_2", "negative_prompt_2"):  # SDXL's second texts: one per prompt, as the negative above
         if isinstance(pipe_kwargs.get(key), str):
             pipe_kwargs[key] = [pipe_kwargs[key]] * len(prompts)
+    if _CAPTURING.get(original_module(pipe.unet)) == threading.get_ident():  # from a step callback of that call
+        raise RuntimeError("generate: called while another generate call samples this UNet with LAG or store= (from "
+                           "one of its step callbacks?): that call's attention capture would take this call's UNet "
+                           "evaluations as its own steps (its masks, its store); sample after it returns, or give it "
+                           "lag=False and no store")
     if lag and sets:
         context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store,
                                prompts_2=pipe_kwargs.get("prompt_2"))
@@ -117,13 +124,32 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     # only_residuals holds the UNet's lock (unet_lock) for the whole call: another thread's call waits. no_grad, as
     # diffusers' own call: inference_mode handed out inference tensors, which refuse in-place updates and autograd
     with only_residuals(pipe.unet, sets), context, torch.no_grad(), \
-            graphed_unet(pipe.unet, enabled=fast), finite_output(pipe, steps) as check_returned:
+            graphed_unet(pipe.unet, enabled=fast), finite_output(pipe, steps) as check_returned, \
+            _capturing(pipe.unet, not isinstance(context, contextlib.nullcontext)):
         out = pipe(prompts, num_inference_steps=steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
         images = out[0] if isinstance(out, tuple) else out.images  # return_dict=False: (images, ...)
         check_returned(images)
     return images
+
+
+# UNet -> the thread whose generate call samples it through an attention capture (another thread's call waits on the
+# UNet's lock; a call in that very thread comes from one of its step callbacks)
+_CAPTURING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _capturing(unet, on: bool):
+    """Within the block, ``unet`` is marked as sampled through an attention capture by this thread (``on``)."""
+    unet = original_module(unet)
+    if on:
+        _CAPTURING[unet] = threading.get_ident()
+    try:
+        yield
+    finally:
+        if on:
+            _CAPTURING.pop(unet, None)
 
 
 def _sets(pipe, residuals) -> list[Residuals]:
