@@ -60,7 +60,8 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
             which PIL would have made black images; none are returned.
 
     Calls on one UNet from several threads run one after the other (``unet_lock``): each switches the UNet's
-    sets and attention processors for its whole call.
+    sets and attention processors for its whole call. A call from a step callback of a call with LAG or a store is
+    refused (RuntimeError): it would run through that call's attention capture.
     """
     config = config or SampleConfig()
     if lag_config is not None and not isinstance(lag_config, LAGConfig):
