@@ -250,14 +250,16 @@ class CaptureProcessor:
             self.state.record_fused(self.block, self.layer, query, key, attn.scale)
             out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
         else:
-            # (B, h, N, T) in float32, as diffusers' upcast attention (SD2.x): float16 logits overflow
-            scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-                scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
-            probs = scores.softmax(dim=-1)  # maps from fp32 probabilities: half-precision rounding ties
-            side = tuple(shape4[2:]) if shape4 is not None else self.state.spatial(self.block, tokens_q)
-            self.state.record(self.block, self.layer, probs, side)  # them at the median, and masks lose positions
+            # (B, h, N, T) in float32, as diffusers' upcast attention (SD2.x): float16 logits overflow; also under a
+            # caller's torch.autocast, which would run these matmuls (and the maps' einsum) in half precision again
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+                if attention_mask is not None:
+                    mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+                    scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
+                probs = scores.softmax(dim=-1)  # maps from fp32 probabilities: half-precision rounding ties
+                side = tuple(shape4[2:]) if shape4 is not None else self.state.spatial(self.block, tokens_q)
+                self.state.record(self.block, self.layer, probs, side)  # them at the median: masks lose positions
             out = probs.to(value.dtype) @ value
         out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])))
         if shape4 is not None:

@@ -9,6 +9,8 @@ import contextlib
 import difflib
 import inspect
 import numbers
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -16,9 +18,10 @@ import torch
 
 from .attention import AttentionStore
 from .attention import CaptureState, capture_attention
+from .checks import check_flag
 from .graphs import graphed_unet
 from .lag import LAGConfig, lag_sampling, pipeline_cfg
-from .residuals import Residuals, get_residuals, only_residuals
+from .residuals import Residuals, get_residuals, only_residuals, original_module
 from .sample_checks import finite_output
 
 
@@ -57,13 +60,16 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
             which PIL would have made black images; none are returned.
 
     Calls on one UNet from several threads run one after the other (``unet_lock``): each switches the UNet's
-    sets and attention processors for its whole call.
+    sets and attention processors for its whole call. A call from a step callback of a call with LAG or a store is
+    refused (RuntimeError): it would run through that call's attention capture.
     """
     config = config or SampleConfig()
     if lag_config is not None and not isinstance(lag_config, LAGConfig):
         raise TypeError(f"lag_config must be a prkit.LAGConfig (e.g. LAGConfig(threshold='otsu')), got {lag_config!r}")
     if store is not None and not isinstance(store, AttentionStore):
         raise TypeError(f"store must be a prkit.AttentionStore to fill (store=AttentionStore()), got {store!r}")
+    check_flag(lag, "generate: lag")  # lag='False' (a string) is truthy: it sampled with LAG
+    check_flag(fast, "generate: fast", " or None")
     sets = _sets(pipe, residuals)
     _check_prompt(prompt, pipe_kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -98,6 +104,11 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     for key in ("prompt_2", "negative_prompt_2"):  # SDXL's second texts: one per prompt, as the negative above
         if isinstance(pipe_kwargs.get(key), str):
             pipe_kwargs[key] = [pipe_kwargs[key]] * len(prompts)
+    if _CAPTURING.get(original_module(pipe.unet)) == threading.get_ident():  # from a step callback of that call
+        raise RuntimeError("generate: called while another generate call samples this UNet with LAG or store= (from "
+                           "one of its step callbacks?): that call's attention capture would take this call's UNet "
+                           "evaluations as its own steps (its masks, its store); sample after it returns, or give it "
+                           "lag=False and no store")
     if lag and sets:
         context = lag_sampling(pipe, sets, prompts, config=lag_config, store=store,
                                prompts_2=pipe_kwargs.get("prompt_2"))
@@ -111,15 +122,35 @@ def generate(pipe, prompt: str | Sequence[str], residuals: Residuals | str | Seq
     if fast is None:
         fast = device.type == "cuda" and store is None and not any(k.startswith("callback") for k in pipe_kwargs)
     steps = steps if steps is not None else config.steps
-    # only_residuals holds the UNet's lock (unet_lock) for the whole call: another thread's call waits
-    with only_residuals(pipe.unet, sets), context, torch.inference_mode(), \
-            graphed_unet(pipe.unet, enabled=fast), finite_output(pipe, steps) as check_returned:
+    # only_residuals holds the UNet's lock (unet_lock) for the whole call: another thread's call waits. no_grad, as
+    # diffusers' own call: inference_mode handed out inference tensors, which refuse in-place updates and autograd
+    with only_residuals(pipe.unet, sets), context, torch.no_grad(), \
+            graphed_unet(pipe.unet, enabled=fast), finite_output(pipe, steps) as check_returned, \
+            _capturing(pipe.unet, not isinstance(context, contextlib.nullcontext)):
         out = pipe(prompts, num_inference_steps=steps,
                    guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                    negative_prompt=negative, num_images_per_prompt=num_images, generator=generator, **pipe_kwargs)
         images = out[0] if isinstance(out, tuple) else out.images  # return_dict=False: (images, ...)
         check_returned(images)
     return images
+
+
+# UNet -> the thread whose generate call samples it through an attention capture (another thread's call waits on the
+# UNet's lock; a call in that very thread comes from one of its step callbacks)
+_CAPTURING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _capturing(unet, on: bool):
+    """Within the block, ``unet`` is marked as sampled through an attention capture by this thread (``on``)."""
+    unet = original_module(unet)
+    if on:
+        _CAPTURING[unet] = threading.get_ident()
+    try:
+        yield
+    finally:
+        if on:
+            _CAPTURING.pop(unet, None)
 
 
 def _sets(pipe, residuals) -> list[Residuals]:

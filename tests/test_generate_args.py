@@ -155,3 +155,41 @@ def test_a_negative_prompt_for_a_pipeline_that_has_none_is_refused(pipe):
     with pytest.raises(TypeError, match=r"LatentConsistencyModelPipeline's call takes no negative_prompt"):
         prkit.generate(lcm, PROMPT, None, steps=2, negative_prompt="snow", **FAST)
     assert prkit.generate(lcm, PROMPT, None, steps=2, **FAST).shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("lag", [False, True], ids=["plain", "lag"])
+def test_tensors_handed_out_are_ordinary_tensors_as_the_pipelines_own(pipe, lag):
+    """generate ran the pipeline under torch.inference_mode (diffusers' own call: no_grad), so its output_type='pt'
+    images and the latents a step callback kept were inference tensors: an in-place clamp_ failed with "Inplace
+    update to inference tensor outside InferenceMode", and using them where autograd records (a training step on
+    generated images) with "Inference tensors cannot be saved for backward"."""
+    dog = _dog(pipe.unet)
+    kept = []
+
+    def keep(p, i, t, kwargs):
+        kept.append(kwargs["latents"])
+        return kwargs
+
+    images = prkit.generate(pipe, PROMPT, dog, lag=lag, steps=2, output_type="pt", callback_on_step_end=keep)
+    theirs = pipe(PROMPT, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert not theirs.is_inference()  # diffusers' own call hands out ordinary tensors
+    assert not images.is_inference() and not any(latents.is_inference() for latents in kept) and len(kept) == 2
+    assert images.shape == (1, 3, 16, 16)
+    clamped = images.clone()
+    images.clamp_(0.25, 0.75)  # in place, as on the pipeline's own output
+    torch.testing.assert_close(images, clamped.clamp(0.25, 0.75))
+    weight = torch.nn.Parameter(torch.ones(()))
+    (images * weight).sum().backward()  # recorded by autograd, as in a training step
+    torch.testing.assert_close(weight.grad, images.sum())
+
+
+@pytest.mark.parametrize("kwargs, named", [({"lag": "False"}, r"generate: lag must be True or False, got 'False'"),
+                                           ({"lag": 0}, r"generate: lag must be True or False, got 0"),
+                                           ({"fast": "no"}, r"generate: fast must be True or False or None")])
+def test_flags_that_are_no_bools_are_named(pipe, kwargs, named):
+    """lag='False' (a string from a config file or papermill's -r) is truthy: generate sampled with LAG, the
+    opposite of what was written, without a word."""
+    dog = _dog(pipe.unet)
+    with pytest.raises(ValueError, match=named):
+        prkit.generate(pipe, PROMPT, dog, steps=2, **kwargs, **FAST)
+    assert prkit.generate(pipe, PROMPT, dog, lag=False, fast=None, steps=2, **FAST).shape == (1, 16, 16, 3)

@@ -290,6 +290,20 @@ def test_half_precision_masks_keep_the_median_split(pipe):
         assert mask.flatten(1, 2).mean(1).eq(0.5).all(), (key, mask.flatten(1, 2).mean(1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_masks_under_a_callers_autocast_keep_the_median_split(pipe, dtype):
+    """Under torch.autocast around the call (as diffusers' older docs sampled), autocast ran the capture's float32
+    scores and its map reduction in half precision again: ties at the median dropped positions from the masks
+    (0.4375 of a grid instead of half, in 10 of 14 blocks under bf16)."""
+    dog = _dog(pipe.unet)
+    store = AttentionStore()
+    with torch.autocast("cpu", dtype=dtype):
+        prkit.generate(pipe, PROMPT, dog, lag=True, store=store, num_images=2, **FAST)
+    assert len(store.masks) == 2 * len(find_projections(pipe.unet))  # every block, both steps
+    for key, mask in store.masks.items():
+        assert mask.flatten(1, 2).mean(1).eq(0.5).all(), (key, mask.flatten(1, 2).mean(1))
+
+
 def test_lag_on_a_compiled_unet_samples_as_eager(pipe):
     """torch.compile(pipe.unet) and LAG: reading the pipeline's guidance flag inside dynamo's trace of the attention
     processors crashed ("already tracked for mutation"); the flag is read once per forward, outside the trace."""
@@ -371,6 +385,34 @@ def test_generate_calls_from_two_threads_each_sample_their_own_sets_and_leave_th
     for key in "ab":
         np.testing.assert_allclose(got[key], wanted[key], atol=1e-6)
     assert {b: dict(layer.active) for b, layer in wrapped_layers(pipe.unet).items()} == before
+
+
+@pytest.mark.parametrize("outer", [dict(lag=True), dict(lag=False, store=True)], ids=["lag", "store"])
+def test_a_generate_from_a_step_callback_of_a_capturing_call_is_refused(pipe, outer):
+    """A preview sampled from a step callback of a generate call with LAG or a store ran through that call's
+    attention capture: with a store its UNet evaluations became the outer call's steps (a 3-step call's store held
+    5 steps), with LAG it was refused as 'the pipeline is encoding prompt=..., but LAG's masks were made for ...:
+    pass the same prompts to lag_sampling'. Refused now saying what happened; the outer call leaves the UNet as
+    it was, and a preview from a call without capture still works."""
+    dog = _dog(pipe.unet)
+    store = AttentionStore() if outer.pop("store", False) else None
+    before = dict(pipe.unet.attn_processors)
+
+    def preview(pipeline, step, timestep, kwargs):
+        prkit.generate(pipe, "a sks dog on the beach", None, lag=False, **FAST)
+        return kwargs
+
+    with pytest.raises(RuntimeError, match=r"generate: called while another generate call samples this UNet with "
+                                           r"LAG or store= \(from one of its step callbacks\?\)"):
+        prkit.generate(pipe, PROMPT, dog, store=store, callback_on_step_end=preview, **outer, **FAST)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    assert all(layer.mask_source is None for layer in wrapped_layers(pipe.unet).values())
+    wanted = prkit.generate(pipe, PROMPT, dog, lag=False, **FAST)
+    np.testing.assert_array_equal(prkit.generate(pipe, PROMPT, dog, lag=False, callback_on_step_end=preview,
+                                                 **FAST), wanted)  # no capture: the preview runs, as before
+    if store is not None:
+        prkit.generate(pipe, PROMPT, dog, store=store, **outer, **FAST)
+        assert store.num_steps() == 2
 
 
 # --- NaN latents or images: refused, not written as black images -----------------------------------
