@@ -1,5 +1,6 @@
 """What ``train_residuals`` checks of a pipeline before it changes anything: a UNet on one device (not offloaded),
-weights loaded (not on the meta device), a mixed precision the stored weights can run in. Refusals only, each
+weights loaded (not on the meta device), a text-to-image UNet (the noisy latents, the timestep and the text
+its only inputs), a mixed precision the stored weights can run in. Refusals only, each
 naming the part and the way out; no training here.
 """
 
@@ -49,3 +50,36 @@ def _check_precision(config, unet) -> None:
             f"mixed_precision={config.mixed_precision!r} on a UNet stored in {names[stored]}: the two half precisions "
             f"cannot mix in one step. Use mixed_precision='auto' or {names[stored]!r}, or load the pipeline in "
             f"{config.mixed_precision} (prkit.load_pipeline(..., dtype={config.mixed_precision!r}))")
+
+
+_MORE_CHANNELS = {9: "an inpainting UNet, which takes a mask and a masked image too",
+                  8: "an InstructPix2Pix UNet, which takes an image's latents too"}
+
+
+def _check_text_to_image(pipe) -> None:
+    """Refuse a UNet that takes more than the noisy latents, the timestep and the text (with SDXL's added conditions
+    in an SDXL pipeline): an inpainting or InstructPix2Pix UNet, a class-conditioned one (an upscaler's, unCLIP's),
+    an SDXL UNet in a pipeline without SDXL's second text encoder. Training failed at its first step, its set already
+    added, with torch's "expected input[4, 4, 64, 64] to have 9 channels" or diffusers' "class_labels should be
+    provided" or "argument of type 'NoneType' is not iterable"."""
+    config, say = pipe.unet.config, "train_residuals: the pipeline's UNet"
+    way_out = ("train on the text-to-image model of the same family (SD1.x, SD2.x, SDXL: prkit.load_pipeline), whose "
+               "UNet takes the noisy latents, the timestep and the text")
+    latents = getattr(getattr(getattr(pipe, "vae", None), "config", None), "latent_channels", None)
+    if latents is not None and config.in_channels != latents:
+        kind = _MORE_CHANNELS.get(config.in_channels, "a UNet conditioned on more than the noisy latents")
+        raise ValueError(f"{say} takes {config.in_channels} input channels, but its VAE's latents have {latents} "
+                         f"({kind}); {way_out}")
+    labels = [f"{key}={getattr(config, key, None)!r}" for key in ("class_embed_type", "num_class_embeds")
+              if getattr(config, key, None) is not None]
+    if labels:
+        raise ValueError(f"{say} is class-conditioned ({', '.join(labels)}): it takes class_labels (an upscaler's "
+                         f"noise level, unCLIP's image embedding), which training has none of; {way_out}")
+    added = getattr(config, "addition_embed_type", None)
+    if added == "text_time" and not hasattr(pipe, "text_encoder_2"):  # as encode_text tells an SDXL pipeline
+        raise ValueError(f"{say} takes SDXL's added conditions (addition_embed_type='text_time'), which a "
+                         f"{type(pipe).__name__} does not give: load the model as a StableDiffusionXLPipeline "
+                         "(prkit.load_pipeline)")
+    if added not in (None, "text_time"):
+        raise ValueError(f"{say} takes added conditions of kind addition_embed_type={added!r} (a Kandinsky or "
+                         f"DeepFloyd IF UNet), which training does not give; {way_out}")

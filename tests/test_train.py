@@ -698,3 +698,25 @@ def test_validation_images_that_come_out_non_finite_warn_and_training_goes_on(tm
     assert result.completed and result.steps_done == 2 and len(result.losses) == 2
     assert result.validation == {1: [], 2: []}
     assert calls == [["a sks"], ["a sks"]]
+
+
+@pytest.mark.parametrize("variant,said", [
+    (dict(in_channels=9), r"takes 9 input channels, but its VAE's latents have 4 \(an inpainting UNet"),
+    (dict(in_channels=8), r"takes 8 input channels, but its VAE's latents have 4 \(an InstructPix2Pix UNet"),
+    (dict(class_embed_type="timestep"), r"is class-conditioned \(class_embed_type='timestep'\)"),
+    (dict(num_class_embeds=10), r"is class-conditioned \(num_class_embeds=10\)"),
+    (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+     r"takes SDXL's added conditions \(addition_embed_type='text_time'\), which a StableDiffusionPipeline")])
+def test_a_unet_that_is_not_text_to_image_is_refused_before_anything_is_added(tmp_path, concept, variant, said):
+    """An inpainting or InstructPix2Pix UNet (more input channels than the latents), a class-conditioned one, or an
+    SDXL UNet in an SD pipeline: training failed at its first step, the set already added, with torch's "expected
+    input[4, 4, 8, 8] to have 9 channels", diffusers' "class_labels should be provided" or "argument of type
+    'NoneType' is not iterable", naming neither the part nor the way out."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = make_pipe(tmp_path)
+    pipe.unet = UNet2DConditionModel(**{**dict(pipe.unet.config), **variant})
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    with pytest.raises(ValueError, match=rf"^train_residuals: the pipeline's UNet {said}"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == [] and [p.requires_grad for p in pipe.unet.parameters()] == flags
