@@ -104,6 +104,7 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     _check_not_offloaded(unet)
     _check_not_empty(pipe)
     _check_text_to_image(pipe)
+    training_scheduler(pipe)  # its refusals (an EDM, flow-matching or continuous-time sampler) before any change
     _check_precision(config, unet)
     unfinished = _unfinished(unet)
     left = unfinished.pop(name, None)

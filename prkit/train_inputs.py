@@ -137,7 +137,8 @@ def training_scheduler(pipe):
 
     diffusers' ``from_config`` drops the keys a config lists in ``_use_default_values`` (settings its scheduler
     took from its own defaults), so DDPM's defaults (``linear`` 0.0001-0.02) would replace, say, an
-    ``LCMScheduler()``'s SD schedule; those keys are kept here.
+    ``LCMScheduler()``'s SD schedule; those keys are kept here. A scheduler without a DDPM schedule (EDM, flow
+    matching) or feeding the UNet continuous timesteps is refused.
     """
     from diffusers import DDPMScheduler
 
@@ -145,6 +146,12 @@ def training_scheduler(pipe):
         raise ValueError(f"the pipeline's scheduler, {type(pipe.scheduler).__name__}, describes no DDPM noise schedule "
                          "(an EDM or flow-matching sampler): training supports models trained on a DDPM schedule "
                          "(SD1.x, SD2.x, SDXL), whose pipelines' schedulers give their betas")
+    if pipe.scheduler.config.get("timestep_type") == "continuous" and \
+            pipe.scheduler.config.get("prediction_type") == "v_prediction":  # as Euler's set_timesteps reads them
+        raise ValueError(f"the pipeline's scheduler, {type(pipe.scheduler).__name__}, feeds the UNet continuous "
+                         "timesteps (timestep_type='continuous' with v_prediction: 0.25 log sigma, an EDM-style "
+                         "model), not the DDPM timesteps 0-999 that training draws: training supports models trained "
+                         "on discrete DDPM timesteps (SD1.x, SD2.x, SDXL)")
     config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
     scheduler = DDPMScheduler.from_config(config)
     kind = scheduler.config.prediction_type

@@ -467,6 +467,23 @@ def test_a_sampler_without_a_ddpm_noise_schedule_is_refused_for_training(pipe, s
         train.training_scheduler(pipe)
 
 
+def test_a_sampler_feeding_the_unet_continuous_timesteps_is_refused_for_training(pipe, concept):
+    """An Euler scheduler with timestep_type="continuous" and v-prediction feeds the UNet 0.25 * log(sigma) (-1.2 to
+    0.9), not DDPM's 0-999: its model was trained on those (EDM-style). Training drew integer timesteps 0-999 and
+    trained the residuals at timesteps that sampling never gives the UNet, without a word."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                            timestep_type="continuous")
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler, feeds the UNet continuous timesteps "
+                                         r"\(timestep_type='continuous'"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == []  # refused before anything is added
+    pipe.scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type="epsilon",
+                                            timestep_type="continuous")  # discrete timesteps all the same
+    assert train.training_scheduler(pipe).config.prediction_type == "epsilon"
+
+
 @pytest.mark.parametrize("force_upcast", [True, False])
 def test_a_float16_vae_that_asks_for_upcasting_encodes_in_float32(force_upcast):
     """SDXL's VAE says force_upcast (it overflows in float16), and diffusers' pipelines encode and decode with it in
