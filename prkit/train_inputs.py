@@ -4,6 +4,8 @@ model's prediction type, and the noise schedule the model was trained with."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 @torch.no_grad()
@@ -152,8 +154,10 @@ def training_scheduler(pipe):
                          "timesteps (timestep_type='continuous' with v_prediction: 0.25 log sigma, an EDM-style "
                          "model), not the DDPM timesteps 0-999 that training draws: training supports models trained "
                          "on discrete DDPM timesteps (SD1.x, SD2.x, SDXL)")
-    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
-    scheduler = DDPMScheduler.from_config(config)
+    # DDPM's own settings only: a sampler's others (LCM's timestep_scaling) made diffusers warn at every run that the
+    # model's scheduler_config.json is wrong
+    own = inspect.signature(DDPMScheduler.__init__).parameters
+    scheduler = DDPMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items() if k in own})
     kind = scheduler.config.prediction_type
     if kind not in PREDICTION_TYPES:
         raise ValueError(f"the pipeline's scheduler predicts {kind!r}; training supports {', '.join(PREDICTION_TYPES)}"

@@ -455,6 +455,31 @@ def test_the_training_schedule_is_the_pipeline_schedulers_even_where_it_took_its
     assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
 
 
+@pytest.mark.parametrize("sampler", ["LCMScheduler", "TCDScheduler", "SASolverScheduler"])
+def test_a_samplers_own_settings_do_not_warn_that_the_models_scheduler_config_is_wrong(pipe, sampler):
+    """The DDPM schedule made of an LCM or TCD sampler's config made diffusers warn "The config attributes
+    {'original_inference_steps': 50, 'timestep_scaling': 10.0} were passed to DDPMScheduler, but are not expected
+    and will be ignored. Please verify your scheduler_config.json configuration file." at every training run, twice
+    with a checkpoint: nothing is wrong with the model's file, those settings are the sampler's own."""
+    import logging
+
+    import diffusers
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    library = logging.getLogger("diffusers")  # which propagates nothing to the root logger (caplog's)
+    pipe.scheduler = getattr(diffusers, sampler)(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    library.addHandler(handler)
+    try:
+        scheduler = train.training_scheduler(pipe)
+    finally:
+        library.removeHandler(handler)
+    assert said == []
+    assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+    assert scheduler.config.prediction_type == "v_prediction"
+
+
 @pytest.mark.parametrize("sampler", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
                                      "FlowMatchEulerDiscreteScheduler"])
 def test_a_sampler_without_a_ddpm_noise_schedule_is_refused_for_training(pipe, sampler):
