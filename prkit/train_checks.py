@@ -1,7 +1,7 @@
-"""What ``train_residuals`` checks of a pipeline before it changes anything: a UNet on one device (not offloaded),
-weights loaded (not on the meta device), a text-to-image UNet (the noisy latents, the timestep and the text
-its only inputs), a mixed precision the stored weights can run in. Refusals only, each
-naming the part and the way out; no training here.
+"""What ``train_residuals`` checks of a pipeline before it changes anything: the parts training uses (none None), a
+UNet on one device (not offloaded), weights loaded (not on the meta device), a text-to-image UNet (the noisy
+latents, the timestep and the text its only inputs), a mixed precision the stored weights can run in. Refusals
+only, each naming the part and the way out; no training here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,23 @@ def _check_not_offloaded(unet) -> None:
             f"train_residuals: the pipeline's UNet is offloaded to the CPU between calls ({mode} offloading), so it "
             f"has no one device to train on. Train without offloading ({undo}), save the residuals, and offload "
             "again for sampling: generate() works with residuals on an offloaded pipeline")
+
+
+def _check_parts(pipe) -> None:
+    """Refuse a pipeline without a part that training uses: the VAE (it encodes the images), the tokenizer and text
+    encoder (the prompt; an SDXL pipeline's second pair, and its first too unless the UNet takes the second's text
+    alone, as a refiner's does). Training failed inside diffusers, its set already added, with "'NoneType' object has
+    no attribute 'config'", or torch's "Expected size for first two dimensions of batch2 tensor" (an SDXL base)."""
+    second = getattr(pipe, "text_encoder_2", None)
+    parts = ["tokenizer_2", "text_encoder_2"] if hasattr(pipe, "text_encoder_2") else []
+    if not parts or second is not None and pipe.unet.config.cross_attention_dim != second.config.hidden_size:
+        parts += ["tokenizer", "text_encoder"]  # (an SDXL base's UNet takes both encoders' text, side by side)
+    missing = next((part for part in ["vae", *parts] if getattr(pipe, part, None) is None), None)
+    if missing is not None:
+        raise ValueError(f"train_residuals: the pipeline's {missing} is None: training encodes the concept's images "
+                         "with the VAE and its prompt with the model's tokenizers and text encoders. Load the "
+                         f"pipeline with its {missing} (prkit.load_pipeline(...), or pipe.{missing} = ... from the "
+                         f"model's {missing}/ folder) and train again")
 
 
 def _check_not_empty(pipe) -> None:

@@ -762,3 +762,28 @@ def test_a_unet_that_is_not_text_to_image_is_refused_before_anything_is_added(tm
     with pytest.raises(ValueError, match=rf"^train_residuals: the pipeline's UNet {said}"):
         prkit.train_residuals(pipe, concept, steps=1, **FAST)
     assert prkit.residual_names(pipe.unet) == [] and [p.requires_grad for p in pipe.unet.parameters()] == flags
+
+
+@pytest.mark.parametrize("kind,part", [("sd", "text_encoder"), ("sd", "tokenizer"), ("sd", "vae"),
+                                       ("sdxl", "text_encoder"), ("sdxl", "text_encoder_2"), ("sdxl", "tokenizer_2")])
+def test_a_pipeline_without_a_part_that_training_uses_is_refused_naming_it(tmp_path, concept, kind, part):
+    """A pipeline loaded with text_encoder=None (or without its VAE or a tokenizer) failed inside diffusers, the set
+    already added, with "'NoneType' object has no attribute 'config'" (or 'tokenize', 'dtype'), or, an SDXL base
+    without its first text encoder, with torch's "Expected size for first two dimensions of batch2 tensor"."""
+    from test_pipeline import _tiny_sdxl
+
+    pipe = _tiny_sdxl(tmp_path) if kind == "sdxl" else make_pipe(tmp_path)
+    setattr(pipe, part, None)
+    with pytest.raises(ValueError, match=rf"^train_residuals: the pipeline's {part} is None: .* Load the pipeline "
+                                         rf"with its {part} \(prkit.load_pipeline\(...\), or pipe.{part} = ... from "
+                                         rf"the model's {part}/ folder\) and train again$"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == []
+
+
+def test_an_sdxl_refiner_without_a_first_text_encoder_still_trains(tmp_path, concept):
+    from test_pipeline import _tiny_sdxl
+
+    pipe = _tiny_sdxl(tmp_path, refiner=True)
+    assert pipe.text_encoder is None and pipe.tokenizer is None
+    assert prkit.train_residuals(pipe, concept, steps=1, **FAST).completed
