@@ -76,9 +76,9 @@ _MORE_CHANNELS = {9: "an inpainting UNet, which takes a mask and a masked image 
 def _check_text_to_image(pipe) -> None:
     """Refuse a UNet that takes more than the noisy latents, the timestep and the text (with SDXL's added conditions
     in an SDXL pipeline): an inpainting or InstructPix2Pix UNet, a class-conditioned one (an upscaler's, unCLIP's),
-    an SDXL UNet in a pipeline without SDXL's second text encoder. Training failed at its first step, its set already
-    added, with torch's "expected input[4, 4, 64, 64] to have 9 channels" or diffusers' "class_labels should be
-    provided" or "argument of type 'NoneType' is not iterable"."""
+    an SDXL UNet in a pipeline without SDXL's second text encoder, one with an IP-Adapter loaded. Training failed at
+    its first step, its set already added, with torch's "expected input[4, 4, 64, 64] to have 9 channels" or
+    diffusers' "class_labels should be provided" or "argument of type 'NoneType' is not iterable"."""
     config, say = pipe.unet.config, "train_residuals: the pipeline's UNet"
     way_out = ("train on the text-to-image model of the same family (SD1.x, SD2.x, SDXL: prkit.load_pipeline), whose "
                "UNet takes the noisy latents, the timestep and the text")
@@ -92,6 +92,15 @@ def _check_text_to_image(pipe) -> None:
     if labels:
         raise ValueError(f"{say} is class-conditioned ({', '.join(labels)}): it takes class_labels (an upscaler's "
                          f"noise level, unCLIP's image embedding), which training has none of; {way_out}")
+    projected = getattr(config, "encoder_hid_dim_type", None)
+    if projected == "ip_image_proj":
+        raise ValueError(f"{say} has an IP-Adapter loaded (encoder_hid_dim_type='ip_image_proj'), which wants an image "
+                         "prompt at every call and training has none: unload it while the residuals train "
+                         "(pipe.unload_ip_adapter()), then load it again (pipe.load_ip_adapter(...)) to sample with "
+                         "both")
+    if projected in ("image_proj", "text_image_proj"):
+        raise ValueError(f"{say} takes image embeddings (encoder_hid_dim_type={projected!r}), which training does "
+                         f"not give; {way_out}")
     added = getattr(config, "addition_embed_type", None)
     if added == "text_time" and not hasattr(pipe, "text_encoder_2"):  # as encode_text tells an SDXL pipeline
         raise ValueError(f"{say} takes SDXL's added conditions (addition_embed_type='text_time'), which a "

@@ -787,3 +787,33 @@ def test_an_sdxl_refiner_without_a_first_text_encoder_still_trains(tmp_path, con
     pipe = _tiny_sdxl(tmp_path, refiner=True)
     assert pipe.text_encoder is None and pipe.tokenizer is None
     assert prkit.train_residuals(pipe, concept, steps=1, **FAST).completed
+
+
+def _ip_adapter_file(unet, folder) -> None:
+    """A random IP-Adapter (4 image tokens, 16-d image embeddings) for ``unet``, as folder/ip.safetensors."""
+    from safetensors.torch import save_file
+
+    width, gen = unet.config.cross_attention_dim, torch.Generator().manual_seed(1)
+    state = {"image_proj.proj.weight": torch.randn(4 * width, 16, generator=gen) * 0.1,
+             "image_proj.proj.bias": torch.zeros(4 * width), "image_proj.norm.weight": torch.ones(width),
+             "image_proj.norm.bias": torch.zeros(width)}
+    for i, name in enumerate(n for n in unet.attn_processors if n.endswith("attn2.processor")):
+        channels = unet.get_submodule(name.rsplit(".", 1)[0]).to_q.out_features
+        for part in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * i + 1}.{part}.weight"] = torch.randn(channels, width, generator=gen) * 0.1
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "ip.safetensors"))
+
+
+def test_a_loaded_ip_adapter_is_refused_with_the_way_out_and_training_goes_after_unloading_it(tmp_path, concept):
+    """With an IP-Adapter loaded (pipe.load_ip_adapter) the UNet wants an image prompt at every call: training failed
+    at its first step, the set already added, with diffusers' "argument of type 'NoneType' is not iterable"."""
+    pipe = make_pipe(tmp_path / "p")
+    _ip_adapter_file(pipe.unet, tmp_path / "ip")
+    pipe.load_ip_adapter(str(tmp_path / "ip"), subfolder="", weight_name="ip.safetensors", image_encoder_folder=None)
+    with pytest.raises(ValueError, match=r"^train_residuals: the pipeline's UNet has an IP-Adapter loaded "
+                                         r"\(encoder_hid_dim_type='ip_image_proj'\).*pipe\.unload_ip_adapter\(\)"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == []
+    pipe.unload_ip_adapter()
+    assert prkit.train_residuals(pipe, concept, steps=1, **FAST).completed
