@@ -1,7 +1,7 @@
 """What ``train_residuals`` checks of a pipeline before it changes anything: the parts training uses (none None), a
-UNet on one device (not offloaded), weights loaded (not on the meta device), a text-to-image UNet (the noisy
-latents, the timestep and the text its only inputs), a mixed precision the stored weights can run in. Refusals
-only, each naming the part and the way out; no training here.
+UNet on one device (not offloaded), weights loaded (not on the meta device), no residual set merged into them, a
+text-to-image UNet (the noisy latents, the timestep and the text its only inputs), a mixed precision the stored
+weights can run in. Refusals only, each naming the part and the way out; no training here.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .pipeline import offloading
+from .residuals import wrapped_layers
 from .targets import TARGETS
 
 
@@ -109,3 +110,15 @@ def _check_text_to_image(pipe) -> None:
     if added not in (None, "text_time"):
         raise ValueError(f"{say} takes added conditions of kind addition_embed_type={added!r} (a Kandinsky or "
                          f"DeepFloyd IF UNet), which training does not give; {way_out}")
+
+
+def _check_none_merged(unet, name: str) -> None:
+    """Refuse training beside a set merged into the base weights (the new set would learn on top of it, which no
+    switch can take off while it trains), saying how to train beside it; only_residuals refused it in generate's
+    words, "or pass them in residuals=", which train_residuals has none of."""
+    merged = sorted({n for layer in wrapped_layers(unet).values() for n in layer.merged if n != name})
+    if merged:
+        how = f"prkit.get_residuals(pipe.unet, {merged[0]!r}).unmerge()" if len(merged) == 1 else \
+            "prkit.get_residuals(pipe.unet, name).unmerge() for each"
+        raise ValueError(f"train_residuals: residual set(s) {merged} are merged into the base weights, so the new set "
+                         f"would train on top of them: unmerge() them first ({how}), train, and merge again after")

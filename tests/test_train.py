@@ -817,3 +817,19 @@ def test_a_loaded_ip_adapter_is_refused_with_the_way_out_and_training_goes_after
     assert prkit.residual_names(pipe.unet) == []
     pipe.unload_ip_adapter()
     assert prkit.train_residuals(pipe, concept, steps=1, **FAST).completed
+
+
+def test_a_merged_set_is_refused_with_the_way_out_that_training_has(tmp_path, concept):
+    """A set merged into the base weights was refused by generate's words, "unmerge() them first, or pass them in
+    residuals=": train_residuals has no residuals=. The refusal says how to train beside it, before anything is
+    added."""
+    pipe = make_pipe(tmp_path)
+    first = prkit.train_residuals(pipe, concept, steps=1, name="first", **FAST).residuals
+    first.merge()
+    with pytest.raises(ValueError) as err:
+        prkit.train_residuals(pipe, make_concept("zwx", "cat"), steps=1, name="second", **FAST)
+    assert str(err.value) == (
+        "train_residuals: residual set(s) ['first'] are merged into the base weights, so the new set would train on "
+        "top of them: unmerge() them first (prkit.get_residuals(pipe.unet, 'first').unmerge()), train, and merge "
+        "again after")
+    assert prkit.residual_names(pipe.unet) == ["first"] and first.merged
