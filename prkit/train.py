@@ -33,7 +33,8 @@ from .train_inputs import (  # noqa: F401
     PREDICTION_TYPES, _Cache, _expand, encode_images, encode_text, sdxl_time_ids, training_scheduler)
 # the recipe's settings and results, re-exported: prkit.train stays their import path
 # what a pipeline must be to train on, re-exported
-from .train_checks import _check_not_empty, _check_not_offloaded, _check_precision  # noqa: F401
+from .train_checks import (  # noqa: F401
+    _check_none_merged, _check_not_empty, _check_not_offloaded, _check_parts, _check_precision, _check_text_to_image)
 from .train_config import (  # noqa: F401
     TrainConfig, TrainingDiverged, TrainingWriteError, TrainResult, _check_resolution, _check_validation,
     _precision, _public, default_learning_rate, training_prompt, training_template)
@@ -101,7 +102,11 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
     unet = pipe.unet
     _check_resolution(pipe, concept)  # both loops (the fast one too), pointing at the caller's line
     _check_not_offloaded(unet)
+    _check_parts(pipe)
     _check_not_empty(pipe)
+    _check_text_to_image(pipe)
+    _check_none_merged(unet, name)
+    training_scheduler(pipe)  # its refusals (an EDM, flow-matching or continuous-time sampler) before any change
     _check_precision(config, unet)
     unfinished = _unfinished(unet)
     left = unfinished.pop(name, None)

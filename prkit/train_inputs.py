@@ -4,6 +4,8 @@ model's prediction type, and the noise schedule the model was trained with."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 @torch.no_grad()
@@ -137,7 +139,8 @@ def training_scheduler(pipe):
 
     diffusers' ``from_config`` drops the keys a config lists in ``_use_default_values`` (settings its scheduler
     took from its own defaults), so DDPM's defaults (``linear`` 0.0001-0.02) would replace, say, an
-    ``LCMScheduler()``'s SD schedule; those keys are kept here.
+    ``LCMScheduler()``'s SD schedule; those keys are kept here. A scheduler without a DDPM schedule (EDM, flow
+    matching) or feeding the UNet continuous timesteps is refused.
     """
     from diffusers import DDPMScheduler
 
@@ -145,8 +148,16 @@ def training_scheduler(pipe):
         raise ValueError(f"the pipeline's scheduler, {type(pipe.scheduler).__name__}, describes no DDPM noise schedule "
                          "(an EDM or flow-matching sampler): training supports models trained on a DDPM schedule "
                          "(SD1.x, SD2.x, SDXL), whose pipelines' schedulers give their betas")
-    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
-    scheduler = DDPMScheduler.from_config(config)
+    if pipe.scheduler.config.get("timestep_type") == "continuous" and \
+            pipe.scheduler.config.get("prediction_type") == "v_prediction":  # as Euler's set_timesteps reads them
+        raise ValueError(f"the pipeline's scheduler, {type(pipe.scheduler).__name__}, feeds the UNet continuous "
+                         "timesteps (timestep_type='continuous' with v_prediction: 0.25 log sigma, an EDM-style "
+                         "model), not the DDPM timesteps 0-999 that training draws: training supports models trained "
+                         "on discrete DDPM timesteps (SD1.x, SD2.x, SDXL)")
+    # DDPM's own settings only: a sampler's others (LCM's timestep_scaling) made diffusers warn at every run that the
+    # model's scheduler_config.json is wrong
+    own = inspect.signature(DDPMScheduler.__init__).parameters
+    scheduler = DDPMScheduler.from_config({k: v for k, v in pipe.scheduler.config.items() if k in own})
     kind = scheduler.config.prediction_type
     if kind not in PREDICTION_TYPES:
         raise ValueError(f"the pipeline's scheduler predicts {kind!r}; training supports {', '.join(PREDICTION_TYPES)}"

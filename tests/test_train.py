@@ -455,6 +455,31 @@ def test_the_training_schedule_is_the_pipeline_schedulers_even_where_it_took_its
     assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
 
 
+@pytest.mark.parametrize("sampler", ["LCMScheduler", "TCDScheduler", "SASolverScheduler"])
+def test_a_samplers_own_settings_do_not_warn_that_the_models_scheduler_config_is_wrong(pipe, sampler):
+    """The DDPM schedule made of an LCM or TCD sampler's config made diffusers warn "The config attributes
+    {'original_inference_steps': 50, 'timestep_scaling': 10.0} were passed to DDPMScheduler, but are not expected
+    and will be ignored. Please verify your scheduler_config.json configuration file." at every training run, twice
+    with a checkpoint: nothing is wrong with the model's file, those settings are the sampler's own."""
+    import logging
+
+    import diffusers
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    library = logging.getLogger("diffusers")  # which propagates nothing to the root logger (caplog's)
+    pipe.scheduler = getattr(diffusers, sampler)(beta_schedule="scaled_linear", prediction_type="v_prediction")
+    library.addHandler(handler)
+    try:
+        scheduler = train.training_scheduler(pipe)
+    finally:
+        library.removeHandler(handler)
+    assert said == []
+    assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+    assert scheduler.config.prediction_type == "v_prediction"
+
+
 @pytest.mark.parametrize("sampler", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
                                      "FlowMatchEulerDiscreteScheduler"])
 def test_a_sampler_without_a_ddpm_noise_schedule_is_refused_for_training(pipe, sampler):
@@ -465,6 +490,23 @@ def test_a_sampler_without_a_ddpm_noise_schedule_is_refused_for_training(pipe, s
     pipe.scheduler = getattr(diffusers, sampler)()
     with pytest.raises(ValueError, match=f"scheduler, {sampler}, describes no DDPM noise schedule"):
         train.training_scheduler(pipe)
+
+
+def test_a_sampler_feeding_the_unet_continuous_timesteps_is_refused_for_training(pipe, concept):
+    """An Euler scheduler with timestep_type="continuous" and v-prediction feeds the UNet 0.25 * log(sigma) (-1.2 to
+    0.9), not DDPM's 0-999: its model was trained on those (EDM-style). Training drew integer timesteps 0-999 and
+    trained the residuals at timesteps that sampling never gives the UNet, without a word."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                            timestep_type="continuous")
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler, feeds the UNet continuous timesteps "
+                                         r"\(timestep_type='continuous'"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == []  # refused before anything is added
+    pipe.scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type="epsilon",
+                                            timestep_type="continuous")  # discrete timesteps all the same
+    assert train.training_scheduler(pipe).config.prediction_type == "epsilon"
 
 
 @pytest.mark.parametrize("force_upcast", [True, False])
@@ -698,3 +740,96 @@ def test_validation_images_that_come_out_non_finite_warn_and_training_goes_on(tm
     assert result.completed and result.steps_done == 2 and len(result.losses) == 2
     assert result.validation == {1: [], 2: []}
     assert calls == [["a sks"], ["a sks"]]
+
+
+@pytest.mark.parametrize("variant,said", [
+    (dict(in_channels=9), r"takes 9 input channels, but its VAE's latents have 4 \(an inpainting UNet"),
+    (dict(in_channels=8), r"takes 8 input channels, but its VAE's latents have 4 \(an InstructPix2Pix UNet"),
+    (dict(class_embed_type="timestep"), r"is class-conditioned \(class_embed_type='timestep'\)"),
+    (dict(num_class_embeds=10), r"is class-conditioned \(num_class_embeds=10\)"),
+    (dict(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
+     r"takes SDXL's added conditions \(addition_embed_type='text_time'\), which a StableDiffusionPipeline")])
+def test_a_unet_that_is_not_text_to_image_is_refused_before_anything_is_added(tmp_path, concept, variant, said):
+    """An inpainting or InstructPix2Pix UNet (more input channels than the latents), a class-conditioned one, or an
+    SDXL UNet in an SD pipeline: training failed at its first step, the set already added, with torch's "expected
+    input[4, 4, 8, 8] to have 9 channels", diffusers' "class_labels should be provided" or "argument of type
+    'NoneType' is not iterable", naming neither the part nor the way out."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = make_pipe(tmp_path)
+    pipe.unet = UNet2DConditionModel(**{**dict(pipe.unet.config), **variant})
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    with pytest.raises(ValueError, match=rf"^train_residuals: the pipeline's UNet {said}"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == [] and [p.requires_grad for p in pipe.unet.parameters()] == flags
+
+
+@pytest.mark.parametrize("kind,part", [("sd", "text_encoder"), ("sd", "tokenizer"), ("sd", "vae"),
+                                       ("sdxl", "text_encoder"), ("sdxl", "text_encoder_2"), ("sdxl", "tokenizer_2")])
+def test_a_pipeline_without_a_part_that_training_uses_is_refused_naming_it(tmp_path, concept, kind, part):
+    """A pipeline loaded with text_encoder=None (or without its VAE or a tokenizer) failed inside diffusers, the set
+    already added, with "'NoneType' object has no attribute 'config'" (or 'tokenize', 'dtype'), or, an SDXL base
+    without its first text encoder, with torch's "Expected size for first two dimensions of batch2 tensor"."""
+    from test_pipeline import _tiny_sdxl
+
+    pipe = _tiny_sdxl(tmp_path) if kind == "sdxl" else make_pipe(tmp_path)
+    setattr(pipe, part, None)
+    with pytest.raises(ValueError, match=rf"^train_residuals: the pipeline's {part} is None: .* Load the pipeline "
+                                         rf"with its {part} \(prkit.load_pipeline\(...\), or pipe.{part} = ... from "
+                                         rf"the model's {part}/ folder\) and train again$"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == []
+
+
+def test_an_sdxl_refiner_without_a_first_text_encoder_still_trains(tmp_path, concept):
+    from test_pipeline import _tiny_sdxl
+
+    pipe = _tiny_sdxl(tmp_path, refiner=True)
+    assert pipe.text_encoder is None and pipe.tokenizer is None
+    assert prkit.train_residuals(pipe, concept, steps=1, **FAST).completed
+
+
+def _ip_adapter_file(unet, folder) -> None:
+    """A random IP-Adapter (4 image tokens, 16-d image embeddings) for ``unet``, as folder/ip.safetensors."""
+    from safetensors.torch import save_file
+
+    width, gen = unet.config.cross_attention_dim, torch.Generator().manual_seed(1)
+    state = {"image_proj.proj.weight": torch.randn(4 * width, 16, generator=gen) * 0.1,
+             "image_proj.proj.bias": torch.zeros(4 * width), "image_proj.norm.weight": torch.ones(width),
+             "image_proj.norm.bias": torch.zeros(width)}
+    for i, name in enumerate(n for n in unet.attn_processors if n.endswith("attn2.processor")):
+        channels = unet.get_submodule(name.rsplit(".", 1)[0]).to_q.out_features
+        for part in ("to_k_ip", "to_v_ip"):
+            state[f"ip_adapter.{2 * i + 1}.{part}.weight"] = torch.randn(channels, width, generator=gen) * 0.1
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "ip.safetensors"))
+
+
+def test_a_loaded_ip_adapter_is_refused_with_the_way_out_and_training_goes_after_unloading_it(tmp_path, concept):
+    """With an IP-Adapter loaded (pipe.load_ip_adapter) the UNet wants an image prompt at every call: training failed
+    at its first step, the set already added, with diffusers' "argument of type 'NoneType' is not iterable"."""
+    pipe = make_pipe(tmp_path / "p")
+    _ip_adapter_file(pipe.unet, tmp_path / "ip")
+    pipe.load_ip_adapter(str(tmp_path / "ip"), subfolder="", weight_name="ip.safetensors", image_encoder_folder=None)
+    with pytest.raises(ValueError, match=r"^train_residuals: the pipeline's UNet has an IP-Adapter loaded "
+                                         r"\(encoder_hid_dim_type='ip_image_proj'\).*pipe\.unload_ip_adapter\(\)"):
+        prkit.train_residuals(pipe, concept, steps=1, **FAST)
+    assert prkit.residual_names(pipe.unet) == []
+    pipe.unload_ip_adapter()
+    assert prkit.train_residuals(pipe, concept, steps=1, **FAST).completed
+
+
+def test_a_merged_set_is_refused_with_the_way_out_that_training_has(tmp_path, concept):
+    """A set merged into the base weights was refused by generate's words, "unmerge() them first, or pass them in
+    residuals=": train_residuals has no residuals=. The refusal says how to train beside it, before anything is
+    added."""
+    pipe = make_pipe(tmp_path)
+    first = prkit.train_residuals(pipe, concept, steps=1, name="first", **FAST).residuals
+    first.merge()
+    with pytest.raises(ValueError) as err:
+        prkit.train_residuals(pipe, make_concept("zwx", "cat"), steps=1, name="second", **FAST)
+    assert str(err.value) == (
+        "train_residuals: residual set(s) ['first'] are merged into the base weights, so the new set would train on "
+        "top of them: unmerge() them first (prkit.get_residuals(pipe.unet, 'first').unmerge()), train, and merge "
+        "again after")
+    assert prkit.residual_names(pipe.unet) == ["first"] and first.merged
