@@ -91,7 +91,7 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
     meta = {
         "format": FORMAT, "prkit_version": __version__, "name": residuals.name,
         "token": residuals.token or "", "class_word": residuals.class_word or "",
-        "base_model": base_model or residuals.meta.get("base_model", "") or "",
+        "base_model": str(base_model or residuals.meta.get("base_model") or ""),  # a folder may come as a Path
         "architecture": architecture(unet), "layers": json.dumps(layers),
         "scale": str(residuals.scale), "config": json.dumps(dict(config), default=str),
     }

@@ -99,6 +99,19 @@ def test_metadata_describes_the_set(arch, tmp_path):
         assert f.get_tensor("mid_block.attentions.0.up").dtype == torch.float32
 
 
+def test_a_base_model_given_as_a_path_is_recorded_as_its_text(tmp_path):
+    """save(path, base_model=Path(folder)) failed in safetensors with "argument 'metadata': 'PosixPath' object is not
+    an instance of 'str'" (a model folder is naturally a Path, as load_pipeline takes it)."""
+    folder = tmp_path / "models" / "sd15"
+    folder.mkdir(parents=True)
+    residuals = _trained(tiny_unet())
+    path = residuals.save(tmp_path / "dog.safetensors", base_model=folder)
+    assert read_metadata(path)["base_model"] == str(folder)
+    residuals.meta["base_model"] = folder  # (as a caller may set it) recorded the same way
+    path = residuals.save(tmp_path / "cat.safetensors")
+    assert read_metadata(path)["base_model"] == str(folder)
+
+
 @pytest.mark.parametrize("source, target", [("conv", "linear"), ("linear", "conv")])
 def test_loading_into_another_architecture_raises(tmp_path, source, target):
     path = _trained(tiny_unet(**ARCHS[source])).save(tmp_path / "dog.safetensors")
