@@ -72,6 +72,7 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
             ``base_model`` names the model it trained on (or is not given).
         config: the training configuration (recorded as JSON).
     """
+    _check_set(residuals, path, "save_residuals")
     if dtype not in FACTOR_DTYPES:
         kind = "a dtype loading refuses" if isinstance(dtype, torch.dtype) else "not a torch dtype"
         raise TypeError(f"save_residuals: dtype={dtype!r} is {kind}; pass torch.float32, torch.float16 or "
@@ -102,6 +103,25 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
         meta["seconds"] = f"{float(residuals.meta['seconds']):.3f}"
     tensors = {k: v.to(dtype) for k, v in residuals.state_dict().items()}
     return atomic_save(tensors, path, meta)
+
+
+def _check_set(residuals, path, caller: str) -> None:
+    """Refuse a first argument of ``caller`` that is no set's handle (a UNet, a set's name, a list of sets, the
+    arguments swapped) with a TypeError saying what to pass."""
+    if isinstance(residuals, Residuals):
+        return
+    got = f"got {type(residuals).__name__}"
+    if isinstance(path, Residuals):
+        hint = f"{got} and Residuals (swapped?)"
+    elif isinstance(residuals, (list, tuple)):
+        hint = f"{got}; one set per file: write each set to a file of its own"
+    else:
+        unet = getattr(residuals, "unet", residuals)
+        names = residual_names(unet) if isinstance(unet, torch.nn.Module) else []
+        on = f" (on this one: {', '.join(map(repr, names))})" if names else ""
+        hint = f"{got}; prkit.get_residuals(unet, name) gives the handle of a set on a UNet{on}"
+    raise TypeError(f"{caller}(residuals, path) takes a residual set's handle (a Residuals) first and the file "
+                    f"second; {hint}")
 
 
 def _revision_of(residuals: Residuals, base_model) -> dict | None:
@@ -325,6 +345,7 @@ def kohya_key(block: str) -> str:
 def export_lora(residuals: Residuals, path, dtype: torch.dtype = torch.float16) -> Path:
     """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts; ``dtype``: the
     factors' floating-point dtype (``FACTOR_DTYPES``)."""
+    _check_set(residuals, path, "export_lora")
     if dtype not in FACTOR_DTYPES:
         kind = "no dtype of a LoRA's factors" if isinstance(dtype, torch.dtype) else "not a torch dtype"
         raise TypeError(f"export_lora: dtype={dtype!r} is {kind}; pass torch.float16, torch.float32 or "

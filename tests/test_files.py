@@ -740,6 +740,27 @@ def test_load_residuals_names_its_arguments_when_given_something_else(tmp_path):
     assert prkit.load_residuals(unet, path).name == "default"
 
 
+@pytest.mark.parametrize("write", ["save_residuals", "export_lora"])
+def test_saving_and_exporting_name_their_arguments_when_given_something_else(tmp_path, write):
+    """A UNet, a set's name, a list of sets or the arguments swapped ended in a raw AttributeError ("'str' object has
+    no attribute 'meta'") and nothing said what to pass."""
+    unet = tiny_unet()
+    dog, cat = _trained(unet), prkit.add_residuals(unet, rank=2, name="cat")
+    function = getattr(prkit.files, write)
+    path = tmp_path / "r.safetensors"
+    cases = [((path, dog), r"got PosixPath and Residuals \(swapped\?\)"),
+             ((unet, path), r"got UNet2DConditionModel; prkit\.get_residuals\(unet, name\) gives the handle of a set on "
+                            r"a UNet \(on this one: 'default', 'cat'\)"),
+             (("cat", path), r"got str; prkit\.get_residuals\(unet, name\)"),
+             (([dog, cat], path), r"got list; one set per file: write each set to a file of its own")]
+    for args, said in cases:
+        with pytest.raises(TypeError, match=rf"^{write}\(residuals, path\) takes a residual set's handle \(a "
+                                            rf"Residuals\) first and the file second; {said}"):
+            function(*args)
+    assert list(tmp_path.iterdir()) == []
+    assert function(dog, path) == path and function(cat, tmp_path / "c.safetensors").exists()
+
+
 @pytest.mark.parametrize("between", ["safetensors_header", "check_compatible"])
 def test_a_file_replaced_while_it_loads_loads_one_version_of_it(tmp_path, monkeypatch, between):
     """load_residuals opened the file twice, for its header and for its tensors: a save replacing it in between (a
