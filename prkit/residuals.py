@@ -49,7 +49,8 @@ class Residuals:
     Attributes:
         name: the set's name (several sets may live on one UNet).
         token, class_word: the concept words (used by LAG and saved in files).
-        meta: free-form metadata saved with the file (base model, training config, ...).
+        meta: the set's metadata (``save`` records its base model, training config, base-model revision and wall
+            time); like the words, kept on the UNet, so every handle on the set shares it.
     """
 
     def __init__(self, unet: nn.Module, name: str, token: str | None = None, class_word: str | None = None):
@@ -59,10 +60,13 @@ class Residuals:
             self.token = token
         if class_word is not None:
             self.class_word = class_word
-        self.meta: dict = {}
 
     token = _Word()
     class_word = _Word()
+
+    @property
+    def meta(self) -> dict:
+        return _words(self.unet).setdefault(self.name, {}).setdefault("meta", {})
 
     def layers(self) -> dict[str, ResidualProjection]:
         """Block name -> wrapper holding this set."""
@@ -183,7 +187,8 @@ class Residuals:
 
 
 def _words(unet: nn.Module) -> dict[str, dict]:
-    """Set name -> {"token", "class_word"} of the sets on ``unet`` (kept on the original of a compiled UNet)."""
+    """Set name -> {"token", "class_word", "meta"} of the sets on ``unet`` (kept on the original of a compiled
+    UNet)."""
     unet = original_module(unet)
     if "_prkit_words" not in unet.__dict__:
         unet.__dict__["_prkit_words"] = {}
@@ -259,6 +264,7 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
         given = "a rank given per block" if isinstance(config.rank, dict) else f"rank {config.rank}"
         warnings.warn(f"{given} exceeds the channels of {len(clamped)} block(s), which get their full "
                       f"rank instead: {', '.join(clamped[:4])}{' ...' if len(clamped) > 4 else ''}", stacklevel=2)
+    _words(unet).pop(name, None)  # a new set: nothing of a set of that name removed before
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
     return residuals

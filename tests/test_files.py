@@ -112,6 +112,29 @@ def test_a_base_model_given_as_a_path_is_recorded_as_its_text(tmp_path):
     assert read_metadata(path)["base_model"] == str(folder)
 
 
+def test_every_handle_on_a_set_saves_what_its_file_recorded(tmp_path):
+    """A set saved again through another handle on it (prkit.get_residuals(pipe.unet, name), as train's and sample's
+    messages show it) lost the base model, the training settings and the wall time its file recorded: each handle
+    had a metadata dict of its own (the words, kept on the UNet, survived). A set added again under a removed set's
+    name starts with none of the old set's."""
+    residuals = _trained(tiny_unet())
+    residuals.meta["seconds"] = 3.0
+    path = residuals.save(tmp_path / "dog.safetensors", base_model="tiny/base", config={"steps": 3})
+    unet = tiny_unet()
+    loaded = prkit.load_residuals(unet, path, name="dog")
+    handle = prkit.get_residuals(unet, "dog")
+    assert handle.meta["base_model"] == "tiny/base" and handle.meta is loaded.meta
+    again = read_metadata(handle.save(tmp_path / "again.safetensors"))
+    first = read_metadata(path)
+    assert {k: again[k] for k in ("base_model", "config", "seconds", "token")} == \
+        {k: first[k] for k in ("base_model", "config", "seconds", "token")} == \
+        {"base_model": "tiny/base", "config": {"steps": 3}, "seconds": "3.000", "token": "sks"}
+    prkit.remove_residuals(unet, "dog")
+    fresh = prkit.add_residuals(unet, rank=2, name="dog")
+    assert fresh.meta == {"rank_rule": 2} and fresh.token is None
+    assert read_metadata(fresh.save(tmp_path / "fresh.safetensors"))["base_model"] == ""
+
+
 @pytest.mark.parametrize("source, target", [("conv", "linear"), ("linear", "conv")])
 def test_loading_into_another_architecture_raises(tmp_path, source, target):
     path = _trained(tiny_unet(**ARCHS[source])).save(tmp_path / "dog.safetensors")
