@@ -283,6 +283,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
         _trained(tiny_unet()).save(tmp_path)
 
 
+@pytest.mark.parametrize("write", ["save", "export"])
+def test_a_file_where_a_folder_of_the_path_should_be_is_named(tmp_path, write):
+    """save/export to 'dog.safetensors/x.safetensors' (a file where a folder of the path should be) said "could not
+    write ...: File exists (... MiB free there); check that the folder is writable and has room": neither the file in
+    the way nor what to do."""
+    residuals = _trained(tiny_unet())
+    blocker = residuals.save(tmp_path / "dog.safetensors")
+    before = blocker.read_bytes()
+    target = blocker / "sub" / "x.safetensors"
+    with pytest.raises(NotADirectoryError, match=rf"^cannot write {re.escape(repr(str(target)))}: "
+                                                 rf"{re.escape(repr(str(blocker)))} is a file, not a folder; choose "
+                                                 "another path$"):
+        residuals.save(target) if write == "save" else export_lora(residuals, target)
+    assert blocker.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["dog.safetensors"]
+
+
 def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
     """Only the rename was atomic: without an fsync of the file first, a power loss can leave the new name on an
     empty file (and the old one gone); without one of the folder after, the rename itself may be lost."""
