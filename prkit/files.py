@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__
@@ -173,7 +174,23 @@ def read_residual_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _check_format(meta: dict, path) -> None:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a prkit residual file (format={meta.get('format')!r}); "
-                         "LoRA files load with pipe.load_lora_weights instead")
+                         f"{_instead(path)}")
+
+
+def _instead(path) -> str:
+    """What to do with the .safetensors file ``path`` that holds no residual set: a LoRA loads with
+    ``load_lora_weights``; for anything else (a model's weights), what it holds (its tensors' names, from its
+    header: nothing else is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # safetensors raises its own error types; the refusal stands without the detail
+        keys = []
+    if not keys or any("lora" in key.lower() for key in keys):
+        return "LoRA files load with pipe.load_lora_weights instead"
+    shown = ", ".join(map(repr, keys[:2])) + (", ..." if len(keys) > 2 else "")
+    return (f"it holds {len(keys)} tensors and no LoRA ({shown}: a model's weights?); give a .safetensors file "
+            "written by Residuals.save or prkit train")
 
 
 def _parsed(meta: dict, path) -> dict:

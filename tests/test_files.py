@@ -165,7 +165,7 @@ def test_loading_into_other_channels_raises(tmp_path):
 
 def test_non_prkit_file_raises_clearly(tmp_path):
     lora = tmp_path / "lora.safetensors"
-    save_file({"x": torch.zeros(2)}, str(lora))
+    save_file({"lora_unet_mid_block_attentions_0_proj_out.lora_down.weight": torch.zeros(2, 2)}, str(lora))
     with pytest.raises(ValueError, match=r"lora\.safetensors.*not a prkit residual file.*load_lora_weights"):
         prkit.load_residuals(tiny_unet(), lora)
     junk = tmp_path / "junk.safetensors"
@@ -177,6 +177,22 @@ def test_non_prkit_file_raises_clearly(tmp_path):
 def test_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         prkit.load_residuals(tiny_unet(), tmp_path / "nowhere.safetensors")
+
+
+@pytest.mark.parametrize("read", ["load_residuals", "read_metadata"])
+def test_a_models_weights_given_as_residuals_are_not_taken_for_a_lora(tmp_path, read):
+    """A UNet's diffusion_pytorch_model.safetensors given as a residual file was answered "LoRA files load with
+    pipe.load_lora_weights instead", which refuses it too: what it holds is said, and what to give."""
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(ValueError) as err:
+        prkit.load_residuals(unet, weights) if read == "load_residuals" else read_metadata(weights)
+    message = str(err.value)
+    assert message.startswith(f"{str(weights)!r} is not a prkit residual file (format='pt'); it holds ")
+    assert "tensors and no LoRA (" in message and "a model's weights?" in message
+    assert message.endswith("give a .safetensors file written by Residuals.save or prkit train")
+    assert "load_lora_weights" not in message and not prkit.residual_names(unet)
 
 
 def test_kohya_export_keys_and_alpha(tmp_path):
