@@ -804,8 +804,8 @@ def test_saving_and_exporting_name_their_arguments_when_given_something_else(tmp
     function = getattr(prkit.files, write)
     path = tmp_path / "r.safetensors"
     cases = [((path, dog), r"got PosixPath and Residuals \(swapped\?\)"),
-             ((unet, path), r"got UNet2DConditionModel; prkit\.get_residuals\(unet, name\) gives the handle of a set on "
-                            r"a UNet \(on this one: 'default', 'cat'\)"),
+             ((unet, path), r"got UNet2DConditionModel; prkit\.get_residuals\(unet, name\) gives the handle of a "
+                            r"set on a UNet \(on this one: 'default', 'cat'\)"),
              (("cat", path), r"got str; prkit\.get_residuals\(unet, name\)"),
              (([dog, cat], path), r"got list; one set per file: write each set to a file of its own")]
     for args, said in cases:
