@@ -189,7 +189,8 @@ def _instead(path) -> str:
     if not keys or any("lora" in key.lower() for key in keys):
         return "LoRA files load with pipe.load_lora_weights instead"
     shown = ", ".join(map(repr, keys[:2])) + (", ..." if len(keys) > 2 else "")
-    return (f"it holds {len(keys)} tensors and no LoRA ({shown}: a model's weights?); give a .safetensors file "
+    count = f"{len(keys)} tensor{'s' if len(keys) > 1 else ''}"
+    return (f"it holds {count} and no LoRA ({shown}: a model's weights?); give a .safetensors file "
             "written by Residuals.save or prkit train")
 
 
