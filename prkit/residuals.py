@@ -19,6 +19,7 @@ from torch import nn
 from .residual_layer import LowRank, ResidualProjection  # noqa: F401
 # re-exported: prkit.residuals stays their import path
 from .residual_config import ResidualConfig, check_set_name, finite_scale, plain_rank, rank_for, usable_set_name  # noqa: F401
+from .residual_config import check_word
 from .residual_blocks import _put_back, find_projections, original_module, residual_layer, wrapped_layers  # noqa: F401
 from .unet_lock import holding_unet_lock
 
@@ -40,6 +41,7 @@ class _Word:
         return _words(handle.unet).get(handle.name, {}).get(self.key)
 
     def __set__(self, handle, value: str | None) -> None:
+        check_word(value, f"residual set {handle.name!r}", self.key)
         _words(handle.unet).setdefault(handle.name, {})[self.key] = value
 
 
@@ -215,6 +217,8 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
                          "seed either directly or through config")
     config = config or ResidualConfig(rank=rank, seed=seed)
     check_set_name(name)
+    check_word(token, "add_residuals", "token")
+    check_word(class_word, "add_residuals", "class_word")
     projections = find_projections(unet)
     if not projections:
         raise ValueError("this model has no transformer blocks with a proj_out; is it a UNet2DConditionModel?")
