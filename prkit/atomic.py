@@ -98,6 +98,10 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
         path = Path(os.path.realpath(path))
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
+    blocker = nearest_existing(path.parent)
+    if not blocker.is_dir():  # mkdir said "File exists" or "Not a directory", naming neither it nor what to do
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose "
+                                 "another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path)
     tmp = str(path.parent / f".{_stem(path.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -176,7 +180,7 @@ def writing(path: str | os.PathLike) -> Iterator[_Recording]:
         with atomic_path(path) as tmp, open(tmp, "wb") as raw:
             file = _Recording(raw)
             yield file
-    except IsADirectoryError:  # atomic_path's own, already clear
+    except (IsADirectoryError, NotADirectoryError):  # atomic_path's own, already clear
         raise
     except Exception as err:
         cause = err if isinstance(err, OSError) else getattr(file, "error", None)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save
 
 from . import __version__
@@ -72,6 +73,7 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
             ``base_model`` names the model it trained on (or is not given).
         config: the training configuration (recorded as JSON).
     """
+    _check_set(residuals, path, "save_residuals")
     if dtype not in FACTOR_DTYPES:
         kind = "a dtype loading refuses" if isinstance(dtype, torch.dtype) else "not a torch dtype"
         raise TypeError(f"save_residuals: dtype={dtype!r} is {kind}; pass torch.float32, torch.float16 or "
@@ -91,7 +93,7 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
     meta = {
         "format": FORMAT, "prkit_version": __version__, "name": residuals.name,
         "token": residuals.token or "", "class_word": residuals.class_word or "",
-        "base_model": base_model or residuals.meta.get("base_model", "") or "",
+        "base_model": str(base_model or residuals.meta.get("base_model") or ""),  # a folder may come as a Path
         "architecture": architecture(unet), "layers": json.dumps(layers),
         "scale": str(residuals.scale), "config": json.dumps(dict(config), default=str),
     }
@@ -102,6 +104,25 @@ def save_residuals(residuals: Residuals, path, *, base_model: str | None = None,
         meta["seconds"] = f"{float(residuals.meta['seconds']):.3f}"
     tensors = {k: v.to(dtype) for k, v in residuals.state_dict().items()}
     return atomic_save(tensors, path, meta)
+
+
+def _check_set(residuals, path, caller: str) -> None:
+    """Refuse a first argument of ``caller`` that is no set's handle (a UNet, a set's name, a list of sets, the
+    arguments swapped) with a TypeError saying what to pass."""
+    if isinstance(residuals, Residuals):
+        return
+    got = f"got {type(residuals).__name__}"
+    if isinstance(path, Residuals):
+        hint = f"{got} and Residuals (swapped?)"
+    elif isinstance(residuals, (list, tuple)):
+        hint = f"{got}; one set per file: write each set to a file of its own"
+    else:
+        unet = getattr(residuals, "unet", residuals)
+        names = residual_names(unet) if isinstance(unet, torch.nn.Module) else []
+        on = f" (on this one: {', '.join(map(repr, names))})" if names else ""
+        hint = f"{got}; prkit.get_residuals(unet, name) gives the handle of a set on a UNet{on}"
+    raise TypeError(f"{caller}(residuals, path) takes a residual set's handle (a Residuals) first and the file "
+                    f"second; {hint}")
 
 
 def _revision_of(residuals: Residuals, base_model) -> dict | None:
@@ -153,7 +174,24 @@ def read_residual_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _check_format(meta: dict, path) -> None:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a prkit residual file (format={meta.get('format')!r}); "
-                         "LoRA files load with pipe.load_lora_weights instead")
+                         f"{_instead(path)}")
+
+
+def _instead(path) -> str:
+    """What to do with the .safetensors file ``path`` that holds no residual set: a LoRA loads with
+    ``load_lora_weights``; for anything else (a model's weights), what it holds (its tensors' names, from its
+    header: nothing else is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # safetensors raises its own error types; the refusal stands without the detail
+        keys = []
+    if not keys or any("lora" in key.lower() for key in keys):
+        return "LoRA files load with pipe.load_lora_weights instead"
+    shown = ", ".join(map(repr, keys[:2])) + (", ..." if len(keys) > 2 else "")
+    count = f"{len(keys)} tensor{'s' if len(keys) > 1 else ''}"
+    return (f"it holds {count} and no LoRA ({shown}: a model's weights?); give a .safetensors file "
+            "written by Residuals.save or prkit train")
 
 
 def _parsed(meta: dict, path) -> dict:
@@ -325,6 +363,7 @@ def kohya_key(block: str) -> str:
 def export_lora(residuals: Residuals, path, dtype: torch.dtype = torch.float16) -> Path:
     """Write the set as a kohya-style LoRA (alpha = rank) that ``pipe.load_lora_weights`` accepts; ``dtype``: the
     factors' floating-point dtype (``FACTOR_DTYPES``)."""
+    _check_set(residuals, path, "export_lora")
     if dtype not in FACTOR_DTYPES:
         kind = "no dtype of a LoRA's factors" if isinstance(dtype, torch.dtype) else "not a torch dtype"
         raise TypeError(f"export_lora: dtype={dtype!r} is {kind}; pass torch.float16, torch.float32 or "

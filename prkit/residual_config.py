@@ -1,5 +1,6 @@
 """What a residual set may be, checked before any layer changes: its rank rule and init (``ResidualConfig``,
-``rank_for``), its scale (``finite_scale``) and its name (``check_set_name``). ``residuals`` re-exports them."""
+``rank_for``), its scale (``finite_scale``), its name (``check_set_name``) and its words (``check_word``).
+``residuals`` re-exports them."""
 
 from __future__ import annotations
 
@@ -69,6 +70,14 @@ def finite_scale(value, owner: str, text: bool = False) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{owner}: scale must be a finite number (1.0: as trained, 0: off), got {value!r}")
     return number
+
+
+def check_word(value, owner: str, key: str) -> None:
+    """Refuse a concept word (``key``: token or class_word) that is no text, naming ``owner``: LAG looks for it in
+    prompts and a residual file's header records it (safetensors refused anything else at the save, after the
+    training)."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{owner}: {key} must be a word (a str, e.g. 'sks' or 'dog') or None, got {value!r}")
 
 
 def usable_set_name(name) -> bool:

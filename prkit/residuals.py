@@ -19,6 +19,7 @@ from torch import nn
 from .residual_layer import LowRank, ResidualProjection  # noqa: F401
 # re-exported: prkit.residuals stays their import path
 from .residual_config import ResidualConfig, check_set_name, finite_scale, plain_rank, rank_for, usable_set_name  # noqa: F401
+from .residual_config import check_word
 from .residual_blocks import _put_back, find_projections, original_module, residual_layer, wrapped_layers  # noqa: F401
 from .unet_lock import holding_unet_lock
 
@@ -40,6 +41,7 @@ class _Word:
         return _words(handle.unet).get(handle.name, {}).get(self.key)
 
     def __set__(self, handle, value: str | None) -> None:
+        check_word(value, f"residual set {handle.name!r}", self.key)
         _words(handle.unet).setdefault(handle.name, {})[self.key] = value
 
 
@@ -49,7 +51,8 @@ class Residuals:
     Attributes:
         name: the set's name (several sets may live on one UNet).
         token, class_word: the concept words (used by LAG and saved in files).
-        meta: free-form metadata saved with the file (base model, training config, ...).
+        meta: the set's metadata (``save`` records its base model, training config, base-model revision and wall
+            time); like the words, kept on the UNet, so every handle on the set shares it.
     """
 
     def __init__(self, unet: nn.Module, name: str, token: str | None = None, class_word: str | None = None):
@@ -59,10 +62,13 @@ class Residuals:
             self.token = token
         if class_word is not None:
             self.class_word = class_word
-        self.meta: dict = {}
 
     token = _Word()
     class_word = _Word()
+
+    @property
+    def meta(self) -> dict:
+        return _words(self.unet).setdefault(self.name, {}).setdefault("meta", {})
 
     def layers(self) -> dict[str, ResidualProjection]:
         """Block name -> wrapper holding this set."""
@@ -183,7 +189,8 @@ class Residuals:
 
 
 def _words(unet: nn.Module) -> dict[str, dict]:
-    """Set name -> {"token", "class_word"} of the sets on ``unet`` (kept on the original of a compiled UNet)."""
+    """Set name -> {"token", "class_word", "meta"} of the sets on ``unet`` (kept on the original of a compiled
+    UNet)."""
     unet = original_module(unet)
     if "_prkit_words" not in unet.__dict__:
         unet.__dict__["_prkit_words"] = {}
@@ -210,6 +217,8 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
                          "seed either directly or through config")
     config = config or ResidualConfig(rank=rank, seed=seed)
     check_set_name(name)
+    check_word(token, "add_residuals", "token")
+    check_word(class_word, "add_residuals", "class_word")
     projections = find_projections(unet)
     if not projections:
         raise ValueError("this model has no transformer blocks with a proj_out; is it a UNet2DConditionModel?")
@@ -259,6 +268,7 @@ def add_residuals(unet: nn.Module, rank: float | int | dict[str, int] = 0.05, na
         given = "a rank given per block" if isinstance(config.rank, dict) else f"rank {config.rank}"
         warnings.warn(f"{given} exceeds the channels of {len(clamped)} block(s), which get their full "
                       f"rank instead: {', '.join(clamped[:4])}{' ...' if len(clamped) > 4 else ''}", stacklevel=2)
+    _words(unet).pop(name, None)  # a new set: nothing of a set of that name removed before
     residuals = Residuals(unet, name, token, class_word)
     residuals.meta["rank_rule"] = config.rank if not isinstance(config.rank, dict) else "per-layer"
     return residuals

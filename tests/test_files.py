@@ -99,6 +99,42 @@ def test_metadata_describes_the_set(arch, tmp_path):
         assert f.get_tensor("mid_block.attentions.0.up").dtype == torch.float32
 
 
+def test_a_base_model_given_as_a_path_is_recorded_as_its_text(tmp_path):
+    """save(path, base_model=Path(folder)) failed in safetensors with "argument 'metadata': 'PosixPath' object is not
+    an instance of 'str'" (a model folder is naturally a Path, as load_pipeline takes it)."""
+    folder = tmp_path / "models" / "sd15"
+    folder.mkdir(parents=True)
+    residuals = _trained(tiny_unet())
+    path = residuals.save(tmp_path / "dog.safetensors", base_model=folder)
+    assert read_metadata(path)["base_model"] == str(folder)
+    residuals.meta["base_model"] = folder  # (as a caller may set it) recorded the same way
+    path = residuals.save(tmp_path / "cat.safetensors")
+    assert read_metadata(path)["base_model"] == str(folder)
+
+
+def test_every_handle_on_a_set_saves_what_its_file_recorded(tmp_path):
+    """A set saved again through another handle on it (prkit.get_residuals(pipe.unet, name), as train's and sample's
+    messages show it) lost the base model, the training settings and the wall time its file recorded: each handle
+    had a metadata dict of its own (the words, kept on the UNet, survived). A set added again under a removed set's
+    name starts with none of the old set's."""
+    residuals = _trained(tiny_unet())
+    residuals.meta["seconds"] = 3.0
+    path = residuals.save(tmp_path / "dog.safetensors", base_model="tiny/base", config={"steps": 3})
+    unet = tiny_unet()
+    loaded = prkit.load_residuals(unet, path, name="dog")
+    handle = prkit.get_residuals(unet, "dog")
+    assert handle.meta["base_model"] == "tiny/base" and handle.meta is loaded.meta
+    again = read_metadata(handle.save(tmp_path / "again.safetensors"))
+    first = read_metadata(path)
+    assert {k: again[k] for k in ("base_model", "config", "seconds", "token")} == \
+        {k: first[k] for k in ("base_model", "config", "seconds", "token")} == \
+        {"base_model": "tiny/base", "config": {"steps": 3}, "seconds": "3.000", "token": "sks"}
+    prkit.remove_residuals(unet, "dog")
+    fresh = prkit.add_residuals(unet, rank=2, name="dog")
+    assert fresh.meta == {"rank_rule": 2} and fresh.token is None
+    assert read_metadata(fresh.save(tmp_path / "fresh.safetensors"))["base_model"] == ""
+
+
 @pytest.mark.parametrize("source, target", [("conv", "linear"), ("linear", "conv")])
 def test_loading_into_another_architecture_raises(tmp_path, source, target):
     path = _trained(tiny_unet(**ARCHS[source])).save(tmp_path / "dog.safetensors")
@@ -129,7 +165,7 @@ def test_loading_into_other_channels_raises(tmp_path):
 
 def test_non_prkit_file_raises_clearly(tmp_path):
     lora = tmp_path / "lora.safetensors"
-    save_file({"x": torch.zeros(2)}, str(lora))
+    save_file({"lora_unet_mid_block_attentions_0_proj_out.lora_down.weight": torch.zeros(2, 2)}, str(lora))
     with pytest.raises(ValueError, match=r"lora\.safetensors.*not a prkit residual file.*load_lora_weights"):
         prkit.load_residuals(tiny_unet(), lora)
     junk = tmp_path / "junk.safetensors"
@@ -141,6 +177,22 @@ def test_non_prkit_file_raises_clearly(tmp_path):
 def test_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         prkit.load_residuals(tiny_unet(), tmp_path / "nowhere.safetensors")
+
+
+@pytest.mark.parametrize("read", ["load_residuals", "read_metadata"])
+def test_a_models_weights_given_as_residuals_are_not_taken_for_a_lora(tmp_path, read):
+    """A UNet's diffusion_pytorch_model.safetensors given as a residual file was answered "LoRA files load with
+    pipe.load_lora_weights instead", which refuses it too: what it holds is said, and what to give."""
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(ValueError) as err:
+        prkit.load_residuals(unet, weights) if read == "load_residuals" else read_metadata(weights)
+    message = str(err.value)
+    assert message.startswith(f"{str(weights)!r} is not a prkit residual file (format='pt'); it holds ")
+    assert "tensors and no LoRA (" in message and "a model's weights?" in message
+    assert message.endswith("give a .safetensors file written by Residuals.save or prkit train")
+    assert "load_lora_weights" not in message and not prkit.residual_names(unet)
 
 
 def test_kohya_export_keys_and_alpha(tmp_path):
@@ -245,6 +297,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # mkstemp's files are 0600
     with pytest.raises(IsADirectoryError, match="is a directory"):
         _trained(tiny_unet()).save(tmp_path)
+
+
+@pytest.mark.parametrize("write", ["save", "export"])
+def test_a_file_where_a_folder_of_the_path_should_be_is_named(tmp_path, write):
+    """save/export to 'dog.safetensors/x.safetensors' (a file where a folder of the path should be) said "could not
+    write ...: File exists (... MiB free there); check that the folder is writable and has room": neither the file in
+    the way nor what to do."""
+    residuals = _trained(tiny_unet())
+    blocker = residuals.save(tmp_path / "dog.safetensors")
+    before = blocker.read_bytes()
+    target = blocker / "sub" / "x.safetensors"
+    with pytest.raises(NotADirectoryError, match=rf"^cannot write {re.escape(repr(str(target)))}: "
+                                                 rf"{re.escape(repr(str(blocker)))} is a file, not a folder; choose "
+                                                 "another path$"):
+        residuals.save(target) if write == "save" else export_lora(residuals, target)
+    assert blocker.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["dog.safetensors"]
 
 
 def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
@@ -725,6 +793,27 @@ def test_load_residuals_names_its_arguments_when_given_something_else(tmp_path):
     with pytest.raises(TypeError, match=r"got NoneType and str$"):
         prkit.load_residuals(None, str(path))
     assert prkit.load_residuals(unet, path).name == "default"
+
+
+@pytest.mark.parametrize("write", ["save_residuals", "export_lora"])
+def test_saving_and_exporting_name_their_arguments_when_given_something_else(tmp_path, write):
+    """A UNet, a set's name, a list of sets or the arguments swapped ended in a raw AttributeError ("'str' object has
+    no attribute 'meta'") and nothing said what to pass."""
+    unet = tiny_unet()
+    dog, cat = _trained(unet), prkit.add_residuals(unet, rank=2, name="cat")
+    function = getattr(prkit.files, write)
+    path = tmp_path / "r.safetensors"
+    cases = [((path, dog), r"got PosixPath and Residuals \(swapped\?\)"),
+             ((unet, path), r"got UNet2DConditionModel; prkit\.get_residuals\(unet, name\) gives the handle of a "
+                            r"set on a UNet \(on this one: 'default', 'cat'\)"),
+             (("cat", path), r"got str; prkit\.get_residuals\(unet, name\)"),
+             (([dog, cat], path), r"got list; one set per file: write each set to a file of its own")]
+    for args, said in cases:
+        with pytest.raises(TypeError, match=rf"^{write}\(residuals, path\) takes a residual set's handle \(a "
+                                            rf"Residuals\) first and the file second; {said}"):
+            function(*args)
+    assert list(tmp_path.iterdir()) == []
+    assert function(dog, path) == path and function(cat, tmp_path / "c.safetensors").exists()
 
 
 @pytest.mark.parametrize("between", ["safetensors_header", "check_compatible"])

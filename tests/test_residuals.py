@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -553,6 +555,23 @@ def test_every_handle_on_a_set_knows_its_words(unet):
     prkit.remove_residuals(unet, "dog")
     again = prkit.add_residuals(unet, name="dog")
     assert again.token is None and again.class_word is None  # a new set under the old name starts without them
+
+
+@pytest.mark.parametrize("word", ["token", "class_word"])
+def test_a_word_that_is_no_text_is_refused_before_anything_changes(word, tmp_path):
+    """token=123 or token=['sks'] was taken without a word and refused only when the trained set was saved, by
+    safetensors ("argument 'metadata': 'int' object is not an instance of 'str'"), after all the work."""
+    unet = tiny_unet()
+    for bad in (123, ["sks"]):
+        with pytest.raises(TypeError, match=rf"^add_residuals: {word} must be a word \(a str, e\.g\. 'sks' or "
+                                            rf"'dog'\) or None, got {re.escape(repr(bad))}$"):
+            prkit.add_residuals(unet, rank=2, **{word: bad})
+        assert not residual_names(unet) and not wrapped_layers(unet)
+    handle = prkit.add_residuals(unet, rank=2, token="sks", class_word="dog")
+    with pytest.raises(TypeError, match=rf"^residual set 'default': {word} must be a word"):
+        setattr(handle, word, 123)
+    assert (handle.token, handle.class_word) == ("sks", "dog")
+    assert prkit.load_residuals(tiny_unet(), handle.save(tmp_path / "r.safetensors")).token == "sks"
 
 
 def test_only_residuals_refuses_a_merged_set_it_cannot_switch_off(unet):
