@@ -70,8 +70,11 @@ def skipped_inputs(series: list[Path], chosen: list[Path]) -> list[str]:
 
 HEADLESS = {"interactive": False}  # widgets fall back to static figures in a report
 # parameters that name files or folders: papermill runs each notebook inside the run folder, so a relative path is
-# made absolute against the folder the report was started from (a model that is no local path is a hub id: kept)
-PATH_PARAMETERS = {"concept_folder": "always", "model": "if it exists"}
+# made absolute against the folder the report was started from (a model or backbone that is no local path is a hub
+# id: kept; so is "world", the embedded model, and 06's "auto", its default backbones)
+PATH_PARAMETERS = {"concept_folder": "always", "model": "if it exists", "clip_backbone": "if it exists",
+                   "dino_backbone": "if it exists"}
+AUTO = {"clip_backbone", "dino_backbone"}  # "auto" picks their default, never a folder
 
 
 def resolve_paths(parameters: dict, base: Path) -> dict:
@@ -79,7 +82,7 @@ def resolve_paths(parameters: dict, base: Path) -> dict:
     out = dict(parameters)
     for name, when in PATH_PARAMETERS.items():
         value = out.get(name)
-        if not isinstance(value, str) or not value or value == "world":
+        if not isinstance(value, str) or not value or value == "world" or (value == "auto" and name in AUTO):
             continue
         path = Path(value).expanduser()  # "~/models/sd15" too
         path = path if path.is_absolute() else base / path

@@ -70,6 +70,26 @@ def test_relative_paths_are_the_callers_not_the_run_folders(tmp_path, books, mon
         "model": str(tmp_path / "sd15"), "concept_folder": str(tmp_path / "mine")}  # ~ is the user's home
 
 
+def test_a_backbone_folder_is_the_callers_not_the_run_folders(tmp_path, books, monkeypatch):
+    """06's clip_backbone / dino_backbone name folders as model does: a relative one was looked for in the run folder,
+    where the notebooks run, not found there and taken for a hub id missing from the cache (metrics 'unavailable')."""
+    from prkit.report import resolve_paths
+
+    _write(books, "03_check.ipynb", "from pathlib import Path\nassert Path(clip_backbone, 'config.json').is_file()\n"
+                                    "assert Path(dino_backbone, 'config.json').is_file()",
+           params="clip_backbone = 'auto'\ndino_backbone = 'auto'")
+    for name in ("clip", "dino", "auto"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", "runs", "--notebooks", str(books), "--only", "03", "-p", "clip_backbone", "clip",
+                 "-p", "dino_backbone", "dino"]) == 0
+    kept = {"clip_backbone": "auto", "dino_backbone": "facebook/dino-vits16"}  # the notebook's default, a hub id
+    assert resolve_paths(kept, tmp_path) == kept
+    assert resolve_paths({"clip_backbone": "world"}, tmp_path) == {"clip_backbone": "world"}
+    assert resolve_paths({"concept_folder": "auto"}, tmp_path) == {"concept_folder": str(tmp_path / "auto")}
+
+
 def test_two_runs_in_one_second_get_their_own_folders(tmp_path, books, monkeypatch):
     from prkit import report
 
