@@ -135,3 +135,21 @@ def test_metrics_notebook_scores_a_real_models_concept_with_clip_and_dino(tmp_pa
     assert set(summary) == {"base", "residuals", "residuals+lag"}
     assert all(float(summary[m]["clip_i"]) == float(summary[m]["clip_i"]) for m in summary)  # numbers, not NaN
     assert (run / "metrics" / "clip_i_vs_clip_t.png").is_file()
+
+
+def test_ablations_notebook_runs_the_sweeps_asked_for(tmp_path):
+    """AblationConfig takes an empty targets, step_counts or thresholds list (that sweep is skipped, e.g. -y
+    'thresholds: []' on a slow machine), but 05's last cell asserted all four sweeps: the run failed there."""
+    pytest.importorskip("papermill")
+    import csv
+
+    import papermill
+
+    papermill.execute_notebook(
+        str(next(p for p in NOTEBOOKS if p.name == "05_ablations.ipynb")), str(tmp_path / "05.ipynb"),
+        parameters={"run_dir": str(tmp_path), "ablation_steps": 1, "ranks": [0.05], "targets": [], "step_counts": [],
+                    "thresholds": ["median"], "images_per_prompt": 1, "sample_steps": 1},
+        kernel_name="python3", progress_bar=False)
+    with open(tmp_path / "ablations" / "ablations.csv") as f:
+        assert [(r["sweep"], r["value"]) for r in csv.DictReader(f)] == [("threshold", "median"), ("rank", "0.05")]
+    assert (tmp_path / "ablations" / "rank.png").is_file() and not (tmp_path / "ablations" / "target.png").exists()
