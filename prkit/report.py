@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only {' '.join(args.only)} skips notebooks whose files the rest need, and a new run "
                          f"folder has none: {'; '.join(skipped)}. Pass --run runs/<timestamp> (a run folder where "
                          f"those ran) or add them to --only")
-        out = _new_run_folder(Path(args.out or "runs"))
+        out = _new_run_folder(Path(args.out or "runs").expanduser())  # --out=~/runs: no shell expands it
     else:
         out = Path(args.run).expanduser().resolve()
         if not out.is_dir():

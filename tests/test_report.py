@@ -99,6 +99,20 @@ def test_two_runs_in_one_second_get_their_own_folders(tmp_path, books, monkeypat
     assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
+def test_out_with_a_tilde_is_the_users_home(tmp_path, books, monkeypatch):
+    """--out=~/runs (no shell expands a ~ after '=') made a folder named '~' in the current folder, while the check
+    that --out is no file and --run both read it as the home folder."""
+    from prkit import report
+
+    monkeypatch.setattr(report, "run_series", lambda out, parameters, chosen, kernel: [
+        {"notebook": b.name, "seconds": 1.0, "status": "ok"} for b in chosen])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out=~/runs", "--notebooks", str(books)]) == 0
+    assert not (tmp_path / "~").exists()
+    assert (next((tmp_path / "home" / "runs").iterdir()) / "index.html").is_file()
+
+
 def test_only_without_a_match_is_a_usage_error(tmp_path, books, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "09"])
