@@ -107,6 +107,13 @@ def unknown_parameters(parameters: dict, names: dict[Path, dict[str, str]]) -> l
     return sorted(set(parameters) - known)
 
 
+def unused_parameters(parameters: dict, names: dict[Path, dict[str, str]], chosen: list[Path]) -> list[str]:
+    """The parameters that only notebooks left out of ``chosen`` (--only) declare, each with those notebooks:
+    ``"train_steps (02_train_residuals.ipynb)"``; the report passes each parameter to the notebooks declaring it."""
+    return [f"{name} ({', '.join(b.name for b in names if name in names[b])})" for name in sorted(parameters)
+            if not any(name in names[b] for b in chosen) and any(name in names[b] for b in names)]
+
+
 # a default of this type -> what a value given for it must be (None always passes: the notebook decides)
 KINDS = ((bool, (bool,), "True or False"), (int, (int,), "whole number"), (float, (int, float), "number"),
          (list, (list, tuple), "list"))
@@ -340,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     wrong = wrong_kinds(parameters, names)
     if wrong:
         parser.error(f"{'; '.join(wrong)}. -p values are Python literals (True, 3, 0.5, '[\"a\", \"b\"]')")
+    unused = unused_parameters(parameters, names, books)
+    if unused:  # known to the series (a --params file's, say), but none of the notebooks run takes them
+        print(f"note: --only {' '.join(args.only)} runs no notebook that takes {'; '.join(unused)}: not used",
+              flush=True)
     if args.run is not None and args.out is not None:
         parser.error("--out makes a new run folder and --run reuses one: pass one of them")
     if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():

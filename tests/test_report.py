@@ -168,6 +168,23 @@ def test_figures_reach_the_report_and_typos_are_refused(tmp_path, books, capsys,
     assert err.value.code == 2 and "pass --out instead" in capsys.readouterr().err
 
 
+def test_a_parameter_that_only_notebooks_left_out_take_is_said_unused(tmp_path, books, capsys, monkeypatch):
+    """--run R --only 02 -p steps 300, steps being 03's only: the report ran 02 without it and without a word (a
+    user meant it for the notebooks run)."""
+    from prkit import report
+
+    _write(books, "03_plot.ipynb", "pass", params="steps = 1")
+    monkeypatch.setattr(report, "run_series", lambda out, parameters, chosen, kernel: [
+        {"notebook": b.name, "seconds": 1.0, "status": "ok"} for b in chosen])
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "01", "02", "-p", "steps", "3",
+                 "-p", "x", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "note: --only 01 02 runs no notebook that takes steps (03_plot.ipynb): not used" in said
+    assert "x (" not in said  # 01 and 02 take x
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "-p", "steps", "3"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_a_params_files_relative_paths_are_its_own_folders(tmp_path, books, monkeypatch):
     _write(books, "03_check.ipynb", "from pathlib import Path\nassert Path(concept_folder, 'a.png').is_file()",
            params="concept_folder = ''")
