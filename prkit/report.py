@@ -70,8 +70,11 @@ def skipped_inputs(series: list[Path], chosen: list[Path]) -> list[str]:
 
 HEADLESS = {"interactive": False}  # widgets fall back to static figures in a report
 # parameters that name files or folders: papermill runs each notebook inside the run folder, so a relative path is
-# made absolute against the folder the report was started from (a model that is no local path is a hub id: kept)
-PATH_PARAMETERS = {"concept_folder": "always", "model": "if it exists"}
+# made absolute against the folder the report was started from (a model or backbone that is no local path is a hub
+# id: kept; so is "world", the embedded model, and 06's "auto", its default backbones)
+PATH_PARAMETERS = {"concept_folder": "always", "model": "if it exists", "clip_backbone": "if it exists",
+                   "dino_backbone": "if it exists"}
+AUTO = {"clip_backbone", "dino_backbone"}  # "auto" picks their default, never a folder
 
 
 def resolve_paths(parameters: dict, base: Path) -> dict:
@@ -79,7 +82,7 @@ def resolve_paths(parameters: dict, base: Path) -> dict:
     out = dict(parameters)
     for name, when in PATH_PARAMETERS.items():
         value = out.get(name)
-        if not isinstance(value, str) or not value or value == "world":
+        if not isinstance(value, str) or not value or value == "world" or (value == "auto" and name in AUTO):
             continue
         path = Path(value).expanduser()  # "~/models/sd15" too
         path = path if path.is_absolute() else base / path
@@ -102,6 +105,13 @@ def unknown_parameters(parameters: dict, names: dict[Path, dict[str, str]]) -> l
     """Names in ``parameters`` that no notebook of the series declares (typos: papermill would only warn)."""
     known = set().union(*names.values()) if names else set()
     return sorted(set(parameters) - known)
+
+
+def unused_parameters(parameters: dict, names: dict[Path, dict[str, str]], chosen: list[Path]) -> list[str]:
+    """The parameters that only notebooks left out of ``chosen`` (--only) declare, each with those notebooks:
+    ``"train_steps (02_train_residuals.ipynb)"``; the report passes each parameter to the notebooks declaring it."""
+    return [f"{name} ({', '.join(b.name for b in names if name in names[b])})" for name in sorted(parameters)
+            if not any(name in names[b] for b in chosen) and any(name in names[b] for b in names)]
 
 
 # a default of this type -> what a value given for it must be (None always passes: the notebook decides)
@@ -337,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     wrong = wrong_kinds(parameters, names)
     if wrong:
         parser.error(f"{'; '.join(wrong)}. -p values are Python literals (True, 3, 0.5, '[\"a\", \"b\"]')")
+    unused = unused_parameters(parameters, names, books)
+    if unused:  # known to the series (a --params file's, say), but none of the notebooks run takes them
+        print(f"note: --only {' '.join(args.only)} runs no notebook that takes {'; '.join(unused)}: not used",
+              flush=True)
     if args.run is not None and args.out is not None:
         parser.error("--out makes a new run folder and --run reuses one: pass one of them")
     if args.out is not None and Path(args.out).expanduser().exists() and not Path(args.out).expanduser().is_dir():
@@ -347,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only {' '.join(args.only)} skips notebooks whose files the rest need, and a new run "
                          f"folder has none: {'; '.join(skipped)}. Pass --run runs/<timestamp> (a run folder where "
                          f"those ran) or add them to --only")
-        out = _new_run_folder(Path(args.out or "runs"))
+        out = _new_run_folder(Path(args.out or "runs").expanduser())  # --out=~/runs: no shell expands it
     else:
         out = Path(args.run).expanduser().resolve()
         if not out.is_dir():

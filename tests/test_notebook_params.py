@@ -35,6 +35,30 @@ def test_04_checks_its_list_and_second_concept_before_sampling():
     assert 'as_list(prompts, "prompts")' in before and "another_concept(second_concept" in before
 
 
+def test_04_checks_its_composed_prompt_before_sampling():
+    """A typo in 04's composed_prompt ('{token_2}') or a prompt without {token2} failed only in its last cells, after
+    the three sample sets and the second concept's training: KeyError 'token_2', or LAG's missing identifier."""
+    import json
+    from pathlib import Path
+
+    from prkit.world.concepts import composed_text
+
+    book = Path(__file__).resolve().parent.parent / "notebooks" / "04_lag_sampling.ipynb"
+    cells = ["".join(c["source"]) for c in json.loads(book.read_text())["cells"] if c["cell_type"] == "code"]
+    first_sampling = next(i for i, c in enumerate(cells) if "prkit.generate(" in c)
+    before = "\n".join(cells[:first_sampling]) + cells[first_sampling].split("prkit.generate(")[0]
+    assert "composed_text(composed_prompt, " in before and "composed_prompt.format" not in "\n".join(cells)
+    default = "a {token} {class_word} next to a {token2} {class_word2} on the grass"
+    assert composed_text(default, "sks", "dog", "dotted_box") == "a sks dog next to a zwx box on the grass"
+    for template, said in (("a {token} next to a {token_2} {class_word2}", "names {token_2}, which is none of "
+                                                                           "{token}, {class_word}, {token2}"),
+                           ("a {token} {class_word} next to a box", "lacks {token2} (each residual set acts"),
+                           ("a {token {token2}", "is no prompt template"), (["a {token}"], "is no prompt template")):
+        with pytest.raises(ValueError) as err:
+            composed_text(template, "sks", "dog", "dotted_box")
+        assert str(err.value).startswith(f"composed_prompt {template!r} ") and said in str(err.value)
+
+
 def test_02_checks_its_validation_prompts_list():
     import json
     from pathlib import Path

@@ -70,6 +70,26 @@ def test_relative_paths_are_the_callers_not_the_run_folders(tmp_path, books, mon
         "model": str(tmp_path / "sd15"), "concept_folder": str(tmp_path / "mine")}  # ~ is the user's home
 
 
+def test_a_backbone_folder_is_the_callers_not_the_run_folders(tmp_path, books, monkeypatch):
+    """06's clip_backbone / dino_backbone name folders as model does: a relative one was looked for in the run folder,
+    where the notebooks run, not found there and taken for a hub id missing from the cache (metrics 'unavailable')."""
+    from prkit.report import resolve_paths
+
+    _write(books, "03_check.ipynb", "from pathlib import Path\nassert Path(clip_backbone, 'config.json').is_file()\n"
+                                    "assert Path(dino_backbone, 'config.json').is_file()",
+           params="clip_backbone = 'auto'\ndino_backbone = 'auto'")
+    for name in ("clip", "dino", "auto"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out", "runs", "--notebooks", str(books), "--only", "03", "-p", "clip_backbone", "clip",
+                 "-p", "dino_backbone", "dino"]) == 0
+    kept = {"clip_backbone": "auto", "dino_backbone": "facebook/dino-vits16"}  # the notebook's default, a hub id
+    assert resolve_paths(kept, tmp_path) == kept
+    assert resolve_paths({"clip_backbone": "world"}, tmp_path) == {"clip_backbone": "world"}
+    assert resolve_paths({"concept_folder": "auto"}, tmp_path) == {"concept_folder": str(tmp_path / "auto")}
+
+
 def test_two_runs_in_one_second_get_their_own_folders(tmp_path, books, monkeypatch):
     from prkit import report
 
@@ -77,6 +97,20 @@ def test_two_runs_in_one_second_get_their_own_folders(tmp_path, books, monkeypat
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 1  # nothing ran: not ok
     assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books)]) == 1
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_out_with_a_tilde_is_the_users_home(tmp_path, books, monkeypatch):
+    """--out=~/runs (no shell expands a ~ after '=') made a folder named '~' in the current folder, while the check
+    that --out is no file and --run both read it as the home folder."""
+    from prkit import report
+
+    monkeypatch.setattr(report, "run_series", lambda out, parameters, chosen, kernel: [
+        {"notebook": b.name, "seconds": 1.0, "status": "ok"} for b in chosen])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--out=~/runs", "--notebooks", str(books)]) == 0
+    assert not (tmp_path / "~").exists()
+    assert (next((tmp_path / "home" / "runs").iterdir()) / "index.html").is_file()
 
 
 def test_only_without_a_match_is_a_usage_error(tmp_path, books, capsys):
@@ -132,6 +166,23 @@ def test_figures_reach_the_report_and_typos_are_refused(tmp_path, books, capsys,
     with pytest.raises(SystemExit) as err:  # was overwritten by the report's folder without a word
         main(["--out", str(tmp_path / "r3"), "--notebooks", str(books), "-p", "run_dir", "mine"])
     assert err.value.code == 2 and "pass --out instead" in capsys.readouterr().err
+
+
+def test_a_parameter_that_only_notebooks_left_out_take_is_said_unused(tmp_path, books, capsys, monkeypatch):
+    """--run R --only 02 -p steps 300, steps being 03's only: the report ran 02 without it and without a word (a
+    user meant it for the notebooks run)."""
+    from prkit import report
+
+    _write(books, "03_plot.ipynb", "pass", params="steps = 1")
+    monkeypatch.setattr(report, "run_series", lambda out, parameters, chosen, kernel: [
+        {"notebook": b.name, "seconds": 1.0, "status": "ok"} for b in chosen])
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "--only", "01", "02", "-p", "steps", "3",
+                 "-p", "x", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "note: --only 01 02 runs no notebook that takes steps (03_plot.ipynb): not used" in said
+    assert "x (" not in said  # 01 and 02 take x
+    assert main(["--out", str(tmp_path / "runs"), "--notebooks", str(books), "-p", "steps", "3"]) == 0
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_a_params_files_relative_paths_are_its_own_folders(tmp_path, books, monkeypatch):

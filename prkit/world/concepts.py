@@ -137,6 +137,35 @@ def another_concept(name: str, token: str) -> str:
     return other
 
 
+COMPOSED_FIELDS = ("token", "class_word", "token2", "class_word2")  # 04's composed_prompt: the run's, the second's
+
+
+def composed_text(template: str, token: str, class_word: str, second: str) -> str:
+    """04's ``composed_prompt`` filled with the run's words and those of the shipped concept ``second``, checked
+    before anything samples or trains: each set's LAG mask needs its identifier in the prompt.
+
+    Raises:
+        ValueError: ``template`` is no string, names a field other than ``COMPOSED_FIELDS`` or lacks {token} or
+            {token2}; the message names composed_prompt.
+    """
+    import string
+
+    example = "'a {token} {class_word} next to a {token2} {class_word2}'"
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"composed_prompt {template!r} is no prompt template: give e.g. {example}") from None
+    other = sorted({f for f in fields if f not in COMPOSED_FIELDS})
+    missing = [f"{{{f}}}" for f in ("token", "token2") if f not in fields]
+    if other or missing:
+        what = (f"names {', '.join(f'{{{f}}}' for f in other)}, which is none of "
+                f"{', '.join(f'{{{f}}}' for f in COMPOSED_FIELDS)}" if other else
+                f"lacks {' and '.join(missing)} (each residual set acts under its own identifier)")
+        raise ValueError(f"composed_prompt {template!r} {what}: give e.g. {example}")
+    concept = EXAMPLE_CONCEPTS[second]
+    return template.format(token=token, class_word=class_word, token2=concept.token, class_word2=concept.class_word)
+
+
 def write_concept_folder(concept: WorldConcept, folder: Path, n: int = 5, seed: int = 0) -> Path:
     """Write n reference PNGs (plain background) and concept.json into folder; returns folder."""
     folder = Path(folder)
