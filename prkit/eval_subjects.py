@@ -36,8 +36,9 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     prompt file has one prompt per line with ``{}`` where the concept goes ("{} swimming in a pool."). ``{}``
     becomes "<token> <class_prompt>" (our identifier instead of their "<new1>"). Without dataset.json: one
     folder per concept holding its images, a ``prompts.txt`` and a ``concept.json`` with "class_word".
-    The subject's name is its image folder's name. A token that ``load_concept`` would refuse for a concept (None,
-    '', several words, its class word) is refused here, before any model loads.
+    The subject's name is its image folder's name: two concepts of one name, or a missing image folder, are refused
+    here, as is a token that ``load_concept`` would refuse for a concept (None, '', several words, its class word),
+    before any model loads.
     """
     from .data import ConceptDataError, check_concept_words, load_concept
 
@@ -77,8 +78,16 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     if not entries:
         raise ConceptDataError(f"no CustomConcept101 concepts under '{root}': expected dataset.json or concept "
                                "folders each with prompts.txt and concept.json")
-    subjects = []
+    subjects, seen = [], {}
     for folder, class_word, prompt_file in entries:
+        if not folder.is_dir():  # refused here, not at the concept's first job (maybe hours into the run)
+            raise ConceptDataError(f"image folder '{folder}' of concept '{folder.name}' does not exist; fix its "
+                                   f"instance_data_dir in '{spec}' (relative to '{root}')")
+        if folder.name in seen:  # the evaluation knows a subject by its folder's name: one of them would not run
+            raise ConceptDataError(f"two concepts are named {folder.name!r} (their image folder's name): "
+                                   f"'{seen[folder.name]}' and '{folder}'; a subject is named by its folder, so "
+                                   f"rename one folder (and its instance_data_dir) or remove the duplicate entry")
+        seen[folder.name] = folder
         if not prompt_file.is_file():
             raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' is missing")
         lines = [ln.strip() for ln in prompt_file.read_text(encoding="utf-8").splitlines() if ln.strip()]

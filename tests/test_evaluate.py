@@ -869,3 +869,30 @@ def test_reference_photos_with_transparency_or_16_bits_are_scored_as_training_lo
         with Image.open(path) as original:
             assert np.array_equal(np.asarray(im), np.asarray(_to_rgb(original, original.format))), path.name
     assert np.asarray(refs[0])[0, 0].tolist() == [255, 255, 255]  # the transparent corner: white, not black
+
+
+def test_customconcept101_concepts_of_one_name_or_without_their_folder_are_refused_up_front(tmp_path):
+    """Two concept folders of one name (a/dog1, b/dog1) ran as one subject: the harness keys subjects by name, so
+    one concept was silently never evaluated and the table said 1 subject. A missing image folder was refused only
+    at that concept's first job, after the jobs before it had run."""
+    from prkit.data import ConceptDataError
+
+    root = tmp_path / "cc101"
+    _images(root / "a" / "dog1")
+    _images(root / "b" / "dog1")
+    (root / "prompts").mkdir()
+    (root / "prompts" / "dog.txt").write_text("Photo of a {}.\n")
+
+    def entries(*folders):
+        (root / "dataset.json").write_text(json.dumps([{"instance_data_dir": f, "class_prompt": "dog",
+                                                         "prompt_filename": "prompts/dog.txt"} for f in folders]))
+        return ev.load_customconcept101(root, token="sks")
+
+    assert [s.name for s in entries("a/dog1")] == ["dog1"]
+    with pytest.raises(ConceptDataError, match=r"two concepts are named 'dog1'.*a/dog1' and '.*b/dog1'"):
+        entries("a/dog1", "b/dog1")
+    with pytest.raises(ConceptDataError, match="two concepts are named 'dog1'"):
+        entries("a/dog1", "./a/dog1")  # one folder listed twice
+    with pytest.raises(ConceptDataError, match=r"image folder '.*a/dog2' of concept 'dog2' does not exist; fix its "
+                                               r"instance_data_dir in '.*dataset\.json'"):
+        entries("a/dog1", "a/dog2")
