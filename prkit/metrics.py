@@ -32,8 +32,15 @@ class MetricUnavailable(RuntimeError):
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x).float()  # float32: every accelerator has it, and it holds 1e-6
+    # float64 on the CPU (mps has no float64; these are a few small rows): in float32 an image scored against itself
+    # came out 0.99999994, or 1.0000001, a cosine no two vectors have
+    x = torch.as_tensor(x).to("cpu", torch.float64)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _cosines(dots: torch.Tensor, device) -> torch.Tensor:
+    """Dot products of unit rows as cosines: inside [-1, 1], float32 on ``device``."""
+    return dots.clamp(-1, 1).to(device, torch.float32)
 
 
 def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -44,7 +51,7 @@ def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not len(a) or not len(b):
         raise ValueError(f"no embeddings to compare ({len(a)} generated, {len(b)} reference)")
     _same_width(a, b, "generated", "reference")
-    return _unit(a) @ _unit(b).to(a.device).T
+    return _cosines(_unit(a) @ _unit(b).T, a.device)
 
 
 def _same_width(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str) -> None:
@@ -98,12 +105,12 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor, convention: st
     images = _unit(image_embeds)
     if not images.numel():
         raise ValueError("no image embeddings to score")
-    texts = _unit(text_embeds).to(images.device)
+    texts = _unit(text_embeds)
     _same_width(texts, images, "text", "image")  # not reshaped into rows of the images' width
     texts = texts.reshape(-1, images.shape[-1])
     if texts.shape[0] not in (1, images.shape[0]):
         raise ValueError(f"{texts.shape[0]} text embeddings for {images.shape[0]} images; give one or one per image")
-    cos = (images * texts).sum(-1)  # (N,)
+    cos = _cosines((images * texts).sum(-1), torch.as_tensor(image_embeds).device)  # (N,)
     if convention == "clipscore":
         cos = CLIPSCORE_W * cos.clamp_min(0)
     return _reduce(cos, reduce)

@@ -47,6 +47,17 @@ def test_batched_metrics_match_a_loop():
     assert metrics.clip_i(gen.double(), ref) == pytest.approx(loop, abs=1e-6)
 
 
+def test_an_embedding_scored_against_itself_is_exactly_1_and_no_cosine_passes_it():
+    """In float32 an image scored against itself came out 0.99999994, and cosines of 1.0000001 (a value no two
+    vectors have) went into the rows: CLIP-I/DINO of identical images must read 1, not nearly."""
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * torch.rand(64, 1) * 10
+    cos = metrics.pairwise_cosine(x, x)
+    assert cos.dtype == torch.float32 and cos.abs().max() <= 1 and torch.equal(cos.diag(), torch.ones(64))
+    assert all(metrics.clip_i(row, row) == 1.0 and metrics.dino(row, row) == 1.0 for row in x)
+    assert torch.equal(metrics.clip_t(x, x, reduce=False), torch.ones(64))
+    assert metrics.clip_t(x, x, "clipscore") == 2.5 and metrics.clip_t(x, -x) == -1.0
+
+
 def _images(n: int, size: int = 40) -> list:
     return [Image.new("RGB", (size + 8 * i, size), (40 * i, 200 - 30 * i, 90)) for i in range(n)]
 
