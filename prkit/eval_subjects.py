@@ -94,6 +94,10 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
         if not lines:
             raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' has no prompts; write "
                                    "one per line, with {} where the concept goes")
+        bare = next((ln for ln in lines if "{}" not in ln), None)  # it would train, then fail at LAG's sampling
+        if bare is not None:
+            raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}': the prompt {bare!r} has "
+                                   "no {} where the concept goes ('<token> <class>'); every prompt needs one")
         check_concept_words(token, class_word)  # not 'Photo of a  dog.', refused only at the concept's first job
         prompts = [ln.replace("{}", f"{token} {class_word}") for ln in lines]
 

@@ -665,14 +665,17 @@ def test_a_checkpoint_the_disk_refuses_says_what_an_eval_user_can_do(assets, tmp
     ('[{oops', r"cannot read .*dataset\.json"),
     (None, r"concept\.json': the concept has no 'class_word'"),
     ("empty prompts", r"dog\.txt' of concept 'pet_dog1' has no prompts"),
+    ("a prompt without {}", r"dog\.txt' of concept 'pet_dog1': the prompt 'a photo of a dog at the beach' has no \{\}"),
 ])
 def test_a_customconcept101_folder_laid_out_wrongly_is_named(tmp_path, spec, match):
-    """A bare KeyError, 'string indices must be integers', an unnamed JSON error, and an IndexError after the model
-    had loaded (an empty prompts file): each now names the file and what is missing, before any work."""
+    """A bare KeyError, 'string indices must be integers', an unnamed JSON error, an IndexError after the model
+    had loaded (an empty prompts file), and a prompt without {} (residuals trained, then LAG refused the prompt
+    without the token): each now names the file and what is missing, before any work."""
     root = tmp_path / "cc101"
     _images(root / "benchmark_dataset" / "pet_dog1")
     (root / "prompts").mkdir()
-    (root / "prompts" / "dog.txt").write_text("\n\n" if spec == "empty prompts" else "Photo of a {}.\n")
+    (root / "prompts" / "dog.txt").write_text({"empty prompts": "\n\n", "a prompt without {}": "{} in a pool\na photo "
+                                               "of a dog at the beach\n"}.get(spec, "Photo of a {}.\n"))
     good = ('[{"class_prompt": "dog", "instance_data_dir": "./benchmark_dataset/pet_dog1", '
             '"prompt_filename": "prompts/dog.txt"}]')
     if spec is None:  # the folder layout: concept folders with prompts.txt and concept.json
@@ -681,7 +684,7 @@ def test_a_customconcept101_folder_laid_out_wrongly_is_named(tmp_path, spec, mat
         (folder / "concept.json").write_text('{"token": "sks"}')
         root = root / "benchmark_dataset"
     else:
-        (root / "dataset.json").write_text(good if spec == "empty prompts" else spec)
+        (root / "dataset.json").write_text(good if spec in ("empty prompts", "a prompt without {}") else spec)
     from prkit.data import ConceptDataError
 
     with pytest.raises(ConceptDataError, match=match):
