@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import check_flag, check_whole
+from .eval_results import METHODS
 
 DEFAULT_METHODS = ("residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth")
 
@@ -37,6 +38,11 @@ class EvalConfig:
     ci_over: str = "image"  # 95% interval over images or over per-subject means ("subject")
 
     def __post_init__(self):
+        for name in ("methods", "subjects"):  # one name, as diffusers takes one prompt: not its letters as names
+            value = getattr(self, name)
+            setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if not self.methods:
+            raise ValueError(f"EvalConfig.methods is empty: name one or more of {', '.join(METHODS)}")
         check_whole(self, ("images_per_prompt", "sample_steps"), 1)
         check_whole(self, ("seed",), 0)
         check_whole(self, ("max_prompts",), 1, " (or None: all)")

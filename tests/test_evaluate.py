@@ -698,6 +698,17 @@ def test_a_method_or_subject_named_twice_runs_once_and_ci_over_is_checked_first(
         EvalConfig(ci_over="subjects")
 
 
+def test_one_method_or_subject_given_as_a_string_is_one_name_not_its_letters(assets, tmp_path):
+    """EvalConfig(methods="residuals") was refused as "unknown method 'r'", subjects="dog" as unknown subjects
+    ['d', 'o', 'g']; methods=() ran nothing and wrote an empty table."""
+    config = _config(assets, tmp_path, methods="residuals", subjects="dog")
+    assert config.methods == ("residuals",) and config.subjects == ("dog",)
+    assert [s.name for s in ev.load_subjects(config)] == ["dog"]
+    assert _config(assets, tmp_path, methods=["base", "lora"]).methods == ("base", "lora")
+    with pytest.raises(ValueError, match="EvalConfig.methods is empty: name one or more of base, residuals"):
+        _config(assets, tmp_path, methods=())
+
+
 def test_results_and_summaries_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
     """Under an ASCII locale a subject or prompt such as 'café' raised UnicodeEncodeError after the job had trained:
     the CSVs were opened in the locale's encoding. (Here: every text open without an encoding reads as ASCII.)"""
