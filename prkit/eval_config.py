@@ -60,6 +60,28 @@ class EvalConfig:
         for method, overrides in self.train.items():  # before any model loads, not at the method's first job
             if isinstance(overrides, dict) and overrides.get("checkpoint_dir"):
                 checkpoint_folder(overrides["checkpoint_dir"], method, "subject")
+            check_recipe(method, overrides, self.seed)
+
+
+def check_recipe(method: str, overrides, seed: int = 0) -> None:
+    """Refuse ``method``'s recipe overrides (``EvalConfig.train``) that its ``TrainConfig`` would refuse, before any
+    job: ``--set lora.steps=0`` was refused at lora's first job, after every job of the methods before it."""
+    from .targets import recipe
+    from .train_config import TrainConfig
+
+    if method == "base":  # trains nothing: no recipe to check
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"EvalConfig.train[{method!r}] must be a dict of recipe fields, got {overrides!r}")
+    given = {k: v for k, v in overrides.items() if not (k == "prior_images" and isinstance(v, str))}  # a folder
+    if given.get("checkpoint_dir"):
+        given["checkpoint_dir"] = checkpoint_folder(given["checkpoint_dir"], method, "subject")
+    try:
+        TrainConfig(**{"seed": seed, **recipe(method, **given)})
+    except (KeyError, TypeError, ValueError) as err:
+        reason = err.args[0] if isinstance(err, KeyError) else err  # (a KeyError's str is quoted)
+        raise ValueError(f"the {method} recipe's overrides (EvalConfig.train[{method!r}], --set {method}.FIELD=VALUE):"
+                         f" {reason}") from err
 
 
 def checkpoint_folder(folder, method: str, subject: str) -> str:

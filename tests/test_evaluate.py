@@ -709,6 +709,28 @@ def test_one_method_or_subject_given_as_a_string_is_one_name_not_its_letters(ass
         _config(assets, tmp_path, methods=())
 
 
+def test_recipe_overrides_training_would_refuse_are_refused_before_any_job(assets, tmp_path, monkeypatch, capsys):
+    """--methods base residuals --set residuals.steps=0 ran every base job, then stopped at residuals' first:
+    TrainConfig checked the overrides only when the method's first job built it."""
+    from prkit.cli import main
+
+    monkeypatch.setattr(ev, "run_job", lambda *a, **k: pytest.fail("a job ran"))
+    for train, match in [({"residuals": {"steps": 0}}, r"TrainConfig\.steps must be a whole number >= 1, got 0"),
+                         ({"lora": {"learning_rate": "fast"}}, "learning_rate must be a positive number"),
+                         ({"residuals": {"stepz": 3}}, "unexpected keyword argument 'stepz'"),
+                         ({"vico": {}}, "no recipe for target 'vico'; known: residuals"),
+                         ({"lora": 5}, r"EvalConfig\.train\['lora'\] must be a dict")]:
+        with pytest.raises(ValueError, match=match):
+            _config(assets, tmp_path, methods=("base", "residuals"), train=train)
+    assert main(["eval", *_cli_dataset(assets, tmp_path), "--methods", "base", "residuals", "--set",
+                 "residuals.rank=2.5", "--out", str(tmp_path / "out")]) == 2
+    assert "the residuals recipe's overrides (EvalConfig.train['residuals'], --set residuals.FIELD=VALUE): " \
+           "TrainConfig.rank 2.5 is neither" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+    # what the jobs fill in is no error here: a prior-images folder per subject, base's (unused) overrides
+    _config(assets, tmp_path, train={"dreambooth": {"prior_images": "class/{subject}"}, "base": {"steps": 0}})
+
+
 def test_results_and_summaries_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
     """Under an ASCII locale a subject or prompt such as 'café' raised UnicodeEncodeError after the job had trained:
     the CSVs were opened in the locale's encoding. (Here: every text open without an encoding reads as ASCII.)"""
