@@ -272,6 +272,18 @@ def _reason(kind: str, name: str, local: bool, download: bool, err: Exception) -
             f"--local-dir ./{name.split('/')[-1]}` and pass that folder")
 
 
+def _missing_weights(kind: str, name: str, model, info: dict) -> str | None:
+    """Why a backbone just loaded cannot score: weights its checkpoint lacks, which transformers fills in at random
+    with a warning only (a CLIP or DINOv2 folder given as DINO scored with a random ViT); None when it has them all."""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return None
+    layout = "a CLIPModel" if kind == "CLIP" else "a ViT (DINO ViT-S/16's layout)"
+    return (f"{name!r} is no {kind} checkpoint (its model type is {model.config.model_type!r}): {len(missing)} "
+            f"weights are missing from it (e.g. {missing[0]!r}), which would score with random ones; pass {layout} "
+            "folder or hub id")
+
+
 def _revision(name_or_path, source: str, local: bool, kwargs: dict) -> dict | None:
     """The revision record of a backbone just loaded: a hub id's from the cache snapshot it was loaded from (the
     one its cache_dir and revision resolve to now), a folder's or the world CLIP's from its files."""
@@ -300,10 +312,14 @@ def try_load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, device: str | 
         from transformers import AutoTokenizer, CLIPModel
 
         opts = dict(local_files_only=local or _offline() or not download, **kwargs)
-        model = CLIPModel.from_pretrained(source, **opts).eval().requires_grad_(False).to(device)
+        model, info = CLIPModel.from_pretrained(source, output_loading_info=True, **opts)
         tokenizer = AutoTokenizer.from_pretrained(source, **opts)
     except Exception as err:  # noqa: BLE001 - any failure to load is reported as the metric's reason
         return None, _reason("CLIP", str(name_or_path), local, download, err)
+    problem = _missing_weights("CLIP", str(name_or_path), model, info)
+    if problem:
+        return None, problem
+    model = model.eval().requires_grad_(False).to(device)
     revision = _revision(name_or_path, source, local, kwargs)
     return ClipBackbone(model, tokenizer, str(name_or_path), revision=revision), None
 
@@ -318,10 +334,13 @@ def try_load_dino(name_or_path: str | os.PathLike = DEFAULT_DINO, device: str | 
     try:
         from transformers import ViTModel
 
-        model = ViTModel.from_pretrained(source, add_pooling_layer=False,
-                                         local_files_only=local or _offline() or not download, **kwargs)
+        model, info = ViTModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True,
+                                               local_files_only=local or _offline() or not download, **kwargs)
     except Exception as err:  # noqa: BLE001
         return None, _reason("DINO", str(name_or_path), local, download, err)
+    problem = _missing_weights("DINO", str(name_or_path), model, info)
+    if problem:
+        return None, problem
     return DinoBackbone(model.eval().requires_grad_(False).to(device), str(name_or_path),
                         revision=_revision(name_or_path, source, local, kwargs)), None
 

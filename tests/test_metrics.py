@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,27 @@ def test_missing_backbones_give_reasons(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "world_clip_path", lambda: tmp_path / "nothing")
     with pytest.raises(MetricUnavailable, match="world CLIP"):
         metrics.load_clip("world")
+
+
+def test_a_checkpoint_that_lacks_the_backbones_weights_is_a_reason_not_a_random_network(tiny_clip_folder,
+                                                                                          tiny_vit_folder, tmp_path):
+    """--dino given a CLIP folder (or a DINOv2 one) loaded a ViT whose every weight was random (transformers only
+    warns), and DINO was scored with it; a CLIP folder without some of its weights scored with random ones."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    assert metrics.try_load_dino(tiny_vit_folder)[0] is not None and metrics.try_load_clip(tiny_clip_folder)[0]
+    model, reason = metrics.try_load_dino(tiny_clip_folder)
+    assert model is None and reason.startswith(f"{str(tiny_clip_folder)!r} is no DINO checkpoint (its model type is "
+                                               "'clip'): ") and "weights are missing from it" in reason
+    clip = Path(shutil.copytree(tiny_clip_folder, tmp_path / "clip"))
+    weights = load_file(clip / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "text_projection.weight"}, clip / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(MetricUnavailable, match=r"is no CLIP checkpoint .*: 1 weights are missing from it \(e\.g\. "
+                                                r"'text_projection\.weight'\)"):
+        metrics.load_clip(clip)
 
 
 def test_a_missing_local_backbone_folder_is_named_not_sent_to_the_hub(tmp_path):
