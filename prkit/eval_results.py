@@ -157,8 +157,8 @@ def interval(metric: str, values: Sequence[float], ci_over: str = "image") -> tu
         return mean, float("nan"), low, high
     mean, half = mean_ci(values)
     low, high = mean - half, mean + half
-    if metric in BINARY:
-        return mean, float("nan"), max(0.0, low), min(1.0, high)
+    if metric in BINARY:  # NaN ends stay NaN (max(0.0, nan) is 0.0: no interval read [0, 1])
+        return mean, float("nan"), low if low != low else max(0.0, low), high if high != high else min(1.0, high)
     return mean, half, low, high
 
 

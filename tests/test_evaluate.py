@@ -203,6 +203,11 @@ def test_proportions_get_a_wilson_interval_inside_0_1():
     s = ev.summarize(rows, ci_over="subject")[0]
     assert (s["identity"], s["identity_ci95_low"], s["identity_ci95_high"]) == (0.625, 0.0, 1.0)
     assert "clipped to [0, 1]" in ev.format_table([s], ci_over="subject")
+    # one subject, or a proportion no row has (the oracle's outside the world): no interval, not [0, 1]
+    one = ev.summarize([r for r in rows if r["subject"] == "a"], ci_over="subject")[0]
+    assert one["identity"] == 0.75 and math.isnan(one["identity_ci95_low"]) and math.isnan(one["identity_ci95_high"])
+    assert all(math.isnan(s[f"class{end}"]) for end in ("", "_ci95_low", "_ci95_high"))
+    assert "| 0.7500 |" in ev.format_table([one], ci_over="subject")
 
 
 def test_customconcept101_layout(tmp_path):
