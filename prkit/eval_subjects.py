@@ -26,6 +26,7 @@ class Subject:
     prompts: list[str]
     load: Callable  # resolution -> prkit.data.Concept
     world: object = None  # the WorldConcept (world protocol)
+    folder: Path | None = None  # its image folder, where the protocol names one (checked before any job)
 
 
 def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]:
@@ -36,9 +37,9 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     prompt file has one prompt per line with ``{}`` where the concept goes ("{} swimming in a pool."). ``{}``
     becomes "<token> <class_prompt>" (our identifier instead of their "<new1>"). Without dataset.json: one
     folder per concept holding its images, a ``prompts.txt`` and a ``concept.json`` with "class_word".
-    The subject's name is its image folder's name: two concepts of one name, or a missing image folder, are refused
-    here, as is a token that ``load_concept`` would refuse for a concept (None, '', several words, its class word),
-    before any model loads.
+    The subject's name is its image folder's name: two concepts of one name are refused here (a missing image
+    folder by ``load_subjects``, for the subjects run), as is a token that ``load_concept`` would refuse for a
+    concept (None, '', several words, its class word), before any model loads.
     """
     from .data import ConceptDataError, check_concept_words, load_concept
 
@@ -80,9 +81,6 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
                                "folders each with prompts.txt and concept.json")
     subjects, seen = [], {}
     for folder, class_word, prompt_file in entries:
-        if not folder.is_dir():  # refused here, not at the concept's first job (maybe hours into the run)
-            raise ConceptDataError(f"image folder '{folder}' of concept '{folder.name}' does not exist; fix its "
-                                   f"instance_data_dir in '{spec}' (relative to '{root}')")
         if folder.name in seen:  # the evaluation knows a subject by its folder's name: one of them would not run
             raise ConceptDataError(f"two concepts are named {folder.name!r} (their image folder's name): "
                                    f"'{seen[folder.name]}' and '{folder}'; a subject is named by its folder, so "
@@ -103,7 +101,7 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
 
         def load(resolution: int, folder=folder, class_word=class_word):
             return load_concept(folder, token, class_word, resolution)
-        subjects.append(Subject(folder.name, token, class_word, prompts, load))
+        subjects.append(Subject(folder.name, token, class_word, prompts, load, folder=folder))
     return subjects
 
 
@@ -147,4 +145,10 @@ def load_subjects(config: EvalConfig) -> list[Subject]:
         subjects = [s for s in subjects if s.name in config.subjects]
     for s in subjects:
         s.prompts = s.prompts[:config.max_prompts] if config.max_prompts is not None else s.prompts
+        if s.folder is not None and not s.folder.is_dir():  # refused now, not at its first job (hours into a run)
+            from .data import ConceptDataError
+
+            raise ConceptDataError(f"image folder '{s.folder}' of subject '{s.name}' does not exist; fix the path the "
+                                   "dataset gives it (CustomConcept101: instance_data_dir in dataset.json), or leave "
+                                   "the subject out with --subjects")
     return subjects

@@ -944,6 +944,9 @@ def test_customconcept101_concepts_of_one_name_or_without_their_folder_are_refus
         entries("a/dog1", "b/dog1")
     with pytest.raises(ConceptDataError, match="two concepts are named 'dog1'"):
         entries("a/dog1", "./a/dog1")  # one folder listed twice
-    with pytest.raises(ConceptDataError, match=r"image folder '.*a/dog2' of concept 'dog2' does not exist; fix its "
-                                               r"instance_data_dir in '.*dataset\.json'"):
-        entries("a/dog1", "a/dog2")
+    entries("a/dog1", "a/dog2")  # a folder not there: refused for the subjects run, before any job
+    config = EvalConfig(protocol="customconcept101", data=str(root))
+    with pytest.raises(ConceptDataError, match=r"image folder '.*a/dog2' of subject 'dog2' does not exist; fix the "
+                                               r"path .*instance_data_dir in dataset\.json.*--subjects"):
+        ev.load_subjects(config)
+    assert [s.name for s in ev.load_subjects(replace(config, subjects=("dog1",)))] == ["dog1"]  # a partial dataset
