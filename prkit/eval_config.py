@@ -40,7 +40,7 @@ class EvalConfig:
     def __post_init__(self):
         for name in ("methods", "subjects"):  # one name, as diffusers takes one prompt: not its letters as names
             value = getattr(self, name)
-            setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
+            setattr(self, name, (value,) if isinstance(value, str) else tuple(value or ()))  # subjects None: all
         if not self.methods:
             raise ValueError(f"EvalConfig.methods is empty: name one or more of {', '.join(METHODS)}")
         check_whole(self, ("images_per_prompt", "sample_steps"), 1)

@@ -710,6 +710,7 @@ def test_one_method_or_subject_given_as_a_string_is_one_name_not_its_letters(ass
     assert config.methods == ("residuals",) and config.subjects == ("dog",)
     assert [s.name for s in ev.load_subjects(config)] == ["dog"]
     assert _config(assets, tmp_path, methods=["base", "lora"]).methods == ("base", "lora")
+    assert _config(assets, tmp_path, subjects=None).subjects == ()  # all, as before
     with pytest.raises(ValueError, match="EvalConfig.methods is empty: name one or more of base, residuals"):
         _config(assets, tmp_path, methods=())
 
