@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checks import check_flag, check_whole
+from .eval_results import METHODS
 
 DEFAULT_METHODS = ("residuals", "lora", "custom_diffusion", "textual_inversion", "dreambooth")
 
@@ -37,6 +38,11 @@ class EvalConfig:
     ci_over: str = "image"  # 95% interval over images or over per-subject means ("subject")
 
     def __post_init__(self):
+        for name in ("methods", "subjects"):  # one name, as diffusers takes one prompt: not its letters as names
+            value = getattr(self, name)
+            setattr(self, name, (value,) if isinstance(value, str) else tuple(value or ()))  # subjects None: all
+        if not self.methods:
+            raise ValueError(f"EvalConfig.methods is empty: name one or more of {', '.join(METHODS)}")
         check_whole(self, ("images_per_prompt", "sample_steps"), 1)
         check_whole(self, ("seed",), 0)
         check_whole(self, ("max_prompts",), 1, " (or None: all)")
@@ -54,6 +60,28 @@ class EvalConfig:
         for method, overrides in self.train.items():  # before any model loads, not at the method's first job
             if isinstance(overrides, dict) and overrides.get("checkpoint_dir"):
                 checkpoint_folder(overrides["checkpoint_dir"], method, "subject")
+            check_recipe(method, overrides, self.seed)
+
+
+def check_recipe(method: str, overrides, seed: int = 0) -> None:
+    """Refuse ``method``'s recipe overrides (``EvalConfig.train``) that its ``TrainConfig`` would refuse, before any
+    job: ``--set lora.steps=0`` was refused at lora's first job, after every job of the methods before it."""
+    from .targets import recipe
+    from .train_config import TrainConfig
+
+    if method == "base":  # trains nothing: no recipe to check
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"EvalConfig.train[{method!r}] must be a dict of recipe fields, got {overrides!r}")
+    given = {k: v for k, v in overrides.items() if not (k == "prior_images" and isinstance(v, str))}  # a folder
+    if given.get("checkpoint_dir"):
+        given["checkpoint_dir"] = checkpoint_folder(given["checkpoint_dir"], method, "subject")
+    try:
+        TrainConfig(**{"seed": seed, **recipe(method, **given)})
+    except (KeyError, TypeError, ValueError) as err:
+        reason = err.args[0] if isinstance(err, KeyError) else err  # (a KeyError's str is quoted)
+        raise ValueError(f"the {method} recipe's overrides (EvalConfig.train[{method!r}], --set {method}.FIELD=VALUE):"
+                         f" {reason}") from err
 
 
 def checkpoint_folder(folder, method: str, subject: str) -> str:

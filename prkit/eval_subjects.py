@@ -26,6 +26,7 @@ class Subject:
     prompts: list[str]
     load: Callable  # resolution -> prkit.data.Concept
     world: object = None  # the WorldConcept (world protocol)
+    folder: Path | None = None  # its image folder, where the protocol names one (checked before any job)
 
 
 def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]:
@@ -36,8 +37,9 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     prompt file has one prompt per line with ``{}`` where the concept goes ("{} swimming in a pool."). ``{}``
     becomes "<token> <class_prompt>" (our identifier instead of their "<new1>"). Without dataset.json: one
     folder per concept holding its images, a ``prompts.txt`` and a ``concept.json`` with "class_word".
-    The subject's name is its image folder's name. A token that ``load_concept`` would refuse for a concept (None,
-    '', several words, its class word) is refused here, before any model loads.
+    The subject's name is its image folder's name: two concepts of one name are refused here (a missing image
+    folder by ``load_subjects``, for the subjects run), as is a token that ``load_concept`` would refuse for a
+    concept (None, '', several words, its class word), before any model loads.
     """
     from .data import ConceptDataError, check_concept_words, load_concept
 
@@ -77,20 +79,29 @@ def load_customconcept101(root: str | Path, token: str = "sks") -> list[Subject]
     if not entries:
         raise ConceptDataError(f"no CustomConcept101 concepts under '{root}': expected dataset.json or concept "
                                "folders each with prompts.txt and concept.json")
-    subjects = []
+    subjects, seen = [], {}
     for folder, class_word, prompt_file in entries:
+        if folder.name in seen:  # the evaluation knows a subject by its folder's name: one of them would not run
+            raise ConceptDataError(f"two concepts are named {folder.name!r} (their image folder's name): "
+                                   f"'{seen[folder.name]}' and '{folder}'; a subject is named by its folder, so "
+                                   f"rename one folder (and its instance_data_dir) or remove the duplicate entry")
+        seen[folder.name] = folder
         if not prompt_file.is_file():
             raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' is missing")
         lines = [ln.strip() for ln in prompt_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
             raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}' has no prompts; write "
                                    "one per line, with {} where the concept goes")
+        bare = next((ln for ln in lines if "{}" not in ln), None)  # it would train, then fail at LAG's sampling
+        if bare is not None:
+            raise ConceptDataError(f"prompt file '{prompt_file}' of concept '{folder.name}': the prompt {bare!r} has "
+                                   "no {} where the concept goes ('<token> <class>'); every prompt needs one")
         check_concept_words(token, class_word)  # not 'Photo of a  dog.', refused only at the concept's first job
         prompts = [ln.replace("{}", f"{token} {class_word}") for ln in lines]
 
         def load(resolution: int, folder=folder, class_word=class_word):
             return load_concept(folder, token, class_word, resolution)
-        subjects.append(Subject(folder.name, token, class_word, prompts, load))
+        subjects.append(Subject(folder.name, token, class_word, prompts, load, folder=folder))
     return subjects
 
 
@@ -134,4 +145,10 @@ def load_subjects(config: EvalConfig) -> list[Subject]:
         subjects = [s for s in subjects if s.name in config.subjects]
     for s in subjects:
         s.prompts = s.prompts[:config.max_prompts] if config.max_prompts is not None else s.prompts
+        if s.folder is not None and not s.folder.is_dir():  # refused now, not at its first job (hours into a run)
+            from .data import ConceptDataError
+
+            raise ConceptDataError(f"image folder '{s.folder}' of subject '{s.name}' does not exist; fix the path the "
+                                   "dataset gives it (CustomConcept101: instance_data_dir in dataset.json), or leave "
+                                   "the subject out with --subjects")
     return subjects

@@ -32,8 +32,15 @@ class MetricUnavailable(RuntimeError):
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x).float()  # float32: every accelerator has it, and it holds 1e-6
+    # float64 on the CPU (mps has no float64; these are a few small rows): in float32 an image scored against itself
+    # came out 0.99999994, or 1.0000001, a cosine no two vectors have
+    x = torch.as_tensor(x).to("cpu", torch.float64)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _cosines(dots: torch.Tensor, device) -> torch.Tensor:
+    """Dot products of unit rows as cosines: inside [-1, 1], float32 on ``device``."""
+    return dots.clamp(-1, 1).to(device, torch.float32)
 
 
 def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -44,7 +51,7 @@ def pairwise_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not len(a) or not len(b):
         raise ValueError(f"no embeddings to compare ({len(a)} generated, {len(b)} reference)")
     _same_width(a, b, "generated", "reference")
-    return _unit(a) @ _unit(b).to(a.device).T
+    return _cosines(_unit(a) @ _unit(b).T, a.device)
 
 
 def _same_width(a: torch.Tensor, b: torch.Tensor, what_a: str, what_b: str) -> None:
@@ -98,12 +105,12 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor, convention: st
     images = _unit(image_embeds)
     if not images.numel():
         raise ValueError("no image embeddings to score")
-    texts = _unit(text_embeds).to(images.device)
+    texts = _unit(text_embeds)
     _same_width(texts, images, "text", "image")  # not reshaped into rows of the images' width
     texts = texts.reshape(-1, images.shape[-1])
     if texts.shape[0] not in (1, images.shape[0]):
         raise ValueError(f"{texts.shape[0]} text embeddings for {images.shape[0]} images; give one or one per image")
-    cos = (images * texts).sum(-1)  # (N,)
+    cos = _cosines((images * texts).sum(-1), torch.as_tensor(image_embeds).device)  # (N,)
     if convention == "clipscore":
         cos = CLIPSCORE_W * cos.clamp_min(0)
     return _reduce(cos, reduce)
@@ -265,6 +272,18 @@ def _reason(kind: str, name: str, local: bool, download: bool, err: Exception) -
             f"--local-dir ./{name.split('/')[-1]}` and pass that folder")
 
 
+def _missing_weights(kind: str, name: str, model, info: dict) -> str | None:
+    """Why a backbone just loaded cannot score: weights its checkpoint lacks, which transformers fills in at random
+    with a warning only (a CLIP or DINOv2 folder given as DINO scored with a random ViT); None when it has them all."""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return None
+    layout = "a CLIPModel" if kind == "CLIP" else "a ViT (DINO ViT-S/16's layout)"
+    return (f"{name!r} is no {kind} checkpoint (its model type is {model.config.model_type!r}): {len(missing)} "
+            f"weights are missing from it (e.g. {missing[0]!r}), which would score with random ones; pass {layout} "
+            "folder or hub id")
+
+
 def _revision(name_or_path, source: str, local: bool, kwargs: dict) -> dict | None:
     """The revision record of a backbone just loaded: a hub id's from the cache snapshot it was loaded from (the
     one its cache_dir and revision resolve to now), a folder's or the world CLIP's from its files."""
@@ -293,10 +312,14 @@ def try_load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, device: str | 
         from transformers import AutoTokenizer, CLIPModel
 
         opts = dict(local_files_only=local or _offline() or not download, **kwargs)
-        model = CLIPModel.from_pretrained(source, **opts).eval().requires_grad_(False).to(device)
+        model, info = CLIPModel.from_pretrained(source, output_loading_info=True, **opts)
         tokenizer = AutoTokenizer.from_pretrained(source, **opts)
     except Exception as err:  # noqa: BLE001 - any failure to load is reported as the metric's reason
         return None, _reason("CLIP", str(name_or_path), local, download, err)
+    problem = _missing_weights("CLIP", str(name_or_path), model, info)
+    if problem:
+        return None, problem
+    model = model.eval().requires_grad_(False).to(device)
     revision = _revision(name_or_path, source, local, kwargs)
     return ClipBackbone(model, tokenizer, str(name_or_path), revision=revision), None
 
@@ -311,10 +334,13 @@ def try_load_dino(name_or_path: str | os.PathLike = DEFAULT_DINO, device: str | 
     try:
         from transformers import ViTModel
 
-        model = ViTModel.from_pretrained(source, add_pooling_layer=False,
-                                         local_files_only=local or _offline() or not download, **kwargs)
+        model, info = ViTModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True,
+                                               local_files_only=local or _offline() or not download, **kwargs)
     except Exception as err:  # noqa: BLE001
         return None, _reason("DINO", str(name_or_path), local, download, err)
+    problem = _missing_weights("DINO", str(name_or_path), model, info)
+    if problem:
+        return None, problem
     return DinoBackbone(model.eval().requires_grad_(False).to(device), str(name_or_path),
                         revision=_revision(name_or_path, source, local, kwargs)), None
 

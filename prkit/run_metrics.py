@@ -33,6 +33,11 @@ def score_residuals(pipe, residuals, concept, *, prompts=PROMPTS, images_per_pro
     from .sample import generate
 
     words = f"{residuals.token} {residuals.class_word}"
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)  # one template, not its letters
+    bare = [p for p in prompts if "{}" not in p]
+    if not prompts or bare:  # else LAG refused the prompt without the token, after the base images were made
+        raise ValueError(f"score_residuals: prompts must be templates with {{}} where '{words}' goes (e.g. 'a {{}} "
+                         f"on the beach'), got {bare[0]!r}" if bare else "score_residuals: prompts is empty")
     texts = [p.format(words) for p in prompts]
     subject = Subject(getattr(residuals, "name", "") or words, residuals.token, residuals.class_word, texts,
                       lambda resolution: concept)

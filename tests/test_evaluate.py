@@ -152,20 +152,30 @@ def test_atomic_rows_finished_pairs_and_merge(tmp_path):
 
 def test_mean_ci_and_summary_by_hand():
     mean, ci = ev.mean_ci([1.0, 2.0, 3.0, float("nan")])
-    assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert mean == 2.0 and ci == pytest.approx(4.302653 * 1.0 / math.sqrt(3))
     assert math.isnan(ev.mean_ci([5.0])[1]) and math.isnan(ev.mean_ci([])[0])
-    assert ev.t975(1000) == 1.96 and ev.t975(13) == ev.t975(12)
     rows = [_row("residuals", s, seed=k, clip_i=str(v)) for s, vals in (("a", (0.2, 0.4)), ("b", (0.6, 0.8)))
             for k, v in enumerate(vals)]
     rows += [_row("residuals", "a", method="residuals+lag", clip_i="0.9")]
     by_image = {s["method"]: s for s in ev.summarize(rows)}
     assert by_image["residuals"]["clip_i"] == pytest.approx(0.5) and by_image["residuals"]["images"] == 4
-    assert by_image["residuals"]["clip_i_ci95"] == pytest.approx(3.182 * np.std([.2, .4, .6, .8], ddof=1) / 2)
+    assert by_image["residuals"]["clip_i_ci95"] == pytest.approx(3.182446 * np.std([.2, .4, .6, .8], ddof=1) / 2)
     assert math.isnan(by_image["residuals"]["dino"]) and by_image["residuals+lag"]["subjects"] == 1
     by_subject = {s["method"]: s for s in ev.summarize(rows, ci_over="subject")}
-    assert by_subject["residuals"]["clip_i_ci95"] == pytest.approx(12.706 * np.std([.3, .7], ddof=1) / math.sqrt(2))
+    assert by_subject["residuals"]["clip_i_ci95"] == pytest.approx(12.706205 * np.std([.3, .7], ddof=1) / math.sqrt(2))
     table = ev.format_table(list(by_image.values()), {"DINO": "no weights here"})
     assert "CLIP-I" in table and "DINO unavailable: no weights here" in table and "| DINO |" not in table
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706205), (2, 4.302653), (3, 3.182446), (13, 2.160369),
+                                          (29, 2.045230), (30, 2.042272), (59, 2.000995), (119, 1.980100),
+                                          (159, 1.974996), (200, 1.971896), (1000, 1.962339), (2999, 1.960755)])
+def test_the_t_quantile_is_students_at_every_df(df, quantile):
+    """A table looked up at the next smaller df, 1.96 beyond 120: the intervals of the world's default run (160
+    images a method, df 159) were 0.8% too narrow (1.96 for 1.975), those over 30 DreamBooth subjects 0.7% too
+    wide (2.060 for 2.045). Reference: Student's t 0.975 quantiles (scipy.stats.t.ppf)."""
+    assert ev.t975(df) == pytest.approx(quantile, abs=2e-6)
+    assert math.isnan(ev.t975(0))
 
 
 def test_proportions_get_a_wilson_interval_inside_0_1():
@@ -179,7 +189,7 @@ def test_proportions_get_a_wilson_interval_inside_0_1():
                                                                                              abs=1e-5)
     assert (s["scene"], s["scene_ci95_low"], s["scene_ci95_high"]) == pytest.approx((1.0, 0.51010, 1.0), abs=1e-5)
     assert math.isnan(s["identity_ci95"]) and s["scene_ci95_high"] == 1.0  # no half-width: the interval is uneven
-    half = 3.182 * np.std([.2, .4, .6, .8], ddof=1) / 2  # a continuous metric keeps its t-interval
+    half = 3.182446 * np.std([.2, .4, .6, .8], ddof=1) / 2  # a continuous metric keeps its t-interval
     assert (s["clip_i_ci95"], s["clip_i_ci95_low"], s["clip_i_ci95_high"]) == pytest.approx((half, .5 - half,
                                                                                               .5 + half))
     assert ev.wilson_ci([0] * 10) == pytest.approx((0.0, 0.0, 0.27753), abs=1e-5) and ev.wilson_ci([])[0] != 0
@@ -187,12 +197,17 @@ def test_proportions_get_a_wilson_interval_inside_0_1():
         ev.wilson_ci([1, 0.5])
     table = ev.format_table([s])
     assert "| 0.7500 [0.3006, 0.9544] |" in table and "| 1.0000 [0.5101, 1.0000] |" in table
-    assert "| 0.5000 ± 0.4108 |" in table and "proportion (identity, prompt (scene)): 95% Wilson score" in table
+    assert "| 0.5000 ± 0.4109 |" in table and "proportion (identity, prompt (scene)): 95% Wilson score" in table
     # over subjects: the t-interval of per-subject proportions (0.75 and 0.5: 0.625 ± 1.588), clipped to [0, 1]
     rows += [_row("lora", "b", seed=k, identity=v) for k, v in enumerate("10")]
     s = ev.summarize(rows, ci_over="subject")[0]
     assert (s["identity"], s["identity_ci95_low"], s["identity_ci95_high"]) == (0.625, 0.0, 1.0)
     assert "clipped to [0, 1]" in ev.format_table([s], ci_over="subject")
+    # one subject, or a proportion no row has (the oracle's outside the world): no interval, not [0, 1]
+    one = ev.summarize([r for r in rows if r["subject"] == "a"], ci_over="subject")[0]
+    assert one["identity"] == 0.75 and math.isnan(one["identity_ci95_low"]) and math.isnan(one["identity_ci95_high"])
+    assert all(math.isnan(s[f"class{end}"]) for end in ("", "_ci95_low", "_ci95_high"))
+    assert "| 0.7500 |" in ev.format_table([one], ci_over="subject")
 
 
 def test_customconcept101_layout(tmp_path):
@@ -655,14 +670,17 @@ def test_a_checkpoint_the_disk_refuses_says_what_an_eval_user_can_do(assets, tmp
     ('[{oops', r"cannot read .*dataset\.json"),
     (None, r"concept\.json': the concept has no 'class_word'"),
     ("empty prompts", r"dog\.txt' of concept 'pet_dog1' has no prompts"),
+    ("a prompt without {}", r"dog\.txt' of concept 'pet_dog1': the prompt 'a photo of a dog at the beach' has no \{\}"),
 ])
 def test_a_customconcept101_folder_laid_out_wrongly_is_named(tmp_path, spec, match):
-    """A bare KeyError, 'string indices must be integers', an unnamed JSON error, and an IndexError after the model
-    had loaded (an empty prompts file): each now names the file and what is missing, before any work."""
+    """A bare KeyError, 'string indices must be integers', an unnamed JSON error, an IndexError after the model
+    had loaded (an empty prompts file), and a prompt without {} (residuals trained, then LAG refused the prompt
+    without the token): each now names the file and what is missing, before any work."""
     root = tmp_path / "cc101"
     _images(root / "benchmark_dataset" / "pet_dog1")
     (root / "prompts").mkdir()
-    (root / "prompts" / "dog.txt").write_text("\n\n" if spec == "empty prompts" else "Photo of a {}.\n")
+    (root / "prompts" / "dog.txt").write_text({"empty prompts": "\n\n", "a prompt without {}": "{} in a pool\na photo "
+                                               "of a dog at the beach\n"}.get(spec, "Photo of a {}.\n"))
     good = ('[{"class_prompt": "dog", "instance_data_dir": "./benchmark_dataset/pet_dog1", '
             '"prompt_filename": "prompts/dog.txt"}]')
     if spec is None:  # the folder layout: concept folders with prompts.txt and concept.json
@@ -671,7 +689,7 @@ def test_a_customconcept101_folder_laid_out_wrongly_is_named(tmp_path, spec, mat
         (folder / "concept.json").write_text('{"token": "sks"}')
         root = root / "benchmark_dataset"
     else:
-        (root / "dataset.json").write_text(good if spec == "empty prompts" else spec)
+        (root / "dataset.json").write_text(good if spec in ("empty prompts", "a prompt without {}") else spec)
     from prkit.data import ConceptDataError
 
     with pytest.raises(ConceptDataError, match=match):
@@ -683,6 +701,40 @@ def test_a_method_or_subject_named_twice_runs_once_and_ci_over_is_checked_first(
         ("lora", "dog"), ("lora", "cat"), ("residuals", "dog"), ("residuals", "cat")]
     with pytest.raises(ValueError, match="EvalConfig.ci_over must be 'image' or 'subject', got 'subjects'"):
         EvalConfig(ci_over="subjects")
+
+
+def test_one_method_or_subject_given_as_a_string_is_one_name_not_its_letters(assets, tmp_path):
+    """EvalConfig(methods="residuals") was refused as "unknown method 'r'", subjects="dog" as unknown subjects
+    ['d', 'o', 'g']; methods=() ran nothing and wrote an empty table."""
+    config = _config(assets, tmp_path, methods="residuals", subjects="dog")
+    assert config.methods == ("residuals",) and config.subjects == ("dog",)
+    assert [s.name for s in ev.load_subjects(config)] == ["dog"]
+    assert _config(assets, tmp_path, methods=["base", "lora"]).methods == ("base", "lora")
+    assert _config(assets, tmp_path, subjects=None).subjects == ()  # all, as before
+    with pytest.raises(ValueError, match="EvalConfig.methods is empty: name one or more of base, residuals"):
+        _config(assets, tmp_path, methods=())
+
+
+def test_recipe_overrides_training_would_refuse_are_refused_before_any_job(assets, tmp_path, monkeypatch, capsys):
+    """--methods base residuals --set residuals.steps=0 ran every base job, then stopped at residuals' first:
+    TrainConfig checked the overrides only when the method's first job built it."""
+    from prkit.cli import main
+
+    monkeypatch.setattr(ev, "run_job", lambda *a, **k: pytest.fail("a job ran"))
+    for train, match in [({"residuals": {"steps": 0}}, r"TrainConfig\.steps must be a whole number >= 1, got 0"),
+                         ({"lora": {"learning_rate": "fast"}}, "learning_rate must be a positive number"),
+                         ({"residuals": {"stepz": 3}}, "unexpected keyword argument 'stepz'"),
+                         ({"vico": {}}, "no recipe for target 'vico'; known: residuals"),
+                         ({"lora": 5}, r"EvalConfig\.train\['lora'\] must be a dict")]:
+        with pytest.raises(ValueError, match=match):
+            _config(assets, tmp_path, methods=("base", "residuals"), train=train)
+    assert main(["eval", *_cli_dataset(assets, tmp_path), "--methods", "base", "residuals", "--set",
+                 "residuals.rank=2.5", "--out", str(tmp_path / "out")]) == 2
+    assert "the residuals recipe's overrides (EvalConfig.train['residuals'], --set residuals.FIELD=VALUE): " \
+           "TrainConfig.rank 2.5 is neither" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+    # what the jobs fill in is no error here: a prior-images folder per subject, base's (unused) overrides
+    _config(assets, tmp_path, train={"dreambooth": {"prior_images": "class/{subject}"}, "base": {"steps": 0}})
 
 
 def test_results_and_summaries_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
@@ -869,3 +921,33 @@ def test_reference_photos_with_transparency_or_16_bits_are_scored_as_training_lo
         with Image.open(path) as original:
             assert np.array_equal(np.asarray(im), np.asarray(_to_rgb(original, original.format))), path.name
     assert np.asarray(refs[0])[0, 0].tolist() == [255, 255, 255]  # the transparent corner: white, not black
+
+
+def test_customconcept101_concepts_of_one_name_or_without_their_folder_are_refused_up_front(tmp_path):
+    """Two concept folders of one name (a/dog1, b/dog1) ran as one subject: the harness keys subjects by name, so
+    one concept was silently never evaluated and the table said 1 subject. A missing image folder was refused only
+    at that concept's first job, after the jobs before it had run."""
+    from prkit.data import ConceptDataError
+
+    root = tmp_path / "cc101"
+    _images(root / "a" / "dog1")
+    _images(root / "b" / "dog1")
+    (root / "prompts").mkdir()
+    (root / "prompts" / "dog.txt").write_text("Photo of a {}.\n")
+
+    def entries(*folders):
+        (root / "dataset.json").write_text(json.dumps([{"instance_data_dir": f, "class_prompt": "dog",
+                                                         "prompt_filename": "prompts/dog.txt"} for f in folders]))
+        return ev.load_customconcept101(root, token="sks")
+
+    assert [s.name for s in entries("a/dog1")] == ["dog1"]
+    with pytest.raises(ConceptDataError, match=r"two concepts are named 'dog1'.*a/dog1' and '.*b/dog1'"):
+        entries("a/dog1", "b/dog1")
+    with pytest.raises(ConceptDataError, match="two concepts are named 'dog1'"):
+        entries("a/dog1", "./a/dog1")  # one folder listed twice
+    entries("a/dog1", "a/dog2")  # a folder not there: refused for the subjects run, before any job
+    config = EvalConfig(protocol="customconcept101", data=str(root))
+    with pytest.raises(ConceptDataError, match=r"image folder '.*a/dog2' of subject 'dog2' does not exist; fix the "
+                                               r"path .*instance_data_dir in dataset\.json.*--subjects"):
+        ev.load_subjects(config)
+    assert [s.name for s in ev.load_subjects(replace(config, subjects=("dog1",)))] == ["dog1"]  # a partial dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,17 @@ def test_batched_metrics_match_a_loop():
     loop = sum(float(torch.nn.functional.cosine_similarity(g, r, dim=0)) for g in gen for r in ref) / 35
     assert metrics.clip_i(gen, ref) == pytest.approx(loop, abs=1e-6)
     assert metrics.clip_i(gen.double(), ref) == pytest.approx(loop, abs=1e-6)
+
+
+def test_an_embedding_scored_against_itself_is_exactly_1_and_no_cosine_passes_it():
+    """In float32 an image scored against itself came out 0.99999994, and cosines of 1.0000001 (a value no two
+    vectors have) went into the rows: CLIP-I/DINO of identical images must read 1, not nearly."""
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * torch.rand(64, 1) * 10
+    cos = metrics.pairwise_cosine(x, x)
+    assert cos.dtype == torch.float32 and cos.abs().max() <= 1 and torch.equal(cos.diag(), torch.ones(64))
+    assert all(metrics.clip_i(row, row) == 1.0 and metrics.dino(row, row) == 1.0 for row in x)
+    assert torch.equal(metrics.clip_t(x, x, reduce=False), torch.ones(64))
+    assert metrics.clip_t(x, x, "clipscore") == 2.5 and metrics.clip_t(x, -x) == -1.0
 
 
 def _images(n: int, size: int = 40) -> list:
@@ -100,6 +112,27 @@ def test_missing_backbones_give_reasons(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "world_clip_path", lambda: tmp_path / "nothing")
     with pytest.raises(MetricUnavailable, match="world CLIP"):
         metrics.load_clip("world")
+
+
+def test_a_checkpoint_that_lacks_the_backbones_weights_is_a_reason_not_a_random_network(tiny_clip_folder,
+                                                                                          tiny_vit_folder, tmp_path):
+    """--dino given a CLIP folder (or a DINOv2 one) loaded a ViT whose every weight was random (transformers only
+    warns), and DINO was scored with it; a CLIP folder without some of its weights scored with random ones."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    assert metrics.try_load_dino(tiny_vit_folder)[0] is not None and metrics.try_load_clip(tiny_clip_folder)[0]
+    model, reason = metrics.try_load_dino(tiny_clip_folder)
+    assert model is None and reason.startswith(f"{str(tiny_clip_folder)!r} is no DINO checkpoint (its model type is "
+                                               "'clip'): ") and "weights are missing from it" in reason
+    clip = Path(shutil.copytree(tiny_clip_folder, tmp_path / "clip"))
+    weights = load_file(clip / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "text_projection.weight"}, clip / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(MetricUnavailable, match=r"is no CLIP checkpoint .*: 1 weights are missing from it \(e\.g\. "
+                                                r"'text_projection\.weight'\)"):
+        metrics.load_clip(clip)
 
 
 def test_a_missing_local_backbone_folder_is_named_not_sent_to_the_hub(tmp_path):

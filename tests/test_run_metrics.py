@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from conftest import make_concept, randomize
 
 import prkit
@@ -42,3 +44,21 @@ def test_without_any_backbone_it_says_why_and_samples_nothing(tmp_path, monkeypa
     assert rows == [] and "there is no folder" in unavailable["CLIP-I/CLIP-T"]
     assert unavailable["DINO"] == "switched off"
     assert "unavailable" in scores_table(rows, unavailable)[1]
+
+
+def test_one_prompt_template_is_one_prompt_and_a_template_without_braces_is_refused(tmp_path, monkeypatch):
+    """prompts="a {} on the beach" scored one prompt per letter ('a', ' ', 'sks dog', ...); a template without {}
+    made the base images, then LAG refused the prompt without the token."""
+    import prkit.sample
+
+    pipe = tiny_pipeline(tmp_path / "pipe")
+    residuals = prkit.add_residuals(pipe.unet, token="sks", class_word="dog")
+    clip = str(tiny_clip(tmp_path / "clip"))
+    rows, _ = score_residuals(pipe, residuals, make_concept(), prompts="a {} on the beach", images_per_prompt=1,
+                              steps=1, clip=clip, dino=None)
+    assert [r["prompt"] for r in rows] == ["a sks dog on the beach"] * len(METHODS)
+    monkeypatch.setattr(prkit.sample, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
+    for prompts, match in [(("a {}", "a dog in the snow"), r"templates with \{\} where 'sks dog' goes .*got 'a dog "
+                                                          r"in the snow'"), ((), "prompts is empty")]:
+        with pytest.raises(ValueError, match=match):
+            score_residuals(pipe, residuals, make_concept(), prompts=prompts, clip=clip, dino=None)
