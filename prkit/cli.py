@@ -63,10 +63,13 @@ def _train(args) -> int:
         result = train_residuals(pipe, concept, config, progress=bars_wanted())
     except TrainingWriteError as err:  # a checkpoint not written; the set on the model ends with this process
         raise reworded(err.error, f"{err.error.strerror or err.error}; {_kept(args) or NOTHING_KEPT}") from err
+    # the model as the pipeline names it (a folder's absolute path, as the Python API records it): --model's own
+    # words may be relative to this folder ('models/sd15', which export run elsewhere would take for a hub id)
+    base_model = pipe.name_or_path
     try:
-        save_residuals(result.residuals, args.out, base_model=args.model)
+        save_residuals(result.residuals, args.out, base_model=base_model)
     except OSError as err:  # a full disk: the training is not lost, its last checkpoint or another file holds it
-        kept = (_kept(args) if args.checkpoint_every else "") or _saved_elsewhere(result.residuals, args)
+        kept = (_kept(args) if args.checkpoint_every else "") or _saved_elsewhere(result.residuals, args, base_model)
         raise reworded(err, f"{err.strerror or err}; {kept}") from err
     print(f"saved {result.residuals.num_parameters():,} residual parameters to {args.out} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, final loss {result.losses[-1]:.4f})")
@@ -113,7 +116,7 @@ def _kept(args) -> str:
 NOTHING_KEPT = "no checkpoint keeps the training: the same command trains again from the start"
 
 
-def _saved_elsewhere(residuals, args) -> str:
+def _saved_elsewhere(residuals, args, base_model: str) -> str:
     """Where a finished run that no checkpoint holds (--checkpoint-every 0) keeps its residuals when --out cannot be
     written: the same file in the checkpoint folder, else in a new folder of the system's temporary one (often
     another disk); what to do, in words."""
@@ -126,7 +129,7 @@ def _saved_elsewhere(residuals, args) -> str:
         folder = None if temporary else _checkpoint_dir(args)
         try:
             folder = folder or Path(tempfile.mkdtemp(prefix="prkit-"))
-            path = save_residuals(residuals, folder / Path(args.out).name, base_model=args.model)
+            path = save_residuals(residuals, folder / Path(args.out).name, base_model=base_model)
         except OSError as err:
             failed.append(f"{tempfile.gettempdir() if temporary else folder}: "
                           f"{os.strerror(err.errno) if err.errno else err}")

@@ -51,6 +51,7 @@ EVAL_WORDS = _halves("--set METHOD.mixed_precision=", ", or pass --dtype {asked}
     (" or use mixed_precision=", " or use --set METHOD.mixed_precision="),
     ("train at its precision: mixed_precision=", "train at its precision: --set METHOD.mixed_precision="),
     (", or pass skip_bad=True to skip it.", " (prkit eval has no --skip-bad)."),  # the datasets' images: all read
+    ("point load_dreambooth at", "point --data at"),  # a --data folder that is no DreamBooth dataset
     # a rerun into one --out with other settings: the fields that differ, as their flags (train: --set)
     *((f"{before}{field} (", f"{before}--{'set' if field == 'train' else field.replace('_', '-')} (")
       for field in SETTING_FIELDS for before in ("other settings: ", "now); ")),

@@ -437,6 +437,28 @@ def test_export_of_a_file_that_records_no_model_says_which_it_used(tmp_path, cap
     assert not (tmp_path / "lora.safetensors").exists()
 
 
+def test_train_records_a_relative_model_folder_as_the_folder_it_loaded(tmp_path, capsys, monkeypatch):
+    """`prkit train --model models/tiny` recorded 'models/tiny' as written, relative to the folder it ran in (the
+    Python API records the absolute path): `prkit export` run from any other folder took it for a hub id and failed
+    offline, and the file named no folder that `prkit info` could point a user to."""
+    from prkit.files import read_metadata
+
+    work = tmp_path / "work"
+    tiny_pipeline(tmp_path / "build").save_pretrained(work / "models" / "tiny")
+    _concept(work / "images")
+    monkeypatch.chdir(work)
+    assert main(["train", "--model", "models/tiny", "--images", "images", "--token", "sks", "--class-word", "dog",
+                 "--out", "sks.safetensors", "--steps", "2", "--rank", "2", "--device", "cpu"]) == 0
+    assert read_metadata(work / "sks.safetensors")["base_model"] == str(work / "models" / "tiny")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["export", str(work / "sks.safetensors"), "--out", "lora.safetensors"]) == 0, capsys.readouterr().err
+    assert f"base model: {work / 'models' / 'tiny'} (recorded in" in capsys.readouterr().err
+    assert (elsewhere / "lora.safetensors").is_file()
+
+
 def _weights_refused(monkeypatch) -> None:
     """Loading any model's weights fails: a diffusers pipeline or model (the UNet, the VAE), a transformers one (the
     text encoders)."""

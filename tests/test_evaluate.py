@@ -243,6 +243,19 @@ def test_unknown_names_are_clear(assets, tmp_path):
         ev.load_subjects(EvalConfig(protocol="dreambooth"))
 
 
+def test_a_data_folder_that_is_no_dreambooth_dataset_is_said_with_the_flag(tmp_path, capsys):
+    """`prkit eval --protocol dreambooth --data my_photos` told the user to "point load_dreambooth at" the dataset,
+    a function the command line user never called: the command says --data."""
+    from prkit.cli import main
+
+    (tmp_path / "my_photos").mkdir()
+    assert main(["eval", "--protocol", "dreambooth", "--data", str(tmp_path / "my_photos"), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"prkit eval: error: '{tmp_path / 'my_photos' / 'prompts_and_classes.txt'}' not found; point --data at the "
+        "DreamBooth dataset folder (the one holding prompts_and_classes.txt).\n")
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 def test_end_to_end_two_methods_then_skip(assets, tmp_path, monkeypatch):

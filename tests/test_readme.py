@@ -469,3 +469,17 @@ def test_the_layout_names_every_module_and_benchmark_script():
     assert modules - named == set(), f"prkit modules the Layout does not name: {sorted(modules - named)}"
     assert scripts - named == set(), f"benchmark scripts the Layout does not name: {sorted(scripts - named)}"
     assert named - modules - scripts == set(), f"the Layout names what is not there: {sorted(named - modules - scripts)}"
+
+
+def test_every_data_file_of_the_package_ships_with_it():
+    """pyproject's package data covers every file of the package that is no Python source: an installed (non-editable)
+    prkit lacked prkit/METHOD.md, the method the README links and the docstrings cite for their defaults."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "package-data"]
+    shipped = {path for package, patterns in package_data.items() for pattern in patterns
+               for path in (ROOT / package.replace(".", "/")).glob(pattern) if path.is_file()}
+    data = {path for path in (ROOT / "prkit").rglob("*") if path.is_file() and path.suffix not in (".py", ".pyc")
+            and "__pycache__" not in path.parts and ".ipynb_checkpoints" not in path.parts}
+    assert ROOT / "prkit" / "METHOD.md" in data
+    assert sorted(str(p.relative_to(ROOT)) for p in data - shipped) == []
