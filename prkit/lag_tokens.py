@@ -203,7 +203,10 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                              "(pass token=... to add_residuals/load_residuals, or sample with lag=False)")
     ids = [_padded(tokenizer, convert(prompt)).input_ids for prompt in prompts]
     identifiers = [[_occurrences(tokenizer, row, convert(concept.token)) for concept in concepts] for row in ids]
-    starts = [sorted(a for occurrences in row for a, _ in occurrences) for row in identifiers]
+    starts = [sorted({a for occurrences in row for a, _ in occurrences}) for row in identifiers]
+    shared = [[bool(spans) for spans in row] for row in identifiers]  # before _owned hands shared ones out
+    for p, prompt in enumerate(prompts):  # an identifier several sets share goes to the set whose class word follows
+        identifiers[p] = _owned(tokenizer, ids[p], identifiers[p], starts[p], concepts, convert, prompt)
     for s, concept in enumerate(concepts):
         for p, prompt in enumerate(prompts):
             encoded = convert(prompt)
@@ -213,6 +216,11 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                     found += _own_class_word(tokenizer, ids[p], identifiers[p][s], starts[p],
                                              convert(concept.class_word))
                 weights[p, found, s] = 1.0
+            elif require and shared[p][s]:
+                raise ValueError(f"prompt {prompt!r} holds the identifier {concept.token!r} of residual set "
+                                 f"{concept.name!r} only where another set that shares it has its class word after "
+                                 f"it; write '{concept.token} {concept.class_word or '<class>'}' where this set's "
+                                 "subject goes, or sample without this set")
             elif require:
                 full = tokenizer(encoded, add_special_tokens=True).input_ids
                 if len(full) > length and _starts(full, _word_ids(tokenizer, convert(concept.token))):
@@ -223,6 +231,36 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                                  f"set {concept.name!r}; write it into the prompt (e.g. 'a photo of a "
                                  f"{concept.token} {concept.class_word or '<class>'}') or sample with lag=False")
     return weights
+
+
+def _owned(tokenizer, ids: list[int], identifiers: list[list[tuple[int, int]]], starts: list[int],
+           concepts: Sequence[Residuals], convert: Callable[[str], str], prompt: str) -> list[list[tuple[int, int]]]:
+    """Each concept's identifier occurrences (``identifiers[s]``), where an occurrence several concepts share (two
+    sets trained with the same 'sks') kept only by the one whose own class word follows it ("a sks dog next to a
+    sks ball"): else each set's residual would also apply where the other subject is.
+
+    Raises:
+        ValueError: a shared occurrence that no class word, or several sets' class word, follows.
+    """
+    owned = [list(spans) for spans in identifiers]
+    for span in sorted({span for spans in identifiers for span in spans}):
+        claimants = [s for s, spans in enumerate(identifiers) if span in spans]
+        if len(claimants) < 2:
+            continue
+        owners = [s for s in claimants if concepts[s].class_word and
+                  _own_class_word(tokenizer, ids, [span], starts, convert(concepts[s].class_word))]
+        if len(owners) != 1:
+            names = ", ".join(repr(concepts[s].name) for s in claimants)
+            words = ", ".join(repr(concepts[s].class_word) for s in claimants)
+            raise ValueError(f"residual sets {names} share the identifier {concepts[claimants[0]].token!r}, and in "
+                             f"prompt {prompt!r} {'several' if owners else 'none'} of their class words ({words}) "
+                             "follow it, so LAG cannot tell whose subject it names: write each identifier with its "
+                             "own set's class word right after it (e.g. 'a sks dog next to a sks teapot'), or sample "
+                             "with sets trained with different identifiers")
+        for s in claimants:
+            if s not in owners:
+                owned[s].remove(span)
+    return owned
 
 
 def second_prompt_weights(pipe, prompts_2: str | Sequence[str], n_prompts: int, concepts: Sequence[Residuals],

@@ -574,3 +574,25 @@ def test_lag_without_prompts_says_so_before_any_unet_call(tmp_path):
         with lag_sampling(pipe, res, []):
             pass
     assert all(layer.mask_source is None for layer in wrapped_layers(pipe.unet).values())
+
+
+def test_an_identifier_two_sets_share_goes_to_the_set_whose_class_word_follows_it(tokenizer):
+    """Two sets trained with the same 'sks' (DreamBooth's habit): each occurrence is the subject its class word names.
+    Before, each set took both occurrences, so each residual also applied where the other subject is."""
+    from tiny import tiny_unet
+
+    u = tiny_unet()
+    dog = prkit.add_residuals(u, name="dog", token="sks", class_word="dog")
+    pot = prkit.add_residuals(u, name="pot", token="sks", class_word="teapot")
+    prompt = "a photo of sks dog next to sks teapot"  # <bos> a photo of sks dog next to sks teapot <eos>
+    weights = concept_weights(tokenizer, [prompt], [dog, pot])
+    assert weights[0, :, 0].nonzero().flatten().tolist() == [4, 5]
+    assert weights[0, :, 1].nonzero().flatten().tolist() == [8, 9]
+    assert concept_weights(tokenizer, [prompt], [dog])[0, :, 0].nonzero().flatten().tolist() == [4, 5, 8]  # alone
+    with pytest.raises(ValueError, match=r"holds the identifier 'sks' of residual set 'pot' only where another set"):
+        concept_weights(tokenizer, ["a photo of sks dog"], [dog, pot])
+    other = prkit.add_residuals(u, name="other", token="sks", class_word="dog")
+    with pytest.raises(ValueError, match=r"sets 'dog', 'other' share the identifier 'sks'.*several of their class"):
+        concept_weights(tokenizer, ["a photo of sks dog"], [dog, other])
+    with pytest.raises(ValueError, match=r"share the identifier 'sks'.*none of their class words"):
+        concept_weights(tokenizer, ["a photo of sks next to sks teapot"], [dog, pot])
