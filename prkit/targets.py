@@ -9,6 +9,8 @@ published defaults. Wrapped layers keep the original as ``base_layer``; ``remove
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -28,16 +30,17 @@ LORA_MODULES = {
 class PeftTarget:
     """A peft LoRA adapter on the UNet, trained by the same loop."""
 
-    def __init__(self, unet, name: str, modules: list[str], rank: int):
+    def __init__(self, unet, name: str, modules: list[str], rank: int | dict[str, int]):
         from peft import LoraConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.unet, self.name = unet, name
+        rank, pattern = _peft_ranks(unet, modules, rank)
         # the adapters each layer had on (add_adapter turns all but this one off; remove() puts them back)
         self.active = {key: list(m.active_adapters) for key, m in original_module(unet).named_modules()
                        if isinstance(m, BaseTunerLayer)}
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules),
-                         adapter_name=name)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules,
+                                    rank_pattern=pattern, alpha_pattern=pattern), adapter_name=name)
         self.token = self.class_word = None
         self.meta: dict = {}
 
@@ -96,6 +99,35 @@ class PeftTarget:
             root._hf_peft_config_loaded = False
 
 
+def _peft_ranks(unet, modules: list[str], rank: int | dict[str, int]) -> tuple[int, dict[str, int]]:
+    """peft's rank and ``rank_pattern`` (alpha alike: scale 1) for ``rank``: one int, or a dict whose keys name a block
+    or layer of the UNet by its path or a prefix of it ("down_blocks.1", "mid_block.attentions.0"), the longest
+    match ruling each layer; every layer needs one, and every key must hold a layer."""
+    if not isinstance(rank, dict):
+        return rank, {}
+    from .residual_blocks import find_projections
+
+    for key, value in rank.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"rank given for {key!r}: a LoRA layer's rank is a whole rank >= 1, got {value!r}")
+    names = [n for n, _ in original_module(unet).named_modules()]
+    layers = [n for n in names if any(n == m or n.endswith(f".{m}") for m in modules)]  # as peft finds them
+    held = {k: [n for n in layers if n == k or n.startswith(f"{k}.")] for k in rank}
+    blocks = ", ".join(map(repr, find_projections(unet)))
+    unknown = [k for k, found in held.items() if not found]
+    if unknown:
+        raise ValueError(f"rank names {', '.join(map(repr, unknown))}, which holds none of this LoRA target's layers "
+                         f"({', '.join(modules)}); name them by block ({blocks}) or by a layer's path under one")
+    ruling = {n: max((k for k, found in held.items() if n in found), key=len, default=None) for n in layers}
+    missing = [n for n, k in ruling.items() if k is None]
+    if missing:
+        more = f" and {len(missing) - 1} more" if missing[1:] else ""
+        raise ValueError(f"no rank for LoRA layer {missing[0]!r}{more}: give a rank for every block ({blocks}), or "
+                         "for a prefix of them (e.g. 'up_blocks')")
+    ranks = {n: rank[k] for n, k in ruling.items()}
+    return Counter(ranks.values()).most_common(1)[0][0], {re.escape(n): r for n, r in ranks.items()}
+
+
 def residual_target(pipe, concept, config, name: str):
     """Default target: personalized residuals on every proj_out."""
     return add_residuals(pipe.unet, config.rank, name, token=concept.token, class_word=concept.class_word,
@@ -103,9 +135,10 @@ def residual_target(pipe, concept, config, name: str):
 
 
 def lora_target(kind: str) -> Callable:
-    """A peft LoRA target on the attention layers named by ``kind`` (rank: int, or 4 for fractions)."""
+    """A peft LoRA target on the attention layers named by ``kind`` (rank: an int, a dict of block or layer path ->
+    int, or 4 for a fraction)."""
     def make(pipe, concept, config, name: str) -> PeftTarget:
-        rank = config.rank if isinstance(config.rank, int) else 4
+        rank = config.rank if isinstance(config.rank, (int, dict)) else 4
         torch.manual_seed(config.seed)
         target = PeftTarget(pipe.unet, name, LORA_MODULES[kind], rank)
         target.token, target.class_word = concept.token, concept.class_word

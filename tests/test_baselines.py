@@ -321,3 +321,29 @@ def test_a_peft_targets_checkpoint_resumes_under_another_set_name(tmp_path, conc
     assert result.completed and result.steps_done == 4
     trained = result.residuals.state_dict()
     assert trained.keys() == straight.keys() and all(torch.equal(trained[k], v) for k, v in straight.items())
+
+
+def test_a_peft_target_takes_its_ranks_per_block_or_layer(tmp_path, concept):
+    """A rank dict (TrainConfig.rank, per block for residuals) was ignored by the LoRA targets without a word: every
+    layer trained at rank 4. Each key names a block or layer by its path (or a prefix of it); the longest match wins,
+    with alpha = rank (scale 1) as the recipe's single rank has it."""
+    pipe = make_pipe(tmp_path / "p")
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    ranks = {"down_blocks": 2, "mid_block": 8, "up_blocks": 3, layer: 6}
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    handle = prkit.train_residuals(pipe, concept, target="lora", rank=ranks, steps=1, batch_size=1,
+                                   progress=False).residuals
+    downs = {k.split(".lora_A.")[0]: v.shape[0] for k, v in handle.state_dict().items() if ".lora_A." in k}
+    assert len(downs) == 4 * sum(n.endswith(("attn1", "attn2")) for n, _ in pipe.unet.named_modules())
+    assert downs[layer] == 6 and downs[layer.replace("to_k", "to_v")] == 3
+    assert all(r == {"down": 2, "mid": 8, "up": 3}[k.split("_")[0]] for k, r in downs.items() if k != layer)
+    scales = [m.scaling["default"] for n, m in pipe.unet.named_modules() if n in downs]
+    assert len(scales) == len(downs) and set(scales) == {1.0}
+    handle.remove()
+    for bad, words in (({"down_blocks": 2, "mid_block": 2}, "no rank for LoRA layer 'up_blocks"),
+                       ({**ranks, "down_blocks.7": 2}, "rank names 'down_blocks.7'"),
+                       ({"down_blocks": 2, "mid_block": 2, "up_blocks": 0.5}, "whole rank >= 1, got 0.5")):
+        with pytest.raises(ValueError, match=words):
+            prkit.train_residuals(pipe, concept, target="lora", rank=bad, steps=1, batch_size=1, progress=False)
+        after = pipe.unet.state_dict()
+        assert after.keys() == before.keys() and not hasattr(pipe.unet, "peft_config")
