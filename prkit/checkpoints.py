@@ -24,6 +24,7 @@ import torch
 from .fast_step import match_state_layouts
 from .atomic import writing
 from .files import architecture, layer_table
+from .residuals import original_module
 from .train_config import training_prompt
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ WEIGHTS_TOLERANCE = 1e-3  # relative: the same model in fp32, fp16 or bf16 agree
 
 def _weights(unet) -> list[float]:
     """The standard deviations of a few frozen UNet weights (and of the mid block's first one), in float32: a
-    cheap check that a checkpoint continues on the base model it was trained on, whatever its dtype."""
-    params = dict(unet.named_parameters())
+    cheap check that a checkpoint continues on the base model it was trained on, whatever its dtype (and compiled
+    or not: the plain module's names)."""
+    params = dict(original_module(unet).named_parameters())
     names = [n for n in WEIGHTS if n in params]
     names += [n for n, p in params.items() if n.startswith("mid_block.") and p.dim() > 1][:1]
     return _spreads(params, names)

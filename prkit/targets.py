@@ -45,7 +45,8 @@ class PeftTarget:
         self.meta: dict = {}
 
     def named(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{self.name}." in n}
+        return {n: p for n, p in original_module(self.unet).named_parameters()  # plain names, compiled or not
+                if "lora_" in n and f".{self.name}." in n}
 
     def parameters(self):
         return iter(self.named().values())
@@ -309,7 +310,7 @@ class FullUNetTarget:
     def __init__(self, pipe, concept, config, name: str):
         self.unet, self.name, self.token, self.class_word = pipe.unet, name, concept.token, concept.class_word
         self.meta: dict = {}
-        self.params = dict(pipe.unet.named_parameters())
+        self.params = dict(original_module(pipe.unet).named_parameters())  # plain names, compiled or not
         self.saved = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         self.base_dtype = pipe.unet.dtype  # the UNet's as stored: what the pipeline feeds it when sampling
 

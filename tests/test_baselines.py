@@ -373,3 +373,22 @@ def test_a_baselines_checkpoint_continues_only_on_its_base_model(tmp_path, conce
     result = prkit.train_residuals(make_pipe(tmp_path / "c"), concept, **kw)
     assert result.completed and result.steps_done == 4 and len(result.losses) == 4
     result.residuals.remove()
+
+
+@pytest.mark.parametrize("target", ["residuals", "lora", "dreambooth"])
+def test_a_run_stopped_on_a_compiled_unet_resumes_on_the_plain_one(tmp_path, concept, target):
+    """pipe.unet = torch.compile(pipe.unet) (for faster sampling), a run stopped, resumed in a session without
+    compile: refused as 'differs in weights (another one)' (the stamp looked for conv_in.weight among the compiled
+    module's '_orig_mod.' names), and a LoRA's or DreamBooth's checkpoint held '_orig_mod.' keys the plain UNet has
+    not. The weights' stamp and the baselines' keys are the plain module's."""
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).residuals.state_dict()
+    kw["checkpoint_dir"] = str(tmp_path / "ckpt")
+    compiled = make_pipe(tmp_path / "a")
+    compiled.unet = torch.compile(compiled.unet, backend="eager")  # dynamo alone: no compiler needed on a CPU
+    stopped = prkit.train_residuals(compiled, concept, stop_after=2, **kw).residuals
+    assert not any("_orig_mod" in k for k in stopped.state_dict())
+    result = prkit.train_residuals(make_pipe(tmp_path / "b"), concept, **kw)
+    assert result.completed and result.steps_done == 4
+    trained = result.residuals.state_dict()
+    assert trained.keys() == straight.keys() and all(torch.allclose(trained[k], v) for k, v in straight.items())
