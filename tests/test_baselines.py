@@ -392,3 +392,21 @@ def test_a_run_stopped_on_a_compiled_unet_resumes_on_the_plain_one(tmp_path, con
     assert result.completed and result.steps_done == 4
     trained = result.residuals.state_dict()
     assert trained.keys() == straight.keys() and all(torch.allclose(trained[k], v) for k, v in straight.items())
+
+
+def test_a_lora_target_trains_with_the_users_text_encoder_lora_off(tmp_path, concept):
+    """Loaded LoRAs are off while a run trains (it trains against the base model), but for the LoRA targets the text
+    encoders' were left on: the baseline learnt against another prompt's conditioning (a kohya LoRA with text
+    encoder keys). Only the UNet's peft switch is left to the target; the user's LoRA is back on after."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    kw = dict(target="lora", learning_rate=1e-2, progress=False, batch_size=2, steps=2)
+    plain = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).losses
+    pipe = make_pipe(tmp_path / "p")
+    inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+                            pipe.text_encoder, adapter_name="user")  # B random: the LoRA changes the prompt
+    with_lora = _outputs(pipe)["token"]
+    result = prkit.train_residuals(pipe, concept, **kw)
+    assert result.losses == plain
+    result.residuals.remove()
+    assert torch.equal(_outputs(pipe)["token"], with_lora)
