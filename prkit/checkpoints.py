@@ -248,8 +248,8 @@ def _differences(saved: dict, stamp: dict) -> list[str]:
     for key, value in stamp.items():
         if key not in saved or _same(key, saved[key], value):  # a key an older prkit did not stamp: not checked
             continue
-        if key in ("weights", "inputs") and saved[key] is None:  # an older prkit's baseline: these were not stamped
-            continue
+        if key in ("weights", "inputs") and not saved[key]:  # not stamped by an older prkit: a baseline's (None),
+            continue  # a compiled UNet's ([]: no weight under the plain names)
         hashed = key in ("images", "prior_images", "unet", "weights", "inputs", "scheduler")
         out.append(f"{key} ({'another one' if hashed else f'{saved.get(key)!r} there, {value!r} here'})")
     return out

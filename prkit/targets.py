@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import uncompiled
 from .residuals import add_residuals, original_module
 
 # peft module-name suffixes of each attention target (diffusers UNet naming)
@@ -60,8 +61,9 @@ class PeftTarget:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """``state`` into the adapter's factors, also one saved under another adapter name (a checkpoint of the run
-        trained as ``name='a'``, resumed as ``'b'``: residual sets resume so, this failed as a key of ``'b'``)."""
-        state = {self._as_own(k): v for k, v in state.items()}
+        trained as ``name='a'``, resumed as ``'b'``: residual sets resume so, this failed as a key of ``'b'``) or
+        from a compiled UNet before the names were plain ('_orig_mod.')."""
+        state = {self._as_own(uncompiled(k)): v for k, v in state.items()}
         for n, p in self.named().items():
             p.copy_(state[n])
 
@@ -328,6 +330,7 @@ class FullUNetTarget:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = {uncompiled(k): v for k, v in state.items()}  # also one saved from a compiled UNet before plain names
         for n, p in self.params.items():
             p.copy_(state[n])
 

@@ -410,3 +410,25 @@ def test_a_lora_target_trains_with_the_users_text_encoder_lora_off(tmp_path, con
     assert result.losses == plain
     result.residuals.remove()
     assert torch.equal(_outputs(pipe)["token"], with_lora)
+
+
+@pytest.mark.parametrize("target", ["residuals", "lora"])
+def test_a_checkpoint_written_on_a_compiled_unet_before_the_plain_names_resumes(tmp_path, concept, target):
+    """Checkpoints written on a compiled UNet before d76c033 stamped no weights (the stamp found none under the
+    '_orig_mod.' names) and keyed a LoRA's factors with '_orig_mod.': they resume, compiled or not, as before."""
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).residuals.state_dict()
+    kw["checkpoint_dir"] = str(tmp_path / "ckpt")
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, stop_after=2, **kw)
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["fingerprint"]["weights"] = []
+    if target == "lora":
+        state["target"] = {f"_orig_mod.{k}": v for k, v in state["target"].items()}
+    torch.save(state, ckpt)
+    compiled = make_pipe(tmp_path / "b")
+    compiled.unet = torch.compile(compiled.unet, backend="eager")
+    result = prkit.train_residuals(compiled, concept, **kw)
+    assert result.completed and result.steps_done == 4
+    trained = result.residuals.state_dict()
+    assert trained.keys() == straight.keys() and all(torch.allclose(trained[k], v) for k, v in straight.items())
