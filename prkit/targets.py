@@ -36,6 +36,7 @@ class PeftTarget:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.unet, self.name = unet, name
+        _check_unfused(unet, "A LoRA target", modules)
         rank, pattern = _peft_ranks(unet, modules, rank)
         # the adapters each layer had on (add_adapter turns all but this one off; remove() puts them back)
         self.active = {key: list(m.active_adapters) for key, m in original_module(unet).named_modules()
@@ -100,6 +101,20 @@ class PeftTarget:
         if not getattr(root, "peft_config", None) and hasattr(root, "peft_config"):
             del root.peft_config
             root._hf_peft_config_loaded = False
+
+
+def _check_unfused(unet, what: str, layers: list[str]) -> None:
+    """Refuse training ``layers`` (attention layer names) where diffusers' fused projections (``fuse_qkv_projections``:
+    to_qkv / to_kv) would route the attention past them: they would never train, nor count when sampling."""
+    if not any(layer.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") for layer in layers):
+        return
+    fused = [n for n, m in original_module(unet).named_modules() if getattr(m, "fused_projections", False)
+             and type(getattr(m, "processor", None)).__name__.startswith("Fused")]
+    if fused:
+        raise ValueError(f"{what} trains the attention's {', '.join(layers)} layers, but this UNet's "
+                         f"attention projections are fused ({fused[0]!r} and {len(fused) - 1} more run through "
+                         "to_qkv / to_kv, past them): call pipe.unfuse_qkv_projections() before training, and "
+                         "fuse them again after it if you like")
 
 
 def _peft_ranks(unet, modules: list[str], rank: int | dict[str, int]) -> tuple[int, dict[str, int]]:
@@ -274,6 +289,7 @@ class CustomDiffusionTarget(TokenTarget):
 
     def __init__(self, pipe, concept, config, name: str):
         self.layers: dict[str, tuple[nn.Module, str, TrainableLinear]] = {}  # "<attn2 path>.to_k" -> parent, attr
+        _check_unfused(pipe.unet, "Custom Diffusion", ["attn2.to_k", "attn2.to_v"])
         super().__init__(pipe, concept, config, name, init="token")
         try:
             for path, module in original_module(pipe.unet).named_modules():  # plain names, compiled or not

@@ -432,3 +432,25 @@ def test_a_checkpoint_written_on_a_compiled_unet_before_the_plain_names_resumes(
     assert result.completed and result.steps_done == 4
     trained = result.residuals.state_dict()
     assert trained.keys() == straight.keys() and all(torch.allclose(trained[k], v) for k, v in straight.items())
+
+
+@pytest.mark.parametrize("target", ["custom_diffusion", "lora", "attn_kv"])
+def test_a_target_on_fused_attention_projections_is_refused_naming_the_way_out(tmp_path, concept, target):
+    """pipe.fuse_qkv_projections() (a diffusers speed-up) routes attention through to_qkv / to_kv, past the to_k /
+    to_v layers these targets train: Custom Diffusion trained its token row alone without a word (K/V never moved),
+    LoRA only its to_out layers, attn_kv failed with torch's 'element 0 of tensors does not require grad'."""
+    pipe = make_pipe(tmp_path / "p")
+    pipe.fuse_qkv_projections()
+    modules = _modules(pipe)
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=1, steps=1)
+    with pytest.raises(ValueError, match=r"fused.*pipe.unfuse_qkv_projections\(\)"):
+        prkit.train_residuals(pipe, concept, **kw)
+    assert _modules(pipe) == modules and not hasattr(pipe.unet, "peft_config")
+    prkit.train_residuals(pipe, concept, **{**kw, "target": "attn_out"}).residuals.remove()  # to_out is not fused
+    pipe.unfuse_qkv_projections()
+    handle = prkit.train_residuals(pipe, concept, **kw).residuals
+    keys = {k: v for k, v in handle.state_dict().items() if "attn2.to_k" in k and ("lora_B" in k or "unet." in k)}
+    assert keys and all(torch.count_nonzero(v) > 0 for v in keys.values())  # LoRA's B starts at zero: it trained
+    for key, value in keys.items() if target == "custom_diffusion" else ():
+        assert not torch.equal(value, pipe.unet.get_submodule(key[5:-7]).base_layer.weight)  # every K moved
+    handle.remove()
