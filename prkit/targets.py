@@ -400,8 +400,8 @@ def recipe(name: str, **overrides) -> dict:
     out = {k: v for k, v in merged.items() if k not in ("scale_lr", "source", "rank")}
     if merged.get("rank") is not None:
         out["rank"] = merged["rank"]
-    if merged.get("scale_lr"):
-        out["learning_rate"] = merged["learning_rate"] * merged["batch_size"]
+    if merged.get("scale_lr") and None not in (merged["learning_rate"], merged["batch_size"]):  # None: the default
+        out["learning_rate"] = merged["learning_rate"] * merged["batch_size"]  # (train_residuals scales it there)
     return {**out, "target": name}
 
 

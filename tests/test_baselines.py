@@ -454,3 +454,16 @@ def test_a_target_on_fused_attention_projections_is_refused_naming_the_way_out(t
     for key, value in keys.items() if target == "custom_diffusion" else ():
         assert not torch.equal(value, pipe.unet.get_submodule(key[5:-7]).base_layer.weight)  # every K moved
     handle.remove()
+
+
+def test_a_recipe_given_none_leaves_it_to_the_default(tmp_path):
+    """recipe('custom_diffusion', learning_rate=None) (None: the default, as TrainConfig reads it; `--set
+    custom_diffusion.learning_rate=None`) failed with "unsupported operand type(s) for *: 'NoneType' and 'int'" in
+    the --scale_lr product, where the other recipes pass None on; a None batch size reached TrainConfig's check."""
+    fields = recipe("custom_diffusion", learning_rate=None)
+    assert fields["learning_rate"] is None and fields["batch_size"] == 2
+    config = train.TrainConfig(**fields)
+    assert train.default_learning_rate(make_pipe(tmp_path / "p"), config.target, config.batch_size) == \
+        pytest.approx(2e-5)  # the recipe's, scaled by the batch
+    with pytest.raises(ValueError, match="batch_size"):
+        train.TrainConfig(**recipe("custom_diffusion", batch_size=None))
