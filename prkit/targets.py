@@ -77,14 +77,18 @@ class PeftTarget:
         return key
 
     def remove(self) -> None:
-        """Take the adapter off the UNet, and peft's wrapper off every layer that holds no other adapter (peft's
-        ``delete_adapters`` leaves them: state-dict keys renamed to ``...base_layer.weight``)."""
+        """Take the adapter off the UNet (out of the base weights first where ``pipe.fuse_lora()`` fused it: to float
+        rounding, as diffusers' ``unfuse_lora``), and peft's wrapper off every layer that holds no other adapter
+        (peft's ``delete_adapters`` leaves them: state-dict keys renamed to ``...base_layer.weight``)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         root = original_module(self.unet)
         if self.name not in (getattr(root, "peft_config", None) or {}):
             return  # removed already
         flags = [(p, p.requires_grad) for p in root.parameters()]  # peft's set_adapter flips the other adapters'
+        for module in root.modules():  # pipe.fuse_lora() put it into the base weights, where peft's delete leaves it
+            if isinstance(module, BaseTunerLayer) and self.name in getattr(module, "merged_adapters", ()):
+                module.unmerge()  # (another adapter fused there is unfused with it: it applies unfused, if active)
         self.unet.delete_adapters(self.name)
         for key, module in list(root.named_modules()):
             if not isinstance(module, BaseTunerLayer) or not hasattr(module, "base_layer"):

@@ -467,3 +467,21 @@ def test_a_recipe_given_none_leaves_it_to_the_default(tmp_path):
         pytest.approx(2e-5)  # the recipe's, scaled by the batch
     with pytest.raises(ValueError, match="batch_size"):
         train.TrainConfig(**recipe("custom_diffusion", batch_size=None))
+
+
+def test_a_fused_lora_target_comes_off_the_base_weights_when_removed(tmp_path, concept):
+    """pipe.fuse_lora() after a LoRA run (as diffusers users do for speed), then result.residuals.remove(): peft's
+    delete left the fused update in the base weights, so the 'restored' model kept the LoRA for good. It is unfused
+    first (to float rounding, as diffusers' unfuse_lora)."""
+    pipe = make_pipe(tmp_path / "p")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    inputs = unet_inputs()
+    base = run_unet(pipe.unet, inputs)
+    result = prkit.train_residuals(pipe, concept, target="lora", learning_rate=1e-1, **FAST)
+    pipe.fuse_lora()
+    assert (run_unet(pipe.unet, inputs) - base).abs().max() > 1e-3  # the fused LoRA changes the output
+    result.residuals.remove()
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and not hasattr(pipe.unet, "peft_config")
+    assert all(torch.allclose(after[k], v, atol=1e-6, rtol=0) for k, v in before.items())
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), base, atol=1e-5, rtol=0)
