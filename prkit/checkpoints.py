@@ -24,6 +24,7 @@ import torch
 from .fast_step import match_state_layouts
 from .atomic import writing
 from .files import architecture, layer_table
+from .residuals import original_module
 from .train_config import training_prompt
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,9 @@ WEIGHTS_TOLERANCE = 1e-3  # relative: the same model in fp32, fp16 or bf16 agree
 
 def _weights(unet) -> list[float]:
     """The standard deviations of a few frozen UNet weights (and of the mid block's first one), in float32: a
-    cheap check that a checkpoint continues on the base model it was trained on, whatever its dtype."""
-    params = dict(unet.named_parameters())
+    cheap check that a checkpoint continues on the base model it was trained on, whatever its dtype (and compiled
+    or not: the plain module's names)."""
+    params = dict(original_module(unet).named_parameters())
     names = [n for n in WEIGHTS if n in params]
     names += [n for n, p in params.items() if n.startswith("mid_block.") and p.dim() > 1][:1]
     return _spreads(params, names)
@@ -157,9 +159,9 @@ def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> Stamp:
     change, and says so). ``amp``: the autocast dtype the loop trains in (None: none), stamped as the
     ``mixed_precision`` it resolves to ('auto' is bf16 on one GPU, fp16 on another, none on a CPU): one run never
     mixes two. Its grad scaler follows from it and the device (fp16 on CUDA): a scaler's state the run does not use
-    is left, a missing one starts afresh."""
-    from .targets import TARGETS
-
+    is left, a missing one starts afresh. The base's weights and inputs are stamped for every target: a baseline's
+    own copies live beside them (its wrappers, or DreamBooth's weights from the step the stamp is taken, before any
+    training; a baseline stopped early comes off the model before the next call stamps)."""
     prior = config.prior_images
     stamp = Stamp({
         "images": _images_digest(concept),
@@ -173,10 +175,8 @@ def fingerprint(pipe, concept, config, amp: torch.dtype | None) -> Stamp:
         "flip": bool(config.flip),
         "prior_images": _images_digest(prior) if prior is not None else None,
         "unet": _architecture(pipe.unet),
-        # a target that trains the whole UNet changes these weights itself (its resume would look like another model)
-        "weights": None if getattr(TARGETS[config.target], "trains_whole_unet", False) else _weights(pipe.unet),
-        # a target that trains a text encoder (token, Custom Diffusion's projections) changes it itself
-        "inputs": None if getattr(TARGETS[config.target], "needs_text_encoder", False) else _inputs(pipe),
+        "weights": _weights(pipe.unet),
+        "inputs": _inputs(pipe),
         "scheduler": _scheduler(pipe),
         "prior_weight": float(config.prior_weight) if prior is not None else None,
         "max_grad_norm": float(config.max_grad_norm) if config.max_grad_norm else None,  # 0 and None: no clipping
@@ -248,6 +248,8 @@ def _differences(saved: dict, stamp: dict) -> list[str]:
     for key, value in stamp.items():
         if key not in saved or _same(key, saved[key], value):  # a key an older prkit did not stamp: not checked
             continue
+        if key in ("weights", "inputs") and not saved[key]:  # not stamped by an older prkit: a baseline's (None),
+            continue  # a compiled UNet's ([]: no weight under the plain names)
         hashed = key in ("images", "prior_images", "unet", "weights", "inputs", "scheduler")
         out.append(f"{key} ({'another one' if hashed else f'{saved.get(key)!r} there, {value!r} here'})")
     return out

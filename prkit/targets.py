@@ -15,86 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import uncompiled
+from .peft_target import LORA_MODULES, PeftTarget, _check_unfused
 from .residuals import add_residuals, original_module
-
-# peft module-name suffixes of each attention target (diffusers UNet naming)
-LORA_MODULES = {
-    "lora": ["to_q", "to_k", "to_v", "to_out.0"],  # diffusers DreamBooth-LoRA recipe: every attention
-    "attn_kv": ["attn2.to_k", "attn2.to_v"],  # cross-attention K/V (Custom Diffusion's layers)
-    "attn_out": ["attn1.to_out.0", "attn2.to_out.0"],  # attention output projections
-}
-
-
-class PeftTarget:
-    """A peft LoRA adapter on the UNet, trained by the same loop."""
-
-    def __init__(self, unet, name: str, modules: list[str], rank: int):
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.unet, self.name = unet, name
-        # the adapters each layer had on (add_adapter turns all but this one off; remove() puts them back)
-        self.active = {key: list(m.active_adapters) for key, m in original_module(unet).named_modules()
-                       if isinstance(m, BaseTunerLayer)}
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules),
-                         adapter_name=name)
-        self.token = self.class_word = None
-        self.meta: dict = {}
-
-    def named(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{self.name}." in n}
-
-    def parameters(self):
-        return iter(self.named().values())
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.named().values())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named().items()}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """``state`` into the adapter's factors, also one saved under another adapter name (a checkpoint of the run
-        trained as ``name='a'``, resumed as ``'b'``: residual sets resume so, this failed as a key of ``'b'``)."""
-        state = {self._as_own(k): v for k, v in state.items()}
-        for n, p in self.named().items():
-            p.copy_(state[n])
-
-    def _as_own(self, key: str) -> str:
-        """``key`` (``<layer>.lora_A.<adapter>.weight``) with this target's adapter name."""
-        for part in (".lora_A.", ".lora_B."):
-            layer, found, rest = key.partition(part)
-            if found and "." in rest:
-                return f"{layer}{part}{self.name}.{rest.rsplit('.', 1)[1]}"
-        return key
-
-    def remove(self) -> None:
-        """Take the adapter off the UNet, and peft's wrapper off every layer that holds no other adapter (peft's
-        ``delete_adapters`` leaves them: state-dict keys renamed to ``...base_layer.weight``)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        root = original_module(self.unet)
-        if self.name not in (getattr(root, "peft_config", None) or {}):
-            return  # removed already
-        flags = [(p, p.requires_grad) for p in root.parameters()]  # peft's set_adapter flips the other adapters'
-        self.unet.delete_adapters(self.name)
-        for key, module in list(root.named_modules()):
-            if not isinstance(module, BaseTunerLayer) or not hasattr(module, "base_layer"):
-                continue
-            if any(len(getattr(module, attr, ())) for attr in module.adapter_layer_names):
-                continue  # another adapter (a LoRA the user loaded) still lives here
-            parent, _, child = key.rpartition(".")
-            setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
-        for key, module in root.named_modules():  # peft's delete_adapter turned the first other adapter on instead
-            if isinstance(module, BaseTunerLayer) and key in self.active and module.active_adapters != self.active[key]:
-                module.set_adapter(self.active[key])
-        for p, was in flags:
-            p.requires_grad_(was)
-        if not getattr(root, "peft_config", None) and hasattr(root, "peft_config"):
-            del root.peft_config
-            root._hf_peft_config_loaded = False
-
 
 def residual_target(pipe, concept, config, name: str):
     """Default target: personalized residuals on every proj_out."""
@@ -103,9 +26,10 @@ def residual_target(pipe, concept, config, name: str):
 
 
 def lora_target(kind: str) -> Callable:
-    """A peft LoRA target on the attention layers named by ``kind`` (rank: int, or 4 for fractions)."""
+    """A peft LoRA target on the attention layers named by ``kind`` (rank: an int, a dict of block or layer path ->
+    int, or 4 for a fraction)."""
     def make(pipe, concept, config, name: str) -> PeftTarget:
-        rank = config.rank if isinstance(config.rank, int) else 4
+        rank = config.rank if isinstance(config.rank, (int, dict)) else 4
         torch.manual_seed(config.seed)
         target = PeftTarget(pipe.unet, name, LORA_MODULES[kind], rank)
         target.token, target.class_word = concept.token, concept.class_word
@@ -238,6 +162,7 @@ class CustomDiffusionTarget(TokenTarget):
 
     def __init__(self, pipe, concept, config, name: str):
         self.layers: dict[str, tuple[nn.Module, str, TrainableLinear]] = {}  # "<attn2 path>.to_k" -> parent, attr
+        _check_unfused(pipe.unet, "Custom Diffusion", ["attn2.to_k", "attn2.to_v"])
         super().__init__(pipe, concept, config, name, init="token")
         try:
             for path, module in original_module(pipe.unet).named_modules():  # plain names, compiled or not
@@ -276,7 +201,7 @@ class FullUNetTarget:
     def __init__(self, pipe, concept, config, name: str):
         self.unet, self.name, self.token, self.class_word = pipe.unet, name, concept.token, concept.class_word
         self.meta: dict = {}
-        self.params = dict(pipe.unet.named_parameters())
+        self.params = dict(original_module(pipe.unet).named_parameters())  # plain names, compiled or not
         self.saved = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         self.base_dtype = pipe.unet.dtype  # the UNet's as stored: what the pipeline feeds it when sampling
 
@@ -294,6 +219,7 @@ class FullUNetTarget:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = {uncompiled(k): v for k, v in state.items()}  # also one saved from a compiled UNet before plain names
         for n, p in self.params.items():
             p.copy_(state[n])
 
@@ -347,8 +273,8 @@ def recipe(name: str, **overrides) -> dict:
     out = {k: v for k, v in merged.items() if k not in ("scale_lr", "source", "rank")}
     if merged.get("rank") is not None:
         out["rank"] = merged["rank"]
-    if merged.get("scale_lr"):
-        out["learning_rate"] = merged["learning_rate"] * merged["batch_size"]
+    if merged.get("scale_lr") and None not in (merged["learning_rate"], merged["batch_size"]):  # None: the default
+        out["learning_rate"] = merged["learning_rate"] * merged["batch_size"]  # (train_residuals scales it there)
     return {**out, "target": name}
 
 

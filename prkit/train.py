@@ -141,9 +141,11 @@ def train_residuals(pipe, concept, config: TrainConfig | None = None, *, name: s
         # one is refused here, before anything is added); SIGTERM checkpoints as Ctrl-C does
         with terminate_as_interrupt(), torch.inference_mode(False), torch.enable_grad(), \
                 only_residuals(unet, [name]), freeu_off(unet), \
-                adapters_off([m for m in modules if m is not pipe.vae] if config.target not in LORA_MODULES else []):
-            # loaded LoRAs are off while training (not for a peft LoRA target: peft's switch is per layer, not per
-            # adapter, and it would take the adapter being trained off too)
+                adapters_off([m for m in modules if m is not pipe.vae
+                              and (m is not unet or config.target not in LORA_MODULES)]):
+            # loaded LoRAs are off while training (not on the UNet for a peft LoRA target: peft's switch is per layer,
+            # not per adapter, and it would take the adapter being trained off too; adding it makes it the only one
+            # active there); the text encoders' are off for every target
             if wants_fast and not text_grad:  # the fast loop encodes the text once
                 from .fast import FastConfig, train_fast
 

@@ -321,3 +321,167 @@ def test_a_peft_targets_checkpoint_resumes_under_another_set_name(tmp_path, conc
     assert result.completed and result.steps_done == 4
     trained = result.residuals.state_dict()
     assert trained.keys() == straight.keys() and all(torch.equal(trained[k], v) for k, v in straight.items())
+
+
+def test_a_peft_target_takes_its_ranks_per_block_or_layer(tmp_path, concept):
+    """A rank dict (TrainConfig.rank, per block for residuals) was ignored by the LoRA targets without a word: every
+    layer trained at rank 4. Each key names a block or layer by its path (or a prefix of it); the longest match wins,
+    with alpha = rank (scale 1) as the recipe's single rank has it."""
+    pipe = make_pipe(tmp_path / "p")
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    ranks = {"down_blocks": 2, "mid_block": 8, "up_blocks": 3, layer: 6}
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    handle = prkit.train_residuals(pipe, concept, target="lora", rank=ranks, steps=1, batch_size=1,
+                                   progress=False).residuals
+    downs = {k.split(".lora_A.")[0]: v.shape[0] for k, v in handle.state_dict().items() if ".lora_A." in k}
+    assert len(downs) == 4 * sum(n.endswith(("attn1", "attn2")) for n, _ in pipe.unet.named_modules())
+    assert downs[layer] == 6 and downs[layer.replace("to_k", "to_v")] == 3
+    assert all(r == {"down": 2, "mid": 8, "up": 3}[k.split("_")[0]] for k, r in downs.items() if k != layer)
+    scales = [m.scaling["default"] for n, m in pipe.unet.named_modules() if n in downs]
+    assert len(scales) == len(downs) and set(scales) == {1.0}
+    handle.remove()
+    for bad, words in (({"down_blocks": 2, "mid_block": 2}, "no rank for LoRA layer 'up_blocks"),
+                       ({**ranks, "down_blocks.7": 2}, "rank names 'down_blocks.7'"),
+                       ({"down_blocks": 2, "mid_block": 2, "up_blocks": 0.5}, "whole rank >= 1, got 0.5")):
+        with pytest.raises(ValueError, match=words):
+            prkit.train_residuals(pipe, concept, target="lora", rank=bad, steps=1, batch_size=1, progress=False)
+        after = pipe.unet.state_dict()
+        assert after.keys() == before.keys() and not hasattr(pipe.unet, "peft_config")
+
+
+@pytest.mark.parametrize("target, part", [("dreambooth", "unet"), ("textual_inversion", "text_encoder"),
+                                          ("custom_diffusion", "vae")])
+def test_a_baselines_checkpoint_continues_only_on_its_base_model(tmp_path, concept, target, part):
+    """A baseline's checkpoint resumed without a word on another base model (another UNet for DreamBooth, another
+    text encoder or VAE for the token targets), training on from weights, latents or a prompt of a model it never
+    saw; residual sets' checkpoints are refused so, and now theirs are too. The same model resumes, as before."""
+    from prkit.checkpoints import CheckpointError
+    from tiny import tiny_text_encoder, tiny_unet, tiny_vae
+
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4,
+              checkpoint_dir=str(tmp_path / "ckpt"))
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, stop_after=2, **kw)
+    other = make_pipe(tmp_path / "b")
+    setattr(other, part, {"unet": lambda: tiny_unet(seed=1), "vae": lambda: tiny_vae(seed=1),
+                          "text_encoder": lambda: tiny_text_encoder(len(other.tokenizer), seed=1)}[part]())
+    with pytest.raises(CheckpointError, match=r"belongs to another run \(at step 2\): it differs in (weights|inputs)"):
+        prkit.train_residuals(other, concept, **kw)
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["fingerprint"].update(weights=None, inputs=None)  # as an older prkit stamped a baseline's: not checked
+    torch.save(state, ckpt)
+    result = prkit.train_residuals(make_pipe(tmp_path / "c"), concept, **kw)
+    assert result.completed and result.steps_done == 4 and len(result.losses) == 4
+    result.residuals.remove()
+
+
+@pytest.mark.parametrize("target", ["residuals", "lora", "dreambooth"])
+def test_a_run_stopped_on_a_compiled_unet_resumes_on_the_plain_one(tmp_path, concept, target):
+    """pipe.unet = torch.compile(pipe.unet) (for faster sampling), a run stopped, resumed in a session without
+    compile: refused as 'differs in weights (another one)' (the stamp looked for conv_in.weight among the compiled
+    module's '_orig_mod.' names), and a LoRA's or DreamBooth's checkpoint held '_orig_mod.' keys the plain UNet has
+    not. The weights' stamp and the baselines' keys are the plain module's."""
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).residuals.state_dict()
+    kw["checkpoint_dir"] = str(tmp_path / "ckpt")
+    compiled = make_pipe(tmp_path / "a")
+    compiled.unet = torch.compile(compiled.unet, backend="eager")  # dynamo alone: no compiler needed on a CPU
+    stopped = prkit.train_residuals(compiled, concept, stop_after=2, **kw).residuals
+    assert not any("_orig_mod" in k for k in stopped.state_dict())
+    result = prkit.train_residuals(make_pipe(tmp_path / "b"), concept, **kw)
+    assert result.completed and result.steps_done == 4
+    trained = result.residuals.state_dict()
+    assert trained.keys() == straight.keys() and all(torch.allclose(trained[k], v) for k, v in straight.items())
+
+
+def test_a_lora_target_trains_with_the_users_text_encoder_lora_off(tmp_path, concept):
+    """Loaded LoRAs are off while a run trains (it trains against the base model), but for the LoRA targets the text
+    encoders' were left on: the baseline learnt against another prompt's conditioning (a kohya LoRA with text
+    encoder keys). Only the UNet's peft switch is left to the target; the user's LoRA is back on after."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    kw = dict(target="lora", learning_rate=1e-2, progress=False, batch_size=2, steps=2)
+    plain = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).losses
+    pipe = make_pipe(tmp_path / "p")
+    inject_adapter_in_model(LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+                            pipe.text_encoder, adapter_name="user")  # B random: the LoRA changes the prompt
+    with_lora = _outputs(pipe)["token"]
+    result = prkit.train_residuals(pipe, concept, **kw)
+    assert result.losses == plain
+    result.residuals.remove()
+    assert torch.equal(_outputs(pipe)["token"], with_lora)
+
+
+@pytest.mark.parametrize("target", ["residuals", "lora"])
+def test_a_checkpoint_written_on_a_compiled_unet_before_the_plain_names_resumes(tmp_path, concept, target):
+    """Checkpoints written on a compiled UNet before d76c033 stamped no weights (the stamp found none under the
+    '_orig_mod.' names) and keyed a LoRA's factors with '_orig_mod.': they resume, compiled or not, as before."""
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=2, steps=4)
+    straight = prkit.train_residuals(make_pipe(tmp_path / "s"), concept, **kw).residuals.state_dict()
+    kw["checkpoint_dir"] = str(tmp_path / "ckpt")
+    prkit.train_residuals(make_pipe(tmp_path / "a"), concept, stop_after=2, **kw)
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["fingerprint"]["weights"] = []
+    if target == "lora":
+        state["target"] = {f"_orig_mod.{k}": v for k, v in state["target"].items()}
+    torch.save(state, ckpt)
+    compiled = make_pipe(tmp_path / "b")
+    compiled.unet = torch.compile(compiled.unet, backend="eager")
+    result = prkit.train_residuals(compiled, concept, **kw)
+    assert result.completed and result.steps_done == 4
+    trained = result.residuals.state_dict()
+    assert trained.keys() == straight.keys() and all(torch.allclose(trained[k], v) for k, v in straight.items())
+
+
+@pytest.mark.parametrize("target", ["custom_diffusion", "lora", "attn_kv"])
+def test_a_target_on_fused_attention_projections_is_refused_naming_the_way_out(tmp_path, concept, target):
+    """pipe.fuse_qkv_projections() (a diffusers speed-up) routes attention through to_qkv / to_kv, past the to_k /
+    to_v layers these targets train: Custom Diffusion trained its token row alone without a word (K/V never moved),
+    LoRA only its to_out layers, attn_kv failed with torch's 'element 0 of tensors does not require grad'."""
+    pipe = make_pipe(tmp_path / "p")
+    pipe.fuse_qkv_projections()
+    modules = _modules(pipe)
+    kw = dict(target=target, learning_rate=1e-2, progress=False, batch_size=1, steps=1)
+    with pytest.raises(ValueError, match=r"fused.*pipe.unfuse_qkv_projections\(\)"):
+        prkit.train_residuals(pipe, concept, **kw)
+    assert _modules(pipe) == modules and not hasattr(pipe.unet, "peft_config")
+    prkit.train_residuals(pipe, concept, **{**kw, "target": "attn_out"}).residuals.remove()  # to_out is not fused
+    pipe.unfuse_qkv_projections()
+    handle = prkit.train_residuals(pipe, concept, **kw).residuals
+    keys = {k: v for k, v in handle.state_dict().items() if "attn2.to_k" in k and ("lora_B" in k or "unet." in k)}
+    assert keys and all(torch.count_nonzero(v) > 0 for v in keys.values())  # LoRA's B starts at zero: it trained
+    for key, value in keys.items() if target == "custom_diffusion" else ():
+        assert not torch.equal(value, pipe.unet.get_submodule(key[5:-7]).base_layer.weight)  # every K moved
+    handle.remove()
+
+
+def test_a_recipe_given_none_leaves_it_to_the_default(tmp_path):
+    """recipe('custom_diffusion', learning_rate=None) (None: the default, as TrainConfig reads it; `--set
+    custom_diffusion.learning_rate=None`) failed with "unsupported operand type(s) for *: 'NoneType' and 'int'" in
+    the --scale_lr product, where the other recipes pass None on; a None batch size reached TrainConfig's check."""
+    fields = recipe("custom_diffusion", learning_rate=None)
+    assert fields["learning_rate"] is None and fields["batch_size"] == 2
+    config = train.TrainConfig(**fields)
+    assert train.default_learning_rate(make_pipe(tmp_path / "p"), config.target, config.batch_size) == \
+        pytest.approx(2e-5)  # the recipe's, scaled by the batch
+    with pytest.raises(ValueError, match="batch_size"):
+        train.TrainConfig(**recipe("custom_diffusion", batch_size=None))
+
+
+def test_a_fused_lora_target_comes_off_the_base_weights_when_removed(tmp_path, concept):
+    """pipe.fuse_lora() after a LoRA run (as diffusers users do for speed), then result.residuals.remove(): peft's
+    delete left the fused update in the base weights, so the 'restored' model kept the LoRA for good. It is unfused
+    first (to float rounding, as diffusers' unfuse_lora)."""
+    pipe = make_pipe(tmp_path / "p")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    inputs = unet_inputs()
+    base = run_unet(pipe.unet, inputs)
+    result = prkit.train_residuals(pipe, concept, target="lora", learning_rate=1e-1, **FAST)
+    pipe.fuse_lora()
+    assert (run_unet(pipe.unet, inputs) - base).abs().max() > 1e-3  # the fused LoRA changes the output
+    result.residuals.remove()
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and not hasattr(pipe.unet, "peft_config")
+    assert all(torch.allclose(after[k], v, atol=1e-6, rtol=0) for k, v in before.items())
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), base, atol=1e-5, rtol=0)
