@@ -437,3 +437,21 @@ def test_world_bench_background_change_does_not_wrap_the_concept_region_around_t
     (row,) = grade([image], [base], [reading], [reading], EXAMPLE_CONCEPTS["striped_ball"],
                    ["a photo of a sks ball"], 1)
     assert row["background_change"] == pytest.approx(1 / (64 * 64 - grown.sum()))
+
+
+def test_world_bench_grades_the_mirror_image_of_a_striped_concept_as_the_concept(monkeypatch):
+    """Residuals train on flipped references (TrainConfig.flip, the METHOD default), so they draw the concept's
+    stripes mirrored too; the world draws stripes one way only and the oracle read mirrored ones as another pattern:
+    every mirrored striped_ball counted as an identity failure."""
+    from types import SimpleNamespace
+
+    from prkit import sample
+    from prkit.world import bench
+
+    mirrored = [np.ascontiguousarray(np.asarray(im)[:, ::-1]) for im in render_concept("striped_ball", 3, seed=4)]
+    monkeypatch.setattr(sample, "generate", lambda pipe, prompts, *a, **k: list(mirrored))
+    residuals = SimpleNamespace(token="sks", class_word="ball", meta={}, num_parameters=lambda: 10)
+    config = bench.BenchConfig(images_per_prompt=3)
+    rows = bench.grade_residuals(None, residuals, "striped_ball", config, prompts=[BENCH_PROMPTS[-1]])
+    assert len(rows) == 9 and all(r["identity"] and r["identity_colors"] for r in rows)
+    assert bench.mirrored_readings(mirrored, EXAMPLE_CONCEPTS["dotted_box"]) is None  # dots read alike both ways

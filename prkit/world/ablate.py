@@ -14,7 +14,7 @@ import numpy as np
 
 from ..lag import LAGConfig
 from ..train import TrainConfig
-from .bench import identity, prompt_scene, write_csv
+from .bench import identity, mirrored_readings, prompt_scene, write_csv
 from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder
 
 
@@ -81,8 +81,9 @@ def score(pipe, handle, config: AblationConfig, lag: bool = False, lag_config: L
     images = generate(pipe, prompts, residuals, lag=lag and residuals is not None, lag_config=lag_config,
                       seed=config.seed, num_images=config.images_per_prompt, steps=config.sample_steps)
     readings = read(images, oracle)
+    mirrored = mirrored_readings(images, concept, oracle) or [None] * len(readings)
     scenes = [prompt_scene(p) for p in prompts for _ in range(config.images_per_prompt)]
-    return {"identity": float(np.mean([identity(r, concept)[0] for r in readings])),
+    return {"identity": float(np.mean([identity(r, concept, m)[0] for r, m in zip(readings, mirrored)])),
             "prompt": float(np.mean([r["background"] == s for r, s in zip(readings, scenes)]))}
 
 
