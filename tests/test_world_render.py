@@ -455,3 +455,40 @@ def test_world_bench_grades_the_mirror_image_of_a_striped_concept_as_the_concept
     rows = bench.grade_residuals(None, residuals, "striped_ball", config, prompts=[BENCH_PROMPTS[-1]])
     assert len(rows) == 9 and all(r["identity"] and r["identity_colors"] for r in rows)
     assert bench.mirrored_readings(mirrored, EXAMPLE_CONCEPTS["dotted_box"]) is None  # dots read alike both ways
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(class_word="dog"), "WorldConcept.class_word 'dog' is not in the world; it has ball, box"),  # a KeyError
+    (dict(pattern="zigzag"), "WorldConcept.pattern 'zigzag' is not in the world; it has stripes"),
+    (dict(colors=("red",)), "WorldConcept.colors must be two of red, orange"),  # 'not enough values to unpack'
+    (dict(colors=("red", "crimson")), "got ('red', 'crimson')"),
+])
+def test_a_world_concept_the_world_cannot_draw_is_refused_naming_the_field(fields, says):
+    from prkit.world.concepts import WorldConcept
+
+    words = {**dict(name="mine", token="sks", class_word="ball", pattern="stripes", colors=("red", "white")), **fields}
+    with pytest.raises(ValueError, match=re.escape(says)):
+        render_concept(WorldConcept(**words), 1)
+    assert WorldConcept("mine", "sks", "ring", "dots", ["red", "blue"]).colors == ("red", "blue")
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0, got -1"):
+        render_concept("striped_ball", 1, seed=-1)  # numpy's 'expected non-negative integer'
+
+
+def test_concepts_command_checks_seed_and_out_before_rendering(tmp_path, monkeypatch, capsys):
+    """--seed -1 and an --out that is a file ended in tracebacks (numpy's seeding, mkdir); --out ~/x made a folder
+    named '~'."""
+    from prkit.world import concepts as C
+
+    written = []
+    monkeypatch.setattr(C, "write_concept_folder", lambda concept, folder, n, seed: written.append(folder) or folder)
+    (tmp_path / "file").write_text("")
+    for args, says in ((["--seed", "-1"], "--seed: must be at least 0"), (["--out", str(tmp_path / "file")],
+                                                                           "--out: '" + str(tmp_path / "file"))):
+        with pytest.raises(SystemExit):
+            C.main([*args, "--concepts", "dotted_box"])
+        assert says in capsys.readouterr().err
+    assert written == []
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert C.main(["--out", "~/refs", "--concepts", "dotted_box"]) == 0
+    assert written == [tmp_path / "refs" / "dotted_box"]
