@@ -492,3 +492,15 @@ def test_concepts_command_checks_seed_and_out_before_rendering(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert C.main(["--out", "~/refs", "--concepts", "dotted_box"]) == 0
     assert written == [tmp_path / "refs" / "dotted_box"]
+
+
+def test_masks_of_overlapping_objects_hold_only_what_each_shows():
+    """A ball drawn over a box: the box's mask still claimed the ball's pixels (456 of them), so its ground truth
+    held blue pixels the box does not show."""
+    scene = Scene(PLAIN, [Obj("box", "red", 30, 32, 14), Obj("ball", "blue", 40, 32, 14)])
+    img, masks = render(scene, size=128)
+    _, alone = render(Scene(PLAIN, scene.objects[:1]), size=128)
+    assert not (masks[0] & masks[1]).any() and np.array_equal(masks[0] | masks[1], alone[0] | masks[1])
+    assert not masks[0][64, 80] and masks[1][64, 80]  # the ball's centre
+    blue = np.linalg.norm(img.astype(float) - COLORS["blue"], axis=-1) < 60
+    assert blue[masks[1]].mean() > 0.5 and not blue[masks[0]].any()
