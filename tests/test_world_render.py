@@ -504,3 +504,21 @@ def test_masks_of_overlapping_objects_hold_only_what_each_shows():
     assert not masks[0][64, 80] and masks[1][64, 80]  # the ball's centre
     blue = np.linalg.norm(img.astype(float) - COLORS["blue"], axis=-1) < 60
     assert blue[masks[1]].mean() > 0.5 and not blue[masks[0]].any()
+
+
+def test_concepts_command_runs_without_a_module_loaded_twice():
+    """`python -m prkit.world.concepts` warned on every run: prkit.world imported prkit.world.concepts before runpy
+    ran it as __main__ (RuntimeWarning "found in sys.modules ... unpredictable behaviour")."""
+    import subprocess
+    import sys
+
+    import prkit.world as world
+
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "prkit.world.concepts", "--help"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "found in sys.modules" not in done.stderr, done.stderr
+    assert world.render_concept is render_concept and world.EXAMPLE_CONCEPTS is EXAMPLE_CONCEPTS
+    from prkit.world import BENCH_PROMPTS as prompts, WorldConcept  # noqa: F401 - the names still import
+    assert prompts is BENCH_PROMPTS
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        world.nothing
