@@ -522,3 +522,15 @@ def test_concepts_command_runs_without_a_module_loaded_twice():
     assert prompts is BENCH_PROMPTS
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         world.nothing
+
+
+def test_concept_folder_rewritten_with_fewer_images_keeps_no_three_digit_reference(tmp_path):
+    """Only two-digit names were cleared: after n=101, n=2 left 100.png among the references."""
+    from prkit.world.concepts import write_concept_folder
+
+    concept = EXAMPLE_CONCEPTS["dotted_box"]
+    write_concept_folder(concept, tmp_path, n=101)
+    assert (tmp_path / "100.png").is_file()
+    (tmp_path / "mine.png").write_bytes(b"")  # not one of ours: left alone
+    write_concept_folder(concept, tmp_path, n=2)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00.png", "01.png", "mine.png"]

@@ -185,8 +185,9 @@ def write_concept_folder(concept: WorldConcept, folder: Path, n: int = 5, seed: 
     """Write n reference PNGs (plain background) and concept.json into folder; returns folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("[0-9][0-9].png"):  # an earlier, larger set's references would stay in the concept
-        old.unlink()
+    for old in folder.glob("*.png"):  # an earlier, larger set's references would stay in the concept (100.png on)
+        if old.stem.isdigit():
+            old.unlink()
     for i, img in enumerate(render_concept(concept, n, seed=seed)):
         img.save(folder / f"{i:02d}.png")
     meta = {"token": concept.token, "class_word": concept.class_word, "prompt_template": PROMPT_TEMPLATE,
