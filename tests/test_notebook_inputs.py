@@ -43,5 +43,5 @@ def test_05_says_what_its_identity_counts():
 
     book = Path(__file__).resolve().parent.parent / "notebooks" / "05_ablations.ipynb"
     header = "".join(json.loads(book.read_text())["cells"][0]["source"])
-    assert "identity(r, concept)[0]" in inspect.getsource(ablate.score)  # (pattern, pattern + colours)[0]
+    assert "identity(r, concept, m)[0]" in inspect.getsource(ablate.score)  # (pattern, pattern + colours)[0]
     assert "pattern and colours" not in header and "pattern read on an object, its colours not checked" in header
