@@ -883,7 +883,8 @@ def test_world_protocol_grades_a_mirrored_striped_concept_as_the_concept():
 
     mirrored = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in render_concept("striped_ball", 2, seed=4)]
     config = EvalConfig(protocol="world", clip=None, dino=None, device="cpu")
-    subject = Subject("striped_ball", "sks", "ball", ["a photo of a sks ball"], None, world=EXAMPLE_CONCEPTS["striped_ball"])
+    subject = Subject("striped_ball", "sks", "ball", ["a photo of a sks ball"], None,
+                      world=EXAMPLE_CONCEPTS["striped_ball"])
     concept = SimpleNamespace(paths=[], images=[])
     rows = Scorer(config, "cpu", oracle=load_oracle()).score(subject, concept, [mirrored], [mirrored])
     assert [(r["identity"], r["identity_colors"]) for r in rows] == [(True, True), (True, True)]
