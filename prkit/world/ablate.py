@@ -60,10 +60,12 @@ class AblationConfig:
             unknown = [v for v in getattr(self, name) if not callable(v) and v not in known]
             if unknown:
                 raise ValueError(f"AblationConfig.{name}: {unknown} unknown; use some of {', '.join(known)}")
-        for name, values in (("steps", [self.steps]), ("step_counts", self.step_counts)):
+        counts = (("steps", [self.steps]), ("step_counts", self.step_counts),  # the last two: generate refused
+                  ("images_per_prompt", [self.images_per_prompt]), ("sample_steps", [self.sample_steps]))  # them late
+        for name, values in counts:
             for i, steps in enumerate(values):
                 if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-                    where = name if name == "steps" else f"{name}[{i}]"
+                    where = f"{name}[{i}]" if name == "step_counts" else name
                     raise ValueError(f"AblationConfig.{where} must be a whole number >= 1, got {steps!r}")
         TrainConfig(seed=self.seed, learning_rate=self.learning_rate)  # names a bad seed or rate
 
