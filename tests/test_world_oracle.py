@@ -1,5 +1,7 @@
 """Tests of the world oracle: shapes, read() structure, weights round trip, a tiny training smoke."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,19 @@ def test_read_names_what_is_no_image_and_takes_read_only_arrays_silently(tmp_pat
         read([image, None])
     with pytest.raises(ValueError, match=r"images\[0\]: a str is not an image \(a file path"):
         read(["x.png"])
+
+
+def test_load_oracle_names_a_folder_or_a_file_of_other_weights(tmp_path):
+    """A folder failed with "No such device (os error 19)", a broken file with "header too small" naming no file,
+    another model's weights with every missing key of the oracle."""
+    from safetensors.torch import save_file as save
+
+    broken, other = tmp_path / "broken.safetensors", tmp_path / "other.safetensors"
+    broken.write_bytes(b"junk")
+    save({"weight": torch.zeros(2)}, str(other))
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a folder; pass the oracle's weights file")):
+        load_oracle(path=tmp_path)
+    for path in (broken, other):
+        with pytest.raises(ValueError, match=re.escape(f"{path} holds no oracle weights (")):
+            load_oracle(path=path)
+    assert isinstance(load_oracle(path=save_oracle(Oracle(), tmp_path / "o.safetensors")), Oracle)
