@@ -534,3 +534,14 @@ def test_concept_folder_rewritten_with_fewer_images_keeps_no_three_digit_referen
     (tmp_path / "mine.png").write_bytes(b"")  # not one of ours: left alone
     write_concept_folder(concept, tmp_path, n=2)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00.png", "01.png", "mine.png"]
+
+
+def test_attention_on_object_takes_a_map_at_the_size_of_an_image_other_than_64():
+    """The oracle's mask is 64x64: a 128 px image's map (as AttentionStore.aggregate(size=128) gives) failed with
+    IndexError."""
+    from prkit.world.bench import attention_on_object
+
+    scene = Scene(PLAIN, [Obj("ball", "red", 20, 40, 12, "stripes", "white")])
+    image, masks = render(scene, size=128)
+    inside, outside = attention_on_object(image, masks[0].astype(np.float32))
+    assert inside > 0.9 and outside < 0.05

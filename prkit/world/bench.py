@@ -97,11 +97,15 @@ def _dilate(mask: np.ndarray, radius: int = 2) -> np.ndarray:
 
 
 def attention_on_object(image, concept_map, oracle=None) -> tuple[float, float]:
-    """Mean of ``concept_map`` (H, W at the image's size) inside vs outside the object the oracle finds."""
+    """Mean of ``concept_map`` (H, W, e.g. at the image's size) inside vs outside the object the oracle finds."""
+    from PIL import Image
+
     from .oracle import read
 
-    region = read([image], oracle)[0]["mask"]
+    region = read([image], oracle)[0]["mask"]  # (64, 64) whatever the image's size
     values = np.asarray(concept_map, dtype=np.float32)
+    if region.shape != values.shape:  # indexing a 128 px map with it failed ("boolean index did not match")
+        region = np.asarray(Image.fromarray(region).resize(values.shape[::-1], Image.NEAREST))
     return float(values[region].mean()), float(values[~region].mean())
 
 
