@@ -90,14 +90,14 @@ class Scorer:
         flat = [im for group in images for im in group]
         rows = [{"prompt_index": i, "prompt": p, "seed": j} for i, p in enumerate(subject.prompts) for j in range(per)]
         if self.oracle is not None and subject.world is not None:
-            from .world.bench import grade
+            from .world.bench import grade, mirrored_readings
             from .world.oracle import read
 
             side = 64  # the oracle reads (and masks) 64x64 images: grade at that size
             gen64 = [im if im.size == (side, side) else im.resize((side, side)) for im in flat]
             base64 = [im if im.size == (side, side) else im.resize((side, side)) for group in base for im in group]
             graded = grade(gen64, base64, read(gen64, self.oracle), read(base64, self.oracle), subject.world,
-                           subject.prompts, per)
+                           subject.prompts, per, mirrored_readings(gen64, subject.world, self.oracle))
             for row, g in zip(rows, graded):
                 row.update({k: g[k] for k in ("identity", "identity_colors", "scene", "class", "background_change")})
         clip_ref, dino_ref = self._ref(subject, concept)

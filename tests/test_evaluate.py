@@ -964,3 +964,22 @@ def test_customconcept101_concepts_of_one_name_or_without_their_folder_are_refus
                                                r"path .*instance_data_dir in dataset\.json.*--subjects"):
         ev.load_subjects(config)
     assert [s.name for s in ev.load_subjects(replace(config, subjects=("dog1",)))] == ["dog1"]  # a partial dataset
+
+
+def test_world_protocol_grades_a_mirrored_striped_concept_as_the_concept():
+    """prkit eval's world grading, as python -m prkit.world.bench's: the residuals train on flipped references and
+    draw the stripes mirrored too, which the oracle read as another pattern (an identity failure)."""
+    from types import SimpleNamespace
+
+    from prkit.eval_scorer import Scorer
+    from prkit.eval_subjects import Subject
+    from prkit.world.concepts import EXAMPLE_CONCEPTS, render_concept
+    from prkit.world.oracle import load_oracle
+
+    mirrored = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in render_concept("striped_ball", 2, seed=4)]
+    config = EvalConfig(protocol="world", clip=None, dino=None, device="cpu")
+    subject = Subject("striped_ball", "sks", "ball", ["a photo of a sks ball"], None,
+                      world=EXAMPLE_CONCEPTS["striped_ball"])
+    concept = SimpleNamespace(paths=[], images=[])
+    rows = Scorer(config, "cpu", oracle=load_oracle()).score(subject, concept, [mirrored], [mirrored])
+    assert [(r["identity"], r["identity_colors"]) for r in rows] == [(True, True), (True, True)]

@@ -15,6 +15,8 @@ import pytest
     (dict(concept="bogus"), r"AblationConfig\.concept 'bogus' is not an example concept; use one of striped_ball"),
     (dict(step_counts=(30, 0)), r"AblationConfig\.step_counts\[1\] must be a whole number >= 1, got 0"),
     (dict(steps="60"), r"AblationConfig\.steps must be a whole number >= 1, got '60'"),
+    (dict(images_per_prompt=0), r"AblationConfig\.images_per_prompt must be a whole number >= 1, got 0"),
+    (dict(sample_steps="20"), r"AblationConfig\.sample_steps must be a whole number >= 1, got '20'"),
     (dict(seed="1"), r"TrainConfig\.seed must be a whole number")])
 def test_an_ablation_sweep_is_checked_before_anything_trains(bad, match):
     from prkit.world import ablate
@@ -43,5 +45,5 @@ def test_05_says_what_its_identity_counts():
 
     book = Path(__file__).resolve().parent.parent / "notebooks" / "05_ablations.ipynb"
     header = "".join(json.loads(book.read_text())["cells"][0]["source"])
-    assert "identity(r, concept)[0]" in inspect.getsource(ablate.score)  # (pattern, pattern + colours)[0]
+    assert "identity(r, concept, m)[0]" in inspect.getsource(ablate.score)  # (pattern, pattern + colours)[0]
     assert "pattern and colours" not in header and "pattern read on an object, its colours not checked" in header

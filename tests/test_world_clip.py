@@ -58,3 +58,26 @@ def test_clip_command_refuses_settings_it_would_crash_on_after_training(tmp_path
     with pytest.raises(SystemExit):
         clip.main(["--out", str(tmp_path), *args])
     assert not (tmp_path / "clip").exists()
+
+
+@pytest.mark.parametrize("minutes", ["nan", "inf"])
+def test_clip_command_refuses_a_time_it_cannot_train_for(tmp_path, minutes, monkeypatch, capsys):
+    """--minutes nan passed the check (nan <= 0 is False), rendered the pool, trained no step and failed on the
+    unset loss; --minutes inf never stopped."""
+    from prkit.world import clip
+
+    monkeypatch.setattr(clip, "train_clip", lambda *a, **k: pytest.fail("it trained"))
+    with pytest.raises(SystemExit):
+        clip.main(["--out", str(tmp_path), "--minutes", minutes])
+    assert f"--minutes {minutes}: must be a finite number above 0" in capsys.readouterr().err
+
+
+def test_clip_training_shorter_than_one_step_trains_one():
+    """--minutes 1e-9 trained no step and failed with UnboundLocalError on the loss, after rendering the pool."""
+    import math
+
+    from prkit.world import clip
+
+    recipe = clip.ClipRecipe(n_images=8, chunk=8, workers=0, minutes=1e-9, batch=4, eval_n=100)
+    _, _, info = clip.train_clip(recipe, torch.device("cpu"))
+    assert info["steps"] == 1 and math.isfinite(info["loss_last"]) and 0 <= info["retrieval_top1_of_100"] <= 1

@@ -1,5 +1,7 @@
 """Tests of the world oracle: shapes, read() structure, weights round trip, a tiny training smoke."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,38 @@ def test_read_refuses_nan_and_integers_outside_an_image_depth(batch, bad, says):
     with pytest.raises(ValueError, match=says):
         as_batch(form)
     assert as_batch(np.full((8, 8), 65535, np.int32)).min() == 1 and as_batch(np.zeros((8, 8), np.int64)).max() == 0
+
+
+def test_read_names_what_is_no_image_and_takes_read_only_arrays_silently(tmp_path, recwarn):
+    """A path, None or a dict ended in torch's "can't convert np.ndarray of type numpy.object_"; np.asarray of a PIL
+    image (read-only) made torch warn that writing to it is undefined."""
+    from prkit.world.render import Obj, Scene, render
+
+    image, _ = render(Scene("grass", [Obj("ball", "red", 32, 32, 12)]), seed=1)
+    frozen = np.asarray(Image.fromarray(image))
+    assert not frozen.flags.writeable
+    (reading,) = read(frozen)
+    assert not [w for w in recwarn.list if "not writable" in str(w.message)]
+    assert reading["objects"][0]["cls"] == "ball" and reading["objects"][0]["color"] == "red"
+    with pytest.raises(ValueError, match=r"images: a PosixPath is not an image \(a file path\? open it with PIL"):
+        read(tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"images\[1\]: a NoneType is not an image"):
+        read([image, None])
+    with pytest.raises(ValueError, match=r"images\[0\]: a str is not an image \(a file path"):
+        read(["x.png"])
+
+
+def test_load_oracle_names_a_folder_or_a_file_of_other_weights(tmp_path):
+    """A folder failed with "No such device (os error 19)", a broken file with "header too small" naming no file,
+    another model's weights with every missing key of the oracle."""
+    from safetensors.torch import save_file as save
+
+    broken, other = tmp_path / "broken.safetensors", tmp_path / "other.safetensors"
+    broken.write_bytes(b"junk")
+    save({"weight": torch.zeros(2)}, str(other))
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a folder; pass the oracle's weights file")):
+        load_oracle(path=tmp_path)
+    for path in (broken, other):
+        with pytest.raises(ValueError, match=re.escape(f"{path} holds no oracle weights (")):
+            load_oracle(path=path)
+    assert isinstance(load_oracle(path=save_oracle(Oracle(), tmp_path / "o.safetensors")), Oracle)

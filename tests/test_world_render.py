@@ -437,3 +437,111 @@ def test_world_bench_background_change_does_not_wrap_the_concept_region_around_t
     (row,) = grade([image], [base], [reading], [reading], EXAMPLE_CONCEPTS["striped_ball"],
                    ["a photo of a sks ball"], 1)
     assert row["background_change"] == pytest.approx(1 / (64 * 64 - grown.sum()))
+
+
+def test_world_bench_grades_the_mirror_image_of_a_striped_concept_as_the_concept(monkeypatch):
+    """Residuals train on flipped references (TrainConfig.flip, the METHOD default), so they draw the concept's
+    stripes mirrored too; the world draws stripes one way only and the oracle read mirrored ones as another pattern:
+    every mirrored striped_ball counted as an identity failure."""
+    from types import SimpleNamespace
+
+    from prkit import sample
+    from prkit.world import bench
+
+    mirrored = [np.ascontiguousarray(np.asarray(im)[:, ::-1]) for im in render_concept("striped_ball", 3, seed=4)]
+    monkeypatch.setattr(sample, "generate", lambda pipe, prompts, *a, **k: list(mirrored))
+    residuals = SimpleNamespace(token="sks", class_word="ball", meta={}, num_parameters=lambda: 10)
+    config = bench.BenchConfig(images_per_prompt=3)
+    rows = bench.grade_residuals(None, residuals, "striped_ball", config, prompts=[BENCH_PROMPTS[-1]])
+    assert len(rows) == 9 and all(r["identity"] and r["identity_colors"] for r in rows)
+    assert bench.mirrored_readings(mirrored, EXAMPLE_CONCEPTS["dotted_box"]) is None  # dots read alike both ways
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(class_word="dog"), "WorldConcept.class_word 'dog' is not in the world; it has ball, box"),  # a KeyError
+    (dict(pattern="zigzag"), "WorldConcept.pattern 'zigzag' is not in the world; it has stripes"),
+    (dict(colors=("red",)), "WorldConcept.colors must be two of red, orange"),  # 'not enough values to unpack'
+    (dict(colors=("red", "crimson")), "got ('red', 'crimson')"),
+])
+def test_a_world_concept_the_world_cannot_draw_is_refused_naming_the_field(fields, says):
+    from prkit.world.concepts import WorldConcept
+
+    words = {**dict(name="mine", token="sks", class_word="ball", pattern="stripes", colors=("red", "white")), **fields}
+    with pytest.raises(ValueError, match=re.escape(says)):
+        render_concept(WorldConcept(**words), 1)
+    assert WorldConcept("mine", "sks", "ring", "dots", ["red", "blue"]).colors == ("red", "blue")
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0, got -1"):
+        render_concept("striped_ball", 1, seed=-1)  # numpy's 'expected non-negative integer'
+
+
+def test_concepts_command_checks_seed_and_out_before_rendering(tmp_path, monkeypatch, capsys):
+    """--seed -1 and an --out that is a file ended in tracebacks (numpy's seeding, mkdir); --out ~/x made a folder
+    named '~'."""
+    from prkit.world import concepts as C
+
+    written = []
+    monkeypatch.setattr(C, "write_concept_folder", lambda concept, folder, n, seed: written.append(folder) or folder)
+    (tmp_path / "file").write_text("")
+    for args, says in ((["--seed", "-1"], "--seed: must be at least 0"), (["--out", str(tmp_path / "file")],
+                                                                           "--out: '" + str(tmp_path / "file"))):
+        with pytest.raises(SystemExit):
+            C.main([*args, "--concepts", "dotted_box"])
+        assert says in capsys.readouterr().err
+    assert written == []
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert C.main(["--out", "~/refs", "--concepts", "dotted_box"]) == 0
+    assert written == [tmp_path / "refs" / "dotted_box"]
+
+
+def test_masks_of_overlapping_objects_hold_only_what_each_shows():
+    """A ball drawn over a box: the box's mask still claimed the ball's pixels (456 of them), so its ground truth
+    held blue pixels the box does not show."""
+    scene = Scene(PLAIN, [Obj("box", "red", 30, 32, 14), Obj("ball", "blue", 40, 32, 14)])
+    img, masks = render(scene, size=128)
+    _, alone = render(Scene(PLAIN, scene.objects[:1]), size=128)
+    assert not (masks[0] & masks[1]).any() and np.array_equal(masks[0] | masks[1], alone[0] | masks[1])
+    assert not masks[0][64, 80] and masks[1][64, 80]  # the ball's centre
+    blue = np.linalg.norm(img.astype(float) - COLORS["blue"], axis=-1) < 60
+    assert blue[masks[1]].mean() > 0.5 and not blue[masks[0]].any()
+
+
+def test_concepts_command_runs_without_a_module_loaded_twice():
+    """`python -m prkit.world.concepts` warned on every run: prkit.world imported prkit.world.concepts before runpy
+    ran it as __main__ (RuntimeWarning "found in sys.modules ... unpredictable behaviour")."""
+    import subprocess
+    import sys
+
+    import prkit.world as world
+
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "prkit.world.concepts", "--help"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "found in sys.modules" not in done.stderr, done.stderr
+    assert world.render_concept is render_concept and world.EXAMPLE_CONCEPTS is EXAMPLE_CONCEPTS
+    from prkit.world import BENCH_PROMPTS as prompts, WorldConcept  # noqa: F401 - the names still import
+    assert prompts is BENCH_PROMPTS
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        world.nothing
+
+
+def test_concept_folder_rewritten_with_fewer_images_keeps_no_three_digit_reference(tmp_path):
+    """Only two-digit names were cleared: after n=101, n=2 left 100.png among the references."""
+    from prkit.world.concepts import write_concept_folder
+
+    concept = EXAMPLE_CONCEPTS["dotted_box"]
+    write_concept_folder(concept, tmp_path, n=101)
+    assert (tmp_path / "100.png").is_file()
+    (tmp_path / "mine.png").write_bytes(b"")  # not one of ours: left alone
+    write_concept_folder(concept, tmp_path, n=2)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00.png", "01.png", "mine.png"]
+
+
+def test_attention_on_object_takes_a_map_at_the_size_of_an_image_other_than_64():
+    """The oracle's mask is 64x64: a 128 px image's map (as AttentionStore.aggregate(size=128) gives) failed with
+    IndexError."""
+    from prkit.world.bench import attention_on_object
+
+    scene = Scene(PLAIN, [Obj("ball", "red", 20, 40, 12, "stripes", "white")])
+    image, masks = render(scene, size=128)
+    inside, outside = attention_on_object(image, masks[0].astype(np.float32))
+    assert inside > 0.9 and outside < 0.05

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..lag import LAGConfig
 from ..train import TrainConfig
-from .bench import identity, prompt_scene, write_csv
+from .bench import identity, mirrored_readings, prompt_scene, write_csv
 from .concepts import BENCH_PROMPTS, EXAMPLE_CONCEPTS, concept_folder
 
 
@@ -60,10 +60,12 @@ class AblationConfig:
             unknown = [v for v in getattr(self, name) if not callable(v) and v not in known]
             if unknown:
                 raise ValueError(f"AblationConfig.{name}: {unknown} unknown; use some of {', '.join(known)}")
-        for name, values in (("steps", [self.steps]), ("step_counts", self.step_counts)):
+        counts = (("steps", [self.steps]), ("step_counts", self.step_counts),  # the last two: generate refused
+                  ("images_per_prompt", [self.images_per_prompt]), ("sample_steps", [self.sample_steps]))  # them late
+        for name, values in counts:
             for i, steps in enumerate(values):
                 if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-                    where = name if name == "steps" else f"{name}[{i}]"
+                    where = f"{name}[{i}]" if name == "step_counts" else name
                     raise ValueError(f"AblationConfig.{where} must be a whole number >= 1, got {steps!r}")
         TrainConfig(seed=self.seed, learning_rate=self.learning_rate)  # names a bad seed or rate
 
@@ -81,8 +83,9 @@ def score(pipe, handle, config: AblationConfig, lag: bool = False, lag_config: L
     images = generate(pipe, prompts, residuals, lag=lag and residuals is not None, lag_config=lag_config,
                       seed=config.seed, num_images=config.images_per_prompt, steps=config.sample_steps)
     readings = read(images, oracle)
+    mirrored = mirrored_readings(images, concept, oracle) or [None] * len(readings)
     scenes = [prompt_scene(p) for p in prompts for _ in range(config.images_per_prompt)]
-    return {"identity": float(np.mean([identity(r, concept)[0] for r in readings])),
+    return {"identity": float(np.mean([identity(r, concept, m)[0] for r, m in zip(readings, mirrored)])),
             "prompt": float(np.mean([r["background"] == s for r, s in zip(readings, scenes)]))}
 
 

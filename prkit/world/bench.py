@@ -2,7 +2,8 @@
 
 ``python -m prkit.world.bench [--concepts a b] [--images-per-prompt 4] [--out benchmarks/world_bench.csv]``.
 Identity = the oracle reads the concept's pattern on an object (identity_colors: and both its colours,
-stricter: small dots and faces often blur into other colours through the VAE); prompt accuracy = the
+stricter: small dots and faces often blur into other colours through the VAE), on the image or, for stripes, on
+its mirror image (``CHIRAL_PATTERNS``); prompt accuracy = the
 scene is read as prompted; background change = mean |pixel change| vs the base image outside the
 concept's region (oracle masks of both images, dilated). No training of the world itself here.
 """
@@ -49,12 +50,30 @@ def prompt_scene(prompt: str) -> str:
     return PLAIN
 
 
-def identity(reading: dict, concept: WorldConcept) -> tuple[bool, bool]:
-    """(pattern read, pattern and both colours read) for the best-matching object of one oracle reading.
+CHIRAL_PATTERNS = ("stripes",)  # their mirror image is a pattern the world never draws, which the oracle misreads
+
+
+def mirrored_readings(images: list, concept: WorldConcept, oracle=None) -> list[dict] | None:
+    """Oracle readings of the images mirrored left to right, for a concept whose pattern the mirror changes (None
+    for the others). The world draws stripes one way only, so the oracle reads those of a mirrored image as another
+    pattern; residuals trained with flips (TrainConfig.flip, the METHOD default) draw both ways."""
+    from .oracle import read
+
+    if concept.pattern not in CHIRAL_PATTERNS:
+        return None
+    return read([np.ascontiguousarray(np.asarray(image)[:, ::-1]) for image in images], oracle)
+
+
+def identity(reading: dict, concept: WorldConcept, mirrored: dict | None = None) -> tuple[bool, bool]:
+    """(pattern read, pattern and both colours read) for the best-matching object of one oracle reading, or of
+    ``mirrored`` (the reading of the image's mirror, ``mirrored_readings``) where that matches better.
     Colours are (body, pattern) as the concept gives them; stripes and checks, whose order the oracle cannot read
     (``oracle.SYMMETRIC_PATTERNS``), match in either order."""
     from .oracle import SYMMETRIC_PATTERNS
 
+    if mirrored is not None:
+        (a, b), (c, d) = identity(reading, concept), identity(mirrored, concept)
+        return a or c, b or d
     pattern_ok = full_ok = False
     for obj in reading["objects"]:
         if obj["pattern"] == concept.pattern:
@@ -78,11 +97,15 @@ def _dilate(mask: np.ndarray, radius: int = 2) -> np.ndarray:
 
 
 def attention_on_object(image, concept_map, oracle=None) -> tuple[float, float]:
-    """Mean of ``concept_map`` (H, W at the image's size) inside vs outside the object the oracle finds."""
+    """Mean of ``concept_map`` (H, W, e.g. at the image's size) inside vs outside the object the oracle finds."""
+    from PIL import Image
+
     from .oracle import read
 
-    region = read([image], oracle)[0]["mask"]
+    region = read([image], oracle)[0]["mask"]  # (64, 64) whatever the image's size
     values = np.asarray(concept_map, dtype=np.float32)
+    if region.shape != values.shape:  # indexing a 128 px map with it failed ("boolean index did not match")
+        region = np.asarray(Image.fromarray(region).resize(values.shape[::-1], Image.NEAREST))
     return float(values[region].mean()), float(values[~region].mean())
 
 
@@ -96,13 +119,14 @@ def background_change(image: np.ndarray, base: np.ndarray, mask: np.ndarray) -> 
 
 
 def grade(images: list, base_images: list, readings: list[dict], base_readings: list[dict],
-          concept: WorldConcept, prompts: list[str], per_prompt: int) -> list[dict]:
-    """One row per image: identity (with and without colours), scene/class correctness and background change vs the base."""
+          concept: WorldConcept, prompts: list[str], per_prompt: int, mirrored: list[dict] | None = None) -> list[dict]:
+    """One row per image: identity (with and without colours), scene/class correctness and background change vs the
+    base. ``mirrored``: the readings of the mirrored images (``mirrored_readings``), also graded for identity."""
     rows = []
     for i, (image, reading) in enumerate(zip(images, readings)):
         prompt = prompts[i // per_prompt]
         region = _dilate(reading["mask"] | base_readings[i]["mask"])
-        pattern_ok, full_ok = identity(reading, concept)
+        pattern_ok, full_ok = identity(reading, concept, mirrored[i] if mirrored is not None else None)
         rows.append({
             "prompt": prompt, "seed": i % per_prompt, "identity": pattern_ok, "identity_colors": full_ok,
             "scene": reading["background"] == prompt_scene(prompt),
@@ -148,11 +172,12 @@ def grade_residuals(pipe, residuals, concept_name: str, config: BenchConfig, ora
         "residuals+lag": generate(pipe, prompts, residuals, lag=True, lag_config=config.lag, **common),
     }
     readings = {m: read(imgs, oracle) for m, imgs in images.items()}
+    mirrored = {m: mirrored_readings(imgs, concept, oracle) for m, imgs in images.items()}
     seconds = float(residuals.meta.get("seconds", float("nan")) if seconds is None else seconds)
     rows = []
     for method in METHODS:
         for row in grade(images[method], images["base"], readings[method], readings["base"], concept, prompts,
-                         config.images_per_prompt):
+                         config.images_per_prompt, mirrored[method]):
             rows.append({"concept": concept_name, "method": method, **row, "train_seconds": seconds,
                          "parameters": residuals.num_parameters() if method != "base" else 0})
     return rows

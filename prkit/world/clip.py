@@ -114,7 +114,9 @@ def train_clip(recipe: ClipRecipe, device: torch.device) -> tuple[object, object
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     deadline = time.perf_counter() + recipe.minutes * 60
     step, losses = 0, []
-    while (recipe.steps is None and time.perf_counter() < deadline) or (recipe.steps is not None and step < recipe.steps):
+    # at least one step: a time shorter than the first one trained none, and failed on the unset loss below
+    while (recipe.steps is None and (step == 0 or time.perf_counter() < deadline)) or (
+            recipe.steps is not None and step < recipe.steps):
         for g in opt.param_groups:
             g["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup)
         idx = torch.randint(0, len(pool), (recipe.batch,), device=device, generator=gen)
@@ -128,12 +130,12 @@ def train_clip(recipe: ClipRecipe, device: torch.device) -> tuple[object, object
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
         if step % 200 == 0:
-            losses.append(float(out.loss))
+            losses.append(out.loss.item())
             log.info("clip step %d loss %.4f (%.0fs)", step, losses[-1], time.perf_counter() - t0)
         step += 1
     eval_imgs, eval_caps = render_pool(recipe.seed + 1, 6, recipe.eval_n, recipe.eval_n, 0.5, 0)
     info = {"steps": step, "batch": recipe.batch, "render_seconds": render_s, "seconds": time.perf_counter() - t0,
-            "loss_last": float(out.loss), "losses": losses,
+            "loss_last": out.loss.item(), "losses": losses,
             "retrieval_top1_of_100": retrieval_accuracy(model, tok, eval_imgs, eval_caps, device),
             "retrieval_top1_of_100_plain": retrieval_accuracy(model, tok, eval_imgs,
                                                               [plain_caption(c) for c in eval_caps], device),
@@ -168,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ship", action="store_true", help=f"copy the result to {CLIP_DIR}")
     args = ap.parse_args(argv)
-    if args.steps is None and args.minutes <= 0:
-        ap.error(f"--minutes {args.minutes}: must be above 0 (or give --steps)")
+    if args.steps is None and not 0 < args.minutes < float("inf"):  # nan trained no step, then failed on the loss
+        ap.error(f"--minutes {args.minutes}: must be a finite number above 0 (or give --steps)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     from ..pipeline import resolve_device
 

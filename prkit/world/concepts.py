@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .render import EXTENT, Obj, Scene, render
-from .vocab import BACKGROUNDS, PLAIN, SCENE_PHRASES, SIZES
+from .render import EXTENT, Obj, Scene, _check_size_and_seed, render
+from .vocab import BACKGROUNDS, CLASSES, COLOR_NAMES, PATTERNS, PLAIN, SCENE_PHRASES, SIZES
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,20 @@ class WorldConcept:
     class_word: str
     pattern: str
     colors: tuple[str, str]
+
+    def __post_init__(self) -> None:
+        """Refuse, naming the field and the world's choices, a class, pattern or colour pair the world cannot draw
+        (an unknown class_word failed in render_concept with a bare KeyError, a colour pair short of two with
+        'not enough values to unpack')."""
+        for name, value, allowed in (("class_word", self.class_word, CLASSES), ("pattern", self.pattern, PATTERNS)):
+            if value not in allowed:
+                raise ValueError(f"WorldConcept.{name} {value!r} is not in the world; it has {', '.join(allowed)}")
+        colors = self.colors
+        if isinstance(colors, str) or not isinstance(colors, (tuple, list)) or len(colors) != 2 or any(
+                c not in COLOR_NAMES for c in colors):
+            raise ValueError(f"WorldConcept.colors must be two of {', '.join(COLOR_NAMES)} (body, pattern), "
+                             f"got {colors!r}")
+        object.__setattr__(self, "colors", tuple(colors))
 
 
 EXAMPLE_CONCEPTS: dict[str, WorldConcept] = {
@@ -72,6 +86,7 @@ def render_concept(
         concept = EXAMPLE_CONCEPTS[concept]
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a whole number of images >= 1, got {n!r}")
+    _check_size_and_seed(size, seed)  # before numpy's seeding says 'expected non-negative integer'
     rng = np.random.default_rng([seed, 7])
     images = []
     for i in range(n):
@@ -170,8 +185,9 @@ def write_concept_folder(concept: WorldConcept, folder: Path, n: int = 5, seed: 
     """Write n reference PNGs (plain background) and concept.json into folder; returns folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("[0-9][0-9].png"):  # an earlier, larger set's references would stay in the concept
-        old.unlink()
+    for old in folder.glob("*.png"):  # an earlier, larger set's references would stay in the concept (100.png on)
+        if old.stem.isdigit():
+            old.unlink()
     for i, img in enumerate(render_concept(concept, n, seed=seed)):
         img.save(folder / f"{i:02d}.png")
     meta = {"token": concept.token, "class_word": concept.class_word, "prompt_template": PROMPT_TEMPLATE,
@@ -184,16 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     """Render the example concepts' reference folders (by default the shipped ones, in place)."""
     import argparse
 
-    from ..cli_args import _positive_int
+    from ..cli_args import _positive_int, _seed, _writable_folder
 
     ap = argparse.ArgumentParser(prog="python -m prkit.world.concepts", description=main.__doc__)
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=lambda text: Path(text).expanduser(), default=None,
                     help="write NAME/ folders here instead of over the shipped ones in prkit/world/concepts/")
     ap.add_argument("--concepts", nargs="+", default=list(EXAMPLE_CONCEPTS), choices=list(EXAMPLE_CONCEPTS),
                     metavar="NAME", help=f"default: all of {', '.join(EXAMPLE_CONCEPTS)}")
     ap.add_argument("--n", type=_positive_int, default=5, help="reference images per concept")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_seed, default=0)
     args = ap.parse_args(argv)
+    if args.out is not None:
+        try:  # a file in the way failed with a traceback from mkdir
+            _writable_folder(args.out, "--out")
+        except ValueError as err:
+            ap.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # a concept named twice is rendered once, in the order first named (as world.bench runs it): it was rendered
     # twice over the same folder

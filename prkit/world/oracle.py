@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -245,10 +245,17 @@ def load_oracle(device: str | torch.device = "cpu", path: str | Path = ORACLE_PA
         raise FileNotFoundError(f"no oracle weights at {path}; train one with `python -m prkit.world.train --stage "
                                 f"oracle --out DIR` (it writes DIR/oracle.safetensors; add --ship to install it "
                                 f"as the shipped oracle) and pass its path")
-    with safe_open(str(path), "pt") as f:
-        config = json.loads((f.metadata() or {}).get("config", "{}"))
-    oracle = Oracle(OracleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
-    oracle.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
+    if path.is_dir():  # safe_open said "No such device (os error 19)"
+        raise IsADirectoryError(f"{path} is a folder; pass the oracle's weights file in it, e.g. "
+                                f"{path / 'oracle.safetensors'}")
+    try:  # a file of other weights listed every missing key; a broken one said "header too small", naming no file
+        with safe_open(str(path), "pt") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+        oracle = Oracle(OracleConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+        oracle.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
+    except (SafetensorError, RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} holds no oracle weights ({str(err).splitlines()[0][:200]}); pass a file that "
+                         "`python -m prkit.world.train --stage oracle` wrote (DIR/oracle.safetensors)") from err
     return oracle.to(device).eval()
 
 

@@ -10,6 +10,8 @@ integers outside 0-65535 are refused rather than read as something else.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,7 @@ def _unit(x: torch.Tensor, what: str) -> torch.Tensor:
     return x
 
 
-def _tensor(image) -> torch.Tensor:
+def _tensor(image, what: str) -> torch.Tensor:
     """A tensor of the image; 16-bit unsigned ones already as floats in [0, 1] (their depth is their dtype's)."""
     if isinstance(image, torch.Tensor):
         image = image.detach()
@@ -73,9 +75,15 @@ def _tensor(image) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy())
     # 16-bit, 32-bit int and float PIL images at their depth (convert() clips to 0-255), copied: PIL's are read-only
     array = np.array(image) if hasattr(image, "convert") else np.asarray(image)
+    if array.dtype.kind in "OUSV":  # torch said "can't convert np.ndarray of type numpy.object_"
+        hint = " (a file path? open it with PIL.Image.open)" if isinstance(image, (str, os.PathLike)) else ""
+        raise ValueError(f"{what}: a {type(image).__name__} is not an image{hint}; pass PIL images, numpy arrays or "
+                         "torch tensors, one image, a batch or a list of them")
     if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16, either byte order (PIL's I;16B)
         return torch.from_numpy(array.astype(np.float32) / 65535)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    # np.asarray(pil_image) is read-only, for which torch warns that writing is undefined: nothing writes, copy it
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _batch(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -94,8 +102,8 @@ def _batch(x: torch.Tensor, what: str) -> torch.Tensor:
 def as_batch(images, device: torch.device | str = "cpu") -> torch.Tensor:
     """Any accepted form (module docstring) -> (N, 3, 64, 64) float32 on ``device``; N may be 0."""
     if isinstance(images, (list, tuple)):
-        parts = [_batch(_tensor(image), f"images[{i}]") for i, image in enumerate(images)]
+        parts = [_batch(_tensor(image, f"images[{i}]"), f"images[{i}]") for i, image in enumerate(images)]
         x = torch.cat([p.to(device) for p in parts]) if parts else torch.zeros(0, 3, SIZE, SIZE)
     else:
-        x = _batch(_tensor(images), "images")
+        x = _batch(_tensor(images, "images"), "images")
     return x.to(device)

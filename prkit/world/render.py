@@ -264,7 +264,8 @@ def render(scene: Scene, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.
     """Render a scene, deterministic from seed (the seed picks the background texture crop).
 
     Returns:
-        image (size, size, 3) uint8 and masks (n_objects, size, size) bool (shape + outline).
+        image (size, size, 3) uint8 and masks (n_objects, size, size) bool (shape + outline, as seen: an object
+        drawn later hides what it covers of the earlier ones).
     """
     check_scene(scene)
     _check_size_and_seed(size, seed)
@@ -275,8 +276,9 @@ def render(scene: Scene, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.
     img = bank[v, oy:oy + size, ox:ox + size]
     img = img[:, ::-1] * rng.uniform(0.96, 1.04) if rng.random() < 0.5 else img * rng.uniform(0.96, 1.04)
     masks = np.zeros((len(scene.objects), size, size), bool)
-    for obj, m in zip(scene.objects, masks):
+    for j, (obj, m) in enumerate(zip(scene.objects, masks)):
         _draw(img, m, obj, size / 64)
+        masks[:j] &= ~m  # the earlier masks claimed the pixels this object now covers
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), masks
 
 
