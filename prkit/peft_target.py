@@ -10,6 +10,7 @@ from collections import Counter
 import torch
 
 from .files import uncompiled
+from .named_target import NamedParameters
 from .residuals import original_module
 
 # peft module-name suffixes of each attention target (diffusers UNet naming)
@@ -20,7 +21,7 @@ LORA_MODULES = {
 }
 
 
-class PeftTarget:
+class PeftTarget(NamedParameters):
     """A peft LoRA adapter on the UNet, trained by the same loop."""
 
     def __init__(self, unet, name: str, modules: list[str], rank: int | dict[str, int]):
@@ -41,15 +42,6 @@ class PeftTarget:
     def named(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in original_module(self.unet).named_parameters()  # plain names, compiled or not
                 if "lora_" in n and f".{self.name}." in n}
-
-    def parameters(self):
-        return iter(self.named().values())
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.named().values())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named().items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

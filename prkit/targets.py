@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .files import uncompiled
+from .named_target import NamedParameters
 from .peft_target import LORA_MODULES, PeftTarget, _check_unfused
 from .residuals import add_residuals, original_module
 
@@ -97,7 +98,7 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-class TokenTarget:
+class TokenTarget(NamedParameters):
     """Textual Inversion: only the identifier's token embedding trains (one row per text encoder).
 
     Args of the constructor are the target's ``(pipe, concept, config, name)``; ``init`` picks the row's
@@ -133,15 +134,6 @@ class TokenTarget:
 
     def named(self) -> dict[str, nn.Parameter]:
         return {f"{attr}.token_embedding.{self.token}": w.row for attr, (_, w) in self.encoders.items()}
-
-    def parameters(self):
-        return iter(self.named().values())
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.named().values())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named().items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -190,7 +182,7 @@ class CustomDiffusionTarget(TokenTarget):
         super().remove()
 
 
-class FullUNetTarget:
+class FullUNetTarget(NamedParameters):
     """DreamBooth: every UNet parameter trains. The original weights are kept on the CPU; ``remove`` restores
     them bit for bit (values and dtypes). The loop trains fp32 master weights (validation images are sampled under
     autocast to ``base_dtype``) and calls ``after_training`` at the end, which casts them back to the base's dtypes."""
@@ -207,15 +199,6 @@ class FullUNetTarget:
 
     def named(self) -> dict[str, nn.Parameter]:
         return self.params
-
-    def parameters(self):
-        return iter(self.params.values())
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.params.values())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.params.items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
