@@ -31,8 +31,11 @@ def lora_target(kind: str) -> Callable:
     int, or 4 for a fraction)."""
     def make(pipe, concept, config, name: str) -> PeftTarget:
         rank = config.rank if isinstance(config.rank, (int, dict)) else 4
-        torch.manual_seed(config.seed)
-        target = PeftTarget(pipe.unet, name, LORA_MODULES[kind], rank)
+        device = next(pipe.unet.parameters()).device  # peft draws its gaussian start there
+        # seeded for a reproducible start, without reseeding the caller's random streams (CPU and that GPU)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed)
+            target = PeftTarget(pipe.unet, name, LORA_MODULES[kind], rank)
         target.token, target.class_word = concept.token, concept.class_word
         return target
     return make

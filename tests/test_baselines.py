@@ -485,3 +485,19 @@ def test_a_fused_lora_target_comes_off_the_base_weights_when_removed(tmp_path, c
     assert after.keys() == before.keys() and not hasattr(pipe.unet, "peft_config")
     assert all(torch.allclose(after[k], v, atol=1e-6, rtol=0) for k, v in before.items())
     torch.testing.assert_close(run_unet(pipe.unet, inputs), base, atol=1e-5, rtol=0)
+
+
+def test_a_lora_target_starts_from_its_seed_without_reseeding_the_callers_random_stream(tmp_path, concept):
+    """peft's gaussian start is drawn under the recipe's seed; lora_target reseeded torch's global generator to do so,
+    so a caller's torch.manual_seed(7); <train a LoRA>; torch.rand(...) drew other numbers than without the target."""
+    factors = []
+    for run in range(2):
+        pipe = make_pipe(tmp_path / f"p{run}")
+        torch.manual_seed(7)
+        expected = torch.rand(3)
+        torch.manual_seed(7)
+        target = TARGETS["lora"](pipe, concept, train.TrainConfig(seed=3), "x")
+        assert torch.equal(torch.rand(3), expected)  # the caller's stream goes on where it was
+        factors.append({k: v.clone() for k, v in target.state_dict().items()})
+        target.remove()
+    assert factors[0].keys() == factors[1].keys() and all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
