@@ -17,6 +17,9 @@ from .eval_results import METHODS, RESULTS, SUMMARY
 from .eval_subjects import PROTOCOLS
 
 
+BOOLEANS = {"true": True, "false": False}
+
+
 def _parse_set(items: Sequence[str]) -> dict:
     """["textual_inversion.steps=500", ...] -> {"textual_inversion": {"steps": 500}}."""
     out: dict = {}
@@ -30,8 +33,8 @@ def _parse_set(items: Sequence[str]) -> dict:
             raise ValueError(f"--set {item!r}: {method!r} is not a method; one of {', '.join(METHODS)}")
         if field_name not in fields:
             raise ValueError(f"--set {item!r}: {field_name!r} is not a recipe field; one of {', '.join(fields)}")
-        try:
-            parsed = ast.literal_eval(value)
+        try:  # true/false as a shell user writes them: the string 'false' is truthy (scale_lr=false scaled)
+            parsed = BOOLEANS[value.lower()] if value.lower() in BOOLEANS else ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parsed = value
         out.setdefault(method, {})[field_name] = parsed

@@ -73,6 +73,8 @@ def check_recipe(method: str, overrides, seed: int = 0) -> None:
         return
     if not isinstance(overrides, dict):
         raise ValueError(f"EvalConfig.train[{method!r}] must be a dict of recipe fields, got {overrides!r}")
+    if "scale_lr" in overrides:  # the recipe's own key, no TrainConfig field: a string 'false' scaled the rate
+        check_flag(overrides["scale_lr"], f"EvalConfig.train[{method!r}].scale_lr")
     given = {k: v for k, v in overrides.items() if not (k == "prior_images" and isinstance(v, str))}  # a folder
     if given.get("checkpoint_dir"):
         given["checkpoint_dir"] = checkpoint_folder(given["checkpoint_dir"], method, "subject")

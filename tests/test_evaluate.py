@@ -422,6 +422,19 @@ def test_cli_arguments_make_the_config():
             ev.EvalConfig(**{field_name: value})
 
 
+def test_set_true_and_false_written_in_lowercase_are_booleans():
+    """--set custom_diffusion.scale_lr=false stayed the string 'false', which is truthy: the learning rate was
+    scaled by the batch size anyway, silently; --set residuals.resume=true was refused with a hint about papermill."""
+    from prkit.targets import recipe
+
+    train = ev._parse_set(["custom_diffusion.scale_lr=false", "residuals.resume=true", "lora.flip=FALSE"])
+    assert train == {"custom_diffusion": {"scale_lr": False}, "residuals": {"resume": True}, "lora": {"flip": False}}
+    assert recipe("custom_diffusion", **train["custom_diffusion"])["learning_rate"] == 1e-5  # not 2e-5
+    assert ev.EvalConfig(methods=("residuals", "lora", "custom_diffusion"), train=train).train == train
+    with pytest.raises(ValueError, match=r"scale_lr must be True or False, got 'false'"):  # the Python API's string
+        ev.EvalConfig(methods=("custom_diffusion",), train={"custom_diffusion": {"scale_lr": "false"}})
+
+
 def test_recipe_overrides_and_prior_folder(assets, tmp_path):
     (subject,) = ev.load_subjects(_config(assets, tmp_path))
     prior = str(assets["data"] / "{subject}")  # class images per subject (here: its own folder)
