@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .checks import nearest_existing
+from .checks import nearest_existing, not_a_folder
 
 ABANDONED_AFTER = 3600.0  # seconds without a change after which a dead writer's temporary file is removed
 _TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]{8}\.tmp")  # atomic_path's names: .<target>.<pid>.<8 hex>.tmp
@@ -100,8 +100,7 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[str]:
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name inside it")
     blocker = nearest_existing(path.parent)
     if not blocker.is_dir():  # mkdir said "File exists" or "Not a directory", naming neither it nor what to do
-        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose "
-                                 "another path")
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {not_a_folder(blocker)}; choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(path)
     tmp = str(path.parent / f".{_stem(path.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

@@ -20,9 +20,16 @@ def check_whole(config, names: tuple[str, ...], low: int, note: str = "") -> Non
 
 def nearest_existing(path: Path) -> Path:
     """``path`` itself where it exists, else its nearest existing parent (what a new file there would be made in)."""
-    while not path.exists() and path != path.parent:
+    while not (path.exists() or path.is_symlink()) and path != path.parent:  # a dangling link: mkdir fails there
         path = path.parent
     return path
+
+
+def not_a_folder(path: Path) -> str:
+    """Why ``path`` (``nearest_existing``'s answer, no folder) cannot hold the file or folder to write, in words."""
+    if path.is_symlink() and not path.exists():  # mkdir said "File exists", naming no link
+        return f"{str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist (a disk not mounted?)"
+    return f"{str(path)!r} is a file, not a folder"
 
 
 def writable_folder(folder: str | os.PathLike, what: str, listed: bool = False) -> None:
@@ -31,7 +38,7 @@ def writable_folder(folder: str | os.PathLike, what: str, listed: bool = False) 
     folder = Path(folder).expanduser()
     probe = nearest_existing(folder)
     if not probe.is_dir():
-        raise ValueError(f"{what}: {str(probe)!r} is a file, not a folder; choose another path")
+        raise ValueError(f"{what}: {not_a_folder(probe)}; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: cannot write in {str(probe)!r} (permission denied); choose another path")
     if listed and probe == folder and not os.access(probe, os.R_OK):

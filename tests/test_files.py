@@ -315,6 +315,23 @@ def test_a_file_where_a_folder_of_the_path_should_be_is_named(tmp_path, write):
     assert blocker.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["dog.safetensors"]
 
 
+def test_a_dangling_link_where_a_folder_of_the_path_should_be_is_named(tmp_path):
+    """An output folder that is a link to a disk not mounted (runs -> /mnt/gone/runs) failed with a raw "[Errno 17]
+    File exists: 'runs'", in both the writers and the up-front folder check: the link is now named with its target."""
+    from prkit.atomic import atomic_path
+    from prkit.checks import writable_folder
+
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone" / "runs")
+    said = rf"{re.escape(repr(str(link)))} is a symbolic link to {re.escape(repr(str(tmp_path / 'gone' / 'runs')))}, "
+    with pytest.raises(NotADirectoryError, match=rf"^cannot write .*: {said}which does not exist"):
+        with atomic_path(link / "eval" / "results.csv"):
+            pass
+    with pytest.raises(ValueError, match=rf"^--out: {said}which does not exist"):
+        writable_folder(link / "eval", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and link.is_symlink()
+
+
 def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
     """Only the rename was atomic: without an fsync of the file first, a power loss can leave the new name on an
     empty file (and the old one gone); without one of the folder after, the rename itself may be lost."""
