@@ -3,6 +3,7 @@ checkpoint (``checkpoint_folder``). Re-exported by ``prkit.evaluate``."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def check_recipe(method: str, overrides, seed: int = 0) -> None:
         raise ValueError(f"EvalConfig.train[{method!r}] must be a dict of recipe fields, got {overrides!r}")
     if "scale_lr" in overrides:  # the recipe's own key, no TrainConfig field: a string 'false' scaled the rate
         check_flag(overrides["scale_lr"], f"EvalConfig.train[{method!r}].scale_lr")
-    given = {k: v for k, v in overrides.items() if not (k == "prior_images" and isinstance(v, str))}  # a folder
+    given = {k: v for k, v in overrides.items() if not (k == "prior_images" and prior_folder(v) is not None)}
     if given.get("checkpoint_dir"):
         given["checkpoint_dir"] = checkpoint_folder(given["checkpoint_dir"], method, "subject")
     try:
@@ -84,6 +85,12 @@ def check_recipe(method: str, overrides, seed: int = 0) -> None:
         reason = err.args[0] if isinstance(err, KeyError) else err  # (a KeyError's str is quoted)
         raise ValueError(f"the {method} recipe's overrides (EvalConfig.train[{method!r}], --set {method}.FIELD=VALUE):"
                          f" {reason}") from err
+
+
+def prior_folder(value) -> str | None:
+    """A ``prior_images`` override that names a folder of class images (a str or a Path, "{subject}" in it
+    replaced by the subject's name), as text; None for anything else (a loaded Concept)."""
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
 
 
 def checkpoint_folder(folder, method: str, subject: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .eval_cli import _parse_set, _recipe_fields, add_arguments, config_from_args, main, run_from_args  # noqa: F401
-from .eval_config import DEFAULT_METHODS, EvalConfig, checkpoint_folder  # noqa: F401
+from .eval_config import DEFAULT_METHODS, EvalConfig, checkpoint_folder, prior_folder  # noqa: F401
 from .eval_jobs import (  # noqa: F401
     JobQueue, _device, _group, clear_run_state, dist_env, gather_timings, job_cost, job_list, shard, variants,
     write_timing,
@@ -49,8 +49,8 @@ def _train_config(method: str, subject: Subject, config: EvalConfig, resolution:
     from .train import TrainConfig
 
     overrides = dict(config.train.get(method, {}))
-    prior = overrides.get("prior_images")
-    if isinstance(prior, str):  # a folder of class images; "{subject}" is replaced by the subject's name
+    prior = prior_folder(overrides.get("prior_images"))
+    if prior is not None:  # a folder of class images; "{subject}" is replaced by the subject's name
         overrides["prior_images"] = load_concept(prior.format(subject=subject.name), subject.token,
                                                  subject.class_word, resolution)
     if overrides.get("checkpoint_dir"):

@@ -452,6 +452,15 @@ def test_recipe_overrides_and_prior_folder(assets, tmp_path):
     assert ev._train_config("residuals", subject, config, 16, {}).learning_rate == 3e-3
 
 
+def test_a_prior_folder_given_as_a_path_is_a_folder(assets, tmp_path):
+    """train={'dreambooth': {'prior_images': Path('class_images/{subject}')}} was refused ("must be a prkit Concept
+    of class images"), where the same folder as a str loads: only a str was read as a folder."""
+    (subject,) = ev.load_subjects(_config(assets, tmp_path))
+    config = _config(assets, tmp_path, train={"dreambooth": {"prior_images": assets["data"] / "{subject}"}})
+    prior = ev._train_config("dreambooth", subject, config, 16).prior_images
+    assert len(prior.images) == 3 and prior.images[0].size == (16, 16)
+
+
 def test_overrides_that_restate_the_recipe_are_no_overrides_but_seed_is(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
