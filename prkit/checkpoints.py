@@ -288,6 +288,8 @@ def restore(path: Path, stamp: dict, target, optimizer, scaler, gen: torch.Gener
         differ = _differences(saved, stamp)
         if differ:
             copies = _copies_note(saved, stamp) if "images" in saved and saved["images"] != stamp["images"] else ""
+            if any(d.startswith("weights") for d in differ):
+                copies += getattr(target, "stamp_note", "")
             raise CheckpointError(
                 f"{str(path)!r} belongs to another run (at step {state['step']}): it differs in "
                 f"{', '.join(differ)}.{copies}{_continue_at_its_precision(saved, stamp, config)} To keep both, pass "

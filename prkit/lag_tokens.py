@@ -216,10 +216,16 @@ def concept_weights(tokenizer, prompts: Sequence[str], concepts: Sequence[Residu
                     found += _own_class_word(tokenizer, ids[p], identifiers[p][s], starts[p],
                                              convert(concept.class_word))
                 weights[p, found, s] = 1.0
+            elif require and shared[p][s] and not concept.class_word:  # no class word: no occurrence is its own
+                raise ValueError(f"residual set {concept.name!r} has no class word, and its identifier "
+                                 f"{concept.token!r} is shared with another set, so LAG cannot tell its subject apart "
+                                 f"in prompt {prompt!r}: give it one (prkit.get_residuals(pipe.unet, "
+                                 f"{concept.name!r}).class_word = '...'), write it after its identifier, or sample "
+                                 "without this set")
             elif require and shared[p][s]:
                 raise ValueError(f"prompt {prompt!r} holds the identifier {concept.token!r} of residual set "
                                  f"{concept.name!r} only where another set that shares it has its class word after "
-                                 f"it; write '{concept.token} {concept.class_word or '<class>'}' where this set's "
+                                 f"it; write '{concept.token} {concept.class_word}' where this set's "
                                  "subject goes, or sample without this set")
             elif require:
                 full = tokenizer(encoded, add_special_tokens=True).input_ids

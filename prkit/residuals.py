@@ -70,6 +70,13 @@ class Residuals:
     def meta(self) -> dict:
         return _words(self.unet).setdefault(self.name, {}).setdefault("meta", {})
 
+    @meta.setter
+    def meta(self, value: dict) -> None:
+        if not isinstance(value, dict):
+            raise TypeError(f"residual set {self.name!r}: meta must be a dict (free-form metadata saved with the "
+                            f"file), got {type(value).__name__}")
+        _words(self.unet).setdefault(self.name, {})["meta"] = value
+
     def layers(self) -> dict[str, ResidualProjection]:
         """Block name -> wrapper holding this set."""
         layers = {k: v for k, v in wrapped_layers(self.unet).items() if self.name in v.sets}

@@ -9,6 +9,7 @@ published defaults. Wrapped layers keep the original as ``base_layer``; ``remove
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -185,6 +186,10 @@ class CustomDiffusionTarget(TokenTarget):
         super().remove()
 
 
+# UNet -> its latest DreamBooth target (dead, or with no params once removed)
+_DREAMBOOTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class FullUNetTarget(NamedParameters):
     """DreamBooth: every UNet parameter trains. The original weights are kept on the CPU; ``remove`` restores
     them bit for bit (values and dtypes). The loop trains fp32 master weights (validation images are sampled under
@@ -199,6 +204,13 @@ class FullUNetTarget(NamedParameters):
         self.params = dict(original_module(pipe.unet).named_parameters())  # plain names, compiled or not
         self.saved = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         self.base_dtype = pipe.unet.dtype  # the UNet's as stored: what the pipeline feeds it when sampling
+        plain = original_module(pipe.unet)
+        earlier = _DREAMBOOTH.get(plain, lambda: None)()
+        # a checkpoint refused for its weights says why: an earlier call's DreamBooth weights, never removed
+        self.stamp_note = (" The UNet holds the weights of an earlier DreamBooth call, still on the model: its "
+                           "result.residuals.remove() restores the base model, then call again to resume."
+                           if earlier is not None and earlier.params else "")
+        _DREAMBOOTH[plain] = weakref.ref(self)  # (not on the UNet itself: torch.save(unet) cannot pickle a weakref)
 
     def named(self) -> dict[str, nn.Parameter]:
         return self.params

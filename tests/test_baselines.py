@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -501,3 +502,23 @@ def test_a_lora_target_starts_from_its_seed_without_reseeding_the_callers_random
         factors.append({k: v.clone() for k, v in target.state_dict().items()})
         target.remove()
     assert factors[0].keys() == factors[1].keys() and all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
+
+
+def test_a_dreambooth_run_continued_with_the_first_still_on_the_model_says_to_remove_it(tmp_path, concept):
+    """A finished DreamBooth run left on the model (its handle never removed), then continued to more steps with the
+    same checkpoint_dir: the stamp of the UNet's weights (now DreamBooth's) was refused as 'belongs to another run
+    ... delete it', advice that loses the run. The refusal names the earlier call's weights and remove(); after it
+    the run resumes at its step."""
+    from prkit.checkpoints import CheckpointError
+
+    kw = dict(target="dreambooth", learning_rate=1e-2, progress=False, batch_size=2,
+              checkpoint_dir=str(tmp_path / "ckpt"))
+    pipe = make_pipe(tmp_path / "p")
+    first = prkit.train_residuals(pipe, concept, steps=2, **kw)
+    with pytest.raises(CheckpointError, match=r"earlier DreamBooth call.*still on the model.*\.remove\(\)"):
+        prkit.train_residuals(pipe, concept, steps=4, **kw)
+    first.residuals.remove()
+    result = prkit.train_residuals(pipe, concept, steps=4, **kw)
+    assert result.completed and result.steps_done == 4 and result.losses[:2] == first.losses
+    torch.save(pipe.unet, io.BytesIO())  # the whole module still pickles (nothing of the note kept on it)
+    result.residuals.remove()

@@ -878,3 +878,16 @@ def test_a_residual_file_is_not_held_in_memory_twice_while_it_loads(tmp_path):
         tracemalloc.stop()
     assert torch.equal(tensors["big"], torch.ones(4 << 20)) and meta["token"] == "sks"
     assert peak < path.stat().st_size // 4, peak  # Python's own allocations: no copy of the file's bytes
+
+
+def test_a_sets_metadata_may_be_given_whole_as_before(tmp_path):
+    """handle.meta = {...} (the documented free-form metadata, an attribute until it moved onto the UNet) failed with
+    "property 'meta' of 'Residuals' object has no setter". Given whole, it is the set's, through every handle, and
+    saved; anything but a dict is refused naming the attribute."""
+    residuals = _trained(tiny_unet())
+    residuals.meta = {"base_model": "tiny/given", "seconds": 2.0}
+    assert prkit.get_residuals(residuals.unet, residuals.name).meta["base_model"] == "tiny/given"
+    assert read_metadata(residuals.save(tmp_path / "dog.safetensors"))["base_model"] == "tiny/given"
+    with pytest.raises(TypeError, match=r"meta must be a dict"):
+        residuals.meta = ["base_model"]
+    assert residuals.meta["seconds"] == 2.0

@@ -596,3 +596,20 @@ def test_an_identifier_two_sets_share_goes_to_the_set_whose_class_word_follows_i
         concept_weights(tokenizer, ["a photo of sks dog"], [dog, other])
     with pytest.raises(ValueError, match=r"share the identifier 'sks'.*none of their class words"):
         concept_weights(tokenizer, ["a photo of sks next to sks teapot"], [dog, pot])
+
+
+def test_a_set_without_a_class_word_sharing_an_identifier_is_told_to_get_one(tokenizer):
+    """A set without a class word (add_residuals(..., token='sks') alone) beside another set with the same 'sks': the
+    refusal told the user to write "'sks <class>' where this set's subject goes", which no prompt can do (only a
+    class word after it gives a shared identifier to a set). It names the missing class word and how to set it."""
+    from tiny import tiny_unet
+
+    u = tiny_unet()
+    dog = prkit.add_residuals(u, name="dog", token="sks", class_word="dog")
+    bare = prkit.add_residuals(u, name="bare", token="sks")
+    with pytest.raises(ValueError, match=r"residual set 'bare' has no class word.*"
+                                         r"prkit\.get_residuals\(pipe\.unet, 'bare'\)\.class_word = "):
+        concept_weights(tokenizer, ["a photo of sks dog"], [dog, bare])
+    bare.class_word = "teapot"  # as the message says: then it is told apart
+    weights = concept_weights(tokenizer, ["a photo of sks dog next to sks teapot"], [dog, bare])
+    assert weights[0, :, 1].nonzero().flatten().tolist() == [8, 9]
