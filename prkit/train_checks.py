@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .pipeline import offloading
-from .residuals import wrapped_layers
+from .residual_switches import merged_sets
 from .targets import TARGETS
 
 
@@ -116,7 +116,7 @@ def _check_none_merged(unet, name: str) -> None:
     """Refuse training beside a set merged into the base weights (the new set would learn on top of it, which no
     switch can take off while it trains), saying how to train beside it; only_residuals refused it in generate's
     words, "or pass them in residuals=", which train_residuals has none of."""
-    merged = sorted({n for layer in wrapped_layers(unet).values() for n in layer.merged if n != name})
+    merged = merged_sets(unet, besides={name})
     if merged:
         how = f"prkit.get_residuals(pipe.unet, {merged[0]!r}).unmerge()" if len(merged) == 1 else \
             "prkit.get_residuals(pipe.unet, name).unmerge() for each"
